@@ -1,0 +1,2 @@
+//! io_uring zero-copy receive (zcrx) for Tokio.
+#![deny(unsafe_op_in_unsafe_fn)]
