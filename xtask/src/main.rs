@@ -1,1 +1,311 @@
-fn main() {}
+//! Project automation for tokio-zcrx. Run `cargo xtask help`.
+
+mod chroot;
+mod guest;
+mod host;
+mod initramfs;
+mod kernel;
+mod util;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::guest::{Payload, RunOptions};
+use crate::util::step;
+
+const HELP: &str = "\
+cargo xtask <command>
+
+Commands:
+  test        The project's whole test command (what CI runs): host tests, clippy,
+              rustfmt check, then the real-kernel tier in a QEMU guest.
+  vm-test     Only the real-kernel tier: builds the guest (cached under ~/.cache/tokio-zcrx)
+              and runs the real-kernel tests inside it.
+  vm-run [--include PATH]... -- COMMAND...
+              Boots the guest and runs a shell command in it, with the examples on PATH and
+              each --include'd file or directory copied to the working directory.
+  vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
+              netdevsim, initramfs).
+  help        This text.
+
+Environment:
+  TZX_GUEST_KERNEL  pin the guest kernel by Debian ABI name, e.g. 7.3.4+deb13-amd64
+  TZX_VM_TIMEOUT    seconds before a guest run is killed (default 1800)
+  TZX_VM_MEMORY     guest memory in MiB (default 4096)
+  TZX_CACHE_DIR     cache directory (default ~/.cache/tokio-zcrx)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match dispatch(&args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<ExitCode> {
+    let start = Instant::now();
+    match args.first().map(String::as_str) {
+        Some("test") => test_all(start),
+        Some("vm-test") => {
+            let counts = vm_test(start)?;
+            Ok(counts.finish("real-kernel tier"))
+        }
+        Some("vm-run") => vm_run(&args[1..], start),
+        Some("vm-prepare") => {
+            guest::prepare(start)?;
+            step(start, "guest ready");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("help" | "--help" | "-h") | None => {
+            print!("{HELP}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => bail!("unknown command `{other}`; see `cargo xtask help`"),
+    }
+}
+
+/// Passed/failed counts gathered across tiers.
+#[derive(Default)]
+struct Counts {
+    passed: usize,
+    failed: usize,
+    problems: Vec<String>,
+}
+
+impl Counts {
+    fn finish(&self, what: &str) -> ExitCode {
+        for problem in &self.problems {
+            println!("xtask: FAILED: {problem}");
+        }
+        let ok = self.failed == 0 && self.problems.is_empty();
+        println!(
+            "xtask: {what}: {}",
+            if ok { "all green" } else { "FAILURES above" }
+        );
+        println!("{} passed, {} failed", self.passed, self.failed);
+        if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(util::workspace_root());
+    cmd
+}
+
+fn test_all(start: Instant) -> Result<ExitCode> {
+    let mut counts = Counts::default();
+
+    step(start, "host tier: cargo test --workspace");
+    let (ok, output) = util::run_streaming(
+        cargo().args(["test", "--workspace", "--all-targets"]),
+        |line| println!("{line}"),
+    )?;
+    let (p, f) = libtest_totals(&output);
+    counts.passed += p;
+    counts.failed += f;
+    if !ok && f == 0 {
+        counts
+            .problems
+            .push("host `cargo test` failed to build or crashed".into());
+    }
+    step(start, "host tier: doc tests");
+    let (ok, output) =
+        util::run_streaming(cargo().args(["test", "--workspace", "--doc"]), |line| {
+            println!("{line}")
+        })?;
+    let (p, f) = libtest_totals(&output);
+    counts.passed += p;
+    counts.failed += f;
+    if !ok && f == 0 {
+        counts.problems.push("doc tests failed to build".into());
+    }
+
+    step(start, "lint: cargo clippy -D warnings");
+    if util::run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .is_err()
+    {
+        counts
+            .problems
+            .push("clippy reports warnings (run `cargo clippy --workspace --all-targets`)".into());
+    }
+    step(start, "lint: cargo fmt --check");
+    if util::run(cargo().args(["fmt", "--all", "--", "--check"])).is_err() {
+        counts
+            .problems
+            .push("code is not formatted (run `cargo fmt --all`)".into());
+    }
+
+    match vm_test(start) {
+        Ok(vm) => {
+            counts.passed += vm.passed;
+            counts.failed += vm.failed;
+            counts.problems.extend(vm.problems);
+        }
+        Err(err) => counts
+            .problems
+            .push(format!("the real-kernel tier could not run: {err:#}")),
+    }
+    step(start, "done");
+    Ok(counts.finish("host and real-kernel tiers"))
+}
+
+/// Sums libtest's `test result: ... N passed; M failed` lines.
+fn libtest_totals(output: &str) -> (usize, usize) {
+    let mut totals = (0, 0);
+    for line in output.lines() {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            continue;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(number)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = number.parse::<usize>() else {
+                continue;
+            };
+            match label {
+                "passed" => totals.0 += n,
+                "failed" => totals.1 += n,
+                _ => {}
+            }
+        }
+    }
+    totals
+}
+
+fn env_number(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{name}={v} is not a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn run_options(
+    binaries: Vec<guest::GuestBinary>,
+    includes: Vec<PathBuf>,
+    payload: Payload,
+) -> Result<RunOptions> {
+    Ok(RunOptions {
+        binaries,
+        includes,
+        payload,
+        timeout: Duration::from_secs(env_number("TZX_VM_TIMEOUT", 1800)?),
+        memory_mib: u32::try_from(env_number("TZX_VM_MEMORY", 4096)?)?,
+    })
+}
+
+fn vm_test(start: Instant) -> Result<Counts> {
+    step(start, "real-kernel tier: preparing the guest");
+    let image = guest::prepare(start)?;
+    let binaries = guest::build_binaries(true, true, start)?;
+    let outcome = guest::run(
+        &image,
+        &run_options(binaries, Vec::new(), Payload::Tests)?,
+        start,
+    )?;
+    println!(
+        "xtask: real-kernel tier on {}:",
+        outcome
+            .kernel_release
+            .as_deref()
+            .unwrap_or("an unknown kernel")
+    );
+    for name in &outcome.passed {
+        println!("  ok      {name}");
+    }
+    for name in &outcome.ignored {
+        println!("  ignored {name}");
+    }
+    for name in &outcome.failed {
+        println!("  FAILED  {name}");
+    }
+    let mut problems = outcome.problems.clone();
+    if outcome.passed.is_empty() && outcome.failed.is_empty() {
+        problems.push("the guest ran no test at all".into());
+    }
+    if !outcome.success() && outcome.failed.is_empty() && problems.is_empty() {
+        problems.push(format!(
+            "the guest's test script exited with {:?}",
+            outcome.exit_code
+        ));
+    }
+    Ok(Counts {
+        passed: outcome.passed.len(),
+        failed: outcome.failed.len(),
+        problems,
+    })
+}
+
+fn vm_run(args: &[String], start: Instant) -> Result<ExitCode> {
+    let mut includes = Vec::new();
+    let mut rest = args.iter();
+    let mut command = Vec::new();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--include" => includes.push(PathBuf::from(
+                rest.next().context("--include needs a path")?,
+            )),
+            "--" => {
+                command.extend(rest.by_ref().cloned());
+                break;
+            }
+            other => {
+                bail!("vm-run: unexpected `{other}`; usage: vm-run [--include PATH]... -- COMMAND")
+            }
+        }
+    }
+    if command.is_empty() {
+        bail!("vm-run needs a command after `--`, e.g. cargo xtask vm-run -- 'probe --json'");
+    }
+    let image = guest::prepare(start)?;
+    let binaries = guest::build_binaries(false, true, start)?;
+    let outcome = guest::run(
+        &image,
+        &run_options(binaries, includes, Payload::Command(command.join(" ")))?,
+        start,
+    )?;
+    for problem in &outcome.problems {
+        println!("xtask: {problem}");
+    }
+    let code = outcome.exit_code.unwrap_or(1);
+    println!("xtask: the command exited with status {code} in the guest");
+    Ok(if outcome.problems.is_empty() && code == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn libtest_totals_are_summed() {
+        let out = "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out\n\
+                   junk\n\
+                   test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured\n";
+        assert_eq!(super::libtest_totals(out), (5, 1));
+    }
+}
