@@ -1,1 +1,82 @@
-fn main() {}
+//! Can this machine do io_uring zero-copy receive (zcrx), and on which interface?
+//!
+//! ```text
+//! cargo run --example probe [-- [--json] [--interface IF [--queue N]] [--try-register]]
+//! ```
+//!
+//! Prints the kernel's zcrx support and a verdict per network interface, with the fix where
+//! there is one. By default it never disturbs traffic: it registers only where registration
+//! must fail. `--try-register` also registers where every precondition is met, which briefly
+//! restarts that NIC receive queue. `--json` prints one JSON document instead (field names in
+//! the `tokio_zcrx::probe` module docs).
+
+use std::process::ExitCode;
+
+use tokio_zcrx::probe::{self, ProbeOptions};
+
+const USAGE_LINE: &str = "usage: probe [--json] [--interface IF [--queue N]] [--try-register]";
+
+const HELP: &str = "\
+options:
+  --json            print one JSON document instead of the human summary
+  --interface IF    probe only interface IF (default: every interface)
+  --queue N         examine rx queue N (default: the last rx queue)
+  --try-register    also register where all preconditions are met; this briefly
+                    restarts that rx queue (a short traffic blip)
+  -h, --help        print this help";
+
+struct Args {
+    json: bool,
+    options: ProbeOptions,
+}
+
+/// The command line, or `None` when help was asked for.
+fn parse_args() -> Result<Option<Args>, lexopt::Error> {
+    use lexopt::prelude::*;
+
+    let mut args = Args {
+        json: false,
+        options: ProbeOptions::default(),
+    };
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("json") => args.json = true,
+            Long("interface") | Short('i') => {
+                args.options.interface = Some(parser.value()?.string()?);
+            }
+            Long("queue") | Short('q') => args.options.queue = Some(parser.value()?.parse()?),
+            Long("try-register") => args.options.try_register = true,
+            Long("help") | Short('h') => return Ok(None),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE_LINE}\n\n{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("probe: {error}\n{USAGE_LINE} (--help for details)");
+            return ExitCode::from(2);
+        }
+    };
+    let report = probe::run(&args.options);
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(error) => {
+                eprintln!("probe: cannot encode the report as JSON: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{report}");
+    }
+    ExitCode::SUCCESS
+}

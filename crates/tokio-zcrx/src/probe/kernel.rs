@@ -1,0 +1,452 @@
+//! Kernel-wide checks: io_uring availability, RECV_ZC, the zcrx query and derived features,
+//! CAP_NET_ADMIN, and the NODEV trial.
+
+use std::io;
+use std::os::fd::AsFd;
+
+use io_uring::IoUring;
+use zcrx_sys::ctrl::ZCRX_CTRL_ARM_EVENT;
+use zcrx_sys::probe::probe_opcode_supported;
+use zcrx_sys::query::{io_uring_query_zcrx, query_zcrx};
+use zcrx_sys::ring::IORING_OP_RECV_ZC;
+use zcrx_sys::zcrx::{
+    IORING_ZCRX_AREA_DMABUF, ZCRX_FEATURE_EVENT, ZCRX_FEATURE_RX_PAGE_SIZE, ZCRX_REG_IMPORT,
+    ZCRX_REG_NODEV,
+};
+
+use super::system;
+use super::trial::{self, Target, TrialError};
+use super::{
+    CapNetAdminReport, Errno, FeatureReport, IoUringReport, OpcodeReport, QueryStatus, Support,
+    TrialOutcome, ZcrxFeatures, ZcrxQueryReport, ZcrxQueryResult,
+};
+
+/// The fix for a missing CAP_NET_ADMIN, shared by every message that needs it.
+pub(crate) const CAP_NET_ADMIN_FIX: &str =
+    "run as root, or grant the binary the capability: `sudo setcap cap_net_admin+ep BINARY`";
+
+/// Everything kernel-wide, gathered once before the interfaces are probed.
+#[derive(Debug, Clone)]
+pub(crate) struct KernelFacts {
+    pub(crate) release: String,
+    pub(crate) io_uring: IoUringReport,
+    pub(crate) recv_zc: OpcodeReport,
+    pub(crate) zcrx_query: ZcrxQueryReport,
+    pub(crate) features: ZcrxFeatures,
+    pub(crate) nodev_trial: TrialOutcome,
+    pub(crate) cap_net_admin: CapNetAdminReport,
+}
+
+pub(crate) fn probe_kernel() -> KernelFacts {
+    let release = system::kernel_release().unwrap_or_else(|| "unknown".to_owned());
+    let disabled_sysctl = system::io_uring_disabled_sysctl();
+    let ring = IoUring::new(4);
+    let io_uring = io_uring_report(disabled_sysctl, ring.as_ref().err());
+    let recv_zc = match &ring {
+        Ok(ring) => recv_zc_report(
+            &release,
+            probe_opcode_supported(ring.as_fd(), IORING_OP_RECV_ZC),
+        ),
+        Err(_) => OpcodeReport {
+            support: Support::Unknown,
+            summary: "cannot check IORING_OP_RECV_ZC: io_uring is unusable here".to_owned(),
+        },
+    };
+    drop(ring);
+    let zcrx_query = zcrx_query_report(&release, query_zcrx());
+    let features = derive_features(&release, &zcrx_query);
+    let nodev_trial = nodev_trial(&features);
+    KernelFacts {
+        release,
+        io_uring,
+        recv_zc,
+        zcrx_query,
+        features,
+        nodev_trial,
+        cap_net_admin: cap_net_admin_report(system::has_cap_net_admin()),
+    }
+}
+
+fn io_uring_report(disabled_sysctl: Option<u32>, setup_error: Option<&io::Error>) -> IoUringReport {
+    let sysctl_words = match disabled_sysctl {
+        Some(0) => "kernel.io_uring_disabled = 0".to_owned(),
+        Some(1) => "kernel.io_uring_disabled = 1: restricted to privileged processes and \
+                    kernel.io_uring_group"
+            .to_owned(),
+        Some(value) => format!("kernel.io_uring_disabled = {value}"),
+        None => "no kernel.io_uring_disabled sysctl".to_owned(),
+    };
+    match setup_error {
+        None => IoUringReport {
+            disabled_sysctl,
+            usable: true,
+            setup_errno: None,
+            summary: format!("usable ({sysctl_words})"),
+        },
+        Some(error) => {
+            let errno = Errno::from_io_error(error);
+            IoUringReport {
+                disabled_sysctl,
+                usable: false,
+                setup_errno: Some(errno),
+                summary: format!(
+                    "unusable ({sysctl_words}): {}",
+                    system::explain_setup_failure(errno, disabled_sysctl)
+                ),
+            }
+        }
+    }
+}
+
+fn recv_zc_report(release: &str, probed: io::Result<bool>) -> OpcodeReport {
+    match probed {
+        Ok(true) => OpcodeReport {
+            support: Support::Supported,
+            summary: "IORING_OP_RECV_ZC (opcode 58) is supported".to_owned(),
+        },
+        Ok(false) => OpcodeReport {
+            support: Support::Unsupported,
+            summary: format!(
+                "kernel {release} has no IORING_OP_RECV_ZC, so no zcrx (needs Linux 6.15+)"
+            ),
+        },
+        Err(error) => OpcodeReport {
+            support: Support::Unknown,
+            summary: format!(
+                "IORING_REGISTER_PROBE failed with {}",
+                Errno::from_io_error(&error)
+            ),
+        },
+    }
+}
+
+/// Errors meaning "this kernel has no zcrx query": EBADF before 6.13 (no ring-less register),
+/// EINVAL on 6.13-6.17 (no IORING_REGISTER_QUERY), EOPNOTSUPP on 6.18 (query without zcrx).
+fn predates_query(errno: Errno) -> bool {
+    matches!(errno.code(), libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF)
+}
+
+fn zcrx_query_report(release: &str, answer: io::Result<io_uring_query_zcrx>) -> ZcrxQueryReport {
+    match answer {
+        Ok(raw) => {
+            let result = decode_query(&raw);
+            ZcrxQueryReport {
+                status: QueryStatus::Answered,
+                errno: None,
+                summary: describe_query(&result),
+                result: Some(result),
+            }
+        }
+        Err(error) => {
+            let errno = Errno::from_io_error(&error);
+            if predates_query(errno) {
+                ZcrxQueryReport {
+                    status: QueryStatus::PredatesQuery,
+                    errno: Some(errno),
+                    summary: format!(
+                        "kernel {release} predates the zcrx query (needs 6.19+; answered {})",
+                        errno.name()
+                    ),
+                    result: None,
+                }
+            } else {
+                ZcrxQueryReport {
+                    status: QueryStatus::Failed,
+                    errno: Some(errno),
+                    summary: format!("the zcrx query failed with {errno}"),
+                    result: None,
+                }
+            }
+        }
+    }
+}
+
+/// The query answer in words: flag names instead of bits.
+fn describe_query(result: &ZcrxQueryResult) -> String {
+    let register = flag_names(
+        result.register_flags,
+        &[
+            (ZCRX_REG_IMPORT.into(), "IMPORT"),
+            (ZCRX_REG_NODEV.into(), "NODEV"),
+        ],
+    );
+    let area = flag_names(
+        result.area_flags,
+        &[(IORING_ZCRX_AREA_DMABUF.into(), "DMABUF")],
+    );
+    let features = flag_names(
+        result.features.into(),
+        &[
+            (ZCRX_FEATURE_RX_PAGE_SIZE.into(), "RX_PAGE_SIZE"),
+            (ZCRX_FEATURE_EVENT.into(), "EVENT"),
+        ],
+    );
+    let arm_event = if result.ctrl_arm_event {
+        ", ARM_EVENT present"
+    } else {
+        ""
+    };
+    format!(
+        "register flags {register}, area flags {area}, features {features}, \
+         nr_ctrl_opcodes {}{arm_event}, refill header {} bytes aligned to {}",
+        result.nr_ctrl_opcodes, result.rq_hdr_size, result.rq_hdr_alignment
+    )
+}
+
+/// `"IMPORT|NODEV"` for the known bits of `value`, unknown bits in hex, `"none"` for 0.
+fn flag_names(value: u64, known: &[(u64, &str)]) -> String {
+    let mut names: Vec<String> = known
+        .iter()
+        .filter(|(bit, _)| value & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect();
+    let unknown = known.iter().fold(value, |rest, (bit, _)| rest & !bit);
+    if unknown != 0 {
+        names.push(format!("{unknown:#x}"));
+    }
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join("|")
+    }
+}
+
+fn decode_query(raw: &io_uring_query_zcrx) -> ZcrxQueryResult {
+    ZcrxQueryResult {
+        register_flags: raw.register_flags,
+        area_flags: raw.area_flags,
+        nr_ctrl_opcodes: raw.nr_ctrl_opcodes,
+        features: raw.features,
+        rq_hdr_size: raw.rq_hdr_size,
+        rq_hdr_alignment: raw.rq_hdr_alignment,
+        register_import: raw.register_flags & u64::from(ZCRX_REG_IMPORT) != 0,
+        register_nodev: raw.register_flags & u64::from(ZCRX_REG_NODEV) != 0,
+        area_dmabuf: raw.area_flags & u64::from(IORING_ZCRX_AREA_DMABUF) != 0,
+        ctrl_arm_event: raw.nr_ctrl_opcodes > ZCRX_CTRL_ARM_EVENT,
+        feature_rx_page_size: raw.features & ZCRX_FEATURE_RX_PAGE_SIZE != 0,
+        feature_event: raw.features & ZCRX_FEATURE_EVENT != 0,
+    }
+}
+
+/// Every derived feature is newer than the query itself, so a kernel that predates the query
+/// has none of them; only a failed query leaves them unknown.
+pub(crate) fn derive_features(release: &str, query: &ZcrxQueryReport) -> ZcrxFeatures {
+    let feature = |min_kernel: &'static str, what: &str, present: fn(&ZcrxQueryResult) -> bool| {
+        let (support, summary) = match (&query.result, query.status) {
+            (Some(result), _) if present(result) => {
+                (Support::Supported, format!("{what}: supported"))
+            }
+            (Some(_), _) => (
+                Support::Unsupported,
+                format!("{what}: not in this kernel (needs Linux {min_kernel}+)"),
+            ),
+            (None, QueryStatus::PredatesQuery) => (
+                Support::Unsupported,
+                format!(
+                    "{what}: not in this kernel ({release} predates the zcrx query; \
+                     needs Linux {min_kernel}+)"
+                ),
+            ),
+            (None, _) => (
+                Support::Unknown,
+                format!("{what}: unknown, the zcrx query failed (needs Linux {min_kernel}+)"),
+            ),
+        };
+        FeatureReport {
+            support,
+            min_kernel,
+            summary,
+        }
+    };
+    ZcrxFeatures {
+        import: feature("6.19", "export/import (ZCRX_REG_IMPORT)", |r| {
+            r.register_import
+        }),
+        rx_buf_len: feature("7.0", "chunks larger than a page (rx_buf_len)", |r| {
+            r.feature_rx_page_size
+        }),
+        nodev: feature("7.1", "NODEV mode (ZCRX_REG_NODEV)", |r| r.register_nodev),
+        events: feature(
+            "7.2",
+            "events and stats (ZCRX_FEATURE_EVENT, ZCRX_CTRL_ARM_EVENT)",
+            |r| r.feature_event && r.ctrl_arm_event,
+        ),
+    }
+}
+
+/// A NODEV registration touches no NIC, so it is always safe to try where the kernel has it.
+fn nodev_trial(features: &ZcrxFeatures) -> TrialOutcome {
+    match features.nodev.support {
+        Support::Supported => trial_outcome(trial::register_once(Target::NoDevice)),
+        Support::Unsupported => TrialOutcome::NotAttempted {
+            reason: "the kernel has no NODEV mode (needs Linux 7.1+)".to_owned(),
+        },
+        Support::Unknown => TrialOutcome::NotAttempted {
+            reason: "NODEV support is unknown because the zcrx query failed".to_owned(),
+        },
+    }
+}
+
+/// Turns the internal trial result into the reported outcome.
+pub(crate) fn trial_outcome(result: Result<(), TrialError>) -> TrialOutcome {
+    match result {
+        Ok(()) => TrialOutcome::Registered,
+        Err(TrialError::Refused(error)) => TrialOutcome::Refused {
+            errno: Errno::from_io_error(&error),
+        },
+        Err(TrialError::Setup { step, error }) => TrialOutcome::Failed {
+            step: step.to_owned(),
+            errno: Errno::from_io_error(&error),
+        },
+    }
+}
+
+/// Plain words for a NODEV trial outcome.
+pub(crate) fn describe_nodev_trial(outcome: &TrialOutcome) -> String {
+    match outcome {
+        TrialOutcome::NotAttempted { reason } => format!("not attempted: {reason}"),
+        TrialOutcome::Registered => {
+            "registered and torn down: NODEV mode works (copy mode on any TCP socket)".to_owned()
+        }
+        TrialOutcome::Refused { errno } => match errno.code() {
+            libc::EPERM => format!(
+                "refused ({}): needs CAP_NET_ADMIN; {CAP_NET_ADMIN_FIX}",
+                errno.name()
+            ),
+            libc::ENOMEM => format!(
+                "refused ({}): could not pin the area; raise the locked-memory limit (`ulimit -l`)",
+                errno.name()
+            ),
+            _ => format!("refused with {errno}"),
+        },
+        TrialOutcome::Failed { step, errno } => format!("could not {step}: {errno}"),
+    }
+}
+
+fn cap_net_admin_report(read: io::Result<bool>) -> CapNetAdminReport {
+    match read {
+        Ok(true) => CapNetAdminReport {
+            effective: Some(true),
+            summary: "effective".to_owned(),
+        },
+        Ok(false) => CapNetAdminReport {
+            effective: Some(false),
+            summary: format!("missing: zcrx registration needs it; {CAP_NET_ADMIN_FIX}"),
+        },
+        Err(error) => CapNetAdminReport {
+            effective: None,
+            summary: format!(
+                "could not read the capability sets: {}",
+                Errno::from_io_error(&error)
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query_with(register_flags: u64, nr_ctrl_opcodes: u32, features: u32) -> io_uring_query_zcrx {
+        io_uring_query_zcrx {
+            register_flags,
+            area_flags: u64::from(IORING_ZCRX_AREA_DMABUF),
+            nr_ctrl_opcodes,
+            features,
+            rq_hdr_size: 64,
+            rq_hdr_alignment: 64,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn query_on_7_2_derives_every_feature() {
+        let raw = query_with(
+            u64::from(ZCRX_REG_IMPORT | ZCRX_REG_NODEV),
+            3,
+            ZCRX_FEATURE_RX_PAGE_SIZE | ZCRX_FEATURE_EVENT,
+        );
+        let report = zcrx_query_report("7.3.4", Ok(raw));
+        assert_eq!(report.status, QueryStatus::Answered);
+        assert_eq!(
+            report.summary,
+            "register flags IMPORT|NODEV, area flags DMABUF, features RX_PAGE_SIZE|EVENT, \
+             nr_ctrl_opcodes 3, ARM_EVENT present, refill header 64 bytes aligned to 64"
+        );
+        let result = report.result.unwrap();
+        assert!(result.register_nodev && result.ctrl_arm_event && result.area_dmabuf);
+        let features = derive_features("7.3.4", &report);
+        for feature in [
+            &features.import,
+            &features.rx_buf_len,
+            &features.nodev,
+            &features.events,
+        ] {
+            assert_eq!(feature.support, Support::Supported, "{}", feature.summary);
+        }
+    }
+
+    #[test]
+    fn query_on_7_0_lacks_nodev_and_events() {
+        let raw = query_with(u64::from(ZCRX_REG_IMPORT), 2, ZCRX_FEATURE_RX_PAGE_SIZE);
+        let report = zcrx_query_report("7.0.1", Ok(raw));
+        let features = derive_features("7.0.1", &report);
+        assert_eq!(features.rx_buf_len.support, Support::Supported);
+        assert_eq!(features.nodev.support, Support::Unsupported);
+        assert_eq!(features.events.support, Support::Unsupported);
+        assert!(
+            features.nodev.summary.contains("7.1+"),
+            "{}",
+            features.nodev.summary
+        );
+        // The event feature bit without the ARM_EVENT control op is not usable.
+        let half = query_with(0, 2, ZCRX_FEATURE_EVENT);
+        let features = derive_features("x", &zcrx_query_report("x", Ok(half)));
+        assert_eq!(features.events.support, Support::Unsupported);
+    }
+
+    #[test]
+    fn kernel_without_query_has_no_features() {
+        for errno in [libc::EOPNOTSUPP, libc::EINVAL, libc::EBADF] {
+            let report = zcrx_query_report("6.18.44", Err(io::Error::from_raw_os_error(errno)));
+            assert_eq!(report.status, QueryStatus::PredatesQuery);
+            assert!(
+                report
+                    .summary
+                    .contains("kernel 6.18.44 predates the zcrx query (needs 6.19+"),
+                "{}",
+                report.summary
+            );
+            let features = derive_features("6.18.44", &report);
+            assert_eq!(features.nodev.support, Support::Unsupported);
+            assert!(features.nodev.summary.contains("predates"));
+        }
+        let blocked = zcrx_query_report("6.18", Err(io::Error::from_raw_os_error(libc::EPERM)));
+        assert_eq!(blocked.status, QueryStatus::Failed);
+        let features = derive_features("6.18", &blocked);
+        assert_eq!(features.events.support, Support::Unknown);
+        assert!(matches!(
+            nodev_trial(&features),
+            TrialOutcome::NotAttempted { .. }
+        ));
+    }
+
+    #[test]
+    fn flag_names_keep_unknown_bits() {
+        let known = [(1, "IMPORT"), (2, "NODEV")];
+        assert_eq!(flag_names(0, &known), "none");
+        assert_eq!(flag_names(2, &known), "NODEV");
+        assert_eq!(flag_names(0x13, &known), "IMPORT|NODEV|0x10");
+    }
+
+    #[test]
+    fn io_uring_report_explains_seccomp() {
+        let error = io::Error::from_raw_os_error(libc::EPERM);
+        let report = io_uring_report(Some(0), Some(&error));
+        assert!(!report.usable);
+        assert_eq!(report.setup_errno, Some(Errno::new(libc::EPERM)));
+        assert!(report.summary.contains("seccomp"), "{}", report.summary);
+        let fine = io_uring_report(Some(0), None);
+        assert!(fine.usable && fine.summary.starts_with("usable"));
+    }
+}

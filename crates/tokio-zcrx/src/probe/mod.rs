@@ -1,0 +1,384 @@
+//! Capability probe: can this machine do io_uring zero-copy receive, and on which interface?
+//!
+//! [`run`] checks the kernel (release, io_uring availability, `IORING_OP_RECV_ZC`, the zcrx
+//! query and the features derived from it), the process (CAP_NET_ADMIN) and every network
+//! interface (driver, rx queues, tcp-data-split, hds-thresh, XDP), and returns a
+//! [`ProbeReport`]. It never panics and never fails: a check that cannot be made becomes a
+//! reported reason. Its [`Display`](std::fmt::Display) output is the human summary the `probe`
+//! example prints.
+//!
+//! ```no_run
+//! use tokio_zcrx::probe::{self, ProbeOptions, Verdict};
+//!
+//! let report = probe::run(&ProbeOptions::default());
+//! print!("{report}");
+//! for interface in &report.interfaces {
+//!     if interface.verdict == Verdict::Ready {
+//!         println!("zcrx works on {} queue {:?}", interface.name, interface.queue);
+//!     }
+//! }
+//! ```
+//!
+//! # Non-disruptive by default
+//!
+//! A *successful* zcrx registration restarts the NIC receive queue it binds (a short traffic
+//! blip); a failed one does not, because the kernel refuses before the restart. So by default
+//! the probe registers for real only where registration cannot succeed and therefore cannot
+//! disturb anything: on virtual interfaces (no parent device), where tcp-data-split is known
+//! off or unsupported, where hds-thresh is known non-zero, where an XDP program is attached, and
+//! where the queue is out of range. That turns the kernel's own answer (an errno) into the
+//! verdict. Where every precondition looks met it stops at [`Verdict::PreconditionsMet`];
+//! [`ProbeOptions::try_register`] (`--try-register` in the example) then registers and tears
+//! down at once, which yields [`Verdict::Ready`] or the kernel's reason. A registration without
+//! a device (`ZCRX_REG_NODEV`, Linux 7.1+) touches no NIC and is always tried where the kernel
+//! supports it.
+//!
+//! # JSON
+//!
+//! With the `serde` feature every report type implements `serde::Serialize`. The field names
+//! below are stable (snake_case; enums serialize as snake_case strings; an absent value is
+//! `null`):
+//!
+//! - `kernel_release`: string, `uname -r`.
+//! - `io_uring`: `disabled_sysctl` (0/1/2 or null), `usable` (bool), `setup_errno` (errno or
+//!   null), `summary`.
+//! - `recv_zc`: `support` (`"supported"`, `"unsupported"`, `"unknown"`), `summary`.
+//! - `zcrx_query`: `status` (`"answered"`, `"predates_query"`, `"failed"`), `errno`,
+//!   `summary`, `result` (null unless answered): `register_flags`, `area_flags`,
+//!   `nr_ctrl_opcodes`, `features`, `rq_hdr_size`, `rq_hdr_alignment` (raw kernel values) and
+//!   the decoded booleans `register_import`, `register_nodev`, `area_dmabuf`, `ctrl_arm_event`,
+//!   `feature_rx_page_size`, `feature_event`.
+//! - `features`: `import`, `rx_buf_len`, `nodev`, `events`, each `{support, min_kernel,
+//!   summary}`.
+//! - `nodev_trial`: a trial outcome (below).
+//! - `cap_net_admin`: `effective` (bool or null), `summary`.
+//! - `interfaces`: array of `name`, `ifindex`, `driver` (null for a virtual device),
+//!   `virtual_device`, `rx_queues`, `queue` (the queue examined), `tcp_data_split` (`"on"`,
+//!   `"off"`, `"unsupported"`, `"unknown"`), `hds_thresh`, `xdp_attached` (bool or null),
+//!   `registration` (trial outcome), `verdict` (`"ready"`, `"preconditions_met"`,
+//!   `"needs_configuration"`, `"unsupported"`, `"not_found"`, `"unknown"`), `reason`, `fix`
+//!   (string or null), `hints` (strings), `notes` (strings).
+//!
+//! A trial outcome is an object whose `outcome` is `"not_attempted"` (with `reason`),
+//! `"registered"`, `"refused"` (with `errno`: the kernel said no) or `"failed"` (with `step`
+//! and `errno`: preparing the registration failed, the kernel was not asked). An errno is
+//! `{"code": 95, "name": "EOPNOTSUPP"}`.
+
+mod errno;
+mod interface;
+mod kernel;
+mod netlink;
+mod render;
+mod system;
+mod trial;
+
+pub use errno::Errno;
+
+/// What to probe and how far to go.
+///
+/// ```
+/// use tokio_zcrx::probe::ProbeOptions;
+///
+/// // Only eth1, queue 3, confirming with a real registration.
+/// let options = ProbeOptions {
+///     interface: Some("eth1".into()),
+///     queue: Some(3),
+///     try_register: true,
+/// };
+/// assert!(ProbeOptions::default().interface.is_none());
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeOptions {
+    /// Probe only this interface; `None` probes every interface in `/sys/class/net`.
+    pub interface: Option<String>,
+    /// The receive queue to examine; `None` picks the last one, the queue a zcrx deployment
+    /// keeps RSS away from.
+    pub queue: Option<u32>,
+    /// Also register where every precondition looks met. A successful registration briefly
+    /// restarts that NIC receive queue; the probe tears it down at once.
+    pub try_register: bool,
+}
+
+/// Whether the kernel has something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Support {
+    /// Present.
+    Supported,
+    /// Absent.
+    Unsupported,
+    /// Could not be determined; the accompanying summary says why.
+    Unknown,
+}
+
+/// Everything the probe found. Serializable with the `serde` feature (see the
+/// [module docs](self) for the JSON field names); [`Display`](std::fmt::Display) prints the
+/// human summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ProbeReport {
+    /// The kernel release (`uname -r`), `"unknown"` if uname failed.
+    pub kernel_release: String,
+    /// Whether this process may use io_uring at all.
+    pub io_uring: IoUringReport,
+    /// Whether the kernel has `IORING_OP_RECV_ZC` (opcode 58, Linux 6.15).
+    pub recv_zc: OpcodeReport,
+    /// What the kernel's zcrx query (`IORING_REGISTER_QUERY`, Linux 6.19) says.
+    pub zcrx_query: ZcrxQueryReport,
+    /// zcrx features derived from the query, with the kernel release each needs.
+    pub features: ZcrxFeatures,
+    /// A registration without a device (`ZCRX_REG_NODEV`), which touches no NIC.
+    pub nodev_trial: TrialOutcome,
+    /// Whether this process has CAP_NET_ADMIN, which zcrx registration needs.
+    pub cap_net_admin: CapNetAdminReport,
+    /// One entry per probed interface, sorted by name.
+    pub interfaces: Vec<InterfaceReport>,
+}
+
+/// io_uring availability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct IoUringReport {
+    /// `/proc/sys/kernel/io_uring_disabled`: 0 allowed, 1 restricted to privileged users and
+    /// `kernel.io_uring_group`, 2 disabled; `None` if unreadable (kernels before 6.6).
+    pub disabled_sysctl: Option<u32>,
+    /// Whether `io_uring_setup` succeeded for a small ring.
+    pub usable: bool,
+    /// The errno of a failed `io_uring_setup`.
+    pub setup_errno: Option<Errno>,
+    /// Plain-words summary, including why io_uring is unusable where it is.
+    pub summary: String,
+}
+
+/// Support of one io_uring opcode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct OpcodeReport {
+    /// Whether the kernel supports the opcode.
+    pub support: Support,
+    /// Plain-words summary.
+    pub summary: String,
+}
+
+/// How the zcrx query went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum QueryStatus {
+    /// The kernel answered; see [`ZcrxQueryReport::result`].
+    Answered,
+    /// The kernel is older than the zcrx query (Linux 6.19): it answered EINVAL, EBADF or
+    /// EOPNOTSUPP. Every feature the query reports is newer still, so none is present.
+    PredatesQuery,
+    /// The query failed otherwise (e.g. a seccomp filter); nothing is known.
+    Failed,
+}
+
+/// The zcrx query result (`IO_URING_QUERY_ZCRX`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ZcrxQueryReport {
+    /// How the query went.
+    pub status: QueryStatus,
+    /// The errno, unless answered.
+    pub errno: Option<Errno>,
+    /// Plain-words summary.
+    pub summary: String,
+    /// The kernel's answer, when it gave one.
+    pub result: Option<ZcrxQueryResult>,
+}
+
+/// The kernel's answer to the zcrx query, raw and decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ZcrxQueryResult {
+    /// Supported `ZCRX_REG_*` registration flags.
+    pub register_flags: u64,
+    /// Supported `IORING_ZCRX_AREA_*` area flags.
+    pub area_flags: u64,
+    /// Number of `ZCRX_CTRL_*` operations (3 means `ZCRX_CTRL_ARM_EVENT` exists).
+    pub nr_ctrl_opcodes: u32,
+    /// Supported `ZCRX_FEATURE_*` bits.
+    pub features: u32,
+    /// Size of the refill ring header in front of the entries.
+    pub rq_hdr_size: u32,
+    /// Alignment of the refill ring header.
+    pub rq_hdr_alignment: u32,
+    /// `ZCRX_REG_IMPORT`: a zcrx instance can be exported and imported into another ring.
+    pub register_import: bool,
+    /// `ZCRX_REG_NODEV`: registration without a device (copy mode, any socket).
+    pub register_nodev: bool,
+    /// `IORING_ZCRX_AREA_DMABUF`: areas backed by a dma-buf.
+    pub area_dmabuf: bool,
+    /// `ZCRX_CTRL_ARM_EVENT` exists.
+    pub ctrl_arm_event: bool,
+    /// `ZCRX_FEATURE_RX_PAGE_SIZE`: chunks larger than a page (`rx_buf_len`).
+    pub feature_rx_page_size: bool,
+    /// `ZCRX_FEATURE_EVENT`: events and shared-memory stats.
+    pub feature_event: bool,
+}
+
+/// One zcrx feature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct FeatureReport {
+    /// Whether this kernel has it.
+    pub support: Support,
+    /// The first Linux release that has it, e.g. `"7.1"`.
+    pub min_kernel: &'static str,
+    /// Plain-words summary.
+    pub summary: String,
+}
+
+/// zcrx features derived from the query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ZcrxFeatures {
+    /// Export an instance and import it into another ring (Linux 6.19).
+    pub import: FeatureReport,
+    /// Chunks larger than a page, `rx_buf_len` (Linux 7.0).
+    pub rx_buf_len: FeatureReport,
+    /// Registration without a device, `ZCRX_REG_NODEV` (Linux 7.1).
+    pub nodev: FeatureReport,
+    /// Events and shared-memory stats, `ZCRX_FEATURE_EVENT` with `ZCRX_CTRL_ARM_EVENT`
+    /// (Linux 7.2).
+    pub events: FeatureReport,
+}
+
+/// CAP_NET_ADMIN in this thread's effective capability set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct CapNetAdminReport {
+    /// Whether CAP_NET_ADMIN is effective; `None` if it could not be read.
+    pub effective: Option<bool>,
+    /// Plain-words summary.
+    pub summary: String,
+}
+
+/// The result of a trial registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(tag = "outcome", rename_all = "snake_case"))]
+pub enum TrialOutcome {
+    /// The probe did not register, for the reason given.
+    NotAttempted {
+        /// Why not.
+        reason: String,
+    },
+    /// The kernel registered the instance; the probe tore it down at once.
+    Registered,
+    /// The kernel refused the registration.
+    Refused {
+        /// The kernel's answer.
+        errno: Errno,
+    },
+    /// Preparing the registration failed; the kernel was not asked.
+    Failed {
+        /// What was being prepared.
+        step: String,
+        /// The error.
+        errno: Errno,
+    },
+}
+
+/// An interface's header/data split setting (`ethtool -g`'s "TCP data split").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum TcpDataSplit {
+    /// Header/data split is on.
+    On,
+    /// Header/data split is off.
+    Off,
+    /// The driver does not report it (it has no header/data split, or no ring parameters at
+    /// all, like virtual devices).
+    Unsupported,
+    /// It could not be read (ethtool netlink unavailable); see the interface's notes.
+    Unknown,
+}
+
+/// The probe's conclusion for one interface and queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Verdict {
+    /// A trial registration succeeded: zcrx works on this queue.
+    Ready,
+    /// Every precondition the probe can see is met, but it did not register (that would
+    /// restart the queue); [`ProbeOptions::try_register`] confirms.
+    PreconditionsMet,
+    /// zcrx can work here after a configuration change; see the fix.
+    NeedsConfiguration,
+    /// This interface or kernel cannot do zcrx.
+    Unsupported,
+    /// No such interface.
+    NotFound,
+    /// The probe could not tell; the reason says why.
+    Unknown,
+}
+
+/// What the probe found for one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct InterfaceReport {
+    /// The interface name.
+    pub name: String,
+    /// Its index, `None` if it does not exist.
+    pub ifindex: Option<u32>,
+    /// The driver bound to its parent device; `None` for a virtual device (or no driver).
+    pub driver: Option<String>,
+    /// No parent device (lo, veth, bridges, ifb...): zcrx has nothing to DMA into.
+    pub virtual_device: bool,
+    /// Number of receive queues, from `/sys/class/net/IF/queues/rx-*`.
+    pub rx_queues: Option<u32>,
+    /// The receive queue examined.
+    pub queue: Option<u32>,
+    /// Header/data split, from the ethtool netlink ring parameters.
+    pub tcp_data_split: TcpDataSplit,
+    /// Header/data split threshold in bytes (zcrx needs 0); `None` if not reported.
+    pub hds_thresh: Option<u32>,
+    /// Whether an XDP program is attached (zcrx refuses then); `None` if unknown.
+    pub xdp_attached: Option<bool>,
+    /// The trial registration, if any.
+    pub registration: TrialOutcome,
+    /// The conclusion.
+    pub verdict: Verdict,
+    /// Why, in plain words.
+    pub reason: String,
+    /// The command or change that fixes it, where there is one.
+    pub fix: Option<String>,
+    /// Advice for using the interface (e.g. steering the flow to the queue).
+    pub hints: Vec<String>,
+    /// Side observations, such as a check that could not be made.
+    pub notes: Vec<String>,
+}
+
+/// Runs the probe. Never panics, never fails: whatever cannot be checked is reported as such.
+///
+/// ```no_run
+/// use tokio_zcrx::probe::{self, ProbeOptions, Support};
+///
+/// let report = probe::run(&ProbeOptions {
+///     interface: Some("lo".into()),
+///     ..ProbeOptions::default()
+/// });
+/// if report.features.nodev.support == Support::Supported {
+///     println!("NODEV mode works on any TCP socket, loopback included");
+/// }
+/// ```
+pub fn run(options: &ProbeOptions) -> ProbeReport {
+    let kernel = kernel::probe_kernel();
+    let interfaces = interface::probe_interfaces(options, &kernel);
+    ProbeReport {
+        kernel_release: kernel.release,
+        io_uring: kernel.io_uring,
+        recv_zc: kernel.recv_zc,
+        zcrx_query: kernel.zcrx_query,
+        features: kernel.features,
+        nodev_trial: kernel.nodev_trial,
+        cap_net_admin: kernel.cap_net_admin,
+        interfaces,
+    }
+}
