@@ -19,6 +19,7 @@ const SUITE: &str = "trixie";
 const BASE_PACKAGES: &[&str] = &[
     "make",
     "patch",
+    "pahole",
     "xz-utils",
     "kmod",
     "busybox-static",

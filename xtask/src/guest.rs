@@ -170,6 +170,8 @@ pub struct RunOptions {
     pub includes: Vec<PathBuf>,
     pub payload: Payload,
     pub timeout: Duration,
+    /// Limit for one test binary, so a hung test names itself instead of eating the run.
+    pub test_timeout: Duration,
     pub memory_mib: u32,
 }
 
@@ -208,9 +210,11 @@ pub fn run(image: &GuestImage, options: &RunOptions, start: Instant) -> Result<G
             if let Payload::Tests = options.payload {
                 script.push_str(&format!(
                     "echo '@@tzx run {name}'\n\
-                     /tzx/bin/{guest_name} --include-ignored --test-threads=1 2>&1\n\
-                     echo \"@@tzx done {name} $?\"\n",
-                    name = binary.name
+                     timeout -s KILL {secs} /tzx/bin/{guest_name} --include-ignored \
+                     --test-threads=1 2>&1\n\
+                     rc=$?; echo; echo \"@@tzx done {name} $rc\"\n",
+                    name = binary.name,
+                    secs = options.test_timeout.as_secs(),
                 ));
             }
         }
@@ -261,6 +265,7 @@ pub fn run(image: &GuestImage, options: &RunOptions, start: Instant) -> Result<G
     let mut outcome = GuestOutcome::default();
     let mut current_binary = String::new();
     let mut failed_in_binary = 0usize;
+    let mut running_test = None;
     let mut log = std::fs::File::create(run_dir.join("console.log"))?;
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -296,6 +301,7 @@ pub fn run(image: &GuestImage, options: &RunOptions, start: Instant) -> Result<G
             &mut outcome,
             &mut current_binary,
             &mut failed_in_binary,
+            &mut running_test,
         );
     }
     drop(finished);
@@ -323,6 +329,7 @@ fn parse_line(
     outcome: &mut GuestOutcome,
     current_binary: &mut String,
     failed_in_binary: &mut usize,
+    running_test: &mut Option<String>,
 ) {
     if let Some(rest) = line.strip_prefix("@@tzx ") {
         let mut words = rest.split_whitespace();
@@ -334,7 +341,14 @@ fn parse_line(
             Some("done") => {
                 let name = words.next().unwrap_or("?");
                 let code = words.next().unwrap_or("?");
-                if code != "0" && *failed_in_binary == 0 {
+                if let Some(test) = running_test.take() {
+                    // Started, never finished: it hung (killed by the timeout) or crashed.
+                    outcome.failed.push(format!("{name}::{test}"));
+                    outcome.problems.push(format!(
+                        "{name}::{test} did not finish (status {code}: 137 = killed by the \
+                         per-binary timeout TZX_TEST_TIMEOUT, otherwise a crash)"
+                    ));
+                } else if code != "0" && *failed_in_binary == 0 {
                     outcome.problems.push(format!(
                         "test binary {name} exited with status {code} without a failed test \
                          (crash or abort?)"
@@ -360,7 +374,13 @@ fn parse_line(
         return;
     }
     if let Some(rest) = line.strip_prefix("test ") {
+        if let Some(name) = rest.trim_end().strip_suffix(" ...") {
+            // libtest prints the name first and the result when the test ends.
+            *running_test = Some(name.to_string());
+            return;
+        }
         if let Some((name, result)) = rest.rsplit_once(" ... ") {
+            *running_test = None;
             let full = format!("{current_binary}::{name}");
             match result.trim() {
                 "ok" => outcome.passed.push(full),
@@ -404,8 +424,9 @@ mod tests {
         let mut outcome = GuestOutcome::default();
         let mut current = String::new();
         let mut failed = 0;
+        let mut running = None;
         for line in lines {
-            parse_line(line, &mut outcome, &mut current, &mut failed);
+            parse_line(line, &mut outcome, &mut current, &mut failed, &mut running);
         }
         outcome
     }

@@ -250,15 +250,15 @@ fn build_netdevsim(
     std::fs::copy(&patch, work.join("netdevsim-zcrx.patch"))?;
     let tarball = format!("/usr/src/linux-source-{series}.tar.xz");
     let headers = format!("/usr/src/linux-headers-{}", version.abi);
-    util::run_quiet(&mut chroot.command(&[
+    let mut build = chroot.command(&[
         "sh",
         "/tzx-netdevsim/build.sh",
         &tarball,
         &headers,
-        "/tzx-netdevsim/netdevsim-zcrx.patch",
         "/tzx-netdevsim/out",
-    ]))
-    .context("building netdevsim (vm/netdevsim/build.sh) failed")?;
+    ]);
+    build.env("NSIM_PATCH", "/tzx-netdevsim/netdevsim-zcrx.patch");
+    util::run_quiet(&mut build).context("building netdevsim (vm/netdevsim/build.sh) failed")?;
     std::fs::copy(work.join("out/netdevsim.ko"), &module)
         .context("build.sh did not leave out/netdevsim.ko")?;
     std::fs::remove_dir_all(&work)?;

@@ -25,8 +25,9 @@ Commands:
   vm-test     Only the real-kernel tier: builds the guest (cached under ~/.cache/tokio-zcrx)
               and runs the real-kernel tests inside it.
   vm-run [--include PATH]... -- COMMAND...
-              Boots the guest and runs a shell command in it, with the examples on PATH and
-              each --include'd file or directory copied to the working directory.
+              Boots the guest and runs a shell command in it, with the examples and the
+              test binaries (tzx-test-NAME) on PATH and each --include'd file or directory
+              copied to the working directory.
   vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
               netdevsim, initramfs).
   help        This text.
@@ -34,6 +35,7 @@ Commands:
 Environment:
   TZX_GUEST_KERNEL  pin the guest kernel by Debian ABI name, e.g. 7.3.4+deb13-amd64
   TZX_VM_TIMEOUT    seconds before a guest run is killed (default 1800)
+  TZX_TEST_TIMEOUT  seconds one guest test binary may run (default 600)
   TZX_VM_MEMORY     guest memory in MiB (default 4096)
   TZX_CACHE_DIR     cache directory (default ~/.cache/tokio-zcrx)
 ";
@@ -213,6 +215,7 @@ fn run_options(
         includes,
         payload,
         timeout: Duration::from_secs(env_number("TZX_VM_TIMEOUT", 1800)?),
+        test_timeout: Duration::from_secs(env_number("TZX_TEST_TIMEOUT", 600)?),
         memory_mib: u32::try_from(env_number("TZX_VM_MEMORY", 4096)?)?,
     })
 }
@@ -281,7 +284,8 @@ fn vm_run(args: &[String], start: Instant) -> Result<ExitCode> {
         bail!("vm-run needs a command after `--`, e.g. cargo xtask vm-run -- 'probe --json'");
     }
     let image = guest::prepare(start)?;
-    let binaries = guest::build_binaries(false, true, start)?;
+    // Test binaries come along (as tzx-test-NAME) so a single test can be run by hand.
+    let binaries = guest::build_binaries(true, true, start)?;
     let outcome = guest::run(
         &image,
         &run_options(binaries, includes, Payload::Command(command.join(" ")))?,
