@@ -1,0 +1,581 @@
+//! Multi-producer refill-ring producer: hands consumed chunks back to the kernel.
+//!
+//! The refill ring is a single-consumer ring in memory shared with the kernel: `entries`
+//! [`io_uring_zcrx_rqe`] slots, a `head` the kernel advances (store-release) after reading
+//! entries, and a `tail` user space advances (store-release) after writing them. The kernel
+//! load-acquires `tail` and reads the slots between `head` and `tail`.
+//!
+//! The kernel knows only one producer, but buffers are dropped on any thread. [`RefillRing`]
+//! lets any number of threads push concurrently without a lock:
+//!
+//! 1. **Claim.** A producer claims one slot (or a run of slots for a batch) with a CAS on a
+//!    private reserve counter, after checking space against the kernel's head (load-acquire,
+//!    so that the kernel has finished reading the slot before it is overwritten):
+//!    `reserved - head < entries`.
+//! 2. **Write and commit.** It writes the entry into its slot, then stores the slot's position
+//!    into a private per-slot *commit marker* (store-release). Markers carry the whole 32-bit
+//!    position, not a flag, so a marker left over from the previous lap is never mistaken for a
+//!    commit of the current one.
+//! 3. **Publish.** It advances the kernel-visible tail with a CAS (release) over the longest
+//!    run of committed slots that starts at the current tail. Whoever finds a run publishes it,
+//!    so a producer that is preempted between claim and commit only delays the entries behind
+//!    its slot; when it resumes and commits, its own publish step releases them.
+//!
+//! The kernel therefore never sees an entry before it is completely written, whatever the
+//! interleaving. Each publish step starts with a value-preserving acquire-release RMW on the
+//! tail; these RMWs are totally ordered, so of two producers committing neighbouring slots at
+//! the same time the later one sees the other's commit (a plain load could miss it: the
+//! store-buffering pattern), and no committed entry is left unpublished once every push has
+//! returned. The protocol is model-checked with loom (`tests/loom_refill.rs`).
+//!
+//! **Nothing is ever dropped.** When the ring is full a push goes to an overflow list (a
+//! mutex-protected `Vec`, the rare path) and reports [`PushOutcome::Overflowed`]. The owner of
+//! the ring (the runtime's driver thread) moves overflowed entries into the ring with
+//! [`RefillRing::flush_overflow`] once the kernel has made space; [`RefillRing::has_overflow`]
+//! is a cheap check for that.
+//!
+//! The fast path (ring not full) takes no lock and allocates nothing: one CAS to claim, one
+//! release store to commit, and two RMWs on the tail to publish (about 16 ns on one thread).
+//! Pushes from several threads at once pay for moving these cache lines between cores (about
+//! 140 ns per push with two threads doing nothing else); [`RefillRing::push_batch`] pays
+//! that once per batch.
+//!
+//! [`FakeRefillRegion`] is a heap-allocated ring whose owner plays the kernel, for tests.
+
+mod fake;
+
+use core::fmt;
+use core::ptr;
+
+use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK};
+
+use crate::sync::{lock, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex, Ordering};
+pub use fake::FakeRefillRegion;
+
+/// Largest ring this producer accepts (the kernel allows at most 32768 entries).
+///
+/// Kept far below 2^31 so that "this marker is from an older lap" and "from a newer lap" can be
+/// told apart with a signed 32-bit difference.
+pub const MAX_RING_ENTRIES: u32 = 1 << 24;
+
+/// Builds the refill entry that returns the chunk a receive CQE delivered.
+///
+/// `cqe_off` is the CQE's [`io_uring_zcrx_cqe::off`](zcrx_sys::zcrx::io_uring_zcrx_cqe::off)
+/// (or any byte offset inside the chunk: the kernel only uses the chunk index), `len` the CQE's
+/// `res` (ignored by current kernels), `area_token` the area's
+/// [`rq_area_token`](zcrx_sys::zcrx::io_uring_zcrx_area_reg::rq_area_token) as the kernel
+/// wrote it back (already shifted into the top 16 bits). `__pad` must be zero: the kernel
+/// skips entries where it is not.
+///
+/// ```
+/// use zcrx_core::refill::refill_entry;
+/// let token = 1u64 << 48;
+/// let rqe = refill_entry(token | 0x2010, 100, token);
+/// assert_eq!((rqe.off, rqe.len, rqe.__pad), (token | 0x2010, 100, 0));
+/// ```
+#[must_use]
+pub const fn refill_entry(cqe_off: u64, len: u32, area_token: u64) -> io_uring_zcrx_rqe {
+    io_uring_zcrx_rqe {
+        off: (cqe_off & !IORING_ZCRX_AREA_MASK) | area_token,
+        len,
+        __pad: 0,
+    }
+}
+
+/// A ring size this producer cannot work with: not a power of two, zero, or above
+/// [`MAX_RING_ENTRIES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSizeError {
+    /// The rejected number of entries.
+    pub entries: u32,
+}
+
+impl fmt::Display for RingSizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "refill ring size {} is not a power of two between 1 and {MAX_RING_ENTRIES}",
+            self.entries
+        )
+    }
+}
+
+impl std::error::Error for RingSizeError {}
+
+/// Where a pushed entry went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "an overflowed entry reaches the kernel only after the driver calls flush_overflow"]
+pub enum PushOutcome {
+    /// Written into the ring; it is published to the kernel by this push or by a concurrent
+    /// one.
+    InRing,
+    /// The ring was full: the entry waits in the overflow list until
+    /// [`RefillRing::flush_overflow`] moves it. The runtime should make sure the driver will
+    /// flush (wake it if it sleeps).
+    Overflowed,
+}
+
+/// Where the entries of a [`RefillRing::push_batch`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[must_use = "overflowed entries reach the kernel only after the driver calls flush_overflow"]
+pub struct BatchOutcome {
+    /// Entries written into the ring.
+    pub in_ring: usize,
+    /// Entries that found the ring full and went to the overflow list.
+    pub overflowed: usize,
+}
+
+/// Counters of a [`RefillRing`], see [`RefillRing::stats`].
+///
+/// Each value is read separately while other threads may be pushing, so a snapshot taken
+/// during concurrent pushes can be off by the pushes in flight; once pushes stop it is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RefillStats {
+    /// Entries accepted by [`RefillRing::push`] and [`RefillRing::push_batch`], wherever they
+    /// went.
+    pub pushed: u64,
+    /// Entries made visible to the kernel by advancing the tail (including those that went
+    /// through the overflow list first).
+    pub published: u64,
+    /// Entries that found the ring full and went to the overflow list (counted once, also
+    /// after they have been flushed).
+    pub overflowed: u64,
+    /// Entries in the overflow list now.
+    pub overflow_pending: usize,
+    /// Entries published but not yet consumed by the kernel (`tail - head`).
+    pub unconsumed: u32,
+}
+
+/// One refill-ring slot as this module accesses it: a cell, so that loom checks every access
+/// (`UnsafeCell<T>` has `T`'s layout, so kernel memory can be viewed this way).
+type EntryCell = crate::sync::UnsafeCell<io_uring_zcrx_rqe>;
+
+/// Multi-producer, lock-free producer side of a zcrx refill ring. See the [module
+/// docs](self) for the protocol.
+///
+/// `Sync`: share it (e.g. in an `Arc`) with every place that returns buffers.
+pub struct RefillRing {
+    /// Next ring position to hand out (the low 32 bits are ring positions, like `tail`).
+    /// Every push CASes it, so it gets a cache line of its own.
+    reserve: CachePadded<AtomicU64>,
+    /// Kernel-written consumer index.
+    head: *const AtomicU32,
+    /// Kernel-visible producer index, advanced by whichever producer publishes.
+    tail: *const AtomicU32,
+    /// The `entries` slots.
+    rqes: *const EntryCell,
+    /// Per slot, the position of the entry last committed to it (see [`Self::publish`]).
+    committed: Box<[AtomicU32]>,
+    /// Number of slots, a power of two.
+    entries: u32,
+    /// Value of `reserve` (and of the tail) when this producer was created.
+    initial_position: u64,
+    /// State touched only on the overflow path or by the driver.
+    cold: CachePadded<ColdState>,
+    /// Keeps a [`FakeRefillRegion`]'s memory alive; `None` for kernel memory.
+    _memory: Option<fake::SharedMemory>,
+}
+
+/// The parts of a [`RefillRing`] that the fast path never writes.
+struct ColdState {
+    /// Entries that found the ring full.
+    overflow: Mutex<Vec<io_uring_zcrx_rqe>>,
+    /// `overflow.len()`, readable without the lock.
+    overflow_len: AtomicUsize,
+    /// Entries ever put into `overflow`.
+    overflowed_total: AtomicU64,
+    /// Entries ever moved from `overflow` into the ring.
+    flushed_total: AtomicU64,
+    /// Tail as of the last [`RefillRing::take_unflushed`].
+    flush_mark: AtomicU32,
+}
+
+// SAFETY: the raw pointers refer to memory that `from_raw_parts`' caller (or the fake region
+// held in `_memory`) keeps valid for the ring's lifetime, independent of any thread. All shared
+// mutation goes through atomics, the mutex, or slots a thread has claimed exclusively (see
+// `claim`), so the ring may be used from any thread and from several at once.
+unsafe impl Send for RefillRing {}
+// SAFETY: see `Send` above; `&self` methods synchronise through atomics and the mutex only.
+unsafe impl Sync for RefillRing {}
+
+impl RefillRing {
+    /// Creates the producer for a ring in memory shared with the kernel (or anything playing
+    /// it).
+    ///
+    /// `head`, `tail` and `rqes` are the region base plus the `offsets` the kernel wrote back
+    /// at registration, `entries` the `rq_entries` it wrote back. The producer starts at the
+    /// current tail, so entries already published stay published.
+    ///
+    /// # Errors
+    ///
+    /// [`RingSizeError`] unless `entries` is a power of two up to [`MAX_RING_ENTRIES`].
+    ///
+    /// # Safety
+    ///
+    /// For as long as the returned value (or anything borrowed from it) lives:
+    ///
+    /// - `head` and `tail` point to valid, 4-byte aligned `u32`s that are accessed only
+    ///   atomically. `head` is written only by the consumer, which only moves it forward, never
+    ///   past `tail`, and with release ordering after it has finished reading the entries it
+    ///   passes. `tail` is written only through this `RefillRing` (which also performs
+    ///   value-preserving read-modify-writes on it): there is no other producer.
+    /// - `rqes` points to `entries` valid, 8-byte aligned [`io_uring_zcrx_rqe`]s. The consumer
+    ///   reads the slots between `head` and `tail` only after a load-acquire of `tail`, and
+    ///   nothing but this `RefillRing` writes any slot.
+    ///
+    /// The memory must stay mapped while the kernel may still read it; this type does not
+    /// unmap or free anything.
+    pub unsafe fn from_raw_parts(
+        head: *const AtomicU32,
+        tail: *const AtomicU32,
+        rqes: *mut io_uring_zcrx_rqe,
+        entries: u32,
+    ) -> Result<Self, RingSizeError> {
+        // SAFETY: the caller's contract is this function's contract; `EntryCell` has the layout
+        // of `io_uring_zcrx_rqe` (`repr(transparent)` over `core::cell::UnsafeCell`).
+        unsafe { Self::from_cells(head, tail, rqes.cast::<EntryCell>(), entries, None) }
+    }
+
+    /// Shared constructor of [`Self::from_raw_parts`] and [`FakeRefillRegion`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::from_raw_parts`].
+    unsafe fn from_cells(
+        head: *const AtomicU32,
+        tail: *const AtomicU32,
+        rqes: *const EntryCell,
+        entries: u32,
+        memory: Option<fake::SharedMemory>,
+    ) -> Result<Self, RingSizeError> {
+        if !entries.is_power_of_two() || entries > MAX_RING_ENTRIES {
+            return Err(RingSizeError { entries });
+        }
+        // SAFETY: `tail` is valid and atomically accessed (caller contract).
+        let start = unsafe { &*tail }.load(Ordering::Acquire);
+        let mask = entries - 1;
+        // Each slot's marker says "committed for the position one lap before the next one that
+        // maps here", i.e. not committed for any position from `start` on.
+        let committed = (0..entries)
+            .map(|slot| {
+                let next_position = start.wrapping_add(slot.wrapping_sub(start) & mask);
+                AtomicU32::new(next_position.wrapping_sub(entries))
+            })
+            .collect();
+        Ok(Self {
+            reserve: CachePadded(AtomicU64::new(u64::from(start))),
+            head,
+            tail,
+            rqes,
+            committed,
+            entries,
+            initial_position: u64::from(start),
+            cold: CachePadded(ColdState {
+                overflow: Mutex::new(Vec::new()),
+                overflow_len: AtomicUsize::new(0),
+                overflowed_total: AtomicU64::new(0),
+                flushed_total: AtomicU64::new(0),
+                flush_mark: AtomicU32::new(start),
+            }),
+            _memory: memory,
+        })
+    }
+
+    /// Number of slots in the ring.
+    #[must_use]
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// Returns one entry to the kernel; never blocks, never loses the entry.
+    ///
+    /// Lock-free unless the ring is full, in which case the entry goes to the overflow list
+    /// (see [`PushOutcome::Overflowed`]).
+    pub fn push(&self, entry: io_uring_zcrx_rqe) -> PushOutcome {
+        let (first, claimed) = self.claim(1);
+        if claimed == 0 {
+            self.push_overflow(core::slice::from_ref(&entry));
+            return PushOutcome::Overflowed;
+        }
+        self.write_and_commit(first, entry);
+        self.publish();
+        PushOutcome::InRing
+    }
+
+    /// Returns many entries at once: one claim and one publish per run of free slots instead
+    /// of one per entry. What does not fit goes to the overflow list.
+    pub fn push_batch(&self, entries: &[io_uring_zcrx_rqe]) -> BatchOutcome {
+        let in_ring = self.push_into_ring(entries);
+        let rest = &entries[in_ring..];
+        if !rest.is_empty() {
+            self.push_overflow(rest);
+        }
+        BatchOutcome {
+            in_ring,
+            overflowed: rest.len(),
+        }
+    }
+
+    /// Moves overflowed entries into the ring as far as it has space; returns how many moved.
+    ///
+    /// Meant for the driver thread: call it whenever [`Self::has_overflow`] is true and the
+    /// kernel may have consumed entries (after reaping completions, before a NODEV
+    /// `ZCRX_CTRL_FLUSH_RQ`, on an `ALLOC_FAIL` event). Safe from any thread; it takes the
+    /// overflow lock.
+    pub fn flush_overflow(&self) -> usize {
+        if !self.has_overflow() {
+            return 0;
+        }
+        let mut overflow = lock(&self.cold.overflow);
+        // Take from the end, so that what is left stays in place.
+        let moved = self.push_into_ring_from_end(overflow.as_slice());
+        let left = overflow.len() - moved;
+        overflow.truncate(left);
+        self.cold
+            .overflow_len
+            .store(overflow.len(), Ordering::Release);
+        self.cold
+            .flushed_total
+            .fetch_add(moved as u64, Ordering::Relaxed);
+        moved
+    }
+
+    /// Whether entries wait in the overflow list. One atomic load; the driver can call it on
+    /// every loop.
+    #[must_use]
+    pub fn has_overflow(&self) -> bool {
+        self.cold.overflow_len.load(Ordering::Acquire) != 0
+    }
+
+    /// Number of entries waiting in the overflow list.
+    #[must_use]
+    pub fn overflow_len(&self) -> usize {
+        self.cold.overflow_len.load(Ordering::Acquire)
+    }
+
+    /// Number of entries published since the previous call (or since creation), and resets
+    /// that count.
+    ///
+    /// For a NODEV instance, whose kernel consumes the ring only on `ZCRX_CTRL_FLUSH_RQ`: a
+    /// non-zero value means a flush would return buffers. Meant for a single caller (the
+    /// driver); concurrent callers split the count between them. [`Self::unconsumed`] is the
+    /// stateless alternative (what the kernel has not consumed yet).
+    pub fn take_unflushed(&self) -> u32 {
+        let tail = self.tail().load(Ordering::Acquire);
+        let previous = self.cold.flush_mark.swap(tail, Ordering::Relaxed);
+        tail.wrapping_sub(previous)
+    }
+
+    /// Entries published but not yet consumed by the kernel (`tail - head`).
+    #[must_use]
+    pub fn unconsumed(&self) -> u32 {
+        // Head first: the tail read afterwards is at least as new, so the difference does not
+        // underflow.
+        let head = self.head().load(Ordering::Acquire);
+        self.tail().load(Ordering::Acquire).wrapping_sub(head)
+    }
+
+    /// A snapshot of the counters; see [`RefillStats`].
+    #[must_use]
+    pub fn stats(&self) -> RefillStats {
+        let unconsumed = self.unconsumed();
+        // Tail before reserve: every published position was reserved first, so
+        // `reserved - tail` cannot underflow.
+        let tail = self.tail().load(Ordering::Acquire);
+        let reserved = self.reserve.load(Ordering::Relaxed);
+        let unpublished = u64::from((reserved as u32).wrapping_sub(tail));
+        let claimed = reserved - self.initial_position;
+        let overflowed = self.cold.overflowed_total.load(Ordering::Relaxed);
+        let flushed = self.cold.flushed_total.load(Ordering::Relaxed);
+        RefillStats {
+            pushed: (claimed + overflowed).saturating_sub(flushed),
+            published: claimed.saturating_sub(unpublished),
+            overflowed,
+            overflow_pending: self.overflow_len(),
+            unconsumed,
+        }
+    }
+
+    fn head(&self) -> &AtomicU32 {
+        // SAFETY: valid for our lifetime and only accessed atomically (constructor contract).
+        unsafe { &*self.head }
+    }
+
+    fn tail(&self) -> &AtomicU32 {
+        // SAFETY: as `head`.
+        unsafe { &*self.tail }
+    }
+
+    fn marker(&self, position: u32) -> &AtomicU32 {
+        &self.committed[(position & (self.entries - 1)) as usize]
+    }
+
+    /// Claims up to `want` consecutive positions. Returns the first and how many were claimed:
+    /// 0 when the ring is full.
+    ///
+    /// The claimed slots belong to the caller until it commits them: the kernel has consumed
+    /// them (acquire on head) and no other producer can claim them before the tail has passed
+    /// them, which needs the caller's commit.
+    fn claim(&self, want: u32) -> (u32, u32) {
+        loop {
+            // Head before reserve: the head we read was reached by publishing positions that
+            // were reserved before, so the reserve read afterwards is not behind it and `used`
+            // cannot underflow.
+            let head = self.head().load(Ordering::Acquire);
+            let reserved = self.reserve.load(Ordering::Relaxed);
+            let used = (reserved as u32).wrapping_sub(head);
+            // `used > entries` only happens if the consumer broke its contract (head beyond
+            // tail); treat that as full rather than spin or overwrite unread entries.
+            if used >= self.entries {
+                return (0, 0);
+            }
+            let count = want.min(self.entries - used);
+            if self
+                .reserve
+                .compare_exchange_weak(
+                    reserved,
+                    reserved + u64::from(count),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                return (reserved as u32, count);
+            }
+        }
+    }
+
+    /// Writes `entry` into the claimed slot for `position` and marks it committed.
+    fn write_and_commit(&self, position: u32, entry: io_uring_zcrx_rqe) {
+        let slot = (position & (self.entries - 1)) as usize;
+        // SAFETY: `slot < entries`, so the pointer is inside the slot array (constructor
+        // contract), and the slot is ours alone until committed (see `claim`): neither the
+        // kernel nor another producer accesses it now.
+        unsafe { (*self.rqes.add(slot)).with_mut(|p| ptr::write(p, entry)) };
+        // Release: whoever sees the marker (and then publishes) sees the entry.
+        self.marker(position).store(position, Ordering::Release);
+    }
+
+    /// Claims, writes and publishes as many of `entries` as fit, in order, returning how many.
+    fn push_into_ring(&self, entries: &[io_uring_zcrx_rqe]) -> usize {
+        let mut done = 0;
+        while done < entries.len() {
+            let want = u32::try_from(entries.len() - done).unwrap_or(u32::MAX);
+            let (first, claimed) = self.claim(want);
+            if claimed == 0 {
+                break;
+            }
+            for (i, entry) in entries[done..done + claimed as usize].iter().enumerate() {
+                self.write_and_commit(first.wrapping_add(i as u32), *entry);
+            }
+            done += claimed as usize;
+            // Publish each run before claiming more: space only reappears once the kernel has
+            // seen (and consumed) what we wrote.
+            self.publish();
+        }
+        done
+    }
+
+    /// As [`Self::push_into_ring`], but takes entries from the end of the slice; returns how
+    /// many of the last entries went into the ring.
+    fn push_into_ring_from_end(&self, entries: &[io_uring_zcrx_rqe]) -> usize {
+        let mut end = entries.len();
+        while end > 0 {
+            let want = u32::try_from(end).unwrap_or(u32::MAX);
+            let (first, claimed) = self.claim(want);
+            if claimed == 0 {
+                break;
+            }
+            let run = &entries[end - claimed as usize..end];
+            for (i, entry) in run.iter().enumerate() {
+                self.write_and_commit(first.wrapping_add(i as u32), *entry);
+            }
+            end -= claimed as usize;
+            self.publish();
+        }
+        entries.len() - end
+    }
+
+    /// Advances the kernel-visible tail over every committed slot it can reach.
+    ///
+    /// Called after committing. It starts with a read-modify-write of the tail that leaves its
+    /// value unchanged: all producers' RMWs on the tail are totally ordered and each one
+    /// acquires what the previous one released, so of two producers committing concurrently,
+    /// the one whose RMW comes later sees the other's commit (a plain load could miss it: the
+    /// store-buffering pattern). The producer whose RMW comes last therefore publishes
+    /// everything committed before the first gap, and nothing stays unpublished once all
+    /// pushes have returned. (A `fence(SeqCst)` before a plain load would work too and costs
+    /// about the same; the RMW also returns the newest tail, and leaves the CAS below a cache
+    /// line it already owns.)
+    ///
+    /// A marker from an *older* lap than the position means that slot is not committed yet,
+    /// and its producer will publish when it commits. A marker from a *newer* lap means the
+    /// tail we read has been overtaken meanwhile (the slot was published, consumed and
+    /// reused), so we read it again.
+    fn publish(&self) {
+        let mut tail = self.tail().fetch_add(0, Ordering::AcqRel);
+        loop {
+            let mut end = tail;
+            let mut first_marker = None;
+            while end.wrapping_sub(tail) < self.entries {
+                let marker = self.marker(end).load(Ordering::Acquire);
+                if end == tail {
+                    first_marker = Some(marker);
+                }
+                if marker != end {
+                    break;
+                }
+                end = end.wrapping_add(1);
+            }
+            if end == tail {
+                match first_marker {
+                    // Reused by a newer lap: our tail is stale. The acquire on that marker
+                    // makes the re-read see a tail past this position, so this loop ends.
+                    Some(marker) if (marker.wrapping_sub(tail) as i32) > 0 => {
+                        tail = self.tail().load(Ordering::Acquire);
+                        continue;
+                    }
+                    // Not committed yet: its producer publishes it.
+                    _ => return,
+                }
+            }
+            // Release: the kernel's load-acquire of the tail sees every entry up to `end`
+            // (our acquire loads of the markers made their writes ours to release).
+            match self
+                .tail()
+                .compare_exchange(tail, end, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                // Someone else advanced it; continue from there (our run may be published
+                // already, or may extend theirs).
+                Err(current) => tail = current,
+            }
+        }
+    }
+
+    fn push_overflow(&self, entries: &[io_uring_zcrx_rqe]) {
+        let mut overflow = lock(&self.cold.overflow);
+        overflow.extend_from_slice(entries);
+        self.cold
+            .overflowed_total
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        self.cold
+            .overflow_len
+            .store(overflow.len(), Ordering::Release);
+    }
+}
+
+impl fmt::Debug for RefillRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefillRing")
+            .field("entries", &self.entries)
+            .field("head", &self.head().load(Ordering::Relaxed))
+            .field("tail", &self.tail().load(Ordering::Relaxed))
+            .field("reserve", &self.reserve.load(Ordering::Relaxed))
+            .field("overflow_len", &self.overflow_len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;
