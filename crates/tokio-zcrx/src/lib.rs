@@ -1,5 +1,60 @@
 //! io_uring zero-copy receive (zcrx) for Tokio.
+//!
+//! TCP payloads land straight from the NIC in the zcrx receive area; your tasks read them
+//! there as [`ZcBuf`]s, with no copy, and dropping a buffer (on any thread) gives the memory
+//! back to the kernel. One driver thread per registered queue owns the io_uring; streams and
+//! buffers are ordinary `Send` values for any Tokio task.
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use tokio_zcrx::{Zcrx, ZcListener};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Zero copy needs a capable NIC queue (docs/nic-setup.md); `.no_device()` runs the same
+//! // code through the kernel's copy path on any socket (Linux 7.1+).
+//! let zcrx = Zcrx::builder().interface("eth0", 3).build()?;
+//! let listener = ZcListener::bind(&zcrx, "[::]:9000").await?;
+//! let (mut stream, _reply, peer) = listener.accept().await?;
+//! while let Some(buf) = stream.next().await {
+//!     let buf = buf?; // bytes in the zcrx area; dropped here, returned to the kernel
+//!     println!("{peer}: {} bytes", buf.len());
+//! }
+//! println!("copy statistics: {}", zcrx.stats());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Layers: [`zcrx_sys`] declares the kernel interface, `zcrx_core` holds the protocol logic
+//! without I/O (refill ring producer, completion decoding, accounting, event re-arming), and
+//! this crate runs it. [`probe`] tells what a machine can do. See docs/architecture.md.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod buf;
+mod config;
+mod copy;
+mod error;
+mod event;
+mod mem;
+mod mode;
 pub mod probe;
+mod runtime;
+mod stream;
+
+pub use buf::ZcBuf;
+pub use config::{Builder, EventsPolicy};
+pub use error::{Error, ErrorKind, Result};
+pub use event::{Event, EventKind, Stats};
+pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
+pub use runtime::Zcrx;
+pub use stream::{StreamOptions, ZcListener, ZcReader, ZcStream};
+
+/// The user guides' code blocks compile too.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/nic-setup.md")]
+struct NicSetupGuide;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct Readme;

@@ -382,3 +382,9 @@ pub fn run(options: &ProbeOptions) -> ProbeReport {
         interfaces,
     }
 }
+
+/// Why `io_uring_setup` failed here, in the probe's words (sysctl, seccomp, ...); the runtime
+/// uses it for its own errors.
+pub(crate) fn explain_io_uring_setup_failure(errno: Errno) -> String {
+    system::explain_setup_failure(errno, system::io_uring_disabled_sysctl())
+}

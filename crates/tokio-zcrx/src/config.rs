@@ -1,0 +1,372 @@
+//! The runtime builder: which queue to register and how big everything is.
+
+use std::time::Duration;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::mode::Mode;
+
+/// Which receive queue the io_uring backend registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A NIC receive queue, by interface name (e.g. `"eth0"`) and queue index.
+    Interface {
+        /// Interface name, resolved in the calling thread's network namespace.
+        name: String,
+        /// Receive queue index (see `ethtool -l IF`).
+        queue: u32,
+    },
+    /// A NIC receive queue by interface index.
+    InterfaceIndex {
+        /// The interface index (`ip link` shows it first).
+        index: u32,
+        /// Receive queue index.
+        queue: u32,
+    },
+    /// The device-less mode (Linux 7.1+): no NIC is bound; the kernel copies every received
+    /// byte into the area. Works on any TCP socket, loopback included. Useful for testing and
+    /// for one API across machines; it saves no copy.
+    NoDevice,
+}
+
+/// Whether the kernel's zcrx events (allocation failure, copy fallback) are required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventsPolicy {
+    /// Use events and copy statistics when the kernel has them (7.2+), run without otherwise.
+    #[default]
+    IfSupported,
+    /// Fail [`Builder::build`] with [`ErrorKind::KernelTooOld`] on kernels without events.
+    Required,
+    /// Do not register for events (statistics are then unavailable too).
+    Disabled,
+}
+
+/// Configures and starts a zcrx runtime ([`Zcrx`](crate::Zcrx)).
+///
+/// ```no_run
+/// # fn main() -> Result<(), tokio_zcrx::Error> {
+/// use std::time::Duration;
+/// use tokio_zcrx::{Mode, Zcrx};
+///
+/// // Zero copy on queue 3 of eth0, or fail (see docs/nic-setup.md for the ethtool steps).
+/// let zcrx = Zcrx::builder()
+///     .mode(Mode::Nic)
+///     .interface("eth0", 3)
+///     .area_size(64 << 20)
+///     .event_rearm_interval(Duration::from_millis(250))
+///     .build()?;
+/// # drop(zcrx);
+/// // Whatever this machine allows: zero copy, the kernel's copy path, or plain copying.
+/// let zcrx = Zcrx::builder().interface("eth0", 3).build()?;
+/// println!("receiving in {} mode", zcrx.mode_selection());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    pub(crate) mode: Mode,
+    pub(crate) interface: Option<Target>,
+    pub(crate) area_size: usize,
+    pub(crate) refill_entries: Option<u32>,
+    pub(crate) chunk_size: Option<u32>,
+    pub(crate) cq_entries: u32,
+    pub(crate) events: EventsPolicy,
+    pub(crate) event_rearm_interval: Duration,
+    pub(crate) thread_name: String,
+    pub(crate) copy_buffers: u32,
+    pub(crate) copy_buffer_size: usize,
+}
+
+/// The largest refill ring the kernel accepts without clamping.
+pub(crate) const MAX_REFILL_ENTRIES: u32 = 32768;
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder {
+            mode: Mode::Auto,
+            interface: None,
+            area_size: 32 << 20,
+            refill_entries: None,
+            chunk_size: None,
+            cq_entries: 8192,
+            events: EventsPolicy::default(),
+            event_rearm_interval: Duration::from_millis(100),
+            thread_name: "tokio-zcrx-driver".into(),
+            // 4 MiB: fits the CPU cache, which matters more for copying than pool size.
+            copy_buffers: 64,
+            copy_buffer_size: 64 << 10,
+        }
+    }
+}
+
+impl Builder {
+    /// A builder with defaults: mode `Auto`, 32 MiB area, one-page chunks, an 8192-entry
+    /// CQ, events if supported (re-armed at most every 100 ms), a copy pool of 64 buffers of
+    /// 64 KiB.
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// How to receive; default [`Mode::Auto`], which picks the best mode that works here.
+    pub fn mode(mut self, mode: Mode) -> Builder {
+        self.mode = mode;
+        self
+    }
+
+    /// The NIC receive queue for [`Mode::Nic`] (and the first choice of [`Mode::Auto`]):
+    /// queue `queue` of interface `name`.
+    pub fn interface(mut self, name: impl Into<String>, queue: u32) -> Builder {
+        self.interface = Some(Target::Interface {
+            name: name.into(),
+            queue,
+        });
+        self
+    }
+
+    /// Like [`interface`](Builder::interface), by interface index.
+    pub fn interface_index(mut self, index: u32, queue: u32) -> Builder {
+        self.interface = Some(Target::InterfaceIndex { index, queue });
+        self
+    }
+
+    /// Shorthand for `.mode(Mode::NoDevice)`: the kernel's device-less mode (Linux 7.1+).
+    pub fn no_device(self) -> Builder {
+        self.mode(Mode::NoDevice)
+    }
+
+    /// The copy-mode buffer pool: `buffers` buffers of `buffer_size` bytes (default 64 of
+    /// 64 KiB). Streams wait for a free buffer when all are held; a pool that fits the CPU
+    /// cache copies fastest.
+    pub fn copy_pool(mut self, buffers: u32, buffer_size: usize) -> Builder {
+        self.copy_buffers = buffers;
+        self.copy_buffer_size = buffer_size;
+        self
+    }
+
+    /// Size of the receive area in bytes (rounded up to whole chunks). Every buffer handed
+    /// out lives in it, so it bounds the memory held by unconsumed data. Keeping it near the
+    /// CPU cache size helps in copy fallback (see docs/architecture.md). Default 32 MiB.
+    pub fn area_size(mut self, bytes: usize) -> Builder {
+        self.area_size = bytes;
+        self
+    }
+
+    /// Entries in the refill ring (the kernel rounds up to a power of two, at most 32768).
+    /// Default: one per area chunk, capped at 32768.
+    pub fn refill_entries(mut self, entries: u32) -> Builder {
+        self.refill_entries = Some(entries);
+        self
+    }
+
+    /// Chunk size (the kernel's `rx_buf_len`, Linux 7.0+): a power of two of at least a page.
+    /// Larger chunks mean fewer completions but need a huge-page backed area. Default: one page.
+    pub fn chunk_size(mut self, bytes: u32) -> Builder {
+        self.chunk_size = Some(bytes);
+        self
+    }
+
+    /// Completion queue entries (a power of two). Each received chunk costs one; a full CQ
+    /// ends receives, which the runtime resubmits (counted in the statistics). Default 8192.
+    pub fn cq_entries(mut self, entries: u32) -> Builder {
+        self.cq_entries = entries;
+        self
+    }
+
+    /// Whether the kernel's events are required, optional (default) or unwanted.
+    pub fn events(mut self, policy: EventsPolicy) -> Builder {
+        self.events = policy;
+        self
+    }
+
+    /// Minimum time between a kernel event and re-arming it, so a steady copy fallback costs
+    /// one event (and one syscall) per interval instead of one per packet. Default 100 ms.
+    pub fn event_rearm_interval(mut self, interval: Duration) -> Builder {
+        self.event_rearm_interval = interval;
+        self
+    }
+
+    /// Name of the driver thread. Default `tokio-zcrx-driver`.
+    pub fn thread_name(mut self, name: impl Into<String>) -> Builder {
+        self.thread_name = name.into();
+        self
+    }
+
+    /// Starts the runtime in the chosen mode. For the io_uring modes this starts the driver
+    /// thread and registers the queue, blocking until the kernel answered (milliseconds; a
+    /// NIC queue restart may take longer).
+    ///
+    /// Every refusal maps to an [`Error`] whose message says what to do; with
+    /// [`Mode::Auto`] refusals become [`Zcrx::mode_selection`](crate::Zcrx::mode_selection)
+    /// reasons instead.
+    pub fn build(self) -> Result<crate::Zcrx> {
+        crate::runtime::select_and_start(self)
+    }
+
+    /// The configuration for registering `target` with the io_uring backend.
+    pub(crate) fn validate_for(&self, target: Target, page: u32) -> Result<Validated> {
+        let invalid = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
+        let chunk = self.chunk_size.unwrap_or(page);
+        if !chunk.is_power_of_two() || chunk < page {
+            return invalid(format!(
+                "chunk size {chunk} must be a power of two of at least the page size ({page})"
+            ));
+        }
+        if self.area_size < 2 * chunk as usize {
+            return invalid(format!(
+                "area size {} is too small: it must hold at least two chunks of {chunk} bytes",
+                self.area_size
+            ));
+        }
+        let chunks = self.area_size.div_ceil(chunk as usize);
+        let area_size = chunks * chunk as usize;
+        if chunks > u32::MAX as usize / 2 {
+            return invalid(format!("area size {} is too large", self.area_size));
+        }
+        let refill_entries = match self.refill_entries {
+            Some(0) => return invalid("refill entries must be at least 1".into()),
+            Some(n) if n > MAX_REFILL_ENTRIES => {
+                return invalid(format!(
+                    "refill entries {n} exceeds the kernel's limit of {MAX_REFILL_ENTRIES}"
+                ))
+            }
+            Some(n) => n.next_power_of_two(),
+            None => (chunks as u32).next_power_of_two().min(MAX_REFILL_ENTRIES),
+        };
+        if !self.cq_entries.is_power_of_two() || self.cq_entries < 64 {
+            return invalid(format!(
+                "CQ entries {} must be a power of two of at least 64",
+                self.cq_entries
+            ));
+        }
+        if let Target::Interface { name, .. } = &target {
+            if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', '\0']) {
+                return invalid(format!("{name:?} is not a valid interface name"));
+            }
+        }
+        Ok(Validated {
+            target,
+            area_size,
+            chunk_size: chunk,
+            custom_chunk: self.chunk_size.is_some_and(|c| c != page),
+            refill_entries,
+            cq_entries: self.cq_entries,
+            events: self.events,
+            event_rearm_interval: self.event_rearm_interval,
+            thread_name: self.thread_name.clone(),
+        })
+    }
+
+    /// Checks the settings every mode uses, before anything is tried.
+    pub(crate) fn validate_common(&self) -> Result<()> {
+        let invalid = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
+        if self.mode == Mode::Nic && self.interface.is_none() {
+            return invalid(
+                "mode nic needs a receive queue: call .interface(NAME, QUEUE) on the builder"
+                    .into(),
+            );
+        }
+        if self.copy_buffers == 0 || self.copy_buffer_size == 0 {
+            return invalid("the copy pool needs at least one buffer of at least one byte".into());
+        }
+        if self.copy_buffer_size > u32::MAX as usize {
+            return invalid(format!(
+                "copy buffer size {} is too large",
+                self.copy_buffer_size
+            ));
+        }
+        let page = crate::mem::page_size() as u32;
+        // Validate the zcrx sizes even when copy mode may end up chosen: a bad setting is a
+        // bug in the caller whatever this machine supports.
+        if self.mode != Mode::Copy {
+            self.validate_for(Target::NoDevice, page)?;
+        }
+        Ok(())
+    }
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Validated {
+    pub(crate) target: Target,
+    pub(crate) area_size: usize,
+    pub(crate) chunk_size: u32,
+    /// The chunk size differs from the page size, so `rx_buf_len` must be passed (7.0+).
+    pub(crate) custom_chunk: bool,
+    pub(crate) refill_entries: u32,
+    pub(crate) cq_entries: u32,
+    pub(crate) events: EventsPolicy,
+    pub(crate) event_rearm_interval: Duration,
+    pub(crate) thread_name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(b: Builder) -> Result<Validated> {
+        b.validate_for(Target::NoDevice, 4096)
+    }
+
+    fn kind(b: Builder) -> ErrorKind {
+        match b.validate_common() {
+            Err(e) => e.kind(),
+            Ok(()) => validate(b).unwrap_err().kind(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let v = validate(Builder::new()).unwrap();
+        assert_eq!(v.area_size, 32 << 20);
+        assert_eq!(v.chunk_size, 4096);
+        assert_eq!(v.refill_entries, 8192);
+        assert!(!v.custom_chunk);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        assert_eq!(
+            kind(Builder::new().mode(Mode::Nic)),
+            ErrorKind::InvalidConfig
+        );
+        assert_eq!(
+            kind(Builder::new().copy_pool(0, 4096)),
+            ErrorKind::InvalidConfig
+        );
+        assert_eq!(
+            kind(Builder::new().no_device().area_size(4096)),
+            ErrorKind::InvalidConfig
+        );
+        assert_eq!(
+            kind(Builder::new().no_device().chunk_size(3000)),
+            ErrorKind::InvalidConfig
+        );
+        assert_eq!(
+            kind(Builder::new().no_device().cq_entries(100)),
+            ErrorKind::InvalidConfig
+        );
+        assert_eq!(
+            kind(Builder::new().no_device().refill_entries(40000)),
+            ErrorKind::InvalidConfig
+        );
+        let empty_name = Builder::new().interface("", 0);
+        let target = empty_name.interface.clone().unwrap();
+        assert_eq!(
+            empty_name.validate_for(target, 4096).unwrap_err().kind(),
+            ErrorKind::InvalidConfig
+        );
+        let err = Builder::new()
+            .mode(Mode::Nic)
+            .validate_common()
+            .unwrap_err();
+        assert!(err.to_string().contains(".interface(NAME, QUEUE)"), "{err}");
+    }
+
+    #[test]
+    fn sizes_round_up() {
+        let v = validate(Builder::new().area_size(10_000).refill_entries(100)).unwrap();
+        assert_eq!(v.area_size, 12288);
+        assert_eq!(v.refill_entries, 128);
+        let big = validate(Builder::new().area_size(1 << 30)).unwrap();
+        assert_eq!(big.refill_entries, MAX_REFILL_ENTRIES);
+    }
+}

@@ -1,0 +1,91 @@
+//! Events and statistics: how monitoring code learns that the kernel copied instead of
+//! zero-copying, or ran out of buffers.
+
+use std::fmt;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The kernel had to copy received data into the area instead of receiving it there
+    /// directly (traffic on another queue, loopback, the device-less mode, header parts).
+    /// Kernel event, Linux 7.2+; re-armed at most once per
+    /// [`event_rearm_interval`](crate::Builder::event_rearm_interval).
+    CopyFallback,
+    /// The NIC's page pool found no free buffer: the NIC drops packets and TCP retransmits.
+    /// Return buffers sooner or use a larger area. Kernel event, Linux 7.2+.
+    AllocationFailure,
+    /// A receive stopped because the area had no free chunk (the copy path's equivalent of
+    /// an allocation failure). The runtime resumes it once buffers come back; no data is lost.
+    AreaExhausted,
+    /// The completion queue overflowed and receives were stopped by the kernel; the runtime
+    /// resubmitted them. No data is lost; a larger [`cq_entries`](crate::Builder::cq_entries)
+    /// avoids the extra work.
+    CqOverflowRecovered,
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EventKind::CopyFallback => "copy fallback",
+            EventKind::AllocationFailure => "allocation failure",
+            EventKind::AreaExhausted => "area exhausted",
+            EventKind::CqOverflowRecovered => "CQ overflow recovered",
+        })
+    }
+}
+
+/// An event with the statistics as they were when it was reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// A snapshot taken when the event was delivered.
+    pub stats: Stats,
+}
+
+/// Counters of one runtime. Kernel copy counters are `None` when the kernel has no zcrx
+/// statistics (before 7.2, or events disabled).
+///
+/// The kernel updates its counters without synchronization; each is read atomically, but the
+/// pair is not a consistent snapshot. The runtime's own counters are exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Packet fragments the kernel copied instead of receiving in place (kernel counter).
+    pub copy_count: Option<u64>,
+    /// Bytes in those fragments (kernel counter). In the device-less mode every byte.
+    pub copy_bytes: Option<u64>,
+    /// Bytes delivered to streams.
+    pub bytes: u64,
+    /// Buffers (chunks) delivered to streams.
+    pub chunks: u64,
+    /// Buffers delivered and not yet dropped.
+    pub buffers_outstanding: u64,
+    /// Receives resubmitted after the completion queue overflowed.
+    pub resubmits_cq_overflow: u64,
+    /// Receives resubmitted after the area ran out of chunks.
+    pub resubmits_area_exhausted: u64,
+    /// Kernel events received (copy fallback and allocation failure).
+    pub kernel_events: u64,
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} bytes in {} chunks, {} outstanding",
+            self.bytes, self.chunks, self.buffers_outstanding
+        )?;
+        if let (Some(count), Some(bytes)) = (self.copy_count, self.copy_bytes) {
+            write!(f, ", kernel copied {bytes} bytes in {count} fragments")?;
+        }
+        if self.resubmits_cq_overflow + self.resubmits_area_exhausted > 0 {
+            write!(
+                f,
+                ", resubmits: {} CQ overflow, {} area exhausted",
+                self.resubmits_cq_overflow, self.resubmits_area_exhausted
+            )?;
+        }
+        Ok(())
+    }
+}

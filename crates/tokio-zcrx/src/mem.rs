@@ -1,0 +1,94 @@
+//! Memory the kernel shares with us: the receive area and the refill region.
+
+use std::ffi::c_void;
+use std::io;
+use std::ptr::NonNull;
+
+/// A private anonymous read-write mapping, unmapped on drop.
+///
+/// The kernel (and, in zero-copy mode, the NIC by DMA) writes into these mappings at any time,
+/// so no Rust reference to their contents is ever created for longer than the kernel promises
+/// to leave a part alone; everything goes through raw pointers and atomics.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    addr: NonNull<c_void>,
+    len: usize,
+}
+
+// SAFETY: a mapping is plain memory owned by this value; which thread unmaps it does not
+// matter, and all accesses to the contents go through raw pointers with their own rules.
+unsafe impl Send for Mapping {}
+// SAFETY: `&Mapping` only hands out the address and length.
+unsafe impl Sync for Mapping {}
+
+/// Page size of the machine.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
+impl Mapping {
+    /// Maps `len` bytes (rounded up to whole pages), zero filled and populated, so the first
+    /// receive does not fault pages in one by one. With `huge_pages`, the mapping uses 2 MiB
+    /// pages (needed for chunks larger than a page).
+    pub(crate) fn new(len: usize, huge_pages: bool) -> io::Result<Mapping> {
+        let page = if huge_pages { 2 << 20 } else { page_size() };
+        let len = len.div_ceil(page) * page;
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
+        if huge_pages {
+            flags |= libc::MAP_HUGETLB | (21 << libc::MAP_HUGE_SHIFT);
+        }
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
+        // no existing memory; the result is checked for MAP_FAILED before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let addr = NonNull::new(addr).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(Mapping { addr, len })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.addr.as_ptr().cast()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr + len` is exactly the mapping this value created and owns, and no
+        // reference into it outlives `self`. Pages the kernel still pins stay allocated until
+        // it unpins them, so unmapping cannot make the kernel write elsewhere.
+        unsafe {
+            libc::munmap(self.addr.as_ptr(), self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mappings_are_page_aligned_zeroed_and_rounded() {
+        let mapping = Mapping::new(page_size() + 1, false).unwrap();
+        assert_eq!(mapping.len(), 2 * page_size());
+        assert_eq!(mapping.as_ptr() as usize % page_size(), 0);
+        // SAFETY: fresh mapping of at least one page, not shared with any kernel object.
+        let first = unsafe { std::slice::from_raw_parts(mapping.as_ptr(), 16) };
+        assert!(first.iter().all(|&b| b == 0));
+    }
+}

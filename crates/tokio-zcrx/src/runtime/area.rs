@@ -1,0 +1,180 @@
+//! The receive area as shared by the driver, the streams and every buffer.
+//!
+//! An [`Area`] lives in an `Arc`: each buffer holds one, so the area and the refill region
+//! stay mapped until the last buffer is gone, even after the ring (and with it the kernel's
+//! zcrx instance) has been closed. Returns after that point are written into memory nobody
+//! reads any more, which is harmless.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use zcrx_core::accounting::ChunkRefs;
+use zcrx_core::refill::{PushOutcome, RefillRing};
+use zcrx_sys::event::zcrx_stats;
+use zcrx_sys::zcrx::io_uring_zcrx_rqe;
+
+use super::instance::SharedLayout;
+use super::DriverShared;
+use crate::event::Stats;
+use crate::mem::Mapping;
+
+/// Counters only the driver thread writes (relaxed: they are statistics).
+#[derive(Debug, Default)]
+pub(crate) struct DriverCounters {
+    pub(crate) bytes: AtomicU64,
+    pub(crate) chunks: AtomicU64,
+    pub(crate) resubmits_cq_overflow: AtomicU64,
+    pub(crate) resubmits_area_exhausted: AtomicU64,
+    pub(crate) kernel_events: AtomicU64,
+}
+
+pub(crate) struct Area {
+    /// Points into `_region`, so it is declared (and dropped) before it.
+    pub(crate) refill: RefillRing,
+    memory: Mapping,
+    // Kept mapped for `refill` and `stats`, which point into it.
+    _region: Mapping,
+    area_token: u64,
+    pub(crate) chunk_size: u32,
+    stats: Option<*const zcrx_stats>,
+    pub(crate) counters: DriverCounters,
+    /// References the kernel gave us per chunk: catches a double return before the kernel
+    /// sees it.
+    refs: ChunkRefs,
+    /// Set by the driver while a receive waits for chunks to come back; buffer drops then
+    /// wake it. Otherwise drops never wake the driver.
+    pub(crate) driver_waits_for_buffers: AtomicBool,
+    pub(crate) driver: Arc<DriverShared>,
+}
+
+// SAFETY: the raw pointers point into `_region`, which the Area owns; the kernel's stats are
+// only read with atomic loads, and the refill ring is built for concurrent producers.
+unsafe impl Send for Area {}
+// SAFETY: as above; all shared access goes through atomics or the RefillRing's own protocol.
+unsafe impl Sync for Area {}
+
+impl std::fmt::Debug for Area {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Area")
+            .field("len", &self.memory.len())
+            .field("chunk_size", &self.chunk_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Area {
+    /// Takes the memory out of a fresh instance (the ring stays with the driver).
+    pub(crate) fn new(
+        memory: Mapping,
+        region: Mapping,
+        layout: &SharedLayout,
+        driver: Arc<DriverShared>,
+    ) -> std::io::Result<Area> {
+        let base = region.as_ptr();
+        // SAFETY: the kernel reported these offsets inside the region it validated, and
+        // `register` checked that the ring fits. The region is owned by this Area and dropped
+        // after `refill` (declaration order), so the pointers stay valid for its lifetime.
+        let refill = unsafe {
+            RefillRing::from_raw_parts(
+                base.add(layout.rq_head_offset).cast::<AtomicU32>(),
+                base.add(layout.rq_tail_offset).cast::<AtomicU32>(),
+                base.add(layout.rqes_offset).cast::<io_uring_zcrx_rqe>(),
+                layout.rq_entries,
+            )
+        }
+        .map_err(std::io::Error::other)?;
+        // SAFETY: the stats offset lies inside the region (it is a page past the ring).
+        let stats = layout
+            .stats_offset
+            .map(|offset| unsafe { base.add(offset).cast::<zcrx_stats>() as *const zcrx_stats });
+        let chunks = (memory.len() / layout.chunk_size as usize) as u32;
+        Ok(Area {
+            refill,
+            memory,
+            _region: region,
+            area_token: layout.area_token,
+            chunk_size: layout.chunk_size,
+            stats,
+            counters: DriverCounters::default(),
+            refs: ChunkRefs::new(chunks),
+            driver_waits_for_buffers: AtomicBool::new(false),
+            driver,
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.memory.len()
+    }
+
+    /// Pointer to `area_offset` (validated by the completion decoder to lie inside).
+    pub(crate) fn data_ptr(&self, area_offset: u64) -> *const u8 {
+        debug_assert!((area_offset as usize) < self.memory.len());
+        // SAFETY: the decoder checked offset + len against the area length.
+        unsafe { self.memory.as_ptr().add(area_offset as usize) }
+    }
+
+    /// The refill entry that returns a chunk delivered at `area_offset` with `len` bytes.
+    pub(crate) fn refill_entry(&self, area_offset: u64, len: u32) -> io_uring_zcrx_rqe {
+        io_uring_zcrx_rqe {
+            off: area_offset | self.area_token,
+            len,
+            __pad: 0,
+        }
+    }
+
+    /// Counts one chunk reference the kernel handed us (driver thread).
+    pub(crate) fn on_delivered(&self, chunk: u32) {
+        // The decoder checked the chunk index against the area.
+        let counted = self.refs.on_delivered(chunk);
+        debug_assert!(counted.is_ok(), "{counted:?}");
+    }
+
+    /// Returns one chunk reference to the kernel. Called on any thread, once per buffer.
+    pub(crate) fn return_chunk(&self, area_offset: u64, len: u32, chunk: u32) {
+        if let Err(e) = self.refs.on_returned(chunk) {
+            // A second return would let the kernel reuse a chunk someone still reads: never
+            // pass it on. Reaching this is a bug in this crate.
+            debug_assert!(false, "tokio-zcrx: {e:?}");
+            return;
+        }
+        let outcome = self.refill.push(self.refill_entry(area_offset, len));
+        if outcome == PushOutcome::Overflowed {
+            // Rare (more returns in flight than ring entries): the driver must move the
+            // overflow into the ring once the kernel consumed some, so make sure it runs.
+            self.driver.wake();
+        } else if self.driver_waits_for_buffers.load(Ordering::Relaxed) {
+            self.driver.wake();
+        }
+    }
+
+    /// The kernel's copy statistics, if registered with events.
+    pub(crate) fn kernel_copies(&self) -> Option<(u64, u64)> {
+        let stats = self.stats?;
+        // SAFETY: the stats live in our region for as long as `self`; the kernel updates each
+        // field non-atomically, so each is read with a relaxed atomic load (no torn reads of
+        // an aligned u64 on the architectures the kernel supports zcrx on).
+        unsafe {
+            let count = &*(std::ptr::addr_of!((*stats).copy_count) as *const AtomicU64);
+            let bytes = &*(std::ptr::addr_of!((*stats).copy_bytes) as *const AtomicU64);
+            Some((count.load(Ordering::Relaxed), bytes.load(Ordering::Relaxed)))
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let copies = self.kernel_copies();
+        let chunks = self.counters.chunks.load(Ordering::Relaxed);
+        Stats {
+            copy_count: copies.map(|c| c.0),
+            copy_bytes: copies.map(|c| c.1),
+            bytes: self.counters.bytes.load(Ordering::Relaxed),
+            chunks,
+            buffers_outstanding: self.refs.total_outstanding(),
+            resubmits_cq_overflow: self.counters.resubmits_cq_overflow.load(Ordering::Relaxed),
+            resubmits_area_exhausted: self
+                .counters
+                .resubmits_area_exhausted
+                .load(Ordering::Relaxed),
+            kernel_events: self.counters.kernel_events.load(Ordering::Relaxed),
+        }
+    }
+}

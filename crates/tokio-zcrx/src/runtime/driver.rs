@@ -1,0 +1,749 @@
+//! The driver thread: owns the ring, turns completions into buffers on streams, returns
+//! what it must, re-arms events, and reacts to commands from handles.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types};
+use tokio::sync::oneshot;
+use zcrx_core::completion::{decode, AreaLayout, Completion, Eof, RawCompletion, RecvErrorAction};
+use zcrx_core::events::{EventKind as KernelEvent, EventRearm};
+use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
+use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
+
+use super::area::Area;
+use super::instance::{self, Instance, Ring};
+use super::{lock, Command, DriverShared, FAILED, STOPPING};
+use crate::buf::ZcBuf;
+use crate::config::Validated;
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{Event, EventKind};
+use crate::stream::{StreamEnd, StreamOptions, StreamShared};
+
+/// The eventfd poll's `user_data` payload.
+const WAKE_EVENTFD: u64 = 1;
+
+/// How long shutdown waits for cancelled receives to confirm before closing the ring anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A receive that ran out of area is retried when buffers come back, or after this long in
+/// any case: the returns may all have happened before the driver saw the exhaustion, and
+/// chunks held in socket queues free up without any return.
+const EXHAUSTION_RETRY: Duration = Duration::from_millis(5);
+
+/// Entry point of the driver thread.
+pub(super) fn run(config: Validated, shared: Arc<DriverShared>, ready: mpsc::Sender<Result<()>>) {
+    let instance = match instance::register(&config) {
+        Ok(instance) => instance,
+        Err(e) => {
+            shared.state.store(FAILED, Ordering::Release);
+            *lock(&shared.failure) = Some(e.to_string());
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut driver = match Driver::new(instance, &config, Arc::clone(&shared)) {
+        Ok(driver) => driver,
+        Err(e) => {
+            shared.state.store(FAILED, Ordering::Release);
+            *lock(&shared.failure) = Some(e.to_string());
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let outcome = catch_unwind(AssertUnwindSafe(|| driver.run()));
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e}")),
+        Err(panic) => Some(
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into()),
+        ),
+    };
+    let final_state = match &failure {
+        Some(reason) => {
+            *lock(&shared.failure) = Some(reason.clone());
+            FAILED
+        }
+        None => STOPPING,
+    };
+    driver.end_all_streams(failure.as_deref());
+    // Fail commands that raced with the end, and free whatever they carried.
+    for command in shared.close_queue(final_state) {
+        match command {
+            Command::Attach { shared: stream, .. } => stream.finish(StreamEnd::Error(
+                io::ErrorKind::BrokenPipe,
+                "the tokio-zcrx runtime has stopped".into(),
+            )),
+            Command::Shutdown(Some(waiter)) => driver.shutdown_waiters.push(waiter),
+            _ => {}
+        }
+    }
+    let waiters = std::mem::take(&mut driver.shutdown_waiters);
+    // Closing the ring destroys the kernel's zcrx instance; the area stays mapped while
+    // buffers refer to it.
+    drop(driver);
+    for waiter in waiters {
+        let _ = waiter.send(());
+    }
+}
+
+/// Where a stream's receive request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// None running (limited stream between requests, or not started).
+    Idle,
+    /// Running; `bytes` received by this request so far.
+    Running { bytes: u64 },
+    /// Cancel submitted, waiting for the final CQE.
+    Cancelling,
+    /// Ended with ENOMEM; resubmit once buffers come back.
+    WaitingForBuffers,
+    /// Ended with ENOSPC; resubmit after the CQ is drained.
+    ResubmitAfterCq,
+}
+
+struct StreamEntry {
+    id: StreamId,
+    /// Keeps the socket open while the kernel may use it.
+    socket: tokio::net::tcp::OwnedReadHalf,
+    shared: Arc<StreamShared>,
+    limit: Option<u32>,
+    request: Request,
+    /// The reader is gone: remove the entry once no request runs.
+    closed: bool,
+    /// The stream has been told it ended.
+    finished: bool,
+    /// Buffers of the current reap, delivered in one lock.
+    pending: Vec<ZcBuf>,
+}
+
+impl StreamEntry {
+    fn fd(&self) -> RawFd {
+        self.socket.as_ref().as_raw_fd()
+    }
+}
+
+struct Driver {
+    ring: Ring,
+    area: Arc<Area>,
+    layout: AreaLayout,
+    shared: Arc<DriverShared>,
+    zcrx_id: u32,
+    nodev: bool,
+    events_enabled: bool,
+    events: EventRearm,
+    streams: Vec<Option<StreamEntry>>,
+    /// Slots with buffers in `pending` this reap.
+    touched: Vec<u32>,
+    /// Raw completions copied out of the CQ.
+    reaped: Vec<RawCompletion>,
+    /// `refill.stats().pushed` when a stream last ran out of area, and when.
+    returns_at_exhaustion: u64,
+    exhausted_at: Option<Instant>,
+    waiting_for_buffers: usize,
+    stopping: Option<Instant>,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+    eventfd_armed: bool,
+}
+
+impl Driver {
+    fn new(instance: Instance, config: &Validated, shared: Arc<DriverShared>) -> Result<Driver> {
+        let Instance {
+            ring,
+            area,
+            region,
+            layout: shared_layout,
+            zcrx_id,
+            nodev,
+            description,
+        } = instance;
+        let stats_enabled = shared_layout.stats_offset.is_some();
+        let area = Area::new(area, region, &shared_layout, Arc::clone(&shared)).map_err(|e| {
+            Error::new(ErrorKind::Kernel, "the kernel's refill ring is unusable").with_source(e)
+        })?;
+        let layout = AreaLayout::new(area.len() as u64, area.chunk_size, shared_layout.area_token)
+            .map_err(|e| Error::new(ErrorKind::Kernel, format!("unusable area layout: {e}")))?;
+        let area = Arc::new(area);
+        *lock(&shared.area) = Some(Arc::clone(&area));
+        *lock(&shared.description) = description;
+        let mut driver = Driver {
+            ring,
+            area,
+            layout,
+            shared,
+            zcrx_id,
+            nodev,
+            events_enabled: stats_enabled,
+            events: EventRearm::new(config.event_rearm_interval),
+            streams: Vec::new(),
+            touched: Vec::new(),
+            reaped: Vec::with_capacity(config.cq_entries as usize),
+            returns_at_exhaustion: 0,
+            exhausted_at: None,
+            waiting_for_buffers: 0,
+            stopping: None,
+            shutdown_waiters: Vec::new(),
+            eventfd_armed: false,
+        };
+        driver.arm_eventfd().map_err(|e| {
+            Error::new(ErrorKind::Kernel, "cannot poll the driver's eventfd").with_source(e)
+        })?;
+        Ok(driver)
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        loop {
+            self.take_commands()?;
+            if let Some(since) = self.stopping {
+                if self.live_requests() == 0 || since.elapsed() > SHUTDOWN_GRACE {
+                    return Ok(());
+                }
+            }
+            self.return_buffers()?;
+            self.resume_waiting_streams()?;
+            self.rearm_events();
+            self.submit_and_wait()?;
+            self.reap()?;
+        }
+    }
+
+    fn live_requests(&self) -> usize {
+        self.streams
+            .iter()
+            .flatten()
+            .filter(|s| matches!(s.request, Request::Running { .. } | Request::Cancelling))
+            .count()
+    }
+
+    fn push_sqe(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every SQE the driver builds refers to fds it keeps open until the
+            // request's final CQE (stream sockets, the eventfd) and to no user memory.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_eventfd(&mut self) -> io::Result<()> {
+        let user_data = UserData::new(UserDataKind::Wake, WAKE_EVENTFD)
+            .expect("small payload")
+            .as_u64();
+        let sqe = opcode::PollAdd::new(
+            types::Fd(self.shared.eventfd.as_raw_fd()),
+            libc::POLLIN as u32,
+        )
+        .multi(true)
+        .build()
+        .user_data(user_data);
+        self.push_sqe(&sqe)?;
+        self.eventfd_armed = true;
+        Ok(())
+    }
+
+    fn submit_recv(&mut self, slot: u32) -> io::Result<()> {
+        let Some(entry) = self.streams.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        entry.request = Request::Running { bytes: 0 };
+        let sqe = opcode::RecvZc::new(types::Fd(entry.fd()), entry.limit.unwrap_or(0))
+            .ifq(self.zcrx_id)
+            .build()
+            .user_data(UserData::recv(entry.id).as_u64());
+        self.push_sqe(&sqe)
+    }
+
+    fn take_commands(&mut self) -> io::Result<()> {
+        let commands = std::mem::take(&mut *lock(&self.shared.commands));
+        for command in commands {
+            match command {
+                Command::Attach {
+                    key,
+                    socket,
+                    shared,
+                    options,
+                } => self.attach(key, socket, shared, options)?,
+                Command::ReadMore(key) => {
+                    let slot = key.slot();
+                    let idle = self
+                        .entry(key)
+                        .is_some_and(|e| e.request == Request::Idle && !e.finished);
+                    if idle && self.stopping.is_none() {
+                        self.submit_recv(slot)?;
+                    }
+                }
+                Command::Close(key) => self.close(key)?,
+                #[cfg(feature = "fault-injection")]
+                Command::InjectPanic => panic!("injected driver panic (fault-injection)"),
+                Command::Shutdown(waiter) => {
+                    if let Some(waiter) = waiter {
+                        self.shutdown_waiters.push(waiter);
+                    }
+                    if self.stopping.is_none() {
+                        self.begin_shutdown()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(&self, key: StreamId) -> Option<&StreamEntry> {
+        self.streams
+            .get(key.slot() as usize)
+            .and_then(Option::as_ref)
+            .filter(|e| e.id == key)
+    }
+
+    fn attach(
+        &mut self,
+        key: StreamId,
+        socket: tokio::net::tcp::OwnedReadHalf,
+        shared: Arc<StreamShared>,
+        options: StreamOptions,
+    ) -> io::Result<()> {
+        if self.stopping.is_some() {
+            shared.finish(StreamEnd::Error(
+                io::ErrorKind::BrokenPipe,
+                "the tokio-zcrx runtime is shutting down".into(),
+            ));
+            lock(&self.shared.slots).release(key);
+            return Ok(());
+        }
+        let slot = key.slot() as usize;
+        if self.streams.len() <= slot {
+            self.streams.resize_with(slot + 1, || None);
+        }
+        self.streams[slot] = Some(StreamEntry {
+            id: key,
+            socket,
+            shared,
+            limit: options.read_limit,
+            request: Request::Idle,
+            closed: false,
+            finished: false,
+            pending: Vec::new(),
+        });
+        if options.read_limit.is_none() {
+            self.submit_recv(key.slot())?;
+        }
+        // A limited stream starts when its reader first asks (ReadMore).
+        Ok(())
+    }
+
+    fn close(&mut self, key: StreamId) -> io::Result<()> {
+        let slot = key.slot() as usize;
+        let Some(entry) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        if entry.id != key {
+            return Ok(());
+        }
+        entry.closed = true;
+        self.cancel_or_remove(slot)
+    }
+
+    /// Cancels a running request (the entry goes when its final CQE arrives) or removes an
+    /// entry that has none.
+    fn cancel_or_remove(&mut self, slot: usize) -> io::Result<()> {
+        let Some(entry) = self.streams[slot].as_mut() else {
+            return Ok(());
+        };
+        match entry.request {
+            Request::Running { .. } => {
+                entry.request = Request::Cancelling;
+                let target = UserData::recv(entry.id).as_u64();
+                let sqe = opcode::AsyncCancel::new(target)
+                    .build()
+                    .user_data(UserData::cancel(entry.id).as_u64());
+                self.push_sqe(&sqe)
+            }
+            Request::Cancelling => Ok(()),
+            Request::Idle | Request::WaitingForBuffers | Request::ResubmitAfterCq => {
+                if entry.request == Request::WaitingForBuffers {
+                    self.waiting_for_buffers -= 1;
+                }
+                self.remove(slot);
+                Ok(())
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(entry) = self.streams[slot].take() {
+            if !entry.finished {
+                entry.shared.finish(StreamEnd::Error(
+                    io::ErrorKind::BrokenPipe,
+                    "the tokio-zcrx runtime has stopped".into(),
+                ));
+            }
+            lock(&self.shared.slots).release(entry.id);
+        }
+    }
+
+    fn begin_shutdown(&mut self) -> io::Result<()> {
+        self.stopping = Some(Instant::now());
+        self.shared.state.store(STOPPING, Ordering::Release);
+        for slot in 0..self.streams.len() {
+            if let Some(entry) = self.streams[slot].as_mut() {
+                if !entry.finished {
+                    entry.finished = true;
+                    entry.shared.finish(StreamEnd::Error(
+                        io::ErrorKind::BrokenPipe,
+                        "the tokio-zcrx runtime was shut down".into(),
+                    ));
+                }
+                self.cancel_or_remove(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every stream still open (driver exit). `failure` names the reason if it failed.
+    fn end_all_streams(&mut self, failure: Option<&str>) {
+        for entry in self.streams.iter_mut().flatten() {
+            if !entry.finished {
+                entry.finished = true;
+                let message = match failure {
+                    Some(reason) => format!("the tokio-zcrx driver thread failed: {reason}"),
+                    None => "the tokio-zcrx runtime was shut down".into(),
+                };
+                entry
+                    .shared
+                    .finish(StreamEnd::Error(io::ErrorKind::BrokenPipe, message));
+            }
+        }
+    }
+
+    /// Moves returns that found the refill ring full into it, and makes the kernel take them
+    /// where it would not by itself: in NODEV mode it consumes the ring only on FLUSH_RQ, and
+    /// on a NIC queue only when the page pool refills, so a receive that ran out of area on
+    /// the copy path (loopback or other-queue traffic) would wait forever without a flush.
+    fn return_buffers(&mut self) -> io::Result<()> {
+        self.area.refill.flush_overflow();
+        let flush_needed = self.nodev || self.waiting_for_buffers > 0;
+        if flush_needed && self.area.refill.take_unflushed() > 0 {
+            zcrx_flush_rq(self.ring.as_fd(), self.zcrx_id)?;
+        }
+        Ok(())
+    }
+
+    /// Resubmits streams that ran out of area once buffers have come back.
+    fn resume_waiting_streams(&mut self) -> io::Result<()> {
+        if self.waiting_for_buffers == 0 {
+            return Ok(());
+        }
+        let returned = self.area.refill.stats().pushed;
+        let retry_due = self
+            .exhausted_at
+            .is_some_and(|at| at.elapsed() >= EXHAUSTION_RETRY);
+        if returned == self.returns_at_exhaustion && !retry_due {
+            // Nothing came back yet: let drops (or the retry timer) wake us.
+            self.area
+                .driver_waits_for_buffers
+                .store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.area
+            .driver_waits_for_buffers
+            .store(false, Ordering::Relaxed);
+        self.returns_at_exhaustion = returned;
+        self.exhausted_at = None;
+        for slot in 0..self.streams.len() as u32 {
+            let waiting = self.streams[slot as usize]
+                .as_ref()
+                .is_some_and(|e| e.request == Request::WaitingForBuffers);
+            if waiting {
+                self.waiting_for_buffers -= 1;
+                self.area
+                    .counters
+                    .resubmits_area_exhausted
+                    .fetch_add(1, Ordering::Relaxed);
+                self.submit_recv(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rearm_events(&mut self) {
+        if !self.events_enabled {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<KernelEvent> = self.events.due_rearms(now).collect();
+        for kind in due {
+            match zcrx_arm_event(self.ring.as_fd(), self.zcrx_id, kind.type_index()) {
+                Ok(()) => {
+                    self.events.mark_rearmed(kind);
+                }
+                Err(_) => {
+                    self.events.rearm_failed(kind, now);
+                }
+            }
+        }
+    }
+
+    fn submit_and_wait(&mut self) -> io::Result<()> {
+        // Announce sleep before the last look at the command queue: a handle that queues a
+        // command after this point sees `sleeping` and writes the eventfd (SeqCst on both).
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let has_commands = !lock(&self.shared.commands).is_empty();
+        let must_not_block = has_commands || self.area.refill.has_overflow();
+        let result = if must_not_block {
+            self.ring.submit().map(drop)
+        } else {
+            let deadline = [
+                self.events.next_deadline(),
+                self.stopping.map(|since| since + SHUTDOWN_GRACE),
+                self.exhausted_at.map(|at| at + EXHAUSTION_RETRY),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            match deadline {
+                Some(deadline) => {
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    let ts = types::Timespec::new()
+                        .sec(wait.as_secs())
+                        .nsec(wait.subsec_nanos());
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    match self.ring.submitter().submit_with_args(1, &args) {
+                        Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+                        other => other.map(drop),
+                    }
+                }
+                None => self.ring.submit_and_wait(1).map(drop),
+            }
+        };
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn reap(&mut self) -> io::Result<()> {
+        self.reaped.clear();
+        for cqe in self.ring.completion() {
+            self.reaped.push(RawCompletion {
+                user_data: cqe.user_data(),
+                res: cqe.result(),
+                flags: cqe.flags(),
+                big_cqe: *cqe.big_cqe(),
+            });
+        }
+        let mut cq_overflowed = false;
+        let reaped = std::mem::take(&mut self.reaped);
+        for raw in &reaped {
+            let streams = &self.streams;
+            let generation = |slot: u32| {
+                streams
+                    .get(slot as usize)
+                    .and_then(Option::as_ref)
+                    .map(|e| e.id.generation())
+            };
+            match decode(raw, &self.layout, &generation) {
+                Ok(Completion::Data {
+                    stream,
+                    area_offset,
+                    len,
+                    chunk,
+                    ..
+                }) => self.on_data(stream, area_offset, len, chunk),
+                Ok(Completion::End { stream, result }) => {
+                    cq_overflowed |= self.on_end(stream, result)?;
+                }
+                Ok(Completion::Event { kind }) => self.on_kernel_event(kind),
+                Ok(Completion::Wake { .. }) => self.on_wake(raw)?,
+                Ok(Completion::CancelDone { .. }) | Ok(Completion::Internal { .. }) => {}
+                Err(invalid) => {
+                    // Give back the reference the kernel took, without reading the data, and
+                    // end the stream it names: the data stream would have a hole.
+                    if let Some(rqe) = invalid.owed_refill() {
+                        let _ = self.area.refill.push(rqe);
+                    }
+                    if let Some(stream) = invalid.stream() {
+                        if let Some(entry) = self
+                            .streams
+                            .get_mut(stream.slot() as usize)
+                            .and_then(Option::as_mut)
+                        {
+                            if entry.id == stream && !entry.finished {
+                                entry.finished = true;
+                                entry.shared.finish(StreamEnd::Error(
+                                    io::ErrorKind::InvalidData,
+                                    format!("tokio-zcrx: {invalid}"),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.reaped = reaped;
+        self.deliver();
+        if cq_overflowed {
+            self.area
+                .counters
+                .resubmits_cq_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            self.emit(EventKind::CqOverflowRecovered);
+            for slot in 0..self.streams.len() as u32 {
+                let resubmit = self.streams[slot as usize]
+                    .as_ref()
+                    .is_some_and(|e| e.request == Request::ResubmitAfterCq);
+                if resubmit {
+                    self.submit_recv(slot)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_data(&mut self, stream: StreamId, area_offset: u64, len: u32, chunk: u32) {
+        let buf = ZcBuf::new(Arc::clone(&self.area), area_offset, len, chunk);
+        let counters = &self.area.counters;
+        counters.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        counters.chunks.fetch_add(1, Ordering::Relaxed);
+        let entry = self.streams[stream.slot() as usize]
+            .as_mut()
+            .expect("decode checked the slot");
+        if let Request::Running { bytes } = &mut entry.request {
+            *bytes += u64::from(len);
+        }
+        if entry.finished || entry.closed {
+            // Nobody reads it any more: dropping the buffer returns the chunk.
+            return;
+        }
+        if entry.pending.is_empty() {
+            self.touched.push(stream.slot());
+        }
+        entry.pending.push(buf);
+    }
+
+    /// Handles a receive's final CQE. Returns whether it was a CQ overflow.
+    fn on_end(
+        &mut self,
+        stream: StreamId,
+        result: std::result::Result<Eof, zcrx_core::completion::Errno>,
+    ) -> io::Result<bool> {
+        let slot = stream.slot() as usize;
+        // Deliver what came before the end first.
+        self.deliver();
+        let entry = self.streams[slot]
+            .as_mut()
+            .expect("decode checked the slot");
+        let bytes = match entry.request {
+            Request::Running { bytes } => bytes,
+            _ => 0,
+        };
+        let was_cancelling = entry.request == Request::Cancelling;
+        entry.request = Request::Idle;
+        if entry.closed || was_cancelling {
+            self.remove(slot);
+            return Ok(false);
+        }
+        match result {
+            Ok(Eof) => {
+                if entry.limit.is_some_and(|limit| bytes >= u64::from(limit)) {
+                    entry.shared.request_done();
+                } else {
+                    entry.finished = true;
+                    entry.shared.finish(StreamEnd::Eof);
+                }
+                Ok(false)
+            }
+            Err(errno) => match errno.recv_action() {
+                RecvErrorAction::ResubmitAfterCqDrained => {
+                    entry.request = Request::ResubmitAfterCq;
+                    Ok(true)
+                }
+                RecvErrorAction::ResubmitAfterRefill => {
+                    entry.request = Request::WaitingForBuffers;
+                    if self.waiting_for_buffers == 0 {
+                        self.returns_at_exhaustion = self.area.refill.stats().pushed;
+                        self.exhausted_at = Some(Instant::now());
+                    }
+                    self.waiting_for_buffers += 1;
+                    self.emit(EventKind::AreaExhausted);
+                    Ok(false)
+                }
+                RecvErrorAction::ResubmitNow => {
+                    self.submit_recv(slot as u32)?;
+                    Ok(false)
+                }
+                RecvErrorAction::Cancelled | RecvErrorAction::Fatal => {
+                    let error = io::Error::from(errno);
+                    entry.finished = true;
+                    entry
+                        .shared
+                        .finish(StreamEnd::Error(error.kind(), error.to_string()));
+                    Ok(false)
+                }
+            },
+        }
+    }
+
+    fn on_kernel_event(&mut self, kind: KernelEvent) {
+        self.area
+            .counters
+            .kernel_events
+            .fetch_add(1, Ordering::Relaxed);
+        self.events.on_event(kind, Instant::now());
+        match kind {
+            KernelEvent::Copy => self.emit(EventKind::CopyFallback),
+            KernelEvent::AllocFail => self.emit(EventKind::AllocationFailure),
+            KernelEvent::Unknown(_) => {}
+        }
+    }
+
+    fn on_wake(&mut self, raw: &RawCompletion) -> io::Result<()> {
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd; EAGAIN (already
+        // drained) is fine.
+        unsafe {
+            libc::read(
+                self.shared.eventfd.as_raw_fd(),
+                (&mut counter as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+        if raw.flags & zcrx_sys::ring::IORING_CQE_F_MORE == 0 {
+            // The multishot poll ended (e.g. on CQ overflow): poll again.
+            self.eventfd_armed = false;
+            self.arm_eventfd()?;
+        }
+        Ok(())
+    }
+
+    fn emit(&self, kind: EventKind) {
+        // No subscriber is fine: events are wake-ups, the statistics are the record.
+        let _ = self.shared.events.send(Event {
+            kind,
+            stats: self.area.stats(),
+        });
+    }
+
+    /// Hands each touched stream its buffers of this reap, one lock and one wake each.
+    fn deliver(&mut self) {
+        for slot in self.touched.drain(..) {
+            if let Some(entry) = self.streams[slot as usize].as_mut() {
+                if !entry.pending.is_empty() {
+                    entry.shared.deliver(&mut entry.pending);
+                }
+            }
+        }
+    }
+}

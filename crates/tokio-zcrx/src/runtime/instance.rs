@@ -1,0 +1,380 @@
+//! Setting up the ring and registering the zcrx interface queue, with feature detection and
+//! errors that say what to do. Runs on the driver thread: with SINGLE_ISSUER the ring belongs
+//! to the thread that created it.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::AsFd;
+
+use io_uring::{cqueue, squeue, IoUring};
+use zcrx_sys::event::{
+    zcrx_event_desc, ZCRX_EVENT_ALLOC_FAIL, ZCRX_EVENT_COPY, ZCRX_EVENT_DESC_FLAG_STATS,
+};
+use zcrx_sys::query::query_zcrx;
+use zcrx_sys::region::{io_uring_region_desc, IORING_MEM_REGION_TYPE_USER};
+use zcrx_sys::ring::IORING_OP_RECV_ZC;
+use zcrx_sys::zcrx::{
+    io_uring_zcrx_area_reg, io_uring_zcrx_ifq_reg, register_zcrx_ifq, ZCRX_FEATURE_EVENT,
+    ZCRX_FEATURE_RX_PAGE_SIZE, ZCRX_REG_NODEV,
+};
+
+use zcrx_core::user_data::UserData;
+
+use crate::config::{EventsPolicy, Target, Validated};
+use crate::error::{Error, ErrorKind, Result};
+use crate::mem::{page_size, Mapping};
+use crate::probe::{self, ProbeOptions, Verdict};
+
+/// The ring type zcrx needs: 32-byte CQEs carry the receive offset.
+pub(crate) type Ring = IoUring<squeue::Entry, cqueue::Entry32>;
+
+/// SQ size: the driver submits one request per stream start and a few control entries. The
+/// kernel wants the CQ at least as large, so small CQs get a smaller SQ.
+const SQ_ENTRIES: u32 = 256;
+
+/// What the kernel can do, detected before registering.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KernelFeatures {
+    pub(crate) nodev: bool,
+    pub(crate) events: bool,
+    pub(crate) rx_buf_len: bool,
+}
+
+/// A registered queue: the ring, and the memory the kernel shares with us.
+pub(crate) struct Instance {
+    pub(crate) ring: Ring,
+    pub(crate) area: Mapping,
+    pub(crate) region: Mapping,
+    pub(crate) layout: SharedLayout,
+    pub(crate) zcrx_id: u32,
+    pub(crate) nodev: bool,
+    pub(crate) description: String,
+}
+
+/// Where things are in the area and the refill region, as the kernel reported.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SharedLayout {
+    pub(crate) area_token: u64,
+    pub(crate) chunk_size: u32,
+    pub(crate) rq_entries: u32,
+    pub(crate) rq_head_offset: usize,
+    pub(crate) rq_tail_offset: usize,
+    pub(crate) rqes_offset: usize,
+    /// Offset of the kernel's `zcrx_stats` in the region, when events are on.
+    pub(crate) stats_offset: Option<usize>,
+}
+
+fn detect_features() -> KernelFeatures {
+    match query_zcrx() {
+        Ok(q) => KernelFeatures {
+            nodev: q.register_flags & u64::from(ZCRX_REG_NODEV) != 0,
+            events: q.features & ZCRX_FEATURE_EVENT != 0 && q.nr_ctrl_opcodes >= 3,
+            rx_buf_len: q.features & ZCRX_FEATURE_RX_PAGE_SIZE != 0,
+        },
+        // Before 6.19 there is no zcrx query, and none of these features either.
+        Err(_) => KernelFeatures::default(),
+    }
+}
+
+fn release() -> String {
+    // SAFETY: utsname is plain old data; all-zero is valid.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname for the duration of the call.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: the kernel NUL-terminates `release` within the array.
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn too_old(feature: &str, needs: &str) -> Error {
+    Error::new(
+        ErrorKind::KernelTooOld,
+        format!(
+            "{feature} needs Linux {needs} or later; this kernel is {}. Run \
+             `cargo run --example probe` to see what it supports",
+            release()
+        ),
+    )
+}
+
+/// Creates the ring and registers the queue described by `config`.
+pub(crate) fn register(config: &Validated) -> Result<Instance> {
+    let ring = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .setup_submit_all()
+        .setup_cqsize(config.cq_entries)
+        .build(SQ_ENTRIES.min(config.cq_entries))
+        .map_err(|e| {
+            let errno = probe::Errno::from_io_error(&e);
+            let why = if errno.code() == libc::EINVAL {
+                // A plain ring works on every kernel with io_uring; what can be refused is
+                // one of the flags zcrx needs.
+                format!(
+                    "the kernel refused a ring with SINGLE_ISSUER | DEFER_TASKRUN | CQE32 and a \
+                     {}-entry CQ (zcrx needs Linux 6.15+; this is {})",
+                    config.cq_entries,
+                    release()
+                )
+            } else {
+                probe::explain_io_uring_setup_failure(errno)
+            };
+            Error::new(
+                ErrorKind::IoUringUnavailable,
+                format!("cannot create an io_uring: {why}"),
+            )
+            .with_source(e)
+        })?;
+    let mut op_probe = io_uring::Probe::new();
+    let recv_zc = ring.submitter().register_probe(&mut op_probe).is_ok()
+        && op_probe.is_supported(IORING_OP_RECV_ZC);
+    if !recv_zc {
+        return Err(too_old(
+            "io_uring zero-copy receive (IORING_OP_RECV_ZC)",
+            "6.15",
+        ));
+    }
+    let features = detect_features();
+    let (if_idx, if_rxq, flags, description) = match &config.target {
+        Target::NoDevice => {
+            if !features.nodev {
+                return Err(too_old("the device-less mode (ZCRX_REG_NODEV)", "7.1"));
+            }
+            (0, 0, ZCRX_REG_NODEV, "no device (NODEV mode)".to_string())
+        }
+        Target::Interface { name, queue } => {
+            let index = ifindex(name)?;
+            (index, *queue, 0, format!("{name} rx queue {queue}"))
+        }
+        Target::InterfaceIndex { index, queue } => (
+            *index,
+            *queue,
+            0,
+            format!("interface #{index} rx queue {queue}"),
+        ),
+    };
+    let events = match config.events {
+        EventsPolicy::Disabled => false,
+        EventsPolicy::IfSupported => features.events,
+        EventsPolicy::Required if !features.events => {
+            return Err(too_old("zcrx events and copy statistics", "7.2"))
+        }
+        EventsPolicy::Required => true,
+    };
+    if config.custom_chunk && !features.rx_buf_len {
+        return Err(too_old(
+            &format!("a chunk size of {} bytes (rx_buf_len)", config.chunk_size),
+            "7.0",
+        ));
+    }
+
+    let page = page_size();
+    let area = Mapping::new(config.area_size, config.custom_chunk).map_err(|e| {
+        let hint = if config.custom_chunk {
+            "chunks larger than a page need a huge-page area: reserve 2 MiB pages with \
+             `echo N > /proc/sys/vm/nr_hugepages` (N = area size / 2 MiB)"
+        } else {
+            "reduce the area size"
+        };
+        Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "cannot map a {} byte receive area: {hint}",
+                config.area_size
+            ),
+        )
+        .with_source(e)
+    })?;
+    // The refill ring header comes first; before the zcrx query (6.19) its size is not
+    // reported, so a whole page covers every kernel. The stats follow the ring, 8-aligned.
+    let ring_bytes = (config.refill_entries as usize * 16 + page).div_ceil(page) * page;
+    let region_len = if events {
+        ring_bytes + page
+    } else {
+        ring_bytes
+    };
+    let region = Mapping::new(region_len, false).map_err(|e| {
+        Error::new(ErrorKind::OutOfMemory, "cannot map the refill ring region").with_source(e)
+    })?;
+
+    let mut area_reg = io_uring_zcrx_area_reg {
+        addr: area.as_ptr() as u64,
+        len: area.len() as u64,
+        ..Default::default()
+    };
+    let mut region_desc = io_uring_region_desc {
+        user_addr: region.as_ptr() as u64,
+        size: region.len() as u64,
+        flags: IORING_MEM_REGION_TYPE_USER,
+        ..Default::default()
+    };
+    let event_desc = zcrx_event_desc {
+        user_data: UserData::EVENT.as_u64(),
+        type_mask: (1 << ZCRX_EVENT_ALLOC_FAIL) | (1 << ZCRX_EVENT_COPY),
+        flags: ZCRX_EVENT_DESC_FLAG_STATS,
+        stats_offset: ring_bytes as u64,
+        ..Default::default()
+    };
+    let mut reg = io_uring_zcrx_ifq_reg {
+        if_idx,
+        if_rxq,
+        rq_entries: config.refill_entries,
+        flags,
+        area_ptr: &mut area_reg as *mut io_uring_zcrx_area_reg as u64,
+        region_ptr: &mut region_desc as *mut io_uring_region_desc as u64,
+        rx_buf_len: if config.custom_chunk {
+            config.chunk_size
+        } else {
+            0
+        },
+        event_desc: if events {
+            &event_desc as *const zcrx_event_desc as u64
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    // SAFETY: `area_reg`, `region_desc` and `event_desc` outlive the call and are not borrowed
+    // elsewhere while the kernel reads and writes them. The area and region are fresh mappings
+    // dedicated to this instance; they are only accessed through raw pointers and atomics,
+    // and the runtime keeps them mapped until the ring is closed and no buffer refers to them.
+    if let Err(e) = unsafe { register_zcrx_ifq(ring.as_fd(), &mut reg) } {
+        return Err(explain_refusal(&config.target, config, e));
+    }
+    let offsets = reg.offsets;
+    let rq_entries = reg.rq_entries;
+    if offsets.rqes as usize + rq_entries as usize * 16 > ring_bytes {
+        return Err(Error::new(
+            ErrorKind::Kernel,
+            format!(
+                "the kernel placed {rq_entries} refill entries at offset {} past the {ring_bytes} \
+                 bytes reserved for them; this kernel's layout is not supported",
+                offsets.rqes
+            ),
+        ));
+    }
+    let chunk_size = if reg.rx_buf_len != 0 {
+        reg.rx_buf_len
+    } else {
+        config.chunk_size
+    };
+    Ok(Instance {
+        ring,
+        area,
+        region,
+        layout: SharedLayout {
+            area_token: area_reg.rq_area_token,
+            chunk_size,
+            rq_entries,
+            rq_head_offset: offsets.head as usize,
+            rq_tail_offset: offsets.tail as usize,
+            rqes_offset: offsets.rqes as usize,
+            stats_offset: events.then_some(ring_bytes),
+        },
+        zcrx_id: reg.zcrx_id,
+        nodev: matches!(config.target, Target::NoDevice),
+        description,
+    })
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let cname = CString::new(name)
+        .map_err(|_| Error::new(ErrorKind::InvalidConfig, format!("{name:?} contains a NUL")))?;
+    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if index == 0 {
+        return Err(Error::new(
+            ErrorKind::InterfaceNotFound,
+            format!(
+                "no network interface named {name} in this network namespace (`ip link` lists \
+                 them)"
+            ),
+        )
+        .with_source(io::Error::last_os_error()));
+    }
+    Ok(index)
+}
+
+/// Turns a refused registration into an error that says what to do. For a NIC queue the
+/// probe looks at the interface (without registering) to tell the causes of EINVAL apart.
+fn explain_refusal(target: &Target, config: &Validated, error: io::Error) -> Error {
+    let errno = error.raw_os_error().unwrap_or(0);
+    if errno == libc::EPERM {
+        return Error::new(
+            ErrorKind::PermissionDenied,
+            "registering a zcrx queue needs CAP_NET_ADMIN: run as root or grant it with \
+             `setcap cap_net_admin+ep PROGRAM`",
+        )
+        .with_source(error);
+    }
+    if errno == libc::ENOMEM {
+        return Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "the kernel could not pin the {} byte area: raise the locked-memory limit \
+                 (`ulimit -l`, LimitMEMLOCK= in systemd; Linux 6.17+ charges the area to it) \
+                 or use a smaller area",
+                config.area_size
+            ),
+        )
+        .with_source(error);
+    }
+    let (interface, queue) = match target {
+        Target::NoDevice => {
+            return Error::new(
+                ErrorKind::Kernel,
+                format!("the kernel refused the device-less (NODEV) registration: {error}"),
+            )
+            .with_source(error)
+        }
+        Target::Interface { name, queue } => (name.clone(), *queue),
+        Target::InterfaceIndex { index, queue } => (interface_name(*index), *queue),
+    };
+    let report = probe::run(&ProbeOptions {
+        interface: Some(interface.clone()),
+        queue: Some(queue),
+        try_register: false,
+    });
+    let diagnosis = report.interfaces.first();
+    let kind = match errno {
+        libc::ENODEV => ErrorKind::InterfaceNotFound,
+        libc::ERANGE => ErrorKind::QueueOutOfRange,
+        libc::EEXIST | libc::EBUSY => ErrorKind::QueueBusy,
+        libc::EOPNOTSUPP => ErrorKind::InterfaceUnsupported,
+        libc::EINVAL => match diagnosis.map(|d| d.verdict) {
+            Some(Verdict::NeedsConfiguration) => ErrorKind::InterfaceNotConfigured,
+            _ => ErrorKind::Kernel,
+        },
+        _ => ErrorKind::Kernel,
+    };
+    let mut message = format!("cannot register {interface} rx queue {queue} for zero-copy receive");
+    match diagnosis {
+        Some(d) => {
+            message.push_str(": ");
+            message.push_str(&d.reason);
+            if let Some(fix) = &d.fix {
+                message.push_str("; fix: ");
+                message.push_str(fix);
+            }
+        }
+        None => message.push_str(&format!(": the kernel answered {error}")),
+    }
+    Error::new(kind, message).with_source(error)
+}
+
+fn interface_name(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return format!("#{index}");
+    }
+    // SAFETY: on success the name is NUL-terminated inside `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,87 @@
+//! The `probe` example, run inside the guest: a zcrx kernel with a capable NIC must be
+//! reported as such (the host test, crates/tokio-zcrx/tests/probe_host.rs, covers 6.18).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Runs the guest's `probe` binary (the examples are on the guest's PATH) with `args`.
+fn probe_json(args: &[&str]) -> Value {
+    let out = Command::new("probe")
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("the probe example is on the guest's PATH (cargo xtask vm-test puts it there)");
+    assert!(out.status.success(), "probe {args:?} failed: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("probe --json prints one JSON document")
+}
+
+fn interface<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("{name} missing from {report:#}"))
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn probe_reports_a_zcrx_kernel_and_a_capable_nic() {
+    let nic = std::env::var("TZX_NIC").expect("TZX_NIC is set in the guest");
+    let report = probe_json(&[]);
+    println!("{report:#}");
+    assert!(report["kernel_release"].as_str().unwrap().starts_with('7'));
+    assert_eq!(report["io_uring"]["usable"], true);
+    assert_eq!(report["recv_zc"]["support"], "supported");
+    assert_eq!(report["zcrx_query"]["status"], "answered");
+    for feature in ["import", "rx_buf_len", "nodev", "events"] {
+        assert_eq!(
+            report["features"][feature]["support"], "supported",
+            "{feature}"
+        );
+    }
+    assert_eq!(report["nodev_trial"]["outcome"], "registered");
+    assert_eq!(report["cap_net_admin"]["effective"], true);
+
+    let lo = interface(&report, "lo");
+    assert_eq!(lo["verdict"], "unsupported");
+    assert_eq!(lo["registration"]["errno"]["name"], "EOPNOTSUPP");
+
+    // By default the probe must not register where it could succeed.
+    let nsim = interface(&report, &nic);
+    assert_eq!(nsim["tcp_data_split"], "on");
+    assert_eq!(nsim["verdict"], "preconditions_met", "{nsim:#}");
+    assert_eq!(nsim["registration"]["outcome"], "not_attempted");
+
+    let confirmed = probe_json(&["--interface", &nic, "--queue", "0", "--try-register"]);
+    let nsim = interface(&confirmed, &nic);
+    assert_eq!(nsim["registration"]["outcome"], "registered", "{nsim:#}");
+    assert_eq!(nsim["verdict"], "ready");
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn probe_explains_tcp_data_split_off() {
+    let nic = std::env::var("TZX_NIC").expect("TZX_NIC is set in the guest");
+    let set = |state: &str| {
+        let ok = Command::new("ethtool")
+            .args(["-G", &nic, "tcp-data-split", state])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ethtool -G {nic} tcp-data-split {state}");
+    };
+    set("off");
+    let report = probe_json(&["--interface", &nic, "--queue", "0"]);
+    set("on");
+    let nsim = interface(&report, &nic);
+    assert_eq!(nsim["tcp_data_split"], "off", "{nsim:#}");
+    assert_eq!(nsim["verdict"], "needs_configuration", "{nsim:#}");
+    assert_eq!(nsim["registration"]["errno"]["name"], "EINVAL", "{nsim:#}");
+    let fix = nsim["fix"].as_str().unwrap();
+    assert!(
+        fix.contains(&format!("ethtool -G {nic} tcp-data-split on")),
+        "{fix}"
+    );
+}

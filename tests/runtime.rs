@@ -1,0 +1,460 @@
+//! Real-kernel tests of the tokio-zcrx runtime through its public API, in the QEMU guest.
+//!
+//! Each test builds its own runtime and shuts it down before the next one registers the
+//! same queue. Payloads follow `pattern_byte`, so every byte's position is checked.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_zcrx::{EventKind, EventsPolicy, Mode, StreamOptions, ZcBuf, ZcStream, Zcrx};
+use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Builds a runtime, retrying briefly while the previous test's instance is still being torn
+/// down by the kernel (ring teardown is asynchronous).
+fn build(builder: tokio_zcrx::Builder) -> Zcrx {
+    let mut last = None;
+    for _ in 0..50 {
+        match builder.clone().build() {
+            Ok(zcrx) => return zcrx,
+            Err(e) if e.kind() == tokio_zcrx::ErrorKind::QueueBusy => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("building the runtime: {e}"),
+        }
+    }
+    panic!("queue still busy: {last:?}")
+}
+
+fn nic(net: &GuestNet) -> tokio_zcrx::Builder {
+    Zcrx::builder()
+        .mode(Mode::Nic)
+        .interface(&net.nic, 0)
+        .events(EventsPolicy::Required)
+}
+
+fn nodev() -> tokio_zcrx::Builder {
+    Zcrx::builder().no_device().events(EventsPolicy::Required)
+}
+
+/// Accepts one connection on `listener` and returns its stream.
+async fn accept(zcrx: &Zcrx, listener: &TcpListener) -> ZcStream {
+    let (socket, _) = listener.accept().await.unwrap();
+    let (stream, _writer) = zcrx.attach(socket).unwrap();
+    stream
+}
+
+/// Reads a stream to its end, checking every byte; returns the byte count.
+async fn read_verified(mut stream: ZcStream) -> u64 {
+    let mut position = 0u64;
+    while let Some(buf) = stream.next().await {
+        let buf = buf.expect("stream error");
+        if let Some(i) = first_mismatch(position, &buf) {
+            panic!("byte {} of the stream is wrong", position + i as u64);
+        }
+        position += buf.len() as u64;
+    }
+    position
+}
+
+async fn listen(ip: &str) -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn zero_copy_256mib_over_netdevsim() {
+    const TOTAL: u64 = 256 << 20;
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(16 << 20));
+        let (listener, addr) = listen(&net.nic_addr).await;
+        let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
+        let stream = accept(&zcrx, &listener).await;
+        assert_eq!(read_verified(stream).await, TOTAL);
+        assert_eq!(sender.join().unwrap(), TOTAL);
+        let stats = zcrx.stats();
+        println!("{stats}");
+        assert_eq!(stats.copy_bytes, Some(0), "zero copy expected: {stats}");
+        assert_eq!(stats.copy_count, Some(0));
+        assert_eq!(stats.bytes, TOTAL);
+        assert_eq!(stats.buffers_outstanding, 0);
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn reads_with_a_byte_limit_complete_the_payload() {
+    const TOTAL: u64 = 8 << 20;
+    const LIMIT: u32 = 100_000;
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(4 << 20));
+        let (listener, addr) = listen(&net.nic_addr).await;
+        let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
+        let (socket, _) = listener.accept().await.unwrap();
+        let options = StreamOptions {
+            read_limit: Some(LIMIT),
+        };
+        let (stream, _writer) = zcrx.attach_with(socket, options).unwrap();
+        assert_eq!(read_verified(stream).await, TOTAL);
+        sender.join().unwrap();
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn nodev_copies_and_reports_it() {
+    const TOTAL: u64 = 32 << 20;
+    runtime().block_on(async {
+        let zcrx = build(
+            nodev()
+                .area_size(8 << 20)
+                .event_rearm_interval(Duration::ZERO),
+        );
+        let mut events = zcrx.subscribe();
+        let (listener, addr) = listen("127.0.0.1").await;
+        let sender = spawn_sender(addr, TOTAL, None);
+        let stream = accept(&zcrx, &listener).await;
+        assert_eq!(read_verified(stream).await, TOTAL);
+        sender.join().unwrap();
+        let stats = zcrx.stats();
+        assert_eq!(stats.copy_bytes, Some(TOTAL), "{stats}");
+        assert!(stats.copy_count.unwrap() > 0);
+        let event = events.try_recv().expect("a copy fallback event");
+        assert_eq!(event.kind, EventKind::CopyFallback);
+        // Re-armed at once (interval zero): more than one event for 32 MiB.
+        assert!(events.try_recv().is_ok(), "the event was not re-armed");
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn nic_queue_copies_loopback_traffic_and_reports_it() {
+    const TOTAL: u64 = 4 << 20;
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(4 << 20));
+        let mut events = zcrx.subscribe();
+        let (listener, addr) = listen("127.0.0.1").await;
+        let sender = spawn_sender(addr, TOTAL, None);
+        let stream = accept(&zcrx, &listener).await;
+        assert_eq!(read_verified(stream).await, TOTAL);
+        sender.join().unwrap();
+        let stats = zcrx.stats();
+        assert!(stats.copy_bytes.unwrap() > 0, "{stats}");
+        assert!(stats.copy_count.unwrap() > 0, "{stats}");
+        assert_eq!(
+            events.try_recv().expect("a copy fallback event").kind,
+            EventKind::CopyFallback
+        );
+        zcrx.shutdown().await;
+    });
+}
+
+async fn read_verified_from(mut stream: ZcStream, mut position: u64) -> u64 {
+    while let Some(buf) = stream.next().await {
+        let buf = buf.expect("stream error");
+        if let Some(i) = first_mismatch(position, &buf) {
+            panic!("byte {} of the stream is wrong", position + i as u64);
+        }
+        position += buf.len() as u64;
+    }
+    position
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn nodev_area_exhaustion_recovers_without_loss() {
+    const TOTAL: u64 = 4 << 20;
+    runtime().block_on(async {
+        // 64 chunks: the sender fills them long before it is done.
+        let zcrx = build(nodev().area_size(256 << 10));
+        let mut events = zcrx.subscribe();
+        let (listener, addr) = listen("127.0.0.1").await;
+        let sender = spawn_sender(addr, TOTAL, None);
+        let mut stream = accept(&zcrx, &listener).await;
+        let mut held = Vec::new();
+        let mut position = 0u64;
+        // Withhold buffers until the runtime reports the area exhausted.
+        loop {
+            tokio::select! {
+                buf = stream.next() => {
+                    let buf = buf.expect("stream ended early").unwrap();
+                    assert_eq!(first_mismatch(position, &buf), None);
+                    position += buf.len() as u64;
+                    held.push(buf);
+                }
+                event = events.recv() => {
+                    if event.unwrap().kind == EventKind::AreaExhausted {
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(zcrx.stats().buffers_outstanding > 0);
+        drop(held);
+        let total = read_verified_from(stream, position).await;
+        assert_eq!(total, TOTAL);
+        sender.join().unwrap();
+        let stats = zcrx.stats();
+        assert!(stats.resubmits_area_exhausted >= 1, "{stats}");
+        assert_eq!(stats.buffers_outstanding, 0);
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn nic_allocation_failure_is_reported_and_recovers() {
+    const TOTAL: u64 = 8 << 20;
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(512 << 10).refill_entries(128));
+        let mut events = zcrx.subscribe();
+        let (listener, addr) = listen(&net.nic_addr).await;
+        let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
+        let mut stream = accept(&zcrx, &listener).await;
+        let mut held = Vec::new();
+        let mut position = 0u64;
+        loop {
+            tokio::select! {
+                buf = stream.next() => {
+                    let buf = buf.expect("stream ended early").unwrap();
+                    assert_eq!(first_mismatch(position, &buf), None);
+                    position += buf.len() as u64;
+                    held.push(buf);
+                }
+                event = events.recv() => {
+                    if event.unwrap().kind == EventKind::AllocationFailure {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(held);
+        assert_eq!(read_verified_from(stream, position).await, TOTAL);
+        sender.join().unwrap();
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn tiny_cq_overflows_and_the_stream_completes() {
+    const TOTAL: u64 = 16 << 20;
+    runtime().block_on(async {
+        let zcrx = build(nodev().area_size(16 << 20).cq_entries(64));
+        let (listener, addr) = listen("127.0.0.1").await;
+        let sender = spawn_sender(addr, TOTAL, None);
+        let stream = accept(&zcrx, &listener).await;
+        assert_eq!(read_verified(stream).await, TOTAL);
+        sender.join().unwrap();
+        let stats = zcrx.stats();
+        println!("{stats}");
+        assert!(
+            stats.resubmits_cq_overflow >= 1,
+            "the CQ never overflowed: {stats}"
+        );
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn many_streams_with_buffers_dropped_elsewhere_and_one_reset() {
+    const STREAMS: usize = 64;
+    const EACH: u64 = 1 << 20;
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(16 << 20));
+        let (listener, addr) = listen(&net.nic_addr).await;
+        let mut senders = Vec::new();
+        for _ in 0..STREAMS {
+            senders.push(spawn_sender(addr, EACH, Some(net.peer_netns.clone())));
+        }
+        // One more connection that the peer resets mid-stream.
+        let peer_netns = net.peer_netns.clone();
+        let resetter = std::thread::spawn(move || {
+            tokio_zcrx_kernel_tests::enter_netns(&peer_netns);
+            let socket = std::net::TcpStream::connect(addr).unwrap();
+            // 0xFF marks this stream: every pattern stream starts with pattern_byte(0) == 0.
+            std::io::Write::write_all(&mut &socket, &[0xFF; 65536]).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            // SO_LINGER 0 turns close into a reset.
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on a live socket with a correctly sized linger struct.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as u32,
+                );
+            }
+            drop(socket);
+        });
+        let (drop_tx, mut drop_rx) = tokio::sync::mpsc::unbounded_channel::<ZcBuf>();
+        // Buffers are dropped on another task (and so, often, another thread).
+        let dropper = tokio::spawn(async move { while drop_rx.recv().await.is_some() {} });
+        let verified = Arc::new(AtomicU64::new(0));
+        let mut readers = Vec::new();
+        let mut resets = 0;
+        for _ in 0..=STREAMS {
+            let (socket, _): (TcpStream, _) = listener.accept().await.unwrap();
+            let (mut stream, writer) = zcrx.attach(socket).unwrap();
+            let drop_tx = drop_tx.clone();
+            let verified = Arc::clone(&verified);
+            readers.push(tokio::spawn(async move {
+                let _writer = writer;
+                let mut position = 0u64;
+                let mut from_resetter = false;
+                while let Some(buf) = stream.next().await {
+                    let buf = buf?;
+                    from_resetter |= position == 0 && buf[0] == 0xFF;
+                    if !from_resetter {
+                        assert_eq!(first_mismatch(position, &buf), None);
+                    }
+                    position += buf.len() as u64;
+                    drop_tx.send(buf).unwrap();
+                }
+                verified.fetch_add(position, Ordering::Relaxed);
+                Ok::<u64, std::io::Error>(position)
+            }));
+        }
+        drop(drop_tx);
+        for reader in readers {
+            match reader.await.unwrap() {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                    resets += 1;
+                }
+            }
+        }
+        for sender in senders {
+            assert_eq!(sender.join().unwrap(), EACH);
+        }
+        resetter.join().unwrap();
+        dropper.await.unwrap();
+        assert_eq!(resets, 1, "exactly the reset stream fails");
+        assert!(verified.load(Ordering::Relaxed) >= STREAMS as u64 * EACH);
+        assert_eq!(zcrx.stats().buffers_outstanding, 0);
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn buffers_outlive_stream_and_runtime() {
+    const TOTAL: u64 = 1 << 20;
+    let net = GuestNet::from_env();
+    let held = runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(4 << 20));
+        let (listener, addr) = listen(&net.nic_addr).await;
+        let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
+        let mut stream = accept(&zcrx, &listener).await;
+        let mut held = Vec::new();
+        let mut position = 0;
+        while let Some(buf) = stream.next().await {
+            let buf = buf.unwrap();
+            position += buf.len() as u64;
+            held.push(buf);
+        }
+        assert_eq!(position, TOTAL);
+        sender.join().unwrap();
+        drop(stream);
+        assert_eq!(zcrx.stats().buffers_outstanding, held.len() as u64);
+        zcrx.shutdown().await;
+        held
+    });
+    // The runtime, its driver thread and the kernel's instance are gone; the data is not.
+    let mut position = 0u64;
+    for buf in &held {
+        assert_eq!(first_mismatch(position, buf), None, "held data changed");
+        position += buf.len() as u64;
+    }
+    assert_eq!(position, TOTAL);
+    drop(held);
+    // The queue is free again: a new runtime can register it.
+    let zcrx = build(nic(&net));
+    runtime().block_on(zcrx.shutdown());
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn a_driver_panic_ends_every_stream_with_an_error() {
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(4 << 20));
+        let (listener, addr) = listen(&net.nic_addr).await;
+        // Two connections that stay open (the senders block until the test ends).
+        let peers: Vec<_> = (0..2)
+            .map(|_| {
+                let netns = net.peer_netns.clone();
+                std::thread::spawn(move || {
+                    tokio_zcrx_kernel_tests::enter_netns(&netns);
+                    let socket = std::net::TcpStream::connect(addr).unwrap();
+                    std::io::Write::write_all(&mut &socket, &[0u8; 4096]).unwrap();
+                    std::thread::sleep(Duration::from_secs(3));
+                })
+            })
+            .collect();
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            streams.push(accept(&zcrx, &listener).await);
+        }
+        for stream in &mut streams {
+            let first = stream.next().await.unwrap().unwrap();
+            assert_eq!(first[0], 0);
+        }
+        zcrx.inject_driver_panic();
+        for mut stream in streams {
+            // Whatever was delivered comes first; then an error, never a hang.
+            let end = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match stream.next().await {
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => break e,
+                        None => panic!("the stream ended cleanly after a driver panic"),
+                    }
+                }
+            })
+            .await
+            .expect("the stream hung after the driver panicked");
+            assert_eq!(end.kind(), std::io::ErrorKind::BrokenPipe);
+            assert!(end.to_string().contains("injected driver panic"), "{end}");
+            assert!(stream.next().await.is_none());
+        }
+        // The runtime refuses new work, saying why.
+        let (local, local_addr) = listen("127.0.0.1").await;
+        let client = TcpStream::connect(local_addr).await.unwrap();
+        drop(local);
+        let err = zcrx.attach(client).unwrap_err();
+        assert!(err.to_string().contains("driver thread failed"), "{err}");
+        for peer in peers {
+            peer.join().unwrap();
+        }
+    });
+}
