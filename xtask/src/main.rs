@@ -20,8 +20,8 @@ const HELP: &str = "\
 cargo xtask <command>
 
 Commands:
-  test        The project's whole test command (what CI runs): host tests, clippy,
-              rustfmt check, then the real-kernel tier in a QEMU guest.
+  test        The project's whole test command (what CI runs): host tests, the loom
+              model checks, clippy, rustfmt check, then the real-kernel tier in a QEMU guest.
   vm-test     Only the real-kernel tier: builds the guest (cached under ~/.cache/tokio-zcrx)
               and runs the real-kernel tests inside it.
   vm-run [--include PATH]... -- COMMAND...
@@ -132,6 +132,39 @@ fn test_all(start: Instant) -> Result<ExitCode> {
     counts.failed += f;
     if !ok && f == 0 {
         counts.problems.push("doc tests failed to build".into());
+    }
+
+    step(
+        start,
+        "model check: loom over the refill-ring producer (zcrx-core, --cfg loom)",
+    );
+    let (ok, output) = util::run_streaming(
+        cargo()
+            .args([
+                "test",
+                "-p",
+                "zcrx-core",
+                "--release",
+                "--test",
+                "loom_refill",
+            ])
+            .env("RUSTFLAGS", "--cfg loom")
+            .env(
+                "CARGO_TARGET_DIR",
+                util::workspace_root().join("target/loom"),
+            ),
+        |line| println!("{line}"),
+    )?;
+    let (p, f) = libtest_totals(&output);
+    counts.passed += p;
+    counts.failed += f;
+    if !ok && f == 0 {
+        counts
+            .problems
+            .push("the loom model checks failed to build or crashed".into());
+    }
+    if ok && p == 0 {
+        counts.problems.push("the loom run checked no model".into());
     }
 
     step(start, "lint: cargo clippy -D warnings");

@@ -11,7 +11,9 @@
 //! nothing grows. Every byte counts as copied in the statistics, and copying is announced
 //! with [`EventKind::CopyFallback`] events, so monitoring code needs no special case.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -47,6 +49,10 @@ pub(crate) struct Pool {
     epoch: Instant,
     /// Set by `Zcrx::shutdown`: streams end with an error at their next poll.
     closed: AtomicBool,
+    /// Open copy-mode sockets by stream id, so shutdown can wake every stream (it shuts down
+    /// their read side, which makes them readable). Touched on attach and drop only.
+    sockets: Mutex<HashMap<u64, RawFd>>,
+    next_stream: AtomicU64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -79,11 +85,13 @@ impl Pool {
             event_interval,
             epoch: Instant::now(),
             closed: AtomicBool::new(false),
+            sockets: Mutex::new(HashMap::new()),
+            next_stream: AtomicU64::new(0),
         })
     }
 
     fn lock_free(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
-        self.free.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.free)
     }
 
     /// Takes a free buffer; the caller holds a permit (forgotten), so one is there.
@@ -149,6 +157,7 @@ impl Pool {
 /// One connection read in copy mode.
 #[derive(Debug)]
 pub(crate) struct CopyStream {
+    id: u64,
     socket: OwnedReadHalf,
     pool: Arc<Pool>,
     permits: PollSemaphore,
@@ -158,7 +167,10 @@ pub(crate) struct CopyStream {
 
 impl CopyStream {
     pub(crate) fn new(socket: OwnedReadHalf, pool: Arc<Pool>, read_limit: Option<u32>) -> Self {
+        let id = pool.next_stream.fetch_add(1, Ordering::Relaxed);
+        lock(&pool.sockets).insert(id, socket.as_ref().as_raw_fd());
         CopyStream {
+            id,
             socket,
             permits: PollSemaphore::new(Arc::clone(&pool.permits)),
             pool,
@@ -227,6 +239,18 @@ impl CopyStream {
     }
 }
 
+impl Drop for CopyStream {
+    fn drop(&mut self) {
+        // Under the lock, so shutdown never touches a descriptor that was closed (and maybe
+        // reused) after this point.
+        lock(&self.pool.sockets).remove(&self.id);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The copy-mode runtime: a pool and an event channel, no thread.
 #[derive(Debug)]
 pub(crate) struct CopyRuntime {
@@ -271,7 +295,14 @@ impl CopyRuntime {
         Ok(())
     }
 
+    /// Ends every stream: each sees an error at its next poll, and shutting down the read
+    /// side of its socket makes that poll happen now.
     pub(crate) fn shut_down(&self) {
         self.pool.closed.store(true, Ordering::Relaxed);
+        for &fd in lock(&self.pool.sockets).values() {
+            // SAFETY: the fd belongs to a live CopyStream (entries are removed under this lock
+            // before the socket closes); shutdown(2) does not close or free it.
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        }
     }
 }

@@ -280,3 +280,24 @@ async fn async_read_adapter_and_shutdown() {
     let err = zcrx.attach(socket).unwrap_err();
     assert!(err.to_string().contains("shut down"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_waiting_stream_with_an_error() {
+    let zcrx = copy_runtime(4, 4096);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (socket, _) = listener.accept().await.unwrap();
+    let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+    // The stream waits for data that never comes, until the runtime shuts down.
+    let waiting = tokio::spawn(async move { stream.next().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    zcrx.shutdown().await;
+    let end = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("shutdown did not wake the stream")
+        .unwrap();
+    let err = end.expect("an error, not EOF").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+}

@@ -484,7 +484,11 @@ impl Driver {
         let due: Vec<KernelEvent> = self.events.due_rearms(now).collect();
         for kind in due {
             match zcrx_arm_event(self.ring.as_fd(), self.zcrx_id, kind.type_index()) {
+                // EINVAL: the kernel thinks it is armed already (it never fired for it).
                 Ok(()) => {
+                    self.events.mark_rearmed(kind);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     self.events.mark_rearmed(kind);
                 }
                 Err(_) => {
