@@ -128,7 +128,7 @@ fn cargo_build_for_guest(args: &[&str], binaries: &mut Vec<GuestBinary>) -> Resu
         .args(args)
         .args(["--profile", GUEST_PROFILE, "--target", GUEST_TARGET])
         .args(["--message-format", "json-render-diagnostics"])
-        .env("CARGO_TARGET_DIR", root.join("target/guest"))
+        .env("CARGO_TARGET_DIR", util::cache_root().join("target/guest"))
         .env("RUSTFLAGS", "-C target-feature=+crt-static");
     let (ok, _) = util::run_streaming(&mut cmd, |line| {
         if let Some(binary) = parse_artifact(line) {

@@ -151,7 +151,7 @@ fn test_all(start: Instant) -> Result<ExitCode> {
             .env("RUSTFLAGS", "--cfg loom")
             .env(
                 "CARGO_TARGET_DIR",
-                util::workspace_root().join("target/loom"),
+                util::cache_root().join("target/loom"),
             ),
         |line| println!("{line}"),
     )?;
