@@ -331,6 +331,31 @@ fn parse_line(
     failed_in_binary: &mut usize,
     running_test: &mut Option<String>,
 ) {
+    if let Some(totals) = line.trim().strip_prefix("test result: ") {
+        // libtest's own count must match the per-test lines we read: output of a test's
+        // child process on the console can garble a result line, and a lost result must
+        // not pass unnoticed.
+        let (passed, failed) = crate::libtest_totals(&format!("test result: {totals}"));
+        let prefix = format!("{current_binary}::");
+        let seen_passed = outcome
+            .passed
+            .iter()
+            .filter(|t| t.starts_with(&prefix))
+            .count();
+        let seen_failed = outcome
+            .failed
+            .iter()
+            .filter(|t| t.starts_with(&prefix))
+            .count();
+        if (seen_passed, seen_failed) != (passed, failed) {
+            outcome.problems.push(format!(
+                "{current_binary}: libtest counted {passed} passed and {failed} failed, but \
+                 {seen_passed} passed and {seen_failed} failed were read from the console \
+                 (a result line was garbled; see the output above)"
+            ));
+        }
+        return;
+    }
     if let Some(rest) = line.strip_prefix("@@tzx ") {
         let mut words = rest.split_whitespace();
         match words.next() {
@@ -439,6 +464,7 @@ mod tests {
             "test nodev::loopback ... ok",
             "test errors::lo_is_refused ... FAILED",
             "test slow ... ignored, needs hardware",
+            "test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out",
             "@@tzx done raw 101",
             "@@tzx kernel-warnings 0",
             "@@tzx exit 0",

@@ -149,10 +149,7 @@ fn test_all(start: Instant) -> Result<ExitCode> {
                 "loom_refill",
             ])
             .env("RUSTFLAGS", "--cfg loom")
-            .env(
-                "CARGO_TARGET_DIR",
-                util::cache_root().join("target/loom"),
-            ),
+            .env("CARGO_TARGET_DIR", util::cache_root().join("target/loom")),
         |line| println!("{line}"),
     )?;
     let (p, f) = libtest_totals(&output);
@@ -205,7 +202,7 @@ fn test_all(start: Instant) -> Result<ExitCode> {
 }
 
 /// Sums libtest's `test result: ... N passed; M failed` lines.
-fn libtest_totals(output: &str) -> (usize, usize) {
+pub(crate) fn libtest_totals(output: &str) -> (usize, usize) {
     let mut totals = (0, 0);
     for line in output.lines() {
         let Some(rest) = line.trim().strip_prefix("test result: ") else {

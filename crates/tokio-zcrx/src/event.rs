@@ -77,7 +77,7 @@ impl fmt::Display for Stats {
             self.bytes, self.chunks, self.buffers_outstanding
         )?;
         if let (Some(count), Some(bytes)) = (self.copy_count, self.copy_bytes) {
-            write!(f, ", kernel copied {bytes} bytes in {count} fragments")?;
+            write!(f, ", copied {bytes} bytes in {count} fragments")?;
         }
         if self.resubmits_cq_overflow + self.resubmits_area_exhausted > 0 {
             write!(

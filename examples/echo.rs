@@ -1,0 +1,169 @@
+//! An echo server on tokio-zcrx: every byte received is written back on the same connection.
+//!
+//! ```text
+//! cargo run --release --example echo -- --listen ADDR [--mode auto|nic|nodev|copy]
+//!     [--interface IF --queue N]
+//! ```
+//!
+//! Received bytes arrive as `ZcBuf`s (zero copy in `nic` mode) and are written back straight
+//! from them. When a client shuts down its write side, the echo finishes writing what it
+//! received, then shuts down its own: half-close works as TCP intends. Any number of
+//! connections run at once, one task each. SIGINT or SIGTERM stops it. Pair it with
+//! `loadgen --verify-echo`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::task::JoinSet;
+use tokio_zcrx::{Mode, ZcListener, ZcStream, Zcrx};
+use tokio_zcrx_examples::{human_bytes, say, ShutdownSignals};
+
+const USAGE_LINE: &str =
+    "usage: echo --listen ADDR [--mode auto|nic|nodev|copy] [--interface IF --queue N]";
+
+const HELP: &str = "\
+options:
+  --listen ADDR       address to listen on, e.g. [::]:9000 or 127.0.0.1:9000 (required)
+  --mode MODE         auto (default): the best that works here, nic, then nodev, then copy
+                      nic: zero copy on --interface's rx --queue (Linux 6.15+, capable NIC)
+                      nodev: the kernel's device-less zcrx mode (Linux 7.1+), copies
+                      copy: plain Tokio reads into a buffer pool, works everywhere
+  --interface IF      the NIC for nic mode (needs --queue)
+  --queue N           its rx queue, steered to this server (docs/nic-setup.md)
+  -h, --help          print this help";
+
+struct Args {
+    listen: String,
+    mode: Mode,
+    interface: Option<(String, u32)>,
+}
+
+/// The command line, or `None` when help was asked for.
+fn parse_args() -> Result<Option<Args>, lexopt::Error> {
+    use lexopt::prelude::*;
+
+    let (mut listen, mut mode, mut interface, mut queue) = (None, Mode::Auto, None, None);
+    let mut parser = lexopt::Parser::from_env();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("listen") | Short('l') => listen = Some(parser.value()?.string()?),
+            Long("mode") | Short('m') => mode = parser.value()?.parse()?,
+            Long("interface") | Short('i') => interface = Some(parser.value()?.string()?),
+            Long("queue") | Short('q') => queue = Some(parser.value()?.parse()?),
+            Long("help") | Short('h') => return Ok(None),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    let interface = match (interface, queue) {
+        (Some(name), Some(queue)) => Some((name, queue)),
+        (None, None) => None,
+        _ => return Err("--interface and --queue go together".into()),
+    };
+    let listen = listen.ok_or("--listen ADDR is required")?;
+    Ok(Some(Args {
+        listen,
+        mode,
+        interface,
+    }))
+}
+
+/// Starts the zcrx runtime in the mode asked for.
+fn build_runtime(args: &Args) -> tokio_zcrx::Result<Zcrx> {
+    let mut builder = Zcrx::builder().mode(args.mode);
+    if let Some((name, queue)) = &args.interface {
+        builder = builder.interface(name, *queue);
+    }
+    builder.build()
+}
+
+/// Echoes one connection until the client has finished sending, then half-closes.
+async fn echo(mut stream: ZcStream, mut writer: OwnedWriteHalf) -> io::Result<u64> {
+    let mut echoed = 0;
+    while let Some(buf) = stream.next().await {
+        let buf = buf?;
+        writer.write_all(&buf).await?;
+        echoed += buf.len() as u64;
+        // `buf` drops here: its chunk goes back to the kernel.
+    }
+    // End of stream: the client shut down its write side. Everything is written; say so.
+    writer.shutdown().await?;
+    Ok(echoed)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE_LINE}\n\n{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("echo: {error}\n{USAGE_LINE} (--help for details)");
+            return ExitCode::from(2);
+        }
+    };
+    match serve(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("echo: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut signals = ShutdownSignals::new()?;
+    let zcrx = build_runtime(args)?;
+    let listener = ZcListener::bind(&zcrx, &args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    say!("echo: listening on {}", listener.local_addr()?);
+    say!("mode: {}", zcrx.mode_selection());
+
+    let mut connections: JoinSet<(SocketAddr, io::Result<u64>)> = JoinSet::new();
+    let (mut served, mut total) = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            signal = signals.recv() => {
+                say!("echo: {signal}, stopping");
+                break;
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, writer, peer)) => {
+                    connections.spawn(async move { (peer, echo(stream, writer).await) });
+                }
+                Err(error) => {
+                    // E.g. out of file descriptors: wait a little instead of spinning.
+                    eprintln!("echo: accept failed: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(finished) = connections.join_next() => {
+                let (peer, result) = finished?;
+                served += 1;
+                match result {
+                    Ok(bytes) => {
+                        total += bytes;
+                        say!("{peer}: echoed {bytes} bytes");
+                    }
+                    Err(error) => eprintln!("{peer}: {error}"),
+                }
+            }
+        }
+    }
+    let open = connections.len();
+    connections.shutdown().await; // ends the connections still open
+    say!(
+        "echo: {served} connections served ({open} still open at exit), {} echoed; {}",
+        human_bytes(total),
+        zcrx.stats()
+    );
+    zcrx.shutdown().await;
+    Ok(())
+}
