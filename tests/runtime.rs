@@ -57,16 +57,8 @@ async fn accept(zcrx: &Zcrx, listener: &TcpListener) -> ZcStream {
 }
 
 /// Reads a stream to its end, checking every byte; returns the byte count.
-async fn read_verified(mut stream: ZcStream) -> u64 {
-    let mut position = 0u64;
-    while let Some(buf) = stream.next().await {
-        let buf = buf.expect("stream error");
-        if let Some(i) = first_mismatch(position, &buf) {
-            panic!("byte {} of the stream is wrong", position + i as u64);
-        }
-        position += buf.len() as u64;
-    }
-    position
+async fn read_verified(stream: ZcStream) -> u64 {
+    read_verified_from(stream, 0).await
 }
 
 async fn listen(ip: &str) -> (TcpListener, SocketAddr) {
@@ -169,6 +161,32 @@ fn nic_queue_copies_loopback_traffic_and_reports_it() {
     });
 }
 
+/// Holds every buffer the stream delivers (checking it) until the runtime reports `kind`;
+/// returns the held buffers and the stream position reached.
+async fn withhold_until(
+    stream: &mut ZcStream,
+    events: &mut tokio::sync::broadcast::Receiver<tokio_zcrx::Event>,
+    kind: EventKind,
+) -> (Vec<ZcBuf>, u64) {
+    let mut held = Vec::new();
+    let mut position = 0u64;
+    loop {
+        tokio::select! {
+            buf = stream.next() => {
+                let buf = buf.expect("stream ended early").unwrap();
+                assert_eq!(first_mismatch(position, &buf), None);
+                position += buf.len() as u64;
+                held.push(buf);
+            }
+            event = events.recv() => {
+                if event.unwrap().kind == kind {
+                    return (held, position);
+                }
+            }
+        }
+    }
+}
+
 async fn read_verified_from(mut stream: ZcStream, mut position: u64) -> u64 {
     while let Some(buf) = stream.next().await {
         let buf = buf.expect("stream error");
@@ -191,24 +209,8 @@ fn nodev_area_exhaustion_recovers_without_loss() {
         let (listener, addr) = listen("127.0.0.1").await;
         let sender = spawn_sender(addr, TOTAL, None);
         let mut stream = accept(&zcrx, &listener).await;
-        let mut held = Vec::new();
-        let mut position = 0u64;
-        // Withhold buffers until the runtime reports the area exhausted.
-        loop {
-            tokio::select! {
-                buf = stream.next() => {
-                    let buf = buf.expect("stream ended early").unwrap();
-                    assert_eq!(first_mismatch(position, &buf), None);
-                    position += buf.len() as u64;
-                    held.push(buf);
-                }
-                event = events.recv() => {
-                    if event.unwrap().kind == EventKind::AreaExhausted {
-                        break;
-                    }
-                }
-            }
-        }
+        let (held, position) =
+            withhold_until(&mut stream, &mut events, EventKind::AreaExhausted).await;
         assert!(zcrx.stats().buffers_outstanding > 0);
         drop(held);
         let total = read_verified_from(stream, position).await;
@@ -232,23 +234,8 @@ fn nic_allocation_failure_is_reported_and_recovers() {
         let (listener, addr) = listen(&net.nic_addr).await;
         let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
         let mut stream = accept(&zcrx, &listener).await;
-        let mut held = Vec::new();
-        let mut position = 0u64;
-        loop {
-            tokio::select! {
-                buf = stream.next() => {
-                    let buf = buf.expect("stream ended early").unwrap();
-                    assert_eq!(first_mismatch(position, &buf), None);
-                    position += buf.len() as u64;
-                    held.push(buf);
-                }
-                event = events.recv() => {
-                    if event.unwrap().kind == EventKind::AllocationFailure {
-                        break;
-                    }
-                }
-            }
-        }
+        let (held, position) =
+            withhold_until(&mut stream, &mut events, EventKind::AllocationFailure).await;
         drop(held);
         assert_eq!(read_verified_from(stream, position).await, TOTAL);
         sender.join().unwrap();

@@ -82,6 +82,22 @@ struct Counts {
 }
 
 impl Counts {
+    /// Runs a libtest command, streaming its output, and adds its results. A run that fails
+    /// without a failed test (build error, crash) or that runs no test is a problem too.
+    fn libtest(&mut self, cmd: &mut Command, what: &str) -> Result<()> {
+        let (ok, output) = util::run_streaming(cmd, |line| println!("{line}"))?;
+        let (passed, failed) = libtest_totals(&output);
+        self.passed += passed;
+        self.failed += failed;
+        if !ok && failed == 0 {
+            self.problems
+                .push(format!("{what} failed to build or crashed (see above)"));
+        } else if passed + failed == 0 {
+            self.problems.push(format!("{what} ran no test"));
+        }
+        Ok(())
+    }
+
     fn finish(&self, what: &str) -> ExitCode {
         for problem in &self.problems {
             println!("xtask: FAILED: {problem}");
@@ -110,59 +126,24 @@ fn test_all(start: Instant) -> Result<ExitCode> {
     let mut counts = Counts::default();
 
     step(start, "host tier: cargo test --workspace");
-    let (ok, output) = util::run_streaming(
+    counts.libtest(
         cargo().args(["test", "--workspace", "--all-targets"]),
-        |line| println!("{line}"),
+        "host `cargo test`",
     )?;
-    let (p, f) = libtest_totals(&output);
-    counts.passed += p;
-    counts.failed += f;
-    if !ok && f == 0 {
-        counts
-            .problems
-            .push("host `cargo test` failed to build or crashed".into());
-    }
     step(start, "host tier: doc tests");
-    let (ok, output) =
-        util::run_streaming(cargo().args(["test", "--workspace", "--doc"]), |line| {
-            println!("{line}")
-        })?;
-    let (p, f) = libtest_totals(&output);
-    counts.passed += p;
-    counts.failed += f;
-    if !ok && f == 0 {
-        counts.problems.push("doc tests failed to build".into());
-    }
-
+    counts.libtest(cargo().args(["test", "--workspace", "--doc"]), "doc tests")?;
     step(
         start,
         "model check: loom over the refill-ring producer (zcrx-core, --cfg loom)",
     );
-    let (ok, output) = util::run_streaming(
+    counts.libtest(
         cargo()
-            .args([
-                "test",
-                "-p",
-                "zcrx-core",
-                "--release",
-                "--test",
-                "loom_refill",
-            ])
+            .args(["test", "-p", "zcrx-core", "--release"])
+            .args(["--test", "loom_refill"])
             .env("RUSTFLAGS", "--cfg loom")
             .env("CARGO_TARGET_DIR", util::cache_root().join("target/loom")),
-        |line| println!("{line}"),
+        "the loom model checks",
     )?;
-    let (p, f) = libtest_totals(&output);
-    counts.passed += p;
-    counts.failed += f;
-    if !ok && f == 0 {
-        counts
-            .problems
-            .push("the loom model checks failed to build or crashed".into());
-    }
-    if ok && p == 0 {
-        counts.problems.push("the loom run checked no model".into());
-    }
 
     step(start, "lint: cargo clippy -D warnings");
     if util::run(cargo().args([

@@ -4,10 +4,8 @@
 //! refill region, all alive while the kernel holds them. [`Registration`] owns the three and
 //! releases them in the right order; the runtime's own instance setup will grow from it.
 
-use std::ffi::c_void;
 use std::io;
 use std::os::fd::AsFd;
-use std::ptr::NonNull;
 
 use io_uring::{cqueue, squeue, IoUring};
 use zcrx_sys::region::{io_uring_region_desc, IORING_MEM_REGION_TYPE_USER};
@@ -16,6 +14,7 @@ use zcrx_sys::zcrx::{
 };
 
 use super::system::page_size;
+use crate::mem::Mapping;
 
 /// Pages in the trial area: enough for the kernel to accept it, small enough to pin anywhere.
 const TRIAL_AREA_PAGES: usize = 16;
@@ -47,61 +46,14 @@ pub(crate) enum TrialError {
     Refused(io::Error),
 }
 
-/// A private anonymous read-write mapping, unmapped on drop.
-#[derive(Debug)]
-struct AnonymousMapping {
-    addr: NonNull<c_void>,
-    len: usize,
-}
-
-impl AnonymousMapping {
-    /// Maps `len` bytes (a multiple of the page size), page aligned and zero filled.
-    fn new(len: usize) -> io::Result<Self> {
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
-        // no existing memory; the result is checked for MAP_FAILED before use.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let addr = NonNull::new(addr).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Self { addr, len })
-    }
-
-    /// The start address, as the kernel structs want it. The memory is only ever handed to
-    /// the kernel, never referenced from Rust, because the kernel may write it at any time.
-    fn user_addr(&self) -> u64 {
-        self.addr.as_ptr() as u64
-    }
-}
-
-impl Drop for AnonymousMapping {
-    fn drop(&mut self) {
-        // SAFETY: `addr..addr + len` is exactly the mapping this value created and owns; no
-        // Rust reference into it exists. Pages the kernel still pins stay alive until it
-        // unpins them, so unmapping cannot make the kernel write elsewhere.
-        unsafe {
-            libc::munmap(self.addr.as_ptr(), self.len);
-        }
-    }
-}
-
 /// A live zcrx registration with everything it uses.
 ///
 /// Fields drop in declaration order, and that order matters: closing the ring destroys the
 /// zcrx instance (and restarts the NIC queue), only then is its memory unmapped.
 pub(crate) struct Registration {
     _ring: IoUring<squeue::Entry, cqueue::Entry32>,
-    _refill_region: AnonymousMapping,
-    _area: AnonymousMapping,
+    _refill_region: Mapping,
+    _area: Mapping,
 }
 
 impl Registration {
@@ -119,26 +71,25 @@ impl Registration {
 
         let page = page_size();
         let area =
-            AnonymousMapping::new(TRIAL_AREA_PAGES * page).map_err(|error| TrialError::Setup {
+            Mapping::new(TRIAL_AREA_PAGES * page, false).map_err(|error| TrialError::Setup {
                 step: "map the receive area",
                 error,
             })?;
         // Before the zcrx query (6.19) the refill ring header size is not reported: a whole
         // page in front of the entries covers every kernel (the header is 64 bytes on 6.18+).
         let refill_len = align_up(TRIAL_RQ_ENTRIES as usize * RQE_SIZE + page, page);
-        let refill_region =
-            AnonymousMapping::new(refill_len).map_err(|error| TrialError::Setup {
-                step: "map the refill region",
-                error,
-            })?;
+        let refill_region = Mapping::new(refill_len, false).map_err(|error| TrialError::Setup {
+            step: "map the refill region",
+            error,
+        })?;
 
         let mut area_reg = io_uring_zcrx_area_reg {
-            addr: area.user_addr(),
-            len: area.len as u64,
+            addr: area.as_ptr() as u64,
+            len: area.len() as u64,
             ..Default::default()
         };
         let mut region_desc = io_uring_region_desc {
-            user_addr: refill_region.user_addr(),
+            user_addr: refill_region.as_ptr() as u64,
             size: refill_len as u64,
             flags: IORING_MEM_REGION_TYPE_USER,
             ..Default::default()
@@ -194,11 +145,5 @@ mod tests {
         assert_eq!(align_up(64 * 16 + 4096, 4096), 8192);
         assert_eq!(align_up(256 * 16 + 4096, 4096), 8192);
         assert_eq!(align_up(257 * 16 + 4096, 4096), 12288);
-    }
-
-    #[test]
-    fn mapping_is_page_aligned() {
-        let mapping = AnonymousMapping::new(2 * page_size()).unwrap();
-        assert_eq!(mapping.user_addr() % page_size() as u64, 0);
     }
 }
