@@ -21,7 +21,8 @@ cargo xtask <command>
 
 Commands:
   test        The project's whole test command (what CI runs): host tests, the loom
-              model checks, clippy, rustfmt check, then the real-kernel tier in a QEMU guest.
+              model checks, clippy, rustdoc and rustfmt checks, then the real-kernel tier
+              in a QEMU guest.
   vm-test     Only the real-kernel tier: builds the guest (cached under ~/.cache/tokio-zcrx)
               and runs the real-kernel tests inside it.
   vm-run [--include PATH]... -- COMMAND...
@@ -160,6 +161,19 @@ fn test_all(start: Instant) -> Result<ExitCode> {
         counts
             .problems
             .push("clippy reports warnings (run `cargo clippy --workspace --all-targets`)".into());
+    }
+    step(start, "lint: cargo doc (broken links and doc warnings are errors)");
+    if util::run(
+        cargo()
+            .args(["doc", "--no-deps", "--quiet"])
+            .args(["-p", "zcrx-sys", "-p", "zcrx-core", "-p", "tokio-zcrx"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )
+    .is_err()
+    {
+        counts
+            .problems
+            .push("rustdoc reports warnings (run `cargo doc --no-deps`)".into());
     }
     step(start, "lint: cargo fmt --check");
     if util::run(cargo().args(["fmt", "--all", "--", "--check"])).is_err() {
