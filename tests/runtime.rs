@@ -251,7 +251,37 @@ fn tiny_cq_overflows_and_the_stream_completes() {
         let zcrx = build(nodev().area_size(16 << 20).cq_entries(64));
         let (listener, addr) = listen("127.0.0.1").await;
         let sender = spawn_sender(addr, TOTAL, None);
-        let stream = accept(&zcrx, &listener).await;
+        let (socket, _) = listener.accept().await.unwrap();
+        // Let a megabyte queue up in the socket first: the first receive then completes
+        // hundreds of chunks at once into a 64-entry CQ, which must overflow.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt on a live socket with a correctly sized int (root may force
+        // a receive buffer above rmem_max).
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int to a live local.
+            unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
+            if queued >= 1 << 20 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {queued} bytes queued"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (stream, _writer) = zcrx.attach(socket).unwrap();
         assert_eq!(read_verified(stream).await, TOTAL);
         sender.join().unwrap();
         let stats = zcrx.stats();
