@@ -31,6 +31,10 @@ Commands:
               copied to the working directory.
   vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
               netdevsim, initramfs).
+  bench [ARGS]
+              The receive benchmark, in release mode: `cargo run --release -p
+              tokio-zcrx-bench -- ARGS`; `cargo xtask bench --help` lists ARGS
+              (--quick, --scaling, ...). See docs/benchmarks.md.
   help        This text.
 
 Environment:
@@ -65,6 +69,19 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             guest::prepare(start)?;
             step(start, "guest ready");
             Ok(ExitCode::SUCCESS)
+        }
+        Some("bench") => {
+            // Replaces this process; returns only if cargo could not be started.
+            let args = match &args[1..] {
+                [dashes, rest @ ..] if dashes == "--" => rest,
+                rest => rest,
+            };
+            let err = std::os::unix::process::CommandExt::exec(
+                cargo()
+                    .args(["run", "--release", "-p", "tokio-zcrx-bench", "--"])
+                    .args(args),
+            );
+            Err(err).context("running `cargo run --release -p tokio-zcrx-bench`")
         }
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
