@@ -179,7 +179,10 @@ fn test_all(start: Instant) -> Result<ExitCode> {
             .problems
             .push("clippy reports warnings (run `cargo clippy --workspace --all-targets`)".into());
     }
-    step(start, "lint: cargo doc (broken links and doc warnings are errors)");
+    step(
+        start,
+        "lint: cargo doc (broken links and doc warnings are errors)",
+    );
     if util::run(
         cargo()
             .args(["doc", "--no-deps", "--quiet"])
