@@ -2,22 +2,21 @@
 //! what it must, re-arms events, and reacts to commands from handles.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, squeue, types};
 use tokio::sync::oneshot;
 use zcrx_core::completion::{decode, AreaLayout, Completion, Eof, RawCompletion, RecvErrorAction};
 use zcrx_core::events::{EventKind as KernelEvent, EventRearm};
 use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
-use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 
 use super::area::Area;
-use super::instance::{self, Instance, Ring};
+use super::instance::{self, Instance};
+use super::kernel::{Kernel, UringKernel};
 use super::{lock, Command, DriverShared, FAILED, STOPPING};
 use crate::buf::ZcBuf;
 use crate::config::Validated;
@@ -47,7 +46,7 @@ pub(super) fn run(config: Validated, shared: Arc<DriverShared>, ready: mpsc::Sen
             return;
         }
     };
-    let mut driver = match Driver::new(instance, &config, Arc::clone(&shared)) {
+    let driver = match Driver::new(instance, &config, Arc::clone(&shared)) {
         Ok(driver) => driver,
         Err(e) => {
             shared.state.store(FAILED, Ordering::Release);
@@ -57,6 +56,11 @@ pub(super) fn run(config: Validated, shared: Arc<DriverShared>, ready: mpsc::Sen
         }
     };
     let _ = ready.send(Ok(()));
+    drive(driver, shared);
+}
+
+/// Runs a driver until shutdown or failure, then ends every stream and releases waiters.
+pub(crate) fn drive<K: Kernel>(mut driver: Driver<K>, shared: Arc<DriverShared>) {
     let outcome = catch_unwind(AssertUnwindSafe(|| driver.run()));
     let failure = match outcome {
         Ok(Ok(())) => None,
@@ -133,12 +137,11 @@ impl StreamEntry {
     }
 }
 
-struct Driver {
-    ring: Ring,
+pub(crate) struct Driver<K: Kernel> {
+    kernel: K,
     area: Arc<Area>,
     layout: AreaLayout,
     shared: Arc<DriverShared>,
-    zcrx_id: u32,
     nodev: bool,
     events_enabled: bool,
     events: EventRearm,
@@ -156,8 +159,12 @@ struct Driver {
     eventfd_armed: bool,
 }
 
-impl Driver {
-    fn new(instance: Instance, config: &Validated, shared: Arc<DriverShared>) -> Result<Driver> {
+impl Driver<UringKernel> {
+    fn new(
+        instance: Instance,
+        config: &Validated,
+        shared: Arc<DriverShared>,
+    ) -> Result<Driver<UringKernel>> {
         let Instance {
             ring,
             area,
@@ -173,17 +180,38 @@ impl Driver {
         })?;
         let layout = AreaLayout::new(area.len() as u64, area.chunk_size, shared_layout.area_token)
             .map_err(|e| Error::new(ErrorKind::Kernel, format!("unusable area layout: {e}")))?;
-        let area = Arc::new(area);
-        *lock(&shared.area) = Some(Arc::clone(&area));
         *lock(&shared.description) = description;
+        Driver::with_kernel(
+            UringKernel { ring, zcrx_id },
+            Arc::new(area),
+            layout,
+            nodev,
+            stats_enabled,
+            config,
+            shared,
+        )
+    }
+}
+
+impl<K: Kernel> Driver<K> {
+    /// A driver over any completion source (the real ring, or a synthetic one).
+    pub(crate) fn with_kernel(
+        kernel: K,
+        area: Arc<Area>,
+        layout: AreaLayout,
+        nodev: bool,
+        events_enabled: bool,
+        config: &Validated,
+        shared: Arc<DriverShared>,
+    ) -> Result<Driver<K>> {
+        *lock(&shared.area) = Some(Arc::clone(&area));
         let mut driver = Driver {
-            ring,
+            kernel,
             area,
             layout,
             shared,
-            zcrx_id,
             nodev,
-            events_enabled: stats_enabled,
+            events_enabled,
             events: EventRearm::new(config.event_rearm_interval),
             streams: Vec::new(),
             touched: Vec::new(),
@@ -201,7 +229,7 @@ impl Driver {
         Ok(driver)
     }
 
-    fn run(&mut self) -> io::Result<()> {
+    pub(crate) fn run(&mut self) -> io::Result<()> {
         loop {
             self.take_commands()?;
             if let Some(since) = self.stopping {
@@ -225,29 +253,12 @@ impl Driver {
             .count()
     }
 
-    fn push_sqe(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: every SQE the driver builds refers to fds it keeps open until the
-            // request's final CQE (stream sockets, the eventfd) and to no user memory.
-            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
-    }
-
     fn arm_eventfd(&mut self) -> io::Result<()> {
         let user_data = UserData::new(UserDataKind::Wake, WAKE_EVENTFD)
             .expect("small payload")
             .as_u64();
-        let sqe = opcode::PollAdd::new(
-            types::Fd(self.shared.eventfd.as_raw_fd()),
-            libc::POLLIN as u32,
-        )
-        .multi(true)
-        .build()
-        .user_data(user_data);
-        self.push_sqe(&sqe)?;
+        self.kernel
+            .poll_readable(self.shared.eventfd.as_raw_fd(), user_data)?;
         self.eventfd_armed = true;
         Ok(())
     }
@@ -257,11 +268,12 @@ impl Driver {
             return Ok(());
         };
         entry.request = Request::Running { bytes: 0 };
-        let sqe = opcode::RecvZc::new(types::Fd(entry.fd()), entry.limit.unwrap_or(0))
-            .ifq(self.zcrx_id)
-            .build()
-            .user_data(UserData::recv(entry.id).as_u64());
-        self.push_sqe(&sqe)
+        let (fd, limit, user_data) = (
+            entry.fd(),
+            entry.limit.unwrap_or(0),
+            UserData::recv(entry.id).as_u64(),
+        );
+        self.kernel.recv(fd, limit, user_data)
     }
 
     fn take_commands(&mut self) -> io::Result<()> {
@@ -364,10 +376,8 @@ impl Driver {
             Request::Running { .. } => {
                 entry.request = Request::Cancelling;
                 let target = UserData::recv(entry.id).as_u64();
-                let sqe = opcode::AsyncCancel::new(target)
-                    .build()
-                    .user_data(UserData::cancel(entry.id).as_u64());
-                self.push_sqe(&sqe)
+                let user_data = UserData::cancel(entry.id).as_u64();
+                self.kernel.cancel(target, user_data)
             }
             Request::Cancelling => Ok(()),
             Request::Idle | Request::WaitingForBuffers | Request::ResubmitAfterCq => {
@@ -434,7 +444,7 @@ impl Driver {
         self.area.refill.flush_overflow();
         let flush_needed = self.nodev || self.waiting_for_buffers > 0;
         if flush_needed && self.area.refill.take_unflushed() > 0 {
-            zcrx_flush_rq(self.ring.as_fd(), self.zcrx_id)?;
+            self.kernel.flush_refill()?;
         }
         Ok(())
     }
@@ -483,7 +493,7 @@ impl Driver {
         let now = Instant::now();
         let due: Vec<KernelEvent> = self.events.due_rearms(now).collect();
         for kind in due {
-            match zcrx_arm_event(self.ring.as_fd(), self.zcrx_id, kind.type_index()) {
+            match self.kernel.arm_event(kind.type_index()) {
                 // EINVAL: the kernel thinks it is armed already (it never fired for it).
                 Ok(()) => {
                     self.events.mark_rearmed(kind);
@@ -505,7 +515,7 @@ impl Driver {
         let has_commands = !lock(&self.shared.commands).is_empty();
         let must_not_block = has_commands || self.area.refill.has_overflow();
         let result = if must_not_block {
-            self.ring.submit().map(drop)
+            self.kernel.submit()
         } else {
             let deadline = [
                 self.events.next_deadline(),
@@ -515,20 +525,8 @@ impl Driver {
             .into_iter()
             .flatten()
             .min();
-            match deadline {
-                Some(deadline) => {
-                    let wait = deadline.saturating_duration_since(Instant::now());
-                    let ts = types::Timespec::new()
-                        .sec(wait.as_secs())
-                        .nsec(wait.subsec_nanos());
-                    let args = types::SubmitArgs::new().timespec(&ts);
-                    match self.ring.submitter().submit_with_args(1, &args) {
-                        Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
-                        other => other.map(drop),
-                    }
-                }
-                None => self.ring.submit_and_wait(1).map(drop),
-            }
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.kernel.submit_and_wait(timeout)
         };
         self.shared.sleeping.store(false, Ordering::SeqCst);
         match result {
@@ -540,14 +538,7 @@ impl Driver {
 
     fn reap(&mut self) -> io::Result<()> {
         self.reaped.clear();
-        for cqe in self.ring.completion() {
-            self.reaped.push(RawCompletion {
-                user_data: cqe.user_data(),
-                res: cqe.result(),
-                flags: cqe.flags(),
-                big_cqe: *cqe.big_cqe(),
-            });
-        }
+        self.kernel.reap(&mut self.reaped);
         let mut cq_overflowed = false;
         let reaped = std::mem::take(&mut self.reaped);
         for raw in &reaped {

@@ -9,6 +9,7 @@
 pub(crate) mod area;
 mod driver;
 pub(crate) mod instance;
+mod kernel;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
