@@ -50,6 +50,14 @@ pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
 pub use runtime::Zcrx;
 pub use stream::{StreamOptions, ZcListener, ZcReader, ZcStream};
 
+/// Internals for the per-chunk benchmark (`bench-internals` feature): the runtime driven by a
+/// synthetic completion source. Not a stable API.
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::runtime::synthetic::{per_chunk, PerChunkReport};
+}
+
 /// The user guides' code blocks compile too.
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/nic-setup.md")]

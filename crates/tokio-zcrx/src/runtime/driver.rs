@@ -609,9 +609,13 @@ impl<K: Kernel> Driver<K> {
 
     fn on_data(&mut self, stream: StreamId, area_offset: u64, len: u32, chunk: u32) {
         let buf = ZcBuf::new(Arc::clone(&self.area), area_offset, len, chunk);
+        // Only this thread writes the counters: a plain load and store publishes them
+        // without a locked read-modify-write per chunk.
         let counters = &self.area.counters;
-        counters.bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-        counters.chunks.fetch_add(1, Ordering::Relaxed);
+        let bytes = counters.bytes.load(Ordering::Relaxed) + u64::from(len);
+        counters.bytes.store(bytes, Ordering::Relaxed);
+        let chunks = counters.chunks.load(Ordering::Relaxed) + 1;
+        counters.chunks.store(chunks, Ordering::Relaxed);
         let entry = self.streams[stream.slot() as usize]
             .as_mut()
             .expect("decode checked the slot");

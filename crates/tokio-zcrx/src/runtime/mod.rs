@@ -10,6 +10,8 @@ pub(crate) mod area;
 mod driver;
 pub(crate) mod instance;
 mod kernel;
+#[cfg(any(test, feature = "bench-internals"))]
+pub(crate) mod synthetic;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -227,6 +229,14 @@ impl std::fmt::Debug for UringHandle {
 }
 
 impl Zcrx {
+    #[cfg(any(test, feature = "bench-internals"))]
+    fn from_parts(backend: Backend, selection: ModeSelection) -> Zcrx {
+        Zcrx {
+            backend,
+            selection: Arc::new(selection),
+        }
+    }
+
     /// A [`Builder`](crate::Builder) for a runtime.
     pub fn builder() -> crate::Builder {
         crate::Builder::new()
