@@ -567,6 +567,10 @@ impl<K: Kernel> Driver<K> {
                     // Give back the reference the kernel took, without reading the data, and
                     // end the stream it names: the data stream would have a hole.
                     if let Some(rqe) = invalid.owed_refill() {
+                        self.area
+                            .counters
+                            .rejected_returns
+                            .fetch_add(1, Ordering::Relaxed);
                         let _ = self.area.refill.push(rqe);
                     }
                     if let Some(stream) = invalid.stream() {

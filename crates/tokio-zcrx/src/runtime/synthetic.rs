@@ -401,6 +401,9 @@ mod tests {
     #[test]
     fn every_chunk_arrives_and_returns() {
         let report = per_chunk(8, 5000, 2).unwrap();
-        assert_eq!(report.chunks, 40_000);
+        assert_eq!((report.streams, report.chunks), (8, 40_000));
+        assert!(report.elapsed > Duration::ZERO && report.cpu > Duration::ZERO);
+        assert!(report.ns_per_chunk() > 0.0 && report.cpu_ns_per_chunk() > 0.0);
+        assert!(report.implied_gbps().is_finite());
     }
 }
