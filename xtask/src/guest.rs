@@ -121,12 +121,45 @@ pub fn build_binaries(tests: bool, examples: bool, start: Instant) -> Result<Vec
     Ok(binaries)
 }
 
+/// Builds the guest benchmark (`guest-ratio`) with the release profile: no debug assertions,
+/// as users would run the runtime.
+pub fn build_benchmark(start: Instant) -> Result<Vec<GuestBinary>> {
+    step(
+        start,
+        "building the static guest benchmark (cargo, profile `release`)",
+    );
+    let mut binaries = Vec::new();
+    cargo_build_for_guest_with(
+        &[
+            "build",
+            "-p",
+            "tokio-zcrx-kernel-tests",
+            "--bin",
+            "guest-ratio",
+        ],
+        "release",
+        &mut binaries,
+    )?;
+    if binaries.is_empty() {
+        bail!("cargo built no guest-ratio binary");
+    }
+    Ok(binaries)
+}
+
 fn cargo_build_for_guest(args: &[&str], binaries: &mut Vec<GuestBinary>) -> Result<()> {
+    cargo_build_for_guest_with(args, GUEST_PROFILE, binaries)
+}
+
+fn cargo_build_for_guest_with(
+    args: &[&str],
+    profile: &str,
+    binaries: &mut Vec<GuestBinary>,
+) -> Result<()> {
     let root = util::workspace_root();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&root)
         .args(args)
-        .args(["--profile", GUEST_PROFILE, "--target", GUEST_TARGET])
+        .args(["--profile", profile, "--target", GUEST_TARGET])
         .args(["--message-format", "json-render-diagnostics"])
         .env("CARGO_TARGET_DIR", util::cache_root().join("target/guest"))
         .env("RUSTFLAGS", "-C target-feature=+crt-static");
@@ -150,6 +183,7 @@ fn parse_artifact(line: &str) -> Option<GuestBinary> {
     let target = &msg["target"];
     let kind = match target["kind"][0].as_str()? {
         "example" => "example",
+        "bin" => "bin",
         _ if msg["profile"]["test"] == true => "test",
         _ => return None,
     };

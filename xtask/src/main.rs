@@ -29,6 +29,10 @@ Commands:
               Boots the guest and runs a shell command in it, with the examples and the
               test binaries (tzx-test-NAME) on PATH and each --include'd file or directory
               copied to the working directory.
+  vm-bench [-- ARGS]
+              The runtime's zcrx receive against a minimal raw receive loop, in the guest
+              (nic and nodev modes; only the ratio counts under emulation). ARGS go to
+              guest-ratio: --mib N, --reps R.
   vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
               netdevsim, initramfs).
   bench [ARGS]
@@ -65,6 +69,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             Ok(counts.finish("real-kernel tier"))
         }
         Some("vm-run") => vm_run(&args[1..], start),
+        Some("vm-bench") => vm_bench(&args[1..], start),
         Some("vm-prepare") => {
             guest::prepare(start)?;
             step(start, "guest ready");
@@ -305,6 +310,32 @@ fn vm_test(start: Instant) -> Result<Counts> {
         failed: outcome.failed.len(),
         problems,
     })
+}
+
+fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
+    let args: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--")
+        .collect();
+    let image = guest::prepare(start)?;
+    let binaries = guest::build_benchmark(start)?;
+    let command = format!("guest-ratio {}", args.join(" "));
+    let outcome = guest::run(
+        &image,
+        &run_options(binaries, Vec::new(), Payload::Command(command))?,
+        start,
+    )?;
+    for problem in &outcome.problems {
+        println!("xtask: {problem}");
+    }
+    Ok(
+        if outcome.problems.is_empty() && outcome.exit_code == Some(0) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn vm_run(args: &[String], start: Instant) -> Result<ExitCode> {

@@ -1,0 +1,161 @@
+//! The runtime's zcrx receive against a minimal raw receive loop, in the QEMU guest.
+//!
+//! ```text
+//! cargo xtask vm-bench [-- --mib 256 --reps 5]
+//! ```
+//!
+//! Guest timings are emulated (QEMU TCG), so only the ratio between the two receivers on the
+//! same kernel and traffic means anything. The raw loop is the plainest user of the kernel
+//! ABI (`tokio_zcrx_kernel_tests::receive_all`: one thread, multishot RECV_ZC, every chunk
+//! checked and returned at once). The runtime receiver reads one `ZcStream` on a
+//! multi-threaded Tokio runtime, checks every chunk the same way and drops it. Both run in nic
+//! mode on the netdevsim queue (peer in its namespace) and in nodev mode over loopback.
+//! Target: the runtime at least 0.9x the raw loop's throughput.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_zcrx::{EventsPolicy, Mode, Zcrx};
+use tokio_zcrx_kernel_tests::{
+    first_mismatch, listen, receive_all, spawn_sender, Config, GuestNet, RawZcrx, Target,
+};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Nic,
+    NoDevice,
+}
+
+fn raw(kind: Kind, net: &GuestNet, total: u64) -> Duration {
+    let target = match kind {
+        Kind::Nic => Target::Nic {
+            ifindex: net.nic_ifindex(),
+            rxq: 0,
+        },
+        Kind::NoDevice => Target::Nodev,
+    };
+    let mut zcrx = RawZcrx::register(Config {
+        target,
+        area_bytes: 32 << 20,
+        rq_entries: 8192,
+        cq_entries: 8192,
+        events: true,
+    })
+    .expect("raw registration");
+    let (ip, netns) = endpoint(kind, net);
+    let (listener, addr) = listen(&ip);
+    let sender = spawn_sender(addr, total, netns);
+    let (conn, _) = listener.accept().unwrap();
+    let started = Instant::now();
+    let report = receive_all(&mut zcrx, conn.as_raw_fd(), total);
+    let elapsed = started.elapsed();
+    assert_eq!(sender.join().unwrap(), total);
+    assert_eq!(report.bytes, total);
+    elapsed
+}
+
+fn endpoint(kind: Kind, net: &GuestNet) -> (String, Option<String>) {
+    match kind {
+        Kind::Nic => (net.nic_addr.clone(), Some(net.peer_netns.clone())),
+        Kind::NoDevice => ("127.0.0.1".into(), None),
+    }
+}
+
+fn runtime(kind: Kind, net: &GuestNet, total: u64) -> Duration {
+    let builder = match kind {
+        Kind::Nic => Zcrx::builder().mode(Mode::Nic).interface(&net.nic, 0),
+        Kind::NoDevice => Zcrx::builder().mode(Mode::NoDevice),
+    };
+    // The same sizes as the raw loop.
+    let builder = builder
+        .area_size(32 << 20)
+        .refill_entries(8192)
+        .cq_entries(8192)
+        .events(EventsPolicy::Required);
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ip, netns) = endpoint(kind, net);
+    tokio.block_on(async {
+        let zcrx = loop {
+            match builder.clone().build() {
+                Ok(zcrx) => break zcrx,
+                // The previous instance on this queue may still be tearing down.
+                Err(e) if e.kind() == tokio_zcrx::ErrorKind::QueueBusy => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("runtime: {e}"),
+            }
+        };
+        let listener = tokio::net::TcpListener::bind((ip.as_str(), 0))
+            .await
+            .unwrap();
+        let sender = spawn_sender(listener.local_addr().unwrap(), total, netns);
+        let (socket, _) = listener.accept().await.unwrap();
+        let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+        let started = Instant::now();
+        let mut position = 0u64;
+        while let Some(buf) = stream.next().await {
+            let buf = buf.unwrap();
+            assert_eq!(first_mismatch(position, &buf), None, "byte at {position}");
+            position += buf.len() as u64;
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(position, total);
+        assert_eq!(sender.join().unwrap(), total);
+        zcrx.shutdown().await;
+        elapsed
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let mut mib: u64 = 256;
+    let mut reps = 5;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<u64>().ok());
+        match (arg.as_str(), value) {
+            ("--mib", Some(n)) if n > 0 => mib = n,
+            ("--reps", Some(n)) if n > 0 => reps = n as usize,
+            _ => {
+                eprintln!("usage: guest-ratio [--mib N] [--reps R]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let net = GuestNet::from_env();
+    let total = mib << 20;
+    println!(
+        "runtime vs raw zcrx receive in the guest (TCG: only ratios count), {mib} MiB per run, \
+         median of {reps}"
+    );
+    println!(
+        "{:>6}  {:>16}  {:>16}  {:>14}",
+        "mode", "raw MiB/s", "runtime MiB/s", "runtime / raw"
+    );
+    let mut missed = false;
+    for (kind, name) in [(Kind::Nic, "nic"), (Kind::NoDevice, "nodev")] {
+        let (mut raw_rates, mut runtime_rates) = (Vec::new(), Vec::new());
+        // Alternate, so drift in the emulator affects both alike.
+        for _ in 0..reps {
+            raw_rates.push(mib as f64 / raw(kind, &net, total).as_secs_f64());
+            runtime_rates.push(mib as f64 / runtime(kind, &net, total).as_secs_f64());
+        }
+        let (raw_rate, runtime_rate) = (median(raw_rates), median(runtime_rates));
+        let ratio = runtime_rate / raw_rate;
+        missed |= ratio < 0.9;
+        println!("{name:>6}  {raw_rate:>16.1}  {runtime_rate:>16.1}  {ratio:>13.2}x");
+    }
+    println!(
+        "target: runtime >= 0.9x raw: {}",
+        if missed { "MISSED" } else { "met" }
+    );
+}
