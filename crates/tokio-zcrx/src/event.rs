@@ -3,8 +3,11 @@
 
 use std::fmt;
 
-/// What happened.
+/// What happened. With the `serde` feature it serializes as a snake_case string
+/// (`"copy_fallback"`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum EventKind {
     /// The kernel had to copy received data into the area instead of receiving it there
@@ -37,6 +40,7 @@ impl fmt::Display for EventKind {
 
 /// An event with the statistics as they were when it was reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Event {
     /// What happened.
     pub kind: EventKind,
@@ -50,6 +54,7 @@ pub struct Event {
 /// The kernel updates its counters without synchronization; each is read atomically, but the
 /// pair is not a consistent snapshot. The runtime's own counters are exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Stats {
     /// Packet fragments the kernel copied instead of receiving in place (kernel counter).
     pub copy_count: Option<u64>,
@@ -87,5 +92,27 @@ impl fmt::Display for Stats {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "serde"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_with_stable_names() {
+        let event = Event {
+            kind: EventKind::CopyFallback,
+            stats: Stats {
+                copy_bytes: Some(4096),
+                ..Stats::default()
+            },
+        };
+        let json = serde_json::to_value(event).unwrap();
+        assert_eq!(json["kind"], "copy_fallback");
+        assert_eq!(json["stats"]["copy_bytes"], 4096);
+        assert_eq!(json["stats"]["copy_count"], serde_json::Value::Null);
+        let mode = serde_json::to_value(crate::ActiveMode::NoDevice).unwrap();
+        assert_eq!(mode, "nodev");
     }
 }

@@ -78,14 +78,19 @@ impl FromStr for Mode {
     }
 }
 
-/// The mode a runtime actually runs in.
+/// The mode a runtime actually runs in. With the `serde` feature it serializes as its
+/// `Display` name (`"nic"`, `"nodev"`, `"copy"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub enum ActiveMode {
     /// Zero copy on a NIC queue.
+    #[cfg_attr(feature = "serde", serde(rename = "nic"))]
     Nic,
     /// The kernel's device-less zcrx mode.
+    #[cfg_attr(feature = "serde", serde(rename = "nodev"))]
     NoDevice,
     /// Copy mode, without io_uring.
+    #[cfg_attr(feature = "serde", serde(rename = "copy"))]
     Copy,
 }
 
