@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::copy::Pool;
-use crate::runtime::area::Area;
+use crate::runtime::area::{release, Area, BufferRefs};
 
 /// Received bytes that live in the zcrx receive area, where the NIC put them.
 ///
@@ -40,8 +40,9 @@ pub struct ZcBuf {
 /// Where the bytes live, and so where they go back to.
 enum Owner {
     /// A chunk of the zcrx area, returned through the refill ring.
+    /// Holds one of the area's buffer references ([`BufferRefs`]), not an `Arc`.
     Area {
-        area: Arc<Area>,
+        area: std::ptr::NonNull<Area>,
         chunk: u32,
         area_offset: u64,
     },
@@ -59,9 +60,12 @@ unsafe impl Sync for ZcBuf {}
 impl ZcBuf {
     /// Wraps one delivered chunk reference. The caller (the driver) owes exactly one refill
     /// entry for it, which this buffer's drop pays.
-    pub(crate) fn new(area: Arc<Area>, area_offset: u64, len: u32, chunk: u32) -> ZcBuf {
-        let ptr = area.data_ptr(area_offset);
-        area.on_delivered(chunk);
+    pub(crate) fn new(refs: &mut BufferRefs, area_offset: u64, len: u32, chunk: u32) -> ZcBuf {
+        let area = refs.take();
+        // SAFETY: the reference just taken keeps the area alive.
+        let area_ref = unsafe { area.as_ref() };
+        let ptr = area_ref.data_ptr(area_offset);
+        area_ref.on_delivered(chunk);
         ZcBuf {
             ptr,
             len,
@@ -123,7 +127,14 @@ impl Drop for ZcBuf {
                 area,
                 chunk,
                 area_offset,
-            } => area.return_chunk(*area_offset, self.len, *chunk),
+            } => {
+                // SAFETY: this buffer owns one of the area's buffer references, so the area is
+                // alive until `release`, after which it is not touched.
+                unsafe {
+                    area.as_ref().return_chunk(*area_offset, self.len, *chunk);
+                    release(area.as_ptr(), 1);
+                }
+            }
             Owner::Pool { pool, index } => pool.release_delivered(*index),
         }
     }

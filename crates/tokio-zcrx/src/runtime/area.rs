@@ -5,7 +5,7 @@
 //! zcrx instance) has been closed. Returns after that point are written into memory nobody
 //! reads any more, which is harmless.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[cfg(debug_assertions)]
@@ -51,6 +51,21 @@ pub(crate) struct Area {
     /// wake it. Otherwise drops never wake the driver.
     pub(crate) driver_waits_for_buffers: AtomicBool,
     pub(crate) driver: Arc<DriverShared>,
+    /// One reference per delivered buffer plus the driver's credit (see [`BufferRefs`]).
+    /// On a cache line of its own: every buffer drop writes it, and it must not slow down
+    /// the reads of the fields around it.
+    buffer_refs: CachePadded<AtomicUsize>,
+}
+
+#[repr(align(64))]
+struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 // SAFETY: the raw pointers point into `_region`, which the Area owns; the kernel's stats are
@@ -107,6 +122,7 @@ impl Area {
             refs: ChunkRefs::new(chunks),
             driver_waits_for_buffers: AtomicBool::new(false),
             driver,
+            buffer_refs: CachePadded(AtomicUsize::new(0)),
         })
     }
 
@@ -201,5 +217,78 @@ impl Area {
                 .load(Ordering::Relaxed),
             kernel_events: self.counters.kernel_events.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Keeps an [`Area`] alive for its buffers without two atomic operations on one shared
+/// reference count per buffer.
+///
+/// A plain `Arc` per buffer has the driver thread (clone) and the workers (drop) take turns
+/// owning one cache line. Instead, the driver parks one strong `Arc` reference for all
+/// buffers and counts buffers in `Area::buffer_refs`, adding references in bulk (a credit of
+/// [`BufferRefs::BATCH`]); each buffer drop gives one back. The driver's unused credit keeps
+/// the count above zero while it runs; whoever brings it to zero (the driver at exit, or the
+/// last buffer) releases the parked reference: `Arc`'s own protocol (release decrement,
+/// acquire fence before freeing) with increments batched.
+pub(crate) struct BufferRefs {
+    area: Arc<Area>,
+    credit: usize,
+}
+
+impl BufferRefs {
+    const BATCH: usize = 64;
+
+    /// Parks a strong reference of `area` for its buffers.
+    pub(crate) fn new(area: &Arc<Area>) -> BufferRefs {
+        // SAFETY: `area` is a live Arc; the extra strong count is released exactly once, when
+        // buffer_refs reaches zero (see `release`).
+        unsafe { Arc::increment_strong_count(Arc::as_ptr(area)) };
+        area.buffer_refs.store(Self::BATCH, Ordering::Relaxed);
+        BufferRefs {
+            area: Arc::clone(area),
+            credit: Self::BATCH,
+        }
+    }
+
+    /// One reference for a new buffer.
+    pub(crate) fn take(&mut self) -> std::ptr::NonNull<Area> {
+        if self.credit == 1 {
+            // Top up before our own credit could reach zero while buffers drop.
+            self.area
+                .buffer_refs
+                .fetch_add(Self::BATCH, Ordering::Relaxed);
+            self.credit += Self::BATCH;
+        }
+        self.credit -= 1;
+        std::ptr::NonNull::from(&*self.area)
+    }
+}
+
+impl Drop for BufferRefs {
+    fn drop(&mut self) {
+        // SAFETY: `credit` references are ours to give back; we still hold an Arc.
+        unsafe { release(Arc::as_ptr(&self.area), self.credit) };
+    }
+}
+
+/// Gives back `count` buffer references of the area at `area`, releasing the parked strong
+/// reference when they were the last.
+///
+/// # Safety
+///
+/// `area` points to a live `Area` owned by an `Arc` whose parked reference was taken by
+/// [`BufferRefs::new`], and the caller owns `count` of its buffer references. The caller must
+/// not touch the area through this pointer afterwards.
+pub(crate) unsafe fn release(area: *const Area, count: usize) {
+    // SAFETY: the caller's references keep the area alive until this decrement.
+    let before = unsafe { &*area }
+        .buffer_refs
+        .fetch_sub(count, Ordering::Release);
+    if before == count {
+        // Every other holder's accesses happen before the free (Arc's protocol).
+        fence(Ordering::Acquire);
+        // SAFETY: the parked strong reference from `BufferRefs::new`, released once: only the
+        // holder that brings the count to zero gets here.
+        unsafe { Arc::decrement_strong_count(area) };
     }
 }

@@ -14,7 +14,7 @@ use zcrx_core::completion::{decode, AreaLayout, Completion, Eof, RawCompletion, 
 use zcrx_core::events::{EventKind as KernelEvent, EventRearm};
 use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
 
-use super::area::Area;
+use super::area::{Area, BufferRefs};
 use super::instance::{self, Instance};
 use super::kernel::{Kernel, UringKernel};
 use super::{lock, Command, DriverShared, FAILED, STOPPING};
@@ -140,6 +140,7 @@ impl StreamEntry {
 pub(crate) struct Driver<K: Kernel> {
     kernel: K,
     area: Arc<Area>,
+    buffer_refs: BufferRefs,
     layout: AreaLayout,
     shared: Arc<DriverShared>,
     nodev: bool,
@@ -207,6 +208,7 @@ impl<K: Kernel> Driver<K> {
         *lock(&shared.area) = Some(Arc::clone(&area));
         let mut driver = Driver {
             kernel,
+            buffer_refs: BufferRefs::new(&area),
             area,
             layout,
             shared,
@@ -612,7 +614,7 @@ impl<K: Kernel> Driver<K> {
     }
 
     fn on_data(&mut self, stream: StreamId, area_offset: u64, len: u32, chunk: u32) {
-        let buf = ZcBuf::new(Arc::clone(&self.area), area_offset, len, chunk);
+        let buf = ZcBuf::new(&mut self.buffer_refs, area_offset, len, chunk);
         // Only this thread writes the counters: a plain load and store publishes them
         // without a locked read-modify-write per chunk.
         let counters = &self.area.counters;
