@@ -406,4 +406,44 @@ mod tests {
         assert!(report.ns_per_chunk() > 0.0 && report.cpu_ns_per_chunk() > 0.0);
         assert!(report.implied_gbps().is_finite());
     }
+
+    /// Buffers outlive their stream, the runtime and its driver; the last one dropped frees
+    /// the area (the bulk reference count reaches zero on a buffer, not on the driver).
+    #[test]
+    fn buffers_outlive_the_runtime() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let held = runtime.block_on(async {
+            let zcrx = start(64, 10).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+            let mut held = Vec::new();
+            while let Some(buf) = stream.next().await {
+                held.push(buf.unwrap());
+            }
+            assert_eq!(held.len(), 10);
+            assert_eq!(zcrx.stats().buffers_outstanding, 10);
+            drop(stream);
+            zcrx.shutdown().await;
+            drop((zcrx, client));
+            held
+        });
+        // Another thread drops them, as a worker would.
+        std::thread::spawn(move || {
+            for buf in &held {
+                assert_eq!(buf.len(), 4096);
+                std::hint::black_box(buf[0]);
+            }
+            drop(held);
+        })
+        .join()
+        .unwrap();
+    }
 }
