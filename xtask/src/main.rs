@@ -157,12 +157,12 @@ fn test_all(start: Instant) -> Result<ExitCode> {
     counts.libtest(cargo().args(["test", "--workspace", "--doc"]), "doc tests")?;
     step(
         start,
-        "model check: loom over the refill-ring producer (zcrx-core, --cfg loom)",
+        "model check: loom over the refill producer and the buffer reference count",
     );
     counts.libtest(
         cargo()
             .args(["test", "-p", "zcrx-core", "--release"])
-            .args(["--test", "loom_refill"])
+            .args(["--test", "loom_refill", "--test", "loom_refcount"])
             .env("RUSTFLAGS", "--cfg loom")
             .env("CARGO_TARGET_DIR", util::cache_root().join("target/loom")),
         "the loom model checks",

@@ -132,7 +132,7 @@ impl Drop for ZcBuf {
                 // alive until `release`, after which it is not touched.
                 unsafe {
                     area.as_ref().return_chunk(*area_offset, self.len, *chunk);
-                    release(area.as_ptr(), 1);
+                    release(area.as_ptr());
                 }
             }
             Owner::Pool { pool, index } => pool.release_delivered(*index),

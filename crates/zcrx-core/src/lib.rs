@@ -93,6 +93,7 @@
 pub mod accounting;
 pub mod completion;
 pub mod events;
+pub mod refcount;
 pub mod refill;
 mod sync;
 pub mod user_data;

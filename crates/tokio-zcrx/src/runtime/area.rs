@@ -5,11 +5,12 @@
 //! zcrx instance) has been closed. Returns after that point are written into memory nobody
 //! reads any more, which is harmless.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[cfg(debug_assertions)]
 use zcrx_core::accounting::ChunkRefs;
+use zcrx_core::refcount::{BulkRefCount, Credit};
 use zcrx_core::refill::{PushOutcome, RefillRing};
 use zcrx_sys::event::zcrx_stats;
 use zcrx_sys::zcrx::io_uring_zcrx_rqe;
@@ -54,7 +55,7 @@ pub(crate) struct Area {
     /// One reference per delivered buffer plus the driver's credit (see [`BufferRefs`]).
     /// On a cache line of its own: every buffer drop writes it, and it must not slow down
     /// the reads of the fields around it.
-    buffer_refs: CachePadded<AtomicUsize>,
+    buffer_refs: CachePadded<BulkRefCount>,
 }
 
 #[repr(align(64))]
@@ -122,7 +123,7 @@ impl Area {
             refs: ChunkRefs::new(chunks),
             driver_waits_for_buffers: AtomicBool::new(false),
             driver,
-            buffer_refs: CachePadded(AtomicUsize::new(0)),
+            buffer_refs: CachePadded(BulkRefCount::new()),
         })
     }
 
@@ -225,14 +226,12 @@ impl Area {
 ///
 /// A plain `Arc` per buffer has the driver thread (clone) and the workers (drop) take turns
 /// owning one cache line. Instead, the driver parks one strong `Arc` reference for all
-/// buffers and counts buffers in `Area::buffer_refs`, adding references in bulk (a credit of
-/// [`BufferRefs::BATCH`]); each buffer drop gives one back. The driver's unused credit keeps
-/// the count above zero while it runs; whoever brings it to zero (the driver at exit, or the
-/// last buffer) releases the parked reference: `Arc`'s own protocol (release decrement,
-/// acquire fence before freeing) with increments batched.
+/// buffers and counts buffers with `zcrx-core`'s loom-checked [`BulkRefCount`], adding
+/// references in bulk from a [`Credit`]; each buffer drop gives one back. Whoever gives back
+/// the last reference (the driver at exit, or the last buffer) releases the parked `Arc`.
 pub(crate) struct BufferRefs {
     area: Arc<Area>,
-    credit: usize,
+    credit: Option<Credit>,
 }
 
 impl BufferRefs {
@@ -240,55 +239,49 @@ impl BufferRefs {
 
     /// Parks a strong reference of `area` for its buffers.
     pub(crate) fn new(area: &Arc<Area>) -> BufferRefs {
-        // SAFETY: `area` is a live Arc; the extra strong count is released exactly once, when
-        // buffer_refs reaches zero (see `release`).
+        // SAFETY: `area` is a live Arc; the extra strong count is released exactly once, by
+        // whoever gives back the last buffer reference (see `release`).
         unsafe { Arc::increment_strong_count(Arc::as_ptr(area)) };
-        area.buffer_refs.store(Self::BATCH, Ordering::Relaxed);
         BufferRefs {
+            credit: Some(Credit::new(&area.buffer_refs, Self::BATCH)),
             area: Arc::clone(area),
-            credit: Self::BATCH,
         }
     }
 
     /// One reference for a new buffer.
     pub(crate) fn take(&mut self) -> std::ptr::NonNull<Area> {
-        if self.credit == 1 {
-            // Top up before our own credit could reach zero while buffers drop.
-            self.area
-                .buffer_refs
-                .fetch_add(Self::BATCH, Ordering::Relaxed);
-            self.credit += Self::BATCH;
-        }
-        self.credit -= 1;
+        self.credit
+            .as_mut()
+            .expect("the credit lives as long as the driver")
+            .take(&self.area.buffer_refs);
         std::ptr::NonNull::from(&*self.area)
     }
 }
 
 impl Drop for BufferRefs {
     fn drop(&mut self) {
-        // SAFETY: `credit` references are ours to give back; we still hold an Arc.
-        unsafe { release(Arc::as_ptr(&self.area), self.credit) };
+        let credit = self.credit.take().expect("dropped once");
+        if credit.release(&self.area.buffer_refs) {
+            // SAFETY: the parked reference from `new`, released once: the count just reached
+            // zero, so no buffer holds a reference any more.
+            unsafe { Arc::decrement_strong_count(Arc::as_ptr(&self.area)) };
+        }
     }
 }
 
-/// Gives back `count` buffer references of the area at `area`, releasing the parked strong
-/// reference when they were the last.
+/// Gives back one buffer reference of the area at `area`, releasing the parked strong
+/// reference when it was the last.
 ///
 /// # Safety
 ///
 /// `area` points to a live `Area` owned by an `Arc` whose parked reference was taken by
-/// [`BufferRefs::new`], and the caller owns `count` of its buffer references. The caller must
+/// [`BufferRefs::new`], and the caller owns one of its buffer references. The caller must
 /// not touch the area through this pointer afterwards.
-pub(crate) unsafe fn release(area: *const Area, count: usize) {
-    // SAFETY: the caller's references keep the area alive until this decrement.
-    let before = unsafe { &*area }
-        .buffer_refs
-        .fetch_sub(count, Ordering::Release);
-    if before == count {
-        // Every other holder's accesses happen before the free (Arc's protocol).
-        fence(Ordering::Acquire);
-        // SAFETY: the parked strong reference from `BufferRefs::new`, released once: only the
-        // holder that brings the count to zero gets here.
+pub(crate) unsafe fn release(area: *const Area) {
+    // SAFETY: the caller's reference keeps the area alive until this release.
+    if unsafe { &*area }.buffer_refs.release(1) {
+        // SAFETY: the parked strong reference, released once: only the holder of the last
+        // buffer reference gets here (after the acquire fence in `release`).
         unsafe { Arc::decrement_strong_count(area) };
     }
 }
