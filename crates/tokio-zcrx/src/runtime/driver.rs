@@ -157,7 +157,6 @@ pub(crate) struct Driver<K: Kernel> {
     waiting_for_buffers: usize,
     stopping: Option<Instant>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
-    eventfd_armed: bool,
 }
 
 impl Driver<UringKernel> {
@@ -223,7 +222,6 @@ impl<K: Kernel> Driver<K> {
             waiting_for_buffers: 0,
             stopping: None,
             shutdown_waiters: Vec::new(),
-            eventfd_armed: false,
         };
         driver.arm_eventfd().map_err(|e| {
             Error::new(ErrorKind::Kernel, "cannot poll the driver's eventfd").with_source(e)
@@ -260,9 +258,7 @@ impl<K: Kernel> Driver<K> {
             .expect("small payload")
             .as_u64();
         self.kernel
-            .poll_readable(self.shared.eventfd.as_raw_fd(), user_data)?;
-        self.eventfd_armed = true;
-        Ok(())
+            .poll_readable(self.shared.eventfd.as_raw_fd(), user_data)
     }
 
     fn submit_recv(&mut self, slot: u32) -> io::Result<()> {
@@ -727,7 +723,6 @@ impl<K: Kernel> Driver<K> {
         }
         if raw.flags & zcrx_sys::ring::IORING_CQE_F_MORE == 0 {
             // The multishot poll ended (e.g. on CQ overflow): poll again.
-            self.eventfd_armed = false;
             self.arm_eventfd()?;
         }
         Ok(())
