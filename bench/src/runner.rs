@@ -268,10 +268,26 @@ pub fn receive(launcher: &Launcher, spec: &Spec) -> Result<RunOutcome> {
     let mut child = ChildProcess::spawn(launcher, spec)?;
     let addr = expect_listening(&mut child)?;
     let senders = Senders::start(connect(addr, conns)?, bytes_per_conn)?;
-    match child.next()? {
-        Msg::Ready { .. } => {}
+    let outcome = measure(&mut child, senders)?;
+    child.finish()?;
+    // Receive runs report no idle-phase memory.
+    Ok(RunOutcome {
+        rss_baseline: None,
+        rss_idle: None,
+        ..outcome
+    })
+}
+
+/// Waits until the child is ready, runs the senders while metering, and collects the child's
+/// result, with the RSS figures the child reported when ready.
+fn measure(child: &mut ChildProcess, senders: Senders) -> Result<RunOutcome> {
+    let (rss_baseline, rss_idle) = match child.next()? {
+        Msg::Ready {
+            rss_baseline,
+            rss_idle,
+        } => (rss_baseline, rss_idle),
         other => bail!("protocol error: expected ready, got {other:?}"),
-    }
+    };
     let meter = Meter::start();
     let sent = senders.run();
     // The child's word first: when it failed, the senders' broken pipes are only a symptom.
@@ -281,12 +297,11 @@ pub fn receive(launcher: &Launcher, spec: &Spec) -> Result<RunOutcome> {
     };
     let (sender_cpu_s, machine, tcp_counters) = meter.stop();
     sent?;
-    child.finish()?;
     Ok(RunOutcome {
         child: outcome,
         sender_cpu_s,
-        rss_baseline: None,
-        rss_idle: None,
+        rss_baseline,
+        rss_idle,
         machine,
         tcp_counters,
     })
@@ -318,29 +333,8 @@ pub fn scaling(launcher: &Launcher, spec: &Spec) -> Result<RunOutcome> {
         idle_sockets.push(socket);
     }
     let senders = Senders::start(connect(addr, busy)?, busy_bytes_per_conn)?;
-    let (rss_baseline, rss_idle) = match child.next()? {
-        Msg::Ready {
-            rss_baseline,
-            rss_idle,
-        } => (rss_baseline, rss_idle),
-        other => bail!("protocol error: expected ready, got {other:?}"),
-    };
-    let meter = Meter::start();
-    let sent = senders.run();
-    let outcome = match child.next()? {
-        Msg::Done(outcome) => outcome,
-        other => bail!("protocol error: expected the result, got {other:?}"),
-    };
-    let (sender_cpu_s, machine, tcp_counters) = meter.stop();
-    sent?;
+    let outcome = measure(&mut child, senders)?;
     drop(idle_sockets);
     child.finish()?;
-    Ok(RunOutcome {
-        child: outcome,
-        sender_cpu_s,
-        rss_baseline,
-        rss_idle,
-        machine,
-        tcp_counters,
-    })
+    Ok(outcome)
 }
