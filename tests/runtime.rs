@@ -382,6 +382,18 @@ fn many_streams_with_buffers_dropped_elsewhere_and_one_reset() {
     });
 }
 
+/// Whether `address` lies in one of this process's mappings.
+fn is_mapped(address: usize) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|line| {
+        let range = line.split(' ').next().unwrap();
+        let (start, end) = range.split_once('-').unwrap();
+        let start = usize::from_str_radix(start, 16).unwrap();
+        let end = usize::from_str_radix(end, 16).unwrap();
+        (start..end).contains(&address)
+    })
+}
+
 #[test]
 #[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
 fn buffers_outlive_stream_and_runtime() {
@@ -413,7 +425,11 @@ fn buffers_outlive_stream_and_runtime() {
         position += buf.len() as u64;
     }
     assert_eq!(position, TOTAL);
+    let area = held[0].as_ptr() as usize;
+    assert!(is_mapped(area));
     drop(held);
+    // The last buffer unmapped the area: nothing else kept it.
+    assert!(!is_mapped(area), "the area outlived its last buffer");
     // The queue is free again: a new runtime can register it.
     let zcrx = build(nic(&net));
     runtime().block_on(zcrx.shutdown());

@@ -221,6 +221,13 @@ impl Area {
     }
 }
 
+impl Drop for Area {
+    fn drop(&mut self) {
+        // Every buffer is gone; what the handle reports from now on.
+        *super::lock(&self.driver.final_stats) = Some(self.stats());
+    }
+}
+
 /// Keeps an [`Area`] alive for its buffers without two atomic operations on one shared
 /// reference count per buffer.
 ///

@@ -204,7 +204,7 @@ impl<K: Kernel> Driver<K> {
         config: &Validated,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<K>> {
-        *lock(&shared.area) = Some(Arc::clone(&area));
+        *lock(&shared.area) = Some(Arc::downgrade(&area));
         let mut driver = Driver {
             kernel,
             buffer_refs: BufferRefs::new(&area),

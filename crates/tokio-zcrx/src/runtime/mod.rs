@@ -15,7 +15,7 @@ pub(crate) mod synthetic;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
@@ -68,7 +68,11 @@ pub(crate) struct DriverShared {
     failure: Mutex<Option<String>>,
     slots: Mutex<StreamSlots>,
     events: broadcast::Sender<Event>,
-    area: Mutex<Option<Arc<area::Area>>>,
+    /// Weak: the area holds this struct (to wake the driver), and buffers may keep the area
+    /// alive past the runtime; a strong reference here would keep both alive forever.
+    area: Mutex<Option<Weak<area::Area>>>,
+    /// The area's statistics as it was freed, for `stats()` after that.
+    final_stats: Mutex<Option<Stats>>,
     description: Mutex<String>,
 }
 
@@ -89,8 +93,19 @@ impl DriverShared {
             slots: Mutex::new(StreamSlots::new()),
             events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
             area: Mutex::new(None),
+            final_stats: Mutex::new(None),
             description: Mutex::new(String::new()),
         })
+    }
+
+    fn stats(&self) -> Stats {
+        // The guard goes before `area` may be dropped: that can free the area, whose drop
+        // takes `final_stats`.
+        let area = lock(&self.area).as_ref().and_then(Weak::upgrade);
+        match area {
+            Some(area) => area.stats(),
+            None => lock(&self.final_stats).clone().unwrap_or_default(),
+        }
     }
 
     /// Wakes the driver if it sleeps (or is about to). Cheap when it is awake.
@@ -313,10 +328,7 @@ impl Zcrx {
     /// The current statistics.
     pub fn stats(&self) -> Stats {
         match &self.backend {
-            Backend::Uring(handle) => lock(&handle.shared.area)
-                .as_ref()
-                .map(|area| area.stats())
-                .unwrap_or_default(),
+            Backend::Uring(handle) => handle.shared.stats(),
             Backend::Copy(copy) => copy.stats(),
         }
     }

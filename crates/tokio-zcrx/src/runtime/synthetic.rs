@@ -407,8 +407,22 @@ mod tests {
         assert!(report.implied_gbps().is_finite());
     }
 
+    fn driver_shared(zcrx: &Zcrx) -> Arc<DriverShared> {
+        match &zcrx.backend {
+            super::super::Backend::Uring(handle) => Arc::clone(&handle.shared),
+            super::super::Backend::Copy(_) => unreachable!("a synthetic runtime"),
+        }
+    }
+
+    fn area_of(shared: &DriverShared) -> std::sync::Weak<Area> {
+        super::super::lock(&shared.area)
+            .clone()
+            .expect("the driver set it")
+    }
+
     /// Buffers outlive their stream, the runtime and its driver; the last one dropped frees
-    /// the area (the bulk reference count reaches zero on a buffer, not on the driver).
+    /// the area (the bulk reference count reaches zero on a buffer, not on the driver), and
+    /// the statistics stay readable afterwards.
     #[test]
     fn buffers_outlive_the_runtime() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -416,8 +430,9 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let held = runtime.block_on(async {
+        let (held, shared) = runtime.block_on(async {
             let zcrx = start(64, 10).unwrap();
+            let shared = driver_shared(&zcrx);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
                 .await
@@ -433,8 +448,11 @@ mod tests {
             drop(stream);
             zcrx.shutdown().await;
             drop((zcrx, client));
-            held
+            (held, shared)
         });
+        let area = area_of(&shared);
+        assert!(area.upgrade().is_some(), "held buffers keep the area");
+        assert_eq!(shared.stats().buffers_outstanding, 10);
         // Another thread drops them, as a worker would.
         std::thread::spawn(move || {
             for buf in &held {
@@ -445,5 +463,38 @@ mod tests {
         })
         .join()
         .unwrap();
+        assert!(area.upgrade().is_none(), "the last buffer frees the area");
+        let stats = shared.stats();
+        assert_eq!((stats.chunks, stats.buffers_outstanding), (10, 0));
+    }
+
+    /// With no buffer held, the area goes with the runtime: nothing the runtime shares with
+    /// its driver may keep it (a reference cycle once leaked every area).
+    #[test]
+    fn the_area_goes_with_the_runtime() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = runtime.block_on(async {
+            let zcrx = start(64, 10).unwrap();
+            let shared = driver_shared(&zcrx);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+            let mut chunks = 0;
+            while let Some(buf) = stream.next().await {
+                buf.unwrap();
+                chunks += 1;
+            }
+            assert_eq!(chunks, 10);
+            zcrx.shutdown().await;
+            shared
+        });
+        assert!(area_of(&shared).upgrade().is_none(), "the area leaked");
+        assert_eq!(shared.stats().bytes, 10 * 4096);
     }
 }
