@@ -12,6 +12,7 @@
 //! mode on the netdevsim queue (peer in its namespace) and in nodev mode over loopback.
 //! Target: the runtime at least 0.9x the raw loop's throughput.
 
+use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ enum Kind {
     NoDevice,
 }
 
-fn raw(kind: Kind, net: &GuestNet, total: u64) -> Duration {
+fn raw(kind: Kind, net: &GuestNet, total: u64, detail: bool) -> Duration {
     let target = match kind {
         Kind::Nic => Target::Nic {
             ifindex: net.nic_ifindex(),
@@ -47,9 +48,13 @@ fn raw(kind: Kind, net: &GuestNet, total: u64) -> Duration {
     let (listener, addr) = listen(&ip);
     let sender = spawn_sender(addr, total, netns);
     let (conn, _) = listener.accept().unwrap();
+    let before = Usage::now();
     let started = Instant::now();
     let report = receive_all(&mut zcrx, conn.as_raw_fd(), total);
     let elapsed = started.elapsed();
+    if detail {
+        Usage::now().report(&before, "raw", elapsed);
+    }
     assert_eq!(sender.join().unwrap(), total);
     assert_eq!(report.bytes, total);
     elapsed
@@ -62,7 +67,7 @@ fn endpoint(kind: Kind, net: &GuestNet) -> (String, Option<String>) {
     }
 }
 
-fn runtime(kind: Kind, net: &GuestNet, total: u64) -> Duration {
+fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool) -> Duration {
     let builder = match kind {
         Kind::Nic => Zcrx::builder().mode(Mode::Nic).interface(&net.nic, 0),
         Kind::NoDevice => Zcrx::builder().mode(Mode::NoDevice),
@@ -96,6 +101,7 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64) -> Duration {
         let sender = spawn_sender(listener.local_addr().unwrap(), total, netns);
         let (socket, _) = listener.accept().await.unwrap();
         let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+        let before = Usage::now();
         let started = Instant::now();
         let mut position = 0u64;
         while let Some(buf) = stream.next().await {
@@ -104,11 +110,80 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64) -> Duration {
             position += buf.len() as u64;
         }
         let elapsed = started.elapsed();
+        if detail {
+            Usage::now().report(&before, "runtime", elapsed);
+            println!("           {}", zcrx.stats());
+        }
         assert_eq!(position, total);
         assert_eq!(sender.join().unwrap(), total);
         zcrx.shutdown().await;
         elapsed
     })
+}
+
+/// Process-wide CPU time and context switches, and CPU time per live thread (by name), so a
+/// run can show where its time went (`--detail`).
+#[derive(Clone, Default)]
+struct Usage {
+    cpu: Duration,
+    voluntary_switches: i64,
+    involuntary_switches: i64,
+    threads: BTreeMap<String, u64>,
+}
+
+impl Usage {
+    fn now() -> Usage {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        let mut threads = BTreeMap::new();
+        for task in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ... utime stime are fields 14 and 15.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let name = stat[open + 1..close].to_string();
+            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+            let ticks: u64 =
+                fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+            *threads.entry(name).or_default() += ticks;
+        }
+        Usage {
+            cpu: time(usage.ru_utime) + time(usage.ru_stime),
+            voluntary_switches: usage.ru_nvcsw,
+            involuntary_switches: usage.ru_nivcsw,
+            threads,
+        }
+    }
+
+    fn report(&self, before: &Usage, label: &str, elapsed: Duration) {
+        let ticks_per_second = 100.0;
+        let mut threads = String::new();
+        for (name, ticks) in &self.threads {
+            let spent = ticks - before.threads.get(name).copied().unwrap_or(0);
+            if spent > 0 {
+                threads += &format!(" {name}={:.2}s", spent as f64 / ticks_per_second);
+            }
+        }
+        println!(
+            "  {label:<8} {:.2}s  cpu {:.2}s  switches {} voluntary {} involuntary  live threads:{threads}",
+            elapsed.as_secs_f64(),
+            (self.cpu - before.cpu).as_secs_f64(),
+            self.voluntary_switches - before.voluntary_switches,
+            self.involuntary_switches - before.involuntary_switches,
+        );
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -119,20 +194,24 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn main() {
     let mut mib: u64 = 256;
     let mut reps = 5;
+    let mut detail = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--detail" {
+            detail = true;
+            continue;
+        }
         let value = args.next().and_then(|v| v.parse::<u64>().ok());
         match (arg.as_str(), value) {
             ("--mib", Some(n)) if n > 0 => mib = n,
             ("--reps", Some(n)) if n > 0 => reps = n as usize,
             _ => {
-                eprintln!("usage: guest-ratio [--mib N] [--reps R]");
+                eprintln!("usage: guest-ratio [--mib N] [--reps R] [--detail]");
                 std::process::exit(2);
             }
         }
     }
     let net = GuestNet::from_env();
-    let total = mib << 20;
     println!(
         "runtime vs raw zcrx receive in the guest (TCG: only ratios count), {mib} MiB per run, \
          median of {reps}"
@@ -146,8 +225,8 @@ fn main() {
         let (mut raw_rates, mut runtime_rates) = (Vec::new(), Vec::new());
         // Alternate, so drift in the emulator affects both alike.
         for _ in 0..reps {
-            raw_rates.push(mib as f64 / raw(kind, &net, total).as_secs_f64());
-            runtime_rates.push(mib as f64 / runtime(kind, &net, total).as_secs_f64());
+            raw_rates.push(mib as f64 / raw(kind, &net, total, detail).as_secs_f64());
+            runtime_rates.push(mib as f64 / runtime(kind, &net, total, detail).as_secs_f64());
         }
         let (raw_rate, runtime_rate) = (median(raw_rates), median(runtime_rates));
         let ratio = runtime_rate / raw_rate;
