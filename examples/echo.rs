@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+
 use tokio::task::JoinSet;
-use tokio_zcrx::{Mode, ZcListener, ZcStream, Zcrx};
+use tokio_zcrx::{Mode, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
 use tokio_zcrx_examples::{human_bytes, say, ShutdownSignals};
 
 const USAGE_LINE: &str =
@@ -82,7 +82,7 @@ fn build_runtime(args: &Args) -> tokio_zcrx::Result<Zcrx> {
 }
 
 /// Echoes one connection until the client has finished sending, then half-closes.
-async fn echo(mut stream: ZcStream, mut writer: OwnedWriteHalf) -> io::Result<u64> {
+async fn echo(mut stream: ZcStream, mut writer: ZcWriteHalf) -> io::Result<u64> {
     let mut echoed = 0;
     while let Some(buf) = stream.next().await {
         let buf = buf?;

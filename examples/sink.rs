@@ -30,12 +30,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::net::tcp::OwnedWriteHalf;
+
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tokio_zcrx::{Event, EventKind, Mode, ModeSelection, Stats, ZcListener, ZcStream, Zcrx};
+use tokio_zcrx::{
+    Event, EventKind, Mode, ModeSelection, Stats, ZcListener, ZcStream, ZcWriteHalf, Zcrx,
+};
 use tokio_zcrx_examples::load::{self, Budget, LoadConfig, LoadReport};
 use tokio_zcrx_examples::{gbps, human_bytes, say, ShutdownSignals};
 
@@ -140,7 +142,7 @@ struct Conn {
 /// Consumes one connection: counts and checksums every byte, drops every buffer at once.
 async fn consume(
     mut stream: ZcStream,
-    writer: OwnedWriteHalf,
+    writer: ZcWriteHalf,
     peer: SocketAddr,
     received: Arc<AtomicU64>,
     stop: CancellationToken,

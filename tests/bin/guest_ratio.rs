@@ -128,7 +128,8 @@ struct Usage {
     cpu: Duration,
     voluntary_switches: i64,
     involuntary_switches: i64,
-    threads: BTreeMap<String, u64>,
+    /// Per live thread name: CPU ticks, voluntary and involuntary switches.
+    threads: BTreeMap<String, (u64, u64, u64)>,
 }
 
 impl Usage {
@@ -157,7 +158,18 @@ impl Usage {
             let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
             let ticks: u64 =
                 fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-            *threads.entry(name).or_default() += ticks;
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let switches = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let entry = threads.entry(name).or_insert((0, 0, 0));
+            entry.0 += ticks;
+            entry.1 += switches("voluntary_ctxt_switches:");
+            entry.2 += switches("nonvoluntary_ctxt_switches:");
         }
         Usage {
             cpu: time(usage.ru_utime) + time(usage.ru_stime),
@@ -170,10 +182,16 @@ impl Usage {
     fn report(&self, before: &Usage, label: &str, elapsed: Duration) {
         let ticks_per_second = 100.0;
         let mut threads = String::new();
-        for (name, ticks) in &self.threads {
-            let spent = ticks - before.threads.get(name).copied().unwrap_or(0);
-            if spent > 0 {
-                threads += &format!(" {name}={:.2}s", spent as f64 / ticks_per_second);
+        for (name, (ticks, voluntary, involuntary)) in &self.threads {
+            let (ticks0, voluntary0, involuntary0) =
+                before.threads.get(name).copied().unwrap_or_default();
+            if ticks > &ticks0 {
+                threads += &format!(
+                    " {name}={:.2}s/{}v/{}i",
+                    (ticks - ticks0) as f64 / ticks_per_second,
+                    voluntary - voluntary0,
+                    involuntary - involuntary0
+                );
             }
         }
         println!(
@@ -212,6 +230,7 @@ fn main() {
         }
     }
     let net = GuestNet::from_env();
+    let total = mib << 20;
     println!(
         "runtime vs raw zcrx receive in the guest (TCG: only ratios count), {mib} MiB per run, \
          median of {reps}"

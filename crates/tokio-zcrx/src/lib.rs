@@ -41,6 +41,7 @@ mod mode;
 pub mod probe;
 mod runtime;
 mod stream;
+mod writer;
 
 pub use buf::ZcBuf;
 pub use config::{Builder, EventsPolicy};
@@ -49,6 +50,7 @@ pub use event::{Event, EventKind, Stats};
 pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
 pub use runtime::Zcrx;
 pub use stream::{StreamOptions, ZcListener, ZcReader, ZcStream};
+pub use writer::ZcWriteHalf;
 
 /// Internals for the per-chunk benchmark (`bench-internals` feature): the runtime driven by a
 /// synthetic completion source. Not a stable API.

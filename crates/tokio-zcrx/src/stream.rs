@@ -9,12 +9,12 @@ use std::task::{Context, Poll, Waker};
 
 use futures::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, ToSocketAddrs};
 
 use crate::buf::ZcBuf;
 use crate::copy::CopyStream;
 use crate::runtime::{Command, StreamKey, UringHandle};
+use crate::writer::ZcWriteHalf;
 use crate::Zcrx;
 
 /// How a stream reads.
@@ -315,7 +315,7 @@ impl ZcListener {
     }
 
     /// Accepts a connection: its receive stream, the write half for replies, and the peer.
-    pub async fn accept(&self) -> io::Result<(ZcStream, OwnedWriteHalf, SocketAddr)> {
+    pub async fn accept(&self) -> io::Result<(ZcStream, ZcWriteHalf, SocketAddr)> {
         let (socket, peer) = self.listener.accept().await?;
         let (stream, writer) = self.zcrx.attach(socket)?;
         Ok((stream, writer, peer))

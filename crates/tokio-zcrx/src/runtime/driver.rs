@@ -119,7 +119,7 @@ enum Request {
 struct StreamEntry {
     id: StreamId,
     /// Keeps the socket open while the kernel may use it.
-    socket: tokio::net::tcp::OwnedReadHalf,
+    socket: Arc<std::net::TcpStream>,
     shared: Arc<StreamShared>,
     limit: Option<u32>,
     request: Request,
@@ -133,7 +133,7 @@ struct StreamEntry {
 
 impl StreamEntry {
     fn fd(&self) -> RawFd {
-        self.socket.as_ref().as_raw_fd()
+        self.socket.as_raw_fd()
     }
 }
 
@@ -319,7 +319,7 @@ impl<K: Kernel> Driver<K> {
     fn attach(
         &mut self,
         key: StreamId,
-        socket: tokio::net::tcp::OwnedReadHalf,
+        socket: Arc<std::net::TcpStream>,
         shared: Arc<StreamShared>,
         options: StreamOptions,
     ) -> io::Result<()> {

@@ -17,7 +17,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, oneshot};
 use zcrx_core::user_data::{StreamId, StreamSlots};
@@ -28,6 +27,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Stats};
 use crate::mode::{ActiveMode, Mode, ModeSelection};
 use crate::stream::{StreamOptions, StreamShared, ZcStream};
+use crate::writer::ZcWriteHalf;
 
 pub(crate) type StreamKey = StreamId;
 
@@ -38,7 +38,7 @@ const EVENT_CHANNEL_CAPACITY: usize = 1024;
 pub(crate) enum Command {
     Attach {
         key: StreamKey,
-        socket: tokio::net::tcp::OwnedReadHalf,
+        socket: Arc<std::net::TcpStream>,
         shared: Arc<StreamShared>,
         options: StreamOptions,
     },
@@ -270,7 +270,7 @@ impl Zcrx {
     /// Receives an existing connection through this runtime: returns its stream of
     /// buffers and the write half (for replies). Must be called within a Tokio runtime
     /// (the write half uses Tokio's reactor).
-    pub fn attach(&self, socket: TcpStream) -> std::io::Result<(ZcStream, OwnedWriteHalf)> {
+    pub fn attach(&self, socket: TcpStream) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
         self.attach_with(socket, StreamOptions::default())
     }
 
@@ -279,7 +279,7 @@ impl Zcrx {
         &self,
         socket: TcpStream,
         options: StreamOptions,
-    ) -> std::io::Result<(ZcStream, OwnedWriteHalf)> {
+    ) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
         if options.read_limit == Some(0) {
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
@@ -290,12 +290,14 @@ impl Zcrx {
         match &self.backend {
             Backend::Uring(handle) => {
                 handle.shared.check_running()?;
-                let (read_half, write_half) = socket.into_split();
+                // Out of Tokio's reactor for reads: the kernel receives into the area.
+                let socket = Arc::new(socket.into_std()?);
+                let write_half = ZcWriteHalf::write_only(Arc::clone(&socket))?;
                 let key = lock(&handle.shared.slots).allocate();
                 let shared = Arc::new(StreamShared::default());
                 handle.shared.send(Command::Attach {
                     key,
-                    socket: read_half,
+                    socket,
                     shared: Arc::clone(&shared),
                     options,
                 })?;
@@ -311,7 +313,7 @@ impl Zcrx {
                     Arc::clone(&copy.pool),
                     options.read_limit,
                 ));
-                Ok((stream, write_half))
+                Ok((stream, ZcWriteHalf::tokio(write_half)))
             }
         }
     }

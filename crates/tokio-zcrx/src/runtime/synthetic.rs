@@ -497,4 +497,53 @@ mod tests {
         assert!(area_of(&shared).upgrade().is_none(), "the area leaked");
         assert_eq!(shared.stats().bytes, 10 * 4096);
     }
+
+    /// In the io_uring modes the write half is registered with Tokio for writability only;
+    /// it still writes (plain and vectored), shuts down, reports addresses and, dropped,
+    /// ends the sending direction.
+    #[test]
+    fn the_write_half_writes_shuts_down_and_closes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let zcrx = start(64, 1).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            let (mut stream, mut writer) = zcrx.attach(socket).unwrap();
+            assert_eq!(writer.peer_addr().unwrap(), client.local_addr().unwrap());
+            assert_eq!(writer.local_addr().unwrap(), client.peer_addr().unwrap());
+            // More than the socket buffers hold, so the writer has to wait for writability.
+            let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+            let reader = tokio::spawn(async move {
+                let mut received = Vec::new();
+                client.read_to_end(&mut received).await.unwrap();
+                received
+            });
+            writer.write_all(&payload[..1 << 20]).await.unwrap();
+            let rest = &payload[1 << 20..];
+            let mut written = 0;
+            while written < rest.len() {
+                let half = (rest.len() - written) / 2;
+                let slices = [
+                    std::io::IoSlice::new(&rest[written..written + half]),
+                    std::io::IoSlice::new(&rest[written + half..]),
+                ];
+                written += writer.write_vectored(&slices).await.unwrap();
+            }
+            writer.flush().await.unwrap();
+            drop(writer);
+            assert_eq!(reader.await.unwrap(), payload);
+            // The receive side is the synthetic one: one chunk, then the end.
+            assert_eq!(stream.next().await.unwrap().unwrap().len(), 4096);
+            assert!(stream.next().await.is_none());
+            zcrx.shutdown().await;
+        });
+    }
 }
