@@ -1,7 +1,7 @@
 //! The runtime's zcrx receive against a minimal raw receive loop, in the QEMU guest.
 //!
 //! ```text
-//! cargo xtask vm-bench [-- --mib 256 --reps 5]
+//! cargo xtask vm-bench [-- --mib 256 --reps 7 --detail]
 //! ```
 //!
 //! Guest timings are emulated (QEMU TCG), so only the ratio between the two receivers on the
@@ -204,14 +204,35 @@ impl Usage {
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// Median, minimum and maximum, shown as `median [min-max]`.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Spread {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Spread {
+            median: sorted[sorted.len() / 2],
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = format!("{:.1} [{:.1}-{:.1}]", self.median, self.min, self.max);
+        f.pad(&text)
+    }
 }
 
 fn main() {
     let mut mib: u64 = 256;
-    let mut reps = 5;
+    let mut reps = 7;
     let mut detail = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -233,11 +254,11 @@ fn main() {
     let total = mib << 20;
     println!(
         "runtime vs raw zcrx receive in the guest (TCG: only ratios count), {mib} MiB per run, \
-         median of {reps}"
+         {reps} alternating pairs, median [min-max]"
     );
     println!(
-        "{:>6}  {:>16}  {:>16}  {:>14}",
-        "mode", "raw MiB/s", "runtime MiB/s", "runtime / raw"
+        "{:>6}  {:>22}  {:>22}  {:>13}  {:>17}",
+        "mode", "raw MiB/s", "runtime MiB/s", "runtime / raw", "pairs' ratios"
     );
     let mut missed = false;
     for (kind, name) in [(Kind::Nic, "nic"), (Kind::NoDevice, "nodev")] {
@@ -247,10 +268,19 @@ fn main() {
             raw_rates.push(mib as f64 / raw(kind, &net, total, detail).as_secs_f64());
             runtime_rates.push(mib as f64 / runtime(kind, &net, total, detail).as_secs_f64());
         }
-        let (raw_rate, runtime_rate) = (median(raw_rates), median(runtime_rates));
-        let ratio = runtime_rate / raw_rate;
+        let pairs: Vec<f64> = runtime_rates
+            .iter()
+            .zip(&raw_rates)
+            .map(|(runtime, raw)| runtime / raw)
+            .collect();
+        let (raw_rate, runtime_rate) = (Spread::of(&raw_rates), Spread::of(&runtime_rates));
+        let pairs = Spread::of(&pairs);
+        let ratio = runtime_rate.median / raw_rate.median;
         missed |= ratio < 0.9;
-        println!("{name:>6}  {raw_rate:>16.1}  {runtime_rate:>16.1}  {ratio:>13.2}x");
+        println!(
+            "{name:>6}  {raw_rate:>22}  {runtime_rate:>22}  {ratio:>12.2}x  {:>8.2}x-{:.2}x",
+            pairs.min, pairs.max
+        );
     }
     println!(
         "target: runtime >= 0.9x raw: {}",

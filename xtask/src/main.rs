@@ -32,7 +32,8 @@ Commands:
   vm-bench [-- ARGS]
               The runtime's zcrx receive against a minimal raw receive loop, in the guest
               (nic and nodev modes; only the ratio counts under emulation). ARGS go to
-              guest-ratio: --mib N, --reps R.
+              guest-ratio: --mib N (256), --reps R (7), --detail (CPU time and context
+              switches per thread and run).
   vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
               netdevsim, initramfs).
   bench [ARGS]
