@@ -104,7 +104,7 @@ impl DriverShared {
         let area = lock(&self.area).as_ref().and_then(Weak::upgrade);
         match area {
             Some(area) => area.stats(),
-            None => lock(&self.final_stats).clone().unwrap_or_default(),
+            None => lock(&self.final_stats).unwrap_or_default(),
         }
     }
 

@@ -414,6 +414,19 @@ mod tests {
         }
     }
 
+    /// A loopback connection whose server side is attached: stream, write half, client.
+    async fn attach_one(
+        zcrx: &Zcrx,
+    ) -> (crate::ZcStream, crate::ZcWriteHalf, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let (stream, writer) = zcrx.attach(socket).unwrap();
+        (stream, writer, client)
+    }
+
     fn area_of(shared: &DriverShared) -> std::sync::Weak<Area> {
         super::super::lock(&shared.area)
             .clone()
@@ -433,12 +446,7 @@ mod tests {
         let (held, shared) = runtime.block_on(async {
             let zcrx = start(64, 10).unwrap();
             let shared = driver_shared(&zcrx);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (socket, _) = listener.accept().await.unwrap();
-            let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+            let (mut stream, _writer, client) = attach_one(&zcrx).await;
             let mut held = Vec::new();
             while let Some(buf) = stream.next().await {
                 held.push(buf.unwrap());
@@ -479,12 +487,7 @@ mod tests {
         let shared = runtime.block_on(async {
             let zcrx = start(64, 10).unwrap();
             let shared = driver_shared(&zcrx);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (socket, _) = listener.accept().await.unwrap();
-            let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+            let (mut stream, _writer, _client) = attach_one(&zcrx).await;
             let mut chunks = 0;
             while let Some(buf) = stream.next().await {
                 buf.unwrap();
@@ -511,12 +514,7 @@ mod tests {
             .unwrap();
         runtime.block_on(async {
             let zcrx = start(64, 1).unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (socket, _) = listener.accept().await.unwrap();
-            let (mut stream, mut writer) = zcrx.attach(socket).unwrap();
+            let (mut stream, mut writer, mut client) = attach_one(&zcrx).await;
             assert_eq!(writer.peer_addr().unwrap(), client.local_addr().unwrap());
             assert_eq!(writer.local_addr().unwrap(), client.peer_addr().unwrap());
             // More than the socket buffers hold, so the writer has to wait for writability.
