@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-
 use tokio::task::JoinSet;
 use tokio_zcrx::{Mode, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
 use tokio_zcrx_examples::{human_bytes, say, ShutdownSignals};

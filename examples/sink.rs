@@ -30,7 +30,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};

@@ -180,17 +180,19 @@ impl Usage {
     }
 
     fn report(&self, before: &Usage, label: &str, elapsed: Duration) {
-        let ticks_per_second = 100.0;
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let mut threads = String::new();
         for (name, (ticks, voluntary, involuntary)) in &self.threads {
             let (ticks0, voluntary0, involuntary0) =
                 before.threads.get(name).copied().unwrap_or_default();
+            // Threads of one name are summed; one that exited makes a sum shrink.
             if ticks > &ticks0 {
                 threads += &format!(
                     " {name}={:.2}s/{}v/{}i",
                     (ticks - ticks0) as f64 / ticks_per_second,
-                    voluntary - voluntary0,
-                    involuntary - involuntary0
+                    voluntary.saturating_sub(voluntary0),
+                    involuntary.saturating_sub(involuntary0)
                 );
             }
         }

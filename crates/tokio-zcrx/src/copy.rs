@@ -120,14 +120,9 @@ impl Pool {
 
     fn on_copied(&self, len: usize) {
         self.bytes.fetch_add(len as u64, Ordering::Relaxed);
-        let chunks = self.chunks.fetch_add(1, Ordering::Relaxed);
+        self.chunks.fetch_add(1, Ordering::Relaxed);
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        // At most one CopyFallback event per interval, like re-armed kernel events. The clock
-        // is read on every 16th buffer only (the first one included): a busy stream gets there
-        // many times per interval, and the read is a good part of this function's cost.
-        if chunks % 16 != 0 {
-            return;
-        }
+        // At most one CopyFallback event per interval, like re-armed kernel events.
         let now = self.epoch.elapsed().as_nanos() as u64;
         let last = self.last_event.load(Ordering::Relaxed);
         let due =
@@ -167,6 +162,8 @@ pub(crate) struct CopyStream {
     pool: Arc<Pool>,
     permits: PollSemaphore,
     read_limit: Option<u32>,
+    /// `permits` has a request in the semaphore's queue (its last poll was pending).
+    queued: bool,
     done: bool,
 }
 
@@ -180,6 +177,7 @@ impl CopyStream {
             permits: PollSemaphore::new(Arc::clone(&pool.permits)),
             pool,
             read_limit,
+            queued: false,
             done: false,
         }
     }
@@ -203,16 +201,18 @@ impl CopyStream {
                 return Poll::Ready(Some(Err(e)));
             }
             // A free buffer goes to waiting streams first (the semaphore hands released
-            // permits to its queue), so taking one without queueing is fair; and it saves the
-            // two reference-count updates PollSemaphore's owned permit costs per read.
-            match self.pool.permits.try_acquire() {
-                Ok(permit) => permit.forget(),
-                Err(_) => {
-                    let Some(permit) = std::task::ready!(self.permits.poll_acquire(cx)) else {
-                        unreachable!("the pool's semaphore is never closed");
-                    };
-                    permit.forget();
-                }
+            // permits to its queue), so a stream that is not queued may take one without
+            // queueing; that saves the two reference-count updates of PollSemaphore's owned
+            // permit per read. A queued stream must take its permit through the queue: a
+            // permit handed to its queued request would otherwise sit there unused.
+            let fast = !self.queued && self.pool.permits.try_acquire().map(|p| p.forget()).is_ok();
+            if !fast {
+                self.queued = true;
+                let Some(permit) = std::task::ready!(self.permits.poll_acquire(cx)) else {
+                    unreachable!("the pool's semaphore is never closed");
+                };
+                self.queued = false;
+                permit.forget();
             }
             let index = self.pool.take();
             let limit = self.read_limit.map_or(self.pool.buffer_size, |l| {

@@ -2,7 +2,7 @@
 
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -54,7 +54,7 @@ impl ZcWriteHalf {
     }
 
     /// Registers `socket` (non-blocking, not registered elsewhere) for writability only.
-    /// Must be called within a Tokio runtime with I/O enabled.
+    /// Panics outside a Tokio runtime (the caller checks).
     pub(crate) fn write_only(socket: Arc<std::net::TcpStream>) -> io::Result<ZcWriteHalf> {
         // SAFETY: the `Arc` owns the socket, so its descriptor stays open (and the same)
         // for as long as the AsyncFd holds it.
@@ -77,6 +77,22 @@ impl ZcWriteHalf {
         match self.socket() {
             SocketRef::Tokio(half) => half.peer_addr(),
             SocketRef::Std(socket) => socket.peer_addr(),
+        }
+    }
+
+    /// Whether `TCP_NODELAY` is set (Nagle's algorithm off).
+    pub fn nodelay(&self) -> io::Result<bool> {
+        match self.socket() {
+            SocketRef::Tokio(half) => half.as_ref().nodelay(),
+            SocketRef::Std(socket) => socket.nodelay(),
+        }
+    }
+
+    /// Sets `TCP_NODELAY`: small replies go out at once instead of waiting for an ACK.
+    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        match self.socket() {
+            SocketRef::Tokio(half) => half.as_ref().set_nodelay(nodelay),
+            SocketRef::Std(socket) => socket.set_nodelay(nodelay),
         }
     }
 
@@ -153,12 +169,20 @@ impl AsyncWrite for ZcWriteHalf {
     }
 }
 
+/// The connection's socket, e.g. for `socket2::SockRef` options. Reading from it would take
+/// bytes from under the receive side.
+impl AsFd for ZcWriteHalf {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self.socket() {
+            SocketRef::Tokio(half) => half.as_ref().as_fd(),
+            SocketRef::Std(socket) => socket.as_fd(),
+        }
+    }
+}
+
 impl AsRawFd for ZcWriteHalf {
     fn as_raw_fd(&self) -> RawFd {
-        match self.socket() {
-            SocketRef::Tokio(half) => half.as_ref().as_raw_fd(),
-            SocketRef::Std(socket) => socket.as_raw_fd(),
-        }
+        self.as_fd().as_raw_fd()
     }
 }
 

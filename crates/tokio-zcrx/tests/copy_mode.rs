@@ -285,3 +285,42 @@ async fn shutdown_ends_a_waiting_stream_with_an_error() {
     let err = end.expect("an error, not EOF").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
 }
+
+/// A stream that queued for a buffer takes the one handed to its queue, and the buffer that
+/// is free besides goes to the next stream: none stays reserved for a request nobody uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_stream_takes_its_own_buffer_and_leaves_the_free_one() {
+    let zcrx = copy_runtime(2, 4096);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut clients = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(&[7u8; 100]).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        clients.push(client);
+        streams.push(zcrx.attach(socket).unwrap());
+    }
+    async fn next(stream: &mut ZcStream) -> ZcBuf {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        next.expect("a buffer within 5 s").unwrap().unwrap()
+    }
+    // A and B hold both buffers.
+    let a = next(&mut streams[0].0).await;
+    let b = next(&mut streams[1].0).await;
+    // C has data but no buffer: it queues (its readiness is there well within this time).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), streams[2].0.next())
+            .await
+            .is_err(),
+        "C read with an empty pool"
+    );
+    // A's buffer goes to C's queued request; B's is free besides.
+    drop(a);
+    drop(b);
+    let c = next(&mut streams[2].0).await;
+    let d = next(&mut streams[3].0).await;
+    assert_eq!((c.len(), d.len()), (100, 100));
+    assert_eq!(zcrx.stats().buffers_outstanding, 2);
+}

@@ -99,12 +99,22 @@ impl DriverShared {
     }
 
     fn stats(&self) -> Stats {
-        // The guard goes before `area` may be dropped: that can free the area, whose drop
-        // takes `final_stats`.
-        let area = lock(&self.area).as_ref().and_then(Weak::upgrade);
-        match area {
-            Some(area) => area.stats(),
-            None => lock(&self.final_stats).unwrap_or_default(),
+        loop {
+            // The guard goes before `area` may be dropped: that can free the area, whose drop
+            // takes `final_stats`.
+            let area = lock(&self.area).clone();
+            let Some(area) = area else {
+                return Stats::default(); // not registered yet
+            };
+            if let Some(area) = area.upgrade() {
+                return area.stats();
+            }
+            if let Some(stats) = *lock(&self.final_stats) {
+                return stats;
+            }
+            // The last reference is going and the area's drop has not left its figures yet:
+            // a few instructions away.
+            std::thread::yield_now();
         }
     }
 
@@ -269,7 +279,8 @@ impl Zcrx {
 
     /// Receives an existing connection through this runtime: returns its stream of
     /// buffers and the write half (for replies). Must be called within a Tokio runtime
-    /// (the write half uses Tokio's reactor).
+    /// (the write half uses Tokio's reactor); in the io_uring modes it fails with
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) otherwise.
     pub fn attach(&self, socket: TcpStream) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
         self.attach_with(socket, StreamOptions::default())
     }
@@ -290,6 +301,13 @@ impl Zcrx {
         match &self.backend {
             Backend::Uring(handle) => {
                 handle.shared.check_running()?;
+                tokio::runtime::Handle::try_current().map_err(|_| {
+                    Error::new(
+                        ErrorKind::InvalidConfig,
+                        "attach must be called within a Tokio runtime: the write half it \
+                         returns is registered with that runtime's reactor",
+                    )
+                })?;
                 // Out of Tokio's reactor for reads: the kernel receives into the area.
                 let socket = Arc::new(socket.into_std()?);
                 let write_half = ZcWriteHalf::write_only(Arc::clone(&socket))?;

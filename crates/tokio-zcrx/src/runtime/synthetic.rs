@@ -536,12 +536,57 @@ mod tests {
                 written += writer.write_vectored(&slices).await.unwrap();
             }
             writer.flush().await.unwrap();
-            drop(writer);
+            writer.set_nodelay(true).unwrap();
+            assert!(writer.nodelay().unwrap());
+            // The descriptor it lends is the connection's socket.
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&writer));
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: reads one int option of a live socket into a live int.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!((rc, value != 0), (0, true));
+            writer.shutdown().await.unwrap();
             assert_eq!(reader.await.unwrap(), payload);
+            drop(writer);
             // The receive side is the synthetic one: one chunk, then the end.
             assert_eq!(stream.next().await.unwrap().unwrap().len(), 4096);
             assert!(stream.next().await.is_none());
             zcrx.shutdown().await;
         });
+    }
+
+    /// Outside a Tokio runtime, attach says so instead of panicking (the write half needs
+    /// the runtime's reactor).
+    #[test]
+    fn attach_outside_a_runtime_is_an_error() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (zcrx, socket, _client) = runtime.block_on(async {
+            let zcrx = start(64, 1).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            (zcrx, socket, client)
+        });
+        let error = std::thread::spawn(move || zcrx.attach(socket).err().unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            error.to_string().contains("within a Tokio runtime"),
+            "{error}"
+        );
     }
 }
