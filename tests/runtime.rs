@@ -89,6 +89,56 @@ fn zero_copy_256mib_over_netdevsim() {
     });
 }
 
+/// Reads `stream` to the end by batches of at most 64 buffers, checking every byte.
+async fn read_verified_by_batches(mut stream: ZcStream) -> u64 {
+    let mut position = 0u64;
+    while let Some(batch) = stream.next_batch(64).await {
+        let batch = batch.unwrap();
+        assert!(batch.len() <= 64);
+        for buf in batch.iter() {
+            assert_eq!(first_mismatch(position, buf), None, "byte at {position}");
+            position += buf.len() as u64;
+        }
+    }
+    position
+}
+
+/// Batches returned whole, through an area an eighth of the payload: zero copy on the NIC
+/// queue and every byte copied in nodev mode, nothing outstanding at the end.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn batches_return_their_chunks_in_nic_and_nodev_modes() {
+    const TOTAL: u64 = 64 << 20;
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        for (builder, ip, netns) in [
+            (
+                nic(&net),
+                net.nic_addr.clone(),
+                Some(net.peer_netns.clone()),
+            ),
+            (nodev(), "127.0.0.1".to_string(), None),
+        ] {
+            let zcrx = build(builder.area_size(8 << 20));
+            let (listener, addr) = listen(&ip).await;
+            let sender = spawn_sender(addr, TOTAL, netns);
+            let stream = accept(&zcrx, &listener).await;
+            assert_eq!(read_verified_by_batches(stream).await, TOTAL);
+            assert_eq!(sender.join().unwrap(), TOTAL);
+            let stats = zcrx.stats();
+            println!("{}: {stats}", zcrx.mode());
+            assert_eq!((stats.bytes, stats.buffers_outstanding), (TOTAL, 0));
+            let expected_copy = if zcrx.mode() == tokio_zcrx::ActiveMode::Nic {
+                0
+            } else {
+                TOTAL
+            };
+            assert_eq!(stats.copy_bytes, Some(expected_copy), "{stats}");
+            zcrx.shutdown().await;
+        }
+    });
+}
+
 #[test]
 #[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
 fn reads_with_a_byte_limit_complete_the_payload() {

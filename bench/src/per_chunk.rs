@@ -15,7 +15,7 @@
 
 use std::process::ExitCode;
 
-use tokio_zcrx::__bench::per_chunk;
+use tokio_zcrx::__bench::{per_chunk, Consume};
 
 fn main() -> ExitCode {
     let mut chunks: u64 = 2_000_000;
@@ -39,13 +39,23 @@ fn main() -> ExitCode {
          per run, {reps} runs, {workers} Tokio workers plus the driver thread"
     );
     println!(
-        "{:>7}  {:>14}  {:>14}  {:>16}",
-        "streams", "wall ns/chunk", "CPU ns/chunk", "implied Gbit/s"
+        "{:>7}  {:<22}  {:>14}  {:>14}  {:>16}",
+        "streams", "consumer", "wall ns/chunk", "CPU ns/chunk", "implied Gbit/s"
     );
-    for streams in [1usize, 64] {
+    let cases = [
+        (1usize, Consume::EachBuffer),
+        (64, Consume::EachBuffer),
+        (1, Consume::Batches(64)),
+        (64, Consume::Batches(64)),
+    ];
+    for (streams, consume) in cases {
+        let consumer = match consume {
+            Consume::EachBuffer => "next(), each dropped".to_string(),
+            Consume::Batches(n) => format!("next_batch({n})"),
+        };
         let mut runs = Vec::new();
         for _ in 0..reps {
-            match per_chunk(streams, chunks / streams as u64, workers) {
+            match per_chunk(streams, chunks / streams as u64, workers, consume) {
                 Ok(report) => runs.push(report),
                 Err(e) => {
                     eprintln!("per-chunk: {streams} streams: {e}");
@@ -57,7 +67,7 @@ fn main() -> ExitCode {
         let median = runs[runs.len() / 2];
         let (best, worst) = (runs[0], runs[runs.len() - 1]);
         println!(
-            "{:>7}  {:>6.1} [{:.1}-{:.1}]  {:>14.1}  {:>16.1}",
+            "{:>7}  {consumer:<22}  {:>6.1} [{:.1}-{:.1}]  {:>14.1}  {:>16.1}",
             streams,
             median.ns_per_chunk(),
             best.ns_per_chunk(),

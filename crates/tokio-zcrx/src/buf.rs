@@ -5,7 +5,8 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::copy::Pool;
-use crate::runtime::area::{release, Area, BufferRefs};
+use crate::runtime::area::{release, release_many, Area, BufferRefs};
+use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 
 /// Received bytes that live in the zcrx receive area, where the NIC put them.
 ///
@@ -149,5 +150,129 @@ impl fmt::Debug for ZcBuf {
             Owner::Pool { index, .. } => debug.field("pool_buffer", index),
         };
         debug.finish()
+    }
+}
+
+/// Buffers of one stream taken at once ([`ZcStream::next_batch`](crate::ZcStream::next_batch)).
+///
+/// Derefs to `[ZcBuf]`. Dropping the batch returns every buffer still in it to the kernel
+/// with one refill-ring publication, instead of one per buffer: for a consumer that handles
+/// a batch and then lets it go, the cheapest way to give the area back. Buffers taken out
+/// (`into_iter`, `into_vec`) are returned one by one, when each is dropped.
+///
+/// ```no_run
+/// # async fn demo(mut stream: tokio_zcrx::ZcStream) -> std::io::Result<()> {
+/// let mut total = 0;
+/// while let Some(batch) = stream.next_batch(64).await {
+///     let batch = batch?;
+///     total += batch.iter().map(|buf| buf.len()).sum::<usize>();
+/// } // each batch goes back to the kernel here, all at once
+/// # let _ = total;
+/// # Ok(())
+/// # }
+/// ```
+pub struct ZcBatch {
+    buffers: Vec<ZcBuf>,
+}
+
+impl ZcBatch {
+    pub(crate) fn new(buffers: Vec<ZcBuf>) -> ZcBatch {
+        ZcBatch { buffers }
+    }
+
+    /// Bytes in all buffers of the batch.
+    pub fn bytes(&self) -> usize {
+        self.buffers.iter().map(ZcBuf::len).sum()
+    }
+
+    /// The buffers, to be returned one by one as each is dropped.
+    pub fn into_vec(mut self) -> Vec<ZcBuf> {
+        std::mem::take(&mut self.buffers)
+    }
+}
+
+impl Deref for ZcBatch {
+    type Target = [ZcBuf];
+
+    fn deref(&self) -> &[ZcBuf] {
+        &self.buffers
+    }
+}
+
+impl IntoIterator for ZcBatch {
+    type Item = ZcBuf;
+    type IntoIter = std::vec::IntoIter<ZcBuf>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.into_vec().into_iter()
+    }
+}
+
+impl fmt::Debug for ZcBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ZcBatch")
+            .field("buffers", &self.buffers.len())
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+impl Drop for ZcBatch {
+    fn drop(&mut self) {
+        return_all(&mut self.buffers);
+    }
+}
+
+/// Returns every buffer in `buffers`: area chunks in runs per area, each run with one refill
+/// publication and one reference release; pool buffers one by one.
+fn return_all(buffers: &mut Vec<ZcBuf>) {
+    const RUN: usize = 64;
+    let mut entries: [io_uring_zcrx_rqe; RUN] = [io_uring_zcrx_rqe::default(); RUN];
+    let mut chunks = [0u32; RUN];
+    let mut run_area: Option<std::ptr::NonNull<Area>> = None;
+    let mut run_len = 0;
+    let flush = |area: std::ptr::NonNull<Area>,
+                 len: usize,
+                 entries: &[io_uring_zcrx_rqe],
+                 chunks: &[u32]| {
+        // SAFETY: the run's buffers each owned one of the area's buffer references, which
+        // keep it alive until `release_many` gives them all back; nothing touches the area
+        // afterwards.
+        unsafe {
+            area.as_ref().return_chunks(&entries[..len], &chunks[..len]);
+            release_many(area.as_ptr(), len);
+        }
+    };
+    for buffer in buffers.drain(..) {
+        let Owner::Area {
+            area,
+            chunk,
+            area_offset,
+        } = buffer.owner
+        else {
+            drop(buffer); // a pool buffer
+            continue;
+        };
+        if run_area.is_some_and(|run| run != area) || run_len == RUN {
+            flush(
+                run_area.expect("a run in progress"),
+                run_len,
+                &entries,
+                &chunks,
+            );
+            run_len = 0;
+        }
+        run_area = Some(area);
+        // SAFETY: the buffer's reference keeps the area alive (until the run is flushed).
+        entries[run_len] = unsafe { area.as_ref() }.refill_entry(area_offset, buffer.len);
+        chunks[run_len] = chunk;
+        run_len += 1;
+        // Its chunk and its reference are now owed by the run.
+        std::mem::forget(buffer);
+    }
+    if let Some(area) = run_area {
+        if run_len > 0 {
+            flush(area, run_len, &entries, &chunks);
+        }
     }
 }

@@ -43,7 +43,7 @@ mod runtime;
 mod stream;
 mod writer;
 
-pub use buf::ZcBuf;
+pub use buf::{ZcBatch, ZcBuf};
 pub use config::{Builder, EventsPolicy};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};
@@ -57,7 +57,7 @@ pub use writer::ZcWriteHalf;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::runtime::synthetic::{per_chunk, PerChunkReport};
+    pub use crate::runtime::synthetic::{per_chunk, Consume, PerChunkReport};
 }
 
 /// The user guides' code blocks compile too.

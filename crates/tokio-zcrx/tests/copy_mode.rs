@@ -324,3 +324,27 @@ async fn a_queued_stream_takes_its_own_buffer_and_leaves_the_free_one() {
     assert_eq!((c.len(), d.len()), (100, 100));
     assert_eq!(zcrx.stats().buffers_outstanding, 2);
 }
+
+/// Batches work in copy mode too (one buffer each), in order, and give the pool back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_copy_mode_hold_one_buffer_in_order() {
+    const TOTAL: u64 = 1 << 20;
+    let zcrx = copy_runtime(2, 8192);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sender = tokio::spawn(async move { send(addr, 9, TOTAL).await });
+    let (socket, _) = listener.accept().await.unwrap();
+    let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+    let mut position = 0u64;
+    while let Some(batch) = stream.next_batch(8).await {
+        let batch = batch.unwrap();
+        assert_eq!(batch.len(), 1);
+        for (i, &b) in batch[0].iter().enumerate() {
+            assert_eq!(b, pattern(9, position + i as u64));
+        }
+        position += batch.bytes() as u64;
+    }
+    assert_eq!(position, TOTAL);
+    sender.await.unwrap();
+    assert_eq!(zcrx.stats().buffers_outstanding, 0);
+}

@@ -177,6 +177,23 @@ impl Area {
         }
     }
 
+    /// Returns several chunk references at once (see `ZcBatch`): one claim and one
+    /// publication in the refill ring for all of them. `chunks[i]` is the chunk of
+    /// `entries[i]`.
+    pub(crate) fn return_chunks(&self, entries: &[io_uring_zcrx_rqe], chunks: &[u32]) {
+        #[cfg(debug_assertions)]
+        for &chunk in chunks {
+            if let Err(e) = self.refs.on_returned(chunk) {
+                panic!("tokio-zcrx: {e:?}");
+            }
+        }
+        let _ = chunks;
+        let outcome = self.refill.push_batch(entries);
+        if outcome.overflowed > 0 || self.driver_waits_for_buffers.load(Ordering::Relaxed) {
+            self.driver.wake();
+        }
+    }
+
     /// The kernel's copy statistics, if registered with events.
     pub(crate) fn kernel_copies(&self) -> Option<(u64, u64)> {
         let stats = self.stats?;
@@ -285,8 +302,18 @@ impl Drop for BufferRefs {
 /// [`BufferRefs::new`], and the caller owns one of its buffer references. The caller must
 /// not touch the area through this pointer afterwards.
 pub(crate) unsafe fn release(area: *const Area) {
-    // SAFETY: the caller's reference keeps the area alive until this release.
-    if unsafe { &*area }.buffer_refs.release(1) {
+    // SAFETY: as this function's.
+    unsafe { release_many(area, 1) }
+}
+
+/// [`release`] for `n` buffer references at once.
+///
+/// # Safety
+///
+/// As [`release`], with the caller owning `n` buffer references.
+pub(crate) unsafe fn release_many(area: *const Area, n: usize) {
+    // SAFETY: the caller's references keep the area alive until this release.
+    if unsafe { &*area }.buffer_refs.release(n) {
         // SAFETY: the parked strong reference, released once: only the holder of the last
         // buffer reference gets here (after the acquire fence in `release`).
         unsafe { Arc::decrement_strong_count(area) };

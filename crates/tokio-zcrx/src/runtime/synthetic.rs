@@ -287,6 +287,15 @@ pub(crate) fn start(area_chunks: u32, chunks_per_stream: u64) -> Result<Zcrx, Er
     ))
 }
 
+/// How the [`per_chunk`] consumers take their buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consume {
+    /// `ZcStream::next`, each buffer dropped on its own.
+    EachBuffer,
+    /// `ZcStream::next_batch(n)`, each batch returned whole.
+    Batches(usize),
+}
+
 /// What [`per_chunk`] measured.
 #[derive(Debug, Clone, Copy)]
 pub struct PerChunkReport {
@@ -333,6 +342,7 @@ pub fn per_chunk(
     streams: usize,
     chunks_per_stream: u64,
     workers: usize,
+    consume: Consume,
 ) -> io::Result<PerChunkReport> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -358,11 +368,23 @@ pub fn per_chunk(
                     let _writer = writer;
                     let mut chunks = 0u64;
                     let mut checksum = 0u8;
-                    while let Some(buf) = stream.next().await {
-                        let buf = buf?;
-                        // Touch the data, as a consumer would.
-                        checksum ^= buf[0] ^ buf[buf.len() - 1];
-                        chunks += 1;
+                    match consume {
+                        Consume::EachBuffer => {
+                            while let Some(buf) = stream.next().await {
+                                let buf = buf?;
+                                // Touch the data, as a consumer would.
+                                checksum ^= buf[0] ^ buf[buf.len() - 1];
+                                chunks += 1;
+                            }
+                        }
+                        Consume::Batches(max) => {
+                            while let Some(batch) = stream.next_batch(max).await {
+                                for buf in batch?.iter() {
+                                    checksum ^= buf[0] ^ buf[buf.len() - 1];
+                                    chunks += 1;
+                                }
+                            }
+                        }
                     }
                     std::hint::black_box(checksum);
                     Ok::<u64, io::Error>(chunks)
@@ -400,7 +422,7 @@ mod tests {
     /// goes back through the refill ring, with nothing left outstanding.
     #[test]
     fn every_chunk_arrives_and_returns() {
-        let report = per_chunk(8, 5000, 2).unwrap();
+        let report = per_chunk(8, 5000, 2, Consume::EachBuffer).unwrap();
         assert_eq!((report.streams, report.chunks), (8, 40_000));
         assert!(report.elapsed > Duration::ZERO && report.cpu > Duration::ZERO);
         assert!(report.ns_per_chunk() > 0.0 && report.cpu_ns_per_chunk() > 0.0);
@@ -588,5 +610,43 @@ mod tests {
             error.to_string().contains("within a Tokio runtime"),
             "{error}"
         );
+    }
+
+    /// Batches: at most `max` buffers each, every chunk arrives once, and dropped batches
+    /// (or buffers taken out of them) give every chunk back; a 64-chunk area would stall
+    /// otherwise.
+    #[test]
+    fn batches_return_every_chunk() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = runtime.block_on(async {
+            let zcrx = start(64, 5000).unwrap();
+            let shared = driver_shared(&zcrx);
+            let (mut stream, _writer, _client) = attach_one(&zcrx).await;
+            let (mut chunks, mut batches, mut largest) = (0usize, 0usize, 0usize);
+            while let Some(batch) = stream.next_batch(16).await {
+                let batch = batch.unwrap();
+                assert!(!batch.is_empty() && batch.len() <= 16);
+                assert_eq!(batch.bytes(), batch.len() * 4096);
+                largest = largest.max(batch.len());
+                chunks += batch.len();
+                batches += 1;
+                if batches % 3 == 0 {
+                    // Taken apart: returned one by one, on another task.
+                    let buffers = batch.into_vec();
+                    tokio::spawn(async move { drop(buffers) }).await.unwrap();
+                }
+            }
+            assert_eq!(chunks, 5000);
+            assert!(largest > 1, "no batch held more than one buffer");
+            assert_eq!(zcrx.stats().buffers_outstanding, 0);
+            zcrx.shutdown().await;
+            shared
+        });
+        assert!(area_of(&shared).upgrade().is_none(), "the area leaked");
+        assert_eq!(shared.stats().chunks, 5000);
     }
 }
