@@ -1,7 +1,7 @@
 //! The runtime's zcrx receive against a minimal raw receive loop, in the QEMU guest.
 //!
 //! ```text
-//! cargo xtask vm-bench [-- --mib 256 --reps 7 --detail]
+//! cargo xtask vm-bench [-- --mib 256 --reps 7 --batches --detail]
 //! ```
 //!
 //! Guest timings are emulated (QEMU TCG), so only the ratio between the two receivers on the
@@ -67,7 +67,7 @@ fn endpoint(kind: Kind, net: &GuestNet) -> (String, Option<String>) {
     }
 }
 
-fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool) -> Duration {
+fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool, batches: bool) -> Duration {
     let builder = match kind {
         Kind::Nic => Zcrx::builder().mode(Mode::Nic).interface(&net.nic, 0),
         Kind::NoDevice => Zcrx::builder().mode(Mode::NoDevice),
@@ -104,10 +104,19 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool) -> Duration {
         let before = Usage::now();
         let started = Instant::now();
         let mut position = 0u64;
-        while let Some(buf) = stream.next().await {
-            let buf = buf.unwrap();
-            assert_eq!(first_mismatch(position, &buf), None, "byte at {position}");
-            position += buf.len() as u64;
+        if batches {
+            while let Some(batch) = stream.next_batch(64).await {
+                for buf in batch.unwrap().iter() {
+                    assert_eq!(first_mismatch(position, buf), None, "byte at {position}");
+                    position += buf.len() as u64;
+                }
+            }
+        } else {
+            while let Some(buf) = stream.next().await {
+                let buf = buf.unwrap();
+                assert_eq!(first_mismatch(position, &buf), None, "byte at {position}");
+                position += buf.len() as u64;
+            }
         }
         let elapsed = started.elapsed();
         if detail {
@@ -236,10 +245,15 @@ fn main() {
     let mut mib: u64 = 256;
     let mut reps = 7;
     let mut detail = false;
+    let mut batches = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--detail" {
             detail = true;
+            continue;
+        }
+        if arg == "--batches" {
+            batches = true;
             continue;
         }
         let value = args.next().and_then(|v| v.parse::<u64>().ok());
@@ -247,7 +261,7 @@ fn main() {
             ("--mib", Some(n)) if n > 0 => mib = n,
             ("--reps", Some(n)) if n > 0 => reps = n as usize,
             _ => {
-                eprintln!("usage: guest-ratio [--mib N] [--reps R] [--detail]");
+                eprintln!("usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]");
                 std::process::exit(2);
             }
         }
@@ -256,7 +270,8 @@ fn main() {
     let total = mib << 20;
     println!(
         "runtime vs raw zcrx receive in the guest (TCG: only ratios count), {mib} MiB per run, \
-         {reps} alternating pairs, median [min-max]"
+         {reps} alternating pairs, median [min-max]; the runtime's consumer uses {}",
+        if batches { "next_batch(64)" } else { "next()" }
     );
     println!(
         "{:>6}  {:>22}  {:>22}  {:>13}  {:>17}",
@@ -268,7 +283,8 @@ fn main() {
         // Alternate, so drift in the emulator affects both alike.
         for _ in 0..reps {
             raw_rates.push(mib as f64 / raw(kind, &net, total, detail).as_secs_f64());
-            runtime_rates.push(mib as f64 / runtime(kind, &net, total, detail).as_secs_f64());
+            runtime_rates
+                .push(mib as f64 / runtime(kind, &net, total, detail, batches).as_secs_f64());
         }
         let pairs: Vec<f64> = runtime_rates
             .iter()

@@ -32,8 +32,8 @@ Commands:
   vm-bench [-- ARGS]
               The runtime's zcrx receive against a minimal raw receive loop, in the guest
               (nic and nodev modes; only the ratio counts under emulation). ARGS go to
-              guest-ratio: --mib N (256), --reps R (7), --detail (CPU time and context
-              switches per thread and run).
+              guest-ratio: --mib N (256), --reps R (7), --batches (the runtime's consumer
+              uses next_batch(64)), --detail (CPU time and context switches per thread).
   vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
               netdevsim, initramfs).
   bench [ARGS]
