@@ -11,15 +11,14 @@
 //! connections run at once, one task each. SIGINT or SIGTERM stops it. Pair it with
 //! `loadgen --verify-echo`.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
-use tokio_zcrx::{Mode, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
+use tokio_zcrx::{Mode, ZcBuf, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
 use tokio_zcrx_examples::{human_bytes, say, ShutdownSignals};
 
 const USAGE_LINE: &str =
@@ -83,15 +82,29 @@ fn build_runtime(args: &Args) -> tokio_zcrx::Result<Zcrx> {
 /// Echoes one connection until the client has finished sending, then half-closes.
 async fn echo(mut stream: ZcStream, mut writer: ZcWriteHalf) -> io::Result<u64> {
     let mut echoed = 0;
-    while let Some(buf) = stream.next().await {
-        let buf = buf?;
-        writer.write_all(&buf).await?;
-        echoed += buf.len() as u64;
-        // `buf` drops here: its chunk goes back to the kernel.
+    while let Some(batch) = stream.next_batch(64).await {
+        let batch = batch?;
+        write_all(&mut writer, &batch).await?;
+        echoed += batch.bytes() as u64;
+        // `batch` drops here: its chunks go back to the kernel together.
     }
     // End of stream: the client shut down its write side. Everything is written; say so.
     writer.shutdown().await?;
     Ok(echoed)
+}
+
+/// Writes every buffer, in order, with as few `writev` calls as the socket allows.
+async fn write_all(writer: &mut ZcWriteHalf, buffers: &[ZcBuf]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = buffers.iter().map(|buf| IoSlice::new(buf)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let written = writer.write_vectored(rest).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, written);
+    }
+    Ok(())
 }
 
 #[tokio::main]

@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
@@ -138,7 +137,8 @@ struct Conn {
     end: End,
 }
 
-/// Consumes one connection: counts and checksums every byte, drops every buffer at once.
+/// Consumes one connection: counts and checksums every byte, and gives the buffers back a
+/// batch at a time (one refill publication per batch).
 async fn consume(
     mut stream: ZcStream,
     writer: ZcWriteHalf,
@@ -151,15 +151,17 @@ async fn consume(
     let mut bytes = 0;
     let end = loop {
         let next = tokio::select! {
-            next = stream.next() => next,
+            next = stream.next_batch(64) => next,
             _ = stop.cancelled() => break End::Shutdown,
         };
         match next {
-            Some(Ok(buf)) => {
-                crc.update(&buf);
-                bytes += buf.len() as u64;
-                received.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                // `buf` drops here: its chunk goes back to the kernel.
+            Some(Ok(batch)) => {
+                for buf in batch.iter() {
+                    crc.update(buf);
+                }
+                bytes += batch.bytes() as u64;
+                received.fetch_add(batch.bytes() as u64, Ordering::Relaxed);
+                // `batch` drops here: its chunks go back to the kernel together.
             }
             Some(Err(error)) => break End::Error(error),
             None => break End::Eof,

@@ -171,6 +171,9 @@ impl ZcStream {
     /// Dropping a [`ZcBatch`] returns all its buffers to the kernel with one refill-ring
     /// publication instead of one per buffer, which is the cheaper way for a consumer that
     /// handles buffers in bursts anyway. In copy mode a batch holds one buffer.
+    ///
+    /// Cancel safe: buffers are taken only when the future completes, so it can be a
+    /// `tokio::select!` branch.
     pub async fn next_batch(&mut self, max: usize) -> Option<io::Result<ZcBatch>> {
         std::future::poll_fn(|cx| self.poll_next_batch(cx, max)).await
     }
