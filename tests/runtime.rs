@@ -90,17 +90,19 @@ fn zero_copy_256mib_over_netdevsim() {
 }
 
 /// Reads `stream` to the end by batches of at most 64 buffers, checking every byte.
-async fn read_verified_by_batches(mut stream: ZcStream) -> u64 {
-    let mut position = 0u64;
+/// Returns the bytes read and the largest batch.
+async fn read_verified_by_batches(mut stream: ZcStream) -> (u64, usize) {
+    let (mut position, mut largest) = (0u64, 0);
     while let Some(batch) = stream.next_batch(64).await {
         let batch = batch.unwrap();
         assert!(batch.len() <= 64);
-        for buf in batch.iter() {
+        largest = largest.max(batch.len());
+        for buf in &batch {
             assert_eq!(first_mismatch(position, buf), None, "byte at {position}");
             position += buf.len() as u64;
         }
     }
-    position
+    (position, largest)
 }
 
 /// Batches returned whole, through an area an eighth of the payload: zero copy on the NIC
@@ -123,7 +125,9 @@ fn batches_return_their_chunks_in_nic_and_nodev_modes() {
             let (listener, addr) = listen(&ip).await;
             let sender = spawn_sender(addr, TOTAL, netns);
             let stream = accept(&zcrx, &listener).await;
-            assert_eq!(read_verified_by_batches(stream).await, TOTAL);
+            let (bytes, largest) = read_verified_by_batches(stream).await;
+            assert_eq!(bytes, TOTAL);
+            assert!(largest > 1, "no batch held more than one buffer");
             assert_eq!(sender.join().unwrap(), TOTAL);
             let stats = zcrx.stats();
             println!("{}: {stats}", zcrx.mode());

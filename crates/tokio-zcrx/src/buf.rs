@@ -208,6 +208,15 @@ impl IntoIterator for ZcBatch {
     }
 }
 
+impl<'a> IntoIterator for &'a ZcBatch {
+    type Item = &'a ZcBuf;
+    type IntoIter = std::slice::Iter<'a, ZcBuf>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.buffers.iter()
+    }
+}
+
 impl fmt::Debug for ZcBatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZcBatch")
@@ -224,7 +233,9 @@ impl Drop for ZcBatch {
 }
 
 /// Returns every buffer in `buffers`: area chunks in runs per area, each run with one refill
-/// publication and one reference release; pool buffers one by one.
+/// publication and one reference release; pool buffers one by one. (Today a batch comes from
+/// one stream, so its buffers share one area or are all pool buffers; mixed input is handled
+/// all the same.)
 fn return_all(buffers: &mut Vec<ZcBuf>) {
     const RUN: usize = 64;
     let mut entries: [io_uring_zcrx_rqe; RUN] = [io_uring_zcrx_rqe::default(); RUN];

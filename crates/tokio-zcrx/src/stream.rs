@@ -166,7 +166,8 @@ impl ZcStream {
     }
 
     /// Waits for data, then takes up to `max` buffers that have arrived (at least one):
-    /// `None` at EOF, one `Err` if the connection fails, as with `next()`.
+    /// `None` at EOF, one `Err` if the connection fails, as with `next()`. It does not wait
+    /// for more, and may hand out fewer than have arrived (those come with the next call).
     ///
     /// Dropping a [`ZcBatch`] returns all its buffers to the kernel with one refill-ring
     /// publication instead of one per buffer, which is the cheaper way for a consumer that

@@ -422,11 +422,13 @@ mod tests {
     /// goes back through the refill ring, with nothing left outstanding.
     #[test]
     fn every_chunk_arrives_and_returns() {
-        let report = per_chunk(8, 5000, 2, Consume::EachBuffer).unwrap();
-        assert_eq!((report.streams, report.chunks), (8, 40_000));
-        assert!(report.elapsed > Duration::ZERO && report.cpu > Duration::ZERO);
-        assert!(report.ns_per_chunk() > 0.0 && report.cpu_ns_per_chunk() > 0.0);
-        assert!(report.implied_gbps().is_finite());
+        for consume in [Consume::EachBuffer, Consume::Batches(64)] {
+            let report = per_chunk(8, 5000, 2, consume).unwrap();
+            assert_eq!((report.streams, report.chunks), (8, 40_000));
+            assert!(report.elapsed > Duration::ZERO && report.cpu > Duration::ZERO);
+            assert!(report.ns_per_chunk() > 0.0 && report.cpu_ns_per_chunk() > 0.0);
+            assert!(report.implied_gbps().is_finite());
+        }
     }
 
     fn driver_shared(zcrx: &Zcrx) -> Arc<DriverShared> {
@@ -613,8 +615,9 @@ mod tests {
     }
 
     /// Batches: at most `max` buffers each, every chunk arrives once, and dropped batches
-    /// (or buffers taken out of them) give every chunk back; a 64-chunk area would stall
-    /// otherwise.
+    /// (or buffers taken out of them) give every chunk back; a small area would stall
+    /// otherwise (the timeout turns that into a failure). Batches above 64 buffers are
+    /// returned in several runs.
     #[test]
     fn batches_return_every_chunk() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -622,31 +625,41 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let shared = runtime.block_on(async {
-            let zcrx = start(64, 5000).unwrap();
-            let shared = driver_shared(&zcrx);
-            let (mut stream, _writer, _client) = attach_one(&zcrx).await;
-            let (mut chunks, mut batches, mut largest) = (0usize, 0usize, 0usize);
-            while let Some(batch) = stream.next_batch(16).await {
-                let batch = batch.unwrap();
-                assert!(!batch.is_empty() && batch.len() <= 16);
-                assert_eq!(batch.bytes(), batch.len() * 4096);
-                largest = largest.max(batch.len());
-                chunks += batch.len();
-                batches += 1;
-                if batches % 3 == 0 {
-                    // Taken apart: returned one by one, on another task.
-                    let buffers = batch.into_vec();
-                    tokio::spawn(async move { drop(buffers) }).await.unwrap();
+        for (area_chunks, max) in [(64, 16), (1024, 200)] {
+            let shared = runtime.block_on(async {
+                let zcrx = start(area_chunks, 5000).unwrap();
+                let shared = driver_shared(&zcrx);
+                let (mut stream, _writer, _client) = attach_one(&zcrx).await;
+                let (mut chunks, mut batches, mut largest) = (0usize, 0usize, 0usize);
+                let reading = async {
+                    while let Some(batch) = stream.next_batch(max).await {
+                        let batch = batch.unwrap();
+                        assert!(!batch.is_empty() && batch.len() <= max);
+                        assert_eq!(batch.bytes(), batch.len() * 4096);
+                        largest = largest.max(batch.len());
+                        chunks += batch.len();
+                        batches += 1;
+                        if batches % 3 == 0 {
+                            // Taken apart: returned one by one, on another task.
+                            let buffers = batch.into_vec();
+                            tokio::spawn(async move { drop(buffers) }).await.unwrap();
+                        }
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(30), reading)
+                    .await
+                    .expect("returns stalled");
+                assert_eq!(chunks, 5000);
+                assert!(largest > 1, "no batch held more than one buffer");
+                if max > 64 {
+                    assert!(largest > 64, "no batch needed two runs: largest {largest}");
                 }
-            }
-            assert_eq!(chunks, 5000);
-            assert!(largest > 1, "no batch held more than one buffer");
-            assert_eq!(zcrx.stats().buffers_outstanding, 0);
-            zcrx.shutdown().await;
-            shared
-        });
-        assert!(area_of(&shared).upgrade().is_none(), "the area leaked");
-        assert_eq!(shared.stats().chunks, 5000);
+                assert_eq!(zcrx.stats().buffers_outstanding, 0);
+                zcrx.shutdown().await;
+                shared
+            });
+            assert!(area_of(&shared).upgrade().is_none(), "the area leaked");
+            assert_eq!(shared.stats().chunks, 5000);
+        }
     }
 }
