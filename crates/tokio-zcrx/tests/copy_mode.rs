@@ -52,6 +52,19 @@ fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
     zcrx
 }
 
+/// A connection from a task sending `total` pattern bytes (`seed`) to a fresh listener,
+/// accepted: the server's socket and the sender's task.
+async fn connection_from_sender(
+    seed: u64,
+    total: u64,
+) -> (TcpStream, tokio::task::JoinHandle<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sender = tokio::spawn(async move { send(addr, seed, total).await });
+    let (socket, _) = listener.accept().await.unwrap();
+    (socket, sender)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_connections_with_random_writes_arrive_intact() {
     const CONNS: u64 = 32;
@@ -171,10 +184,7 @@ async fn a_reset_fails_only_its_own_stream() {
 async fn held_buffers_block_the_pool_until_released_elsewhere() {
     const TOTAL: u64 = 1 << 20;
     let zcrx = copy_runtime(4, 8192);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sender = tokio::spawn(async move { send(addr, 3, TOTAL).await });
-    let (socket, _) = listener.accept().await.unwrap();
+    let (socket, sender) = connection_from_sender(3, TOTAL).await;
     let (mut stream, _writer) = zcrx.attach(socket).unwrap();
     // Take all four buffers and give them to another task that holds them.
     let (tx, rx) = tokio::sync::oneshot::channel::<Vec<ZcBuf>>();
@@ -209,10 +219,7 @@ async fn held_buffers_block_the_pool_until_released_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_limit_caps_each_buffer_and_bytes_convert_without_copy() {
     let zcrx = copy_runtime(4, 64 << 10);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sender = tokio::spawn(async move { send(addr, 9, 200_000).await });
-    let (socket, _) = listener.accept().await.unwrap();
+    let (socket, sender) = connection_from_sender(9, 200_000).await;
     let options = StreamOptions {
         read_limit: Some(1000),
     };
@@ -330,10 +337,7 @@ async fn a_queued_stream_takes_its_own_buffer_and_leaves_the_free_one() {
 async fn batches_in_copy_mode_hold_one_buffer_in_order() {
     const TOTAL: u64 = 1 << 20;
     let zcrx = copy_runtime(2, 8192);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sender = tokio::spawn(async move { send(addr, 9, TOTAL).await });
-    let (socket, _) = listener.accept().await.unwrap();
+    let (socket, sender) = connection_from_sender(9, TOTAL).await;
     let (mut stream, _writer) = zcrx.attach(socket).unwrap();
     let mut position = 0u64;
     while let Some(batch) = stream.next_batch(8).await {
