@@ -662,4 +662,66 @@ mod tests {
             assert_eq!(shared.stats().chunks, 5000);
         }
     }
+
+    /// The epoll event masks this process has registered for `fd`, read from the epoll
+    /// instances' fdinfo.
+    fn epoll_masks(fd: i32) -> Vec<u32> {
+        let mut masks = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let is_epoll = std::fs::read_link(entry.path())
+                .is_ok_and(|target| target.to_string_lossy().contains("eventpoll"));
+            if !is_epoll {
+                continue;
+            }
+            let name = entry.file_name();
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{}", name.to_string_lossy()))
+                    .unwrap_or_default();
+            for line in info.lines() {
+                // tfd:        9 events: 8000001d data: ...
+                let mut words = line.split_whitespace();
+                if words.next() != Some("tfd:") {
+                    continue;
+                }
+                let target: i32 = words.next().unwrap().parse().unwrap();
+                if target == fd && words.next() == Some("events:") {
+                    masks.push(u32::from_str_radix(words.next().unwrap(), 16).unwrap());
+                }
+            }
+        }
+        masks
+    }
+
+    /// In the io_uring modes Tokio's epoll watches an attached socket for writability only:
+    /// arriving data must not wake a Tokio worker.
+    #[test]
+    fn attached_sockets_are_not_watched_for_reads() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let zcrx = start(64, 1).unwrap();
+            let (_stream, writer, _client) = attach_one(&zcrx).await;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&writer);
+            // Tokio may hold its epoll instance under two descriptors, so the one
+            // registration can show up twice.
+            let masks = epoll_masks(fd);
+            assert!(!masks.is_empty(), "not registered at all");
+            for mask in masks {
+                assert_eq!(
+                    mask & libc::EPOLLIN as u32,
+                    0,
+                    "watched for reads: {mask:x}"
+                );
+                assert_ne!(
+                    mask & libc::EPOLLOUT as u32,
+                    0,
+                    "not watched for writes: {mask:x}"
+                );
+            }
+            zcrx.shutdown().await;
+        });
+    }
 }
