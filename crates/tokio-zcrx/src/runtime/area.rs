@@ -30,6 +30,10 @@ pub(crate) struct DriverCounters {
     pub(crate) kernel_events: AtomicU64,
     /// Returns pushed for completions the decoder rejected (never delivered as buffers).
     pub(crate) rejected_returns: AtomicU64,
+    /// `ZCRX_CTRL_FLUSH_RQ` calls the kernel refused (logged; never fatal).
+    pub(crate) failed_flushes: AtomicU64,
+    /// `io_uring_enter` calls that failed with EINTR, EAGAIN or EBUSY (retried).
+    pub(crate) transient_enter_errors: AtomicU64,
 }
 
 pub(crate) struct Area {

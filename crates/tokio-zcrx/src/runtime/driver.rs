@@ -16,7 +16,7 @@ use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
 
 use super::area::{Area, BufferRefs};
 use super::instance::{self, Instance};
-use super::kernel::{Kernel, UringKernel};
+use super::kernel::{Capabilities, Kernel, UringKernel};
 use super::{lock, Command, DriverShared, FAILED, STOPPING};
 use crate::buf::ZcBuf;
 use crate::config::Validated;
@@ -34,6 +34,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// any case: the returns may all have happened before the driver saw the exhaustion, and
 /// chunks held in socket queues free up without any return.
 const EXHAUSTION_RETRY: Duration = Duration::from_millis(5);
+
+/// While returns wait in the overflow list for ring space, the driver looks again after
+/// this long, doubling up to [`OVERFLOW_RECHECK_MAX`] while nothing changes: a NIC consumes
+/// the ring only when its page pool refills (and kernels before 6.19 have no flush), so the
+/// wait can be long, and an idle driver must not spin meanwhile.
+const OVERFLOW_RECHECK_MIN: Duration = Duration::from_millis(1);
+const OVERFLOW_RECHECK_MAX: Duration = Duration::from_millis(100);
 
 /// Entry point of the driver thread.
 pub(super) fn run(config: Validated, shared: Arc<DriverShared>, ready: mpsc::Sender<Result<()>>) {
@@ -144,7 +151,7 @@ pub(crate) struct Driver<K: Kernel> {
     layout: AreaLayout,
     shared: Arc<DriverShared>,
     nodev: bool,
-    events_enabled: bool,
+    caps: Capabilities,
     events: EventRearm,
     streams: Vec<Option<StreamEntry>>,
     /// Slots with buffers in `pending` this reap.
@@ -155,6 +162,10 @@ pub(crate) struct Driver<K: Kernel> {
     returns_at_exhaustion: u64,
     exhausted_at: Option<Instant>,
     waiting_for_buffers: usize,
+    /// Next look at the overflow list, and the current back-off, while returns wait there.
+    overflow_recheck: Option<(Instant, Duration)>,
+    /// Transient `io_uring_enter` errors in a row.
+    transient_errors: u32,
     stopping: Option<Instant>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -172,9 +183,9 @@ impl Driver<UringKernel> {
             layout: shared_layout,
             zcrx_id,
             nodev,
+            caps,
             description,
         } = instance;
-        let stats_enabled = shared_layout.stats_offset.is_some();
         let area = Area::new(area, region, &shared_layout, Arc::clone(&shared)).map_err(|e| {
             Error::new(ErrorKind::Kernel, "the kernel's refill ring is unusable").with_source(e)
         })?;
@@ -182,11 +193,11 @@ impl Driver<UringKernel> {
             .map_err(|e| Error::new(ErrorKind::Kernel, format!("unusable area layout: {e}")))?;
         *lock(&shared.description) = description;
         Driver::with_kernel(
-            UringKernel { ring, zcrx_id },
+            UringKernel::new(ring, zcrx_id),
             Arc::new(area),
             layout,
             nodev,
-            stats_enabled,
+            caps,
             config,
             shared,
         )
@@ -200,7 +211,7 @@ impl<K: Kernel> Driver<K> {
         area: Arc<Area>,
         layout: AreaLayout,
         nodev: bool,
-        events_enabled: bool,
+        caps: Capabilities,
         config: &Validated,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<K>> {
@@ -212,7 +223,7 @@ impl<K: Kernel> Driver<K> {
             layout,
             shared,
             nodev,
-            events_enabled,
+            caps,
             events: EventRearm::new(config.event_rearm_interval),
             streams: Vec::new(),
             touched: Vec::new(),
@@ -220,6 +231,8 @@ impl<K: Kernel> Driver<K> {
             returns_at_exhaustion: 0,
             exhausted_at: None,
             waiting_for_buffers: 0,
+            overflow_recheck: None,
+            transient_errors: 0,
             stopping: None,
             shutdown_waiters: Vec::new(),
         };
@@ -237,7 +250,7 @@ impl<K: Kernel> Driver<K> {
                     return Ok(());
                 }
             }
-            self.return_buffers()?;
+            self.return_buffers();
             self.resume_waiting_streams()?;
             self.rearm_events();
             self.submit_and_wait()?;
@@ -380,7 +393,7 @@ impl<K: Kernel> Driver<K> {
             Request::Cancelling => Ok(()),
             Request::Idle | Request::WaitingForBuffers | Request::ResubmitAfterCq => {
                 if entry.request == Request::WaitingForBuffers {
-                    self.waiting_for_buffers -= 1;
+                    self.stop_waiting_for_buffers();
                 }
                 self.remove(slot);
                 Ok(())
@@ -438,13 +451,65 @@ impl<K: Kernel> Driver<K> {
     /// where it would not by itself: in NODEV mode it consumes the ring only on FLUSH_RQ, and
     /// on a NIC queue only when the page pool refills, so a receive that ran out of area on
     /// the copy path (loopback or other-queue traffic) would wait forever without a flush.
-    fn return_buffers(&mut self) -> io::Result<()> {
-        self.area.refill.flush_overflow();
-        let flush_needed = self.nodev || self.waiting_for_buffers > 0;
-        if flush_needed && self.area.refill.take_unflushed() > 0 {
-            self.kernel.flush_refill()?;
+    ///
+    /// Kernels before 6.19 have no FLUSH_RQ: there the page pool's own refill and the retry
+    /// timers have to do. A flush that fails is logged and counted, never fatal.
+    fn return_buffers(&mut self) {
+        let mut moved = self.area.refill.flush_overflow();
+        let flush_needed =
+            self.nodev || self.waiting_for_buffers > 0 || self.area.refill.has_overflow();
+        if self.caps.ctrl && flush_needed && self.area.refill.take_unflushed() > 0 {
+            match self.kernel.flush_refill() {
+                Ok(()) => moved += self.area.refill.flush_overflow(),
+                Err(e) => {
+                    self.area
+                        .counters
+                        .failed_flushes
+                        .fetch_add(1, Ordering::Relaxed);
+                    let unsupported = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+                    );
+                    if unsupported {
+                        // The kernel lacks ZCRX_CTRL after all: stop asking.
+                        self.caps.ctrl = false;
+                    }
+                    tracing::warn!(
+                        error = %e,
+                        disabled = unsupported,
+                        "tokio-zcrx: ZCRX_CTRL_FLUSH_RQ failed; relying on the kernel's own \
+                         refill and the retry timer"
+                    );
+                }
+            }
         }
-        Ok(())
+        self.overflow_recheck = if self.area.refill.has_overflow() {
+            let now = Instant::now();
+            Some(match self.overflow_recheck {
+                // Progress, or a new episode: look again soon.
+                _ if moved > 0 => (now + OVERFLOW_RECHECK_MIN, OVERFLOW_RECHECK_MIN),
+                None => (now + OVERFLOW_RECHECK_MIN, OVERFLOW_RECHECK_MIN),
+                Some((at, backoff)) if now < at => (at, backoff),
+                Some((_, backoff)) => {
+                    let backoff = (backoff * 2).min(OVERFLOW_RECHECK_MAX);
+                    (now + backoff, backoff)
+                }
+            })
+        } else {
+            None
+        };
+    }
+
+    /// One fewer stream waits for area: when none does any more, the exhaustion bookkeeping
+    /// goes, so the driver sleeps again and buffer drops stop waking it.
+    fn stop_waiting_for_buffers(&mut self) {
+        self.waiting_for_buffers -= 1;
+        if self.waiting_for_buffers == 0 {
+            self.exhausted_at = None;
+            self.area
+                .driver_waits_for_buffers
+                .store(false, Ordering::Relaxed);
+        }
     }
 
     /// Resubmits streams that ran out of area once buffers have come back.
@@ -473,7 +538,7 @@ impl<K: Kernel> Driver<K> {
                 .as_ref()
                 .is_some_and(|e| e.request == Request::WaitingForBuffers);
             if waiting {
-                self.waiting_for_buffers -= 1;
+                self.stop_waiting_for_buffers();
                 self.area
                     .counters
                     .resubmits_area_exhausted
@@ -485,7 +550,7 @@ impl<K: Kernel> Driver<K> {
     }
 
     fn rearm_events(&mut self) {
-        if !self.events_enabled {
+        if !self.caps.events {
             return;
         }
         let now = Instant::now();
@@ -511,26 +576,43 @@ impl<K: Kernel> Driver<K> {
         // command after this point sees `sleeping` and writes the eventfd (SeqCst on both).
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let has_commands = !lock(&self.shared.commands).is_empty();
-        let must_not_block = has_commands || self.area.refill.has_overflow();
-        let result = if must_not_block {
-            self.kernel.submit()
+        let timeout = if has_commands {
+            // Still an enter that reaps: under DEFER_TASKRUN a plain submit runs no deferred
+            // work, and no completion would reach any stream meanwhile.
+            Some(Duration::ZERO)
         } else {
-            let deadline = [
+            [
                 self.events.next_deadline(),
                 self.stopping.map(|since| since + SHUTDOWN_GRACE),
                 self.exhausted_at.map(|at| at + EXHAUSTION_RETRY),
+                self.overflow_recheck.map(|(at, _)| at),
             ]
             .into_iter()
             .flatten()
-            .min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            self.kernel.submit_and_wait(timeout)
+            .min()
+            .map(|d| d.saturating_duration_since(Instant::now()))
         };
+        let result = self.kernel.submit_and_wait(timeout);
         self.shared.sleeping.store(false, Ordering::SeqCst);
         match result {
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
-            other => other,
+            // Transient: interrupted, no memory for the request right now, or CQ overflow
+            // entries to reap first (the reap follows). Go round again; back off if it
+            // persists, so a kernel that keeps answering this cannot make the driver spin.
+            Err(e) if is_transient(&e) => {
+                self.transient_errors += 1;
+                self.area
+                    .counters
+                    .transient_enter_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if self.transient_errors > 3 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(())
+            }
+            other => {
+                self.transient_errors = 0;
+                other
+            }
         }
     }
 
@@ -746,4 +828,12 @@ impl<K: Kernel> Driver<K> {
             }
         }
     }
+}
+
+/// Errors of `io_uring_enter` that say "not now" rather than "broken".
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+    )
 }

@@ -20,6 +20,7 @@ use zcrx_sys::zcrx::{
 
 use zcrx_core::user_data::UserData;
 
+use super::kernel::Capabilities;
 use crate::config::{EventsPolicy, Target, Validated};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mem::{page_size, Mapping};
@@ -35,6 +36,11 @@ const SQ_ENTRIES: u32 = 256;
 /// What the kernel can do, detected before registering.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct KernelFeatures {
+    /// The zcrx query answered (6.19+): ZCRX_CTRL exists, and ring teardown stops the queue
+    /// before it reclaims user-held chunks.
+    pub(crate) query: bool,
+    /// `nr_ctrl_opcodes` from the query (FLUSH_RQ is opcode 0).
+    pub(crate) ctrl_opcodes: u32,
     pub(crate) nodev: bool,
     pub(crate) events: bool,
     pub(crate) rx_buf_len: bool,
@@ -48,6 +54,7 @@ pub(crate) struct Instance {
     pub(crate) layout: SharedLayout,
     pub(crate) zcrx_id: u32,
     pub(crate) nodev: bool,
+    pub(crate) caps: Capabilities,
     pub(crate) description: String,
 }
 
@@ -67,6 +74,8 @@ pub(crate) struct SharedLayout {
 fn detect_features() -> KernelFeatures {
     match query_zcrx() {
         Ok(q) => KernelFeatures {
+            query: true,
+            ctrl_opcodes: q.nr_ctrl_opcodes,
             nodev: q.register_flags & u64::from(ZCRX_REG_NODEV) != 0,
             events: q.features & ZCRX_FEATURE_EVENT != 0 && q.nr_ctrl_opcodes >= 3,
             rx_buf_len: q.features & ZCRX_FEATURE_RX_PAGE_SIZE != 0,
@@ -106,6 +115,9 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
         .setup_single_issuer()
         .setup_defer_taskrun()
         .setup_coop_taskrun()
+        // With COOP_TASKRUN the kernel flags pending deferred work in the SQ ring instead of
+        // interrupting; the driver enters with GETEVENTS every turn anyway.
+        .setup_taskrun_flag()
         .setup_submit_all()
         .setup_cqsize(config.cq_entries)
         .build(SQ_ENTRIES.min(config.cq_entries))
@@ -277,6 +289,11 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
         },
         zcrx_id: reg.zcrx_id,
         nodev: matches!(config.target, Target::NoDevice),
+        caps: Capabilities {
+            ctrl: features.query && features.ctrl_opcodes > 0,
+            events,
+            teardown_stops_queue_first: features.query,
+        },
         description,
     })
 }

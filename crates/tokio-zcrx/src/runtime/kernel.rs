@@ -5,6 +5,7 @@
 //! routing, waking, consuming, dropping, refill publication) against a synthetic completion
 //! source at full speed, without a kernel ([`super::synthetic`]).
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, RawFd};
 use std::time::Duration;
@@ -15,7 +16,23 @@ use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 
 use super::instance::Ring;
 
-pub(crate) trait Kernel {
+/// What the kernel behind a driver can do beyond 6.15's RECV_ZC, detected once at
+/// registration (the synthetic kernels state theirs). The driver never calls what is absent:
+/// an optional call that fails must not end it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Capabilities {
+    /// `IORING_REGISTER_ZCRX_CTRL` exists (6.19+), so `flush_refill` works. Before it the
+    /// kernel consumes the refill ring only when the page pool refills (NIC mode).
+    pub(crate) ctrl: bool,
+    /// Events and the shared copy statistics were registered (7.2+, if asked for).
+    pub(crate) events: bool,
+    /// Closing the ring stops the rx queue before it takes back user-held chunks (6.19+).
+    /// On 6.15-6.18 NIC queues the chunks go back to the live page pool first, where the NIC
+    /// may write into memory a `ZcBuf` still reads: such a ring must outlive every buffer.
+    pub(crate) teardown_stops_queue_first: bool,
+}
+
+pub(crate) trait Kernel: Send + 'static {
     /// Queues a multishot zero-copy receive on `fd` (`len` 0: no limit).
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()>;
     /// Queues the cancellation of the request tagged `target`.
@@ -26,9 +43,9 @@ pub(crate) trait Kernel {
     fn flush_refill(&mut self) -> io::Result<()>;
     /// Re-arms zcrx event type `event_type`.
     fn arm_event(&mut self, event_type: u32) -> io::Result<()>;
-    /// Submits what is queued without waiting.
-    fn submit(&mut self) -> io::Result<()>;
-    /// Submits and waits for at least one completion, or until `timeout`.
+    /// Submits what is queued and runs the kernel's deferred work (GETEVENTS: under
+    /// DEFER_TASKRUN nothing completes without it), then waits for at least one completion
+    /// or until `timeout`; `Some(Duration::ZERO)` does not wait.
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()>;
     /// Appends every available completion to `out`.
     fn reap(&mut self, out: &mut Vec<RawCompletion>);
@@ -38,17 +55,42 @@ pub(crate) trait Kernel {
 pub(crate) struct UringKernel {
     pub(crate) ring: Ring,
     pub(crate) zcrx_id: u32,
+    /// SQEs that found the submission queue full, queued in order for the next enter: the
+    /// driver never blocks or fails because it made more requests in one turn than the SQ
+    /// holds (hundreds of streams attached at once).
+    backlog: VecDeque<squeue::Entry>,
 }
 
 impl UringKernel {
+    pub(crate) fn new(ring: Ring, zcrx_id: u32) -> UringKernel {
+        UringKernel {
+            ring,
+            zcrx_id,
+            backlog: VecDeque::new(),
+        }
+    }
+
     fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
-        loop {
+        if self.backlog.is_empty() {
             // SAFETY: every SQE the driver builds refers to fds it keeps open until the
             // request's final CQE (stream sockets, the eventfd) and to no user memory.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }
-            self.ring.submit()?;
+        }
+        self.backlog.push_back(sqe.clone());
+        Ok(())
+    }
+
+    /// Moves backlogged SQEs into the submission queue as far as it has room.
+    fn drain_backlog(&mut self) {
+        let mut sq = self.ring.submission();
+        while let Some(sqe) = self.backlog.front() {
+            // SAFETY: as in `push`.
+            if unsafe { sq.push(sqe) }.is_err() {
+                break;
+            }
+            self.backlog.pop_front();
         }
     }
 }
@@ -85,23 +127,29 @@ impl Kernel for UringKernel {
         zcrx_arm_event(self.ring.as_fd(), self.zcrx_id, event_type)
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        self.ring.submit().map(drop)
-    }
-
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        match timeout {
+        self.drain_backlog();
+        // With SQEs still backlogged, submit without waiting: the next turn queues the rest.
+        let timeout = if self.backlog.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        let result = match timeout {
             Some(wait) => {
                 let ts = types::Timespec::new()
                     .sec(wait.as_secs())
                     .nsec(wait.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&ts);
-                match self.ring.submitter().submit_with_args(1, &args) {
-                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
-                    other => other.map(drop),
-                }
+                // GETEVENTS with a timeout, even a zero one: the kernel runs deferred work
+                // and posts completions before it returns ETIME.
+                self.ring.submitter().submit_with_args(1, &args)
             }
-            None => self.ring.submit_and_wait(1).map(drop),
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+            other => other.map(drop),
         }
     }
 

@@ -21,7 +21,7 @@ use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK};
 use super::area::Area;
 use super::driver::{drive, Driver};
 use super::instance::SharedLayout;
-use super::kernel::Kernel;
+use super::kernel::{Capabilities, Kernel};
 use super::{DriverShared, Stopper, UringHandle};
 use crate::config::Target;
 use crate::error::{Error, ErrorKind};
@@ -148,10 +148,6 @@ impl Kernel for SyntheticKernel {
         Ok(())
     }
 
-    fn submit(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
@@ -266,7 +262,11 @@ pub(crate) fn start(area_chunks: u32, chunks_per_stream: u64) -> Result<Zcrx, Er
         Arc::new(area),
         area_layout,
         false,
-        false,
+        Capabilities {
+            ctrl: true,
+            events: false,
+            teardown_stops_queue_first: true,
+        },
         &config,
         Arc::clone(&shared),
     )?;
