@@ -27,12 +27,33 @@ pub struct StreamOptions {
     pub read_limit: Option<u32>,
 }
 
-/// Why a stream ended, as the driver reports it.
+/// Why a stream ended, as the driver reports it: the kernel's own error (its errno intact,
+/// as copy mode gives it) or the runtime's reason.
 #[derive(Debug)]
 pub(crate) enum StreamEnd {
     Eof,
-    Error(io::ErrorKind, String),
+    Error(io::Error),
 }
+
+impl StreamEnd {
+    /// The runtime ended the stream (shutdown, a failed driver, ...).
+    pub(crate) fn runtime(message: impl Into<String>) -> StreamEnd {
+        StreamEnd::Error(io::Error::new(io::ErrorKind::BrokenPipe, message.into()))
+    }
+}
+
+/// Wakes a consumer task from the driver thread. A waker is user code (an executor's, or a
+/// hand-written one): if it panics, that is this consumer's problem, not every stream's, so
+/// the panic is contained and logged instead of ending the driver.
+pub(crate) fn wake_contained(waker: Waker) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake())).is_err() {
+        WAKER_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!("tokio-zcrx: a task's waker panicked when woken; the driver carries on");
+    }
+}
+
+/// Waker panics contained by [`wake_contained`], process-wide (tests read it).
+pub(crate) static WAKER_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What the driver and the stream share.
 #[derive(Debug, Default)]
@@ -64,7 +85,7 @@ impl StreamShared {
             state.waker.take()
         };
         if let Some(waker) = waker {
-            waker.wake();
+            wake_contained(waker);
         }
     }
 
@@ -78,7 +99,7 @@ impl StreamShared {
             state.waker.take()
         };
         if let Some(waker) = waker {
-            waker.wake();
+            wake_contained(waker);
         }
     }
 
@@ -90,7 +111,7 @@ impl StreamShared {
             state.waker.take()
         };
         if let Some(waker) = waker {
-            waker.wake();
+            wake_contained(waker);
         }
     }
 }
@@ -240,7 +261,7 @@ impl UringStream {
             this.done = true;
             return Poll::Ready(match end {
                 StreamEnd::Eof => None,
-                StreamEnd::Error(kind, message) => Some(Err(io::Error::new(kind, message))),
+                StreamEnd::Error(error) => Some(Err(error)),
             });
         }
         let ask_for_more = this.limited && !state.request_pending;
@@ -276,11 +297,10 @@ impl UringStream {
 
 impl Drop for UringStream {
     fn drop(&mut self) {
-        if !self.done {
-            // The driver cancels the receive and closes its side when the kernel confirms;
-            // an error means the driver is gone and has cleaned up already.
-            let _ = self.handle.shared.send(Command::Close(self.key));
-        }
+        // Always, also after EOF or an error: the driver's entry holds the socket and the
+        // stream's slot until it hears the reader is gone (it cancels a running receive
+        // first). An error means the driver is gone and has cleaned up already.
+        let _ = self.handle.shared.send(Command::Close(self.key));
     }
 }
 

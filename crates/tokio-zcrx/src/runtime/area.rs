@@ -30,6 +30,8 @@ pub(crate) struct DriverCounters {
     pub(crate) kernel_events: AtomicU64,
     /// Returns pushed for completions the decoder rejected (never delivered as buffers).
     pub(crate) rejected_returns: AtomicU64,
+    /// Completions the decoder rejected (logged; their stream ended).
+    pub(crate) invalid_completions: AtomicU64,
     /// `ZCRX_CTRL_FLUSH_RQ` calls the kernel refused (logged; never fatal).
     pub(crate) failed_flushes: AtomicU64,
     /// `io_uring_enter` calls that failed with EINTR, EAGAIN or EBUSY (retried).
@@ -60,6 +62,9 @@ pub(crate) struct Area {
     /// On a cache line of its own: every buffer drop writes it, and it must not slow down
     /// the reads of the fields around it.
     buffer_refs: CachePadded<BulkRefCount>,
+    /// A ring the driver could not close safely at shutdown (6.15-6.18 NIC queues with
+    /// buffers held): closed in `drop`, when the last buffer is gone, before the memory.
+    ring_closed_with_last_buffer: std::sync::Mutex<Option<Box<dyn Send>>>,
 }
 
 #[repr(align(64))]
@@ -128,6 +133,7 @@ impl Area {
             driver_waits_for_buffers: AtomicBool::new(false),
             driver,
             buffer_refs: CachePadded(BulkRefCount::new()),
+            ring_closed_with_last_buffer: std::sync::Mutex::new(None),
         })
     }
 
@@ -242,8 +248,23 @@ impl Area {
     }
 }
 
+impl Area {
+    /// Keeps `ring` open until the area is freed (the last buffer dropped).
+    pub(crate) fn close_with_last_buffer(&self, ring: Box<dyn Send>) {
+        *super::lock(&self.ring_closed_with_last_buffer) = Some(ring);
+    }
+
+    /// Whether a ring waits for the last buffer (tests).
+    #[cfg(test)]
+    pub(crate) fn holds_ring(&self) -> bool {
+        super::lock(&self.ring_closed_with_last_buffer).is_some()
+    }
+}
+
 impl Drop for Area {
     fn drop(&mut self) {
+        // The ring first: its teardown returns the chunks while the memory is still mapped.
+        drop(super::lock(&self.ring_closed_with_last_buffer).take());
         // Every buffer is gone; what the handle reports from now on.
         *super::lock(&self.driver.final_stats) = Some(self.stats());
     }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use zcrx_core::completion::{decode, AreaLayout, Completion, Eof, RawCompletion, RecvErrorAction};
+use zcrx_core::completion::{
+    decode, AreaLayout, Completion, Eof, InvalidCompletion, RawCompletion, RecvErrorAction,
+};
 use zcrx_core::events::{EventKind as KernelEvent, EventRearm};
 use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
 
@@ -39,6 +41,9 @@ const EXHAUSTION_RETRY: Duration = Duration::from_millis(5);
 /// this long, doubling up to [`OVERFLOW_RECHECK_MAX`] while nothing changes: a NIC consumes
 /// the ring only when its page pool refills (and kernels before 6.19 have no flush), so the
 /// wait can be long, and an idle driver must not spin meanwhile.
+/// At most one AreaExhausted event per this interval.
+const AREA_EXHAUSTED_EVENT_INTERVAL: Duration = Duration::from_millis(100);
+
 const OVERFLOW_RECHECK_MIN: Duration = Duration::from_millis(1);
 const OVERFLOW_RECHECK_MAX: Duration = Duration::from_millis(100);
 
@@ -91,10 +96,9 @@ pub(crate) fn drive<K: Kernel>(mut driver: Driver<K>, shared: Arc<DriverShared>)
     // Fail commands that raced with the end, and free whatever they carried.
     for command in shared.close_queue(final_state) {
         match command {
-            Command::Attach { shared: stream, .. } => stream.finish(StreamEnd::Error(
-                io::ErrorKind::BrokenPipe,
-                "the tokio-zcrx runtime has stopped".into(),
-            )),
+            Command::Attach { shared: stream, .. } => {
+                stream.finish(StreamEnd::runtime("the tokio-zcrx runtime has stopped"))
+            }
             Command::Shutdown(Some(waiter)) => driver.shutdown_waiters.push(waiter),
             _ => {}
         }
@@ -102,10 +106,20 @@ pub(crate) fn drive<K: Kernel>(mut driver: Driver<K>, shared: Arc<DriverShared>)
     let waiters = std::mem::take(&mut driver.shutdown_waiters);
     // Closing the ring destroys the kernel's zcrx instance; the area stays mapped while
     // buffers refer to it.
-    drop(driver);
+    driver.close_ring();
     for waiter in waiters {
         let _ = waiter.send(());
     }
+}
+
+/// How a receive request ended.
+enum RequestEnd {
+    /// Final CQE with 0: EOF, or the byte limit reached.
+    Eof,
+    /// Data without `F_MORE`: the request ended after it, with no reason given.
+    Unexplained,
+    /// Final CQE with an error.
+    Error(zcrx_core::completion::Errno),
 }
 
 /// Where a stream's receive request is.
@@ -113,8 +127,8 @@ pub(crate) fn drive<K: Kernel>(mut driver: Driver<K>, shared: Arc<DriverShared>)
 enum Request {
     /// None running (limited stream between requests, or not started).
     Idle,
-    /// Running; `bytes` received by this request so far.
-    Running { bytes: u64 },
+    /// Running.
+    Running,
     /// Cancel submitted, waiting for the final CQE.
     Cancelling,
     /// Ended with ENOMEM; resubmit once buffers come back.
@@ -129,6 +143,9 @@ struct StreamEntry {
     socket: Arc<std::net::TcpStream>,
     shared: Arc<StreamShared>,
     limit: Option<u32>,
+    /// Bytes received since the reader last asked for more (limited streams): a request
+    /// resubmitted after ENOMEM, ENOSPC or EINTR asks only for the rest of the limit.
+    granted_used: u64,
     request: Request,
     /// The reader is gone: remove the entry once no request runs.
     closed: bool,
@@ -164,6 +181,8 @@ pub(crate) struct Driver<K: Kernel> {
     waiting_for_buffers: usize,
     /// Next look at the overflow list, and the current back-off, while returns wait there.
     overflow_recheck: Option<(Instant, Duration)>,
+    /// When the last AreaExhausted event went out.
+    last_exhausted_event: Option<Instant>,
     /// Transient `io_uring_enter` errors in a row.
     transient_errors: u32,
     stopping: Option<Instant>,
@@ -232,6 +251,7 @@ impl<K: Kernel> Driver<K> {
             exhausted_at: None,
             waiting_for_buffers: 0,
             overflow_recheck: None,
+            last_exhausted_event: None,
             transient_errors: 0,
             stopping: None,
             shutdown_waiters: Vec::new(),
@@ -246,7 +266,8 @@ impl<K: Kernel> Driver<K> {
         loop {
             self.take_commands()?;
             if let Some(since) = self.stopping {
-                if self.live_requests() == 0 || since.elapsed() > SHUTDOWN_GRACE {
+                let settled = self.live_requests() == 0 && !self.teardown_would_expose_buffers();
+                if settled || since.elapsed() > SHUTDOWN_GRACE {
                     return Ok(());
                 }
             }
@@ -258,11 +279,47 @@ impl<K: Kernel> Driver<K> {
         }
     }
 
+    /// Whether closing the ring now could let the NIC write into a buffer someone holds:
+    /// on 6.15-6.18 NIC queues, teardown hands user-held chunks back to the page pool of the
+    /// still running queue before it stops it (later kernels stop the queue first, and NODEV
+    /// has no page pool).
+    fn teardown_would_expose_buffers(&self) -> bool {
+        !self.nodev
+            && !self.caps.teardown_stops_queue_first
+            && self.area.stats().buffers_outstanding > 0
+    }
+
+    /// Closes the ring, or, where that would expose held buffers (see
+    /// [`Self::teardown_would_expose_buffers`]), leaves it to the area, which closes it
+    /// when the last buffer is dropped: the queue stays bound until then, and no buffer is
+    /// ever read while the NIC may write into it.
+    fn close_ring(self) {
+        let expose = self.teardown_would_expose_buffers();
+        let Driver {
+            kernel,
+            area,
+            buffer_refs,
+            ..
+        } = self;
+        if expose {
+            tracing::warn!(
+                "tokio-zcrx: buffers are still held at shutdown on a kernel older than 6.19, \
+                 which would hand them back to the running NIC queue; the queue stays bound \
+                 until the last buffer is dropped"
+            );
+            area.close_with_last_buffer(Box::new(kernel));
+        } else {
+            drop(kernel);
+        }
+        drop(buffer_refs);
+        drop(area);
+    }
+
     fn live_requests(&self) -> usize {
         self.streams
             .iter()
             .flatten()
-            .filter(|s| matches!(s.request, Request::Running { .. } | Request::Cancelling))
+            .filter(|s| matches!(s.request, Request::Running | Request::Cancelling))
             .count()
     }
 
@@ -278,12 +335,14 @@ impl<K: Kernel> Driver<K> {
         let Some(entry) = self.streams.get_mut(slot as usize).and_then(Option::as_mut) else {
             return Ok(());
         };
-        entry.request = Request::Running { bytes: 0 };
-        let (fd, limit, user_data) = (
-            entry.fd(),
-            entry.limit.unwrap_or(0),
-            UserData::recv(entry.id).as_u64(),
-        );
+        entry.request = Request::Running;
+        // 0 asks for no limit; a limited stream asks for what is left of its grant.
+        let len = entry.limit.map_or(0, |limit| {
+            let left = u64::from(limit).saturating_sub(entry.granted_used);
+            left.max(1) as u32
+        });
+        let (fd, user_data) = (entry.fd(), UserData::recv(entry.id).as_u64());
+        let limit = len;
         self.kernel.recv(fd, limit, user_data)
     }
 
@@ -303,6 +362,9 @@ impl<K: Kernel> Driver<K> {
                         .entry(key)
                         .is_some_and(|e| e.request == Request::Idle && !e.finished);
                     if idle && self.stopping.is_none() {
+                        if let Some(entry) = self.streams[slot as usize].as_mut() {
+                            entry.granted_used = 0;
+                        }
                         self.submit_recv(slot)?;
                     }
                 }
@@ -337,9 +399,8 @@ impl<K: Kernel> Driver<K> {
         options: StreamOptions,
     ) -> io::Result<()> {
         if self.stopping.is_some() {
-            shared.finish(StreamEnd::Error(
-                io::ErrorKind::BrokenPipe,
-                "the tokio-zcrx runtime is shutting down".into(),
+            shared.finish(StreamEnd::runtime(
+                "the tokio-zcrx runtime is shutting down",
             ));
             lock(&self.shared.slots).release(key);
             return Ok(());
@@ -353,6 +414,7 @@ impl<K: Kernel> Driver<K> {
             socket,
             shared,
             limit: options.read_limit,
+            granted_used: 0,
             request: Request::Idle,
             closed: false,
             finished: false,
@@ -384,7 +446,7 @@ impl<K: Kernel> Driver<K> {
             return Ok(());
         };
         match entry.request {
-            Request::Running { .. } => {
+            Request::Running => {
                 entry.request = Request::Cancelling;
                 let target = UserData::recv(entry.id).as_u64();
                 let user_data = UserData::cancel(entry.id).as_u64();
@@ -404,10 +466,9 @@ impl<K: Kernel> Driver<K> {
     fn remove(&mut self, slot: usize) {
         if let Some(entry) = self.streams[slot].take() {
             if !entry.finished {
-                entry.shared.finish(StreamEnd::Error(
-                    io::ErrorKind::BrokenPipe,
-                    "the tokio-zcrx runtime has stopped".into(),
-                ));
+                entry
+                    .shared
+                    .finish(StreamEnd::runtime("the tokio-zcrx runtime has stopped"));
             }
             lock(&self.shared.slots).release(entry.id);
         }
@@ -415,15 +476,20 @@ impl<K: Kernel> Driver<K> {
 
     fn begin_shutdown(&mut self) -> io::Result<()> {
         self.stopping = Some(Instant::now());
+        if self.teardown_would_expose_buffers() {
+            // Wait (bounded by SHUTDOWN_GRACE) for the buffers: their drops wake us.
+            self.area
+                .driver_waits_for_buffers
+                .store(true, Ordering::Relaxed);
+        }
         self.shared.state.store(STOPPING, Ordering::Release);
         for slot in 0..self.streams.len() {
             if let Some(entry) = self.streams[slot].as_mut() {
                 if !entry.finished {
                     entry.finished = true;
-                    entry.shared.finish(StreamEnd::Error(
-                        io::ErrorKind::BrokenPipe,
-                        "the tokio-zcrx runtime was shut down".into(),
-                    ));
+                    entry
+                        .shared
+                        .finish(StreamEnd::runtime("the tokio-zcrx runtime was shut down"));
                 }
                 self.cancel_or_remove(slot)?;
             }
@@ -440,9 +506,7 @@ impl<K: Kernel> Driver<K> {
                     Some(reason) => format!("the tokio-zcrx driver thread failed: {reason}"),
                     None => "the tokio-zcrx runtime was shut down".into(),
                 };
-                entry
-                    .shared
-                    .finish(StreamEnd::Error(io::ErrorKind::BrokenPipe, message));
+                entry.shared.finish(StreamEnd::runtime(message));
             }
         }
     }
@@ -635,40 +699,27 @@ impl<K: Kernel> Driver<K> {
                     area_offset,
                     len,
                     chunk,
-                    ..
-                }) => self.on_data(stream, area_offset, len, chunk),
+                    more,
+                }) => {
+                    self.on_data(stream, area_offset, len, chunk);
+                    if !more {
+                        // The request ended with this data and gave no reason (kernels up to
+                        // 7.3 never do this): as after a final CQE, go on or finish.
+                        cq_overflowed |= self.on_end(stream, RequestEnd::Unexplained)?;
+                    }
+                }
                 Ok(Completion::End { stream, result }) => {
-                    cq_overflowed |= self.on_end(stream, result)?;
+                    let end = match result {
+                        Ok(Eof) => RequestEnd::Eof,
+                        Err(errno) => RequestEnd::Error(errno),
+                    };
+                    cq_overflowed |= self.on_end(stream, end)?;
                 }
                 Ok(Completion::Event { kind }) => self.on_kernel_event(kind),
                 Ok(Completion::Wake { .. }) => self.on_wake(raw)?,
-                Ok(Completion::CancelDone { .. }) | Ok(Completion::Internal { .. }) => {}
-                Err(invalid) => {
-                    // Give back the reference the kernel took, without reading the data, and
-                    // end the stream it names: the data stream would have a hole.
-                    if let Some(rqe) = invalid.owed_refill() {
-                        self.area
-                            .counters
-                            .rejected_returns
-                            .fetch_add(1, Ordering::Relaxed);
-                        let _ = self.area.refill.push(rqe);
-                    }
-                    if let Some(stream) = invalid.stream() {
-                        if let Some(entry) = self
-                            .streams
-                            .get_mut(stream.slot() as usize)
-                            .and_then(Option::as_mut)
-                        {
-                            if entry.id == stream && !entry.finished {
-                                entry.finished = true;
-                                entry.shared.finish(StreamEnd::Error(
-                                    io::ErrorKind::InvalidData,
-                                    format!("tokio-zcrx: {invalid}"),
-                                ));
-                            }
-                        }
-                    }
-                }
+                Ok(Completion::CancelDone { stream, res }) => self.on_cancel_done(stream, res),
+                Ok(Completion::Internal { .. }) => {}
+                Err(invalid) => self.on_invalid(&invalid)?,
             }
         }
         self.reaped = reaped;
@@ -703,9 +754,7 @@ impl<K: Kernel> Driver<K> {
         let entry = self.streams[stream.slot() as usize]
             .as_mut()
             .expect("decode checked the slot");
-        if let Request::Running { bytes } = &mut entry.request {
-            *bytes += u64::from(len);
-        }
+        entry.granted_used += u64::from(len);
         if entry.finished || entry.closed {
             // Nobody reads it any more: dropping the buffer returns the chunk.
             return;
@@ -716,51 +765,64 @@ impl<K: Kernel> Driver<K> {
         entry.pending.push(buf);
     }
 
-    /// Handles a receive's final CQE. Returns whether it was a CQ overflow.
-    fn on_end(
-        &mut self,
-        stream: StreamId,
-        result: std::result::Result<Eof, zcrx_core::completion::Errno>,
-    ) -> io::Result<bool> {
+    /// Handles the end of a receive request. Returns whether it was a CQ overflow.
+    fn on_end(&mut self, stream: StreamId, end: RequestEnd) -> io::Result<bool> {
         let slot = stream.slot() as usize;
         // Deliver what came before the end first.
         self.deliver();
         let entry = self.streams[slot]
             .as_mut()
             .expect("decode checked the slot");
-        let bytes = match entry.request {
-            Request::Running { bytes } => bytes,
-            _ => 0,
-        };
         let was_cancelling = entry.request == Request::Cancelling;
         entry.request = Request::Idle;
         if entry.closed || was_cancelling {
             self.remove(slot);
             return Ok(false);
         }
-        match result {
-            Ok(Eof) => {
-                if entry.limit.is_some_and(|limit| bytes >= u64::from(limit)) {
-                    entry.shared.request_done();
-                } else {
-                    entry.finished = true;
-                    entry.shared.finish(StreamEnd::Eof);
-                }
+        if entry.finished {
+            // Ended already (an invalid completion): wait for the reader to let go.
+            return Ok(false);
+        }
+        let grant_used_up = entry
+            .limit
+            .is_some_and(|limit| entry.granted_used >= u64::from(limit));
+        match end {
+            RequestEnd::Eof | RequestEnd::Unexplained if grant_used_up => {
+                entry.shared.request_done();
                 Ok(false)
             }
-            Err(errno) => match errno.recv_action() {
+            RequestEnd::Eof => {
+                entry.finished = true;
+                entry.shared.finish(StreamEnd::Eof);
+                Ok(false)
+            }
+            RequestEnd::Unexplained => {
+                self.submit_recv(slot as u32)?;
+                Ok(false)
+            }
+            RequestEnd::Error(errno) => match errno.recv_action() {
                 RecvErrorAction::ResubmitAfterCqDrained => {
                     entry.request = Request::ResubmitAfterCq;
                     Ok(true)
                 }
                 RecvErrorAction::ResubmitAfterRefill => {
                     entry.request = Request::WaitingForBuffers;
+                    let now = Instant::now();
                     if self.waiting_for_buffers == 0 {
                         self.returns_at_exhaustion = self.area.refill.stats().pushed;
-                        self.exhausted_at = Some(Instant::now());
+                        self.exhausted_at = Some(now);
                     }
                     self.waiting_for_buffers += 1;
-                    self.emit(EventKind::AreaExhausted);
+                    // One event per episode at most every AREA_EXHAUSTED_EVENT_INTERVAL: a
+                    // burst of streams running out together is one fact, and the statistics
+                    // (resubmits_area_exhausted) count every occurrence.
+                    let due = self
+                        .last_exhausted_event
+                        .is_none_or(|at| now.duration_since(at) >= AREA_EXHAUSTED_EVENT_INTERVAL);
+                    if due {
+                        self.last_exhausted_event = Some(now);
+                        self.emit(EventKind::AreaExhausted);
+                    }
                     Ok(false)
                 }
                 RecvErrorAction::ResubmitNow => {
@@ -768,15 +830,80 @@ impl<K: Kernel> Driver<K> {
                     Ok(false)
                 }
                 RecvErrorAction::Cancelled | RecvErrorAction::Fatal => {
-                    let error = io::Error::from(errno);
                     entry.finished = true;
+                    // The kernel's error as it gave it: raw_os_error() stays ECONNRESET etc.
                     entry
                         .shared
-                        .finish(StreamEnd::Error(error.kind(), error.to_string()));
+                        .finish(StreamEnd::Error(io::Error::from(errno)));
                     Ok(false)
                 }
             },
         }
+    }
+
+    /// The cancel request's own CQE. `-ENOENT`: the receive was no longer there to cancel
+    /// (it ended, and its final CQE was handled or will never come), so an entry still
+    /// waiting for that confirmation goes now instead of holding its socket until shutdown.
+    fn on_cancel_done(&mut self, stream: StreamId, res: i32) {
+        if res != -libc::ENOENT {
+            return;
+        }
+        let slot = stream.slot() as usize;
+        let cancelling = self
+            .streams
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|e| e.id == stream && e.request == Request::Cancelling);
+        if cancelling {
+            self.streams[slot]
+                .as_mut()
+                .expect("checked above")
+                .request = Request::Idle;
+            self.remove(slot);
+        }
+    }
+
+    /// A completion the decoder rejected. The reference the kernel took is given back where
+    /// the decoder can tell it took one (never otherwise: returning a reference the kernel
+    /// does not hold could free a chunk a live buffer reads, so a doubtful chunk is leaked
+    /// and counted). The stream it names ends after the data delivered before it, since its
+    /// byte stream would have a hole, and its request is cancelled.
+    fn on_invalid(&mut self, invalid: &InvalidCompletion) -> io::Result<()> {
+        tracing::warn!("tokio-zcrx: dropping {invalid}");
+        self.area
+            .counters
+            .invalid_completions
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(rqe) = invalid.owed_refill() {
+            self.area
+                .counters
+                .rejected_returns
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = self.area.refill.push(rqe);
+        }
+        let Some(stream) = invalid.stream() else {
+            return Ok(());
+        };
+        let slot = stream.slot() as usize;
+        let named = self
+            .streams
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|e| e.id == stream && !e.finished);
+        if !named {
+            return Ok(());
+        }
+        self.deliver();
+        let entry = self.streams[slot].as_mut().expect("checked above");
+        entry.finished = true;
+        entry.shared.finish(StreamEnd::Error(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("tokio-zcrx: {invalid}"),
+        )));
+        if entry.request == Request::Running {
+            self.cancel_or_remove(slot)?;
+        }
+        Ok(())
     }
 
     fn on_kernel_event(&mut self, kind: KernelEvent) {
