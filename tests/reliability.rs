@@ -142,7 +142,10 @@ fn churn(zcrx: Zcrx, listen_ip: &str, netns: Option<String>) {
         let (verified, _errors) = serve(&zcrx, &listener, CONNECTIONS, SIZE).await;
         clients.join().unwrap();
         let after = settle_fds(before).await;
-        assert!(verified > (CONNECTIONS * SIZE / 2) as u64, "verified {verified}");
+        assert!(
+            verified > (CONNECTIONS * SIZE / 2) as u64,
+            "verified {verified}"
+        );
         assert_eq!(
             after, before,
             "open fds grew from {before} to {after} over {CONNECTIONS} finished connections"
@@ -212,4 +215,50 @@ fn nodev_reset_keeps_the_kernels_errno() {
         );
         zcrx.shutdown().await;
     });
+}
+
+/// A child made by fork() that never execs must not keep the queue bound: the ring's
+/// descriptor is closed in the child and its memory (rings, area) is not inherited.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn a_forked_child_does_not_keep_the_queue_bound() {
+    let net = GuestNet::from_env();
+    let builder = Zcrx::builder()
+        .mode(Mode::Nic)
+        .interface(&net.nic, 0)
+        .events(EventsPolicy::Required);
+    let zcrx = build(builder.clone());
+    // SAFETY: the child only sleeps and exits; it touches no state of the parent's threads.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        // SAFETY: sleep and _exit are async-signal-safe.
+        unsafe {
+            libc::sleep(60);
+            libc::_exit(0);
+        }
+    }
+    runtime().block_on(zcrx.shutdown());
+    drop(zcrx);
+    // With the child alive, the queue must be free again within the kernel's teardown time.
+    let mut rebuilt = None;
+    for _ in 0..50 {
+        match builder.clone().build() {
+            Ok(zcrx) => {
+                rebuilt = Some(zcrx);
+                break;
+            }
+            Err(e) if e.kind() == tokio_zcrx::ErrorKind::QueueBusy => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("rebuilding: {e}"),
+        }
+    }
+    // SAFETY: ends and reaps our own child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    let rebuilt = rebuilt.expect("the queue stayed bound while the forked child lived");
+    runtime().block_on(rebuilt.shutdown());
 }

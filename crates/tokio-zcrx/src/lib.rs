@@ -36,6 +36,7 @@ mod config;
 mod copy;
 mod error;
 mod event;
+mod fork;
 mod mem;
 mod mode;
 pub mod probe;

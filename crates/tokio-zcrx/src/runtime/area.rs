@@ -253,12 +253,6 @@ impl Area {
     pub(crate) fn close_with_last_buffer(&self, ring: Box<dyn Send>) {
         *super::lock(&self.ring_closed_with_last_buffer) = Some(ring);
     }
-
-    /// Whether a ring waits for the last buffer (tests).
-    #[cfg(test)]
-    pub(crate) fn holds_ring(&self) -> bool {
-        super::lock(&self.ring_closed_with_last_buffer).is_some()
-    }
 }
 
 impl Drop for Area {

@@ -197,6 +197,7 @@ impl Driver<UringKernel> {
     ) -> Result<Driver<UringKernel>> {
         let Instance {
             ring,
+            fork_guard,
             area,
             region,
             layout: shared_layout,
@@ -212,7 +213,7 @@ impl Driver<UringKernel> {
             .map_err(|e| Error::new(ErrorKind::Kernel, format!("unusable area layout: {e}")))?;
         *lock(&shared.description) = description;
         Driver::with_kernel(
-            UringKernel::new(ring, zcrx_id),
+            UringKernel::new(ring, fork_guard, zcrx_id),
             Arc::new(area),
             layout,
             nodev,
@@ -855,10 +856,7 @@ impl<K: Kernel> Driver<K> {
             .and_then(Option::as_ref)
             .is_some_and(|e| e.id == stream && e.request == Request::Cancelling);
         if cancelling {
-            self.streams[slot]
-                .as_mut()
-                .expect("checked above")
-                .request = Request::Idle;
+            self.streams[slot].as_mut().expect("checked above").request = Request::Idle;
             self.remove(slot);
         }
     }

@@ -4,7 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use io_uring::{cqueue, squeue, IoUring};
 use zcrx_sys::event::{
@@ -23,6 +23,7 @@ use zcrx_core::user_data::UserData;
 use super::kernel::Capabilities;
 use crate::config::{EventsPolicy, Target, Validated};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fork::RingForkGuard;
 use crate::mem::{page_size, Mapping};
 use crate::probe::{self, ProbeOptions, Verdict};
 
@@ -49,6 +50,8 @@ pub(crate) struct KernelFeatures {
 /// A registered queue: the ring, and the memory the kernel shares with us.
 pub(crate) struct Instance {
     pub(crate) ring: Ring,
+    /// Closes the ring's descriptor in forked children; dropped before the ring.
+    pub(crate) fork_guard: RingForkGuard,
     pub(crate) area: Mapping,
     pub(crate) region: Mapping,
     pub(crate) layout: SharedLayout,
@@ -111,36 +114,41 @@ fn too_old(feature: &str, needs: &str) -> Error {
 
 /// Creates the ring and registers the queue described by `config`.
 pub(crate) fn register(config: &Validated) -> Result<Instance> {
-    let ring = IoUring::<squeue::Entry, cqueue::Entry32>::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_coop_taskrun()
-        // With COOP_TASKRUN the kernel flags pending deferred work in the SQ ring instead of
-        // interrupting; the driver enters with GETEVENTS every turn anyway.
-        .setup_taskrun_flag()
-        .setup_submit_all()
-        .setup_cqsize(config.cq_entries)
-        .build(SQ_ENTRIES.min(config.cq_entries))
-        .map_err(|e| {
-            let errno = probe::Errno::from_io_error(&e);
-            let why = if errno.code() == libc::EINVAL {
-                // A plain ring works on every kernel with io_uring; what can be refused is
-                // one of the flags zcrx needs.
-                format!(
-                    "the kernel refused a ring with SINGLE_ISSUER | DEFER_TASKRUN | CQE32 and a \
+    let (ring, fork_guard) = crate::fork::create_ring(
+        || {
+            IoUring::<squeue::Entry, cqueue::Entry32>::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_coop_taskrun()
+                // With COOP_TASKRUN the kernel flags pending deferred work in the SQ ring instead of
+                // interrupting; the driver enters with GETEVENTS every turn anyway.
+                .setup_taskrun_flag()
+                .setup_submit_all()
+                .setup_cqsize(config.cq_entries)
+                .build(SQ_ENTRIES.min(config.cq_entries))
+        },
+        |ring| ring.as_raw_fd(),
+    )
+    .map_err(|e| {
+        let errno = probe::Errno::from_io_error(&e);
+        let why = if errno.code() == libc::EINVAL {
+            // A plain ring works on every kernel with io_uring; what can be refused is
+            // one of the flags zcrx needs.
+            format!(
+                "the kernel refused a ring with SINGLE_ISSUER | DEFER_TASKRUN | CQE32 and a \
                      {}-entry CQ (zcrx needs Linux 6.15+; this is {})",
-                    config.cq_entries,
-                    release()
-                )
-            } else {
-                probe::explain_io_uring_setup_failure(errno)
-            };
-            Error::new(
-                ErrorKind::IoUringUnavailable,
-                format!("cannot create an io_uring: {why}"),
+                config.cq_entries,
+                release()
             )
-            .with_source(e)
-        })?;
+        } else {
+            probe::explain_io_uring_setup_failure(errno)
+        };
+        Error::new(
+            ErrorKind::IoUringUnavailable,
+            format!("cannot create an io_uring: {why}"),
+        )
+        .with_source(e)
+    })?;
     let mut op_probe = io_uring::Probe::new();
     let recv_zc = ring.submitter().register_probe(&mut op_probe).is_ok()
         && op_probe.is_supported(IORING_OP_RECV_ZC);
@@ -212,6 +220,17 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
     let region = Mapping::new(region_len, false).map_err(|e| {
         Error::new(ErrorKind::OutOfMemory, "cannot map the refill ring region").with_source(e)
     })?;
+    // The kernel pins the area and writes both for the instance's lifetime: a forked child
+    // must get neither (see crate::fork).
+    for mapping in [&area, &region] {
+        crate::fork::exclude_mapping(mapping).map_err(|e| {
+            Error::new(
+                ErrorKind::Kernel,
+                "madvise(MADV_DONTFORK) on the receive area failed",
+            )
+            .with_source(e)
+        })?;
+    }
 
     let mut area_reg = io_uring_zcrx_area_reg {
         addr: area.as_ptr() as u64,
@@ -276,6 +295,7 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
     };
     Ok(Instance {
         ring,
+        fork_guard,
         area,
         region,
         layout: SharedLayout {

@@ -15,6 +15,7 @@ use zcrx_core::completion::RawCompletion;
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 
 use super::instance::Ring;
+use crate::fork::RingForkGuard;
 
 /// What the kernel behind a driver can do beyond 6.15's RECV_ZC, detected once at
 /// registration (the synthetic kernels state theirs). The driver never calls what is absent:
@@ -53,6 +54,8 @@ pub(crate) trait Kernel: Send + 'static {
 
 /// The io_uring with the registered zcrx queue.
 pub(crate) struct UringKernel {
+    /// Before `ring`: leaves the fork handler's table before the descriptor is closed.
+    _fork_guard: RingForkGuard,
     pub(crate) ring: Ring,
     pub(crate) zcrx_id: u32,
     /// SQEs that found the submission queue full, queued in order for the next enter: the
@@ -62,8 +65,9 @@ pub(crate) struct UringKernel {
 }
 
 impl UringKernel {
-    pub(crate) fn new(ring: Ring, zcrx_id: u32) -> UringKernel {
+    pub(crate) fn new(ring: Ring, fork_guard: RingForkGuard, zcrx_id: u32) -> UringKernel {
         UringKernel {
+            _fork_guard: fork_guard,
             ring,
             zcrx_id,
             backlog: VecDeque::new(),
