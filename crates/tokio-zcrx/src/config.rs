@@ -483,6 +483,119 @@ mod tests {
     }
 
     #[test]
+    fn every_limit_is_exact() {
+        let ok = |b: Builder| validate(b).map(drop);
+        let invalid = |b: Builder| {
+            let err = b
+                .validate_common()
+                .and_then(|()| validate(b.clone()).map(drop))
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+        };
+        // Area: two chunks .. 2^31 - 1 pages, and usize::MAX must not overflow (D1).
+        ok(Builder::new().area_size(8192)).unwrap();
+        invalid(Builder::new().no_device().area_size(8191));
+        let max = (i32::MAX as usize) * 4096;
+        let v = validate(Builder::new().area_size(max)).unwrap();
+        assert_eq!(v.area_size, max);
+        assert_eq!(v.refill_entries, MAX_REFILL_ENTRIES);
+        invalid(Builder::new().no_device().area_size(max + 1));
+        invalid(Builder::new().no_device().area_size(usize::MAX));
+        invalid(
+            Builder::new()
+                .no_device()
+                .area_size(usize::MAX)
+                .chunk_size(2 << 20),
+        );
+        // With 2 MiB chunks the largest area is whole chunks below the page limit (rounding
+        // up to a whole chunk must not cross it).
+        let max_2m = max / (2 << 20) * (2 << 20);
+        let v = validate(Builder::new().area_size(max_2m).chunk_size(2 << 20)).unwrap();
+        assert_eq!(v.area_size, max_2m);
+        invalid(
+            Builder::new()
+                .no_device()
+                .area_size(max_2m + 1)
+                .chunk_size(2 << 20),
+        );
+        // Chunks: page .. 2 MiB, powers of two.
+        ok(Builder::new().chunk_size(2 << 20).area_size(4 << 20)).unwrap();
+        invalid(
+            Builder::new()
+                .no_device()
+                .chunk_size(4 << 20)
+                .area_size(8 << 20),
+        );
+        invalid(Builder::new().no_device().chunk_size(8192 + 4096));
+        // Refill: 1 .. 32768, rounded up.
+        assert_eq!(
+            validate(Builder::new().refill_entries(1))
+                .unwrap()
+                .refill_entries,
+            1
+        );
+        assert_eq!(
+            validate(Builder::new().refill_entries(32768))
+                .unwrap()
+                .refill_entries,
+            32768
+        );
+        invalid(Builder::new().no_device().refill_entries(32769));
+        // CQ: powers of two 64 .. 65536 (D3).
+        ok(Builder::new().cq_entries(64)).unwrap();
+        ok(Builder::new().cq_entries(65536)).unwrap();
+        invalid(Builder::new().no_device().cq_entries(32));
+        invalid(Builder::new().no_device().cq_entries(65537));
+        invalid(Builder::new().no_device().cq_entries(131072));
+        invalid(Builder::new().no_device().cq_entries(u32::MAX));
+        // Copy pool, interval, thread name: checked in every mode, copy included (D2).
+        Builder::new()
+            .mode(Mode::Copy)
+            .copy_pool(MAX_COPY_BUFFERS, 1024)
+            .validate_common()
+            .unwrap();
+        invalid(
+            Builder::new()
+                .mode(Mode::Copy)
+                .copy_pool(MAX_COPY_BUFFERS + 1, 1),
+        );
+        invalid(Builder::new().mode(Mode::Copy).copy_pool(2, 1 << 29 | 1));
+        invalid(
+            Builder::new()
+                .mode(Mode::Copy)
+                .copy_pool(u32::MAX, usize::MAX),
+        );
+        invalid(
+            Builder::new()
+                .mode(Mode::Copy)
+                .event_rearm_interval(Duration::MAX),
+        );
+        invalid(Builder::new().mode(Mode::Copy).thread_name("driver\0"));
+        Builder::new()
+            .event_rearm_interval(MAX_EVENT_REARM_INTERVAL)
+            .validate_common()
+            .unwrap();
+        // Interface names as the kernel's dev_valid_name has them.
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a:b",
+            "a b",
+            "a/b",
+            "a\0",
+            "0123456789abcdef",
+        ] {
+            invalid(Builder::new().interface(bad, 0));
+        }
+        Builder::new()
+            .interface("0123456789abcde", 0)
+            .validate_common()
+            .unwrap();
+        invalid(Builder::new().interface_index(0, 0));
+    }
+
+    #[test]
     fn sizes_round_up() {
         let v = validate(Builder::new().area_size(10_000).refill_entries(100)).unwrap();
         assert_eq!(v.area_size, 12288);

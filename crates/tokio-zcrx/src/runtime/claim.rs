@@ -149,3 +149,64 @@ fn tcp_info(fd: libc::c_int) -> Result<libc::tcp_info> {
     }
     Ok(info)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    use crate::error::ErrorKind;
+    use crate::runtime::synthetic;
+
+    fn kind_of(err: std::io::Error) -> ErrorKind {
+        let inner = err.into_inner().expect("a tokio_zcrx::Error inside");
+        inner
+            .downcast::<crate::Error>()
+            .expect("a tokio_zcrx::Error")
+            .kind()
+    }
+
+    /// The io_uring backend refuses the same sockets as copy mode (tests/bad_input.rs, which
+    /// also counts descriptors: this binary's parallel tests make a count here unreliable).
+    #[test]
+    fn the_uring_backend_refuses_sockets_it_cannot_receive_from() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let zcrx = synthetic::start(64, 1).unwrap();
+        runtime.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            // SAFETY: the descriptor moves out of `listener`: one owner.
+            let listening = unsafe { std::net::TcpStream::from_raw_fd(listener.into_raw_fd()) };
+            listening.set_nonblocking(true).unwrap();
+            let err = zcrx
+                .attach(tokio::net::TcpStream::from_std(listening).unwrap())
+                .map(drop)
+                .unwrap_err();
+            assert_eq!(kind_of(err), ErrorKind::InvalidSocket);
+
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let server = server.into_std().unwrap();
+            let duplicate = server.try_clone().unwrap();
+            let (stream, writer) = zcrx
+                .attach(tokio::net::TcpStream::from_std(server).unwrap())
+                .unwrap();
+            let err = zcrx
+                .attach(tokio::net::TcpStream::from_std(duplicate.try_clone().unwrap()).unwrap())
+                .map(drop)
+                .unwrap_err();
+            assert_eq!(kind_of(err), ErrorKind::InvalidSocket);
+            // Once the stream is gone, the connection may be attached again.
+            drop((stream, writer));
+            let (stream, writer) = zcrx
+                .attach(tokio::net::TcpStream::from_std(duplicate).unwrap())
+                .unwrap();
+            drop((stream, writer, listener, _client));
+            zcrx.shutdown().await;
+        });
+    }
+}

@@ -508,3 +508,157 @@ fn interface_name(index: u32) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{TcpDataSplit, TrialOutcome};
+    use crate::Builder;
+
+    fn config(builder: Builder) -> Validated {
+        let target = Target::Interface {
+            name: "nsim0".into(),
+            queue: 1,
+        };
+        builder.validate_for(target, page_size() as u32).unwrap()
+    }
+
+    /// What the probe says of a netdevsim queue that is set up for zcrx (one-page chunks).
+    fn ready_netdevsim() -> InterfaceReport {
+        InterfaceReport {
+            name: "nsim0".into(),
+            ifindex: Some(3),
+            driver: Some("netdevsim".into()),
+            virtual_device: false,
+            rx_queues: Some(2),
+            queue: Some(1),
+            tcp_data_split: TcpDataSplit::On,
+            hds_thresh: Some(0),
+            xdp_attached: Some(false),
+            registration: TrialOutcome::NotAttempted {
+                reason: "not asked to".into(),
+            },
+            verdict: Verdict::PreconditionsMet,
+            reason: "preconditions met; run with --try-register to confirm (briefly restarts \
+                     rx queue 1 of nsim0)"
+                .into(),
+            fix: None,
+            hints: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn errno(code: i32) -> io::Error {
+        io::Error::from_raw_os_error(code)
+    }
+
+    #[test]
+    fn large_chunks_refused_by_the_driver_say_so_and_what_to_do() {
+        // Defect G: EOPNOTSUPP for 64 KiB chunks on a queue the probe finds ready.
+        let config = config(Builder::new().chunk_size(65536));
+        let diagnosis = ready_netdevsim();
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EOPNOTSUPP),
+            Some(&diagnosis),
+        );
+        let text = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::InterfaceUnsupported, "{text}");
+        assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP));
+        assert!(!text.contains("preconditions met"), "{text}");
+        assert!(
+            text.contains("netdevsim does not support chunks larger than a page"),
+            "{text}"
+        );
+        assert!(text.contains("rx_buf_len"), "{text}");
+        assert!(text.contains("rx-page-size"), "{text}");
+        assert!(text.contains("default chunk size"), "{text}");
+        assert!(text.contains("65536-byte chunks"), "{text}");
+    }
+
+    #[test]
+    fn a_device_without_zcrx_is_not_blamed_on_the_chunk_size() {
+        let config = config(Builder::new().chunk_size(65536));
+        let mut diagnosis = ready_netdevsim();
+        diagnosis.verdict = Verdict::Unsupported;
+        diagnosis.virtual_device = true;
+        diagnosis.reason = "virtual device: there is no NIC behind nsim0 to receive into".into();
+        diagnosis.fix = Some("use an interface on a zcrx-capable NIC".into());
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EOPNOTSUPP),
+            Some(&diagnosis),
+        );
+        assert_eq!(err.kind(), ErrorKind::InterfaceUnsupported);
+        assert!(err.to_string().contains("virtual device"), "{err}");
+        assert!(!err.to_string().contains("chunks larger"), "{err}");
+    }
+
+    #[test]
+    fn default_chunks_keep_the_probe_diagnosis() {
+        let config = config(Builder::new());
+        let mut diagnosis = ready_netdevsim();
+        diagnosis.verdict = Verdict::NeedsConfiguration;
+        diagnosis.reason = "hds-thresh is 256, zcrx needs 0".into();
+        diagnosis.fix = Some("`ethtool -G nsim0 hds-thresh 0`".into());
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EINVAL),
+            Some(&diagnosis),
+        );
+        assert_eq!(err.kind(), ErrorKind::InterfaceNotConfigured);
+        assert!(
+            err.to_string()
+                .contains("fix: `ethtool -G nsim0 hds-thresh 0`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_low_memlock_limit_names_the_limit() {
+        // Linux 6.17+ charges the area to RLIMIT_MEMLOCK: registration answers ENOMEM.
+        for queue in [Some(("nsim0", 1)), None] {
+            let config = config(Builder::new());
+            let err = refusal_error(queue, &config, errno(libc::ENOMEM), None);
+            assert_eq!(err.kind(), ErrorKind::OutOfMemory);
+            assert!(err.to_string().contains("`ulimit -l`"), "{err}");
+            assert!(err.to_string().contains("LimitMEMLOCK="), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_area_above_the_old_kernel_limit_is_a_setting_to_change() {
+        let config = config(Builder::new().area_size(2 << 30));
+        let err = refusal_error(None, &config, errno(libc::EFAULT), None);
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.to_string().contains(".area_size(1073741824)"), "{err}");
+        // Within the limit, EFAULT stays the kernel's.
+        let config = config_nodev(Builder::new());
+        let err = refusal_error(None, &config, errno(libc::EFAULT), None);
+        assert_eq!(err.kind(), ErrorKind::Kernel);
+    }
+
+    fn config_nodev(builder: Builder) -> Validated {
+        builder
+            .validate_for(Target::NoDevice, page_size() as u32)
+            .unwrap()
+    }
+
+    #[test]
+    fn no_descriptor_left_names_rlimit_nofile() {
+        let err = ring_creation_error(8192, errno(libc::EMFILE));
+        assert_eq!(err.kind(), ErrorKind::TooManyOpenFiles);
+        assert!(err.to_string().contains("RLIMIT_NOFILE"), "{err}");
+        assert!(err.to_string().contains("`ulimit -n`"), "{err}");
+        assert!(err.to_string().contains("LimitNOFILE="), "{err}");
+        let err = ring_creation_error(8192, errno(libc::ENFILE));
+        assert_eq!(err.kind(), ErrorKind::TooManyOpenFiles);
+        assert!(err.to_string().contains("fs.file-max"), "{err}");
+        let err = ring_creation_error(8192, errno(libc::ENOMEM));
+        assert_eq!(err.kind(), ErrorKind::OutOfMemory);
+        assert!(err.to_string().contains(".cq_entries"), "{err}");
+    }
+}
