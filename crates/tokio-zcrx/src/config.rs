@@ -76,8 +76,23 @@ pub struct Builder {
     pub(crate) copy_buffer_size: usize,
 }
 
-/// The largest refill ring the kernel accepts without clamping.
+/// The largest refill ring the kernel accepts without clamping (`IO_RQ_MAX_ENTRIES`).
 pub(crate) const MAX_REFILL_ENTRIES: u32 = 32768;
+/// The largest completion queue the kernel accepts without `IORING_SETUP_CLAMP`
+/// (`IORING_MAX_CQ_ENTRIES` = 2 * `IORING_MAX_ENTRIES` = 65536).
+pub(crate) const MAX_CQ_ENTRIES: u32 = 65536;
+/// The smallest completion queue this runtime accepts: a smaller one would overflow, and so
+/// end receives, at nearly every burst.
+pub(crate) const MIN_CQ_ENTRIES: u32 = 64;
+/// The largest chunk: the area is backed by 2 MiB huge pages when chunks exceed a page, and a
+/// chunk must be physically contiguous.
+pub(crate) const MAX_CHUNK_SIZE: u32 = 2 << 20;
+/// The largest copy pool (bytes), which is allocated and faulted in at build.
+pub(crate) const MAX_COPY_POOL_BYTES: usize = 1 << 30;
+/// The most copy buffers (the free list holds one index per buffer).
+pub(crate) const MAX_COPY_BUFFERS: u32 = 1 << 20;
+/// The longest event re-arm interval: events are wake-ups, and a later one helps nobody.
+pub(crate) const MAX_EVENT_REARM_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl Default for Builder {
     fn default() -> Builder {
@@ -113,7 +128,9 @@ impl Builder {
     }
 
     /// The NIC receive queue for [`Mode::Nic`] (and the first choice of [`Mode::Auto`]):
-    /// queue `queue` of interface `name`.
+    /// queue `queue` of interface `name`. An interface that does not exist fails
+    /// [`build`](Builder::build) with [`ErrorKind::InterfaceNotFound`] in both modes: `Auto`
+    /// does not hide a misspelt name behind another mode.
     pub fn interface(mut self, name: impl Into<String>, queue: u32) -> Builder {
         self.interface = Some(Target::Interface {
             name: name.into(),
@@ -135,7 +152,9 @@ impl Builder {
 
     /// The copy-mode buffer pool: `buffers` buffers of `buffer_size` bytes (default 64 of
     /// 64 KiB). Streams wait for a free buffer when all are held; a pool that fits the CPU
-    /// cache copies fastest.
+    /// cache copies fastest. Both must be at least 1; at most 2^20 buffers and 1 GiB in all
+    /// (the pool is allocated up front), else [`build`](Builder::build) fails with
+    /// [`ErrorKind::InvalidConfig`].
     pub fn copy_pool(mut self, buffers: u32, buffer_size: usize) -> Builder {
         self.copy_buffers = buffers;
         self.copy_buffer_size = buffer_size;
@@ -145,27 +164,31 @@ impl Builder {
     /// Size of the receive area in bytes (rounded up to whole chunks). Every buffer handed
     /// out lives in it, so it bounds the memory held by unconsumed data. Keeping it near the
     /// CPU cache size helps in copy fallback (see docs/architecture.md). Default 32 MiB.
+    /// At least two chunks; at most 2^31 - 1 pages (the kernel's pinning limit; kernels
+    /// before mid-2026 also refuse more than 1 GiB at registration).
     pub fn area_size(mut self, bytes: usize) -> Builder {
         self.area_size = bytes;
         self
     }
 
-    /// Entries in the refill ring (the kernel rounds up to a power of two, at most 32768).
-    /// Default: one per area chunk, capped at 32768.
+    /// Entries in the refill ring, 1 to 32768 (the kernel's limit), rounded up to a power of
+    /// two. Default: one per area chunk, capped at 32768.
     pub fn refill_entries(mut self, entries: u32) -> Builder {
         self.refill_entries = Some(entries);
         self
     }
 
     /// Chunk size (the kernel's `rx_buf_len`, Linux 7.0+): a power of two of at least a page.
-    /// Larger chunks mean fewer completions but need a huge-page backed area. Default: one page.
+    /// Larger chunks mean fewer completions but need a huge-page backed area, so at most
+    /// 2 MiB, and a NIC driver that supports them (rx-page-size). Default: one page.
     pub fn chunk_size(mut self, bytes: u32) -> Builder {
         self.chunk_size = Some(bytes);
         self
     }
 
-    /// Completion queue entries (a power of two). Each received chunk costs one; a full CQ
-    /// ends receives, which the runtime resubmits (counted in the statistics). Default 8192.
+    /// Completion queue entries: a power of two from 64 to 65536 (the kernel's
+    /// `IORING_MAX_CQ_ENTRIES`). Each received chunk costs one; a full CQ ends receives,
+    /// which the runtime resubmits (counted in the statistics). Default 8192.
     pub fn cq_entries(mut self, entries: u32) -> Builder {
         self.cq_entries = entries;
         self
@@ -178,13 +201,15 @@ impl Builder {
     }
 
     /// Minimum time between a kernel event and re-arming it, so a steady copy fallback costs
-    /// one event (and one syscall) per interval instead of one per packet. Default 100 ms.
+    /// one event (and one syscall) per interval instead of one per packet. Default 100 ms;
+    /// zero re-arms at once; at most one hour (use [`EventsPolicy::Disabled`] for no events).
     pub fn event_rearm_interval(mut self, interval: Duration) -> Builder {
         self.event_rearm_interval = interval;
         self
     }
 
-    /// Name of the driver thread. Default `tokio-zcrx-driver`.
+    /// Name of the driver thread. Default `tokio-zcrx-driver`. It must not contain a NUL
+    /// byte; Linux shows only its first 15 bytes.
     pub fn thread_name(mut self, name: impl Into<String>) -> Builder {
         self.thread_name = name.into();
         self
@@ -207,40 +232,77 @@ impl Builder {
         let chunk = self.chunk_size.unwrap_or(page);
         if !chunk.is_power_of_two() || chunk < page {
             return invalid(format!(
-                "chunk size {chunk} must be a power of two of at least the page size ({page})"
+                "chunk size {chunk} must be a power of two of at least the page size ({page}): \
+                 use .chunk_size({page}) or omit it for one-page chunks"
+            ));
+        }
+        if chunk > MAX_CHUNK_SIZE {
+            return invalid(format!(
+                "chunk size {chunk} is larger than {MAX_CHUNK_SIZE} bytes, the huge page size \
+                 that backs the area (a chunk must be physically contiguous): use \
+                 .chunk_size({MAX_CHUNK_SIZE}) or less"
             ));
         }
         if self.area_size < 2 * chunk as usize {
             return invalid(format!(
-                "area size {} is too small: it must hold at least two chunks of {chunk} bytes",
+                "area size {} is too small: it must hold at least two chunks of {chunk} bytes \
+                 (use .area_size({}) or more)",
+                self.area_size,
+                2 * chunk as usize
+            ));
+        }
+        // The kernel pins at most i32::MAX pages per area (io_pin_pages); checked before the
+        // rounding below, which could overflow otherwise.
+        let max_area = max_area_size(page as usize, chunk as usize);
+        if self.area_size > max_area {
+            return invalid(format!(
+                "area size {} is too large: the kernel pins at most 2^31 - 1 pages per area, \
+                 so at most {max_area} bytes with {chunk}-byte chunks (a few MiB to 1 GiB is \
+                 typical; see .area_size)",
                 self.area_size
             ));
         }
         let chunks = self.area_size.div_ceil(chunk as usize);
         let area_size = chunks * chunk as usize;
-        if chunks > u32::MAX as usize / 2 {
-            return invalid(format!("area size {} is too large", self.area_size));
-        }
         let refill_entries = match self.refill_entries {
-            Some(0) => return invalid("refill entries must be at least 1".into()),
+            Some(0) => {
+                return invalid(format!(
+                    "refill entries must be between 1 and {MAX_REFILL_ENTRIES}: use \
+                     .refill_entries(N) with N >= 1, or omit it for one entry per chunk"
+                ))
+            }
             Some(n) if n > MAX_REFILL_ENTRIES => {
                 return invalid(format!(
-                    "refill entries {n} exceeds the kernel's limit of {MAX_REFILL_ENTRIES}"
+                    "refill entries {n} exceeds the kernel's limit of {MAX_REFILL_ENTRIES}: \
+                     use .refill_entries({MAX_REFILL_ENTRIES}) or less"
                 ))
             }
             Some(n) => n.next_power_of_two(),
             None => (chunks as u32).next_power_of_two().min(MAX_REFILL_ENTRIES),
         };
-        if !self.cq_entries.is_power_of_two() || self.cq_entries < 64 {
+        if !self.cq_entries.is_power_of_two()
+            || !(MIN_CQ_ENTRIES..=MAX_CQ_ENTRIES).contains(&self.cq_entries)
+        {
             return invalid(format!(
-                "CQ entries {} must be a power of two of at least 64",
+                "CQ entries {} must be a power of two from {MIN_CQ_ENTRIES} to {MAX_CQ_ENTRIES} \
+                 (the kernel's IORING_MAX_CQ_ENTRIES): use .cq_entries({}) for example",
+                self.cq_entries,
                 self.cq_entries
+                    .clamp(MIN_CQ_ENTRIES, MAX_CQ_ENTRIES)
+                    .next_power_of_two()
+                    .min(MAX_CQ_ENTRIES)
             ));
         }
-        if let Target::Interface { name, .. } = &target {
-            if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', '\0']) {
-                return invalid(format!("{name:?} is not a valid interface name"));
+        match &target {
+            Target::Interface { name, .. } => validate_interface_name(name)?,
+            Target::InterfaceIndex { index: 0, .. } => {
+                return invalid(
+                    "interface index 0 does not exist (indices start at 1; `ip link` shows \
+                     them): use .interface(NAME, QUEUE) or a listed index"
+                        .into(),
+                )
             }
+            Target::InterfaceIndex { .. } | Target::NoDevice => {}
         }
         Ok(Validated {
             target,
@@ -265,22 +327,81 @@ impl Builder {
             );
         }
         if self.copy_buffers == 0 || self.copy_buffer_size == 0 {
-            return invalid("the copy pool needs at least one buffer of at least one byte".into());
+            return invalid(
+                "the copy pool needs at least one buffer of at least one byte: use \
+                 .copy_pool(64, 65536) (the default) or other non-zero sizes"
+                    .into(),
+            );
         }
-        if self.copy_buffer_size > u32::MAX as usize {
+        if self.copy_buffers > MAX_COPY_BUFFERS {
             return invalid(format!(
-                "copy buffer size {} is too large",
-                self.copy_buffer_size
+                "{} copy buffers is more than the limit of {MAX_COPY_BUFFERS}: use fewer, \
+                 larger buffers, e.g. .copy_pool(64, 65536)",
+                self.copy_buffers
             ));
+        }
+        // The pool is allocated and faulted in up front, so its size is real memory.
+        let pool_bytes = (self.copy_buffers as usize).checked_mul(self.copy_buffer_size);
+        if pool_bytes.is_none_or(|bytes| bytes > MAX_COPY_POOL_BYTES) {
+            return invalid(format!(
+                "a copy pool of {} buffers of {} bytes exceeds the limit of {MAX_COPY_POOL_BYTES} \
+                 bytes (1 GiB, allocated up front): use fewer or smaller buffers; a pool that \
+                 fits the CPU cache copies fastest",
+                self.copy_buffers, self.copy_buffer_size
+            ));
+        }
+        if self.event_rearm_interval > MAX_EVENT_REARM_INTERVAL {
+            return invalid(format!(
+                "event re-arm interval {:?} is longer than the limit of {:?}: to receive no \
+                 events, use .events(EventsPolicy::Disabled) instead",
+                self.event_rearm_interval, MAX_EVENT_REARM_INTERVAL
+            ));
+        }
+        if self.thread_name.contains('\0') {
+            return invalid(format!(
+                "thread name {:?} contains a NUL byte, which thread names cannot hold: remove it",
+                self.thread_name
+            ));
+        }
+        if let Some(Target::Interface { name, .. }) = &self.interface {
+            validate_interface_name(name)?;
         }
         let page = crate::mem::page_size() as u32;
         // Validate the zcrx sizes even when copy mode may end up chosen: a bad setting is a
         // bug in the caller whatever this machine supports.
         if self.mode != Mode::Copy {
-            self.validate_for(Target::NoDevice, page)?;
+            let target = self.interface.clone().unwrap_or(Target::NoDevice);
+            self.validate_for(target, page)?;
         }
         Ok(())
     }
+}
+
+/// The largest area the kernel pins with `page`-byte pages, whole `chunk`s.
+fn max_area_size(page: usize, chunk: usize) -> usize {
+    (i32::MAX as usize).saturating_mul(page) / chunk * chunk
+}
+
+/// An interface name as the kernel accepts it (`dev_valid_name`): 1 to 15 bytes, not `.` or
+/// `..`, without `/`, `:`, whitespace or NUL.
+fn validate_interface_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', ':', '\0'])
+        && !name.chars().any(char::is_whitespace);
+    if valid {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::InvalidConfig,
+        format!(
+            "{name:?} is not a valid interface name (1 to {} bytes, no '/', ':', whitespace \
+             or NUL): use a name `ip link` lists",
+            libc::IFNAMSIZ - 1
+        ),
+    ))
 }
 
 /// A checked configuration.
@@ -359,6 +480,119 @@ mod tests {
             .validate_common()
             .unwrap_err();
         assert!(err.to_string().contains(".interface(NAME, QUEUE)"), "{err}");
+    }
+
+    #[test]
+    fn every_limit_is_exact() {
+        let ok = |b: Builder| validate(b).map(drop);
+        let invalid = |b: Builder| {
+            let err = b
+                .validate_common()
+                .and_then(|()| validate(b.clone()).map(drop))
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+        };
+        // Area: two chunks .. 2^31 - 1 pages, and usize::MAX must not overflow (D1).
+        ok(Builder::new().area_size(8192)).unwrap();
+        invalid(Builder::new().no_device().area_size(8191));
+        let max = (i32::MAX as usize) * 4096;
+        let v = validate(Builder::new().area_size(max)).unwrap();
+        assert_eq!(v.area_size, max);
+        assert_eq!(v.refill_entries, MAX_REFILL_ENTRIES);
+        invalid(Builder::new().no_device().area_size(max + 1));
+        invalid(Builder::new().no_device().area_size(usize::MAX));
+        invalid(
+            Builder::new()
+                .no_device()
+                .area_size(usize::MAX)
+                .chunk_size(2 << 20),
+        );
+        // With 2 MiB chunks the largest area is whole chunks below the page limit (rounding
+        // up to a whole chunk must not cross it).
+        let max_2m = max / (2 << 20) * (2 << 20);
+        let v = validate(Builder::new().area_size(max_2m).chunk_size(2 << 20)).unwrap();
+        assert_eq!(v.area_size, max_2m);
+        invalid(
+            Builder::new()
+                .no_device()
+                .area_size(max_2m + 1)
+                .chunk_size(2 << 20),
+        );
+        // Chunks: page .. 2 MiB, powers of two.
+        ok(Builder::new().chunk_size(2 << 20).area_size(4 << 20)).unwrap();
+        invalid(
+            Builder::new()
+                .no_device()
+                .chunk_size(4 << 20)
+                .area_size(8 << 20),
+        );
+        invalid(Builder::new().no_device().chunk_size(8192 + 4096));
+        // Refill: 1 .. 32768, rounded up.
+        assert_eq!(
+            validate(Builder::new().refill_entries(1))
+                .unwrap()
+                .refill_entries,
+            1
+        );
+        assert_eq!(
+            validate(Builder::new().refill_entries(32768))
+                .unwrap()
+                .refill_entries,
+            32768
+        );
+        invalid(Builder::new().no_device().refill_entries(32769));
+        // CQ: powers of two 64 .. 65536 (D3).
+        ok(Builder::new().cq_entries(64)).unwrap();
+        ok(Builder::new().cq_entries(65536)).unwrap();
+        invalid(Builder::new().no_device().cq_entries(32));
+        invalid(Builder::new().no_device().cq_entries(65537));
+        invalid(Builder::new().no_device().cq_entries(131072));
+        invalid(Builder::new().no_device().cq_entries(u32::MAX));
+        // Copy pool, interval, thread name: checked in every mode, copy included (D2).
+        Builder::new()
+            .mode(Mode::Copy)
+            .copy_pool(MAX_COPY_BUFFERS, 1024)
+            .validate_common()
+            .unwrap();
+        invalid(
+            Builder::new()
+                .mode(Mode::Copy)
+                .copy_pool(MAX_COPY_BUFFERS + 1, 1),
+        );
+        invalid(Builder::new().mode(Mode::Copy).copy_pool(2, 1 << 29 | 1));
+        invalid(
+            Builder::new()
+                .mode(Mode::Copy)
+                .copy_pool(u32::MAX, usize::MAX),
+        );
+        invalid(
+            Builder::new()
+                .mode(Mode::Copy)
+                .event_rearm_interval(Duration::MAX),
+        );
+        invalid(Builder::new().mode(Mode::Copy).thread_name("driver\0"));
+        Builder::new()
+            .event_rearm_interval(MAX_EVENT_REARM_INTERVAL)
+            .validate_common()
+            .unwrap();
+        // Interface names as the kernel's dev_valid_name has them.
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a:b",
+            "a b",
+            "a/b",
+            "a\0",
+            "0123456789abcdef",
+        ] {
+            invalid(Builder::new().interface(bad, 0));
+        }
+        Builder::new()
+            .interface("0123456789abcde", 0)
+            .validate_common()
+            .unwrap();
+        invalid(Builder::new().interface_index(0, 0));
     }
 
     #[test]

@@ -27,6 +27,14 @@ pub enum ErrorKind {
     QueueBusy,
     /// Memory could not be mapped, pinned or registered (RLIMIT_MEMLOCK, huge pages).
     OutOfMemory,
+    /// No file descriptor is left: the process reached RLIMIT_NOFILE (EMFILE; `ulimit -n`,
+    /// `LimitNOFILE=` in systemd) or the system its `fs.file-max` (ENFILE).
+    TooManyOpenFiles,
+    /// The socket given to [`Zcrx::attach`](crate::Zcrx::attach) cannot be received from: it
+    /// is not a TCP socket, it listens, it is not connected, or it (or a duplicate of it,
+    /// from `try_clone` or `dup`) is already attached. Nothing was registered and the socket
+    /// was closed.
+    InvalidSocket,
     /// The runtime has shut down or its driver thread failed.
     RuntimeGone,
     /// The kernel refused a request for another reason; the source has the errno.
@@ -114,7 +122,7 @@ impl std::error::Error for Error {
 impl From<Error> for io::Error {
     fn from(err: Error) -> io::Error {
         let kind = match err.kind {
-            ErrorKind::InvalidConfig => io::ErrorKind::InvalidInput,
+            ErrorKind::InvalidConfig | ErrorKind::InvalidSocket => io::ErrorKind::InvalidInput,
             ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,
             ErrorKind::InterfaceNotFound => io::ErrorKind::NotFound,
             ErrorKind::IoUringUnavailable
@@ -123,12 +131,13 @@ impl From<Error> for io::Error {
             ErrorKind::OutOfMemory => io::ErrorKind::OutOfMemory,
             ErrorKind::QueueBusy => io::ErrorKind::ResourceBusy,
             ErrorKind::RuntimeGone => io::ErrorKind::BrokenPipe,
-            ErrorKind::InterfaceNotConfigured | ErrorKind::QueueOutOfRange | ErrorKind::Kernel => {
-                match &err.source {
-                    Some(source) => source.kind(),
-                    None => io::ErrorKind::Other,
-                }
-            }
+            ErrorKind::InterfaceNotConfigured
+            | ErrorKind::QueueOutOfRange
+            | ErrorKind::TooManyOpenFiles
+            | ErrorKind::Kernel => match &err.source {
+                Some(source) => source.kind(),
+                None => io::ErrorKind::Other,
+            },
         };
         io::Error::new(kind, err)
     }

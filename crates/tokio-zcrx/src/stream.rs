@@ -141,6 +141,9 @@ impl StreamShared {
 #[derive(Debug)]
 pub struct ZcStream {
     inner: Inner,
+    /// Keeps the socket from being attached twice while this stream lives (set by attach;
+    /// dropped after `inner`, which has stopped receiving by then).
+    pub(crate) claim: Option<crate::runtime::SocketClaim>,
 }
 
 #[derive(Debug)]
@@ -177,12 +180,14 @@ impl ZcStream {
                 limited,
                 done: false,
             }),
+            claim: None,
         }
     }
 
     pub(crate) fn copy(stream: CopyStream) -> Self {
         ZcStream {
             inner: Inner::Copy(stream),
+            claim: None,
         }
     }
 
@@ -363,8 +368,10 @@ pub struct ZcListener {
 }
 
 impl ZcListener {
-    /// Binds a listener. Must be called within a Tokio runtime.
+    /// Binds a listener. Must be called within a Tokio runtime (else
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig)).
     pub async fn bind(zcrx: &Zcrx, addr: impl ToSocketAddrs) -> io::Result<ZcListener> {
+        crate::runtime::require_tokio("ZcListener::bind")?;
         Ok(ZcListener {
             listener: TcpListener::bind(addr).await?,
             zcrx: zcrx.clone(),
@@ -380,7 +387,10 @@ impl ZcListener {
     }
 
     /// Accepts a connection: its receive stream, the write half for replies, and the peer.
+    /// After [`Zcrx::shutdown`] it fails with
+    /// [`ErrorKind::RuntimeGone`](crate::ErrorKind::RuntimeGone) without waiting.
     pub async fn accept(&self) -> io::Result<(ZcStream, ZcWriteHalf, SocketAddr)> {
+        self.zcrx.check_running()?;
         let (socket, peer) = self.listener.accept().await?;
         let (stream, writer) = self.zcrx.attach(socket)?;
         Ok((stream, writer, peer))

@@ -25,7 +25,7 @@ use crate::config::{EventsPolicy, Target, Validated};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fork::RingForkGuard;
 use crate::mem::{page_size, Mapping};
-use crate::probe::{self, ProbeOptions, Verdict};
+use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 
 /// The ring type zcrx needs: 32-byte CQEs carry the receive offset.
 pub(crate) type Ring = IoUring<squeue::Entry, cqueue::Entry32>;
@@ -112,6 +112,59 @@ fn too_old(feature: &str, needs: &str) -> Error {
     )
 }
 
+/// Why a new file descriptor could not be had, if that is why `error` happened: EMFILE and
+/// ENFILE become [`ErrorKind::TooManyOpenFiles`] naming the limit to raise.
+pub(crate) fn out_of_descriptors(what: &str, error: &io::Error) -> Option<Error> {
+    let message = match error.raw_os_error()? {
+        libc::EMFILE => format!(
+            "cannot create {what}: this process has as many files open as RLIMIT_NOFILE \
+             allows (EMFILE); close unused descriptors or raise the limit (`ulimit -n`, \
+             LimitNOFILE= in systemd)"
+        ),
+        libc::ENFILE => format!(
+            "cannot create {what}: the system-wide limit on open files is reached (ENFILE); \
+             raise `sysctl fs.file-max` or close files in other processes"
+        ),
+        _ => return None,
+    };
+    Some(Error::new(ErrorKind::TooManyOpenFiles, message))
+}
+
+/// The error for a ring the kernel would not create.
+fn ring_creation_error(cq_entries: u32, error: io::Error) -> Error {
+    if let Some(err) = out_of_descriptors("the io_uring", &error) {
+        return err.with_source(error);
+    }
+    let errno = probe::Errno::from_io_error(&error);
+    if errno.code() == libc::ENOMEM {
+        return Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "cannot create an io_uring with a {cq_entries}-entry CQ: the kernel is out of \
+                 memory for its rings (or the cgroup's memory limit is reached); free memory or \
+                 use a smaller .cq_entries"
+            ),
+        )
+        .with_source(error);
+    }
+    let why = if errno.code() == libc::EINVAL {
+        // The sizes were validated against the kernel's limits, and a plain ring works on
+        // every kernel with io_uring: what can be refused is one of the flags zcrx needs.
+        format!(
+            "the kernel refused a ring with SINGLE_ISSUER | DEFER_TASKRUN | CQE32 and a \
+             {cq_entries}-entry CQ (zcrx needs Linux 6.15+; this is {})",
+            release()
+        )
+    } else {
+        probe::explain_io_uring_setup_failure(errno)
+    };
+    Error::new(
+        ErrorKind::IoUringUnavailable,
+        format!("cannot create an io_uring: {why}"),
+    )
+    .with_source(error)
+}
+
 /// Creates the ring and registers the queue described by `config`.
 pub(crate) fn register(config: &Validated) -> Result<Instance> {
     let (ring, fork_guard) = crate::fork::create_ring(
@@ -120,8 +173,8 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
                 .setup_single_issuer()
                 .setup_defer_taskrun()
                 .setup_coop_taskrun()
-                // With COOP_TASKRUN the kernel flags pending deferred work in the SQ ring instead of
-                // interrupting; the driver enters with GETEVENTS every turn anyway.
+                // With COOP_TASKRUN the kernel flags pending deferred work in the SQ ring
+                // instead of interrupting; the driver enters with GETEVENTS every turn anyway.
                 .setup_taskrun_flag()
                 .setup_submit_all()
                 .setup_cqsize(config.cq_entries)
@@ -129,26 +182,7 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
         },
         |ring| ring.as_raw_fd(),
     )
-    .map_err(|e| {
-        let errno = probe::Errno::from_io_error(&e);
-        let why = if errno.code() == libc::EINVAL {
-            // A plain ring works on every kernel with io_uring; what can be refused is
-            // one of the flags zcrx needs.
-            format!(
-                "the kernel refused a ring with SINGLE_ISSUER | DEFER_TASKRUN | CQE32 and a \
-                     {}-entry CQ (zcrx needs Linux 6.15+; this is {})",
-                config.cq_entries,
-                release()
-            )
-        } else {
-            probe::explain_io_uring_setup_failure(errno)
-        };
-        Error::new(
-            ErrorKind::IoUringUnavailable,
-            format!("cannot create an io_uring: {why}"),
-        )
-        .with_source(e)
-    })?;
+    .map_err(|e| ring_creation_error(config.cq_entries, e))?;
     let mut op_probe = io_uring::Probe::new();
     let recv_zc = ring.submitter().register_probe(&mut op_probe).is_ok()
         && op_probe.is_supported(IORING_OP_RECV_ZC);
@@ -339,6 +373,37 @@ fn ifindex(name: &str) -> Result<u32> {
 /// Turns a refused registration into an error that says what to do. For a NIC queue the
 /// probe looks at the interface (without registering) to tell the causes of EINVAL apart.
 fn explain_refusal(target: &Target, config: &Validated, error: io::Error) -> Error {
+    let queue = match target {
+        Target::NoDevice => None,
+        Target::Interface { name, queue } => Some((name.clone(), *queue)),
+        Target::InterfaceIndex { index, queue } => Some((interface_name(*index), *queue)),
+    };
+    let errno = error.raw_os_error().unwrap_or(0);
+    // The probe is only needed where the errno alone does not say what to do.
+    let report = match &queue {
+        Some((interface, queue)) if !matches!(errno, libc::EPERM | libc::ENOMEM) => {
+            Some(probe::run(&ProbeOptions {
+                interface: Some(interface.clone()),
+                queue: Some(*queue),
+                try_register: false,
+            }))
+        }
+        _ => None,
+    };
+    let diagnosis = report.as_ref().and_then(|r| r.interfaces.first());
+    let queue = queue.as_ref().map(|(name, queue)| (name.as_str(), *queue));
+    refusal_error(queue, config, error, diagnosis)
+}
+
+/// The error for a refused registration of `queue` (`None`: the device-less mode), given the
+/// kernel's error and the probe's diagnosis of the interface. A pure function, so every case
+/// can be tested without a NIC.
+fn refusal_error(
+    queue: Option<(&str, u32)>,
+    config: &Validated,
+    error: io::Error,
+    diagnosis: Option<&InterfaceReport>,
+) -> Error {
     let errno = error.raw_os_error().unwrap_or(0);
     if errno == libc::EPERM {
         return Error::new(
@@ -360,35 +425,56 @@ fn explain_refusal(target: &Target, config: &Validated, error: io::Error) -> Err
         )
         .with_source(error);
     }
-    let (interface, queue) = match target {
-        Target::NoDevice => {
-            return Error::new(
-                ErrorKind::Kernel,
-                format!("the kernel refused the device-less (NODEV) registration: {error}"),
-            )
-            .with_source(error)
-        }
-        Target::Interface { name, queue } => (name.clone(), *queue),
-        Target::InterfaceIndex { index, queue } => (interface_name(*index), *queue),
+    if errno == libc::EFAULT && config.area_size > KERNEL_AREA_LIMIT_BEFORE_2026 {
+        // io_validate_user_buf_range: "arbitrary limit, but we need something"; lifted in
+        // 2026 (the pinning limit of 2^31 - 1 pages remains, which validation checks).
+        return Error::new(
+            ErrorKind::InvalidConfig,
+            format!(
+                "this kernel refuses areas larger than 1 GiB ({KERNEL_AREA_LIMIT_BEFORE_2026} \
+                 bytes); the area is {} bytes: use .area_size({KERNEL_AREA_LIMIT_BEFORE_2026}) \
+                 or less",
+                config.area_size
+            ),
+        )
+        .with_source(error);
+    }
+    let Some((interface, queue)) = queue else {
+        return Error::new(
+            ErrorKind::Kernel,
+            format!("the kernel refused the device-less (NODEV) registration: {error}"),
+        )
+        .with_source(error);
     };
-    let report = probe::run(&ProbeOptions {
-        interface: Some(interface.clone()),
-        queue: Some(queue),
-        try_register: false,
-    });
-    let diagnosis = report.interfaces.first();
+    let mut message = format!("cannot register {interface} rx queue {queue} for zero-copy receive");
+    let verdict = diagnosis.map(|d| d.verdict);
+    // The probe judges the queue for one-page chunks. A driver without rx-page-size support
+    // refuses larger chunks with EOPNOTSUPP although everything else is in order.
+    let device_unsupported = matches!(verdict, Some(Verdict::Unsupported | Verdict::NotFound));
+    if errno == libc::EOPNOTSUPP && config.custom_chunk && !device_unsupported {
+        let driver = diagnosis
+            .and_then(|d| d.driver.as_deref())
+            .map_or_else(|| "its driver".to_owned(), |d| format!("driver {d}"));
+        message.push_str(&format!(
+            " with {}-byte chunks: {driver} does not support chunks larger than a page \
+             (rx_buf_len, the queue's rx-page-size); fix: use the default chunk size (omit \
+             .chunk_size, or .chunk_size({})), or a NIC whose driver supports rx-page-size",
+            config.chunk_size,
+            page_size()
+        ));
+        return Error::new(ErrorKind::InterfaceUnsupported, message).with_source(error);
+    }
     let kind = match errno {
         libc::ENODEV => ErrorKind::InterfaceNotFound,
         libc::ERANGE => ErrorKind::QueueOutOfRange,
         libc::EEXIST | libc::EBUSY => ErrorKind::QueueBusy,
         libc::EOPNOTSUPP => ErrorKind::InterfaceUnsupported,
-        libc::EINVAL => match diagnosis.map(|d| d.verdict) {
+        libc::EINVAL => match verdict {
             Some(Verdict::NeedsConfiguration) => ErrorKind::InterfaceNotConfigured,
             _ => ErrorKind::Kernel,
         },
         _ => ErrorKind::Kernel,
     };
-    let mut message = format!("cannot register {interface} rx queue {queue} for zero-copy receive");
     match diagnosis {
         Some(d) => {
             message.push_str(": ");
@@ -403,6 +489,33 @@ fn explain_refusal(target: &Target, config: &Validated, error: io::Error) -> Err
     Error::new(kind, message).with_source(error)
 }
 
+/// The largest area kernels before mid-2026 register (io_uring's registered-memory limit).
+const KERNEL_AREA_LIMIT_BEFORE_2026: usize = 1 << 30;
+
+/// Checks that the interface `config` names exists (in this network namespace), so that a
+/// misspelt name is an error in every mode instead of a reason to fall back.
+pub(crate) fn check_interface_exists(target: &Target) -> Result<()> {
+    match target {
+        Target::Interface { name, .. } => ifindex(name).map(drop),
+        Target::InterfaceIndex { index, .. } => {
+            let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
+            if unsafe { libc::if_indextoname(*index, buf.as_mut_ptr()) }.is_null() {
+                return Err(Error::new(
+                    ErrorKind::InterfaceNotFound,
+                    format!(
+                        "no network interface has index {index} in this network namespace \
+                         (`ip link` lists them with their indices)"
+                    ),
+                )
+                .with_source(io::Error::last_os_error()));
+            }
+            Ok(())
+        }
+        Target::NoDevice => Ok(()),
+    }
+}
+
 fn interface_name(index: u32) -> String {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
@@ -414,4 +527,158 @@ fn interface_name(index: u32) -> String {
     unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
         .to_string_lossy()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{TcpDataSplit, TrialOutcome};
+    use crate::Builder;
+
+    fn config(builder: Builder) -> Validated {
+        let target = Target::Interface {
+            name: "nsim0".into(),
+            queue: 1,
+        };
+        builder.validate_for(target, page_size() as u32).unwrap()
+    }
+
+    /// What the probe says of a netdevsim queue that is set up for zcrx (one-page chunks).
+    fn ready_netdevsim() -> InterfaceReport {
+        InterfaceReport {
+            name: "nsim0".into(),
+            ifindex: Some(3),
+            driver: Some("netdevsim".into()),
+            virtual_device: false,
+            rx_queues: Some(2),
+            queue: Some(1),
+            tcp_data_split: TcpDataSplit::On,
+            hds_thresh: Some(0),
+            xdp_attached: Some(false),
+            registration: TrialOutcome::NotAttempted {
+                reason: "not asked to".into(),
+            },
+            verdict: Verdict::PreconditionsMet,
+            reason: "preconditions met; run with --try-register to confirm (briefly restarts \
+                     rx queue 1 of nsim0)"
+                .into(),
+            fix: None,
+            hints: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn errno(code: i32) -> io::Error {
+        io::Error::from_raw_os_error(code)
+    }
+
+    #[test]
+    fn large_chunks_refused_by_the_driver_say_so_and_what_to_do() {
+        // Defect G: EOPNOTSUPP for 64 KiB chunks on a queue the probe finds ready.
+        let config = config(Builder::new().chunk_size(65536));
+        let diagnosis = ready_netdevsim();
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EOPNOTSUPP),
+            Some(&diagnosis),
+        );
+        let text = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::InterfaceUnsupported, "{text}");
+        assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP));
+        assert!(!text.contains("preconditions met"), "{text}");
+        assert!(
+            text.contains("netdevsim does not support chunks larger than a page"),
+            "{text}"
+        );
+        assert!(text.contains("rx_buf_len"), "{text}");
+        assert!(text.contains("rx-page-size"), "{text}");
+        assert!(text.contains("default chunk size"), "{text}");
+        assert!(text.contains("65536-byte chunks"), "{text}");
+    }
+
+    #[test]
+    fn a_device_without_zcrx_is_not_blamed_on_the_chunk_size() {
+        let config = config(Builder::new().chunk_size(65536));
+        let mut diagnosis = ready_netdevsim();
+        diagnosis.verdict = Verdict::Unsupported;
+        diagnosis.virtual_device = true;
+        diagnosis.reason = "virtual device: there is no NIC behind nsim0 to receive into".into();
+        diagnosis.fix = Some("use an interface on a zcrx-capable NIC".into());
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EOPNOTSUPP),
+            Some(&diagnosis),
+        );
+        assert_eq!(err.kind(), ErrorKind::InterfaceUnsupported);
+        assert!(err.to_string().contains("virtual device"), "{err}");
+        assert!(!err.to_string().contains("chunks larger"), "{err}");
+    }
+
+    #[test]
+    fn default_chunks_keep_the_probe_diagnosis() {
+        let config = config(Builder::new());
+        let mut diagnosis = ready_netdevsim();
+        diagnosis.verdict = Verdict::NeedsConfiguration;
+        diagnosis.reason = "hds-thresh is 256, zcrx needs 0".into();
+        diagnosis.fix = Some("`ethtool -G nsim0 hds-thresh 0`".into());
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EINVAL),
+            Some(&diagnosis),
+        );
+        assert_eq!(err.kind(), ErrorKind::InterfaceNotConfigured);
+        assert!(
+            err.to_string()
+                .contains("fix: `ethtool -G nsim0 hds-thresh 0`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_low_memlock_limit_names_the_limit() {
+        // Linux 6.17+ charges the area to RLIMIT_MEMLOCK: registration answers ENOMEM.
+        for queue in [Some(("nsim0", 1)), None] {
+            let config = config(Builder::new());
+            let err = refusal_error(queue, &config, errno(libc::ENOMEM), None);
+            assert_eq!(err.kind(), ErrorKind::OutOfMemory);
+            assert!(err.to_string().contains("`ulimit -l`"), "{err}");
+            assert!(err.to_string().contains("LimitMEMLOCK="), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_area_above_the_old_kernel_limit_is_a_setting_to_change() {
+        let config = config(Builder::new().area_size(2 << 30));
+        let err = refusal_error(None, &config, errno(libc::EFAULT), None);
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.to_string().contains(".area_size(1073741824)"), "{err}");
+        // Within the limit, EFAULT stays the kernel's.
+        let config = config_nodev(Builder::new());
+        let err = refusal_error(None, &config, errno(libc::EFAULT), None);
+        assert_eq!(err.kind(), ErrorKind::Kernel);
+    }
+
+    fn config_nodev(builder: Builder) -> Validated {
+        builder
+            .validate_for(Target::NoDevice, page_size() as u32)
+            .unwrap()
+    }
+
+    #[test]
+    fn no_descriptor_left_names_rlimit_nofile() {
+        let err = ring_creation_error(8192, errno(libc::EMFILE));
+        assert_eq!(err.kind(), ErrorKind::TooManyOpenFiles);
+        assert!(err.to_string().contains("RLIMIT_NOFILE"), "{err}");
+        assert!(err.to_string().contains("`ulimit -n`"), "{err}");
+        assert!(err.to_string().contains("LimitNOFILE="), "{err}");
+        let err = ring_creation_error(8192, errno(libc::ENFILE));
+        assert_eq!(err.kind(), ErrorKind::TooManyOpenFiles);
+        assert!(err.to_string().contains("fs.file-max"), "{err}");
+        let err = ring_creation_error(8192, errno(libc::ENOMEM));
+        assert_eq!(err.kind(), ErrorKind::OutOfMemory);
+        assert!(err.to_string().contains(".cq_entries"), "{err}");
+    }
 }

@@ -7,13 +7,14 @@
 //! until the kernel or a handle has something for it. See docs/architecture.md.
 
 pub(crate) mod area;
+mod claim;
 mod driver;
 pub(crate) mod instance;
 mod kernel;
 #[cfg(any(test, feature = "bench-internals"))]
 pub(crate) mod synthetic;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -28,6 +29,8 @@ use crate::event::{Event, Stats};
 use crate::mode::{ActiveMode, Mode, ModeSelection};
 use crate::stream::{StreamOptions, StreamShared, ZcStream};
 use crate::writer::ZcWriteHalf;
+
+pub(crate) use claim::SocketClaim;
 
 pub(crate) type StreamKey = StreamId;
 
@@ -278,9 +281,14 @@ impl Zcrx {
     }
 
     /// Receives an existing connection through this runtime: returns its stream of
-    /// buffers and the write half (for replies). Must be called within a Tokio runtime
-    /// (the write half uses Tokio's reactor); in the io_uring modes it fails with
-    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) otherwise.
+    /// buffers and the write half (for replies). Must be called within a Tokio runtime, in
+    /// every mode (the write half and the stream use its reactor).
+    ///
+    /// Fails, closing the socket, with [`ErrorKind::InvalidConfig`](crate::ErrorKind) outside
+    /// a Tokio runtime, [`ErrorKind::InvalidSocket`](crate::ErrorKind) for a socket that is
+    /// listening, not connected or already attached (also through a `try_clone`d or `dup`ed
+    /// descriptor), and [`ErrorKind::RuntimeGone`](crate::ErrorKind) after
+    /// [`shutdown`](Zcrx::shutdown).
     pub fn attach(&self, socket: TcpStream) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
         self.attach_with(socket, StreamOptions::default())
     }
@@ -298,16 +306,14 @@ impl Zcrx {
             )
             .into());
         }
-        match &self.backend {
+        self.check_running()?;
+        // Required in copy mode too, although it could do without: code tested on a machine
+        // that runs copy mode must not fail where zero copy runs.
+        require_tokio("attach")?;
+        // Released when the stream is dropped (or now, with the socket, on any error below).
+        let claim = claim::claim_connected_tcp(socket.as_fd())?;
+        let (mut stream, write_half) = match &self.backend {
             Backend::Uring(handle) => {
-                handle.shared.check_running()?;
-                tokio::runtime::Handle::try_current().map_err(|_| {
-                    Error::new(
-                        ErrorKind::InvalidConfig,
-                        "attach must be called within a Tokio runtime: the write half it \
-                         returns is registered with that runtime's reactor",
-                    )
-                })?;
                 // Out of Tokio's reactor for reads: the kernel receives into the area.
                 let socket = Arc::new(socket.into_std()?);
                 let write_half = ZcWriteHalf::write_only(Arc::clone(&socket))?;
@@ -321,24 +327,38 @@ impl Zcrx {
                 })?;
                 let stream =
                     ZcStream::uring(shared, key, handle.clone(), options.read_limit.is_some());
-                Ok((stream, write_half))
+                (stream, write_half)
             }
             Backend::Copy(copy) => {
-                copy.check_running()?;
                 let (read_half, write_half) = socket.into_split();
                 let stream = ZcStream::copy(CopyStream::new(
                     read_half,
                     Arc::clone(&copy.pool),
                     options.read_limit,
                 ));
-                Ok((stream, ZcWriteHalf::tokio(write_half)))
+                (stream, ZcWriteHalf::tokio(write_half))
             }
+        };
+        stream.claim = Some(claim);
+        Ok((stream, write_half))
+    }
+
+    /// `RuntimeGone` once the runtime has shut down (or its driver failed).
+    pub(crate) fn check_running(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Uring(handle) => handle.shared.check_running(),
+            Backend::Copy(copy) => copy.check_running(),
         }
     }
 
     /// A receiver of runtime events (copy fallback, allocation failure, area exhausted, CQ
-    /// overflow recovered), each with a statistics snapshot.
+    /// overflow recovered), each with a statistics snapshot. After
+    /// [`shutdown`](Zcrx::shutdown) the receiver is closed: `recv` returns `Closed` at once.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        if self.check_running().is_err() {
+            // No event can come any more; a receiver of the live channel would wait forever.
+            return broadcast::channel(1).1;
+        }
         match &self.backend {
             Backend::Uring(handle) => handle.shared.events.subscribe(),
             Backend::Copy(copy) => copy.events.subscribe(),
@@ -392,6 +412,14 @@ impl Zcrx {
 /// each was refused.
 pub(crate) fn select_and_start(builder: crate::Builder) -> Result<Zcrx> {
     builder.validate_common()?;
+    if builder.mode != Mode::Copy {
+        // A misspelt interface is a mistake in every mode: checked before anything is tried,
+        // so that Auto does not hide it behind another mode (nor behind an earlier refusal,
+        // such as io_uring being forbidden).
+        if let Some(target) = &builder.interface {
+            instance::check_interface_exists(target)?;
+        }
+    }
     let page = crate::mem::page_size() as u32;
     let copy = |refused: Vec<(Mode, String)>| -> Result<Zcrx> {
         let runtime = CopyRuntime::new(&builder).map_err(|e| {
@@ -432,6 +460,7 @@ pub(crate) fn select_and_start(builder: crate::Builder) -> Result<Zcrx> {
             let nic = match builder.interface.clone() {
                 Some(target) => match uring(target, ActiveMode::Nic, Vec::new()) {
                     Ok(zcrx) => Some(zcrx),
+                    Err(e) if is_callers_to_fix(&e) => return Err(e),
                     Err(e) => {
                         refused.push((Mode::Nic, e.to_string()));
                         None
@@ -446,6 +475,7 @@ pub(crate) fn select_and_start(builder: crate::Builder) -> Result<Zcrx> {
                 Some(zcrx) => zcrx,
                 None => match uring(Target::NoDevice, ActiveMode::NoDevice, refused.clone()) {
                     Ok(zcrx) => zcrx,
+                    Err(e) if is_callers_to_fix(&e) => return Err(e),
                     Err(e) => {
                         refused.push((Mode::NoDevice, e.to_string()));
                         copy(refused)?
@@ -463,10 +493,45 @@ pub(crate) fn select_and_start(builder: crate::Builder) -> Result<Zcrx> {
     Ok(zcrx)
 }
 
+/// `InvalidConfig` unless called within a Tokio runtime, which `what` needs for its reactor.
+pub(crate) fn require_tokio(what: &str) -> Result<()> {
+    tokio::runtime::Handle::try_current()
+        .map(drop)
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                "{what} must be called within a Tokio runtime: its sockets are registered with \
+                 that runtime's reactor (call it from a task, or enter the runtime with \
+                 Runtime::enter)"
+            ),
+            )
+        })
+}
+
+/// Refusals that `Auto` passes on instead of trying the next mode: no mode fixes them (a
+/// setting this kernel cannot take, an interface that is not there, no file descriptor left).
+fn is_callers_to_fix(error: &Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::InvalidConfig | ErrorKind::InterfaceNotFound | ErrorKind::TooManyOpenFiles
+    )
+}
+
 /// Starts the driver thread and waits until it registered the queue (or failed to).
 fn start(config: Validated) -> Result<UringHandle> {
     let shared = Arc::new(DriverShared::new().map_err(|e| {
-        Error::new(ErrorKind::Kernel, "cannot create the driver's eventfd").with_source(e)
+        let error = instance::out_of_descriptors("the driver's eventfd", &e).unwrap_or_else(|| {
+            if e.raw_os_error() == Some(libc::ENOMEM) {
+                Error::new(
+                    ErrorKind::OutOfMemory,
+                    "cannot create the driver's eventfd: the kernel is out of memory",
+                )
+            } else {
+                Error::new(ErrorKind::Kernel, "cannot create the driver's eventfd")
+            }
+        });
+        error.with_source(e)
     })?);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let driver_shared = Arc::clone(&shared);
@@ -474,7 +539,12 @@ fn start(config: Validated) -> Result<UringHandle> {
         .name(config.thread_name.clone())
         .spawn(move || driver::run(config, driver_shared, ready_tx))
         .map_err(|e| {
-            Error::new(ErrorKind::Kernel, "cannot spawn the driver thread").with_source(e)
+            Error::new(
+                ErrorKind::Kernel,
+                "cannot spawn the driver thread: the process reached its thread limit \
+                 (RLIMIT_NPROC, `ulimit -u`; or the cgroup's pids.max) or memory ran out",
+            )
+            .with_source(e)
         })?;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(UringHandle {
