@@ -103,6 +103,9 @@ pub(crate) fn drive<K: Kernel>(mut driver: Driver<K>, shared: Arc<DriverShared>)
             _ => {}
         }
     }
+    // No event comes any more: subscribers see the channel close once the driver's sender
+    // goes with it.
+    lock(&shared.events).take();
     let waiters = std::mem::take(&mut driver.shutdown_waiters);
     // Closing the ring destroys the kernel's zcrx instance; the area stays mapped while
     // buffers refer to it.
@@ -170,6 +173,8 @@ pub(crate) struct Driver<K: Kernel> {
     nodev: bool,
     caps: Capabilities,
     events: EventRearm,
+    /// The driver's sender of the event channel (dropped with the driver).
+    events_tx: tokio::sync::broadcast::Sender<Event>,
     streams: Vec<Option<StreamEntry>>,
     /// Slots with buffers in `pending` this reap.
     touched: Vec<u32>,
@@ -236,6 +241,9 @@ impl<K: Kernel> Driver<K> {
         shared: Arc<DriverShared>,
     ) -> Result<Driver<K>> {
         *lock(&shared.area) = Some(Arc::downgrade(&area));
+        let events_tx = lock(&shared.events)
+            .clone()
+            .expect("the event channel lives until the driver exits");
         let mut driver = Driver {
             kernel,
             buffer_refs: BufferRefs::new(&area),
@@ -245,6 +253,7 @@ impl<K: Kernel> Driver<K> {
             nodev,
             caps,
             events: EventRearm::new(config.event_rearm_interval),
+            events_tx,
             streams: Vec::new(),
             touched: Vec::new(),
             reaped: Vec::with_capacity(config.cq_entries as usize),
@@ -937,7 +946,7 @@ impl<K: Kernel> Driver<K> {
 
     fn emit(&self, kind: EventKind) {
         // No subscriber is fine: events are wake-ups, the statistics are the record.
-        let _ = self.shared.events.send(Event {
+        let _ = self.events_tx.send(Event {
             kind,
             stats: self.area.stats(),
         });

@@ -70,7 +70,9 @@ pub(crate) struct DriverShared {
     state: AtomicU8,
     failure: Mutex<Option<String>>,
     slots: Mutex<StreamSlots>,
-    events: broadcast::Sender<Event>,
+    /// The event channel's sender for `subscribe`; taken when the driver exits, so that,
+    /// with the driver's own clone gone too, every receiver sees the channel close.
+    events: Mutex<Option<broadcast::Sender<Event>>>,
     /// Weak: the area holds this struct (to wake the driver), and buffers may keep the area
     /// alive past the runtime; a strong reference here would keep both alive forever.
     area: Mutex<Option<Weak<area::Area>>>,
@@ -94,7 +96,7 @@ impl DriverShared {
             state: AtomicU8::new(RUNNING),
             failure: Mutex::new(None),
             slots: Mutex::new(StreamSlots::new()),
-            events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
+            events: Mutex::new(Some(broadcast::channel(EVENT_CHANNEL_CAPACITY).0)),
             area: Mutex::new(None),
             final_stats: Mutex::new(None),
             description: Mutex::new(String::new()),
@@ -360,7 +362,10 @@ impl Zcrx {
             return broadcast::channel(1).1;
         }
         match &self.backend {
-            Backend::Uring(handle) => handle.shared.events.subscribe(),
+            Backend::Uring(handle) => match &*lock(&handle.shared.events) {
+                Some(sender) => sender.subscribe(),
+                None => broadcast::channel(1).1,
+            },
             Backend::Copy(copy) => copy.events.subscribe(),
         }
     }
