@@ -391,7 +391,15 @@ impl ZcListener {
     /// [`ErrorKind::RuntimeGone`](crate::ErrorKind::RuntimeGone) without waiting.
     pub async fn accept(&self) -> io::Result<(ZcStream, ZcWriteHalf, SocketAddr)> {
         self.zcrx.check_running()?;
-        let (socket, peer) = self.listener.accept().await?;
+        let (socket, peer) = tokio::select! {
+            biased;
+            // Shut down while waiting: a server's accept loop ends instead of hanging.
+            () = self.zcrx.stopped() => {
+                self.zcrx.check_running()?;
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the tokio-zcrx runtime has stopped"));
+            }
+            accepted = self.listener.accept() => accepted?,
+        };
         let (stream, writer) = self.zcrx.attach(socket)?;
         Ok((stream, writer, peer))
     }

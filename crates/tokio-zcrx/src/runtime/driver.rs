@@ -110,6 +110,7 @@ pub(crate) fn drive<K: Kernel>(mut driver: Driver<K>, shared: Arc<DriverShared>)
     // Closing the ring destroys the kernel's zcrx instance; the area stays mapped while
     // buffers refer to it.
     driver.close_ring();
+    shared.stopped.cancel();
     for waiter in waiters {
         let _ = waiter.send(());
     }

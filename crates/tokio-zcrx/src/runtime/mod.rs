@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
 use zcrx_core::user_data::{StreamId, StreamSlots};
 
 use crate::config::{Target, Validated};
@@ -73,6 +74,8 @@ pub(crate) struct DriverShared {
     /// The event channel's sender for `subscribe`; taken when the driver exits, so that,
     /// with the driver's own clone gone too, every receiver sees the channel close.
     events: Mutex<Option<broadcast::Sender<Event>>>,
+    /// Cancelled by the driver when it exits.
+    stopped: CancellationToken,
     /// Weak: the area holds this struct (to wake the driver), and buffers may keep the area
     /// alive past the runtime; a strong reference here would keep both alive forever.
     area: Mutex<Option<Weak<area::Area>>>,
@@ -97,6 +100,7 @@ impl DriverShared {
             failure: Mutex::new(None),
             slots: Mutex::new(StreamSlots::new()),
             events: Mutex::new(Some(broadcast::channel(EVENT_CHANNEL_CAPACITY).0)),
+            stopped: CancellationToken::new(),
             area: Mutex::new(None),
             final_stats: Mutex::new(None),
             description: Mutex::new(String::new()),
@@ -217,6 +221,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Zcrx {
     backend: Backend,
     selection: Arc<ModeSelection>,
+    /// Cancelled when the runtime stops (shutdown, or a failed driver): what waits for
+    /// something else (a listener's accept) stops waiting then.
+    stopped: CancellationToken,
 }
 
 #[derive(Clone)]
@@ -261,10 +268,24 @@ impl std::fmt::Debug for UringHandle {
 impl Zcrx {
     #[cfg(any(test, feature = "bench-internals"))]
     fn from_parts(backend: Backend, selection: ModeSelection) -> Zcrx {
+        Zcrx::new(backend, selection)
+    }
+
+    fn new(backend: Backend, selection: ModeSelection) -> Zcrx {
+        let stopped = match &backend {
+            Backend::Uring(handle) => handle.shared.stopped.clone(),
+            Backend::Copy(_) => CancellationToken::new(),
+        };
         Zcrx {
             backend,
             selection: Arc::new(selection),
+            stopped,
         }
+    }
+
+    /// Completes when the runtime has stopped.
+    pub(crate) async fn stopped(&self) {
+        self.stopped.cancelled().await
     }
 
     /// A [`Builder`](crate::Builder) for a runtime.
@@ -408,7 +429,10 @@ impl Zcrx {
                     let _ = wait.await;
                 }
             }
-            Backend::Copy(copy) => copy.shut_down(),
+            Backend::Copy(copy) => {
+                copy.shut_down();
+                self.stopped.cancel();
+            }
         }
     }
 }
@@ -438,17 +462,14 @@ pub(crate) fn select_and_start(builder: crate::Builder) -> Result<Zcrx> {
             chosen: ActiveMode::Copy,
             refused,
         };
-        Ok(Zcrx {
-            backend: Backend::Copy(Arc::new(runtime)),
-            selection: Arc::new(selection),
-        })
+        Ok(Zcrx::new(Backend::Copy(Arc::new(runtime)), selection))
     };
     let uring = |target: Target, chosen: ActiveMode, refused: Vec<(Mode, String)>| {
         let handle = start(builder.validate_for(target, page)?)?;
-        Ok::<Zcrx, Error>(Zcrx {
-            backend: Backend::Uring(handle),
-            selection: Arc::new(ModeSelection { chosen, refused }),
-        })
+        Ok::<Zcrx, Error>(Zcrx::new(
+            Backend::Uring(handle),
+            ModeSelection { chosen, refused },
+        ))
     };
     let zcrx = match builder.mode {
         Mode::Copy => copy(Vec::new())?,
