@@ -102,6 +102,149 @@ impl fmt::Display for RingSizeError {
 
 impl std::error::Error for RingSizeError {}
 
+/// Where the kernel placed the refill ring in its region, checked: see [`RingLayout::validate`].
+///
+/// The kernel writes the offsets back at registration; nothing in the ABI bounds them, so they
+/// are checked before any pointer is formed from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingLayout {
+    /// Offset of the kernel's `u32` head (consumer index).
+    pub head: usize,
+    /// Offset of the `u32` tail (producer index).
+    pub tail: usize,
+    /// Offset of the [`io_uring_zcrx_rqe`] array.
+    pub rqes: usize,
+    /// Number of entries, a power of two up to [`MAX_RING_ENTRIES`].
+    pub entries: u32,
+}
+
+/// Why a refill ring layout was rejected by [`RingLayout::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingLayoutError {
+    /// The entry count is unusable (see [`RingSizeError`]).
+    Entries(RingSizeError),
+    /// A field is not aligned for its type (4 for the indices, 8 for the entries).
+    Misaligned {
+        /// `"head"`, `"tail"` or `"rqes"`.
+        field: &'static str,
+        /// The offset the kernel reported.
+        offset: u64,
+    },
+    /// A field does not fit inside the region.
+    OutsideRegion {
+        /// `"head"`, `"tail"` or `"rqes"`.
+        field: &'static str,
+        /// The offset the kernel reported.
+        offset: u64,
+        /// Bytes the field needs from there.
+        len: u64,
+        /// The region's length.
+        region_len: u64,
+    },
+    /// Two fields share bytes (head and tail, or an index and the entries).
+    Overlap {
+        /// The first field.
+        first: &'static str,
+        /// The second field.
+        second: &'static str,
+    },
+}
+
+impl fmt::Display for RingLayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Entries(e) => fmt::Display::fmt(&e, f),
+            Self::Misaligned { field, offset } => {
+                write!(f, "refill ring {field} at offset {offset} is misaligned")
+            }
+            Self::OutsideRegion {
+                field,
+                offset,
+                len,
+                region_len,
+            } => write!(
+                f,
+                "refill ring {field} ({len} bytes at offset {offset}) does not fit in the \
+                 {region_len}-byte region"
+            ),
+            Self::Overlap { first, second } => {
+                write!(f, "refill ring {first} and {second} overlap")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RingLayoutError {}
+
+impl RingLayout {
+    /// Checks the offsets the kernel wrote back at registration against the region it was
+    /// given (`region_len` bytes, page-aligned, so an aligned offset is an aligned address):
+    /// `head` and `tail` 4-byte aligned `u32`s inside the region and apart, `rqes` 8-byte
+    /// aligned (the entry's alignment) with all `entries` 16-byte entries inside the region,
+    /// overlapping neither index, and `entries` a size [`RefillRing`] accepts.
+    ///
+    /// A layout that passes satisfies the memory part of [`RefillRing::from_raw_parts`]'s
+    /// contract for a region of that length.
+    ///
+    /// # Errors
+    ///
+    /// [`RingLayoutError`] naming the first field that does not fit.
+    ///
+    /// ```
+    /// use zcrx_core::refill::RingLayout;
+    /// // What Linux 6.18 reports: head 0, tail 4, entries from 64.
+    /// let layout = RingLayout::validate(0, 4, 64, 256, 4096 + 4096).unwrap();
+    /// assert_eq!((layout.head, layout.tail, layout.rqes), (0, 4, 64));
+    /// assert!(RingLayout::validate(0, 4, 64, 256, 4096).is_err()); // 64 + 256 * 16 > 4096
+    /// ```
+    pub fn validate(
+        head: u32,
+        tail: u32,
+        rqes: u32,
+        entries: u32,
+        region_len: usize,
+    ) -> Result<Self, RingLayoutError> {
+        if !entries.is_power_of_two() || entries > MAX_RING_ENTRIES {
+            return Err(RingLayoutError::Entries(RingSizeError { entries }));
+        }
+        let region = region_len as u64;
+        let index_len = core::mem::size_of::<u32>() as u64;
+        let rqes_len = u64::from(entries) * core::mem::size_of::<io_uring_zcrx_rqe>() as u64;
+        let fields = [
+            ("head", u64::from(head), index_len, 4),
+            ("tail", u64::from(tail), index_len, 4),
+            ("rqes", u64::from(rqes), rqes_len, 8),
+        ];
+        for (field, offset, len, align) in fields {
+            if offset % align != 0 {
+                return Err(RingLayoutError::Misaligned { field, offset });
+            }
+            // No overflow: both terms are below 2^32 * 16.
+            if offset + len > region {
+                return Err(RingLayoutError::OutsideRegion {
+                    field,
+                    offset,
+                    len,
+                    region_len: region,
+                });
+            }
+        }
+        for (i, &(first, a, a_len, _)) in fields.iter().enumerate() {
+            for &(second, b, b_len, _) in &fields[i + 1..] {
+                if a < b + b_len && b < a + a_len {
+                    return Err(RingLayoutError::Overlap { first, second });
+                }
+            }
+        }
+        Ok(Self {
+            head: head as usize,
+            tail: tail as usize,
+            rqes: rqes as usize,
+            entries,
+        })
+    }
+}
+
 /// Where a pushed entry went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use = "an overflowed entry reaches the kernel only after the driver calls flush_overflow"]
