@@ -14,9 +14,11 @@
 //! - the `user_data` must be one of the [`user_data`](crate::user_data) scheme's, and a
 //!   stream's generation must be current.
 //!
-//! A rejected CQE that delivered data still holds a kernel user reference on its chunk:
-//! [`InvalidCompletion::owed_refill`] gives the refill entry that returns it, so that even a
-//! completion for a stream that no longer exists does not leak a chunk.
+//! A rejected CQE may hold a kernel user reference on a chunk. Returning a reference the
+//! kernel does not hold is the dangerous direction (it can free a chunk a live buffer still
+//! reads), leaking one only costs a chunk, so [`InvalidCompletion::owed_refill`] returns an
+//! entry only where the kernel provably took the reference: a well-formed data CQE whose
+//! stream has gone (see its docs for the rule per [`InvalidReason`]).
 
 use core::fmt;
 use std::io;
@@ -343,25 +345,53 @@ impl InvalidCompletion {
         .then(|| user_data.stream())
     }
 
-    /// The refill entry that gives back the user reference this CQE took, if it is shaped
-    /// like a receive data CQE (a receive `user_data` and a non-negative `res` with
-    /// `IORING_CQE_F_MORE`, or a positive `res`).
+    /// The refill entry that gives back the user reference this CQE took, when the kernel
+    /// provably took one; `None` when it did not or when that cannot be known.
     ///
-    /// The kernel takes a reference for every data CQE it posts, whatever the runtime thinks
-    /// of it (a stale stream, an unexpected area), so push this entry to avoid leaking the
-    /// chunk. It returns the CQE's offset verbatim, token included: the kernel validates
-    /// entries and ignores returns for chunks it did not lend out. Do not read the data
-    /// and do not count it in [`ChunkRefs`](crate::accounting::ChunkRefs).
+    /// The rule, per [`InvalidReason`], for an `InvalidCompletion` made by [`decode`]:
+    ///
+    /// | reason | returned? | why |
+    /// |---|---|---|
+    /// | [`StaleStream`](InvalidReason::StaleStream) with `res > 0` | yes | the data passed every check first (token, inside the area, inside one chunk, at least one byte): a well-formed data CQE, for which the kernel takes a reference whoever it is for |
+    /// | [`StaleStream`](InvalidReason::StaleStream) with `res <= 0` | no | a final CQE carries no chunk |
+    /// | [`ForeignAreaToken`](InvalidReason::ForeignAreaToken), [`OutOfArea`](InvalidReason::OutOfArea), [`StraddlesChunk`](InvalidReason::StraddlesChunk) | no | the offset does not name one chunk of this area: whatever the kernel holds, an entry built from it could name a chunk a live buffer reads |
+    /// | [`EmptyData`](InvalidReason::EmptyData), [`ErrorWithMore`](InvalidReason::ErrorWithMore) | no | the kernel never posts these for data it lent out, so no reference is known to exist |
+    /// | [`UnknownUserData`](InvalidReason::UnknownUserData) | no | not known to be a receive at all |
+    ///
+    /// Returning a reference the kernel does not hold would let it reuse a chunk that a live
+    /// buffer still reads (the kernel's per-chunk user count guards only chunks not lent out
+    /// again), while leaking one only costs a chunk of area until the ring is closed: where the
+    /// reference is not proven, leak. [`Self::may_leak_chunk`] tells the runtime when to count
+    /// such a leak.
+    ///
+    /// Do not read the data and do not count the returned entry in
+    /// [`ChunkRefs`](crate::accounting::ChunkRefs).
     #[must_use]
     pub fn owed_refill(&self) -> Option<io_uring_zcrx_rqe> {
         let raw = &self.raw;
-        let is_recv = UserData::from_raw(raw.user_data).kind() == Some(UserDataKind::Recv);
-        let carries_data = (raw.has_more() && raw.res >= 0) || raw.res > 0;
-        (is_recv && carries_data).then(|| io_uring_zcrx_rqe {
+        let proven = matches!(self.reason, InvalidReason::StaleStream { .. })
+            && raw.res > 0
+            && self.is_recv();
+        proven.then(|| io_uring_zcrx_rqe {
             off: raw.zcrx_off(),
             len: raw.res as u32,
             __pad: 0,
         })
+    }
+
+    /// Whether this CQE is shaped like receive data (a receive `user_data` and a positive
+    /// `res`, or a non-negative one with `IORING_CQE_F_MORE`) but [`Self::owed_refill`]
+    /// returns nothing for it: if the kernel did lend a chunk, it stays lent until the ring
+    /// is closed. The runtime counts these so that a leak is visible.
+    #[must_use]
+    pub fn may_leak_chunk(&self) -> bool {
+        let raw = &self.raw;
+        let shaped_like_data = (raw.has_more() && raw.res >= 0) || raw.res > 0;
+        self.is_recv() && shaped_like_data && self.owed_refill().is_none()
+    }
+
+    fn is_recv(&self) -> bool {
+        UserData::from_raw(self.raw.user_data).kind() == Some(UserDataKind::Recv)
     }
 }
 

@@ -9,24 +9,35 @@
 //! lets any number of threads push concurrently without a lock:
 //!
 //! 1. **Claim.** A producer claims one slot (or a run of slots for a batch) with a CAS on a
-//!    private reserve counter, after checking space against the kernel's head (load-acquire,
-//!    so that the kernel has finished reading the slot before it is overwritten):
-//!    `reserved - head < entries`.
+//!    private 64-bit reserve counter, after checking space against the kernel's head
+//!    (load-acquire, so that the kernel has finished reading the slot before it is
+//!    overwritten): `reserved - head < entries`.
 //! 2. **Write and commit.** It writes the entry into its slot, then stores the slot's position
 //!    into a private per-slot *commit marker* (store-release). Markers carry the whole 32-bit
 //!    position, not a flag, so a marker left over from the previous lap is never mistaken for a
 //!    commit of the current one.
-//! 3. **Publish.** It advances the kernel-visible tail with a CAS (release) over the longest
-//!    run of committed slots that starts at the current tail. Whoever finds a run publishes it,
-//!    so a producer that is preempted between claim and commit only delays the entries behind
-//!    its slot; when it resumes and commits, its own publish step releases them.
+//! 3. **Publish.** It then asks for publication with an acquire-release increment of a
+//!    request counter. The producer that finds the counter at zero becomes the *publisher*:
+//!    from a private 64-bit published position it advances over the run of committed slots,
+//!    stores the low 32 bits into the kernel-visible tail (store-release), and leaves by
+//!    resetting the counter with a CAS from the value it last saw. A producer that finds a
+//!    publisher at work returns at once: its increment makes the publisher's CAS fail, and
+//!    the publisher looks again (acquiring the commit) before it leaves. The RMWs on the
+//!    counter are totally ordered, so no commit is left unpublished once every push has
+//!    returned, and pushes never wait for each other.
 //!
 //! The kernel therefore never sees an entry before it is completely written, whatever the
-//! interleaving. Each publish step starts with a value-preserving acquire-release RMW on the
-//! tail; these RMWs are totally ordered, so of two producers committing neighbouring slots at
-//! the same time the later one sees the other's commit (a plain load could miss it: the
-//! store-buffering pattern), and no committed entry is left unpublished once every push has
-//! returned. The protocol is model-checked with loom (`tests/loom_refill.rs`).
+//! interleaving. The protocol is model-checked with loom (`tests/loom_refill.rs`).
+//!
+//! **No index wrap can fool it.** Claims and publication count in 64 bits; only the kernel
+//! tail is 32 bits, and only the publisher (one thread at a time) writes it, with a plain
+//! store of its own 64-bit position. A producer preempted anywhere, for any number of
+//! pushes by others, therefore cannot publish a stale position: a CAS on a 32-bit tail could
+//! be fooled after exactly 2^32 pushes during one preemption (ABA), a CAS on 64 bits cannot.
+//! The claim reads the reserve before the head and then CASes the reserve, so its view of the
+//! head is no older than the reserve it moves. The price of one publisher at a time: a
+//! publisher preempted in the middle delays publication (not pushes) until it runs again, as
+//! a producer preempted between claim and commit delays the entries behind its slot.
 //!
 //! **Nothing is ever dropped.** When the ring is full a push goes to an overflow list (a
 //! mutex-protected `Vec`, the rare path) and reports [`PushOutcome::Overflowed`]. The owner of
@@ -34,11 +45,20 @@
 //! [`RefillRing::flush_overflow`] once the kernel has made space; [`RefillRing::has_overflow`]
 //! is a cheap check for that.
 //!
+//! **Waking the ring's owner.** Every push (and every overflow) ends with an acquire-release
+//! RMW on the request counter. [`RefillRing::synchronize_with_producers`] performs one too: an
+//! owner that is about to sleep announces it (e.g. sets a `sleeping` flag), calls it, and then
+//! looks at [`RefillRing::has_overflow`] (or at [`RefillRing::stats`]). Of the two RMWs the
+//! later acquires what came before the earlier: either the owner sees the push, or the
+//! producer, reading the flag after its push returned, sees the announcement and wakes it. No
+//! `SeqCst` store-buffering argument is needed, and the producer's hot path pays nothing for
+//! it (`tests/loom_refill.rs` checks both the overflow and the waiting-for-returns case).
+//!
 //! The fast path (ring not full) takes no lock and allocates nothing: one CAS to claim, one
-//! release store to commit, and two RMWs on the tail to publish (about 16 ns on one thread).
-//! Pushes from several threads at once pay for moving these cache lines between cores (about
-//! 140 ns per push with two threads doing nothing else); [`RefillRing::push_batch`] pays
-//! that once per batch.
+//! release store to commit, one increment, one store to the tail and one CAS to publish
+//! (about 20 ns on one thread). Pushes from several threads at once pay for moving these cache
+//! lines between cores (about 100 ns per push with two threads doing nothing else);
+//! [`RefillRing::push_batch`] pays that once per batch.
 //!
 //! [`FakeRefillRegion`] is a heap-allocated ring whose owner plays the kernel, for tests.
 
@@ -102,6 +122,149 @@ impl fmt::Display for RingSizeError {
 
 impl std::error::Error for RingSizeError {}
 
+/// Where the kernel placed the refill ring in its region, checked: see [`RingLayout::validate`].
+///
+/// The kernel writes the offsets back at registration; nothing in the ABI bounds them, so they
+/// are checked before any pointer is formed from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingLayout {
+    /// Offset of the kernel's `u32` head (consumer index).
+    pub head: usize,
+    /// Offset of the `u32` tail (producer index).
+    pub tail: usize,
+    /// Offset of the [`io_uring_zcrx_rqe`] array.
+    pub rqes: usize,
+    /// Number of entries, a power of two up to [`MAX_RING_ENTRIES`].
+    pub entries: u32,
+}
+
+/// Why a refill ring layout was rejected by [`RingLayout::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingLayoutError {
+    /// The entry count is unusable (see [`RingSizeError`]).
+    Entries(RingSizeError),
+    /// A field is not aligned for its type (4 for the indices, 8 for the entries).
+    Misaligned {
+        /// `"head"`, `"tail"` or `"rqes"`.
+        field: &'static str,
+        /// The offset the kernel reported.
+        offset: u64,
+    },
+    /// A field does not fit inside the region.
+    OutsideRegion {
+        /// `"head"`, `"tail"` or `"rqes"`.
+        field: &'static str,
+        /// The offset the kernel reported.
+        offset: u64,
+        /// Bytes the field needs from there.
+        len: u64,
+        /// The region's length.
+        region_len: u64,
+    },
+    /// Two fields share bytes (head and tail, or an index and the entries).
+    Overlap {
+        /// The first field.
+        first: &'static str,
+        /// The second field.
+        second: &'static str,
+    },
+}
+
+impl fmt::Display for RingLayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Entries(e) => fmt::Display::fmt(&e, f),
+            Self::Misaligned { field, offset } => {
+                write!(f, "refill ring {field} at offset {offset} is misaligned")
+            }
+            Self::OutsideRegion {
+                field,
+                offset,
+                len,
+                region_len,
+            } => write!(
+                f,
+                "refill ring {field} ({len} bytes at offset {offset}) does not fit in the \
+                 {region_len}-byte region"
+            ),
+            Self::Overlap { first, second } => {
+                write!(f, "refill ring {first} and {second} overlap")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RingLayoutError {}
+
+impl RingLayout {
+    /// Checks the offsets the kernel wrote back at registration against the region it was
+    /// given (`region_len` bytes, page-aligned, so an aligned offset is an aligned address):
+    /// `head` and `tail` 4-byte aligned `u32`s inside the region and apart, `rqes` 8-byte
+    /// aligned (the entry's alignment) with all `entries` 16-byte entries inside the region,
+    /// overlapping neither index, and `entries` a size [`RefillRing`] accepts.
+    ///
+    /// A layout that passes satisfies the memory part of [`RefillRing::from_raw_parts`]'s
+    /// contract for a region of that length.
+    ///
+    /// # Errors
+    ///
+    /// [`RingLayoutError`] naming the first field that does not fit.
+    ///
+    /// ```
+    /// use zcrx_core::refill::RingLayout;
+    /// // What Linux 6.18 reports: head 0, tail 4, entries from 64.
+    /// let layout = RingLayout::validate(0, 4, 64, 256, 4096 + 4096).unwrap();
+    /// assert_eq!((layout.head, layout.tail, layout.rqes), (0, 4, 64));
+    /// assert!(RingLayout::validate(0, 4, 64, 256, 4096).is_err()); // 64 + 256 * 16 > 4096
+    /// ```
+    pub fn validate(
+        head: u32,
+        tail: u32,
+        rqes: u32,
+        entries: u32,
+        region_len: usize,
+    ) -> Result<Self, RingLayoutError> {
+        if !entries.is_power_of_two() || entries > MAX_RING_ENTRIES {
+            return Err(RingLayoutError::Entries(RingSizeError { entries }));
+        }
+        let region = region_len as u64;
+        let index_len = core::mem::size_of::<u32>() as u64;
+        let rqes_len = u64::from(entries) * core::mem::size_of::<io_uring_zcrx_rqe>() as u64;
+        let fields = [
+            ("head", u64::from(head), index_len, 4),
+            ("tail", u64::from(tail), index_len, 4),
+            ("rqes", u64::from(rqes), rqes_len, 8),
+        ];
+        for (field, offset, len, align) in fields {
+            if offset % align != 0 {
+                return Err(RingLayoutError::Misaligned { field, offset });
+            }
+            // No overflow: both terms are below 2^32 * 16.
+            if offset + len > region {
+                return Err(RingLayoutError::OutsideRegion {
+                    field,
+                    offset,
+                    len,
+                    region_len: region,
+                });
+            }
+        }
+        for (i, &(first, a, a_len, _)) in fields.iter().enumerate() {
+            for &(second, b, b_len, _) in &fields[i + 1..] {
+                if a < b + b_len && b < a + a_len {
+                    return Err(RingLayoutError::Overlap { first, second });
+                }
+            }
+        }
+        Ok(Self {
+            head: head as usize,
+            tail: tail as usize,
+            rqes: rqes as usize,
+            entries,
+        })
+    }
+}
+
 /// Where a pushed entry went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use = "an overflowed entry reaches the kernel only after the driver calls flush_overflow"]
@@ -158,6 +321,8 @@ pub struct RefillRing {
     /// Next ring position to hand out (the low 32 bits are ring positions, like `tail`).
     /// Every push CASes it, so it gets a cache line of its own.
     reserve: CachePadded<AtomicU64>,
+    /// Publication state, see [`Self::publish`].
+    publication: CachePadded<Publication>,
     /// Kernel-written consumer index.
     head: *const AtomicU32,
     /// Kernel-visible producer index, advanced by whichever producer publishes.
@@ -174,6 +339,20 @@ pub struct RefillRing {
     cold: CachePadded<ColdState>,
     /// Keeps a [`FakeRefillRegion`]'s memory alive; `None` for kernel memory.
     _memory: Option<fake::SharedMemory>,
+}
+
+/// Who publishes, and how far: the parts of a [`RefillRing`] that [`RefillRing::publish`]
+/// writes.
+struct Publication {
+    /// Publication requests since the current publisher started; 0 when nobody publishes.
+    /// Every push increments it (and the overflow path and the owner's
+    /// [`RefillRing::synchronize_with_producers`] add 0 to it: see "Waking the ring's owner").
+    /// At most one request per claimed run can arrive while the ring is full, so it stays far
+    /// below `u32::MAX`.
+    requests: AtomicU32,
+    /// Positions published so far, in 64 bits (the kernel tail holds the low 32). Written
+    /// only by the publisher.
+    published: AtomicU64,
 }
 
 /// The parts of a [`RefillRing`] that the fast path never writes.
@@ -217,8 +396,8 @@ impl RefillRing {
     /// - `head` and `tail` point to valid, 4-byte aligned `u32`s that are accessed only
     ///   atomically. `head` is written only by the consumer, which only moves it forward, never
     ///   past `tail`, and with release ordering after it has finished reading the entries it
-    ///   passes. `tail` is written only through this `RefillRing` (which also performs
-    ///   value-preserving read-modify-writes on it): there is no other producer.
+    ///   passes. `tail` is written only through this `RefillRing`: there is no other
+    ///   producer.
     /// - `rqes` points to `entries` valid, 8-byte aligned [`io_uring_zcrx_rqe`]s. The consumer
     ///   reads the slots between `head` and `tail` only after a load-acquire of `tail`, and
     ///   nothing but this `RefillRing` writes any slot.
@@ -264,6 +443,10 @@ impl RefillRing {
             .collect();
         Ok(Self {
             reserve: CachePadded(AtomicU64::new(u64::from(start))),
+            publication: CachePadded(Publication {
+                requests: AtomicU32::new(0),
+                published: AtomicU64::new(u64::from(start)),
+            }),
             head,
             tail,
             rqes,
@@ -379,17 +562,15 @@ impl RefillRing {
     #[must_use]
     pub fn stats(&self) -> RefillStats {
         let unconsumed = self.unconsumed();
-        // Tail before reserve: every published position was reserved first, so
-        // `reserved - tail` cannot underflow.
-        let tail = self.tail().load(Ordering::Acquire);
-        let reserved = self.reserve.load(Ordering::Relaxed);
-        let unpublished = u64::from((reserved as u32).wrapping_sub(tail));
-        let claimed = reserved - self.initial_position;
+        // Published before reserve: every published position was reserved first, so
+        // `claimed - published` cannot underflow.
+        let published = self.publication.published.load(Ordering::Acquire) - self.initial_position;
+        let claimed = self.reserve.load(Ordering::Relaxed) - self.initial_position;
         let overflowed = self.cold.overflowed_total.load(Ordering::Relaxed);
         let flushed = self.cold.flushed_total.load(Ordering::Relaxed);
         RefillStats {
             pushed: (claimed + overflowed).saturating_sub(flushed),
-            published: claimed.saturating_sub(unpublished),
+            published,
             overflowed,
             overflow_pending: self.overflow_len(),
             unconsumed,
@@ -417,30 +598,38 @@ impl RefillRing {
     /// them (acquire on head) and no other producer can claim them before the tail has passed
     /// them, which needs the caller's commit.
     fn claim(&self, want: u32) -> (u32, u32) {
+        let mut reserved = self.reserve.load(Ordering::Relaxed);
         loop {
-            // Head before reserve: the head we read was reached by publishing positions that
-            // were reserved before, so the reserve read afterwards is not behind it and `used`
-            // cannot underflow.
+            // Reserve before head, and the CAS below succeeds only if the reserve has not
+            // moved since: the head was then read while the reserve was `reserved`, when the
+            // kernel's 64-bit head was within `entries` below it, so its low 32 bits cannot be
+            // mistaken for a value 2^32 positions away however long we were preempted.
             let head = self.head().load(Ordering::Acquire);
-            let reserved = self.reserve.load(Ordering::Relaxed);
             let used = (reserved as u32).wrapping_sub(head);
-            // `used > entries` only happens if the consumer broke its contract (head beyond
-            // tail); treat that as full rather than spin or overwrite unread entries.
-            if used >= self.entries {
+            if used > self.entries {
+                // The head is ahead of our reserve: others claimed, published and had it
+                // consumed since we read it. The acquire on the head makes the re-read newer.
+                let now = self.reserve.load(Ordering::Relaxed);
+                if now != reserved {
+                    reserved = now;
+                    continue;
+                }
+                // The consumer broke its contract (head beyond tail): treat that as full
+                // rather than spin or overwrite unread entries.
+                return (0, 0);
+            }
+            if used == self.entries {
                 return (0, 0);
             }
             let count = want.min(self.entries - used);
-            if self
-                .reserve
-                .compare_exchange_weak(
-                    reserved,
-                    reserved + u64::from(count),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                return (reserved as u32, count);
+            match self.reserve.compare_exchange_weak(
+                reserved,
+                reserved + u64::from(count),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return (reserved as u32, count),
+                Err(now) => reserved = now,
             }
         }
     }
@@ -496,61 +685,66 @@ impl RefillRing {
         entries.len() - end
     }
 
-    /// Advances the kernel-visible tail over every committed slot it can reach.
+    /// Makes every committed entry visible to the kernel, now or through the publisher at
+    /// work. Called after committing.
     ///
-    /// Called after committing. It starts with a read-modify-write of the tail that leaves its
-    /// value unchanged: all producers' RMWs on the tail are totally ordered and each one
-    /// acquires what the previous one released, so of two producers committing concurrently,
-    /// the one whose RMW comes later sees the other's commit (a plain load could miss it: the
-    /// store-buffering pattern). The producer whose RMW comes last therefore publishes
-    /// everything committed before the first gap, and nothing stays unpublished once all
-    /// pushes have returned. (A `fence(SeqCst)` before a plain load would work too and costs
-    /// about the same; the RMW also returns the newest tail, and leaves the CAS below a cache
-    /// line it already owns.)
+    /// The increment of `requests` elects the publisher (the one that finds 0). The publisher
+    /// is the only writer of `published` and of the kernel tail until it resets `requests`,
+    /// which it does only with a CAS from the last value it saw: a request that arrives
+    /// meanwhile makes that CAS fail, and the failed CAS acquires the request (and so the
+    /// requester's commit) before the publisher scans again. The requests' RMWs are totally
+    /// ordered, so every commit is followed either by its own publication or by a scan of the
+    /// publisher in office, and nothing stays unpublished once all pushes have returned.
     ///
-    /// A marker from an *older* lap than the position means that slot is not committed yet,
-    /// and its producer will publish when it commits. A marker from a *newer* lap means the
-    /// tail we read has been overtaken meanwhile (the slot was published, consumed and
-    /// reused), so we read it again.
+    /// A marker from an older lap than the position means that slot is not committed yet; its
+    /// producer asks for publication after committing. While the publisher scans, no position
+    /// at or past `published` can be published, consumed and reused, so a marker is never
+    /// from a newer lap, and the 32-bit markers cannot be confused across 2^32 positions.
     fn publish(&self) {
-        let mut tail = self.tail().fetch_add(0, Ordering::AcqRel);
+        let requests = &self.publication.requests;
+        let mut seen = requests.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        if seen != 1 {
+            // A publisher is at work: its CAS will fail on our increment and it scans again.
+            return;
+        }
         loop {
-            let mut end = tail;
-            let mut first_marker = None;
-            while end.wrapping_sub(tail) < self.entries {
-                let marker = self.marker(end).load(Ordering::Acquire);
-                if end == tail {
-                    first_marker = Some(marker);
-                }
-                if marker != end {
-                    break;
-                }
-                end = end.wrapping_add(1);
-            }
-            if end == tail {
-                match first_marker {
-                    // Reused by a newer lap: our tail is stale. The acquire on that marker
-                    // makes the re-read see a tail past this position, so this loop ends.
-                    Some(marker) if (marker.wrapping_sub(tail) as i32) > 0 => {
-                        tail = self.tail().load(Ordering::Acquire);
-                        continue;
-                    }
-                    // Not committed yet: its producer publishes it.
-                    _ => return,
-                }
-            }
-            // Release: the kernel's load-acquire of the tail sees every entry up to `end`
-            // (our acquire loads of the markers made their writes ours to release).
-            match self
-                .tail()
-                .compare_exchange(tail, end, Ordering::AcqRel, Ordering::Acquire)
+            // Ours alone while `requests` is non-zero; the acquire of our increment (or of the
+            // last failed CAS) made the previous publisher's value visible.
+            let start = self.publication.published.load(Ordering::Relaxed);
+            let mut end = start;
+            // Acquire: the entry written before each marker becomes ours to release below.
+            while end - start < u64::from(self.entries)
+                && self.marker(end as u32).load(Ordering::Acquire) == end as u32
             {
+                end += 1;
+            }
+            if end != start {
+                // Release: the kernel's load-acquire of the tail sees every entry up to `end`.
+                // Only the publisher stores here, in the order of its positions, so the tail
+                // never moves back.
+                self.tail().store(end as u32, Ordering::Release);
+                // Release: `stats` reads it with acquire after the tail it covers.
+                self.publication.published.store(end, Ordering::Release);
+            }
+            // Leave only if no request arrived since `seen`; otherwise scan for it.
+            match requests.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
-                // Someone else advanced it; continue from there (our run may be published
-                // already, or may extend theirs).
-                Err(current) => tail = current,
+                Err(now) => seen = now,
             }
         }
+    }
+
+    /// An acquire-release read-modify-write that leaves the ring unchanged, on the word every
+    /// push and every overflow ends with an RMW on; see "Waking the ring's owner" in the
+    /// [module docs](self).
+    ///
+    /// The owner (the driver thread) calls it after announcing that it is about to sleep and
+    /// before it looks at [`Self::has_overflow`] or [`Self::stats`] one last time: a push whose
+    /// RMW came first is visible to that look; a push whose RMW comes later sees what the owner
+    /// wrote before this call (its `sleeping` flag, a "waiting for returns" flag) when it reads
+    /// them after the push has returned, and can wake the owner.
+    pub fn synchronize_with_producers(&self) {
+        self.publication.requests.fetch_add(0, Ordering::AcqRel);
     }
 
     fn push_overflow(&self, entries: &[io_uring_zcrx_rqe]) {
@@ -562,6 +756,10 @@ impl RefillRing {
         self.cold
             .overflow_len
             .store(overflow.len(), Ordering::Release);
+        drop(overflow);
+        // The owner's half of the wake-up handshake (`synchronize_with_producers`) orders
+        // against this: either it sees the overflow, or our caller sees it is going to sleep.
+        self.publication.requests.fetch_add(0, Ordering::AcqRel);
     }
 }
 

@@ -18,9 +18,10 @@
 
 use std::sync::Arc;
 
+use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::thread;
 use zcrx_core::accounting::{AccountingError, ChunkRefs};
-use zcrx_core::refill::{FakeRefillRegion, RefillRing};
+use zcrx_core::refill::{FakeRefillRegion, PushOutcome, RefillRing};
 use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 
 /// Runs `f` under loom with a preemption bound, so that each model finishes in seconds; the
@@ -245,4 +246,99 @@ fn loom_double_return_is_detected_exactly_once() {
         ));
         assert_eq!(refs.outstanding(0), 0);
     });
+}
+
+/// The runtime's wake-up handshake around the refill ring, reduced to its atomics: the
+/// driver's `sleeping` flag and `driver_waits_for_buffers` flag, a buffer drop on another
+/// thread (`tokio-zcrx` `Area::return_chunk`: push, then wake the driver if the push
+/// overflowed or the driver waits for buffers, writing the eventfd only if it sleeps), and
+/// the driver's last look before it blocks (`Driver::submit_and_wait`: announce sleep,
+/// `synchronize_with_producers`, then sleep only if no overflow arrived and no return came
+/// while it waits for buffers).
+///
+/// The property: the driver never blocks while a return it must act on is pending and no
+/// eventfd write is coming (a lost wake-up).
+struct Handshake {
+    ring: RefillRing,
+    sleeping: AtomicBool,
+    waits_for_buffers: AtomicBool,
+    eventfd_written: AtomicBool,
+}
+
+impl Handshake {
+    /// `DriverShared::wake`.
+    fn wake(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.eventfd_written.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// `Area::return_chunk`.
+    fn return_chunk(&self, id: u64) {
+        let outcome = self.ring.push(entry(id));
+        if outcome == PushOutcome::Overflowed || self.waits_for_buffers.load(Ordering::Relaxed) {
+            self.wake();
+        }
+    }
+}
+
+/// Runs one return against the driver's last look before sleeping. `ring_full`: the return
+/// overflows (the driver must flush it); `waiting`: the driver waits for any return.
+fn wake_up_handshake(ring_full: bool, waiting: bool) {
+    check(move || {
+        let (ring, _kernel) = FakeRefillRegion::create(1).unwrap();
+        if ring_full {
+            // The kernel has not consumed this one: the next return overflows.
+            assert_eq!(ring.push(entry(1)), PushOutcome::InRing);
+        }
+        let shared = Arc::new(Handshake {
+            ring,
+            sleeping: AtomicBool::new(false),
+            waits_for_buffers: AtomicBool::new(false),
+            eventfd_written: AtomicBool::new(false),
+        });
+        // Before the race, the driver saw no overflow (`return_buffers`) and counted the
+        // returns so far (`resume_waiting_streams`).
+        let returns_before = shared.ring.stats().pushed;
+        let dropper = {
+            let shared = Arc::clone(&shared);
+            thread::spawn(move || shared.return_chunk(2))
+        };
+        // The driver: nothing came back yet, so it asks drops to wake it ...
+        if waiting {
+            shared.waits_for_buffers.store(true, Ordering::Relaxed);
+        }
+        // ... announces sleep, and takes its last look.
+        shared.sleeping.store(true, Ordering::SeqCst);
+        shared.ring.synchronize_with_producers();
+        let overflow_pending = shared.ring.has_overflow();
+        let return_pending = waiting && shared.ring.stats().pushed != returns_before;
+        let blocks = !overflow_pending && !return_pending;
+        dropper.join().unwrap();
+        if blocks {
+            let must_be_woken = ring_full || waiting;
+            assert!(
+                !must_be_woken || shared.eventfd_written.load(Ordering::Relaxed),
+                "lost wake-up: the driver sleeps with a return pending and no eventfd write \
+                 (overflow {}, returns {})",
+                shared.ring.has_overflow(),
+                shared.ring.stats().pushed - returns_before,
+            );
+        }
+    });
+}
+
+#[test]
+fn loom_overflow_wakes_a_driver_about_to_sleep() {
+    wake_up_handshake(true, false);
+}
+
+#[test]
+fn loom_return_wakes_a_driver_waiting_for_buffers() {
+    wake_up_handshake(false, true);
+}
+
+#[test]
+fn loom_overflow_wakes_a_driver_waiting_for_buffers() {
+    wake_up_handshake(true, true);
 }

@@ -178,6 +178,9 @@ impl Area {
         }
         let _ = chunk;
         let outcome = self.refill.push(self.refill_entry(area_offset, len));
+        // Read after the push returned: the push ended with the RMW the driver's last look
+        // before sleeping synchronizes with (`RefillRing::synchronize_with_producers`), so
+        // either the driver sees this return or we see its flags. Relaxed loads suffice.
         if outcome == PushOutcome::Overflowed {
             // Rare (more returns in flight than ring entries): the driver must move the
             // overflow into the ring once the kernel consumed some, so make sure it runs.
@@ -199,6 +202,7 @@ impl Area {
         }
         let _ = chunks;
         let outcome = self.refill.push_batch(entries);
+        // After the push, as in `return_chunk`.
         if outcome.overflowed > 0 || self.driver_waits_for_buffers.load(Ordering::Relaxed) {
             self.driver.wake();
         }

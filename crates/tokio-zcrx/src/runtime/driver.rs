@@ -651,7 +651,14 @@ impl<K: Kernel> Driver<K> {
         // command after this point sees `sleeping` and writes the eventfd (SeqCst on both).
         self.shared.sleeping.store(true, Ordering::SeqCst);
         let has_commands = !lock(&self.shared.commands).is_empty();
-        let timeout = if has_commands {
+        // Last look at the returns, after an RMW every return also ends with: a drop after it
+        // sees `sleeping` and `driver_waits_for_buffers` and wakes us, one before it is seen
+        // here (zcrx_core::refill, "Waking the ring's owner"; loom_refill's handshake models).
+        self.area.refill.synchronize_with_producers();
+        let returns_pending = (self.overflow_recheck.is_none() && self.area.refill.has_overflow())
+            || (self.area.driver_waits_for_buffers.load(Ordering::Relaxed)
+                && self.area.refill.stats().pushed != self.returns_at_exhaustion);
+        let timeout = if has_commands || returns_pending {
             // Still an enter that reaps: under DEFER_TASKRUN a plain submit runs no deferred
             // work, and no completion would reach any stream meanwhile.
             Some(Duration::ZERO)

@@ -18,6 +18,7 @@ use zcrx_sys::zcrx::{
     ZCRX_FEATURE_RX_PAGE_SIZE, ZCRX_REG_NODEV,
 };
 
+use zcrx_core::refill::RingLayout;
 use zcrx_core::user_data::UserData;
 
 use super::kernel::Capabilities;
@@ -311,17 +312,27 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
         return Err(explain_refusal(&config.target, config, e));
     }
     let offsets = reg.offsets;
-    let rq_entries = reg.rq_entries;
-    if offsets.rqes as usize + rq_entries as usize * 16 > ring_bytes {
-        return Err(Error::new(
+    // The offsets are the kernel's word: check them before any pointer is made from them.
+    // The ring's part of the region ends where the statistics begin.
+    let ring_layout = RingLayout::validate(
+        offsets.head,
+        offsets.tail,
+        offsets.rqes,
+        reg.rq_entries,
+        ring_bytes,
+    )
+    .map_err(|e| {
+        Error::new(
             ErrorKind::Kernel,
             format!(
-                "the kernel placed {rq_entries} refill entries at offset {} past the {ring_bytes} \
-                 bytes reserved for them; this kernel's layout is not supported",
-                offsets.rqes
+                "the kernel's refill ring layout is not supported ({e}; head {}, tail {}, \
+                 entries at {}, {} entries, {ring_bytes}-byte region): this kernel's zcrx ABI \
+                 differs from the one tokio-zcrx knows; use copy mode or report the kernel \
+                 version",
+                offsets.head, offsets.tail, offsets.rqes, reg.rq_entries
             ),
-        ));
-    }
+        )
+    })?;
     let chunk_size = if reg.rx_buf_len != 0 {
         reg.rx_buf_len
     } else {
@@ -335,10 +346,10 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
         layout: SharedLayout {
             area_token: area_reg.rq_area_token,
             chunk_size,
-            rq_entries,
-            rq_head_offset: offsets.head as usize,
-            rq_tail_offset: offsets.tail as usize,
-            rqes_offset: offsets.rqes as usize,
+            rq_entries: ring_layout.entries,
+            rq_head_offset: ring_layout.head,
+            rq_tail_offset: ring_layout.tail,
+            rqes_offset: ring_layout.rqes,
             stats_offset: events.then_some(ring_bytes),
         },
         zcrx_id: reg.zcrx_id,

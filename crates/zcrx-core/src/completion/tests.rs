@@ -272,11 +272,12 @@ fn unknown_user_data_is_rejected() {
         assert_eq!(err.reason, InvalidReason::UnknownUserData);
         assert_eq!(err.stream(), None);
         assert_eq!(err.owed_refill(), None, "not a receive: nothing owed");
+        assert!(!err.may_leak_chunk(), "not a receive: no chunk to leak");
     }
 }
 
 #[test]
-fn foreign_area_token_is_rejected_but_owed_back_verbatim() {
+fn foreign_area_token_is_rejected_and_leaked_not_returned() {
     let (slots, live, _) = streams();
     for foreign in [0, 2 << IORING_ZCRX_AREA_SHIFT, IORING_ZCRX_AREA_MASK] {
         let raw = recv(live, 64, IORING_CQE_F_MORE, foreign | 4096);
@@ -288,8 +289,10 @@ fn foreign_area_token_is_rejected_but_owed_back_verbatim() {
                 expected: TOKEN
             }
         );
-        let owed = err.owed_refill().unwrap();
-        assert_eq!((owed.off, owed.len, owed.__pad), (foreign | 4096, 64, 0));
+        // Not one of this area's chunks: returning it could free a chunk a live buffer
+        // reads, so it is leaked (and counted by the runtime).
+        assert_eq!(err.owed_refill(), None);
+        assert!(err.may_leak_chunk());
         assert_eq!(err.stream(), Some(live));
     }
 }
@@ -299,13 +302,16 @@ fn data_outside_the_area_is_rejected() {
     let (slots, live, _) = streams();
     let size = CHUNKS * u64::from(CHUNK);
     for (offset, len) in [(size, 1), (size - 10, 11), (0xffff_ffff_ffff, 1)] {
+        let err = decode(&data(live, offset, len), &area(), &slots).unwrap_err();
         assert_eq!(
-            reason(decode(&data(live, offset, len), &area(), &slots)),
+            err.reason,
             InvalidReason::OutOfArea {
                 area_offset: offset,
                 len
             }
         );
+        assert_eq!(err.owed_refill(), None, "outside the area: leaked");
+        assert!(err.may_leak_chunk());
     }
 }
 
@@ -313,13 +319,16 @@ fn data_outside_the_area_is_rejected() {
 fn data_across_a_chunk_boundary_is_rejected() {
     let (slots, live, _) = streams();
     for (offset, len) in [(4000, 97), (4096 + 1, CHUNK), (0, CHUNK + 1)] {
+        let err = decode(&data(live, offset, len), &area(), &slots).unwrap_err();
         assert_eq!(
-            reason(decode(&data(live, offset, len), &area(), &slots)),
+            err.reason,
             InvalidReason::StraddlesChunk {
                 area_offset: offset,
                 len
             }
         );
+        assert_eq!(err.owed_refill(), None, "which chunk is unclear: leaked");
+        assert!(err.may_leak_chunk());
     }
 }
 
@@ -328,8 +337,9 @@ fn more_without_data_is_rejected() {
     let (slots, live, _) = streams();
     let empty = decode(&recv(live, 0, IORING_CQE_F_MORE, TOKEN), &area(), &slots).unwrap_err();
     assert_eq!(empty.reason, InvalidReason::EmptyData);
-    // The kernel would still have taken a reference.
-    assert_eq!(empty.owed_refill().map(|e| e.off), Some(TOKEN));
+    // The kernel never posts this for a chunk it lent out: no reference is known to exist.
+    assert_eq!(empty.owed_refill(), None);
+    assert!(empty.may_leak_chunk());
 
     let error = decode(
         &recv(live, -libc::EIO, IORING_CQE_F_MORE, TOKEN),
@@ -339,6 +349,7 @@ fn more_without_data_is_rejected() {
     .unwrap_err();
     assert_eq!(error.reason, InvalidReason::ErrorWithMore);
     assert_eq!(error.owed_refill(), None);
+    assert!(!error.may_leak_chunk(), "an error carries no chunk");
 }
 
 #[test]
@@ -356,8 +367,12 @@ fn stale_streams_are_rejected_and_their_data_owed_back() {
     assert_eq!(
         err.owed_refill(),
         Some(area().refill_entry(4096, 10)),
-        "a late data CQE still holds a reference"
+        "a late, well-formed data CQE still holds a reference"
     );
+    assert!(!err.may_leak_chunk());
+    // Without F_MORE too: data is data.
+    let err = decode(&recv(closed, 10, 0, TOKEN | 4096), &area(), &slots).unwrap_err();
+    assert_eq!(err.owed_refill(), Some(area().refill_entry(4096, 10)));
 
     // An older generation of a live slot.
     let old = StreamId::new(live.slot(), live.generation().wrapping_sub(1));
@@ -369,6 +384,7 @@ fn stale_streams_are_rejected_and_their_data_owed_back() {
         }
     );
     assert_eq!(err.owed_refill(), None, "a final CQE carries no chunk");
+    assert!(!err.may_leak_chunk());
 
     // A slot the table has never seen.
     let never = StreamId::new(1000, 0);
@@ -387,10 +403,10 @@ fn stale_streams_are_rejected_and_their_data_owed_back() {
 #[test]
 fn corrupt_data_is_reported_before_staleness() {
     let (slots, _, closed) = streams();
-    assert!(matches!(
-        reason(decode(&data(closed, 4000, 200), &area(), &slots)),
-        InvalidReason::StraddlesChunk { .. }
-    ));
+    let err = decode(&data(closed, 4000, 200), &area(), &slots).unwrap_err();
+    assert!(matches!(err.reason, InvalidReason::StraddlesChunk { .. }));
+    // Corrupt data of a stale stream is not returned either.
+    assert_eq!(err.owed_refill(), None);
 }
 
 #[test]
@@ -492,8 +508,18 @@ fn random_completions_never_panic_and_accepted_data_is_in_bounds() {
             Err(err) => {
                 let _ = err.to_string();
                 if let Some(owed) = err.owed_refill() {
+                    // Only well-formed data of a gone stream is returned, and only for a
+                    // chunk of this area.
+                    assert!(
+                        matches!(err.reason, InvalidReason::StaleStream { .. }),
+                        "{err}"
+                    );
                     assert_eq!(owed.__pad, 0);
                     assert_eq!(owed.off, raw.big_cqe[0]);
+                    let area_offset = owed.off & !IORING_ZCRX_AREA_MASK;
+                    assert_eq!(owed.off & IORING_ZCRX_AREA_MASK, layout.token());
+                    assert!(area_offset + u64::from(owed.len) <= size, "{raw:?}");
+                    assert!(!err.may_leak_chunk());
                 }
             }
         }

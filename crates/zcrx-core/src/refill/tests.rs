@@ -266,3 +266,102 @@ fn debug_output_names_the_state() {
     assert!(text.contains("tail: 1"), "{text}");
     assert!(text.contains("FakeRefillRegion"), "{text}");
 }
+
+#[test]
+fn ring_layout_accepts_what_kernels_report() {
+    // Before 6.18: entries right after the indices; from 6.18: on their own cache line.
+    for (rqes, region) in [(8, 8 + 16 * 128), (64, 4096 * 2)] {
+        let layout = RingLayout::validate(0, 4, rqes, 128, region).unwrap();
+        assert_eq!(
+            layout,
+            RingLayout {
+                head: 0,
+                tail: 4,
+                rqes: rqes as usize,
+                entries: 128
+            }
+        );
+    }
+    // Entries first, indices after them, exactly filling the region.
+    assert!(RingLayout::validate(64, 68, 0, 4, 72).is_ok());
+}
+
+#[test]
+fn ring_layout_rejects_misaligned_fields() {
+    let misaligned = |field, offset| RingLayoutError::Misaligned { field, offset };
+    assert_eq!(
+        RingLayout::validate(2, 4, 64, 4, 4096),
+        Err(misaligned("head", 2))
+    );
+    assert_eq!(
+        RingLayout::validate(0, 5, 64, 4, 4096),
+        Err(misaligned("tail", 5))
+    );
+    assert_eq!(
+        RingLayout::validate(0, 4, 12, 4, 4096),
+        Err(misaligned("rqes", 12))
+    );
+}
+
+#[test]
+fn ring_layout_rejects_fields_outside_the_region() {
+    let outside = |field, offset, len| RingLayoutError::OutsideRegion {
+        field,
+        offset,
+        len,
+        region_len: 4096,
+    };
+    assert_eq!(
+        RingLayout::validate(4096, 4, 64, 4, 4096),
+        Err(outside("head", 4096, 4))
+    );
+    assert_eq!(
+        RingLayout::validate(0, 4094 & !3, 64, 4, 4096).map(|_| ()),
+        Ok(()),
+        "the last 4 bytes are inside"
+    );
+    assert_eq!(
+        RingLayout::validate(0, !3u32, 64, 4, 4096),
+        Err(outside("tail", u64::from(!3u32), 4))
+    );
+    // 64 + 256 * 16 = 4160: the last four entries stick out.
+    assert_eq!(
+        RingLayout::validate(0, 4, 64, 256, 4096),
+        Err(outside("rqes", 64, 256 * 16))
+    );
+    assert_eq!(
+        RingLayout::validate(0, 4, !7u32, 1 << 24, 4096),
+        Err(outside("rqes", u64::from(!7u32), 16 << 24))
+    );
+}
+
+#[test]
+fn ring_layout_rejects_overlaps() {
+    let overlap = |first, second| RingLayoutError::Overlap { first, second };
+    assert_eq!(
+        RingLayout::validate(0, 0, 64, 4, 4096),
+        Err(overlap("head", "tail"))
+    );
+    assert_eq!(
+        RingLayout::validate(64, 0, 64, 4, 4096),
+        Err(overlap("head", "rqes"))
+    );
+    assert_eq!(
+        RingLayout::validate(0, 124, 64, 4, 4096),
+        Err(overlap("tail", "rqes"))
+    );
+    assert!(
+        RingLayout::validate(0, 128, 64, 4, 4096).is_ok(),
+        "right after the entries"
+    );
+}
+
+#[test]
+fn ring_layout_rejects_unusable_sizes() {
+    for entries in [0, 3, MAX_RING_ENTRIES * 2] {
+        assert_eq!(
+            RingLayout::validate(0, 4, 64, entries, 1 << 30),
+            Err(RingLayoutError::Entries(RingSizeError { entries }))
+        );
+    }
+}
