@@ -72,6 +72,16 @@ pub struct Stats {
     pub resubmits_area_exhausted: u64,
     /// Kernel events received (copy fallback and allocation failure).
     pub kernel_events: u64,
+    /// Completions the runtime rejected as malformed (the stream they named ended with an
+    /// `InvalidData` error; logged).
+    pub invalid_completions: u64,
+    /// Chunks the runtime did not return because a malformed completion left it unsure the
+    /// kernel had lent them (returning a chunk the kernel did not lend could hand out memory
+    /// a buffer still reads); they come back when the ring closes.
+    pub chunks_leaked: u64,
+    /// Optional kernel calls that failed and were carried on from (refill flushes, event
+    /// re-arms), plus `io_uring_enter` calls retried after EINTR, EAGAIN or EBUSY.
+    pub faults_survived: u64,
 }
 
 impl fmt::Display for Stats {
@@ -83,6 +93,14 @@ impl fmt::Display for Stats {
         )?;
         if let (Some(count), Some(bytes)) = (self.copy_count, self.copy_bytes) {
             write!(f, ", copied {bytes} bytes in {count} fragments")?;
+        }
+        if self.invalid_completions + self.faults_survived > 0 {
+            write!(
+                f,
+                ", faults: {} invalid completions ({} chunks leaked), {} kernel calls retried \
+                 or carried on from",
+                self.invalid_completions, self.chunks_leaked, self.faults_survived
+            )?;
         }
         if self.resubmits_cq_overflow + self.resubmits_area_exhausted > 0 {
             write!(

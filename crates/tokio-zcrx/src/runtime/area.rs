@@ -32,6 +32,10 @@ pub(crate) struct DriverCounters {
     pub(crate) rejected_returns: AtomicU64,
     /// Completions the decoder rejected (logged; their stream ended).
     pub(crate) invalid_completions: AtomicU64,
+    /// Chunks not returned for malformed completions (see `Stats::chunks_leaked`).
+    pub(crate) chunks_leaked: AtomicU64,
+    /// Event re-arms the kernel refused with something other than EINVAL.
+    pub(crate) failed_rearms: AtomicU64,
     /// `ZCRX_CTRL_FLUSH_RQ` calls the kernel refused (logged; never fatal).
     pub(crate) failed_flushes: AtomicU64,
     /// `io_uring_enter` calls that failed with EINTR, EAGAIN or EBUSY (retried).
@@ -248,6 +252,11 @@ impl Area {
                 .resubmits_area_exhausted
                 .load(Ordering::Relaxed),
             kernel_events: self.counters.kernel_events.load(Ordering::Relaxed),
+            invalid_completions: self.counters.invalid_completions.load(Ordering::Relaxed),
+            chunks_leaked: self.counters.chunks_leaked.load(Ordering::Relaxed),
+            faults_survived: self.counters.failed_flushes.load(Ordering::Relaxed)
+                + self.counters.failed_rearms.load(Ordering::Relaxed)
+                + self.counters.transient_enter_errors.load(Ordering::Relaxed),
         }
     }
 }

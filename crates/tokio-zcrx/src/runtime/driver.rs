@@ -277,6 +277,8 @@ impl<K: Kernel> Driver<K> {
         loop {
             self.take_commands()?;
             if let Some(since) = self.stopping {
+                // Returns seen so far: the wait below sleeps until the next one.
+                self.returns_at_exhaustion = self.area.refill.stats().pushed;
                 let settled = self.live_requests() == 0 && !self.teardown_would_expose_buffers();
                 if settled || since.elapsed() > SHUTDOWN_GRACE {
                     return Ok(());
@@ -487,12 +489,6 @@ impl<K: Kernel> Driver<K> {
 
     fn begin_shutdown(&mut self) -> io::Result<()> {
         self.stopping = Some(Instant::now());
-        if self.teardown_would_expose_buffers() {
-            // Wait (bounded by SHUTDOWN_GRACE) for the buffers: their drops wake us.
-            self.area
-                .driver_waits_for_buffers
-                .store(true, Ordering::Relaxed);
-        }
         self.shared.state.store(STOPPING, Ordering::Release);
         for slot in 0..self.streams.len() {
             if let Some(entry) = self.streams[slot].as_mut() {
@@ -504,6 +500,12 @@ impl<K: Kernel> Driver<K> {
                 }
                 self.cancel_or_remove(slot)?;
             }
+        }
+        if self.teardown_would_expose_buffers() {
+            // Wait (bounded by SHUTDOWN_GRACE) for the buffers: their drops wake us.
+            self.area
+                .driver_waits_for_buffers
+                .store(true, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -639,7 +641,12 @@ impl<K: Kernel> Driver<K> {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     self.events.mark_rearmed(kind);
                 }
-                Err(_) => {
+                Err(e) => {
+                    self.area
+                        .counters
+                        .failed_rearms
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "tokio-zcrx: re-arming a zcrx event failed");
                     self.events.rearm_failed(kind, now);
                 }
             }
@@ -895,6 +902,12 @@ impl<K: Kernel> Driver<K> {
                 .rejected_returns
                 .fetch_add(1, Ordering::Relaxed);
             let _ = self.area.refill.push(rqe);
+        }
+        if invalid.may_leak_chunk() {
+            self.area
+                .counters
+                .chunks_leaked
+                .fetch_add(1, Ordering::Relaxed);
         }
         let Some(stream) = invalid.stream() else {
             return Ok(());
