@@ -1,0 +1,332 @@
+//! Copy mode under the conditions a long-lived server meets: shutdown while streams wait for
+//! buffers, streams that stop being polled, pools too large for the machine, and churn.
+//!
+//! Every wait is bounded by a timeout with a message, so a regression fails instead of
+//! hanging.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_zcrx::{ActiveMode, ErrorKind, Mode, ZcBuf, ZcStream, Zcrx};
+
+fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
+    let zcrx = Zcrx::builder()
+        .mode(Mode::Copy)
+        .copy_pool(buffers, size)
+        .build()
+        .unwrap();
+    assert_eq!(zcrx.mode(), ActiveMode::Copy);
+    zcrx
+}
+
+/// Awaits `future` for at most `secs` seconds; panics with `what` if it takes longer.
+async fn within<T>(secs: u64, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {secs} s: {what}"),
+    }
+}
+
+/// `n` connections to a fresh listener, each with `bytes` bytes sent (and kept open): the
+/// attached streams and the clients (which must stay alive).
+async fn readable_streams(zcrx: &Zcrx, n: usize, bytes: usize) -> (Vec<ZcStream>, Vec<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut clients = Vec::new();
+    let mut streams = Vec::new();
+    for i in 0..n {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(&vec![fill(i); bytes]).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let (stream, _writer) = zcrx.attach(socket).unwrap();
+        clients.push(client);
+        streams.push(stream);
+    }
+    (streams, clients)
+}
+
+/// The byte connection `i` of [`readable_streams`] sends.
+fn fill(i: usize) -> u8 {
+    i as u8 + 1
+}
+
+async fn next_buffer(stream: &mut ZcStream, what: &str) -> ZcBuf {
+    within(5, what, stream.next())
+        .await
+        .expect("a buffer, not the end")
+        .expect("a buffer, not an error")
+}
+
+/// Polls `stream` for 300 ms and checks that it got nothing: it is waiting (for the pool).
+async fn assert_waits(stream: &mut ZcStream, what: &str) {
+    let waited = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(waited.is_err(), "{what}: got {:?}", waited.unwrap());
+}
+
+/// Defect C: shutdown must end a stream that waits for a pool buffer, even when the buffer's
+/// holder waits for that very stream; the held buffer stays valid and returns to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_stream_waiting_for_a_buffer() {
+    let zcrx = copy_runtime(1, 4096);
+    let (mut streams, _clients) = readable_streams(&zcrx, 2, 100).await;
+    let mut waiting = streams.pop().unwrap();
+    let mut holding = streams.pop().unwrap();
+    let held = next_buffer(&mut holding, "the holder's first buffer").await;
+    assert_eq!(zcrx.stats().buffers_outstanding, 1);
+    // The second stream is readable but the pool is empty.
+    assert_waits(&mut waiting, "a stream read from an empty pool").await;
+    // Its task waits for it; the buffer's holder waits for that task (and so never returns
+    // the buffer on its own).
+    let waiter = tokio::spawn(async move {
+        let first = waiting.next().await;
+        let later = [
+            waiting.next().await.is_none(),
+            waiting.next().await.is_none(),
+        ];
+        (first, later)
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    within(5, "shutdown itself", zcrx.shutdown()).await;
+    let (first, later) = within(
+        5,
+        "shutdown did not end a stream waiting for a pool buffer",
+        waiter,
+    )
+    .await
+    .unwrap();
+    let err = first.expect("an error, not EOF").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+    assert!(err.to_string().contains("shut down"), "{err}");
+    assert_eq!(later, [true, true], "polls after the error return None");
+    // The holder's stream ends too, and its buffer is still readable and goes back.
+    let end = within(5, "the holder's stream after shutdown", holding.next()).await;
+    assert!(
+        end.unwrap().is_err(),
+        "the holder's stream ends with an error"
+    );
+    assert!(holding.next().await.is_none());
+    assert!(
+        held.iter().all(|&b| b == fill(0)),
+        "held buffer kept its bytes"
+    );
+    assert_eq!(held.len(), 100);
+    drop(held);
+    assert_eq!(zcrx.stats().buffers_outstanding, 0);
+}
+
+/// Defect F: a stream that waited for a buffer once and is then not polled again must not
+/// keep the next free buffer from a readable connection that is being polled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_buffer_does_not_wait_for_a_stream_no_longer_polled() {
+    let zcrx = copy_runtime(1, 4096);
+    let (mut streams, _clients) = readable_streams(&zcrx, 3, 100).await;
+    let held = next_buffer(&mut streams[0], "the first buffer").await;
+    // Polled once with an empty pool (a select! whose deadline fired), then left alone.
+    assert_waits(&mut streams[1], "a stream read from an empty pool").await;
+    drop(held);
+    // The returned buffer goes to the connection that is being polled.
+    let buf = next_buffer(
+        &mut streams[2],
+        "a free buffer stayed reserved for a stream nobody polls",
+    )
+    .await;
+    assert_eq!(&buf[..], &[fill(2); 100][..]);
+    drop(buf);
+    // The stream left alone still gets its data when it is polled again.
+    let buf = next_buffer(&mut streams[1], "the stream left alone, polled again").await;
+    assert_eq!(&buf[..], &[fill(1); 100][..]);
+    drop(buf);
+    assert_eq!(zcrx.stats().buffers_outstanding, 0);
+}
+
+/// The same in a server's shape: many streams stuck behind backpressure (each polled once,
+/// then its task waits on something else) and one connection that keeps reading. It must
+/// get every returned buffer, not wait for the stuck ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_under_backpressure_do_not_starve_a_reading_one() {
+    const STUCK: usize = 8;
+    let zcrx = copy_runtime(2, 4096);
+    let (mut streams, mut clients) = readable_streams(&zcrx, STUCK + 2, 100).await;
+    let first = next_buffer(&mut streams[0], "buffer one").await;
+    let second = next_buffer(&mut streams[1], "buffer two").await;
+    for stream in &mut streams[2..STUCK + 2] {
+        assert_waits(stream, "a stream read from an empty pool").await;
+    }
+    drop(first);
+    drop(second);
+    // Stream 0 reads on; its peer sends more in small pieces, 50 rounds of read + drop.
+    let mut reader = streams.swap_remove(0);
+    let peer = &mut clients[0];
+    for round in 0..50u8 {
+        peer.write_all(&[round; 10]).await.unwrap();
+        let buf = next_buffer(&mut reader, "the reading stream starved").await;
+        assert!(!buf.is_empty());
+    }
+    drop(reader);
+    drop(streams);
+    assert_eq!(zcrx.stats().buffers_outstanding, 0);
+}
+
+/// Cancel safety: a stream dropped while it waits for a buffer, and a pending `next()`
+/// dropped mid-wait, leave no buffer behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_waiting_streams_strands_no_buffer() {
+    let zcrx = copy_runtime(1, 4096);
+    let (mut streams, _clients) = readable_streams(&zcrx, 4, 100).await;
+    let held = next_buffer(&mut streams[0], "the first buffer").await;
+    assert_waits(&mut streams[1], "stream 1 read from an empty pool").await;
+    assert_waits(&mut streams[2], "stream 2 read from an empty pool").await;
+    let dropped = streams.remove(1);
+    drop(dropped);
+    drop(held);
+    // Streams 2 (its pending next() was dropped) and 3 can each take the one buffer in turn.
+    for i in [1, 2] {
+        let buf = next_buffer(&mut streams[i], "a buffer after waiters went away").await;
+        assert_eq!(buf.len(), 100);
+    }
+    assert_eq!(zcrx.stats().buffers_outstanding, 0);
+}
+
+/// Fairness among polled streams: two connections that always have data share a pool of
+/// one buffer. Without care the stream that returns the buffer and polls again at once
+/// would take it back each time; each must get a fair part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_busy_streams_share_a_one_buffer_pool() {
+    const CHUNK: usize = 512;
+    let zcrx = copy_runtime(1, CHUNK);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut counters = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        senders.push(tokio::spawn(async move {
+            // Sends until the reader stops; 8 MiB is more than it reads in the window.
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let block = vec![0xA5u8; 64 << 10];
+            for _ in 0..128 {
+                if client.write_all(&block).await.is_err() {
+                    break;
+                }
+            }
+        }));
+        let (socket, _) = listener.accept().await.unwrap();
+        let (mut stream, _writer) = zcrx.attach(socket).unwrap();
+        counters.push(tokio::spawn(async move {
+            let mut buffers = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let next = tokio::time::timeout_at(deadline, stream.next()).await;
+                let Ok(Some(buf)) = next else { break };
+                let buf = buf.unwrap();
+                assert!(buf.iter().all(|&b| b == 0xA5));
+                buffers += 1;
+            }
+            buffers
+        }));
+    }
+    let mut counts = Vec::new();
+    for counter in counters {
+        counts.push(within(10, "a busy reader", counter).await.unwrap());
+    }
+    for sender in senders {
+        sender.abort();
+    }
+    let total: u64 = counts.iter().sum();
+    assert!(total > 100, "too few buffers read at all: {counts:?}");
+    for &count in &counts {
+        assert!(
+            count * 4 >= total,
+            "one stream got less than a quarter of the buffers: {counts:?}"
+        );
+    }
+    assert_eq!(zcrx.stats().buffers_outstanding, 0);
+}
+
+/// A pool larger than the machine's memory is an error that names the size and the setter,
+/// not an abort or the OOM killer.
+#[test]
+fn a_pool_larger_than_memory_is_an_error() {
+    for (buffers, size) in [(u32::MAX, u32::MAX as usize), (1 << 20, 1 << 30)] {
+        let err = Zcrx::builder()
+            .mode(Mode::Copy)
+            .copy_pool(buffers, size)
+            .build()
+            .expect_err("a pool of petabytes");
+        assert_eq!(err.kind(), ErrorKind::OutOfMemory, "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&buffers.to_string()), "{text}");
+        assert!(text.contains(&size.to_string()), "{text}");
+        assert!(text.contains("copy_pool"), "says what to change: {text}");
+        println!("{text}");
+    }
+}
+
+/// A pool whose buffers can be mapped but whose bookkeeping cannot be allocated must be an
+/// error too, not an allocation-failure abort. Run in a child process (this test binary,
+/// filtered to the helper below) whose address space is capped, so the failure is
+/// deterministic and harms nothing else.
+#[test]
+fn a_pool_whose_free_list_cannot_be_allocated_is_an_error() {
+    let exe = std::env::current_exe().unwrap();
+    let output = std::process::Command::new(exe)
+        .args([
+            "--ignored",
+            "--exact",
+            "free_list_allocation_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TOKIO_ZCRX_POOL_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the child failed ({:?}); stdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    assert!(
+        stdout.contains("child: OutOfMemory"),
+        "the child did not report: {stdout}"
+    );
+}
+
+/// The child of the test above; run alone by it (ignored otherwise, since it lowers the
+/// process's address-space limit).
+#[test]
+#[ignore = "run by a_pool_whose_free_list_cannot_be_allocated_is_an_error in a child process"]
+fn free_list_allocation_child() {
+    assert_eq!(
+        std::env::var("TOKIO_ZCRX_POOL_CHILD").as_deref(),
+        Ok("1"),
+        "only run as a child"
+    );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    // Room for 256 MiB of buffers and a little more, not for the 1 GiB free list of 2^28
+    // one-byte buffers.
+    let limit = (vm_kib << 10) + (512 << 20);
+    let rlimit = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit reads the struct; lowering our own limit has no other effect.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &rlimit) }, 0);
+    let err = Zcrx::builder()
+        .mode(Mode::Copy)
+        .copy_pool(1 << 28, 1)
+        .build()
+        .expect_err("a free list beyond the address-space limit");
+    assert_eq!(err.kind(), ErrorKind::OutOfMemory, "{err}");
+    assert!(err.to_string().contains("copy_pool"), "{err}");
+    println!("child: {:?}: {err}", err.kind());
+}
