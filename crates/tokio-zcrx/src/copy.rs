@@ -57,17 +57,19 @@ pub(crate) struct Pool {
 /// A returned buffer is never reserved for a particular stream: a stream that waited once
 /// and is then no longer polled (a `select!` that moved on, a task applying backpressure)
 /// must not hold up a buffer that a readable, polled connection could use, and a stream
-/// cannot tell us that it is no longer polled. So a return wakes *every* waiting stream, in
-/// the order they started waiting, and the first to be polled takes the buffer; the others
-/// find the pool empty and wait again. Each registration is woken once, so the cost of these
-/// extra polls is bounded by the number of waits.
+/// cannot tell us that it is no longer polled. So a return wakes *every* waiting stream and
+/// the buffer goes to one that is polled; the others find the pool empty and wait again.
+/// Each registration is woken once, so the extra polls are bounded by the number of waits.
 ///
-/// Fairness: without reservation, a stream that did not wait could take each returned
-/// buffer before the streams just woken run (typically the task that returned the buffer and
-/// polls again at once). To prevent that, a stream that did not wait defers once to the
-/// streams woken by the latest return (`recently_woken`): it yields instead of taking the
-/// buffer, and takes it on its next poll if it is still free. The deferral is a yield, not a
-/// wait, so a free buffer still never waits for a stream that is not polled.
+/// Fairness: the woken streams run in whatever order the scheduler picks (Tokio runs the
+/// last one woken first), and a stream that did not wait, typically the task that returned
+/// the buffer and polls again at once, would otherwise take it back before any of them runs.
+/// So the streams woken by the latest return (the round) keep their waiting order: a stream
+/// takes a free buffer only if more are free than older round members that have not been
+/// polled since they were woken (a stream that did not wait counts as the youngest).
+/// Otherwise it *defers* once: it yields instead of waiting, and takes the buffer on its
+/// next poll if it is still free. A deferral is a yield, not a wait, so a free buffer never
+/// waits for a stream that is not polled, and waiting streams are served about in order.
 #[derive(Debug)]
 struct PoolState {
     /// Indices of free buffers, most recently returned last.
@@ -76,23 +78,45 @@ struct PoolState {
     /// (or takes a buffer) clears its slot. All are woken and the list is emptied at once.
     waiters: Vec<Option<Waker>>,
     /// Counts the times `waiters` was emptied, so a stream can tell whether its slot is
-    /// still in the list.
+    /// still in the list (same generation) or in the latest round (the one before).
     generation: u64,
-    /// Streams woken by the latest return that have not been polled since.
-    recently_woken: usize,
+    /// The latest round: one bit per slot of the emptied list, set while that stream has not
+    /// been polled since it was woken.
+    unpolled: Vec<u64>,
+    unpolled_count: usize,
 }
 
 impl PoolState {
-    /// Empties the waiting list; the caller wakes the returned wakers after unlocking.
+    /// Empties the waiting list into a new round; the caller wakes the returned wakers
+    /// after unlocking. Without waiters the current round stays.
     fn take_waiters(&mut self) -> Vec<Option<Waker>> {
         if self.waiters.is_empty() {
-            self.recently_woken = 0;
             return Vec::new();
         }
         self.generation += 1;
         let waiters = std::mem::take(&mut self.waiters);
-        self.recently_woken = waiters.iter().filter(|w| w.is_some()).count();
+        self.unpolled.clear();
+        self.unpolled.resize(waiters.len().div_ceil(64), 0);
+        self.unpolled_count = 0;
+        for (slot, waiter) in waiters.iter().enumerate() {
+            if waiter.is_some() {
+                self.unpolled[slot / 64] |= 1 << (slot % 64);
+                self.unpolled_count += 1;
+            }
+        }
         waiters
+    }
+
+    /// Marks `slot` of the latest round as polled (or gone); returns how many older members
+    /// of the round are still unpolled.
+    fn mark_polled(&mut self, slot: usize) -> usize {
+        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        if self.unpolled[word] & bit != 0 {
+            self.unpolled[word] &= !bit;
+            self.unpolled_count -= 1;
+        }
+        let whole: u32 = self.unpolled[..word].iter().map(|w| w.count_ones()).sum();
+        whole as usize + (self.unpolled[word] & (bit - 1)).count_ones() as usize
     }
 }
 
@@ -154,7 +178,8 @@ impl Pool {
                 free,
                 waiters: Vec::new(),
                 generation: 0,
-                recently_woken: 0,
+                unpolled: Vec::new(),
+                unpolled_count: 0,
             }),
             bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
@@ -347,13 +372,13 @@ impl CopyStream {
         if self.pool.closed.load(Ordering::Relaxed) {
             return Take::Closed;
         }
-        // Was this stream woken by the latest return? Then it is polled now: it no longer
-        // counts among the streams others defer to.
-        let mut woken_waiter = false;
+        // The round members older than this stream that have not been polled since they
+        // were woken; a stream that is not in the latest round counts as the youngest.
+        let mut older_unpolled = state.unpolled_count;
         if let Some((generation, slot)) = self.waiting {
             if generation == state.generation {
-                // Still in the list (polled for another reason): the slot is reused below or
-                // cleared when a buffer is taken.
+                // Still in the list (polled for another reason): the slot is kept while the
+                // pool is empty and cleared when a buffer is taken.
                 if state.free.is_empty() {
                     let entry = &mut state.waiters[slot];
                     if !entry.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -362,11 +387,8 @@ impl CopyStream {
                     return Take::Pending;
                 }
                 state.waiters[slot] = None;
-            } else {
-                woken_waiter = generation + 1 == state.generation;
-                if woken_waiter {
-                    state.recently_woken = state.recently_woken.saturating_sub(1);
-                }
+            } else if generation + 1 == state.generation {
+                older_unpolled = state.mark_polled(slot);
             }
             self.waiting = None;
         }
@@ -377,9 +399,7 @@ impl CopyStream {
             state.waiters.push(Some(cx.waker().clone()));
             return Take::Pending;
         }
-        // A stream that did not just wait leaves the buffers the woken streams need to them,
-        // for one yield: they are scheduled already and usually run before this one again.
-        if !woken_waiter && !self.deferred && free <= state.recently_woken {
+        if !self.deferred && free <= older_unpolled {
             self.deferred = true;
             cx.waker().wake_by_ref();
             return Take::Pending;
@@ -452,7 +472,7 @@ impl Drop for CopyStream {
                 state.waiters[slot] = None;
             } else if generation + 1 == state.generation {
                 // Woken by the latest return but never polled: nobody should defer to it.
-                state.recently_woken = state.recently_woken.saturating_sub(1);
+                state.mark_polled(slot);
             }
         }
         // Under the lock, so shutdown never touches a descriptor that was closed (and maybe
