@@ -8,7 +8,8 @@
 //!
 //! A connection holds no buffer while it has nothing to read: it waits for readiness first,
 //! then takes a buffer. When the pool is empty, streams wait for returns; nothing is lost and
-//! nothing grows. Every byte counts as copied in the statistics, and copying is announced
+//! nothing grows. A returned buffer goes to a stream that is being polled, about in waiting
+//! order, never to one that waited once and was then left alone (see [`PoolState`]). Every byte counts as copied in the statistics, and copying is announced
 //! with [`EventKind::CopyFallback`] events, so monitoring code needs no special case.
 
 use std::collections::HashMap;
@@ -170,7 +171,17 @@ impl Pool {
             )
         })?;
         free.extend((0..buffers).rev());
-        let memory = Mapping::new(buffers as usize * buffer_size, false)?;
+        let memory = Mapping::new(buffers as usize * buffer_size, false).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "mapping a copy pool of {buffers} buffers of {buffer_size} bytes ({} in \
+                     all) failed ({e}); pass fewer or smaller buffers to Builder::copy_pool, or \
+                     raise the limit that refused it (RLIMIT_AS, RLIMIT_DATA)",
+                    human_bytes(pool_bytes)
+                ),
+            )
+        })?;
         Ok(Pool {
             memory,
             buffer_size,

@@ -332,7 +332,7 @@ fn a_pool_larger_than_memory_is_an_error() {
 }
 
 /// A pool whose buffers can be mapped but whose bookkeeping cannot be allocated must be an
-/// error too, not an allocation-failure abort. Run in a child process (this test binary,
+/// error too, not an allocation-failure abort; a refused mapping names the limit. Run in a child process (this test binary,
 /// filtered to the helper below) whose address space is capped, so the failure is
 /// deterministic and harms nothing else.
 #[test]
@@ -395,5 +395,14 @@ fn free_list_allocation_child() {
         .expect_err("a free list beyond the address-space limit");
     assert_eq!(err.kind(), ErrorKind::OutOfMemory, "{err}");
     assert!(err.to_string().contains("copy_pool"), "{err}");
+    println!("child: {:?}: {err}", err.kind());
+    // Buffers beyond the limit: the mapping fails, and the error says which limit to check.
+    let err = Zcrx::builder()
+        .mode(Mode::Copy)
+        .copy_pool(1024, 1 << 20)
+        .build()
+        .expect_err("1 GiB of buffers beyond the address-space limit");
+    assert_eq!(err.kind(), ErrorKind::OutOfMemory, "{err}");
+    assert!(err.to_string().contains("RLIMIT_AS"), "{err}");
     println!("child: {:?}: {err}", err.kind());
 }
