@@ -8,7 +8,8 @@
 //!
 //! A connection holds no buffer while it has nothing to read: it waits for readiness first,
 //! then takes a buffer. When the pool is empty, streams wait for returns; nothing is lost and
-//! nothing grows. Every byte counts as copied in the statistics, and copying is announced
+//! nothing grows. A returned buffer goes to a stream that is being polled, about in waiting
+//! order, never to one that waited once and was then left alone (see [`PoolState`]). Every byte counts as copied in the statistics, and copying is announced
 //! with [`EventKind::CopyFallback`] events, so monitoring code needs no special case.
 
 use std::collections::HashMap;
@@ -16,12 +17,11 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{broadcast, Semaphore};
-use tokio_util::sync::PollSemaphore;
+use tokio::sync::broadcast;
 
 use crate::buf::ZcBuf;
 use crate::error::{Error, ErrorKind};
@@ -33,12 +33,9 @@ use crate::mem::Mapping;
 pub(crate) struct Pool {
     memory: Mapping,
     buffer_size: usize,
-    /// Indices of free buffers, most recently returned last.
-    free: Mutex<Vec<u32>>,
-    /// One permit per free buffer. Waiting streams queue here in order; a stream that is
-    /// dropped while waiting gives its place up, so no returned buffer is left unclaimed
-    /// while others wait, and no more streams are woken than there are buffers.
-    permits: Arc<Semaphore>,
+    /// Free buffers and the streams waiting for one, under one lock so that a return never
+    /// misses a stream that is about to wait.
+    state: Mutex<PoolState>,
     bytes: AtomicU64,
     chunks: AtomicU64,
     outstanding: AtomicU64,
@@ -47,12 +44,87 @@ pub(crate) struct Pool {
     last_event: AtomicU64,
     event_interval: Duration,
     epoch: Instant,
-    /// Set by `Zcrx::shutdown`: streams end with an error at their next poll.
+    /// Set by `Zcrx::shutdown` (under the `state` and `sockets` locks): streams end with an
+    /// error at their next poll.
     closed: AtomicBool,
     /// Open copy-mode sockets by stream id, so shutdown can wake every stream (it shuts down
     /// their read side, which makes them readable). Touched on attach and drop only.
     sockets: Mutex<HashMap<u64, RawFd>>,
     next_stream: AtomicU64,
+}
+
+/// How free buffers reach waiting streams.
+///
+/// A returned buffer is never reserved for a particular stream: a stream that waited once
+/// and is then no longer polled (a `select!` that moved on, a task applying backpressure)
+/// must not hold up a buffer that a readable, polled connection could use, and a stream
+/// cannot tell us that it is no longer polled. So a return wakes *every* waiting stream and
+/// the buffer goes to one that is polled; the others find the pool empty and wait again.
+/// Each registration is woken once, so the extra polls are bounded by the number of waits.
+///
+/// Fairness: the woken streams run in whatever order the scheduler picks (Tokio runs the
+/// last one woken first), and a stream that did not wait, typically the task that returned
+/// the buffer and polls again at once, would otherwise take it back before any of them runs.
+/// So the streams woken by the latest return (the round) keep their waiting order: a stream
+/// takes a free buffer only if more are free than older round members that have not been
+/// polled since they were woken (a stream that did not wait counts as the youngest).
+/// Otherwise it *defers* once: it yields instead of waiting, and takes the buffer on its
+/// next poll if it is still free. A deferral is a yield, not a wait, so a free buffer never
+/// waits for a stream that is not polled, and waiting streams are served about in order.
+#[derive(Debug)]
+struct PoolState {
+    /// Indices of free buffers, most recently returned last.
+    free: Vec<u32>,
+    /// Waiting streams' wakers in the order they started waiting; a stream that is dropped
+    /// (or takes a buffer) clears its slot. All are woken and the list is emptied at once.
+    waiters: Vec<Option<Waker>>,
+    /// Counts the times `waiters` was emptied, so a stream can tell whether its slot is
+    /// still in the list (same generation) or in the latest round (the one before).
+    generation: u64,
+    /// The latest round: one bit per slot of the emptied list, set while that stream has not
+    /// been polled since it was woken.
+    unpolled: Vec<u64>,
+    unpolled_count: usize,
+}
+
+impl PoolState {
+    /// Empties the waiting list into a new round; the caller wakes the returned wakers
+    /// after unlocking. Without waiters the current round stays.
+    fn take_waiters(&mut self) -> Vec<Option<Waker>> {
+        if self.waiters.is_empty() {
+            return Vec::new();
+        }
+        self.generation += 1;
+        let waiters = std::mem::take(&mut self.waiters);
+        self.unpolled.clear();
+        self.unpolled.resize(waiters.len().div_ceil(64), 0);
+        self.unpolled_count = 0;
+        for (slot, waiter) in waiters.iter().enumerate() {
+            if waiter.is_some() {
+                self.unpolled[slot / 64] |= 1 << (slot % 64);
+                self.unpolled_count += 1;
+            }
+        }
+        waiters
+    }
+
+    /// Marks `slot` of the latest round as polled (or gone); returns how many older members
+    /// of the round are still unpolled.
+    fn mark_polled(&mut self, slot: usize) -> usize {
+        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        if self.unpolled[word] & bit != 0 {
+            self.unpolled[word] &= !bit;
+            self.unpolled_count -= 1;
+        }
+        let whole: u32 = self.unpolled[..word].iter().map(|w| w.count_ones()).sum();
+        whole as usize + (self.unpolled[word] & (bit - 1)).count_ones() as usize
+    }
+}
+
+fn wake_all(waiters: Vec<Option<Waker>>) {
+    for waker in waiters.into_iter().flatten() {
+        waker.wake();
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -71,12 +143,55 @@ impl Pool {
         events: broadcast::Sender<Event>,
         event_interval: Duration,
     ) -> io::Result<Pool> {
-        let memory = Mapping::new(buffers as usize * buffer_size, false)?;
+        let pool_bytes = pool_memory_needed(buffers, buffer_size)?;
+        // The pool is populated up front (MAP_POPULATE does not fail when memory runs out, the
+        // OOM killer acts instead), so check that it can be, and say so if not.
+        if let Some(available) = available_memory() {
+            if pool_bytes > available {
+                return Err(io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    format!(
+                        "a copy pool of {buffers} buffers of {buffer_size} bytes needs {} of \
+                         memory, but only {} is available; pass fewer or smaller buffers to \
+                         Builder::copy_pool (the default is 64 of 64 KiB)",
+                        human_bytes(pool_bytes),
+                        human_bytes(available)
+                    ),
+                ));
+            }
+        }
+        let mut free = Vec::new();
+        free.try_reserve_exact(buffers as usize).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "cannot allocate the free list of a copy pool of {buffers} buffers; pass \
+                     fewer buffers to Builder::copy_pool"
+                ),
+            )
+        })?;
+        free.extend((0..buffers).rev());
+        let memory = Mapping::new(buffers as usize * buffer_size, false).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "mapping a copy pool of {buffers} buffers of {buffer_size} bytes ({} in \
+                     all) failed ({e}); pass fewer or smaller buffers to Builder::copy_pool, or \
+                     raise the limit that refused it (RLIMIT_AS, RLIMIT_DATA)",
+                    human_bytes(pool_bytes)
+                ),
+            )
+        })?;
         Ok(Pool {
             memory,
             buffer_size,
-            free: Mutex::new((0..buffers).rev().collect()),
-            permits: Arc::new(Semaphore::new(buffers as usize)),
+            state: Mutex::new(PoolState {
+                free,
+                waiters: Vec::new(),
+                generation: 0,
+                unpolled: Vec::new(),
+                unpolled_count: 0,
+            }),
             bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             outstanding: AtomicU64::new(0),
@@ -90,21 +205,18 @@ impl Pool {
         })
     }
 
-    fn lock_free(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
-        lock(&self.free)
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        lock(&self.state)
     }
 
-    /// Takes a free buffer; the caller holds a permit (forgotten), so one is there.
-    fn take(&self) -> u32 {
-        self.lock_free()
-            .pop()
-            .expect("a permit guarantees a free buffer")
-    }
-
-    /// Puts a buffer back (unused, or dropped by its `ZcBuf`), then its permit.
+    /// Puts a buffer back (unused, or dropped by its `ZcBuf`) and wakes the waiting streams.
     pub(crate) fn release(&self, index: u32) {
-        self.lock_free().push(index);
-        self.permits.add_permits(1);
+        let waiters = {
+            let mut state = self.lock_state();
+            state.free.push(index);
+            state.take_waiters()
+        };
+        wake_all(waiters);
     }
 
     pub(crate) fn release_delivered(&self, index: u32) {
@@ -154,17 +266,92 @@ impl Pool {
     }
 }
 
+/// The memory a pool of `buffers` buffers of `buffer_size` bytes takes: the buffers (whole
+/// pages, as mapped) and the free list. An error if it does not fit the address space.
+fn pool_memory_needed(buffers: u32, buffer_size: usize) -> io::Result<usize> {
+    let page = crate::mem::page_size();
+    (buffers as usize)
+        .checked_mul(buffer_size)
+        .and_then(|bytes| bytes.checked_next_multiple_of(page))
+        .and_then(|bytes| bytes.checked_add(buffers as usize * std::mem::size_of::<u32>()))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "a copy pool of {buffers} buffers of {buffer_size} bytes is larger than the \
+                     address space; pass fewer or smaller buffers to Builder::copy_pool"
+                ),
+            )
+        })
+}
+
+/// Memory this process can populate without swapping or meeting the OOM killer: the
+/// kernel's `MemAvailable`, lowered to what the process's cgroup (v2) still allows. `None`
+/// when neither can be read (no check then; the mapping itself still fails if the kernel
+/// refuses it).
+fn available_memory() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        });
+    let cgroup = cgroup_memory_headroom();
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `memory.max - memory.current` of this process's cgroup v2, if it has a limit.
+fn cgroup_memory_headroom() -> Option<usize> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = membership.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let max: usize = read("memory.max")?.trim().parse().ok()?; // "max" (no limit) fails here
+    let current: usize = read("memory.current")?.trim().parse().ok()?;
+    Some(max.saturating_sub(current))
+}
+
+fn human_bytes(bytes: usize) -> String {
+    const UNITS: [&str; 7] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {} ({bytes} bytes)", UNITS[unit])
+    }
+}
+
 /// One connection read in copy mode.
 #[derive(Debug)]
 pub(crate) struct CopyStream {
     id: u64,
     socket: OwnedReadHalf,
     pool: Arc<Pool>,
-    permits: PollSemaphore,
     read_limit: Option<u32>,
-    /// `permits` has a request in the semaphore's queue (its last poll was pending).
-    queued: bool,
+    /// Where this stream's waker sits in the pool's waiting list: the list's generation and
+    /// the slot. Stale once the generation moved on (the stream was woken).
+    waiting: Option<(u64, usize)>,
+    /// The last poll deferred a free buffer to streams woken before it (see [`PoolState`]);
+    /// this poll takes it.
+    deferred: bool,
     done: bool,
+}
+
+/// What a poll got from the pool.
+enum Take {
+    Buffer(u32),
+    /// No buffer now; the stream's waker is registered (or it yields once).
+    Pending,
+    Closed,
 }
 
 impl CopyStream {
@@ -174,12 +361,62 @@ impl CopyStream {
         CopyStream {
             id,
             socket,
-            permits: PollSemaphore::new(Arc::clone(&pool.permits)),
             pool,
             read_limit,
-            queued: false,
+            waiting: None,
+            deferred: false,
             done: false,
         }
+    }
+
+    fn shut_down_error(&mut self) -> Poll<Option<io::Result<ZcBuf>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the tokio-zcrx runtime was shut down",
+        ))))
+    }
+
+    /// Takes a free buffer, or registers to be woken when one is returned.
+    fn take_buffer(&mut self, cx: &mut Context<'_>) -> Take {
+        let mut state = self.pool.lock_state();
+        if self.pool.closed.load(Ordering::Relaxed) {
+            return Take::Closed;
+        }
+        // The round members older than this stream that have not been polled since they
+        // were woken; a stream that is not in the latest round counts as the youngest.
+        let mut older_unpolled = state.unpolled_count;
+        if let Some((generation, slot)) = self.waiting {
+            if generation == state.generation {
+                // Still in the list (polled for another reason): the slot is kept while the
+                // pool is empty and cleared when a buffer is taken.
+                if state.free.is_empty() {
+                    let entry = &mut state.waiters[slot];
+                    if !entry.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *entry = Some(cx.waker().clone());
+                    }
+                    return Take::Pending;
+                }
+                state.waiters[slot] = None;
+            } else if generation + 1 == state.generation {
+                older_unpolled = state.mark_polled(slot);
+            }
+            self.waiting = None;
+        }
+        let free = state.free.len();
+        if free == 0 {
+            self.deferred = false;
+            self.waiting = Some((state.generation, state.waiters.len()));
+            state.waiters.push(Some(cx.waker().clone()));
+            return Take::Pending;
+        }
+        if !self.deferred && free <= older_unpolled {
+            self.deferred = true;
+            cx.waker().wake_by_ref();
+            return Take::Pending;
+        }
+        self.deferred = false;
+        Take::Buffer(state.free.pop().expect("checked that a buffer is free"))
     }
 
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ZcBuf>>> {
@@ -187,34 +424,19 @@ impl CopyStream {
             return Poll::Ready(None);
         }
         if self.pool.closed.load(Ordering::Relaxed) {
-            self.done = true;
-            return Poll::Ready(Some(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the tokio-zcrx runtime was shut down",
-            ))));
+            return self.shut_down_error();
         }
-        let socket = self.socket.as_ref();
         loop {
             // Readiness first: a connection with nothing to read holds no buffer.
-            if let Err(e) = std::task::ready!(socket.poll_read_ready(cx)) {
+            if let Err(e) = std::task::ready!(self.socket.as_ref().poll_read_ready(cx)) {
                 self.done = true;
                 return Poll::Ready(Some(Err(e)));
             }
-            // A free buffer goes to waiting streams first (the semaphore hands released
-            // permits to its queue), so a stream that is not queued may take one without
-            // queueing; that saves the two reference-count updates of PollSemaphore's owned
-            // permit per read. A queued stream must take its permit through the queue: a
-            // permit handed to its queued request would otherwise sit there unused.
-            let fast = !self.queued && self.pool.permits.try_acquire().map(|p| p.forget()).is_ok();
-            if !fast {
-                self.queued = true;
-                let Some(permit) = std::task::ready!(self.permits.poll_acquire(cx)) else {
-                    unreachable!("the pool's semaphore is never closed");
-                };
-                self.queued = false;
-                permit.forget();
-            }
-            let index = self.pool.take();
+            let index = match self.take_buffer(cx) {
+                Take::Buffer(index) => index,
+                Take::Pending => return Poll::Pending,
+                Take::Closed => return self.shut_down_error(),
+            };
             let limit = self.read_limit.map_or(self.pool.buffer_size, |l| {
                 (l as usize).min(self.pool.buffer_size)
             });
@@ -222,7 +444,7 @@ impl CopyStream {
             // until it is released; it lies inside the pool's mapping.
             let buffer =
                 unsafe { std::slice::from_raw_parts_mut(self.pool.buffer_ptr(index), limit) };
-            match socket.try_read(buffer) {
+            match self.socket.as_ref().try_read(buffer) {
                 Ok(0) => {
                     self.pool.release(index);
                     self.done = true;
@@ -254,6 +476,16 @@ impl CopyStream {
 
 impl Drop for CopyStream {
     fn drop(&mut self) {
+        if let Some((generation, slot)) = self.waiting {
+            let mut state = self.pool.lock_state();
+            if generation == state.generation {
+                // Still waiting: leave the list without a waker to wake.
+                state.waiters[slot] = None;
+            } else if generation + 1 == state.generation {
+                // Woken by the latest return but never polled: nobody should defer to it.
+                state.mark_polled(slot);
+            }
+        }
         // Under the lock, so shutdown never touches a descriptor that was closed (and maybe
         // reused) after this point.
         lock(&self.pool.sockets).remove(&self.id);
@@ -310,12 +542,25 @@ impl CopyRuntime {
 
     /// Ends every stream: each sees an error at its next poll, and shutting down the read
     /// side of its socket makes that poll happen now.
+    ///
+    /// Streams waiting for readiness are woken by the shutdown of their socket's read side;
+    /// streams waiting for a buffer are woken here. Both locks are held while `closed` is set,
+    /// so a stream attached or starting to wait concurrently either is woken here or sees
+    /// `closed` at its next poll. Buffers still held stay valid (each holds the pool) and
+    /// return to the free list as usual.
     pub(crate) fn shut_down(&self) {
-        self.pool.closed.store(true, Ordering::Relaxed);
-        for &fd in lock(&self.pool.sockets).values() {
+        let sockets = lock(&self.pool.sockets);
+        let waiters = {
+            let mut state = self.pool.lock_state();
+            self.pool.closed.store(true, Ordering::Relaxed);
+            state.take_waiters()
+        };
+        for &fd in sockets.values() {
             // SAFETY: the fd belongs to a live CopyStream (entries are removed under this lock
             // before the socket closes); shutdown(2) does not close or free it.
             unsafe { libc::shutdown(fd, libc::SHUT_RD) };
         }
+        drop(sockets);
+        wake_all(waiters);
     }
 }
