@@ -345,8 +345,9 @@ impl Builder {
         if pool_bytes.is_none_or(|bytes| bytes > MAX_COPY_POOL_BYTES) {
             return invalid(format!(
                 "a copy pool of {} buffers of {} bytes exceeds the limit of {MAX_COPY_POOL_BYTES} \
-                 bytes (1 GiB, allocated up front): use fewer or smaller buffers; a pool that \
-                 fits the CPU cache copies fastest",
+                 bytes (1 GiB, allocated up front): pass fewer or smaller buffers to \
+                 .copy_pool(), e.g. .copy_pool(64, 65536); a pool that fits the CPU cache \
+                 copies fastest",
                 self.copy_buffers, self.copy_buffer_size
             ));
         }

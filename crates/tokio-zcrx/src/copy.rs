@@ -122,8 +122,10 @@ impl PoolState {
 }
 
 fn wake_all(waiters: Vec<Option<Waker>>) {
+    // A panicking waker must not keep the streams after it asleep (or unwind into the
+    // task that returned a buffer).
     for waker in waiters.into_iter().flatten() {
-        waker.wake();
+        crate::stream::wake_contained(waker);
     }
 }
 
