@@ -1,0 +1,726 @@
+//! [`SyntheticKernel`]: the kernel's side of the ring, played in user space.
+//!
+//! Every active receive gets data completions for free chunks of a real area, filled with
+//! the stream's byte pattern ([`super::pattern`]); chunks come back through the real refill
+//! ring, which it parses like `io_uring/zcrx.c` does (area index from the token, chunk index
+//! in range, one user reference per data CQE: a return for a chunk with none is skipped and
+//! counted). When it consumes the ring, what it answers to control calls, which events it
+//! posts and how it tears down follow its [`Personality`]. When nothing can be delivered it
+//! sleeps on the driver's eventfd like `io_uring_enter` would; while zero-copy receives wait
+//! for chunks it looks again with a back-off, as a NIC does when the next packet arrives.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use zcrx_core::completion::RawCompletion;
+use zcrx_core::user_data::{StreamId, UserData};
+use zcrx_sys::event::zcrx_stats;
+use zcrx_sys::ring::IORING_CQE_F_MORE;
+use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK, IORING_ZCRX_AREA_SHIFT};
+
+use super::super::kernel::Kernel;
+use super::faults::{FaultInjector, Injected, Malformed, Rng};
+use super::pattern;
+use super::personality::{Personality, Registration};
+
+/// Data completions posted per reap, like a NIC's NAPI budget.
+const COMPLETIONS_PER_REAP: usize = 64;
+
+/// How long a zero-copy receive without chunks waits before the "NIC" looks at the refill
+/// ring again, doubling up to the maximum (a retransmission's back-off, roughly).
+const CHUNK_WAIT_MIN: Duration = Duration::from_millis(1);
+const CHUNK_WAIT_MAX: Duration = Duration::from_millis(16);
+
+/// `zcrx_event_type` indices.
+const ALLOC_FAIL: usize = 0;
+const COPY: usize = 1;
+
+/// How a stream's bytes reach the area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// DMA into page-pool chunks (NIC mode, steered traffic): without a free chunk the
+    /// NIC drops and the receive waits.
+    ZeroCopy,
+    /// The kernel copies into a free chunk (loopback, other queues, NODEV): without one
+    /// the request ends with `-ENOMEM`.
+    Copy,
+}
+
+/// The lengths of the data completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lengths {
+    /// Whole chunks.
+    Full,
+    /// 1 to chunk-size bytes, from the kernel's PRNG.
+    Varied,
+}
+
+/// What one connection receives.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamPlan {
+    /// The pattern's seed: the bytes are `pattern::fill(seed, position, ..)`.
+    pub(crate) seed: u64,
+    /// Bytes before the end.
+    pub(crate) bytes: u64,
+    pub(crate) path: Path,
+    pub(crate) lengths: Lengths,
+    /// The final CQE after the data: 0 (EOF) or a negative errno (e.g. `-ECONNRESET`).
+    pub(crate) end: i32,
+    /// Answer `-ENOSPC` (CQ overflow) once when the stream has received this many bytes.
+    pub(crate) cq_overflow_at: Option<u64>,
+}
+
+impl StreamPlan {
+    /// `bytes` of stream `seed`, whole chunks, zero-copy, then EOF.
+    pub(crate) fn new(seed: u64, bytes: u64) -> StreamPlan {
+        StreamPlan {
+            seed,
+            bytes,
+            path: Path::ZeroCopy,
+            lengths: Lengths::Full,
+            end: 0,
+            cq_overflow_at: None,
+        }
+    }
+}
+
+/// What the kernel reports about itself, published after every enter and at teardown.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KernelReport {
+    pub(crate) chunks: u32,
+    pub(crate) free: u32,
+    /// Chunks with at least one user reference (delivered, not yet returned).
+    pub(crate) lent: u32,
+    pub(crate) data_cqes: u64,
+    /// Refill entries naming a chunk the user held no reference to (a second return).
+    pub(crate) double_returns: u64,
+    /// Refill entries skipped as out of range (foreign area index, chunk past the end).
+    pub(crate) skipped_returns: u64,
+    pub(crate) flushes: u64,
+    pub(crate) flushes_refused: u64,
+    pub(crate) arms: u64,
+    pub(crate) arms_refused: u64,
+    pub(crate) enomem_answers: u64,
+    pub(crate) enospc_answers: u64,
+    /// Events posted, by type index (ALLOC_FAIL, COPY).
+    pub(crate) events: [u64; 2],
+    pub(crate) copy_count: u64,
+    pub(crate) copy_bytes: u64,
+    /// Chunks still lent when the ring went away on a kernel that hands them back to the
+    /// live page pool first (6.15-6.18 NIC): the NIC may write into them, and does here.
+    pub(crate) scribbled_at_teardown: u32,
+    pub(crate) injected: Injected,
+    /// The ring is gone (the kernel was dropped): this is the final report.
+    pub(crate) torn_down: bool,
+}
+
+/// What a test shares with a synthetic kernel: plans for connections to come, and the
+/// kernel's report.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    plans: Mutex<HashMap<RawFd, StreamPlan>>,
+    report: Mutex<KernelReport>,
+}
+
+impl Control {
+    /// The plan for the next connection attached with socket `fd` (set before attaching).
+    pub(crate) fn plan(&self, fd: RawFd, plan: StreamPlan) {
+        super::super::lock(&self.plans).insert(fd, plan);
+    }
+
+    pub(crate) fn report(&self) -> KernelReport {
+        *super::super::lock(&self.report)
+    }
+}
+
+struct Receive {
+    user_data: u64,
+    fd: RawFd,
+    /// `sqe->len`: 0 for no limit.
+    limit: u32,
+    received: u64,
+}
+
+struct StreamState {
+    stream: StreamId,
+    plan: StreamPlan,
+    position: u64,
+    cq_overflowed: bool,
+}
+
+/// The refill ring as the kernel sees it.
+struct RefillView {
+    head: *const AtomicU32,
+    tail: *const AtomicU32,
+    rqes: *const io_uring_zcrx_rqe,
+    mask: u32,
+}
+
+/// Where the synthetic kernel finds the memory it shares with the driver.
+pub(crate) struct SharedMemory {
+    pub(crate) area: *mut u8,
+    pub(crate) area_len: usize,
+    pub(crate) head: *const AtomicU32,
+    pub(crate) tail: *const AtomicU32,
+    pub(crate) rqes: *const io_uring_zcrx_rqe,
+    pub(crate) rq_entries: u32,
+    pub(crate) stats: Option<*mut zcrx_stats>,
+}
+
+/// How a synthetic kernel behaves, beyond its personality.
+pub(crate) struct KernelSetup {
+    pub(crate) personality: Personality,
+    pub(crate) registration: Registration,
+    pub(crate) chunk_size: u32,
+    /// The plan of connections without one: `chunks_per_stream` whole chunks, seeded with
+    /// the socket's fd.
+    pub(crate) chunks_per_stream: u64,
+    pub(crate) default_path: Path,
+    /// Write the byte pattern into every chunk (off for the benchmark: it measures the
+    /// runtime, not memset).
+    pub(crate) write_pattern: bool,
+    pub(crate) faults: Option<FaultInjector>,
+}
+
+pub(crate) struct SyntheticKernel {
+    setup: KernelSetup,
+    memory: SharedMemory,
+    refill: RefillView,
+    chunks: u32,
+    free: Vec<u64>,
+    user_refs: Vec<u32>,
+    receives: Vec<Receive>,
+    /// Round-robin position over `receives`.
+    next: usize,
+    /// Completions that are not data (ends, cancels, events), posted at the next reap.
+    pending: Vec<RawCompletion>,
+    eventfd: Option<(RawFd, u64)>,
+    eventfd_ready: bool,
+    streams: HashMap<RawFd, StreamState>,
+    /// Armed event types; `None` without registered events.
+    armed: Option<[bool; 2]>,
+    lengths: Rng,
+    control: Arc<Control>,
+    report: KernelReport,
+}
+
+// SAFETY: the raw pointers point into the area and the refill region, which the Area (kept
+// alive by the driver that owns this kernel, and dropped after it) maps; only the driver
+// thread uses the kernel.
+unsafe impl Send for SyntheticKernel {}
+
+enum Step {
+    Delivered,
+    Ended,
+    Waiting,
+}
+
+impl SyntheticKernel {
+    pub(crate) fn new(
+        setup: KernelSetup,
+        memory: SharedMemory,
+        events: bool,
+        control: Arc<Control>,
+    ) -> SyntheticKernel {
+        let chunks = (memory.area_len / setup.chunk_size as usize) as u32;
+        let refill = RefillView {
+            head: memory.head,
+            tail: memory.tail,
+            rqes: memory.rqes,
+            mask: memory.rq_entries - 1,
+        };
+        let seed = setup.faults.as_ref().map_or(0, |_| 1);
+        SyntheticKernel {
+            free: (0..u64::from(chunks))
+                .rev()
+                .map(|c| c * u64::from(setup.chunk_size))
+                .collect(),
+            user_refs: vec![0; chunks as usize],
+            chunks,
+            refill,
+            memory,
+            receives: Vec::new(),
+            next: 0,
+            pending: Vec::new(),
+            eventfd: None,
+            eventfd_ready: false,
+            streams: HashMap::new(),
+            armed: events.then_some([true; 2]),
+            lengths: Rng::new(seed),
+            control,
+            report: KernelReport {
+                chunks,
+                ..KernelReport::default()
+            },
+            setup,
+        }
+    }
+
+    /// Parses and takes every published refill entry, as `io_zcrx_ring_refill` does.
+    fn consume_refills(&mut self) {
+        // SAFETY: head and tail point into the live region; we are the only consumer.
+        let (head, tail) = unsafe {
+            (
+                (*self.refill.head).load(Ordering::Relaxed),
+                (*self.refill.tail).load(Ordering::Acquire),
+            )
+        };
+        let mut position = head;
+        while position != tail {
+            // SAFETY: entries between head and tail were published (release on tail).
+            let rqe = unsafe {
+                self.refill
+                    .rqes
+                    .add((position & self.refill.mask) as usize)
+                    .read()
+            };
+            position = position.wrapping_add(1);
+            let area_index = rqe.off >> IORING_ZCRX_AREA_SHIFT;
+            let offset = rqe.off & !IORING_ZCRX_AREA_MASK;
+            let chunk = offset / u64::from(self.setup.chunk_size);
+            if area_index != 0 || chunk >= u64::from(self.chunks) || rqe.__pad != 0 {
+                self.report.skipped_returns += 1;
+                continue;
+            }
+            let refs = &mut self.user_refs[chunk as usize];
+            if *refs == 0 {
+                self.report.double_returns += 1;
+                continue;
+            }
+            *refs -= 1;
+            if *refs == 0 {
+                self.report.lent -= 1;
+                self.free.push(chunk * u64::from(self.setup.chunk_size));
+            }
+        }
+        // SAFETY: as above; release hands the slots back to the producers.
+        unsafe { (*self.refill.head).store(tail, Ordering::Release) };
+    }
+
+    /// A NIC's page pool takes refill entries only when it needs buffers: here, when no
+    /// chunk is free. NODEV queues have no page pool: only FLUSH_RQ consumes the ring.
+    fn page_pool_refill(&mut self) {
+        if self.setup.registration == Registration::Nic && self.free.is_empty() {
+            self.consume_refills();
+        }
+    }
+
+    fn is_copy(&self, path: Path) -> bool {
+        self.setup.registration == Registration::NoDevice || path == Path::Copy
+    }
+
+    fn receive_ready(&self, receive: &Receive) -> bool {
+        let Some(state) = self.streams.get(&receive.fd) else {
+            return true;
+        };
+        state.position >= state.plan.bytes
+            || (receive.limit > 0 && receive.received >= u64::from(receive.limit))
+            || self.is_copy(state.plan.path)
+            || !self.free.is_empty()
+    }
+
+    fn can_deliver(&self) -> bool {
+        !self.pending.is_empty()
+            || self.eventfd_ready
+            || self.receives.iter().any(|r| self.receive_ready(r))
+    }
+
+    /// Sleeps until the eventfd is readable or `wait` (`None`: no limit) has passed.
+    fn poll_eventfd(&mut self, wait: Option<Duration>) {
+        let Some((fd, _)) = self.eventfd else {
+            if let Some(wait) = wait {
+                std::thread::sleep(wait);
+            }
+            return;
+        };
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timespec = wait.map(|w| libc::timespec {
+            tv_sec: w.as_secs() as libc::time_t,
+            tv_nsec: w.subsec_nanos() as libc::c_long,
+        });
+        let timeout = timespec
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: one valid pollfd and an optional live timespec for the duration of the call.
+        if unsafe { libc::ppoll(&mut pollfd, 1, timeout, std::ptr::null()) } > 0 {
+            self.eventfd_ready = true;
+        }
+    }
+
+    fn fire(&mut self, event: usize) {
+        if let Some(armed) = self.armed.as_mut() {
+            if armed[event] {
+                armed[event] = false;
+                self.report.events[event] += 1;
+                self.pending.push(RawCompletion {
+                    user_data: UserData::EVENT.as_u64(),
+                    res: event as i32,
+                    flags: 0,
+                    big_cqe: [0; 2],
+                });
+            }
+        }
+    }
+
+    fn count_copy(&mut self, len: u32) {
+        let Some(stats) = self.memory.stats else {
+            return;
+        };
+        self.report.copy_count += 1;
+        self.report.copy_bytes += u64::from(len);
+        // SAFETY: the stats live in the region for as long as the kernel; the driver reads
+        // each field with a relaxed atomic load, so store them the same way.
+        unsafe {
+            (*(std::ptr::addr_of_mut!((*stats).copy_count) as *const AtomicU64))
+                .store(self.report.copy_count, Ordering::Relaxed);
+            (*(std::ptr::addr_of_mut!((*stats).copy_bytes) as *const AtomicU64))
+                .store(self.report.copy_bytes, Ordering::Relaxed);
+        }
+        self.fire(COPY);
+    }
+
+    fn end(&mut self, user_data: u64, res: i32) {
+        self.pending.push(RawCompletion {
+            user_data,
+            res,
+            ..RawCompletion::default()
+        });
+    }
+
+    /// One step of receive `index`: a data CQE, its final CQE, or nothing yet.
+    fn step(&mut self, index: usize, out: &mut Vec<RawCompletion>) -> Step {
+        let (user_data, fd, limit, received) = {
+            let r = &self.receives[index];
+            (r.user_data, r.fd, r.limit, r.received)
+        };
+        let state = self.streams.get_mut(&fd).expect("recv created it");
+        if state.position >= state.plan.bytes {
+            let end = state.plan.end;
+            out.push(final_cqe(user_data, end));
+            return Step::Ended;
+        }
+        if limit > 0 && received >= u64::from(limit) {
+            out.push(final_cqe(user_data, 0));
+            return Step::Ended;
+        }
+        if let Some(at) = state.plan.cq_overflow_at {
+            if !state.cq_overflowed && state.position >= at {
+                state.cq_overflowed = true;
+                self.report.enospc_answers += 1;
+                out.push(final_cqe(user_data, -libc::ENOSPC));
+                return Step::Ended;
+            }
+        }
+        let (seed, position, plan_bytes, lengths, path) = (
+            state.plan.seed,
+            state.position,
+            state.plan.bytes,
+            state.plan.lengths,
+            state.plan.path,
+        );
+        if let Some(errno) = self.setup.faults.as_mut().and_then(|f| f.recv_error()) {
+            out.push(final_cqe(user_data, -errno));
+            return Step::Ended;
+        }
+        let copy = self.is_copy(path);
+        let Some(offset) = self.free.pop() else {
+            if copy {
+                self.report.enomem_answers += 1;
+                out.push(final_cqe(user_data, -libc::ENOMEM));
+                return Step::Ended;
+            }
+            // The page pool found neither refill entries nor free chunks: the NIC drops.
+            if self.setup.registration == Registration::Nic {
+                self.fire(ALLOC_FAIL);
+            }
+            return Step::Waiting;
+        };
+        let chunk_size = self.setup.chunk_size;
+        let rng = match self.setup.faults.as_mut() {
+            Some(faults) => faults.rng(),
+            None => &mut self.lengths,
+        };
+        let mut len = match lengths {
+            Lengths::Full => chunk_size,
+            Lengths::Varied => 1 + rng.below(u64::from(chunk_size)) as u32,
+        };
+        len = len.min((plan_bytes - position).min(u32::MAX as u64) as u32);
+        if limit > 0 {
+            len = len.min((u64::from(limit) - received) as u32);
+        }
+        let chunk = offset / u64::from(chunk_size);
+        if self.setup.write_pattern {
+            // SAFETY: the chunk is free (no user reference): nobody reads it; it lies inside
+            // the area, which outlives the kernel.
+            let data = unsafe {
+                std::slice::from_raw_parts_mut(self.memory.area.add(offset as usize), len as usize)
+            };
+            pattern::fill(seed, position, data);
+        }
+        if self.user_refs[chunk as usize] == 0 {
+            self.report.lent += 1;
+        }
+        self.user_refs[chunk as usize] += 1;
+        self.report.data_cqes += 1;
+        if copy {
+            self.count_copy(len);
+        }
+        let mut cqe = RawCompletion {
+            user_data,
+            res: len as i32,
+            flags: IORING_CQE_F_MORE,
+            big_cqe: [offset, 0],
+        };
+        let mut step = Step::Delivered;
+        let mut advances = true;
+        match self.setup.faults.as_mut().and_then(|f| f.malformed()) {
+            None => {}
+            Some(Malformed::BadToken) => cqe.big_cqe[0] |= 0x5a5a << IORING_ZCRX_AREA_SHIFT,
+            Some(Malformed::OutsideArea) => cqe.big_cqe[0] += self.memory.area_len as u64,
+            Some(Malformed::CrossesChunk) => {
+                cqe.big_cqe[0] += u64::from(chunk_size / 2);
+                cqe.res = chunk_size as i32;
+            }
+            Some(Malformed::StaleUserData) => {
+                // A late CQE of an older request in the same slot: not this stream's bytes.
+                let stream = UserData::from_raw(user_data).stream();
+                let older = StreamId::new(stream.slot(), stream.generation().wrapping_sub(1));
+                cqe.user_data = UserData::recv(older).as_u64();
+                advances = false;
+            }
+            Some(Malformed::DataWithoutMore) => {
+                cqe.flags = 0;
+                step = Step::Ended;
+            }
+        }
+        if advances {
+            let state = self.streams.get_mut(&fd).expect("recv created it");
+            state.position += u64::from(len);
+            self.receives[index].received += u64::from(len);
+        }
+        out.push(cqe);
+        step
+    }
+
+    fn publish(&mut self) {
+        self.report.free = self.free.len() as u32;
+        if let Some(faults) = &self.setup.faults {
+            self.report.injected = faults.injected;
+        }
+        *super::super::lock(&self.control.report) = self.report;
+    }
+}
+
+fn final_cqe(user_data: u64, res: i32) -> RawCompletion {
+    RawCompletion {
+        user_data,
+        res,
+        ..RawCompletion::default()
+    }
+}
+
+impl Kernel for SyntheticKernel {
+    fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {
+        let stream = UserData::from_raw(user_data).stream();
+        let known = self.streams.get(&fd).is_some_and(|s| s.stream == stream);
+        if !known {
+            // A new connection on this descriptor: its plan, or the default one.
+            let plan = super::super::lock(&self.control.plans)
+                .remove(&fd)
+                .unwrap_or_else(|| StreamPlan {
+                    path: self.setup.default_path,
+                    ..StreamPlan::new(
+                        fd as u64,
+                        self.setup.chunks_per_stream * u64::from(self.setup.chunk_size),
+                    )
+                });
+            self.streams.insert(
+                fd,
+                StreamState {
+                    stream,
+                    plan,
+                    position: 0,
+                    cq_overflowed: false,
+                },
+            );
+        }
+        self.receives.push(Receive {
+            user_data,
+            fd,
+            limit: len,
+            received: 0,
+        });
+        Ok(())
+    }
+
+    fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
+        let before = self.receives.len();
+        self.receives.retain(|r| r.user_data != target);
+        let found = before != self.receives.len();
+        if found {
+            self.end(target, -libc::ECANCELED);
+        }
+        self.end(user_data, if found { 0 } else { -libc::ENOENT });
+        Ok(())
+    }
+
+    fn poll_readable(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+        self.eventfd = Some((fd, user_data));
+        Ok(())
+    }
+
+    fn flush_refill(&mut self) -> io::Result<()> {
+        if !self.setup.personality.has_ctrl() {
+            // No IORING_REGISTER_ZCRX_CTRL before 6.19: an unknown register opcode.
+            self.report.flushes_refused += 1;
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if let Some(errno) = self.setup.faults.as_mut().and_then(|f| f.ctrl()) {
+            self.report.flushes_refused += 1;
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        self.report.flushes += 1;
+        self.consume_refills();
+        Ok(())
+    }
+
+    fn arm_event(&mut self, event_type: u32) -> io::Result<()> {
+        let refuse = |report: &mut KernelReport, errno| {
+            report.arms_refused += 1;
+            Err(io::Error::from_raw_os_error(errno))
+        };
+        if !self.setup.personality.has_events() {
+            return refuse(&mut self.report, libc::EINVAL);
+        }
+        if let Some(errno) = self.setup.faults.as_mut().and_then(|f| f.ctrl()) {
+            return refuse(&mut self.report, errno);
+        }
+        let Some(armed) = self.armed.as_mut() else {
+            return refuse(&mut self.report, libc::EINVAL);
+        };
+        match armed.get_mut(event_type as usize) {
+            // Re-arming a type that has not fired: EINVAL.
+            Some(true) | None => refuse(&mut self.report, libc::EINVAL),
+            Some(slot) => {
+                *slot = true;
+                self.report.arms += 1;
+                Ok(())
+            }
+        }
+    }
+
+    fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if let Some(errno) = self.setup.faults.as_mut().and_then(|f| f.enter()) {
+            self.publish();
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut chunk_wait = CHUNK_WAIT_MIN;
+        loop {
+            self.page_pool_refill();
+            if self.can_deliver() {
+                break;
+            }
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if remaining == Some(Duration::ZERO) {
+                break;
+            }
+            if self.receives.is_empty() {
+                // Nothing to deliver until the driver asks: sleep like io_uring_enter.
+                self.poll_eventfd(remaining);
+            } else {
+                // Zero-copy receives wait for chunks, which come back through the refill
+                // ring without a wake-up: look again after a back-off, as the NIC does when
+                // the next packet (or retransmission) arrives.
+                let wait = remaining.map_or(chunk_wait, |r| r.min(chunk_wait));
+                chunk_wait = (chunk_wait * 2).min(CHUNK_WAIT_MAX);
+                if self.setup.registration == Registration::Nic {
+                    self.fire(ALLOC_FAIL);
+                }
+                self.poll_eventfd(Some(wait));
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<RawCompletion>) {
+        if self.eventfd_ready {
+            self.eventfd_ready = false;
+            if let Some((_, user_data)) = self.eventfd {
+                out.push(RawCompletion {
+                    user_data,
+                    res: 1,
+                    flags: IORING_CQE_F_MORE,
+                    big_cqe: [0; 2],
+                });
+            }
+        }
+        out.append(&mut self.pending);
+        let mut budget = COMPLETIONS_PER_REAP;
+        let mut idle_visits = 0;
+        while budget > 0 && !self.receives.is_empty() && idle_visits < self.receives.len() {
+            self.next %= self.receives.len();
+            match self.step(self.next, out) {
+                Step::Delivered => {
+                    idle_visits = 0;
+                    budget -= 1;
+                    self.next += 1;
+                }
+                Step::Ended => {
+                    self.receives.swap_remove(self.next);
+                    idle_visits = 0;
+                    budget -= 1;
+                }
+                Step::Waiting => {
+                    idle_visits += 1;
+                    self.next += 1;
+                }
+            }
+        }
+        // Events fired while stepping (COPY, ALLOC_FAIL) go out with this reap.
+        out.append(&mut self.pending);
+    }
+}
+
+impl Drop for SyntheticKernel {
+    fn drop(&mut self) {
+        // Closing the ring takes back every returned chunk.
+        self.consume_refills();
+        let hazard = self.setup.registration == Registration::Nic
+            && !self
+                .setup
+                .personality
+                .capabilities(false)
+                .teardown_stops_queue_first;
+        if hazard && self.report.lent > 0 {
+            // 6.15-6.18: held chunks go back to the page pool of the still running queue,
+            // and the NIC may DMA new packets into them before the queue stops. Do it.
+            for (chunk, refs) in self.user_refs.iter().enumerate() {
+                if *refs > 0 {
+                    let offset = chunk * self.setup.chunk_size as usize;
+                    // SAFETY: inside the area, which outlives the kernel. This write is the
+                    // hazard being modelled; tests only read held buffers after shutdown.
+                    unsafe {
+                        std::ptr::write_bytes(
+                            self.memory.area.add(offset),
+                            0xEE,
+                            self.setup.chunk_size as usize,
+                        )
+                    };
+                    self.report.scribbled_at_teardown += 1;
+                }
+            }
+        }
+        self.report.torn_down = true;
+        self.publish();
+    }
+}

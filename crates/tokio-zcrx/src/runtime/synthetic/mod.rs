@@ -1,0 +1,211 @@
+//! A synthetic kernel: the whole runtime without a kernel.
+//!
+//! [`kernel::SyntheticKernel`] plays the kernel's side of the ring against the real driver,
+//! area and refill ring, answering like a chosen kernel ([`personality`]), optionally with
+//! seeded faults ([`faults`]), and writing a verifiable byte pattern ([`pattern`]).
+//! Everything else (decoding, routing, waking tasks, consuming, dropping, refill
+//! publication) is the runtime's own code. It backs the per-chunk benchmark ([`bench`]) and
+//! the host tests: the scenarios run against every personality, fault injection, idle CPU.
+
+mod bench;
+pub(crate) mod faults;
+pub(crate) mod kernel;
+pub(crate) mod pattern;
+pub(crate) mod personality;
+
+#[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
+mod idle_tests;
+#[cfg(test)]
+mod scenarios;
+#[cfg(test)]
+mod tests;
+
+#[cfg(feature = "bench-internals")]
+pub use bench::PerChunkReport;
+pub use bench::{per_chunk, Consume};
+
+use std::io;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+
+use zcrx_core::completion::AreaLayout;
+use zcrx_sys::event::zcrx_stats;
+use zcrx_sys::zcrx::io_uring_zcrx_rqe;
+
+use super::area::Area;
+use super::driver::{drive, Driver};
+use super::instance::SharedLayout;
+use super::{DriverShared, Stopper, UringHandle};
+use crate::config::{EventsPolicy, Target};
+use crate::error::{Error, ErrorKind};
+use crate::mem::Mapping;
+use crate::mode::{ActiveMode, ModeSelection};
+use crate::{Builder, Zcrx};
+use faults::{FaultConfig, FaultInjector};
+use kernel::{Control, KernelSetup, Path, SharedMemory, SyntheticKernel};
+use personality::{Personality, Registration};
+
+const CHUNK_SIZE: u32 = 4096;
+/// Where the refill ring's head and tail sit in the region (entries: the personality's).
+const HEAD_OFFSET: usize = 0;
+const TAIL_OFFSET: usize = 4;
+
+/// A synthetic runtime to start.
+#[derive(Debug, Clone)]
+pub(crate) struct SyntheticConfig {
+    pub(crate) personality: Personality,
+    pub(crate) registration: Registration,
+    pub(crate) area_chunks: u32,
+    /// `None`: the builder's default (the chunk count, rounded up to a power of two).
+    pub(crate) refill_entries: Option<u32>,
+    /// Whole chunks for connections without a plan of their own.
+    pub(crate) chunks_per_stream: u64,
+    pub(crate) default_path: Path,
+    pub(crate) write_pattern: bool,
+    /// Register for events (where the personality has them).
+    pub(crate) events: bool,
+    pub(crate) faults: Option<FaultConfig>,
+    /// The driver thread's name (tests that find the thread by name choose their own).
+    pub(crate) thread_name: String,
+}
+
+impl SyntheticConfig {
+    /// A 7.3 NIC queue receiving zero-copy, with the pattern written.
+    pub(crate) fn new(personality: Personality, registration: Registration) -> SyntheticConfig {
+        SyntheticConfig {
+            personality,
+            registration,
+            area_chunks: 64,
+            refill_entries: None,
+            chunks_per_stream: 16,
+            default_path: Path::ZeroCopy,
+            write_pattern: true,
+            events: true,
+            faults: None,
+            thread_name: "tokio-zcrx-synthetic".into(),
+        }
+    }
+}
+
+/// Starts a runtime whose driver runs over a [`SyntheticKernel`] answering like the
+/// benchmark's kernel (7.3, NIC queue, zero-copy, no pattern): every attached stream
+/// receives `chunks_per_stream` chunks of 4 KiB, then EOF. The sockets are only
+/// placeholders.
+pub(crate) fn start(area_chunks: u32, chunks_per_stream: u64) -> Result<Zcrx, Error> {
+    let config = SyntheticConfig {
+        area_chunks,
+        chunks_per_stream,
+        write_pattern: false,
+        ..SyntheticConfig::new(Personality::Linux7_3, Registration::Nic)
+    };
+    start_with(config).map(|(zcrx, _)| zcrx)
+}
+
+/// Starts a runtime over a synthetic kernel as configured; the [`Control`] sets plans for
+/// connections and reads the kernel's report.
+pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>), Error> {
+    let personality = config.personality;
+    if !personality.supports(config.registration) {
+        return Err(Error::new(
+            ErrorKind::KernelTooOld,
+            format!(
+                "{personality} has no {:?} registration",
+                config.registration
+            ),
+        ));
+    }
+    let mut builder = Builder::new()
+        .area_size(config.area_chunks as usize * CHUNK_SIZE as usize)
+        .events(if config.events {
+            EventsPolicy::IfSupported
+        } else {
+            EventsPolicy::Disabled
+        });
+    if let Some(entries) = config.refill_entries {
+        builder = builder.refill_entries(entries);
+    }
+    let validated = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
+    let caps = personality.capabilities(config.events);
+    let internal = |e: io::Error| Error::new(ErrorKind::Kernel, "synthetic runtime").with_source(e);
+    let shared = Arc::new(DriverShared::new().map_err(internal)?);
+    let memory = Mapping::new(validated.area_size, false).map_err(internal)?;
+    let rq_entries = validated.refill_entries;
+    let rqes_offset = personality.rqes_offset();
+    let ring_bytes = rqes_offset + rq_entries as usize * 16;
+    let stats_offset = caps.events.then_some(ring_bytes.next_multiple_of(8));
+    let region_len = stats_offset.map_or(ring_bytes, |s| s + std::mem::size_of::<zcrx_stats>());
+    let region = Mapping::new(region_len, false).map_err(internal)?;
+    let layout = SharedLayout {
+        area_token: 0,
+        chunk_size: CHUNK_SIZE,
+        rq_entries,
+        rq_head_offset: HEAD_OFFSET,
+        rq_tail_offset: TAIL_OFFSET,
+        rqes_offset,
+        stats_offset,
+    };
+    let base = region.as_ptr();
+    // SAFETY: every offset lies inside the region (sized above); the region moves into the
+    // Area, which the driver keeps alive at least as long as the kernel.
+    let shared_memory = unsafe {
+        SharedMemory {
+            area: memory.as_ptr(),
+            area_len: memory.len(),
+            head: base.add(HEAD_OFFSET).cast::<AtomicU32>(),
+            tail: base.add(TAIL_OFFSET).cast::<AtomicU32>(),
+            rqes: base.add(rqes_offset).cast::<io_uring_zcrx_rqe>(),
+            rq_entries,
+            stats: stats_offset.map(|s| base.add(s).cast::<zcrx_stats>()),
+        }
+    };
+    let area = Area::new(memory, region, &layout, Arc::clone(&shared)).map_err(internal)?;
+    let area_layout = AreaLayout::new(area.len() as u64, CHUNK_SIZE, 0)
+        .map_err(|e| Error::new(ErrorKind::Kernel, format!("synthetic area: {e}")))?;
+    let control = Arc::new(Control::default());
+    let kernel = SyntheticKernel::new(
+        KernelSetup {
+            personality,
+            registration: config.registration,
+            chunk_size: CHUNK_SIZE,
+            chunks_per_stream: config.chunks_per_stream,
+            default_path: config.default_path,
+            write_pattern: config.write_pattern,
+            faults: config.faults.map(FaultInjector::new),
+        },
+        shared_memory,
+        caps.events,
+        Arc::clone(&control),
+    );
+    *super::lock(&shared.description) =
+        format!("synthetic kernel {personality} ({:?})", config.registration);
+    let driver = Driver::with_kernel(
+        kernel,
+        Arc::new(area),
+        area_layout,
+        config.registration == Registration::NoDevice,
+        caps,
+        &validated,
+        Arc::clone(&shared),
+    )?;
+    let driver_shared = Arc::clone(&shared);
+    std::thread::Builder::new()
+        .name(config.thread_name)
+        .spawn(move || drive(driver, driver_shared))
+        .map_err(internal)?;
+    let zcrx = Zcrx::from_parts(
+        super::Backend::Uring(UringHandle {
+            _stopper: Arc::new(Stopper(Arc::clone(&shared))),
+            shared,
+        }),
+        ModeSelection {
+            chosen: match config.registration {
+                Registration::Nic => ActiveMode::Nic,
+                Registration::NoDevice => ActiveMode::NoDevice,
+            },
+            refused: Vec::new(),
+        },
+    );
+    Ok((zcrx, control))
+}
