@@ -622,6 +622,8 @@ impl Kernel for SyntheticKernel {
             self.publish();
             return Err(io::Error::from_raw_os_error(errno));
         }
+        // What the last reap changed, visible before this thread may sleep.
+        self.publish();
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut chunk_wait = CHUNK_WAIT_MIN;
         loop {
