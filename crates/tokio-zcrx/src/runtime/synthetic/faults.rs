@@ -110,8 +110,8 @@ impl FaultConfig {
             seed,
             enter: 20,
             ctrl: 100,
-            recv_error: 8,
-            malformed: 4,
+            recv_error: 3,
+            malformed: 2,
             malformed_kinds: Malformed::ALL.to_vec(),
         }
     }
@@ -126,6 +126,8 @@ pub(crate) struct Injected {
     pub(crate) malformed: u64,
     /// Malformed data CQEs whose offset no longer names the lent chunk.
     pub(crate) malformed_unreturnable: u64,
+    /// Of the malformed: data without F_MORE (valid data, then the request's end).
+    pub(crate) without_more: u64,
 }
 
 impl fmt::Display for Injected {
@@ -198,6 +200,9 @@ impl FaultInjector {
         self.injected.malformed += 1;
         if !kind.names_its_chunk() {
             self.injected.malformed_unreturnable += 1;
+        }
+        if kind == Malformed::DataWithoutMore {
+            self.injected.without_more += 1;
         }
         Some(kind)
     }

@@ -93,6 +93,8 @@ impl StreamPlan {
 pub(crate) struct KernelReport {
     pub(crate) chunks: u32,
     pub(crate) free: u32,
+    /// `submit_and_wait` calls: an idle driver makes few.
+    pub(crate) enters: u64,
     /// Chunks with at least one user reference (delivered, not yet returned).
     pub(crate) lent: u32,
     pub(crate) data_cqes: u64,
@@ -618,6 +620,7 @@ impl Kernel for SyntheticKernel {
     }
 
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.report.enters += 1;
         if let Some(errno) = self.setup.faults.as_mut().and_then(|f| f.enter()) {
             self.publish();
             return Err(io::Error::from_raw_os_error(errno));
