@@ -162,7 +162,14 @@ async fn fault_run(seed: u64, malformed_kinds: &[Malformed]) -> Result<RunSummar
         results
     })
     .await
-    .map_err(|_| format!("a stream did not end within {RUN_BOUND:?} (hang)"))?;
+    .map_err(|_| {
+        format!(
+            "a stream did not end within {RUN_BOUND:?} (hang): {:?}, {:?}, {} slots live",
+            h.zcrx.stats(),
+            h.control.report(),
+            h.live_slots()
+        )
+    })?;
     for result in joined {
         let (bytes, early) = result.map_err(|e| format!("a consumer failed: {e}"))?;
         summary.bytes_verified += bytes;
