@@ -101,6 +101,10 @@ pub(crate) struct FaultConfig {
     /// A data completion is malformed in one of these ways.
     pub(crate) malformed: u32,
     pub(crate) malformed_kinds: Vec<Malformed>,
+    /// Answer this errno to control calls instead of a random one.
+    pub(crate) ctrl_errno: Option<i32>,
+    /// At most this many control-call faults.
+    pub(crate) ctrl_limit: u64,
 }
 
 impl FaultConfig {
@@ -113,6 +117,22 @@ impl FaultConfig {
             recv_error: 3,
             malformed: 2,
             malformed_kinds: Malformed::ALL.to_vec(),
+            ctrl_errno: None,
+            ctrl_limit: u64::MAX,
+        }
+    }
+
+    /// No faults at all (set the fields wanted).
+    pub(crate) fn none(seed: u64) -> FaultConfig {
+        FaultConfig {
+            seed,
+            enter: 0,
+            ctrl: 0,
+            recv_error: 0,
+            malformed: 0,
+            malformed_kinds: Vec::new(),
+            ctrl_errno: None,
+            ctrl_limit: u64::MAX,
         }
     }
 }
@@ -173,10 +193,14 @@ impl FaultInjector {
 
     /// An error for a control call the kernel has.
     pub(crate) fn ctrl(&mut self) -> Option<i32> {
+        if self.injected.ctrl_errors >= self.config.ctrl_limit {
+            return None;
+        }
+        let forced = self.config.ctrl_errno;
         let errno = self
             .rng
             .chance(self.config.ctrl)
-            .then(|| self.rng.pick(&CTRL_ERRORS))?;
+            .then(|| forced.unwrap_or_else(|| self.rng.pick(&CTRL_ERRORS)))?;
         self.injected.ctrl_errors += 1;
         Some(errno)
     }

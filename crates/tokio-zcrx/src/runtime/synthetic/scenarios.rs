@@ -15,12 +15,13 @@ use tokio::io::AsyncReadExt;
 
 use super::super::area::Area;
 use super::super::{lock, DriverShared};
+use super::faults::FaultConfig;
 use super::kernel::{Control, Lengths, Path, StreamPlan};
 use super::pattern;
 use super::personality::{Personality, Registration};
 use super::tests::{area_of, driver_shared};
 use super::{start_with, SyntheticConfig, CHUNK_SIZE};
-use crate::{EventKind, ZcBuf, ZcStream, ZcWriteHalf, Zcrx};
+use crate::{EventKind, ZcStream, ZcWriteHalf, Zcrx};
 
 /// Every kernel the scenarios run against.
 pub(super) const KERNELS: [(Personality, Registration); 7] = [
@@ -530,6 +531,44 @@ fn finished_streams_dropped() {
     );
 }
 
-/// Buffers held in a `Vec<ZcBuf>` are what the scenarios above hold.
-#[allow(dead_code)]
-type Held = Vec<ZcBuf>;
+/// A flush the kernel refuses once (EINVAL, ENXIO or EFAULT from `ZCRX_CTRL_FLUSH_RQ` on a
+/// kernel whose query reported control ops) is not the end of flushing: in NODEV mode
+/// FLUSH_RQ is the only way chunks go back, so a driver that stopped flushing after one
+/// refusal would stall every stream as soon as the area ran out.
+#[test]
+fn a_refused_flush_is_not_the_end_of_flushing() {
+    on_every_kernel(
+        "a_refused_flush_is_not_the_end_of_flushing",
+        |personality, registration| async move {
+            if !personality.has_ctrl() {
+                return;
+            }
+            for errno in [libc::EINVAL, libc::ENXIO, libc::EFAULT] {
+                let h = Harness::start(SyntheticConfig {
+                    area_chunks: 16,
+                    faults: Some(FaultConfig {
+                        ctrl: 1000,
+                        ctrl_errno: Some(errno),
+                        ctrl_limit: 1,
+                        ..FaultConfig::none(0)
+                    }),
+                    ..config(personality, registration)
+                })
+                .await;
+                let plan = StreamPlan {
+                    path: Path::Copy,
+                    ..StreamPlan::new(17, 200 * CHUNK)
+                };
+                let (mut stream, _writer, _client) = h.connect(plan).await;
+                let reading = read_checked(&mut stream, 17);
+                let (received, error) = tokio::time::timeout(Duration::from_secs(5), reading)
+                    .await
+                    .unwrap_or_else(|_| panic!("errno {errno}: stalled after a refused flush"));
+                assert!(error.is_none(), "{error:?}");
+                assert_eq!(received, 200 * CHUNK);
+                assert_eq!(h.control.report().injected.ctrl_errors, 1);
+                h.zcrx.shutdown().await;
+            }
+        },
+    );
+}
