@@ -538,42 +538,51 @@ fn finished_streams_dropped() {
 /// that should have returned every chunk.
 #[test]
 fn a_refused_flush_is_not_the_end_of_flushing() {
-    on_every_kernel("a_refused_flush_is_not_the_end_of_flushing", |personality, registration| async move {
-        if !personality.has_ctrl() {
-            return;
-        }
-        let mut stalls = Vec::new();
-        for errno in [libc::EINVAL, libc::ENXIO, libc::EFAULT] {
-            let h = Harness::start(SyntheticConfig {
-                area_chunks: 16,
-                faults: Some(FaultConfig {
-                    ctrl: 1000,
-                    ctrl_errno: Some(errno),
-                    ctrl_limit: 1,
-                    ..FaultConfig::none(0)
-                }),
-                ..config(personality, registration)
-            })
-            .await;
-            let plan = StreamPlan { path: Path::Copy, ..StreamPlan::new(17, 200 * CHUNK) };
-            let (mut stream, _writer, _client) = h.connect(plan).await;
-            let (mut held, mut position) = (Vec::new(), 0);
-            while held.len() < 16 {
-                let buf = stream.next().await.unwrap().unwrap();
-                check(17, &mut position, &buf);
-                held.push(buf);
+    on_every_kernel(
+        "a_refused_flush_is_not_the_end_of_flushing",
+        |personality, registration| async move {
+            if !personality.has_ctrl() {
+                return;
             }
-            std::thread::spawn(move || drop(held)).join().unwrap();
-            let reading = read_checked_from(&mut stream, 17, position);
-            match tokio::time::timeout(Duration::from_secs(3), reading).await {
-                Ok((received, error)) => {
-                    assert!(error.is_none(), "{error:?}");
-                    assert_eq!(received, 200 * CHUNK);
+            let mut stalls = Vec::new();
+            for errno in [libc::EINVAL, libc::ENXIO, libc::EFAULT] {
+                let h = Harness::start(SyntheticConfig {
+                    area_chunks: 16,
+                    faults: Some(FaultConfig {
+                        ctrl: 1000,
+                        ctrl_errno: Some(errno),
+                        ctrl_limit: 1,
+                        ..FaultConfig::none(0)
+                    }),
+                    ..config(personality, registration)
+                })
+                .await;
+                let plan = StreamPlan {
+                    path: Path::Copy,
+                    ..StreamPlan::new(17, 200 * CHUNK)
+                };
+                let (mut stream, _writer, _client) = h.connect(plan).await;
+                let (mut held, mut position) = (Vec::new(), 0);
+                while held.len() < 16 {
+                    let buf = stream.next().await.unwrap().unwrap();
+                    check(17, &mut position, &buf);
+                    held.push(buf);
                 }
-                Err(_) => stalls.push(io::Error::from_raw_os_error(errno).to_string()),
+                std::thread::spawn(move || drop(held)).join().unwrap();
+                let reading = read_checked_from(&mut stream, 17, position);
+                match tokio::time::timeout(Duration::from_secs(3), reading).await {
+                    Ok((received, error)) => {
+                        assert!(error.is_none(), "{error:?}");
+                        assert_eq!(received, 200 * CHUNK);
+                    }
+                    Err(_) => stalls.push(io::Error::from_raw_os_error(errno).to_string()),
+                }
+                h.zcrx.shutdown().await;
             }
-            h.zcrx.shutdown().await;
-        }
-        assert!(stalls.is_empty(), "stalled after a refused flush: {stalls:?}");
-    });
+            assert!(
+                stalls.is_empty(),
+                "stalled after a refused flush: {stalls:?}"
+            );
+        },
+    );
 }
