@@ -535,7 +535,12 @@ impl<K: Kernel> Driver<K> {
         let mut moved = self.area.refill.flush_overflow();
         let flush_needed =
             self.nodev || self.waiting_for_buffers > 0 || self.area.refill.has_overflow();
-        if self.caps.ctrl && flush_needed && self.area.refill.take_unflushed() > 0 {
+        // Entries published but not consumed count too: a flush that failed took the
+        // unflushed count with it, and in NODEV mode nothing else would ever consume them.
+        if self.caps.ctrl
+            && flush_needed
+            && (self.area.refill.take_unflushed() > 0 || self.area.refill.unconsumed() > 0)
+        {
             match self.kernel.flush_refill() {
                 Ok(()) => moved += self.area.refill.flush_overflow(),
                 Err(e) => {
@@ -543,10 +548,13 @@ impl<K: Kernel> Driver<K> {
                         .counters
                         .failed_flushes
                         .fetch_add(1, Ordering::Relaxed);
-                    let unsupported = matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
-                    );
+                    // In NODEV mode FLUSH_RQ is the only way chunks go back: never give it up
+                    // (the query reported it, so EINVAL there is not "unsupported").
+                    let unsupported = !self.nodev
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+                        );
                     if unsupported {
                         // The kernel lacks ZCRX_CTRL after all: stop asking.
                         self.caps.ctrl = false;
