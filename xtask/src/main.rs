@@ -40,6 +40,10 @@ Commands:
               The receive benchmark, in release mode: `cargo run --release -p
               tokio-zcrx-bench -- ARGS`; `cargo xtask bench --help` lists ARGS
               (--quick, --scaling, ...). See docs/benchmarks.md.
+  faults [--seeds N]
+              Seeded fault injection over the synthetic kernel personalities (N seeds
+              per fault test, default 2000; debug build, so every chunk return is
+              checked). A failure prints its seed; replay it with TZX_FAULT_SEED=S.
   help        This text.
 
 Environment:
@@ -89,6 +93,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             );
             Err(err).context("running `cargo run --release -p tokio-zcrx-bench`")
         }
+        Some("faults") => faults(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(ExitCode::SUCCESS)
@@ -138,6 +143,35 @@ impl Counts {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `cargo xtask faults [--seeds N]`: the fault-injection tests with N seeds each.
+fn faults(args: &[String]) -> Result<ExitCode> {
+    let seeds = match args {
+        [] => 2000,
+        [flag, n] if flag == "--seeds" => n
+            .parse::<u64>()
+            .with_context(|| format!("--seeds takes a number, not `{n}`"))?,
+        _ => bail!("usage: cargo xtask faults [--seeds N]"),
+    };
+    let status = cargo()
+        .args([
+            "test",
+            "-p",
+            "tokio-zcrx",
+            "--lib",
+            "runtime::synthetic::fault_tests",
+            "--",
+            "--nocapture",
+        ])
+        .env("TZX_FAULT_SEEDS", seeds.to_string())
+        .status()
+        .context("running the fault-injection tests")?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn cargo() -> Command {
