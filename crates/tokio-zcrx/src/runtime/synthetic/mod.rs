@@ -8,9 +8,15 @@
 //! the host tests: the scenarios run against every personality, fault injection, idle CPU.
 
 mod bench;
+// The benchmark build (`bench-internals`) uses one personality and no faults: what only the
+// tests use is not dead code.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod faults;
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod kernel;
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod pattern;
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod personality;
 
 #[cfg(test)]
@@ -53,6 +59,7 @@ const HEAD_OFFSET: usize = 0;
 const TAIL_OFFSET: usize = 4;
 
 /// A synthetic runtime to start.
+#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub(crate) struct SyntheticConfig {
     pub(crate) personality: Personality,
