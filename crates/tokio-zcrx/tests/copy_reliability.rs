@@ -324,7 +324,10 @@ fn a_pool_larger_than_memory_is_an_error() {
             .build()
             .expect_err("a pool of petabytes");
         assert!(
-            matches!(err.kind(), ErrorKind::InvalidConfig | ErrorKind::OutOfMemory),
+            matches!(
+                err.kind(),
+                ErrorKind::InvalidConfig | ErrorKind::OutOfMemory
+            ),
             "{err}"
         );
         let text = err.to_string();

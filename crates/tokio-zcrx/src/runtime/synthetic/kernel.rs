@@ -693,6 +693,9 @@ impl Kernel for SyntheticKernel {
         }
         // Events fired while stepping (COPY, ALLOC_FAIL) go out with this reap.
         out.append(&mut self.pending);
+        // Published before the driver hands these completions on: a reader that sees the
+        // data sees the report that goes with it.
+        self.publish();
     }
 }
 
