@@ -196,6 +196,7 @@ async fn fault_run(seed: u64, malformed_kinds: &[Malformed]) -> Result<RunSummar
         let failure = super::super::lock(&h.shared.failure).clone();
         return Err(format!("the driver ended (state {state}): {failure:?}"));
     }
+    let chunks_leaked = h.zcrx.stats().chunks_leaked;
     let enters_before = h.control.report().enters;
     tokio::time::sleep(Duration::from_millis(10)).await;
     let enters = h.control.report().enters - enters_before;
@@ -233,6 +234,12 @@ async fn fault_run(seed: u64, malformed_kinds: &[Malformed]) -> Result<RunSummar
             "chunks lost: {} still lent, {overflow} in the overflow list, {leaked} leaked for \
              malformed completions ({report:?})",
             report.lent
+        ));
+    }
+    if leaked != chunks_leaked {
+        return Err(format!(
+            "{leaked} chunks left lent for malformed completions, the driver counted \
+             {chunks_leaked}"
         ));
     }
     summary.injected = report.injected;

@@ -154,7 +154,7 @@ impl fmt::Display for Injected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} enter errors, {} ctrl errors, {} receive errors, {} malformed CQEs ({} unreturnable)",
+            "{} enter errors, {} ctrl errors, {} receive errors, {} malformed CQEs ({} naming no chunk of the area)",
             self.enter_errors,
             self.ctrl_errors,
             self.recv_errors,
