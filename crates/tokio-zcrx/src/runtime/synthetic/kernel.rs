@@ -328,7 +328,9 @@ impl SyntheticKernel {
     fn can_deliver(&self) -> bool {
         !self.pending.is_empty()
             || self.eventfd_ready
-            || self.receives.iter().any(|r| self.receive_ready(r))
+            // A free chunk serves any receive: the per-receive look only when there is none.
+            || (!self.receives.is_empty()
+                && (!self.free.is_empty() || self.receives.iter().any(|r| self.receive_ready(r))))
     }
 
     /// Sleeps until the eventfd is readable or `wait` (`None`: no limit) has passed.
@@ -625,8 +627,6 @@ impl Kernel for SyntheticKernel {
             self.publish();
             return Err(io::Error::from_raw_os_error(errno));
         }
-        // What the last reap changed, visible before this thread may sleep.
-        self.publish();
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut chunk_wait = CHUNK_WAIT_MIN;
         loop {
@@ -638,6 +638,8 @@ impl Kernel for SyntheticKernel {
             if remaining == Some(Duration::ZERO) {
                 break;
             }
+            // What the last reap and refill changed, visible before this thread sleeps.
+            self.publish();
             if self.receives.is_empty() {
                 // Nothing to deliver until the driver asks: sleep like io_uring_enter.
                 self.poll_eventfd(remaining);
