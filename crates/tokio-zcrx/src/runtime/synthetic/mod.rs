@@ -71,6 +71,8 @@ pub(crate) struct SyntheticConfig {
     pub(crate) chunks_per_stream: u64,
     pub(crate) default_path: Path,
     pub(crate) write_pattern: bool,
+    /// See [`KernelSetup::full_speed_nic`].
+    pub(crate) full_speed_nic: bool,
     /// Register for events (where the personality has them).
     pub(crate) events: bool,
     pub(crate) faults: Option<FaultConfig>,
@@ -89,6 +91,7 @@ impl SyntheticConfig {
             chunks_per_stream: 16,
             default_path: Path::ZeroCopy,
             write_pattern: true,
+            full_speed_nic: false,
             events: true,
             faults: None,
             thread_name: "tokio-zcrx-synthetic".into(),
@@ -97,7 +100,7 @@ impl SyntheticConfig {
 }
 
 /// Starts a runtime whose driver runs over a [`SyntheticKernel`] answering like the
-/// benchmark's kernel (7.3, NIC queue, zero-copy, no pattern): every attached stream
+/// benchmark's kernel (7.3, NIC queue under steady traffic, zero-copy, no pattern): every attached stream
 /// receives `chunks_per_stream` chunks of 4 KiB, then EOF. The sockets are only
 /// placeholders.
 pub(crate) fn start(area_chunks: u32, chunks_per_stream: u64) -> Result<Zcrx, Error> {
@@ -105,6 +108,7 @@ pub(crate) fn start(area_chunks: u32, chunks_per_stream: u64) -> Result<Zcrx, Er
         area_chunks,
         chunks_per_stream,
         write_pattern: false,
+        full_speed_nic: true,
         ..SyntheticConfig::new(Personality::Linux7_3, Registration::Nic)
     };
     start_with(config).map(|(zcrx, _)| zcrx)
@@ -179,6 +183,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
             chunks_per_stream: config.chunks_per_stream,
             default_path: config.default_path,
             write_pattern: config.write_pattern,
+            full_speed_nic: config.full_speed_nic,
             faults: config.faults.map(FaultInjector::new),
         },
         shared_memory,
