@@ -544,27 +544,23 @@ impl<K: Kernel> Driver<K> {
             match self.kernel.flush_refill() {
                 Ok(()) => moved += self.area.refill.flush_overflow(),
                 Err(e) => {
-                    self.area
+                    // Keep flushing: the query reported ZCRX_CTRL, so a refusal is not
+                    // "unsupported", and in NODEV mode the flush is the only way chunks go
+                    // back. The returns it did not flush stay unconsumed and are retried.
+                    let failures = self
+                        .area
                         .counters
                         .failed_flushes
-                        .fetch_add(1, Ordering::Relaxed);
-                    // In NODEV mode FLUSH_RQ is the only way chunks go back: never give it up
-                    // (the query reported it, so EINVAL there is not "unsupported").
-                    let unsupported = !self.nodev
-                        && matches!(
-                            e.raw_os_error(),
-                            Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(
+                            error = %e,
+                            failures,
+                            "tokio-zcrx: ZCRX_CTRL_FLUSH_RQ failed; retrying on the next \
+                             return or timer"
                         );
-                    if unsupported {
-                        // The kernel lacks ZCRX_CTRL after all: stop asking.
-                        self.caps.ctrl = false;
                     }
-                    tracing::warn!(
-                        error = %e,
-                        disabled = unsupported,
-                        "tokio-zcrx: ZCRX_CTRL_FLUSH_RQ failed; relying on the kernel's own \
-                         refill and the retry timer"
-                    );
                 }
             }
         }
