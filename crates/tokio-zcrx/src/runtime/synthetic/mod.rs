@@ -24,6 +24,8 @@ mod fault_tests;
 #[cfg(test)]
 mod idle_tests;
 #[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
 mod scenarios;
 #[cfg(test)]
 mod tests;

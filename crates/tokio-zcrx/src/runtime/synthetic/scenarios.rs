@@ -74,6 +74,16 @@ impl Harness {
         (stream, writer, client)
     }
 
+    /// The listener's address, for connections attached by hand.
+    pub(super) fn listener_addr(&self) -> std::net::SocketAddr {
+        self.listener.local_addr().unwrap()
+    }
+
+    /// Accepts the next connection without attaching it.
+    pub(super) async fn accept(&self) -> tokio::net::TcpStream {
+        self.listener.accept().await.unwrap().0
+    }
+
     pub(super) fn area(&self) -> Arc<Area> {
         area_of(&self.shared).upgrade().expect("the area is alive")
     }
