@@ -5,6 +5,10 @@
 //!
 //! Alone in its test binary, so no other test opens descriptors while it counts them.
 
+mod common;
+
+use common::{pattern, Rng};
+
 use std::collections::VecDeque;
 use std::io::ErrorKind as IoErrorKind;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,25 +28,6 @@ const POOL_BUFFERS: u32 = 32;
 const BUFFER_SIZE: usize = 16 << 10;
 /// Each holder task keeps at most this many buffers (two holders: half the pool).
 const HELD_PER_HOLDER: usize = 8;
-
-/// The byte at `pos` of connection `seed`'s payload.
-fn pattern(seed: u64, pos: u64) -> u8 {
-    let x = (pos ^ seed.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (x >> 56) as u8
-}
-
-/// A splitmix64 generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 /// How a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,29 +1,15 @@
 //! Copy mode on the host: the same API with no io_uring, tested over loopback.
 
+mod common;
+
+use common::{copy_runtime, pattern, Rng};
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_zcrx::{ActiveMode, EventKind, Mode, StreamOptions, ZcBuf, ZcStream, Zcrx};
-
-fn pattern(seed: u64, pos: u64) -> u8 {
-    let x = (pos ^ seed.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (x >> 56) as u8
-}
-
-/// A splitmix64 generator: reproducible write sizes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+use tokio_zcrx::{EventKind, StreamOptions, ZcBuf, ZcStream};
 
 /// Sends `total` pattern bytes in random-sized writes, then closes the write side.
 async fn send(addr: std::net::SocketAddr, seed: u64, total: u64) -> TcpStream {
@@ -40,16 +26,6 @@ async fn send(addr: std::net::SocketAddr, seed: u64, total: u64) -> TcpStream {
     }
     socket.shutdown().await.unwrap();
     socket
-}
-
-fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
-    let zcrx = Zcrx::builder()
-        .mode(Mode::Copy)
-        .copy_pool(buffers, size)
-        .build()
-        .unwrap();
-    assert_eq!(zcrx.mode(), ActiveMode::Copy);
-    zcrx
 }
 
 /// A connection from a task sending `total` pattern bytes (`seed`) to a fresh listener,

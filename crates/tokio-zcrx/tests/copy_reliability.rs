@@ -4,23 +4,17 @@
 //! Every wait is bounded by a timeout with a message, so a regression fails instead of
 //! hanging.
 
+mod common;
+
+use common::copy_runtime;
+
 use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_zcrx::{ActiveMode, ErrorKind, Mode, ZcBuf, ZcStream, Zcrx};
-
-fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
-    let zcrx = Zcrx::builder()
-        .mode(Mode::Copy)
-        .copy_pool(buffers, size)
-        .build()
-        .unwrap();
-    assert_eq!(zcrx.mode(), ActiveMode::Copy);
-    zcrx
-}
+use tokio_zcrx::{ErrorKind, Mode, ZcBuf, ZcStream, Zcrx};
 
 /// Awaits `future` for at most `secs` seconds; panics with `what` if it takes longer.
 async fn within<T>(secs: u64, what: &str, future: impl Future<Output = T>) -> T {

@@ -17,15 +17,23 @@ const IDLE: Duration = Duration::from_secs(1);
 const LIMIT: Duration = Duration::from_millis(10);
 const CHUNK: u64 = 4096;
 
-/// The id of this process's thread named `name` (names are unique per test).
+/// The id of this process's thread named `name` (names are unique per test). A new thread
+/// names itself once it runs, which on a loaded machine can take a while: look for 5 s.
 fn thread_id(name: &str) -> libc::pid_t {
-    for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == name {
-            return entry.file_name().to_string_lossy().parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() == name {
+                return entry.file_name().to_string_lossy().parse().unwrap();
+            }
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no thread named {name}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
-    panic!("no thread named {name}");
 }
 
 /// CPU time (user + system) of thread `tid` of this process, in nanoseconds: the kernel's

@@ -84,6 +84,15 @@ impl Harness {
         self.listener.accept().await.unwrap().0
     }
 
+    /// Waits until every buffer is dropped and checks that the kernel saw no chunk twice.
+    pub(super) async fn every_chunk_back(&self) {
+        self.until("every chunk is back", |h| {
+            h.zcrx.stats().buffers_outstanding == 0
+        })
+        .await;
+        assert_eq!(self.control.report().double_returns, 0);
+    }
+
     pub(super) fn area(&self) -> Arc<Area> {
         area_of(&self.shared).upgrade().expect("the area is alive")
     }
@@ -195,11 +204,7 @@ fn many_streams() {
         for reader in readers {
             reader.await.unwrap();
         }
-        h.until("every chunk is back", |h| {
-            h.zcrx.stats().buffers_outstanding == 0
-        })
-        .await;
-        assert_eq!(h.control.report().double_returns, 0);
+        h.every_chunk_back().await;
         h.zcrx.shutdown().await;
     });
 }
@@ -252,11 +257,7 @@ fn area_exhaustion_and_recovery() {
                 if copy {
                     assert!(h.zcrx.stats().resubmits_area_exhausted > 0);
                 }
-                h.until("every chunk is back", |h| {
-                    h.zcrx.stats().buffers_outstanding == 0
-                })
-                .await;
-                assert_eq!(h.control.report().double_returns, 0);
+                h.every_chunk_back().await;
                 h.zcrx.shutdown().await;
             }
         },
