@@ -10,6 +10,9 @@
 //! received, then shuts down its own: half-close works as TCP intends. Any number of
 //! connections run at once, one task each. SIGINT or SIGTERM stops it. Pair it with
 //! `loadgen --verify-echo`.
+//!
+//! `--stats` adds a line `stats: {JSON}` once a second (connections served and open, and the
+//! runtime's statistics, e.g. `buffers_outstanding`), for soak tests (`cargo xtask soak`).
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -21,8 +24,8 @@ use tokio::task::JoinSet;
 use tokio_zcrx::{Mode, ZcBuf, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
 use tokio_zcrx_examples::{human_bytes, say, ShutdownSignals};
 
-const USAGE_LINE: &str =
-    "usage: echo --listen ADDR [--mode auto|nic|nodev|copy] [--interface IF --queue N]";
+const USAGE_LINE: &str = "usage: echo --listen ADDR [--mode auto|nic|nodev|copy] \
+                          [--interface IF --queue N] [--stats]";
 
 const HELP: &str = "\
 options:
@@ -33,12 +36,15 @@ options:
                       copy: plain Tokio reads into a buffer pool, works everywhere
   --interface IF      the NIC for nic mode (needs --queue)
   --queue N           its rx queue, steered to this server (docs/nic-setup.md)
+  --stats             print `stats: {JSON}` once a second: served, open, failed and the
+                      runtime's statistics (bytes, chunks, buffers_outstanding, ...)
   -h, --help          print this help";
 
 struct Args {
     listen: String,
     mode: Mode,
     interface: Option<(String, u32)>,
+    stats: bool,
 }
 
 /// The command line, or `None` when help was asked for.
@@ -46,6 +52,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
     use lexopt::prelude::*;
 
     let (mut listen, mut mode, mut interface, mut queue) = (None, Mode::Auto, None, None);
+    let mut stats = false;
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
@@ -53,6 +60,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
             Long("mode") | Short('m') => mode = parser.value()?.parse()?,
             Long("interface") | Short('i') => interface = Some(parser.value()?.string()?),
             Long("queue") | Short('q') => queue = Some(parser.value()?.parse()?),
+            Long("stats") => stats = true,
             Long("help") | Short('h') => return Ok(None),
             _ => return Err(arg.unexpected()),
         }
@@ -67,6 +75,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
         listen,
         mode,
         interface,
+        stats,
     }))
 }
 
@@ -139,7 +148,9 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     say!("mode: {}", zcrx.mode_selection());
 
     let mut connections: JoinSet<(SocketAddr, io::Result<u64>)> = JoinSet::new();
-    let (mut served, mut total) = (0u64, 0u64);
+    let (mut served, mut total, mut failed) = (0u64, 0u64, 0u64);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             signal = signals.recv() => {
@@ -164,8 +175,25 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                         total += bytes;
                         say!("{peer}: echoed {bytes} bytes");
                     }
-                    Err(error) => eprintln!("{peer}: {error}"),
+                    Err(error) => {
+                        failed += 1;
+                        eprintln!("{peer}: {error}");
+                    }
                 }
+            }
+            _ = ticker.tick(), if args.stats => {
+                let stats = zcrx.stats();
+                let line = serde_json::json!({
+                    "served": served,
+                    "failed": failed,
+                    "open": connections.len(),
+                    "bytes": total,
+                    "runtime_bytes": stats.bytes,
+                    "chunks": stats.chunks,
+                    "buffers_outstanding": stats.buffers_outstanding,
+                    "copy_bytes": stats.copy_bytes,
+                });
+                say!("stats: {line}");
             }
         }
     }

@@ -19,6 +19,12 @@
 //!
 //! `--json` prints one JSON object per line instead, each with a `type`: `listening`,
 //! `tick`, `event`, `conn`, `summary` (fields in docs/cli.md).
+//!
+//! Options for soak testing (`cargo xtask soak`) make it a rougher user of the runtime:
+//! `--hold MS` hands every batch to another task that keeps it MS milliseconds (buffers
+//! outlive their stream), `--drop-every N` drops every Nth connection's stream after its
+//! first batch, while the peer is still sending, and `--lagging-subscriber` adds an event
+//! subscriber that reads one event every 100 ms, so it falls behind and misses events.
 
 use std::collections::HashMap;
 use std::future::pending;
@@ -34,13 +40,15 @@ use tokio::task::JoinSet;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_zcrx::{
-    Event, EventKind, Mode, ModeSelection, Stats, ZcListener, ZcStream, ZcWriteHalf, Zcrx,
+    Event, EventKind, Mode, ModeSelection, Stats, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx,
 };
 use tokio_zcrx_examples::load::{self, Budget, LoadConfig, LoadReport};
 use tokio_zcrx_examples::{gbps, human_bytes, say, ShutdownSignals};
 
 const USAGE_LINE: &str = "usage: sink --listen ADDR [--mode auto|nic|nodev|copy] \
-                          [--interface IF --queue N] [--json] [--demo SECONDS]";
+                          [--interface IF --queue N] [--json] [--demo SECONDS] \
+                          [--hold MS] [--drop-every N] [--lagging-subscriber] \
+                          [--event-rearm MS]";
 
 const HELP: &str = "\
 options:
@@ -54,6 +62,14 @@ options:
   --json              one JSON object per line instead of text (see docs/cli.md)
   --demo SECONDS      send to itself over loopback for SECONDS seconds (4 connections),
                       check every byte's CRC-32, print the summary and exit
+  --hold MS           give each batch to a holder task that keeps it MS milliseconds
+                      before dropping it (buffers outlive their stream)
+  --drop-every N      drop every Nth connection's stream after its first batch, while
+                      the peer still sends (the connection ends as `dropped`)
+  --lagging-subscriber
+                      also subscribe to events with a receiver that reads one event
+                      every 100 ms, and count what it misses (`events_missed`)
+  --event-rearm MS    the runtime's event re-arm interval (default: the library's)
   -h, --help          print this help";
 
 /// Connections the demo opens.
@@ -65,6 +81,12 @@ struct Args {
     interface: Option<(String, u32)>,
     json: bool,
     demo: Option<Duration>,
+    /// How long a holder task keeps each batch (`--hold`).
+    hold: Option<Duration>,
+    /// Every Nth connection's stream is dropped after its first batch (`--drop-every`).
+    drop_every: Option<u64>,
+    lagging_subscriber: bool,
+    event_rearm: Option<Duration>,
 }
 
 /// The command line, or `None` when help was asked for.
@@ -77,6 +99,10 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
         interface: None,
         json: false,
         demo: None,
+        hold: None,
+        drop_every: None,
+        lagging_subscriber: false,
+        event_rearm: None,
     };
     let (mut interface, mut queue) = (None, None);
     let mut parser = lexopt::Parser::from_env();
@@ -93,6 +119,17 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
                     Ok(duration) if seconds > 0.0 => args.demo = Some(duration),
                     _ => return Err(format!("--demo {seconds}: not a number of seconds").into()),
                 }
+            }
+            Long("hold") => {
+                args.hold = Some(Duration::from_millis(parser.value()?.parse()?));
+            }
+            Long("drop-every") => match parser.value()?.parse()? {
+                0 => return Err("--drop-every must be at least 1".into()),
+                n => args.drop_every = Some(n),
+            },
+            Long("lagging-subscriber") => args.lagging_subscriber = true,
+            Long("event-rearm") => {
+                args.event_rearm = Some(Duration::from_millis(parser.value()?.parse()?));
             }
             Long("help") | Short('h') => return Ok(None),
             _ => return Err(arg.unexpected()),
@@ -115,6 +152,9 @@ fn build_runtime(args: &Args) -> tokio_zcrx::Result<Zcrx> {
     if let Some((name, queue)) = &args.interface {
         builder = builder.interface(name, *queue);
     }
+    if let Some(interval) = args.event_rearm {
+        builder = builder.event_rearm_interval(interval);
+    }
     builder.build()
 }
 
@@ -126,6 +166,17 @@ enum End {
     Error(std::io::Error),
     /// The sink stopped first.
     Shutdown,
+    /// `--drop-every`: the sink dropped the stream after its first batch.
+    Dropped,
+}
+
+/// What `consume` does besides counting: the soak-testing options.
+#[derive(Clone)]
+struct Rough {
+    /// Batches go here to be held for a while by another task (`--hold`).
+    holder: Option<tokio::sync::mpsc::UnboundedSender<(Instant, ZcBatch)>>,
+    /// Drop the stream after its first batch (`--drop-every`).
+    drop_after_first_batch: bool,
 }
 
 /// One finished connection.
@@ -145,6 +196,7 @@ async fn consume(
     peer: SocketAddr,
     received: Arc<AtomicU64>,
     stop: CancellationToken,
+    rough: Rough,
 ) -> Conn {
     let started = Instant::now();
     let mut crc = crc32fast::Hasher::new();
@@ -161,13 +213,23 @@ async fn consume(
                 }
                 bytes += batch.bytes() as u64;
                 received.fetch_add(batch.bytes() as u64, Ordering::Relaxed);
-                // `batch` drops here: its chunks go back to the kernel together.
+                if let Some(holder) = &rough.holder {
+                    // Held elsewhere; if the holder is gone, the batch just drops here.
+                    let _ = holder.send((Instant::now(), batch));
+                }
+                // Otherwise `batch` drops here: its chunks go back to the kernel together.
+                if rough.drop_after_first_batch {
+                    break End::Dropped;
+                }
             }
             Some(Err(error)) => break End::Error(error),
             None => break End::Eof,
         }
     };
-    drop(writer); // closes our side only now, so the client sees us finish reading
+    // Closes our side only now, so the client sees us finish reading. (A dropped stream
+    // goes first: its socket closes with data unread, and the peer gets a reset.)
+    drop(stream);
+    drop(writer);
     Conn {
         // The client's own address, as it reports it: 127.0.0.1, not ::ffff:127.0.0.1.
         peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
@@ -236,6 +298,14 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let received = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let mut connections = JoinSet::new();
+    let holder = args.hold.map(|hold| {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        (sender, tokio::spawn(hold_batches(receiver, hold)))
+    });
+    let lagging = args
+        .lagging_subscriber
+        .then(|| tokio::spawn(lagging_subscriber(zcrx.subscribe(), stop.clone())));
+    let mut accepted_count = 0u64;
 
     let mut demo_report = None;
     loop {
@@ -251,8 +321,15 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, writer, peer)) => {
                     out.tally.opened(Instant::now());
+                    accepted_count += 1;
+                    let rough = Rough {
+                        holder: holder.as_ref().map(|(sender, _)| sender.clone()),
+                        drop_after_first_batch: args
+                            .drop_every
+                            .is_some_and(|n| accepted_count % n == 0),
+                    };
                     let (received, stop) = (Arc::clone(&received), stop.clone());
-                    connections.spawn(consume(stream, writer, peer, received, stop));
+                    connections.spawn(consume(stream, writer, peer, received, stop, rough));
                 }
                 Err(error) => {
                     // E.g. out of file descriptors: wait a little instead of spinning.
@@ -275,12 +352,51 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     while let Some(finished) = connections.join_next().await {
         out.conn(finished?);
     }
+    if let Some((sender, task)) = holder {
+        drop(sender);
+        task.await?; // every held batch is back
+    }
+    if let Some(task) = lagging {
+        out.events_missed = Some(task.await?);
+    }
     out.summary(zcrx.mode_selection(), &zcrx.stats());
     zcrx.shutdown().await;
     Ok(match demo_report {
         Some(report) => out.demo_end(&report),
         None => true,
     })
+}
+
+/// Keeps each batch `hold` after it was read, then drops it (`--hold`): the buffers outlive
+/// the task, and often the stream, that read them. Ends when every sender is gone.
+async fn hold_batches(
+    mut batches: tokio::sync::mpsc::UnboundedReceiver<(Instant, ZcBatch)>,
+    hold: Duration,
+) {
+    while let Some((read_at, batch)) = batches.recv().await {
+        tokio::time::sleep_until(read_at + hold).await;
+        drop(batch);
+    }
+}
+
+/// An event subscriber that reads one event every 100 ms (`--lagging-subscriber`), so a
+/// burst of events overtakes it; returns how many events it missed.
+async fn lagging_subscriber(
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    stop: CancellationToken,
+) -> u64 {
+    let mut missed = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return missed,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        match events.try_recv() {
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => missed += n,
+            Err(tokio::sync::broadcast::error::TryRecvError::Closed) => return missed,
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Empty) => {}
+        }
+    }
 }
 
 /// The demo's load: connections to our own address for `duration`.
@@ -341,6 +457,8 @@ struct Reporter {
     /// where a steady copy fallback would otherwise print ten lines a second).
     event_lines: HashMap<EventKind, (Instant, u64)>,
     tally: Tally,
+    /// Events the `--lagging-subscriber` missed, when there is one.
+    events_missed: Option<u64>,
 }
 
 impl Reporter {
@@ -355,6 +473,7 @@ impl Reporter {
                 by_peer: demo.then(HashMap::new),
                 ..Tally::default()
             },
+            events_missed: None,
         }
     }
 
@@ -484,6 +603,7 @@ impl Reporter {
             End::Eof => ("eof", None),
             End::Error(error) => ("error", Some(error.to_string())),
             End::Shutdown => ("shutdown", None),
+            End::Dropped => ("dropped", None),
         };
         if self.json {
             let mut line = json!({
@@ -503,6 +623,7 @@ impl Reporter {
         let how = match error {
             Some(error) => format!("failed: {error}"),
             None if end == "shutdown" => "cut at shutdown".to_string(),
+            None if end == "dropped" => "dropped after its first batch".to_string(),
             None => "closed".to_string(),
         };
         say!(
@@ -534,6 +655,7 @@ impl Reporter {
                 "seconds": seconds,
                 "gbps": rate,
                 "events": events,
+                "events_missed": self.events_missed,
             });
             say!("{}", with_stats(line, stats));
             return;
@@ -557,6 +679,9 @@ impl Reporter {
         events.sort_by_key(|(kind, _)| kind.to_string());
         for (kind, count) in events {
             say!("  events: {kind} x{count}");
+        }
+        if let Some(missed) = self.events_missed {
+            say!("  the lagging subscriber missed {missed} events");
         }
     }
 

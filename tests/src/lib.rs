@@ -17,6 +17,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+pub mod procfs;
+
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 use zcrx_sys::event::{zcrx_event_desc, zcrx_stats, ZCRX_EVENT_DESC_FLAG_STATS};

@@ -121,6 +121,27 @@ pub fn build_binaries(tests: bool, examples: bool, start: Instant) -> Result<Vec
     Ok(binaries)
 }
 
+/// Builds the soak run's binaries for the guest: the example servers and the `soak` driver.
+pub fn build_soak(start: Instant) -> Result<Vec<GuestBinary>> {
+    step(
+        start,
+        "building the static soak binaries (cargo, profile `guest`)",
+    );
+    let mut binaries = Vec::new();
+    cargo_build_for_guest(
+        &["build", "-p", "tokio-zcrx-examples", "--examples"],
+        &mut binaries,
+    )?;
+    cargo_build_for_guest(
+        &["build", "-p", "tokio-zcrx-kernel-tests", "--bin", "soak"],
+        &mut binaries,
+    )?;
+    if !binaries.iter().any(|b| b.name == "soak") {
+        bail!("cargo built no soak binary");
+    }
+    Ok(binaries)
+}
+
 /// Builds the guest benchmark (`guest-ratio`) with the release profile: no debug assertions,
 /// as users would run the runtime.
 pub fn build_benchmark(start: Instant) -> Result<Vec<GuestBinary>> {

@@ -34,6 +34,15 @@ Commands:
               (nic and nodev modes; only the ratio counts under emulation). ARGS go to
               guest-ratio: --mib N (256), --reps R (7), --batches (the runtime's consumer
               uses next_batch(64)), --detail (CPU time and context switches per thread).
+  soak [--minutes M] [--connections N] [-- SOAK-ARGS]
+              The soak run in the guest: the echo and sink examples in nic and nodev
+              modes churn connections (random sizes, resets, half-closes, held buffers,
+              streams dropped mid-flight, a lagging event subscriber), every byte checked;
+              fails if the servers' open fds, RSS or outstanding chunks grow, or the idle
+              driver uses CPU. --minutes (default 1) is the whole run, guest boot included;
+              --connections N makes each of the four servers serve at least N connections
+              after warm-up (10000 for the issue's churn). SOAK-ARGS go to the guest's
+              `soak` (--concurrency C, --seed S, --only echo_nic|echo_nodev|sink_nic|sink_nodev).
   vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
               netdevsim, initramfs).
   bench [ARGS]
@@ -74,6 +83,10 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             Ok(counts.finish("real-kernel tier"))
         }
         Some("vm-run") => vm_run(&args[1..], start),
+        Some("soak") => {
+            let counts = vm_soak(&SoakOptions::parse(&args[1..])?, start)?;
+            Ok(counts.finish("soak"))
+        }
         Some("vm-bench") => vm_bench(&args[1..], start),
         Some("vm-prepare") => {
             guest::prepare(start)?;
@@ -252,8 +265,19 @@ fn test_all(start: Instant) -> Result<ExitCode> {
             .problems
             .push(format!("the real-kernel tier could not run: {err:#}")),
     }
+    // The short soak: about a minute, guest boot included.
+    match vm_soak(&SoakOptions::default(), start) {
+        Ok(soak) => {
+            counts.passed += soak.passed;
+            counts.failed += soak.failed;
+            counts.problems.extend(soak.problems);
+        }
+        Err(err) => counts
+            .problems
+            .push(format!("the soak run could not run: {err:#}")),
+    }
     step(start, "done");
-    Ok(counts.finish("host and real-kernel tiers"))
+    Ok(counts.finish("host and real-kernel tiers and the soak run"))
 }
 
 /// Sums libtest's `test result: ... N passed; M failed` lines.
@@ -339,6 +363,127 @@ fn vm_test(start: Instant) -> Result<Counts> {
             "the guest's test script exited with {:?}",
             outcome.exit_code
         ));
+    }
+    Ok(Counts {
+        passed: outcome.passed.len(),
+        failed: outcome.failed.len(),
+        problems,
+    })
+}
+
+/// `cargo xtask soak`'s options.
+struct SoakOptions {
+    /// The whole run, guest boot included.
+    minutes: f64,
+    /// Each server serves at least this many connections after warm-up.
+    connections: Option<u64>,
+    /// Passed to the guest's `soak` as they are.
+    extra: Vec<String>,
+}
+
+impl Default for SoakOptions {
+    fn default() -> SoakOptions {
+        SoakOptions {
+            minutes: 1.0,
+            connections: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// What a soak run spends besides churning: booting the guest and setting up its network,
+/// and per server its start, warm-up round, quiescence checks, idle second and stop.
+const SOAK_OVERHEAD_SECONDS: f64 = 30.0;
+
+impl SoakOptions {
+    fn parse(args: &[String]) -> Result<SoakOptions> {
+        let mut options = SoakOptions::default();
+        let mut rest = args.iter();
+        while let Some(arg) = rest.next() {
+            match arg.as_str() {
+                "--minutes" => {
+                    let value = rest.next().context("--minutes needs a number")?;
+                    options.minutes = value
+                        .parse()
+                        .ok()
+                        .filter(|m: &f64| m.is_finite() && *m > 0.0)
+                        .with_context(|| format!("--minutes {value}: not a positive number"))?;
+                }
+                "--connections" => {
+                    let value = rest.next().context("--connections needs a number")?;
+                    options.connections =
+                        Some(value.parse().with_context(|| {
+                            format!("--connections {value}: not a whole number")
+                        })?);
+                }
+                "--" => {
+                    options.extra.extend(rest.by_ref().cloned());
+                    break;
+                }
+                other => bail!(
+                    "soak: unexpected `{other}`; usage: soak [--minutes M] [--connections N] \
+                     [-- SOAK-ARGS]"
+                ),
+            }
+        }
+        Ok(options)
+    }
+
+    /// The churn time the four servers share.
+    fn churn_seconds(&self) -> f64 {
+        (self.minutes * 60.0 - SOAK_OVERHEAD_SECONDS).max(8.0)
+    }
+}
+
+/// The soak run in the guest; its four servers count as four tests.
+fn vm_soak(options: &SoakOptions, start: Instant) -> Result<Counts> {
+    step(
+        start,
+        format_args!(
+            "soak: {:.1} minutes, {:.0} s of churn{}",
+            options.minutes,
+            options.churn_seconds(),
+            match options.connections {
+                Some(n) => format!(", at least {n} connections per server"),
+                None => String::new(),
+            }
+        ),
+    );
+    let image = guest::prepare(start)?;
+    let binaries = guest::build_soak(start)?;
+    let mut command = format!("soak --seconds {:.0}", options.churn_seconds());
+    if let Some(n) = options.connections {
+        command.push_str(&format!(" --connections {n}"));
+    }
+    for arg in &options.extra {
+        command.push(' ');
+        command.push_str(arg);
+    }
+    // Room for a slow machine: the run may take twice its plan, plus the guest's boot.
+    let planned = (options.minutes * 60.0) as u64;
+    let limit = planned * 2 + 300;
+    let script = format!(
+        "echo '@@tzx run soak'\n\
+         timeout -s KILL {limit} {command} 2>&1\n\
+         rc=$?; echo; echo \"@@tzx done soak $rc\"\n\
+         exit $rc"
+    );
+    let mut run = run_options(binaries, Vec::new(), Payload::Command(script))?;
+    run.timeout = run.timeout.max(Duration::from_secs(limit + 300));
+    let outcome = guest::run(&image, &run, start)?;
+    println!("xtask: soak run:");
+    for name in &outcome.passed {
+        println!("  ok      {name}");
+    }
+    for name in &outcome.failed {
+        println!("  FAILED  {name}");
+    }
+    let mut problems = outcome.problems.clone();
+    if outcome.passed.is_empty() && outcome.failed.is_empty() {
+        problems.push("the soak run reported no result".into());
+    }
+    if outcome.exit_code != Some(0) && outcome.failed.is_empty() && problems.is_empty() {
+        problems.push(format!("the soak run exited with {:?}", outcome.exit_code));
     }
     Ok(Counts {
         passed: outcome.passed.len(),

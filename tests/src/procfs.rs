@@ -1,0 +1,123 @@
+//! What /proc says about a process: open fds, resident memory, and the CPU time of one of
+//! its threads (the zcrx driver thread, found by name). Used by the idle-CPU tests and by the
+//! soak run (`cargo xtask soak`), which watch a server for growth.
+
+use std::io;
+use std::time::Duration;
+
+/// The driver thread's default name (`Builder::thread_name`), as /proc shows it: the kernel
+/// keeps the first 15 bytes of a thread's name.
+pub const DRIVER_THREAD_COMM: &str = "tokio-zcrx-driv";
+
+/// Which process: `"self"` or a pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pid {
+    /// The calling process.
+    Current,
+    /// Another process.
+    Of(u32),
+}
+
+impl Pid {
+    fn dir(self) -> String {
+        match self {
+            Pid::Current => "/proc/self".into(),
+            Pid::Of(pid) => format!("/proc/{pid}"),
+        }
+    }
+}
+
+/// Open file descriptors of `pid`.
+pub fn open_fds(pid: Pid) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("{}/fd", pid.dir()))?.count())
+}
+
+/// Resident set size of `pid` in bytes (`VmRSS` of /proc/PID/status).
+pub fn rss_bytes(pid: Pid) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("{}/status", pid.dir()))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .ok_or_else(|| io::Error::other("no VmRSS line in /proc/PID/status"))?;
+    Ok(kib * 1024)
+}
+
+/// The thread ids of `pid` whose name (`comm`) is `name`.
+pub fn threads_named(pid: Pid, name: &str) -> io::Result<Vec<u32>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("{}/task", pid.dir()))? {
+        let entry = entry?;
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if comm.trim_end() == name {
+            if let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) {
+                found.push(tid);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The one zcrx driver thread of `pid`; an error if there is none or more than one.
+pub fn driver_thread(pid: Pid) -> io::Result<u32> {
+    match threads_named(pid, DRIVER_THREAD_COMM)?[..] {
+        [tid] => Ok(tid),
+        [] => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no thread named {DRIVER_THREAD_COMM} in {}", pid.dir()),
+        )),
+        ref many => Err(io::Error::other(format!(
+            "{} threads named {DRIVER_THREAD_COMM} in {}",
+            many.len(),
+            pid.dir()
+        ))),
+    }
+}
+
+/// CPU time used so far by thread `tid` of `pid`, in nanoseconds.
+///
+/// Read from /proc/PID/task/TID/schedstat (time on CPU, nanoseconds, the scheduler's own
+/// accounting), which resolves far better than the clock ticks of `stat` (10 ms each): an
+/// idle budget of 10 ms could not be measured in ticks. Falls back to `stat`'s utime+stime
+/// when the kernel has no schedstat.
+pub fn thread_cpu(pid: Pid, tid: u32) -> io::Result<Duration> {
+    let task = format!("{}/task/{tid}", pid.dir());
+    if let Ok(schedstat) = std::fs::read_to_string(format!("{task}/schedstat")) {
+        if let Some(ns) = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+        {
+            return Ok(Duration::from_nanos(ns));
+        }
+    }
+    let stat = std::fs::read_to_string(format!("{task}/stat"))?;
+    // The name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::other("malformed /proc/PID/task/TID/stat"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; field 3 is the first after the name.
+    let ticks = |i: usize| -> io::Result<u64> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::other("malformed /proc/PID/task/TID/stat"))
+    };
+    // SAFETY: sysconf has no memory effects.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let total = ticks(14)? + ticks(15)?;
+    Ok(Duration::from_nanos(total * 1_000_000_000 / per_second))
+}
+
+/// The CPU time the driver thread of `pid` uses while `during` runs.
+pub fn driver_cpu_during<T>(pid: Pid, during: impl FnOnce() -> T) -> io::Result<(Duration, T)> {
+    let tid = driver_thread(pid)?;
+    let before = thread_cpu(pid, tid)?;
+    let result = during();
+    let after = thread_cpu(pid, tid)?;
+    Ok((after.saturating_sub(before), result))
+}
