@@ -326,7 +326,7 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                         holder: holder.as_ref().map(|(sender, _)| sender.clone()),
                         drop_after_first_batch: args
                             .drop_every
-                            .is_some_and(|n| accepted_count % n == 0),
+                            .is_some_and(|n| accepted_count.checked_rem(n) == Some(0)),
                     };
                     let (received, stop) = (Arc::clone(&received), stop.clone());
                     connections.spawn(consume(stream, writer, peer, received, stop, rough));

@@ -926,6 +926,9 @@ impl PhaseReport {
             "quiet_start": self.start.map(|q| json!({"fds": q.fds, "rss": q.rss})),
             "quiet_end": self.end.map(|q| json!({"fds": q.fds, "rss": q.rss})),
             "idle_driver_cpu_ms": self.idle_cpu.map(|d| d.as_secs_f64() * 1000.0),
+            // Once a second: RSS in KiB and open fds, to see a trend.
+            "rss_kib_series": self.samples.iter().map(|s| s.rss >> 10).collect::<Vec<_>>(),
+            "fds_series": self.samples.iter().map(|s| s.fds).collect::<Vec<_>>(),
             "problems": self.problems,
         })
     }
