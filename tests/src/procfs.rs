@@ -121,3 +121,23 @@ pub fn driver_cpu_during<T>(pid: Pid, during: impl FnOnce() -> T) -> io::Result<
     let after = thread_cpu(pid, tid)?;
     Ok((after.saturating_sub(before), result))
 }
+
+/// Context switches of thread `tid` of `pid` so far (voluntary + involuntary, from
+/// /proc/PID/task/TID/status): a sleeping thread that keeps waking up shows here even when
+/// each wake-up costs little CPU.
+pub fn thread_switches(pid: Pid, tid: u32) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("{}/task/{tid}/status", pid.dir()))?;
+    let mut total = 0;
+    for line in status.lines() {
+        if let Some(rest) = line
+            .strip_prefix("voluntary_ctxt_switches:")
+            .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+        {
+            total += rest
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| io::Error::other("malformed ctxt_switches line"))?;
+        }
+    }
+    Ok(total)
+}

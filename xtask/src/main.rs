@@ -459,9 +459,10 @@ fn vm_soak(options: &SoakOptions, start: Instant) -> Result<Counts> {
         command.push(' ');
         command.push_str(arg);
     }
-    // Room for a slow machine: the run may take twice its plan, plus the guest's boot.
+    // Room for a slow machine: the run may take twice its plan, plus the guest's boot, and
+    // with --connections 0.1 s per connection (the guest serves 50-250 a second under TCG).
     let planned = (options.minutes * 60.0) as u64;
-    let limit = planned * 2 + 300;
+    let limit = planned * 2 + 300 + options.connections.unwrap_or(0) * 4 / 10;
     let script = format!(
         "echo '@@tzx run soak'\n\
          timeout -s KILL {limit} {command} 2>&1\n\
