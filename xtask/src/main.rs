@@ -569,4 +569,35 @@ mod tests {
                    test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured\n";
         assert_eq!(super::libtest_totals(out), (5, 1));
     }
+
+    #[test]
+    fn soak_options_parse_and_bad_ones_are_refused() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = super::SoakOptions::parse(&args(&[
+            "--minutes",
+            "30",
+            "--connections",
+            "10000",
+            "--",
+            "--only",
+            "sink_nic",
+        ]))
+        .unwrap();
+        assert_eq!((o.minutes, o.connections), (30.0, Some(10000)));
+        assert_eq!(o.extra, ["--only", "sink_nic"]);
+        assert_eq!(
+            o.churn_seconds(),
+            30.0 * 60.0 - super::SOAK_OVERHEAD_SECONDS
+        );
+        let short = super::SoakOptions::default();
+        assert_eq!(short.churn_seconds(), 60.0 - super::SOAK_OVERHEAD_SECONDS);
+        for bad in [
+            &["--minutes", "0"][..],
+            &["--minutes", "x"],
+            &["--connections"],
+            &["-x"],
+        ] {
+            assert!(super::SoakOptions::parse(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
 }
