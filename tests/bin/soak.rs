@@ -755,6 +755,9 @@ async fn connection(addr: SocketAddr, plan: Plan, seed: u64, echo: bool) -> Clie
         }
     }
     let (mut reader, mut writer) = socket.into_split();
+    // Counted as writes complete, so every way the connection ends knows what was sent
+    // (a reset connection whose server closed first too).
+    let written = std::sync::atomic::AtomicU64::new(0);
     let half_close = !matches!(plan.ending, Ending::Reset { .. });
     let send = async {
         let mut sizes = payload.write_sizes(16 << 10);
@@ -763,8 +766,18 @@ async fn connection(addr: SocketAddr, plan: Plan, seed: u64, echo: bool) -> Clie
         while sent < to_send {
             let n = sizes.next().unwrap_or(1).min((to_send - sent) as usize);
             payload.fill(sent, &mut buf[..n]);
-            writer.write_all(&buf[..n]).await.map_err(|e| (sent, e))?;
-            sent += n as u64;
+            // Not write_all: a write cut short by a reset still counts what it wrote.
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let wrote = match writer.write(rest).await {
+                    Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+                    other => other,
+                }
+                .map_err(|e| (sent, e))?;
+                rest = &rest[wrote..];
+                sent += wrote as u64;
+                written.store(sent, Ordering::Relaxed);
+            }
         }
         if half_close {
             writer.shutdown().await.map_err(|e| (sent, e))?;
@@ -813,8 +826,8 @@ async fn connection(addr: SocketAddr, plan: Plan, seed: u64, echo: bool) -> Clie
                     }
                     drop(writer); // with `reader` below (dropped with `receive`): the RST
                 }
-                Err((sent, e)) => {
-                    result.sent = sent;
+                Err((_, e)) => {
+                    result.sent = written.load(Ordering::Relaxed);
                     if !is_cut(&e) && e.to_string() != "the server closed first" {
                         result.error = Some(format!("send: {e}"));
                     } else {
@@ -1026,7 +1039,6 @@ fn soak(
     }
     report.end = Some(quiesce(&server, made.get())?);
     report.seconds = started.elapsed().as_secs_f64();
-    report.tally.connections = made.get(); // warm-up included: every one was checked
     let next_index = made.get();
 
     // An idle second: the driver must sleep.
@@ -1096,6 +1108,7 @@ fn check_round(
     expected_total: u64,
 ) -> Result<(), String> {
     let tally = &mut report.tally;
+    tally.connections += results.len() as u64;
     for r in results {
         if let Some(error) = &r.error {
             return Err(format!(
