@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio_zcrx::{EventKind, EventsPolicy, Mode, ZcBuf, ZcStream, Zcrx};
+use tokio_zcrx::{EventKind, EventsPolicy, Mode, ZcBuf, Zcrx};
 use tokio_zcrx_kernel_tests::procfs::{self, Pid};
+use tokio_zcrx_kernel_tests::support::{accept, build, runtime};
 use tokio_zcrx_kernel_tests::{enter_netns, first_mismatch, pattern_byte, spawn_sender, GuestNet};
 
 /// The most CPU the driver thread may use in an idle second.
@@ -30,28 +31,6 @@ const STALLED: Duration = Duration::from_millis(500);
 
 /// The chunks of the small area that a stream exhausts.
 const SMALL_AREA_CHUNKS: usize = 16;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Builds a runtime, retrying while the previous test's instance is still being torn down.
-fn build(builder: tokio_zcrx::Builder) -> Zcrx {
-    for _ in 0..50 {
-        match builder.clone().build() {
-            Ok(zcrx) => return zcrx,
-            Err(e) if e.kind() == tokio_zcrx::ErrorKind::QueueBusy => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("building the runtime: {e}"),
-        }
-    }
-    panic!("the queue stayed busy")
-}
 
 /// One zcrx mode to test: its builder, its driver thread's name (unique, under the 15 bytes
 /// /proc keeps, so the thread is found by it), the address to listen on and the namespace
@@ -118,11 +97,6 @@ fn assert_idle((cpu, switches): (Duration, u64), what: &str) {
 /// that is work, not idling, and is not measured. Under emulation it can take a few
 /// milliseconds of one uninterrupted run, seen as CPU time with no context switch.
 const SETTLE: Duration = Duration::from_millis(300);
-
-async fn accept(zcrx: &Zcrx, listener: &TcpListener) -> ZcStream {
-    let (socket, _) = listener.accept().await.unwrap();
-    zcrx.attach(socket).unwrap().0
-}
 
 /// Sends pattern bytes to `addr` until the connection fails (the receiver closed it).
 fn spawn_endless_sender(addr: SocketAddr, netns: Option<String>) -> std::thread::JoinHandle<u64> {

@@ -9,29 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_zcrx::{EventsPolicy, Mode, ZcStream, Zcrx};
+use tokio_zcrx_kernel_tests::support::{build, runtime};
 use tokio_zcrx_kernel_tests::{enter_netns, first_mismatch, pattern_byte, GuestNet};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Builds a runtime, retrying while the previous test's instance is still being torn down.
-fn build(builder: tokio_zcrx::Builder) -> Zcrx {
-    for _ in 0..50 {
-        match builder.clone().build() {
-            Ok(zcrx) => return zcrx,
-            Err(e) if e.kind() == tokio_zcrx::ErrorKind::QueueBusy => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("building the runtime: {e}"),
-        }
-    }
-    panic!("queue still busy after 5 s")
-}
 
 /// Makes the socket's close send a reset (SO_LINGER with a zero timeout).
 fn reset_on_close(socket: &std::net::TcpStream) {

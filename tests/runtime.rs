@@ -11,32 +11,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_zcrx::{EventKind, EventsPolicy, Mode, StreamOptions, ZcBuf, ZcStream, Zcrx};
+use tokio_zcrx_kernel_tests::support::{accept, build, runtime};
 use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Builds a runtime, retrying briefly while the previous test's instance is still being torn
-/// down by the kernel (ring teardown is asynchronous).
-fn build(builder: tokio_zcrx::Builder) -> Zcrx {
-    let mut last = None;
-    for _ in 0..50 {
-        match builder.clone().build() {
-            Ok(zcrx) => return zcrx,
-            Err(e) if e.kind() == tokio_zcrx::ErrorKind::QueueBusy => {
-                last = Some(e);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("building the runtime: {e}"),
-        }
-    }
-    panic!("queue still busy: {last:?}")
-}
 
 fn nic(net: &GuestNet) -> tokio_zcrx::Builder {
     Zcrx::builder()
@@ -47,13 +23,6 @@ fn nic(net: &GuestNet) -> tokio_zcrx::Builder {
 
 fn nodev() -> tokio_zcrx::Builder {
     Zcrx::builder().no_device().events(EventsPolicy::Required)
-}
-
-/// Accepts one connection on `listener` and returns its stream.
-async fn accept(zcrx: &Zcrx, listener: &TcpListener) -> ZcStream {
-    let (socket, _) = listener.accept().await.unwrap();
-    let (stream, _writer) = zcrx.attach(socket).unwrap();
-    stream
 }
 
 /// Reads a stream to its end, checking every byte; returns the byte count.

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 pub mod procfs;
+pub mod support;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};

@@ -1,0 +1,39 @@
+//! What the guest tests of the runtime share: a Tokio runtime, building a zcrx runtime
+//! while the previous test's instance is still being torn down, and accepting a stream.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_zcrx::{ZcStream, Zcrx};
+
+/// A two-worker Tokio runtime, like a small server's.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Builds a runtime, retrying for up to 5 s while the previous test's instance is still
+/// being torn down by the kernel (ring teardown is asynchronous).
+pub fn build(builder: tokio_zcrx::Builder) -> Zcrx {
+    let mut last = None;
+    for _ in 0..50 {
+        match builder.clone().build() {
+            Ok(zcrx) => return zcrx,
+            Err(e) if e.kind() == tokio_zcrx::ErrorKind::QueueBusy => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("building the runtime: {e}"),
+        }
+    }
+    panic!("queue still busy after 5 s: {last:?}")
+}
+
+/// Accepts one connection on `listener` and returns its stream (the write half dropped).
+pub async fn accept(zcrx: &Zcrx, listener: &TcpListener) -> ZcStream {
+    let (socket, _) = listener.accept().await.unwrap();
+    zcrx.attach(socket).unwrap().0
+}
