@@ -128,7 +128,17 @@ fn idle_with_overflow_pending() {
         }
         assert_eq!(position, 64 * CHUNK);
         std::thread::spawn(move || drop(held)).join().unwrap();
-        let pending = h.area().refill.stats().overflow_pending;
+        // The page pool takes what the ring holds once (it has no free chunk), the driver
+        // moves that many in from the overflow list, and then nothing moves: wait for that.
+        let mut pending = h.area().refill.stats().overflow_pending;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = h.area().refill.stats().overflow_pending;
+            if now == pending {
+                break;
+            }
+            pending = now;
+        }
         assert!(pending > 0, "nothing overflowed");
         let cpu = idle_cpu(name).await;
         assert_eq!(
