@@ -78,6 +78,9 @@ struct PoolState {
     /// Waiting streams' wakers in the order they started waiting; a stream that is dropped
     /// (or takes a buffer) clears its slot. All are woken and the list is emptied at once.
     waiters: Vec<Option<Waker>>,
+    /// The `Some` entries of `waiters`. When the last one goes, the list is emptied, so
+    /// streams that wait and are dropped while no buffer comes back cannot grow it.
+    live_waiters: usize,
     /// Counts the times `waiters` was emptied, so a stream can tell whether its slot is
     /// still in the list (same generation) or in the latest round (the one before).
     generation: u64,
@@ -95,6 +98,7 @@ impl PoolState {
             return Vec::new();
         }
         self.generation += 1;
+        self.live_waiters = 0;
         let waiters = std::mem::take(&mut self.waiters);
         self.unpolled.clear();
         self.unpolled.resize(waiters.len().div_ceil(64), 0);
@@ -106,6 +110,18 @@ impl PoolState {
             }
         }
         waiters
+    }
+
+    /// Leaves the waiting list (the caller's slot of the current generation). No stream
+    /// refers to a slot of this generation once none is `Some`, so the list can be emptied
+    /// without starting a new generation.
+    fn leave_waiters(&mut self, slot: usize) {
+        if self.waiters[slot].take().is_some() {
+            self.live_waiters -= 1;
+            if self.live_waiters == 0 {
+                self.waiters.clear();
+            }
+        }
     }
 
     /// Marks `slot` of the latest round as polled (or gone); returns how many older members
@@ -190,6 +206,7 @@ impl Pool {
             state: Mutex::new(PoolState {
                 free,
                 waiters: Vec::new(),
+                live_waiters: 0,
                 generation: 0,
                 unpolled: Vec::new(),
                 unpolled_count: 0,
@@ -399,7 +416,7 @@ impl CopyStream {
                     }
                     return Take::Pending;
                 }
-                state.waiters[slot] = None;
+                state.leave_waiters(slot);
             } else if generation + 1 == state.generation {
                 older_unpolled = state.mark_polled(slot);
             }
@@ -410,10 +427,13 @@ impl CopyStream {
             self.deferred = false;
             self.waiting = Some((state.generation, state.waiters.len()));
             state.waiters.push(Some(cx.waker().clone()));
+            state.live_waiters += 1;
             return Take::Pending;
         }
         if !self.deferred && free <= older_unpolled {
             self.deferred = true;
+            // Not under the pool's lock: a waker may poll or drop a buffer inline.
+            drop(state);
             cx.waker().wake_by_ref();
             return Take::Pending;
         }
@@ -482,7 +502,7 @@ impl Drop for CopyStream {
             let mut state = self.pool.lock_state();
             if generation == state.generation {
                 // Still waiting: leave the list without a waker to wake.
-                state.waiters[slot] = None;
+                state.leave_waiters(slot);
             } else if generation + 1 == state.generation {
                 // Woken by the latest return but never polled: nobody should defer to it.
                 state.mark_polled(slot);
@@ -564,5 +584,56 @@ impl CopyRuntime {
         }
         drop(sockets);
         wake_all(waiters);
+    }
+}
+
+#[cfg(test)]
+mod waiting_list_tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// While the pool is empty, streams that start waiting and are dropped (clients that
+    /// time out, resets) must not grow the waiting list: it used to keep one dead slot per
+    /// such stream until the next buffer came back (found in review).
+    #[tokio::test]
+    async fn streams_dropped_while_waiting_do_not_grow_the_waiting_list() {
+        let (events, _) = broadcast::channel(16);
+        let pool = Arc::new(Pool::new(1, 4096, events, Duration::from_secs(1)).unwrap());
+        let held = pool.lock_state().free.pop().expect("one buffer");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut survivor = None;
+        for i in 0..500 {
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            client.write_all(b"x").await.unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            socket.readable().await.unwrap();
+            let (read, _write) = socket.into_split();
+            let mut stream = CopyStream::new(read, Arc::clone(&pool), None);
+            assert!(stream.poll_next(&mut cx).is_pending());
+            if i == 0 {
+                // One stream keeps waiting throughout: the list may hold it and what came
+                // after it, but shrinks to nothing once it goes too.
+                survivor = Some((stream, client));
+            }
+        }
+        let len = pool.lock_state().waiters.len();
+        assert!(len <= 500, "{len}");
+        drop(survivor);
+        assert_eq!(pool.lock_state().waiters.len(), 0, "dead slots left behind");
+        for _ in 0..500 {
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            client.write_all(b"x").await.unwrap();
+            let (socket, _) = listener.accept().await.unwrap();
+            socket.readable().await.unwrap();
+            let (read, _write) = socket.into_split();
+            let mut stream = CopyStream::new(read, Arc::clone(&pool), None);
+            assert!(stream.poll_next(&mut cx).is_pending());
+            drop(stream);
+            assert_eq!(pool.lock_state().waiters.len(), 0);
+        }
+        pool.release(held);
+        assert_eq!(pool.lock_state().free.len(), 1);
     }
 }

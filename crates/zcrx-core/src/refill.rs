@@ -24,7 +24,8 @@
 //!    publisher at work returns at once: its increment makes the publisher's CAS fail, and
 //!    the publisher looks again (acquiring the commit) before it leaves. The RMWs on the
 //!    counter are totally ordered, so no commit is left unpublished once every push has
-//!    returned, and pushes never wait for each other.
+//!    returned, and no push waits for another to finish (though the publisher, while
+//!    requests keep coming, publishes for the others before its push returns).
 //!
 //! The kernel therefore never sees an entry before it is completely written, whatever the
 //! interleaving. The protocol is model-checked with loom (`tests/loom_refill.rs`).
@@ -347,9 +348,10 @@ struct Publication {
     /// Publication requests since the current publisher started; 0 when nobody publishes.
     /// Every push increments it (and the overflow path and the owner's
     /// [`RefillRing::synchronize_with_producers`] add 0 to it: see "Waking the ring's owner").
-    /// At most one request per claimed run can arrive while the ring is full, so it stays far
-    /// below `u32::MAX`.
-    requests: AtomicU32,
+    /// A publisher stays in office for as long as requests keep arriving between its scans,
+    /// which has no bound while the kernel keeps consuming, so the count has none either: 64
+    /// bits, which no run can wrap (a wrap would elect a second publisher).
+    requests: AtomicU64,
     /// Positions published so far, in 64 bits (the kernel tail holds the low 32). Written
     /// only by the publisher.
     published: AtomicU64,
@@ -444,7 +446,7 @@ impl RefillRing {
         Ok(Self {
             reserve: CachePadded(AtomicU64::new(u64::from(start))),
             publication: CachePadded(Publication {
-                requests: AtomicU32::new(0),
+                requests: AtomicU64::new(0),
                 published: AtomicU64::new(u64::from(start)),
             }),
             head,

@@ -278,7 +278,7 @@ impl<K: Kernel> Driver<K> {
             self.take_commands()?;
             if let Some(since) = self.stopping {
                 // Returns seen so far: the wait below sleeps until the next one.
-                self.returns_at_exhaustion = self.area.refill.stats().pushed;
+                self.returns_at_exhaustion = self.returns_seen();
                 let settled = self.live_requests() == 0 && !self.teardown_would_expose_buffers();
                 if settled || since.elapsed() > SHUTDOWN_GRACE {
                     return Ok(());
@@ -581,6 +581,15 @@ impl<K: Kernel> Driver<K> {
         };
     }
 
+    /// A count that moves whenever a return is claimed or published: claims alone would let
+    /// a push that returned before an elected publisher stored the tail make the driver
+    /// resubmit, see `-ENOMEM` again and then wait for the retry timer although the entries
+    /// reached the kernel just after (zcrx_core::refill, "Publish").
+    fn returns_seen(&self) -> u64 {
+        let stats = self.area.refill.stats();
+        stats.pushed.wrapping_add(stats.published)
+    }
+
     /// One fewer stream waits for area: when none does any more, the exhaustion bookkeeping
     /// goes, so the driver sleeps again and buffer drops stop waking it.
     fn stop_waiting_for_buffers(&mut self) {
@@ -598,7 +607,7 @@ impl<K: Kernel> Driver<K> {
         if self.waiting_for_buffers == 0 {
             return Ok(());
         }
-        let returned = self.area.refill.stats().pushed;
+        let returned = self.returns_seen();
         let retry_due = self
             .exhausted_at
             .is_some_and(|at| at.elapsed() >= EXHAUSTION_RETRY);
@@ -668,7 +677,7 @@ impl<K: Kernel> Driver<K> {
         self.area.refill.synchronize_with_producers();
         let returns_pending = (self.overflow_recheck.is_none() && self.area.refill.has_overflow())
             || (self.area.driver_waits_for_buffers.load(Ordering::Relaxed)
-                && self.area.refill.stats().pushed != self.returns_at_exhaustion);
+                && self.returns_seen() != self.returns_at_exhaustion);
         let timeout = if has_commands || returns_pending {
             // Still an enter that reaps: under DEFER_TASKRUN a plain submit runs no deferred
             // work, and no completion would reach any stream meanwhile.
@@ -838,7 +847,7 @@ impl<K: Kernel> Driver<K> {
                     entry.request = Request::WaitingForBuffers;
                     let now = Instant::now();
                     if self.waiting_for_buffers == 0 {
-                        self.returns_at_exhaustion = self.area.refill.stats().pushed;
+                        self.returns_at_exhaustion = self.returns_seen();
                         self.exhausted_at = Some(now);
                     }
                     self.waiting_for_buffers += 1;
