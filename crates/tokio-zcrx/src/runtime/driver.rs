@@ -348,15 +348,23 @@ impl<K: Kernel> Driver<K> {
         let Some(entry) = self.streams.get_mut(slot as usize).and_then(Option::as_mut) else {
             return Ok(());
         };
+        // 0 asks for no limit; a limited stream asks for what is left of its grant, and a
+        // grant already used up (a resubmission after the last byte arrived) waits for the
+        // reader to ask again.
+        let len = match entry.limit {
+            None => 0,
+            Some(limit) => match u64::from(limit).saturating_sub(entry.granted_used) {
+                0 => {
+                    entry.request = Request::Idle;
+                    entry.shared.request_done();
+                    return Ok(());
+                }
+                left => left as u32,
+            },
+        };
         entry.request = Request::Running;
-        // 0 asks for no limit; a limited stream asks for what is left of its grant.
-        let len = entry.limit.map_or(0, |limit| {
-            let left = u64::from(limit).saturating_sub(entry.granted_used);
-            left.max(1) as u32
-        });
         let (fd, user_data) = (entry.fd(), UserData::recv(entry.id).as_u64());
-        let limit = len;
-        self.kernel.recv(fd, limit, user_data)
+        self.kernel.recv(fd, len, user_data)
     }
 
     fn take_commands(&mut self) -> io::Result<()> {
