@@ -592,6 +592,25 @@ mod waiting_list_tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// A connection with a byte to read, whose stream waits for a buffer of the empty pool.
+    async fn waiting_stream(
+        listener: &tokio::net::TcpListener,
+        pool: &Arc<Pool>,
+    ) -> (CopyStream, tokio::net::TcpStream) {
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        client.write_all(b"x").await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        socket.readable().await.unwrap();
+        let (read, _write) = socket.into_split();
+        let mut stream = CopyStream::new(read, Arc::clone(pool), None);
+        assert!(stream
+            .poll_next(&mut Context::from_waker(Waker::noop()))
+            .is_pending());
+        (stream, client)
+    }
+
     /// While the pool is empty, streams that start waiting and are dropped (clients that
     /// time out, resets) must not grow the waiting list: it used to keep one dead slot per
     /// such stream until the next buffer came back (found in review).
@@ -601,17 +620,9 @@ mod waiting_list_tests {
         let pool = Arc::new(Pool::new(1, 4096, events, Duration::from_secs(1)).unwrap());
         let held = pool.lock_state().free.pop().expect("one buffer");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut cx = Context::from_waker(Waker::noop());
         let mut survivor = None;
         for i in 0..500 {
-            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-            client.write_all(b"x").await.unwrap();
-            let (socket, _) = listener.accept().await.unwrap();
-            socket.readable().await.unwrap();
-            let (read, _write) = socket.into_split();
-            let mut stream = CopyStream::new(read, Arc::clone(&pool), None);
-            assert!(stream.poll_next(&mut cx).is_pending());
+            let (stream, client) = waiting_stream(&listener, &pool).await;
             if i == 0 {
                 // One stream keeps waiting throughout: the list may hold it and what came
                 // after it, but shrinks to nothing once it goes too.
@@ -623,14 +634,8 @@ mod waiting_list_tests {
         drop(survivor);
         assert_eq!(pool.lock_state().waiters.len(), 0, "dead slots left behind");
         for _ in 0..500 {
-            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-            client.write_all(b"x").await.unwrap();
-            let (socket, _) = listener.accept().await.unwrap();
-            socket.readable().await.unwrap();
-            let (read, _write) = socket.into_split();
-            let mut stream = CopyStream::new(read, Arc::clone(&pool), None);
-            assert!(stream.poll_next(&mut cx).is_pending());
-            drop(stream);
+            let (stream, client) = waiting_stream(&listener, &pool).await;
+            drop((stream, client));
             assert_eq!(pool.lock_state().waiters.len(), 0);
         }
         pool.release(held);
