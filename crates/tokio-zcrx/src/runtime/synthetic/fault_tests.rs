@@ -264,11 +264,7 @@ fn seeds() -> std::ops::Range<u64> {
 }
 
 fn run_seeds(name: &str, malformed_kinds: &[Malformed]) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = super::tests::runtime();
     let started = Instant::now();
     let mut total = RunSummary::default();
     let mut runs = 0;

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use super::kernel::{Path, StreamPlan};
 use super::personality::{Personality, Registration};
 use super::scenarios::{check, Harness};
+use super::tests::runtime;
 use super::SyntheticConfig;
 
 const IDLE: Duration = Duration::from_secs(1);
@@ -59,14 +60,6 @@ async fn idle_cpu(name: &str) -> Duration {
     let before = thread_cpu(tid);
     tokio::time::sleep(IDLE).await;
     thread_cpu(tid) - before
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 const KERNELS: [(Personality, Registration, &str); 2] = [

@@ -144,11 +144,7 @@ where
 {
     let mut failures = Vec::new();
     for (personality, registration) in KERNELS {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = super::tests::runtime();
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             runtime.block_on(async {
                 tokio::time::timeout(SCENARIO_BOUND, scenario(personality, registration))

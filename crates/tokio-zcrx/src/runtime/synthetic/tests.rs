@@ -25,6 +25,15 @@ fn every_chunk_arrives_and_returns() {
     }
 }
 
+/// A two-worker Tokio runtime, as the synthetic tests run their consumers on.
+pub(super) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub(super) fn driver_shared(zcrx: &Zcrx) -> Arc<DriverShared> {
     match &zcrx.backend {
         super::super::Backend::Uring(handle) => Arc::clone(&handle.shared),
@@ -56,11 +65,7 @@ pub(super) fn area_of(shared: &DriverShared) -> std::sync::Weak<Area> {
 /// the statistics stay readable afterwards.
 #[test]
 fn buffers_outlive_the_runtime() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let (held, shared) = runtime.block_on(async {
         let zcrx = start(64, 10).unwrap();
         let shared = driver_shared(&zcrx);
@@ -125,11 +130,7 @@ fn the_area_goes_with_the_runtime() {
 #[test]
 fn the_write_half_writes_shuts_down_and_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let zcrx = start(64, 1).unwrap();
         let (mut stream, mut writer, mut client) = attach_one(&zcrx).await;
@@ -214,11 +215,7 @@ fn attach_outside_a_runtime_is_an_error() {
 /// returned in several runs.
 #[test]
 fn batches_return_every_chunk() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     for (area_chunks, max) in [(64, 16), (1024, 200)] {
         let shared = runtime.block_on(async {
             let zcrx = start(area_chunks, 5000).unwrap();
@@ -289,11 +286,7 @@ fn epoll_masks(fd: i32) -> Vec<u32> {
 /// arriving data must not wake a Tokio worker.
 #[test]
 fn attached_sockets_are_not_watched_for_reads() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     runtime.block_on(async {
         let zcrx = start(64, 1).unwrap();
         let (_stream, writer, _client) = attach_one(&zcrx).await;
