@@ -4,8 +4,8 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use crate::copy::Pool;
-use crate::runtime::area::{release, release_many, Area, BufferRefs};
+use crate::backend::copy::Pool;
+use crate::backend::uring::area::{release, release_many, Area, BufferRefs};
 use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 
 /// Received bytes that live in the zcrx receive area, where the NIC put them.

@@ -215,17 +215,6 @@ impl Builder {
         self
     }
 
-    /// Starts the runtime in the chosen mode. For the io_uring modes this starts the driver
-    /// thread and registers the queue, blocking until the kernel answered (milliseconds; a
-    /// NIC queue restart may take longer).
-    ///
-    /// Every refusal maps to an [`Error`] whose message says what to do; with
-    /// [`Mode::Auto`] refusals become [`Zcrx::mode_selection`](crate::Zcrx::mode_selection)
-    /// reasons instead.
-    pub fn build(self) -> Result<crate::Zcrx> {
-        crate::runtime::select_and_start(self)
-    }
-
     /// The configuration for registering `target` with the io_uring backend.
     pub(crate) fn validate_for(&self, target: Target, page: u32) -> Result<Validated> {
         let invalid = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
@@ -367,7 +356,7 @@ impl Builder {
         if let Some(Target::Interface { name, .. }) = &self.interface {
             validate_interface_name(name)?;
         }
-        let page = crate::mem::page_size() as u32;
+        let page = crate::sys::mem::page_size() as u32;
         // Validate the zcrx sizes even when copy mode may end up chosen: a bad setting is a
         // bug in the caller whatever this machine supports.
         if self.mode != Mode::Copy {
@@ -418,6 +407,16 @@ pub(crate) struct Validated {
     pub(crate) events: EventsPolicy,
     pub(crate) event_rearm_interval: Duration,
     pub(crate) thread_name: String,
+}
+
+/// How a stream reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// At most this many bytes per receive request (the kernel's `len`); the next request is
+    /// made only when the consumer has taken everything delivered. `None` (the default) keeps
+    /// one receive running until EOF, the fastest way. A limit is backpressure: a slow consumer
+    /// then holds at most about `limit` bytes of the area.
+    pub read_limit: Option<u32>,
 }
 
 #[cfg(test)]

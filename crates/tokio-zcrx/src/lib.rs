@@ -31,34 +31,35 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod backend;
 mod buf;
 mod config;
-mod copy;
 mod error;
 mod event;
-mod fork;
-mod mem;
+mod listener;
 mod mode;
 pub mod probe;
-mod runtime;
 mod stream;
+mod sys;
 mod writer;
+mod zcrx;
 
 pub use buf::{ZcBatch, ZcBuf};
-pub use config::{Builder, EventsPolicy};
+pub use config::{Builder, EventsPolicy, StreamOptions};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};
+pub use listener::ZcListener;
 pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
-pub use runtime::Zcrx;
-pub use stream::{StreamOptions, ZcListener, ZcReader, ZcStream};
+pub use stream::{ZcReader, ZcStream};
 pub use writer::ZcWriteHalf;
+pub use zcrx::Zcrx;
 
 /// Internals for the per-chunk benchmark (`bench-internals` feature): the runtime driven by a
 /// synthetic completion source. Not a stable API.
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::runtime::synthetic::{per_chunk, Consume, PerChunkReport};
+    pub use crate::backend::uring::synthetic::{per_chunk, Consume, PerChunkReport};
 }
 
 /// The user guides' code blocks compile too.

@@ -11,12 +11,12 @@ use std::io;
 use std::path::Path;
 
 use super::kernel::{trial_outcome, KernelFacts, CAP_NET_ADMIN_FIX};
-use super::netlink::{
+use super::trial::{self, Target};
+use super::{Errno, InterfaceReport, ProbeOptions, Support, TcpDataSplit, TrialOutcome, Verdict};
+use crate::sys::netlink::{
     EthtoolNetlink, RingsInfo, RouteNetlink, TCP_DATA_SPLIT_DISABLED, TCP_DATA_SPLIT_ENABLED,
     TCP_DATA_SPLIT_UNKNOWN,
 };
-use super::trial::{self, Target};
-use super::{Errno, InterfaceReport, ProbeOptions, Support, TcpDataSplit, TrialOutcome, Verdict};
 
 const SYS_CLASS_NET: &str = "/sys/class/net";
 

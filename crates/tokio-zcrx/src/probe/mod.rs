@@ -67,7 +67,7 @@
 mod errno;
 mod interface;
 mod kernel;
-mod netlink;
+
 mod render;
 mod system;
 mod trial;

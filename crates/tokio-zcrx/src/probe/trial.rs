@@ -14,7 +14,7 @@ use zcrx_sys::zcrx::{
 };
 
 use super::system::page_size;
-use crate::mem::Mapping;
+use crate::sys::mem::Mapping;
 
 /// Pages in the trial area: enough for the kernel to accept it, small enough to pin anywhere.
 const TRIAL_AREA_PAGES: usize = 16;

@@ -20,11 +20,12 @@ use super::area::{Area, BufferRefs};
 use super::instance::{self, Instance};
 use super::kernel::{Capabilities, Kernel, UringKernel};
 use super::{lock, Command, DriverShared, FAILED, STOPPING};
+use super::{StreamEnd, StreamShared};
 use crate::buf::ZcBuf;
+use crate::config::StreamOptions;
 use crate::config::Validated;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, EventKind};
-use crate::stream::{StreamEnd, StreamOptions, StreamShared};
 
 /// The eventfd poll's `user_data` payload.
 const WAKE_EVENTFD: u64 = 1;

@@ -13,7 +13,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Once;
 
-use crate::mem::Mapping;
+use crate::sys::mem::Mapping;
 
 /// Ring descriptors the child handler closes; -1 is a free slot. A fixed array of atomics:
 /// the handler runs in the child right after fork, where no lock may be taken.

@@ -24,9 +24,11 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::broadcast;
 
 use crate::buf::ZcBuf;
+use crate::config::StreamOptions;
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, EventKind, Stats};
-use crate::mem::Mapping;
+use crate::sys::mem::Mapping;
+use crate::writer::ZcWriteHalf;
 
 /// Buffers of the copy pool, LIFO: the most recently returned buffer is reused first, while
 /// it is still in the CPU cache.
@@ -141,7 +143,7 @@ fn wake_all(waiters: Vec<Option<Waker>>) {
     // A panicking waker must not keep the streams after it asleep (or unwind into the
     // task that returned a buffer).
     for waker in waiters.into_iter().flatten() {
-        crate::stream::wake_contained(waker);
+        crate::backend::wake::wake_contained(waker);
     }
 }
 
@@ -288,7 +290,7 @@ impl Pool {
 /// The memory a pool of `buffers` buffers of `buffer_size` bytes takes: the buffers (whole
 /// pages, as mapped) and the free list. An error if it does not fit the address space.
 fn pool_memory_needed(buffers: u32, buffer_size: usize) -> io::Result<usize> {
-    let page = crate::mem::page_size();
+    let page = crate::sys::mem::page_size();
     (buffers as usize)
         .checked_mul(buffer_size)
         .and_then(|bytes| bytes.checked_next_multiple_of(page))
@@ -542,6 +544,17 @@ impl CopyRuntime {
 
     pub(crate) fn stats(&self) -> Stats {
         self.pool.stats()
+    }
+
+    /// Splits a connected socket: reads through the pool, writes straight to Tokio.
+    pub(crate) fn attach(
+        &self,
+        socket: tokio::net::TcpStream,
+        options: StreamOptions,
+    ) -> (CopyStream, ZcWriteHalf) {
+        let (read_half, write_half) = socket.into_split();
+        let stream = CopyStream::new(read_half, Arc::clone(&self.pool), options.read_limit);
+        (stream, ZcWriteHalf::tokio(write_half))
     }
 
     pub(crate) fn description(&self) -> String {

@@ -48,8 +48,8 @@ use super::instance::SharedLayout;
 use super::{DriverShared, Stopper, UringHandle};
 use crate::config::{EventsPolicy, Target};
 use crate::error::{Error, ErrorKind};
-use crate::mem::Mapping;
 use crate::mode::{ActiveMode, ModeSelection};
+use crate::sys::mem::Mapping;
 use crate::{Builder, Zcrx};
 use faults::{FaultConfig, FaultInjector};
 use kernel::{Control, KernelSetup, Path, SharedMemory, SyntheticKernel};
@@ -209,7 +209,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         .spawn(move || drive(driver, driver_shared))
         .map_err(internal)?;
     let zcrx = Zcrx::from_parts(
-        super::Backend::Uring(UringHandle {
+        crate::backend::Backend::Uring(UringHandle {
             _stopper: Arc::new(Stopper(Arc::clone(&shared))),
             shared,
         }),

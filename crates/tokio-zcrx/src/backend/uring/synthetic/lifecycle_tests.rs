@@ -13,7 +13,7 @@ use super::kernel::{Path, StreamPlan};
 use super::personality::{Personality, Registration};
 use super::scenarios::{check, read_checked, Harness};
 use super::{SyntheticConfig, CHUNK_SIZE};
-use crate::stream::WAKER_PANICS;
+use crate::backend::wake::WAKER_PANICS;
 use crate::{StreamOptions, ZcListener};
 
 const CHUNK: u64 = CHUNK_SIZE as u64;

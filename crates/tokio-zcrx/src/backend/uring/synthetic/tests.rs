@@ -35,9 +35,9 @@ pub(super) fn runtime() -> tokio::runtime::Runtime {
 }
 
 pub(super) fn driver_shared(zcrx: &Zcrx) -> Arc<DriverShared> {
-    match &zcrx.backend {
-        super::super::Backend::Uring(handle) => Arc::clone(&handle.shared),
-        super::super::Backend::Copy(_) => unreachable!("a synthetic runtime"),
+    match zcrx.backend() {
+        crate::backend::Backend::Uring(handle) => Arc::clone(&handle.shared),
+        crate::backend::Backend::Copy(_) => unreachable!("a synthetic runtime"),
     }
 }
 

@@ -24,9 +24,9 @@ use zcrx_core::user_data::UserData;
 use super::kernel::Capabilities;
 use crate::config::{EventsPolicy, Target, Validated};
 use crate::error::{Error, ErrorKind, Result};
-use crate::fork::RingForkGuard;
-use crate::mem::{page_size, Mapping};
 use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
+use crate::sys::fork::RingForkGuard;
+use crate::sys::mem::{page_size, Mapping};
 
 /// The ring type zcrx needs: 32-byte CQEs carry the receive offset.
 pub(crate) type Ring = IoUring<squeue::Entry, cqueue::Entry32>;
@@ -168,7 +168,7 @@ fn ring_creation_error(cq_entries: u32, error: io::Error) -> Error {
 
 /// Creates the ring and registers the queue described by `config`.
 pub(crate) fn register(config: &Validated) -> Result<Instance> {
-    let (ring, fork_guard) = crate::fork::create_ring(
+    let (ring, fork_guard) = crate::sys::fork::create_ring(
         || {
             IoUring::<squeue::Entry, cqueue::Entry32>::builder()
                 .setup_single_issuer()
@@ -258,7 +258,7 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
     // The kernel pins the area and writes both for the instance's lifetime: a forked child
     // must get neither (see crate::fork).
     for mapping in [&area, &region] {
-        crate::fork::exclude_mapping(mapping).map_err(|e| {
+        crate::sys::fork::exclude_mapping(mapping).map_err(|e| {
             Error::new(
                 ErrorKind::Kernel,
                 "madvise(MADV_DONTFORK) on the receive area failed",

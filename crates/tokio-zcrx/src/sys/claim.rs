@@ -154,8 +154,8 @@ fn tcp_info(fd: libc::c_int) -> Result<libc::tcp_info> {
 mod tests {
     use std::os::fd::{FromRawFd, IntoRawFd};
 
+    use crate::backend::uring::synthetic;
     use crate::error::ErrorKind;
-    use crate::runtime::synthetic;
 
     fn kind_of(err: std::io::Error) -> ErrorKind {
         let inner = err.into_inner().expect("a tokio_zcrx::Error inside");

@@ -18,7 +18,7 @@ use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 use super::instance::SharedLayout;
 use super::DriverShared;
 use crate::event::Stats;
-use crate::mem::Mapping;
+use crate::sys::mem::Mapping;
 
 /// Counters only the driver thread writes (relaxed: they are statistics).
 #[derive(Debug, Default)]

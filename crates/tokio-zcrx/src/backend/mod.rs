@@ -1,0 +1,146 @@
+//! The backends: what receives for a [`Zcrx`](crate::Zcrx), and every `match` over them.
+//!
+//! # The contract
+//!
+//! A backend turns connected TCP sockets into streams of [`ZcBuf`]s and owns whatever the
+//! bytes live in. Each one promises:
+//!
+//! - **Attach**: [`Backend::attach`] takes a connected, claimed socket and gives back the
+//!   stream's source and a write half; the socket's reads belong to the backend from then on.
+//! - **Order and ends**: a source yields buffers in the order of the byte stream, then either
+//!   `None` (EOF) or one `Err` carrying the kernel's errno (`ECONNRESET`, ...) or the
+//!   runtime's reason, then `None` forever.
+//! - **Buffers**: a [`ZcBuf`] stays valid while held, on any thread, after the stream, the
+//!   runtime and the backend are gone; its drop gives the memory back exactly once, through
+//!   the owner seam in [`crate::buf`] (buffers know no backend).
+//! - **Shutdown**: [`Backend::shutdown`] ends every stream with an error, wakes every waiter,
+//!   and completes when the backend has stopped; later calls fail with `RuntimeGone`.
+//! - **Observability**: [`Backend::stats`] and [`Backend::subscribe`] report the same
+//!   [`Stats`] and [`Event`]s in every backend, with the fields a backend has no use for at 0.
+//!
+//! Backends: [`uring`] (nic and nodev modes: a driver thread owns an io_uring with a zcrx
+//! queue) and [`copy`] (copy mode: Tokio's reactor and a buffer pool). [`select`] starts one
+//! for a builder's mode.
+
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::buf::ZcBuf;
+use crate::config::StreamOptions;
+use crate::error::Result;
+use crate::event::{Event, Stats};
+use crate::writer::ZcWriteHalf;
+use copy::{CopyRuntime, CopyStream};
+use uring::{UringHandle, UringStream};
+
+pub(crate) mod copy;
+pub(crate) mod select;
+pub(crate) mod uring;
+pub(crate) mod wake;
+
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Uring(UringHandle),
+    Copy(Arc<CopyRuntime>),
+}
+
+impl Backend {
+    /// Cancelled when the backend stops by itself (a failed driver); copy mode never does.
+    pub(crate) fn stopped_token(&self) -> CancellationToken {
+        match self {
+            Backend::Uring(handle) => handle.stopped_token(),
+            Backend::Copy(_) => CancellationToken::new(),
+        }
+    }
+
+    /// `RuntimeGone` once the backend has shut down (or its driver failed).
+    pub(crate) fn check_running(&self) -> Result<()> {
+        match self {
+            Backend::Uring(handle) => handle.check_running(),
+            Backend::Copy(copy) => copy.check_running(),
+        }
+    }
+
+    /// Takes over a connected, claimed socket: the source of its stream and its write half.
+    pub(crate) fn attach(
+        &self,
+        socket: TcpStream,
+        options: StreamOptions,
+    ) -> io::Result<(StreamSource, ZcWriteHalf)> {
+        match self {
+            Backend::Uring(handle) => {
+                let (stream, writer) = handle.attach(socket, options)?;
+                Ok((StreamSource::Uring(stream), writer))
+            }
+            Backend::Copy(copy) => {
+                let (stream, writer) = copy.attach(socket, options);
+                Ok((StreamSource::Copy(stream), writer))
+            }
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
+        match self {
+            Backend::Uring(handle) => handle.subscribe(),
+            Backend::Copy(copy) => copy.events.subscribe(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        match self {
+            Backend::Uring(handle) => handle.stats(),
+            Backend::Copy(copy) => copy.stats(),
+        }
+    }
+
+    pub(crate) fn description(&self) -> String {
+        match self {
+            Backend::Uring(handle) => handle.description(),
+            Backend::Copy(copy) => copy.description(),
+        }
+    }
+
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn inject_driver_panic(&self) {
+        if let Backend::Uring(handle) = self {
+            handle.inject_panic();
+        }
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        match self {
+            Backend::Uring(handle) => handle.shutdown().await,
+            Backend::Copy(copy) => copy.shut_down(),
+        }
+    }
+}
+
+/// Where a stream's buffers come from.
+#[derive(Debug)]
+pub(crate) enum StreamSource {
+    Uring(UringStream),
+    Copy(CopyStream),
+}
+
+impl StreamSource {
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ZcBuf>>> {
+        match self {
+            StreamSource::Uring(stream) => stream.poll_next(cx),
+            StreamSource::Copy(stream) => stream.poll_next(cx),
+        }
+    }
+
+    /// Moves buffers that have already arrived into `out`, up to `max` in all, without
+    /// waiting. (Copy mode has none waiting: it reads one buffer per poll.)
+    pub(crate) fn take_ready(&mut self, out: &mut Vec<ZcBuf>, max: usize) {
+        match self {
+            StreamSource::Uring(stream) => stream.take_ready(out, max),
+            StreamSource::Copy(_) => {}
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The io_uring backend's side of a stream: what the driver thread and the consumer task
+//! share ([`StreamShared`]), and the consumer's end ([`UringStream`]).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use super::{Command, StreamKey, UringHandle};
+use crate::backend::wake::wake_contained;
+use crate::buf::ZcBuf;
+
+/// Why a stream ended, as the driver reports it: the kernel's own error (its errno intact,
+/// as copy mode gives it) or the runtime's reason.
+#[derive(Debug)]
+pub(crate) enum StreamEnd {
+    Eof,
+    Error(io::Error),
+}
+
+impl StreamEnd {
+    /// The runtime ended the stream (shutdown, a failed driver, ...).
+    pub(crate) fn runtime(message: impl Into<String>) -> StreamEnd {
+        StreamEnd::Error(io::Error::new(io::ErrorKind::BrokenPipe, message.into()))
+    }
+}
+
+/// What the driver and the stream share.
+#[derive(Debug, Default)]
+pub(crate) struct StreamShared {
+    state: Mutex<SharedState>,
+}
+
+#[derive(Debug, Default)]
+struct SharedState {
+    buffers: VecDeque<ZcBuf>,
+    end: Option<StreamEnd>,
+    waker: Option<Waker>,
+    /// In limited mode: a request is running or was asked for.
+    request_pending: bool,
+}
+
+impl StreamShared {
+    fn lock(&self) -> MutexGuard<'_, SharedState> {
+        // A panic while holding this lock cannot leave the queue inconsistent (pushes and
+        // pops are single calls), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends buffers delivered in one reap and wakes the consumer once.
+    pub(crate) fn deliver(&self, buffers: &mut Vec<ZcBuf>) {
+        let waker = {
+            let mut state = self.lock();
+            state.buffers.extend(buffers.drain(..));
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            wake_contained(waker);
+        }
+    }
+
+    /// Ends the stream (after buffers already delivered).
+    pub(crate) fn finish(&self, end: StreamEnd) {
+        let waker = {
+            let mut state = self.lock();
+            if state.end.is_none() {
+                state.end = Some(end);
+            }
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            wake_contained(waker);
+        }
+    }
+
+    /// A limited request ended at its limit: the next one is made on demand.
+    pub(crate) fn request_done(&self) {
+        let waker = {
+            let mut state = self.lock();
+            state.request_pending = false;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            wake_contained(waker);
+        }
+    }
+}
+
+/// A stream fed by the io_uring driver.
+#[derive(Debug)]
+pub(crate) struct UringStream {
+    shared: Arc<StreamShared>,
+    /// Buffers taken from `shared` in one lock, handed out one by one.
+    local: VecDeque<ZcBuf>,
+    key: StreamKey,
+    handle: UringHandle,
+    limited: bool,
+    done: bool,
+}
+
+impl UringStream {
+    pub(crate) fn new(
+        shared: Arc<StreamShared>,
+        key: StreamKey,
+        handle: UringHandle,
+        limited: bool,
+    ) -> UringStream {
+        UringStream {
+            shared,
+            local: VecDeque::new(),
+            key,
+            handle,
+            limited,
+            done: false,
+        }
+    }
+}
+
+impl UringStream {
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ZcBuf>>> {
+        let this = self;
+        if let Some(buf) = this.local.pop_front() {
+            return Poll::Ready(Some(Ok(buf)));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut state = this.shared.lock();
+        if !state.buffers.is_empty() {
+            std::mem::swap(&mut this.local, &mut state.buffers);
+            drop(state);
+            return Poll::Ready(this.local.pop_front().map(Ok));
+        }
+        if let Some(end) = state.end.take() {
+            this.done = true;
+            return Poll::Ready(match end {
+                StreamEnd::Eof => None,
+                StreamEnd::Error(error) => Some(Err(error)),
+            });
+        }
+        let ask_for_more = this.limited && !state.request_pending;
+        if ask_for_more {
+            state.request_pending = true;
+        }
+        match &state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        drop(state);
+        if ask_for_more {
+            if let Err(e) = this.handle.shared.send(Command::ReadMore(this.key)) {
+                this.done = true;
+                return Poll::Ready(Some(Err(e.into())));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl UringStream {
+    /// Moves buffers that have arrived into `out`, up to `max` in all, without waiting.
+    pub(crate) fn take_ready(&mut self, out: &mut Vec<ZcBuf>, max: usize) {
+        if self.local.is_empty() && out.len() < max {
+            let mut state = self.shared.lock();
+            std::mem::swap(&mut self.local, &mut state.buffers);
+        }
+        let take = (max - out.len()).min(self.local.len());
+        out.extend(self.local.drain(..take));
+    }
+}
+
+impl Drop for UringStream {
+    fn drop(&mut self) {
+        // Always, also after EOF or an error: the driver's entry holds the socket and the
+        // stream's slot until it hears the reader is gone (it cancels a running receive
+        // first). An error means the driver is gone and has cleaned up already.
+        let _ = self.handle.shared.send(Command::Close(self.key));
+    }
+}

@@ -1,0 +1,220 @@
+//! [`Zcrx`]: the handle to a running runtime, whatever backend receives for it.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{select, Backend};
+use crate::config::Builder;
+use crate::config::StreamOptions;
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{Event, Stats};
+use crate::mode::{ActiveMode, ModeSelection};
+use crate::stream::ZcStream;
+use crate::sys::claim;
+use crate::writer::ZcWriteHalf;
+
+/// A running zcrx runtime: one registered receive queue and its driver thread.
+///
+/// Cheap to clone; every clone refers to the same runtime. The runtime stops when
+/// [`shutdown`](Zcrx::shutdown) is called or the last `Zcrx` (including those held by
+/// streams) is dropped. Buffers handed out stay valid after that.
+///
+/// ```no_run
+/// use futures::StreamExt;
+/// use tokio_zcrx::{Zcrx, ZcListener};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let zcrx = Zcrx::builder().interface("eth0", 3).build()?;
+///     let mut events = zcrx.subscribe();
+///     tokio::spawn(async move {
+///         while let Ok(event) = events.recv().await {
+///             eprintln!("zcrx: {} ({})", event.kind, event.stats);
+///         }
+///     });
+///     let listener = ZcListener::bind(&zcrx, "[::]:9000").await?;
+///     loop {
+///         let (mut stream, _writer, peer) = listener.accept().await?;
+///         tokio::spawn(async move {
+///             let mut total = 0;
+///             while let Some(Ok(buf)) = stream.next().await {
+///                 total += buf.len();
+///             }
+///             println!("{peer}: {total} bytes");
+///         });
+///     }
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Zcrx {
+    backend: Backend,
+    selection: Arc<ModeSelection>,
+    /// Cancelled when the runtime stops (shutdown, or a failed driver): what waits for
+    /// something else (a listener's accept) stops waiting then.
+    stopped: CancellationToken,
+}
+
+impl std::fmt::Debug for Zcrx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zcrx")
+            .field("mode", &self.selection.chosen)
+            .field("receiving", &self.description())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Zcrx {
+    #[cfg(any(test, feature = "bench-internals"))]
+    pub(crate) fn from_parts(backend: Backend, selection: ModeSelection) -> Zcrx {
+        Zcrx::new(backend, selection)
+    }
+
+    /// The backend, for the backends' own tests.
+    #[cfg(test)]
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub(crate) fn new(backend: Backend, selection: ModeSelection) -> Zcrx {
+        let stopped = backend.stopped_token();
+        Zcrx {
+            backend,
+            selection: Arc::new(selection),
+            stopped,
+        }
+    }
+
+    /// Completes when the runtime has stopped.
+    pub(crate) async fn stopped(&self) {
+        self.stopped.cancelled().await
+    }
+
+    /// A [`Builder`](crate::Builder) for a runtime.
+    pub fn builder() -> crate::Builder {
+        crate::Builder::new()
+    }
+
+    /// The mode this runtime receives in.
+    pub fn mode(&self) -> ActiveMode {
+        self.selection.chosen
+    }
+
+    /// The mode, and why better modes were refused (with [`Mode::Auto`](crate::Mode::Auto)).
+    pub fn mode_selection(&self) -> &ModeSelection {
+        &self.selection
+    }
+
+    /// Receives an existing connection through this runtime: returns its stream of
+    /// buffers and the write half (for replies). Must be called within a Tokio runtime, in
+    /// every mode (the write half and the stream use its reactor).
+    ///
+    /// Fails, closing the socket, with [`ErrorKind::InvalidConfig`](crate::ErrorKind) outside
+    /// a Tokio runtime, [`ErrorKind::InvalidSocket`](crate::ErrorKind) for a socket that is
+    /// listening, not connected or already attached (also through a `try_clone`d or `dup`ed
+    /// descriptor), and [`ErrorKind::RuntimeGone`](crate::ErrorKind) after
+    /// [`shutdown`](Zcrx::shutdown).
+    pub fn attach(&self, socket: TcpStream) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
+        self.attach_with(socket, StreamOptions::default())
+    }
+
+    /// Like [`attach`](Zcrx::attach), with options (e.g. a byte limit per receive).
+    pub fn attach_with(
+        &self,
+        socket: TcpStream,
+        options: StreamOptions,
+    ) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
+        if options.read_limit == Some(0) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "a read limit of 0 bytes would never read: use None for no limit",
+            )
+            .into());
+        }
+        self.check_running()?;
+        // Required in copy mode too, although it could do without: code tested on a machine
+        // that runs copy mode must not fail where zero copy runs.
+        require_tokio("attach")?;
+        // Released when the stream is dropped (or now, with the socket, on any error below).
+        let claim = claim::claim_connected_tcp(socket.as_fd())?;
+        let (source, write_half) = self.backend.attach(socket, options)?;
+        Ok((ZcStream::new(source, claim), write_half))
+    }
+
+    /// `RuntimeGone` once the runtime has shut down (or its driver failed).
+    pub(crate) fn check_running(&self) -> Result<()> {
+        self.backend.check_running()
+    }
+
+    /// A receiver of runtime events (copy fallback, allocation failure, area exhausted, CQ
+    /// overflow recovered), each with a statistics snapshot. After
+    /// [`shutdown`](Zcrx::shutdown) the receiver is closed: `recv` returns `Closed` at once.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        if self.check_running().is_err() {
+            // No event can come any more; a receiver of the live channel would wait forever.
+            return broadcast::channel(1).1;
+        }
+        self.backend.subscribe()
+    }
+
+    /// The current statistics.
+    pub fn stats(&self) -> Stats {
+        self.backend.stats()
+    }
+
+    /// What this runtime receives through, e.g. `eth0 rx queue 3`, `no device (NODEV
+    /// mode)` or `copy mode (64 buffers of 65536 bytes)`.
+    pub fn description(&self) -> String {
+        self.backend.description()
+    }
+
+    /// Makes the driver thread panic, to test how an application copes with a failed
+    /// runtime. Only with the `fault-injection` feature; no effect in copy mode.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn inject_driver_panic(&self) {
+        self.backend.inject_driver_panic();
+    }
+
+    /// Stops receiving: every stream ends with an error, the ring and the kernel's zcrx
+    /// instance are closed. Completes when the driver thread has finished. Buffers still held
+    /// stay valid; the area is unmapped when the last one is dropped.
+    pub async fn shutdown(&self) {
+        self.backend.shutdown().await;
+        // Also cancelled by a backend that stops on its own; in copy mode only here.
+        self.stopped.cancel();
+    }
+}
+
+impl Builder {
+    /// Starts the runtime in the chosen mode. For the io_uring modes this starts the driver
+    /// thread and registers the queue, blocking until the kernel answered (milliseconds; a
+    /// NIC queue restart may take longer).
+    ///
+    /// Every refusal maps to an [`Error`] whose message says what to do; with
+    /// [`Mode::Auto`](crate::Mode::Auto) refusals become [`Zcrx::mode_selection`](crate::Zcrx::mode_selection)
+    /// reasons instead.
+    pub fn build(self) -> Result<Zcrx> {
+        let (backend, selection) = select::select_and_start(self)?;
+        Ok(Zcrx::new(backend, selection))
+    }
+}
+
+/// `InvalidConfig` unless called within a Tokio runtime, which `what` needs for its reactor.
+pub(crate) fn require_tokio(what: &str) -> Result<()> {
+    tokio::runtime::Handle::try_current()
+        .map(drop)
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                "{what} must be called within a Tokio runtime: its sockets are registered with \
+                 that runtime's reactor (call it from a task, or enter the runtime with \
+                 Runtime::enter)"
+            ),
+            )
+        })
+}
