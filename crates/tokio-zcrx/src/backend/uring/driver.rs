@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use zcrx_core::completion::{
     decode, AreaLayout, Completion, Eof, InvalidCompletion, RawCompletion, RecvErrorAction,
 };
-use zcrx_core::events::{EventKind as KernelEvent, EventRearm};
+use zcrx_core::events::{EventRearm, ZcrxEventType};
 use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
 
 use super::area::{Area, BufferRefs};
@@ -653,7 +653,7 @@ impl<K: Kernel> Driver<K> {
             return;
         }
         let now = Instant::now();
-        let due: Vec<KernelEvent> = self.events.due_rearms(now).collect();
+        let due: Vec<ZcrxEventType> = self.events.due_rearms(now).collect();
         for kind in due {
             match self.kernel.arm_event(kind.type_index()) {
                 // EINVAL: the kernel thinks it is armed already (it never fired for it).
@@ -956,16 +956,16 @@ impl<K: Kernel> Driver<K> {
         Ok(())
     }
 
-    fn on_kernel_event(&mut self, kind: KernelEvent) {
+    fn on_kernel_event(&mut self, kind: ZcrxEventType) {
         self.area
             .counters
             .kernel_events
             .fetch_add(1, Ordering::Relaxed);
         self.events.on_event(kind, Instant::now());
         match kind {
-            KernelEvent::Copy => self.emit(EventKind::CopyFallback),
-            KernelEvent::AllocFail => self.emit(EventKind::AllocationFailure),
-            KernelEvent::Unknown(_) => {}
+            ZcrxEventType::Copy => self.emit(EventKind::CopyFallback),
+            ZcrxEventType::AllocFail => self.emit(EventKind::AllocationFailure),
+            ZcrxEventType::Unknown(_) => {}
         }
     }
 
