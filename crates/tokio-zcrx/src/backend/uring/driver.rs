@@ -18,7 +18,7 @@ use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
 
 use super::area::{Area, BufferRefs};
 use super::instance::{self, Instance};
-use super::kernel::{Capabilities, Kernel, UringKernel};
+use super::ring::{Capabilities, CompletionRing, UringRing};
 use super::{lock, Command, DriverShared, FAILED, STOPPING};
 use super::{StreamEnd, StreamShared};
 use crate::buf::ZcBuf;
@@ -73,7 +73,7 @@ pub(super) fn run(config: Validated, shared: Arc<DriverShared>, ready: mpsc::Sen
 }
 
 /// Runs a driver until shutdown or failure, then ends every stream and releases waiters.
-pub(crate) fn drive<K: Kernel>(mut driver: Driver<K>, shared: Arc<DriverShared>) {
+pub(crate) fn drive<R: CompletionRing>(mut driver: Driver<R>, shared: Arc<DriverShared>) {
     let outcome = catch_unwind(AssertUnwindSafe(|| driver.run()));
     let failure = match outcome {
         Ok(Ok(())) => None,
@@ -166,8 +166,8 @@ impl StreamEntry {
     }
 }
 
-pub(crate) struct Driver<K: Kernel> {
-    kernel: K,
+pub(crate) struct Driver<R: CompletionRing> {
+    ring: R,
     area: Arc<Area>,
     buffer_refs: BufferRefs,
     layout: AreaLayout,
@@ -196,12 +196,12 @@ pub(crate) struct Driver<K: Kernel> {
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
 
-impl Driver<UringKernel> {
+impl Driver<UringRing> {
     fn new(
         instance: Instance,
         config: &Validated,
         shared: Arc<DriverShared>,
-    ) -> Result<Driver<UringKernel>> {
+    ) -> Result<Driver<UringRing>> {
         let Instance {
             ring,
             fork_guard,
@@ -219,8 +219,8 @@ impl Driver<UringKernel> {
         let layout = AreaLayout::new(area.len() as u64, area.chunk_size, shared_layout.area_token)
             .map_err(|e| Error::new(ErrorKind::Kernel, format!("unusable area layout: {e}")))?;
         *lock(&shared.description) = description;
-        Driver::with_kernel(
-            UringKernel::new(ring, fork_guard, zcrx_id),
+        Driver::with_ring(
+            UringRing::new(ring, fork_guard, zcrx_id),
             Arc::new(area),
             layout,
             nodev,
@@ -231,23 +231,23 @@ impl Driver<UringKernel> {
     }
 }
 
-impl<K: Kernel> Driver<K> {
+impl<R: CompletionRing> Driver<R> {
     /// A driver over any completion source (the real ring, or a synthetic one).
-    pub(crate) fn with_kernel(
-        kernel: K,
+    pub(crate) fn with_ring(
+        ring: R,
         area: Arc<Area>,
         layout: AreaLayout,
         nodev: bool,
         caps: Capabilities,
         config: &Validated,
         shared: Arc<DriverShared>,
-    ) -> Result<Driver<K>> {
+    ) -> Result<Driver<R>> {
         *lock(&shared.area) = Some(Arc::downgrade(&area));
         let events_tx = lock(&shared.events)
             .clone()
             .expect("the event channel lives until the driver exits");
         let mut driver = Driver {
-            kernel,
+            ring,
             buffer_refs: BufferRefs::new(&area),
             area,
             layout,
@@ -310,7 +310,7 @@ impl<K: Kernel> Driver<K> {
     fn close_ring(self) {
         let expose = self.teardown_would_expose_buffers();
         let Driver {
-            kernel,
+            ring,
             area,
             buffer_refs,
             ..
@@ -321,9 +321,9 @@ impl<K: Kernel> Driver<K> {
                  which would hand them back to the running NIC queue; the queue stays bound \
                  until the last buffer is dropped"
             );
-            area.close_with_last_buffer(Box::new(kernel));
+            area.close_with_last_buffer(Box::new(ring));
         } else {
-            drop(kernel);
+            drop(ring);
         }
         drop(buffer_refs);
         drop(area);
@@ -341,7 +341,7 @@ impl<K: Kernel> Driver<K> {
         let user_data = UserData::new(UserDataKind::Wake, WAKE_EVENTFD)
             .expect("small payload")
             .as_u64();
-        self.kernel
+        self.ring
             .poll_readable(self.shared.eventfd.as_raw_fd(), user_data)
     }
 
@@ -365,7 +365,7 @@ impl<K: Kernel> Driver<K> {
         };
         entry.request = Request::Running;
         let (fd, user_data) = (entry.fd(), UserData::recv(entry.id).as_u64());
-        self.kernel.recv(fd, len, user_data)
+        self.ring.recv(fd, len, user_data)
     }
 
     fn take_commands(&mut self) -> io::Result<()> {
@@ -472,7 +472,7 @@ impl<K: Kernel> Driver<K> {
                 entry.request = Request::Cancelling;
                 let target = UserData::recv(entry.id).as_u64();
                 let user_data = UserData::cancel(entry.id).as_u64();
-                self.kernel.cancel(target, user_data)
+                self.ring.cancel(target, user_data)
             }
             Request::Cancelling => Ok(()),
             Request::Idle | Request::WaitingForBuffers | Request::ResubmitAfterCq => {
@@ -550,7 +550,7 @@ impl<K: Kernel> Driver<K> {
             && flush_needed
             && (self.area.refill.take_unflushed() > 0 || self.area.refill.unconsumed() > 0)
         {
-            match self.kernel.flush_refill() {
+            match self.ring.flush_refill() {
                 Ok(()) => moved += self.area.refill.flush_overflow(),
                 Err(e) => {
                     // Keep flushing: the query reported ZCRX_CTRL, so a refusal is not
@@ -655,7 +655,7 @@ impl<K: Kernel> Driver<K> {
         let now = Instant::now();
         let due: Vec<ZcrxEventType> = self.events.due_rearms(now).collect();
         for kind in due {
-            match self.kernel.arm_event(kind.type_index()) {
+            match self.ring.arm_event(kind.type_index()) {
                 // EINVAL: the kernel thinks it is armed already (it never fired for it).
                 Ok(()) => {
                     self.events.mark_rearmed(kind);
@@ -703,7 +703,7 @@ impl<K: Kernel> Driver<K> {
             .min()
             .map(|d| d.saturating_duration_since(Instant::now()))
         };
-        let result = self.kernel.submit_and_wait(timeout);
+        let result = self.ring.submit_and_wait(timeout);
         self.shared.sleeping.store(false, Ordering::SeqCst);
         match result {
             // Transient: interrupted, no memory for the request right now, or CQ overflow
@@ -729,7 +729,7 @@ impl<K: Kernel> Driver<K> {
 
     fn reap(&mut self) -> io::Result<()> {
         self.reaped.clear();
-        self.kernel.reap(&mut self.reaped);
+        self.ring.reap(&mut self.reaped);
         let mut cq_overflowed = false;
         let reaped = std::mem::take(&mut self.reaped);
         for raw in &reaped {

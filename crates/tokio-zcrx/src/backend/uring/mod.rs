@@ -10,7 +10,7 @@
 pub(crate) mod area;
 pub(crate) mod driver;
 pub(crate) mod instance;
-pub(crate) mod kernel;
+pub(crate) mod ring;
 mod stream;
 #[cfg(any(test, feature = "bench-internals"))]
 pub(crate) mod synthetic;

@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use super::super::{FAILED, RUNNING};
 use super::faults::{FaultConfig, Injected, Malformed, Rng};
-use super::kernel::{Lengths, Path, StreamPlan};
+use super::ring::{Lengths, Path, StreamPlan};
 use super::scenarios::{check, Harness, KERNELS};
 use super::{SyntheticConfig, CHUNK_SIZE};
 use crate::ZcBuf;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::kernel::{Path, StreamPlan};
 use super::personality::{Personality, Registration};
+use super::ring::{Path, StreamPlan};
 use super::scenarios::{check, Harness};
 use super::tests::runtime;
 use super::SyntheticConfig;

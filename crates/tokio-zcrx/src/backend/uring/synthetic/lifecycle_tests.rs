@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::kernel::{Path, StreamPlan};
 use super::personality::{Personality, Registration};
+use super::ring::{Path, StreamPlan};
 use super::scenarios::{check, read_checked, Harness};
 use super::{SyntheticConfig, CHUNK_SIZE};
 use crate::backend::wake::WAKER_PANICS;

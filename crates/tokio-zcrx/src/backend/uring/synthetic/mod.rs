@@ -1,6 +1,6 @@
 //! A synthetic kernel: the whole runtime without a kernel.
 //!
-//! [`kernel::SyntheticKernel`] plays the kernel's side of the ring against the real driver,
+//! [`ring::SyntheticRing`] plays the kernel's side of the ring against the real driver,
 //! area and refill ring, answering like a chosen kernel ([`personality`]), optionally with
 //! seeded faults ([`faults`]), and writing a verifiable byte pattern ([`pattern`]).
 //! Everything else (decoding, routing, waking tasks, consuming, dropping, refill
@@ -13,11 +13,11 @@ mod bench;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod faults;
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) mod kernel;
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod pattern;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod personality;
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) mod ring;
 
 #[cfg(test)]
 mod fault_tests;
@@ -52,8 +52,8 @@ use crate::mode::{ActiveMode, ModeSelection};
 use crate::sys::mem::Mapping;
 use crate::{Builder, Zcrx};
 use faults::{FaultConfig, FaultInjector};
-use kernel::{Control, KernelSetup, Path, SharedMemory, SyntheticKernel};
 use personality::{Personality, Registration};
+use ring::{Control, KernelSetup, Path, SharedMemory, SyntheticRing};
 
 const CHUNK_SIZE: u32 = 4096;
 /// Where the refill ring's head and tail sit in the region (entries: the personality's).
@@ -101,7 +101,7 @@ impl SyntheticConfig {
     }
 }
 
-/// Starts a runtime whose driver runs over a [`SyntheticKernel`] answering like the
+/// Starts a runtime whose driver runs over a [`SyntheticRing`] answering like the
 /// benchmark's kernel (7.3, NIC queue under steady traffic, zero-copy, no pattern): every attached stream
 /// receives `chunks_per_stream` chunks of 4 KiB, then EOF. The sockets are only
 /// placeholders.
@@ -177,7 +177,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     let area_layout = AreaLayout::new(area.len() as u64, CHUNK_SIZE, 0)
         .map_err(|e| Error::new(ErrorKind::Kernel, format!("synthetic area: {e}")))?;
     let control = Arc::new(Control::default());
-    let kernel = SyntheticKernel::new(
+    let ring = SyntheticRing::new(
         KernelSetup {
             personality,
             registration: config.registration,
@@ -194,8 +194,8 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     );
     *super::lock(&shared.description) =
         format!("synthetic kernel {personality} ({:?})", config.registration);
-    let driver = Driver::with_kernel(
-        kernel,
+    let driver = Driver::with_ring(
+        ring,
         Arc::new(area),
         area_layout,
         config.registration == Registration::NoDevice,
