@@ -14,6 +14,8 @@ pub(crate) mod ring;
 mod stream;
 #[cfg(any(test, feature = "bench-internals"))]
 pub(crate) mod synthetic;
+#[cfg(test)]
+mod tests;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};

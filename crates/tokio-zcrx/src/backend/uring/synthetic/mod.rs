@@ -1,13 +1,13 @@
-//! A synthetic kernel: the whole runtime without a kernel.
+//! A synthetic ring: the whole runtime without a kernel.
 //!
 //! [`ring::SyntheticRing`] plays the kernel's side of the ring against the real driver,
 //! area and refill ring, answering like a chosen kernel ([`personality`]), optionally with
 //! seeded faults ([`faults`]), and writing a verifiable byte pattern ([`pattern`]).
 //! Everything else (decoding, routing, waking tasks, consuming, dropping, refill
-//! publication) is the runtime's own code. It backs the per-chunk benchmark ([`bench`]) and
-//! the host tests: the scenarios run against every personality, fault injection, idle CPU.
+//! publication) is the runtime's own code. It backs the per-chunk benchmark (through
+//! `tokio_zcrx::__bench::start`, `bench-internals`) and the driver's host tests
+//! (`backend/uring/tests/`): scenarios against every personality, fault injection, idle CPU.
 
-mod bench;
 // The benchmark build (`bench-internals`) uses one personality and no faults: what only the
 // tests use is not dead code.
 #[cfg_attr(not(test), allow(dead_code))]
@@ -18,21 +18,6 @@ pub(crate) mod pattern;
 pub(crate) mod personality;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod ring;
-
-#[cfg(test)]
-mod fault_tests;
-#[cfg(test)]
-mod idle_tests;
-#[cfg(test)]
-mod lifecycle_tests;
-#[cfg(test)]
-mod scenarios;
-#[cfg(test)]
-mod tests;
-
-#[cfg(feature = "bench-internals")]
-pub use bench::PerChunkReport;
-pub use bench::{per_chunk, Consume};
 
 use std::io;
 use std::sync::atomic::AtomicU32;
@@ -55,7 +40,7 @@ use faults::{FaultConfig, FaultInjector};
 use personality::{Personality, Registration};
 use ring::{Control, KernelSetup, Path, SharedMemory, SyntheticRing};
 
-const CHUNK_SIZE: u32 = 4096;
+pub(crate) const CHUNK_SIZE: u32 = 4096;
 /// Where the refill ring's head and tail sit in the region (entries: the personality's).
 const HEAD_OFFSET: usize = 0;
 const TAIL_OFFSET: usize = 4;
