@@ -4,8 +4,9 @@
 //! time one request runs until EOF, but a request also ends on an error the runtime answers
 //! by resubmitting (`ENOSPC`, `ENOMEM`, `EINTR`: [`Errno::recv_action`]), on a byte limit
 //! (a *limited* stream asks the kernel for at most what its reader granted, and starts the
-//! next request only when the reader asks again), on a cancel, or, on kernels that never
-//! did so up to 7.3, after data without `IORING_CQE_F_MORE` with no reason given.
+//! next request only when the reader asks again), on a cancel, or after data without
+//! `IORING_CQE_F_MORE` with no reason given (no kernel up to 7.3 does that; the stream
+//! goes on as after a final CQE).
 //!
 //! [`StreamReceive`] is that decision per stream, without I/O: the runtime feeds it what
 //! happened (a completion, a command from the reader, shutdown) and carries out the
