@@ -26,7 +26,7 @@ use std::io;
 use zcrx_sys::ring::IORING_CQE_F_MORE;
 use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK, IORING_ZCRX_AREA_SHIFT};
 
-use crate::events::EventKind;
+use crate::events::ZcrxEventType;
 use crate::refill::refill_entry;
 use crate::user_data::{StreamGenerations, StreamId, UserData, UserDataKind};
 
@@ -256,7 +256,7 @@ pub enum Completion {
     /// A zcrx event (CQE with [`UserData::EVENT`]); see [`crate::events`].
     Event {
         /// The event type.
-        kind: EventKind,
+        kind: ZcrxEventType,
     },
     /// A wake request completed.
     Wake {
@@ -471,7 +471,7 @@ pub fn decode(
         UserDataKind::Recv => decode_recv(raw, area, streams, user_data.stream()).map_err(invalid),
         UserDataKind::Event if user_data == UserData::EVENT => Ok(Completion::Event {
             // `res` is the type index; 0 is ALLOC_FAIL, not "no event".
-            kind: EventKind::from_type_index(raw.res as u32),
+            kind: ZcrxEventType::from_type_index(raw.res as u32),
         }),
         UserDataKind::Event => Err(invalid(InvalidReason::UnknownUserData)),
         UserDataKind::Wake => Ok(Completion::Wake {

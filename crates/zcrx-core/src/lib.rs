@@ -13,6 +13,7 @@
 //! | [`user_data`] | the `user_data` tagging scheme, stream slots with generations | the driver, per SQE and CQE |
 //! | [`accounting`] | [`ChunkRefs`](accounting::ChunkRefs): outstanding references per chunk, catches double returns | the driver on delivery, any thread on return |
 //! | [`events`] | [`EventRearm`](events::EventRearm): when to re-arm zcrx events, rate-limited | the driver |
+//! | [`receive`] | [`StreamReceive`](receive::StreamReceive): one stream's receive requests, when to submit, resubmit, cancel and finish | the driver, per stream |
 //!
 //! # How a runtime uses it
 //!
@@ -28,7 +29,8 @@
 //!   data CQE. The driver returns many at once with
 //!   [`RefillRing::push_batch`](refill::RefillRing::push_batch).
 //! - [`Completion::End`](completion::Completion::End): the multishot receive is over;
-//!   [`Errno::recv_action`](completion::Errno::recv_action) says whether to resubmit.
+//!   [`StreamReceive::on_end`](receive::StreamReceive::on_end) says what next (resubmit,
+//!   wait, finish, remove), from [`Errno::recv_action`](completion::Errno::recv_action).
 //! - [`Completion::Event`](completion::Completion::Event): feed
 //!   [`EventRearm::on_event`](events::EventRearm::on_event); re-arm what
 //!   [`EventRearm::due_rearms`](events::EventRearm::due_rearms) returns, and bound the wait
@@ -93,6 +95,7 @@
 pub mod accounting;
 pub mod completion;
 pub mod events;
+pub mod receive;
 pub mod refcount;
 pub mod refill;
 mod sync;

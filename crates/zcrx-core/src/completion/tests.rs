@@ -186,19 +186,19 @@ fn events_decode_by_type_index() {
     assert_eq!(
         event(0),
         Ok(Completion::Event {
-            kind: EventKind::AllocFail
+            kind: ZcrxEventType::AllocFail
         })
     );
     assert_eq!(
         event(1),
         Ok(Completion::Event {
-            kind: EventKind::Copy
+            kind: ZcrxEventType::Copy
         })
     );
     assert_eq!(
         event(9),
         Ok(Completion::Event {
-            kind: EventKind::Unknown(9)
+            kind: ZcrxEventType::Unknown(9)
         })
     );
     let odd_event = RawCompletion {

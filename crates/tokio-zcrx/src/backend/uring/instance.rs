@@ -21,7 +21,7 @@ use zcrx_sys::zcrx::{
 use zcrx_core::refill::RingLayout;
 use zcrx_core::user_data::UserData;
 
-use super::kernel::Capabilities;
+use super::ring::Capabilities;
 use crate::config::{EventsPolicy, Target, Validated};
 use crate::error::{Error, ErrorKind, Result};
 use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};

@@ -10,10 +10,12 @@
 pub(crate) mod area;
 pub(crate) mod driver;
 pub(crate) mod instance;
-pub(crate) mod kernel;
+pub(crate) mod ring;
 mod stream;
 #[cfg(any(test, feature = "bench-internals"))]
 pub(crate) mod synthetic;
+#[cfg(test)]
+mod tests;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};

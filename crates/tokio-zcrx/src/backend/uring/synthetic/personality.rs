@@ -7,7 +7,7 @@
 //! answer by the same rules `instance::register` applies to the real one. Facts from
 //! /work/shared/zcrx-kernel.md and io_uring/zcrx.c.
 
-use super::super::kernel::Capabilities;
+use super::super::ring::Capabilities;
 
 /// A kernel (range) the synthetic kernel answers like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

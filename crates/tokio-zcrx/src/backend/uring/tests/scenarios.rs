@@ -14,13 +14,13 @@ use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use super::super::area::Area;
+use super::super::synthetic::faults::FaultConfig;
+use super::super::synthetic::pattern;
+use super::super::synthetic::personality::{Personality, Registration};
+use super::super::synthetic::ring::{Control, Lengths, Path, StreamPlan};
+use super::super::synthetic::{start_with, SyntheticConfig, CHUNK_SIZE};
 use super::super::{lock, DriverShared};
-use super::faults::FaultConfig;
-use super::kernel::{Control, Lengths, Path, StreamPlan};
-use super::pattern;
-use super::personality::{Personality, Registration};
-use super::tests::{area_of, driver_shared};
-use super::{start_with, SyntheticConfig, CHUNK_SIZE};
+use super::{area_of, driver_shared};
 use crate::{EventKind, ZcStream, ZcWriteHalf, Zcrx};
 
 /// Every kernel the scenarios run against.
@@ -144,7 +144,7 @@ where
 {
     let mut failures = Vec::new();
     for (personality, registration) in KERNELS {
-        let runtime = super::tests::runtime();
+        let runtime = super::runtime();
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             runtime.block_on(async {
                 tokio::time::timeout(SCENARIO_BOUND, scenario(personality, registration))

@@ -1,6 +1,7 @@
-//! What the driver asks of the kernel, as one small interface.
+//! What the driver asks of the kernel, as one small interface: [`CompletionRing`] (queue
+//! requests, submit and wait, reap completions, a few zcrx controls).
 //!
-//! [`UringKernel`] is the real thing: an io_uring with a registered zcrx queue. Keeping the
+//! [`UringRing`] is the real thing: an io_uring with a registered zcrx queue. Keeping the
 //! driver behind this trait lets the per-chunk benchmark run the whole runtime path (decode,
 //! routing, waking, consuming, dropping, refill publication) against a synthetic completion
 //! source at full speed, without a kernel ([`super::synthetic`]).
@@ -33,7 +34,7 @@ pub(crate) struct Capabilities {
     pub(crate) teardown_stops_queue_first: bool,
 }
 
-pub(crate) trait Kernel: Send + 'static {
+pub(crate) trait CompletionRing: Send + 'static {
     /// Queues a multishot zero-copy receive on `fd` (`len` 0: no limit).
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()>;
     /// Queues the cancellation of the request tagged `target`.
@@ -53,7 +54,7 @@ pub(crate) trait Kernel: Send + 'static {
 }
 
 /// The io_uring with the registered zcrx queue.
-pub(crate) struct UringKernel {
+pub(crate) struct UringRing {
     /// Before `ring`: leaves the fork handler's table before the descriptor is closed.
     _fork_guard: RingForkGuard,
     pub(crate) ring: Ring,
@@ -64,9 +65,9 @@ pub(crate) struct UringKernel {
     backlog: VecDeque<squeue::Entry>,
 }
 
-impl UringKernel {
-    pub(crate) fn new(ring: Ring, fork_guard: RingForkGuard, zcrx_id: u32) -> UringKernel {
-        UringKernel {
+impl UringRing {
+    pub(crate) fn new(ring: Ring, fork_guard: RingForkGuard, zcrx_id: u32) -> UringRing {
+        UringRing {
             _fork_guard: fork_guard,
             ring,
             zcrx_id,
@@ -99,7 +100,7 @@ impl UringKernel {
     }
 }
 
-impl Kernel for UringKernel {
+impl CompletionRing for UringRing {
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {
         let sqe = opcode::RecvZc::new(types::Fd(fd), len)
             .ifq(self.zcrx_id)

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::kernel::{Path, StreamPlan};
-use super::personality::{Personality, Registration};
+use super::super::synthetic::personality::{Personality, Registration};
+use super::super::synthetic::ring::{Path, StreamPlan};
+use super::super::synthetic::SyntheticConfig;
+use super::runtime;
 use super::scenarios::{check, Harness};
-use super::tests::runtime;
-use super::SyntheticConfig;
 
 const IDLE: Duration = Duration::from_secs(1);
 const LIMIT: Duration = Duration::from_millis(10);
