@@ -60,6 +60,10 @@ impl<R: CompletionRing> Driver<R> {
                 .counters
                 .resubmits_cq_overflow
                 .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "tokio-zcrx: the completion queue overflowed; receives are resubmitted \
+                 (Builder::cq_entries set higher avoids it)"
+            );
             self.emit(EventKind::CqOverflowRecovered);
             for slot in self.streams.slots() {
                 let resubmit = self

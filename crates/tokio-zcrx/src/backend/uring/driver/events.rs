@@ -49,12 +49,19 @@ impl<R: CompletionRing> Driver<R> {
         match kind {
             ZcrxEventType::Copy => self.emit(EventKind::CopyFallback),
             ZcrxEventType::AllocFail => self.emit(EventKind::AllocationFailure),
-            ZcrxEventType::Unknown(_) => {}
+            // A kernel newer than this library: counted above, nothing more to do with it.
+            ZcrxEventType::Unknown(code) => {
+                tracing::debug!(
+                    code,
+                    "tokio-zcrx: ignoring a zcrx event type this version does not know"
+                )
+            }
         }
     }
 
     /// Sends a public event with the current statistics.
     pub(super) fn emit(&self, kind: EventKind) {
+        tracing::debug!(event = %kind, "tokio-zcrx: event");
         // No subscriber is fine: events are wake-ups, the statistics are the record.
         let _ = self.events_tx.send(Event {
             kind,

@@ -333,6 +333,7 @@ impl<R: CompletionRing> Driver<R> {
         options: StreamOptions,
     ) -> io::Result<()> {
         if self.stopping.is_some() {
+            tracing::debug!("tokio-zcrx: a stream attached during shutdown is ended at once");
             shared.finish(StreamEnd::runtime(
                 "the tokio-zcrx runtime is shutting down",
             ));
