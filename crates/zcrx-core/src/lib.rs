@@ -13,6 +13,9 @@
 //! | [`user_data`] | the `user_data` tagging scheme, stream slots with generations | the driver, per SQE and CQE |
 //! | [`accounting`] | [`ChunkRefs`](accounting::ChunkRefs): outstanding references per chunk, catches double returns | the driver on delivery, any thread on return |
 //! | [`events`] | [`EventRearm`](events::EventRearm): when to re-arm zcrx events, rate-limited | the driver |
+//! | [`query`] | [`QueryFeatures`](query::QueryFeatures): the zcrx query's answer decoded into features | the runtime before it registers; the capability probe |
+//! | [`region`] | [`RegionLayout`](region::RegionLayout): the refill region's size and parts, and the check of the offsets the kernel reports | both registrations (runtime and probe trial) |
+//! | [`pad`] | [`CachePadded`](pad::CachePadded): contended data on cache lines of its own | the refill ring; the runtime's area |
 //!
 //! # How a runtime uses it
 //!
@@ -93,7 +96,10 @@
 pub mod accounting;
 pub mod completion;
 pub mod events;
+pub mod pad;
+pub mod query;
 pub mod refcount;
 pub mod refill;
+pub mod region;
 mod sync;
 pub mod user_data;
