@@ -65,9 +65,8 @@
 //! `{"code": 95, "name": "EOPNOTSUPP"}`.
 
 mod errno;
+mod host;
 mod interface;
-mod kernel;
-
 mod render;
 mod system;
 mod trial;
@@ -369,16 +368,16 @@ pub struct InterfaceReport {
 /// }
 /// ```
 pub fn run(options: &ProbeOptions) -> ProbeReport {
-    let kernel = kernel::probe_kernel();
-    let interfaces = interface::probe_interfaces(options, &kernel);
+    let host = host::probe_host();
+    let interfaces = interface::probe_interfaces(options, &host);
     ProbeReport {
-        kernel_release: kernel.release,
-        io_uring: kernel.io_uring,
-        recv_zc: kernel.recv_zc,
-        zcrx_query: kernel.zcrx_query,
-        features: kernel.features,
-        nodev_trial: kernel.nodev_trial,
-        cap_net_admin: kernel.cap_net_admin,
+        kernel_release: host.release,
+        io_uring: host.io_uring,
+        recv_zc: host.recv_zc,
+        zcrx_query: host.zcrx_query,
+        features: host.features,
+        nodev_trial: host.nodev_trial,
+        cap_net_admin: host.cap_net_admin,
         interfaces,
     }
 }

@@ -26,6 +26,7 @@ use crate::config::StreamOptions;
 use crate::config::Validated;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, EventKind};
+use crate::sys::syscall;
 
 /// The eventfd poll's `user_data` payload.
 const WAKE_EVENTFD: u64 = 1;
@@ -973,13 +974,13 @@ impl<K: Kernel> Driver<K> {
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd; EAGAIN (already
         // drained) is fine.
-        unsafe {
-            libc::read(
+        let _ = unsafe {
+            syscall!(read(
                 self.shared.eventfd.as_raw_fd(),
                 (&mut counter as *mut u64).cast(),
                 std::mem::size_of::<u64>(),
-            );
-        }
+            ))
+        };
         if raw.flags & zcrx_sys::ring::IORING_CQE_F_MORE == 0 {
             // The multishot poll ended (e.g. on CQ overflow): poll again.
             self.arm_eventfd()?;

@@ -14,8 +14,8 @@ use io_uring::{opcode, squeue, types};
 use zcrx_core::completion::RawCompletion;
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 
-use super::instance::Ring;
 use crate::sys::fork::RingForkGuard;
+use crate::sys::zcrx::Ring;
 
 /// What the kernel behind a driver can do beyond 6.15's RECV_ZC, detected once at
 /// registration (the synthetic kernels state theirs). The driver never calls what is absent:
