@@ -278,11 +278,7 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
         },
         zcrx_id,
         nodev: matches!(config.target, Target::NoDevice),
-        caps: Capabilities {
-            ctrl: features.ctrl_flush_rq,
-            events,
-            teardown_stops_queue_first: queried.is_some(),
-        },
+        caps: Capabilities::detected(queried.as_ref(), events),
         description,
     })
 }
