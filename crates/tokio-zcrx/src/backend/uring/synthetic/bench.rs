@@ -51,7 +51,8 @@ fn process_cpu() -> Duration {
     // SAFETY: getrusage writes one rusage struct to a live local.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    unsafe { crate::sys::syscall!(getrusage(libc::RUSAGE_SELF, &mut usage)) }
+        .expect("getrusage(RUSAGE_SELF) cannot fail with a valid pointer");
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
