@@ -31,7 +31,7 @@
 //!   data CQE. The driver returns many at once with
 //!   [`RefillRing::push_batch`](refill::RefillRing::push_batch).
 //! - [`Completion::End`](completion::Completion::End): the multishot receive is over;
-//!   [`Errno::recv_action`](completion::Errno::recv_action) says whether to resubmit.
+//!   [`CqeErrno::recv_action`](completion::CqeErrno::recv_action) says whether to resubmit.
 //! - [`Completion::Event`](completion::Completion::Event): feed
 //!   [`EventRearm::on_event`](events::EventRearm::on_event); re-arm what
 //!   [`EventRearm::due_rearms`](events::EventRearm::due_rearms) returns, and bound the wait

@@ -125,7 +125,7 @@ enum RequestEnd {
     /// Data without `F_MORE`: the request ended after it, with no reason given.
     Unexplained,
     /// Final CQE with an error.
-    Error(zcrx_core::completion::Errno),
+    Error(zcrx_core::completion::CqeErrno),
 }
 
 /// Where a stream's receive request is.
