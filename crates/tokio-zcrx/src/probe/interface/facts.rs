@@ -44,15 +44,9 @@ fn driver_name(dir: &Path) -> Option<String> {
     Some(target.file_name()?.to_string_lossy().into_owned())
 }
 
-/// Collects the facts; the trial, verdict, reason and fix are filled in by
-/// [`finish`](super::verdict::finish).
-pub(super) fn gather(
-    name: &str,
-    queue: Option<u32>,
-    ethtool: &mut io::Result<EthtoolNetlink>,
-    route: Option<&mut RouteNetlink>,
-) -> InterfaceReport {
-    let mut report = InterfaceReport {
+/// A report on `name` that knows nothing yet: what [`gather`] fills in.
+pub(super) fn unknown_interface(name: &str, queue: Option<u32>) -> InterfaceReport {
+    InterfaceReport {
         name: name.to_owned(),
         ifindex: None,
         driver: None,
@@ -70,7 +64,18 @@ pub(super) fn gather(
         fix: None,
         hints: Vec::new(),
         notes: Vec::new(),
-    };
+    }
+}
+
+/// Collects the facts; the trial, verdict, reason and fix are filled in by
+/// [`finish`](super::verdict::finish).
+pub(super) fn gather(
+    name: &str,
+    queue: Option<u32>,
+    ethtool: &mut io::Result<EthtoolNetlink>,
+    route: Option<&mut RouteNetlink>,
+) -> InterfaceReport {
+    let mut report = unknown_interface(name, queue);
     let dir = Path::new(SYS_CLASS_NET).join(name);
     if !is_plausible_name(name) || !dir.exists() {
         return report;
