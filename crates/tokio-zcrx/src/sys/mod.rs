@@ -1,5 +1,5 @@
-//! Operating-system helpers, the only place the library talks to libc directly: the
-//! [`syscall!`] helper, page size, kernel release, interface indices, a poison-free `lock`,
+//! Operating-system helpers, one of each, for the whole crate: the [`syscall!`] helper
+//! (every libc call that fails with -1 goes through it), page size, kernel release, interface indices, a poison-free `lock`,
 //! [`CachePadded`], memory mappings, fork safety, netlink, socket claims, and the one zcrx
 //! registration (ring + area + refill region) that the runtime and the probe share.
 
@@ -56,9 +56,9 @@ pub(crate) fn kernel_release() -> Option<String> {
     Some(release.to_string_lossy().into_owned())
 }
 
-/// The index of the network interface `name` in this network namespace: `Ok(None)` if
-/// there is none (or the name cannot be one, e.g. it contains a NUL), with the OS error.
-pub(crate) fn ifindex(name: &str) -> Result<u32, io::Error> {
+/// The index of the network interface `name` in this network namespace, or the OS error
+/// (`ENODEV`) if there is none. A name with a NUL cannot be an interface's: `ENODEV` too.
+pub(crate) fn ifindex(name: &str) -> io::Result<u32> {
     let c_name = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::ENODEV))?;
     // SAFETY: `c_name` is a valid NUL-terminated string for the duration of the call.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
@@ -71,7 +71,7 @@ pub(crate) fn ifindex(name: &str) -> Result<u32, io::Error> {
 
 /// The name of the network interface with `index` in this network namespace, with the OS
 /// error if there is none.
-pub(crate) fn interface_name(index: u32) -> Result<String, io::Error> {
+pub(crate) fn interface_name(index: u32) -> io::Result<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
     let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
