@@ -2,7 +2,7 @@
 //!
 //! A stream's bytes arrive through multishot `RECV_ZC` requests, one at a time. Most of the
 //! time one request runs until EOF, but a request also ends on an error the runtime answers
-//! by resubmitting (`ENOSPC`, `ENOMEM`, `EINTR`: [`Errno::recv_action`]), on a byte limit
+//! by resubmitting (`ENOSPC`, `ENOMEM`, `EINTR`: [`CqeErrno::recv_action`]), on a byte limit
 //! (a *limited* stream asks the kernel for at most what its reader granted, and starts the
 //! next request only when the reader asks again), on a cancel, or after data without
 //! `IORING_CQE_F_MORE` with no reason given (no kernel up to 7.3 does that; the stream
@@ -15,7 +15,7 @@
 //! bookkeeping behind [`Action::WaitForBuffers`] and [`Action::ResubmitAfterCqDrained`].
 //!
 //! ```
-//! use zcrx_core::completion::Errno;
+//! use zcrx_core::completion::CqeErrno;
 //! use zcrx_core::receive::{Action, Finish, RequestEnd, StreamReceive};
 //!
 //! // A stream whose reader grants 8 KiB at a time.
@@ -24,7 +24,7 @@
 //! assert_eq!(stream.read_more(), Action::Submit { len: 8192 });
 //! assert!(stream.on_data(4096)); // hand it to the reader
 //! // Interrupted: ask again, for the rest of the grant only.
-//! let eintr = RequestEnd::Error(Errno::new(libc::EINTR));
+//! let eintr = RequestEnd::Error(CqeErrno::new(libc::EINTR));
 //! assert_eq!(stream.on_end(eintr), Action::Submit { len: 4096 });
 //! assert!(stream.on_data(4096));
 //! // The request ends at its limit: the reader is told, and asks for more when it wants.
@@ -37,7 +37,7 @@
 //! assert_eq!(stream.close(), Action::Remove { was_waiting_for_buffers: false });
 //! ```
 
-use crate::completion::{Errno, RecvErrorAction};
+use crate::completion::{CqeErrno, RecvErrorAction};
 
 /// Where a stream's receive request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub enum RequestEnd {
     /// Data without `F_MORE`: the request ended after it, with no reason given.
     Unexplained,
     /// Final CQE with an error.
-    Error(Errno),
+    Error(CqeErrno),
 }
 
 /// How a stream ended, for its reader.
@@ -71,7 +71,7 @@ pub enum Finish {
     /// The peer closed the connection.
     Eof,
     /// The kernel's error, as it gave it (the reader sees the same `raw_os_error`).
-    Error(Errno),
+    Error(CqeErrno),
 }
 
 /// What the runtime does next for a stream.

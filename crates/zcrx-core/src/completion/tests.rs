@@ -165,7 +165,7 @@ fn final_completions_decode_with_their_action() {
         end(i32::MIN),
         Completion::End { result: Err(_), .. }
     ));
-    let errno = Errno::new(libc::ENOMEM);
+    let errno = CqeErrno::new(libc::ENOMEM);
     assert_eq!(io::Error::from(errno).raw_os_error(), Some(libc::ENOMEM));
     assert!(!errno.to_string().is_empty());
 }

@@ -5,7 +5,7 @@ use super::*;
 const KIB4: u32 = 4096;
 
 fn errno(e: i32) -> RequestEnd {
-    RequestEnd::Error(Errno::new(e))
+    RequestEnd::Error(CqeErrno::new(e))
 }
 
 const REMOVE: Action = Action::Remove {
@@ -109,7 +109,7 @@ fn an_error_completion_finishes_the_stream_with_the_kernels_errno() {
         assert_eq!(s.start(), Action::Submit { len: 0 });
         assert_eq!(
             s.on_end(errno(e)),
-            Action::Finish(Finish::Error(Errno::new(e)))
+            Action::Finish(Finish::Error(CqeErrno::new(e)))
         );
         assert!(s.is_finished());
         assert_eq!(s.read_more(), Action::None);

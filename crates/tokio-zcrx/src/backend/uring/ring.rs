@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
 use zcrx_core::completion::RawCompletion;
+use zcrx_core::query::QueryFeatures;
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 
-use super::instance::Ring;
 use crate::sys::fork::RingForkGuard;
+use crate::sys::zcrx::Ring;
 
 /// What the kernel behind a driver can do beyond 6.15's RECV_ZC, detected once at
 /// registration (the synthetic kernels state theirs). The driver never calls what is absent:
@@ -32,6 +33,20 @@ pub(crate) struct Capabilities {
     /// On 6.15-6.18 NIC queues the chunks go back to the live page pool first, where the NIC
     /// may write into memory a `ZcBuf` still reads: such a ring must outlive every buffer.
     pub(crate) teardown_stops_queue_first: bool,
+}
+
+impl Capabilities {
+    /// What the driver may use on a kernel whose zcrx query answered `queried` (`None`:
+    /// there is no query, before 6.19), with events registered or not. The one rule for the
+    /// real kernel (`instance::register`) and the synthetic ones (`Personality`).
+    pub(crate) fn detected(queried: Option<&QueryFeatures>, events: bool) -> Capabilities {
+        Capabilities {
+            ctrl: queried.is_some_and(|features| features.ctrl_flush_rq),
+            events,
+            // 6.19 changed the teardown order; the query arrived in the same release.
+            teardown_stops_queue_first: queried.is_some(),
+        }
+    }
 }
 
 pub(crate) trait CompletionRing: Send + 'static {

@@ -157,13 +157,13 @@ impl<R: CompletionRing> Driver<R> {
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd; EAGAIN (already
         // drained) is fine.
-        unsafe {
-            libc::read(
+        let _ = unsafe {
+            crate::sys::syscall!(read(
                 self.shared.eventfd.as_raw_fd(),
                 (&mut counter as *mut u64).cast(),
                 std::mem::size_of::<u64>(),
-            );
-        }
+            ))
+        };
         if raw.flags & zcrx_sys::ring::IORING_CQE_F_MORE == 0 {
             // The multishot poll ended (e.g. on CQ overflow): poll again.
             self.arm_eventfd()?;

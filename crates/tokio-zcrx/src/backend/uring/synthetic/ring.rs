@@ -366,7 +366,10 @@ impl SyntheticRing {
             .as_ref()
             .map_or(std::ptr::null(), |t| t as *const libc::timespec);
         // SAFETY: one valid pollfd and an optional live timespec for the duration of the call.
-        if unsafe { libc::ppoll(&mut pollfd, 1, timeout, std::ptr::null()) } > 0 {
+        let ready =
+            unsafe { crate::sys::syscall!(ppoll(&mut pollfd, 1, timeout, std::ptr::null())) };
+        // An interrupted or failed poll is a spurious wake-up: the driver loop looks again.
+        if ready.is_ok_and(|ready| ready > 0) {
             self.eventfd_ready = true;
         }
     }

@@ -47,8 +47,8 @@ fn thread_cpu(tid: libc::pid_t) -> Duration {
         tv_nsec: 0,
     };
     // SAFETY: writes one timespec to a live local; the clock id names a thread of ours.
-    let rc = unsafe { libc::clock_gettime(clock as libc::clockid_t, &mut ts) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    unsafe { crate::sys::syscall!(clock_gettime(clock as libc::clockid_t, &mut ts)) }
+        .expect("clock_gettime of a thread of ours");
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 

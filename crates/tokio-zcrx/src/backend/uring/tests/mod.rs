@@ -211,16 +211,17 @@ fn the_write_half_writes_shuts_down_and_closes() {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: reads one int option of a live socket into a live int.
-        let rc = unsafe {
-            libc::getsockopt(
+        unsafe {
+            crate::sys::syscall!(getsockopt(
                 fd,
                 libc::IPPROTO_TCP,
                 libc::TCP_NODELAY,
                 (&mut value as *mut libc::c_int).cast(),
                 &mut len,
-            )
-        };
-        assert_eq!((rc, value != 0), (0, true));
+            ))
+        }
+        .expect("TCP_NODELAY of a live socket");
+        assert_ne!(value, 0);
         writer.shutdown().await.unwrap();
         assert_eq!(reader.await.unwrap(), payload);
         drop(writer);
