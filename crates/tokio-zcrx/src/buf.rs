@@ -1,12 +1,52 @@
 //! [`ZcBuf`]: received bytes, borrowed from the kernel's receive area.
+//!
+//! A buffer does not know which backend it came from. Its owner (the io_uring backend's
+//! receive area, or the copy backend's pool) hands it out with a [`BufferOwnerVtable`], the
+//! way `bytes::Bytes` and `std::task::RawWaker` do: a type-erased owner pointer, a few plain
+//! integers the owner chose ([`BufferSlot`]), and the functions that take the buffer back.
+//! So this module imports no backend, and a new backend (or a second area) needs no change
+//! here.
 
 use std::fmt;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::ptr::NonNull;
 
-use crate::backend::copy::Pool;
-use crate::backend::uring::area::{release, release_many, Area, BufferRefs};
-use zcrx_sys::zcrx::io_uring_zcrx_rqe;
+/// Which of its owner's buffers a [`ZcBuf`] is, in plain integers the owner chose: the
+/// io_uring area puts the chunk's offset in the area and its index here, the copy pool the
+/// buffer's index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BufferSlot {
+    /// An offset of the owner's choosing (the area: the chunk's offset in the area).
+    pub(crate) offset: u64,
+    /// Number of bytes in the buffer.
+    pub(crate) len: u32,
+    /// An index of the owner's choosing (the area: the chunk; the pool: the buffer).
+    pub(crate) index: u32,
+}
+
+/// How the owner of a [`ZcBuf`] takes its buffers back.
+///
+/// Each buffer is handed back exactly once, through `release_one` or as part of one
+/// `release_run`, on any thread; the owner pointer is the one the buffer was created with.
+pub(crate) struct BufferOwnerVtable {
+    /// Takes back one buffer.
+    ///
+    /// # Safety
+    ///
+    /// `owner` and `slot` are those of one live buffer made with this vtable, which the
+    /// caller gives up: neither the buffer's bytes nor `owner` are touched afterwards.
+    pub(crate) release_one: unsafe fn(owner: NonNull<()>, slot: BufferSlot),
+    /// Takes back several buffers of the same owner at once (see [`ZcBatch`]): for the area,
+    /// one refill publication and one reference release for all of them.
+    ///
+    /// # Safety
+    ///
+    /// As `release_one`, for every slot in `slots`, all made with `owner` and this vtable;
+    /// `slots` is not empty.
+    pub(crate) release_run: unsafe fn(owner: NonNull<()>, slots: &[BufferSlot]),
+    /// Adds the owner's view of a buffer to its `Debug` output.
+    pub(crate) debug_fields: fn(debug: &mut fmt::DebugStruct<'_, '_>, slot: &BufferSlot),
+}
 
 /// Received bytes that live in the zcrx receive area, where the NIC put them.
 ///
@@ -34,67 +74,55 @@ use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 /// ```
 pub struct ZcBuf {
     ptr: *const u8,
-    len: u32,
-    owner: Owner,
+    slot: BufferSlot,
+    /// Type-erased: what it points to, and what one buffer holds of it (the area: one of its
+    /// buffer references; the pool: one strong `Arc` count), is the vtable's business.
+    owner: NonNull<()>,
+    vtable: &'static BufferOwnerVtable,
 }
 
-/// Where the bytes live, and so where they go back to.
-enum Owner {
-    /// A chunk of the zcrx area, returned through the refill ring.
-    /// Holds one of the area's buffer references ([`BufferRefs`]), not an `Arc`.
-    Area {
-        area: std::ptr::NonNull<Area>,
-        chunk: u32,
-        area_offset: u64,
-    },
-    /// A copy-mode pool buffer, returned to the pool.
-    Pool { pool: Arc<Pool>, index: u32 },
-}
-
-// SAFETY: the bytes are immutable while the buffer exists (the kernel does not write a chunk
-// between delivering it and getting it back through the refill ring; a pool buffer is off the
-// free list), and `Area` and `Pool` are Sync.
+// SAFETY: the bytes are immutable while the buffer exists (the contract of `from_raw_parts`:
+// the kernel does not write a chunk between delivering it and getting it back through the
+// refill ring; a pool buffer is off the free list), and the owner's release functions may be
+// called on any thread (also part of that contract).
 unsafe impl Send for ZcBuf {}
-// SAFETY: shared access only reads those immutable bytes.
+// SAFETY: shared access only reads those immutable bytes and the plain integers of `slot`.
 unsafe impl Sync for ZcBuf {}
 
 impl ZcBuf {
-    /// Wraps one delivered chunk reference. The caller (the driver) owes exactly one refill
-    /// entry for it, which this buffer's drop pays.
-    pub(crate) fn new(refs: &mut BufferRefs, area_offset: u64, len: u32, chunk: u32) -> ZcBuf {
-        let area = refs.take();
-        // SAFETY: the reference just taken keeps the area alive.
-        let area_ref = unsafe { area.as_ref() };
-        let ptr = area_ref.data_ptr(area_offset);
-        area_ref.on_delivered(chunk);
+    /// Wraps `slot.len` bytes at `ptr`, owned by `owner`, which `vtable` takes back when the
+    /// buffer (or the batch it is in) drops.
+    ///
+    /// # Safety
+    ///
+    /// - `ptr..ptr + slot.len` is readable, and nobody writes it, until the buffer is handed
+    ///   back through `vtable`;
+    /// - `owner` stays valid until then (the buffer holds what keeps it alive), and `vtable`'s
+    ///   functions may be called with it from any thread;
+    /// - the caller gives the buffer's release to the `ZcBuf`: the owner expects exactly one
+    ///   `release_one` (or one place in a `release_run`) for it.
+    pub(crate) unsafe fn from_raw_parts(
+        ptr: *const u8,
+        slot: BufferSlot,
+        owner: NonNull<()>,
+        vtable: &'static BufferOwnerVtable,
+    ) -> ZcBuf {
         ZcBuf {
             ptr,
-            len,
-            owner: Owner::Area {
-                area,
-                chunk,
-                area_offset,
-            },
-        }
-    }
-
-    /// Wraps `len` bytes copied into pool buffer `index` (at `ptr`).
-    pub(crate) fn from_pool(pool: Arc<Pool>, index: u32, ptr: *const u8, len: u32) -> ZcBuf {
-        ZcBuf {
-            ptr,
-            len,
-            owner: Owner::Pool { pool, index },
+            slot,
+            owner,
+            vtable,
         }
     }
 
     /// Number of bytes.
     pub fn len(&self) -> usize {
-        self.len as usize
+        self.slot.len as usize
     }
 
     /// Whether the buffer holds no bytes (never true for a delivered buffer).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.slot.len == 0
     }
 
     /// Converts into [`bytes::Bytes`] without copying; the chunk goes back to the kernel when
@@ -108,10 +136,9 @@ impl Deref for ZcBuf {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr..ptr + len` lies inside the area (checked when the completion was
-        // decoded) or the pool buffer, which stay mapped while `self.owner` holds them, and
-        // nobody writes them until our drop returns them.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+        // SAFETY: `ptr..ptr + len` is readable and not written while the buffer exists (the
+        // contract of `from_raw_parts`; the owner checked it lies inside its memory).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.slot.len as usize) }
     }
 }
 
@@ -123,32 +150,19 @@ impl AsRef<[u8]> for ZcBuf {
 
 impl Drop for ZcBuf {
     fn drop(&mut self) {
-        match &self.owner {
-            Owner::Area {
-                area,
-                chunk,
-                area_offset,
-            } => {
-                // SAFETY: this buffer owns one of the area's buffer references, so the area is
-                // alive until `release`, after which it is not touched.
-                unsafe {
-                    area.as_ref().return_chunk(*area_offset, self.len, *chunk);
-                    release(area.as_ptr());
-                }
-            }
-            Owner::Pool { pool, index } => pool.release_delivered(*index),
-        }
+        // SAFETY: `owner`, `slot` and `vtable` are this buffer's, given by its owner in
+        // `from_raw_parts`; this drop is the one release the owner expects (a batch that
+        // releases a buffer in a run forgets it instead of dropping it), and the bytes are
+        // not touched afterwards.
+        unsafe { (self.vtable.release_one)(self.owner, self.slot) }
     }
 }
 
 impl fmt::Debug for ZcBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("ZcBuf");
-        debug.field("len", &self.len);
-        match &self.owner {
-            Owner::Area { area_offset, .. } => debug.field("area_offset", area_offset),
-            Owner::Pool { index, .. } => debug.field("pool_buffer", index),
-        };
+        debug.field("len", &self.slot.len);
+        (self.vtable.debug_fields)(&mut debug, &self.slot);
         debug.finish()
     }
 }
@@ -232,58 +246,58 @@ impl Drop for ZcBatch {
     }
 }
 
-/// Returns every buffer in `buffers`: area chunks in runs per area, each run with one refill
-/// publication and one reference release; pool buffers one by one. (Today a batch comes from
-/// one stream, so its buffers share one area or are all pool buffers; mixed input is handled
-/// all the same.)
+/// Returns every buffer in `buffers`, in runs of consecutive buffers of the same owner: for
+/// the area, each run costs one refill publication and one reference release; the pool takes
+/// a run's buffers one by one. (Today a batch comes from one stream, so its buffers share one
+/// owner; mixed input is handled all the same.)
 fn return_all(buffers: &mut Vec<ZcBuf>) {
     const RUN: usize = 64;
-    let mut entries: [io_uring_zcrx_rqe; RUN] = [io_uring_zcrx_rqe::default(); RUN];
-    let mut chunks = [0u32; RUN];
-    let mut run_area: Option<std::ptr::NonNull<Area>> = None;
+    type Owner = (NonNull<()>, &'static BufferOwnerVtable);
+    let mut slots = [BufferSlot::default(); RUN];
     let mut run_len = 0;
-    let flush = |area: std::ptr::NonNull<Area>,
-                 len: usize,
-                 entries: &[io_uring_zcrx_rqe],
-                 chunks: &[u32]| {
-        // SAFETY: the run's buffers each owned one of the area's buffer references, which
-        // keep it alive until `release_many` gives them all back; nothing touches the area
-        // afterwards.
-        unsafe {
-            area.as_ref().return_chunks(&entries[..len], &chunks[..len]);
-            release_many(area.as_ptr(), len);
-        }
+    let mut run_owner: Option<Owner> = None;
+    let flush = |(owner, vtable): Owner, slots: &[BufferSlot]| {
+        // SAFETY: every slot of the run came from a live buffer of `owner` made with
+        // `vtable`, which was not dropped (`ManuallyDrop` below), so the run is the one
+        // release each of them is owed; nothing touches them afterwards.
+        unsafe { (vtable.release_run)(owner, slots) }
     };
     for buffer in buffers.drain(..) {
-        let Owner::Area {
-            area,
-            chunk,
-            area_offset,
-        } = buffer.owner
-        else {
-            drop(buffer); // a pool buffer
-            continue;
-        };
-        if run_area.is_some_and(|run| run != area) || run_len == RUN {
-            flush(
-                run_area.expect("a run in progress"),
-                run_len,
-                &entries,
-                &chunks,
-            );
-            run_len = 0;
+        // Its release is owed by the run from here on, not by its drop.
+        let buffer = std::mem::ManuallyDrop::new(buffer);
+        if let Some((owner, vtable)) = run_owner {
+            // A `static` vtable has one address, so comparing addresses is exact.
+            let same_owner = owner == buffer.owner && std::ptr::eq(vtable, buffer.vtable);
+            if !same_owner || run_len == RUN {
+                flush((owner, vtable), &slots[..run_len]);
+                run_len = 0;
+            }
         }
-        run_area = Some(area);
-        // SAFETY: the buffer's reference keeps the area alive (until the run is flushed).
-        entries[run_len] = unsafe { area.as_ref() }.refill_entry(area_offset, buffer.len);
-        chunks[run_len] = chunk;
+        run_owner = Some((buffer.owner, buffer.vtable));
+        slots[run_len] = buffer.slot;
         run_len += 1;
-        // Its chunk and its reference are now owed by the run.
-        std::mem::forget(buffer);
     }
-    if let Some(area) = run_area {
-        if run_len > 0 {
-            flush(area, run_len, &entries, &chunks);
-        }
+    if let Some(run) = run_owner {
+        flush(run, &slots[..run_len]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_send_sync_and_no_bigger_than_before() {
+        fn send_sync<T: Send + Sync + Unpin + 'static>() {}
+        send_sync::<ZcBuf>();
+        send_sync::<ZcBatch>();
+        // Before the owner seam (an enum over the area and the pool) a `ZcBuf` took 40 bytes
+        // on 64-bit targets, and so does it now (pointer, slot, owner, vtable); buffers sit in
+        // batches and queues by the thousand, so it must not grow.
+        let size = std::mem::size_of::<ZcBuf>();
+        #[cfg(target_pointer_width = "64")]
+        assert!(size <= 40, "ZcBuf is {size} bytes");
+        // The non-null owner leaves a niche: `Option<ZcBuf>` (what `next()` yields) is free.
+        assert_eq!(std::mem::size_of::<Option<ZcBuf>>(), size);
     }
 }

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::broadcast;
 
-use crate::buf::ZcBuf;
+use crate::buf::{BufferOwnerVtable, BufferSlot, ZcBuf};
 use crate::config::StreamOptions;
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, EventKind, Stats};
@@ -54,6 +55,41 @@ pub(crate) struct Pool {
     /// their read side, which makes them readable). Touched on attach and drop only.
     sockets: Mutex<HashMap<u64, RawFd>>,
     next_stream: AtomicU64,
+}
+
+/// How pool buffers go back: the owner pointer is the `Pool`, and each buffer holds one strong
+/// reference of its `Arc`; the slot's index is the buffer's.
+static POOL_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
+    release_one: release_pool_buffer,
+    release_run: release_pool_buffers,
+    debug_fields: |debug, slot| {
+        debug.field("pool_buffer", &slot.index);
+    },
+};
+
+/// `release_one` of [`POOL_BUFFERS`].
+///
+/// # Safety
+///
+/// As `BufferOwnerVtable::release_one`: `owner` is the `Pool` of a live buffer made by
+/// [`Pool::buffer`], whose buffer and strong reference the caller gives up.
+unsafe fn release_pool_buffer(owner: NonNull<()>, slot: BufferSlot) {
+    // SAFETY: the strong reference `Pool::buffer` leaked for this buffer, taken back once.
+    let pool = unsafe { Arc::from_raw(owner.cast::<Pool>().as_ptr()) };
+    pool.release_delivered(slot.index);
+}
+
+/// `release_run` of [`POOL_BUFFERS`]: one by one, as dropping each would.
+///
+/// # Safety
+///
+/// As `BufferOwnerVtable::release_run`: every slot is that of a live buffer of the `Pool` at
+/// `owner`, made by [`Pool::buffer`], which the caller gives up.
+unsafe fn release_pool_buffers(owner: NonNull<()>, slots: &[BufferSlot]) {
+    for &slot in slots {
+        // SAFETY: as this function's, one buffer at a time.
+        unsafe { release_pool_buffer(owner, slot) };
+    }
 }
 
 /// How free buffers reach waiting streams.
@@ -241,7 +277,26 @@ impl Pool {
         wake_all(waiters);
     }
 
-    pub(crate) fn release_delivered(&self, index: u32) {
+    /// Hands out pool buffer `index` (taken off the free list) holding `len` copied bytes;
+    /// it comes back to the pool when dropped.
+    fn buffer(pool: &Arc<Pool>, index: u32, len: u32) -> ZcBuf {
+        let ptr = pool.buffer_ptr(index);
+        let slot = BufferSlot {
+            offset: 0,
+            len,
+            index,
+        };
+        let owner = NonNull::from(&**pool).cast::<()>();
+        // Held by the buffer, released by `POOL_BUFFERS`.
+        std::mem::forget(Arc::clone(pool));
+        // SAFETY: the buffer is off the free list, so nobody writes it until the buffer is
+        // released (`release_delivered`), and it lies inside the mapping, which the strong
+        // reference just leaked keeps alive; the pool is `Sync`, so `POOL_BUFFERS` may run on
+        // any thread. The buffer takes over the one release owed for `index`.
+        unsafe { ZcBuf::from_raw_parts(ptr, slot, owner, &POOL_BUFFERS) }
+    }
+
+    fn release_delivered(&self, index: u32) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.release(index);
     }
@@ -477,12 +532,7 @@ impl CopyStream {
                 }
                 Ok(n) => {
                     self.pool.on_copied(n);
-                    let buf = ZcBuf::from_pool(
-                        Arc::clone(&self.pool),
-                        index,
-                        self.pool.buffer_ptr(index),
-                        n as u32,
-                    );
+                    let buf = Pool::buffer(&self.pool, index, n as u32);
                     return Poll::Ready(Some(Ok(buf)));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -4,9 +4,15 @@
 //! stay mapped until the last buffer is gone, even after the ring (and with it the kernel's
 //! zcrx instance) has been closed. Returns after that point are written into memory nobody
 //! reads any more, which is harmless.
+//!
+//! The area knows two things above it only through narrow seams: buffers through
+//! [`BufferOwnerVtable`] (this file implements it, `buf.rs` names no backend), and the driver
+//! through [`DriverLink`] (a wake-up and a place for the final statistics), so this file
+//! imports nothing from the driver.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[cfg(debug_assertions)]
 use zcrx_core::accounting::ChunkRefs;
@@ -16,10 +22,24 @@ use zcrx_sys::event::zcrx_stats;
 use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 
 use super::instance::SharedLayout;
-use super::DriverShared;
+use crate::buf::{BufferOwnerVtable, BufferSlot, ZcBuf};
 use crate::event::Stats;
+use crate::sys::lock;
 use crate::sys::mem::Mapping;
 use crate::sys::CachePadded;
+
+/// What the area needs from the driver that owns it, and no more: the area holds it to wake
+/// the driver when returned chunks need it, and leaves its statistics there when it is freed.
+/// The driver's shared state implements it; a trait so that the area does not import the
+/// driver (see `backend/uring/mod.rs`).
+pub(crate) trait DriverLink: Send + Sync {
+    /// Wakes the driver if it sleeps (or is about to). Cheap when it is awake; called on any
+    /// thread, from buffer drops.
+    fn wake(&self);
+    /// The area's statistics as it is freed (the last buffer gone), for the handle's
+    /// `stats()` from then on.
+    fn area_freed(&self, final_stats: Stats);
+}
 
 /// Counters only the driver thread writes (relaxed: they are statistics).
 #[derive(Debug, Default)]
@@ -62,14 +82,14 @@ pub(crate) struct Area {
     /// Set by the driver while a receive waits for chunks to come back; buffer drops then
     /// wake it. Otherwise drops never wake the driver.
     pub(crate) driver_waits_for_buffers: AtomicBool,
-    pub(crate) driver: Arc<DriverShared>,
+    driver: Arc<dyn DriverLink>,
     /// One reference per delivered buffer plus the driver's credit (see [`BufferRefs`]).
     /// On a cache line of its own: every buffer drop writes it, and it must not slow down
     /// the reads of the fields around it.
     buffer_refs: CachePadded<BulkRefCount>,
     /// A ring the driver could not close safely at shutdown (6.15-6.18 NIC queues with
     /// buffers held): closed in `drop`, when the last buffer is gone, before the memory.
-    ring_closed_with_last_buffer: std::sync::Mutex<Option<Box<dyn Send>>>,
+    ring_closed_with_last_buffer: Mutex<Option<Box<dyn Send>>>,
 }
 
 // SAFETY: the raw pointers point into `_region`, which the Area owns; the kernel's stats are
@@ -93,7 +113,7 @@ impl Area {
         memory: Mapping,
         region: Mapping,
         layout: &SharedLayout,
-        driver: Arc<DriverShared>,
+        driver: Arc<impl DriverLink + 'static>,
     ) -> std::io::Result<Area> {
         let base = region.as_ptr();
         // SAFETY: the kernel reported these offsets inside the region it validated, and
@@ -127,7 +147,7 @@ impl Area {
             driver_waits_for_buffers: AtomicBool::new(false),
             driver,
             buffer_refs: CachePadded(BulkRefCount::new()),
-            ring_closed_with_last_buffer: std::sync::Mutex::new(None),
+            ring_closed_with_last_buffer: Mutex::new(None),
         })
     }
 
@@ -185,22 +205,30 @@ impl Area {
     }
 
     /// Returns several chunk references at once (see `ZcBatch`): one claim and one
-    /// publication in the refill ring for all of them. `chunks[i]` is the chunk of
-    /// `entries[i]`.
-    pub(crate) fn return_chunks(&self, entries: &[io_uring_zcrx_rqe], chunks: &[u32]) {
+    /// publication in the refill ring per [`Self::RETURN_RUN`] of them.
+    pub(crate) fn return_chunks(&self, slots: &[BufferSlot]) {
         #[cfg(debug_assertions)]
-        for &chunk in chunks {
-            if let Err(e) = self.refs.on_returned(chunk) {
+        for slot in slots {
+            if let Err(e) = self.refs.on_returned(slot.index) {
                 panic!("tokio-zcrx: {e:?}");
             }
         }
-        let _ = chunks;
-        let outcome = self.refill.push_batch(entries);
-        // After the push, as in `return_chunk`.
-        if outcome.overflowed > 0 || self.driver_waits_for_buffers.load(Ordering::Relaxed) {
-            self.driver.wake();
+        let mut entries = [io_uring_zcrx_rqe::default(); Self::RETURN_RUN];
+        for run in slots.chunks(Self::RETURN_RUN) {
+            for (entry, slot) in entries.iter_mut().zip(run) {
+                *entry = self.refill_entry(slot.offset, slot.len);
+            }
+            let outcome = self.refill.push_batch(&entries[..run.len()]);
+            // After the push, as in `return_chunk`.
+            if outcome.overflowed > 0 || self.driver_waits_for_buffers.load(Ordering::Relaxed) {
+                self.driver.wake();
+            }
         }
     }
+
+    /// Refill entries published at once by [`Self::return_chunks`] (a batch's run is at most
+    /// this long).
+    const RETURN_RUN: usize = 64;
 
     /// The kernel's copy statistics, if registered with events.
     pub(crate) fn kernel_copies(&self) -> Option<(u64, u64)> {
@@ -254,16 +282,16 @@ impl Area {
 impl Area {
     /// Keeps `ring` open until the area is freed (the last buffer dropped).
     pub(crate) fn close_with_last_buffer(&self, ring: Box<dyn Send>) {
-        *super::lock(&self.ring_closed_with_last_buffer) = Some(ring);
+        *lock(&self.ring_closed_with_last_buffer) = Some(ring);
     }
 }
 
 impl Drop for Area {
     fn drop(&mut self) {
         // The ring first: its teardown returns the chunks while the memory is still mapped.
-        drop(super::lock(&self.ring_closed_with_last_buffer).take());
+        drop(lock(&self.ring_closed_with_last_buffer).take());
         // Every buffer is gone; what the handle reports from now on.
-        *super::lock(&self.driver.final_stats) = Some(self.stats());
+        self.driver.area_freed(self.stats());
     }
 }
 
@@ -295,12 +323,79 @@ impl BufferRefs {
     }
 
     /// One reference for a new buffer.
-    pub(crate) fn take(&mut self) -> std::ptr::NonNull<Area> {
+    fn take(&mut self) -> NonNull<Area> {
         self.credit
             .as_mut()
             .expect("the credit lives as long as the driver")
             .take(&self.area.buffer_refs);
-        std::ptr::NonNull::from(&*self.area)
+        NonNull::from(&*self.area)
+    }
+
+    /// Wraps one delivered chunk (validated by the completion decoder: `area_offset + len`
+    /// lies inside the area, `chunk` is its index) in a buffer. The caller (the driver) owes
+    /// exactly one refill entry for it, which the buffer's drop pays.
+    pub(crate) fn buffer(&mut self, area_offset: u64, len: u32, chunk: u32) -> ZcBuf {
+        let area = self.take();
+        // SAFETY: the reference just taken keeps the area alive.
+        let area_ref = unsafe { area.as_ref() };
+        let ptr = area_ref.data_ptr(area_offset);
+        area_ref.on_delivered(chunk);
+        let slot = BufferSlot {
+            offset: area_offset,
+            len,
+            index: chunk,
+        };
+        // SAFETY: `ptr..ptr + len` lies inside the area (the decoder checked it), which stays
+        // mapped while the buffer holds the reference just taken; the kernel does not write
+        // the chunk until it comes back through the refill ring, which only the buffer's
+        // release does. The area is `Sync`, so `AREA_BUFFERS` may run on any thread. The
+        // buffer takes over the one refill entry and the one reference owed for the chunk.
+        unsafe { ZcBuf::from_raw_parts(ptr, slot, area.cast(), &AREA_BUFFERS) }
+    }
+}
+
+/// How buffers of an area go back: the owner pointer is the `Area`, and each buffer holds
+/// one of its buffer references ([`BufferRefs`]); the slot is the chunk's offset, length and
+/// index.
+static AREA_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
+    release_one: release_area_buffer,
+    release_run: release_area_buffers,
+    debug_fields: |debug, slot| {
+        debug.field("area_offset", &slot.offset);
+    },
+};
+
+/// `release_one` of [`AREA_BUFFERS`].
+///
+/// # Safety
+///
+/// As `BufferOwnerVtable::release_one`: `owner` is the `Area` of a live buffer made by
+/// [`BufferRefs::buffer`], whose chunk and reference the caller gives up.
+unsafe fn release_area_buffer(owner: NonNull<()>, slot: BufferSlot) {
+    let area = owner.cast::<Area>();
+    // SAFETY: the buffer's reference keeps the area alive until `release`, after which it is
+    // not touched; its chunk is returned once, here.
+    unsafe {
+        area.as_ref()
+            .return_chunk(slot.offset, slot.len, slot.index);
+        release(area.as_ptr());
+    }
+}
+
+/// `release_run` of [`AREA_BUFFERS`]: one refill publication and one reference release for
+/// the whole run.
+///
+/// # Safety
+///
+/// As `BufferOwnerVtable::release_run`: every slot is that of a live buffer of the `Area` at
+/// `owner`, made by [`BufferRefs::buffer`], whose chunk and reference the caller gives up.
+unsafe fn release_area_buffers(owner: NonNull<()>, slots: &[BufferSlot]) {
+    let area = owner.cast::<Area>();
+    // SAFETY: the run's buffers each owned one of the area's buffer references, which keep it
+    // alive until `release_many` gives them all back; nothing touches the area afterwards.
+    unsafe {
+        area.as_ref().return_chunks(slots);
+        release_many(area.as_ptr(), slots.len());
     }
 }
 
@@ -323,7 +418,7 @@ impl Drop for BufferRefs {
 /// `area` points to a live `Area` owned by an `Arc` whose parked reference was taken by
 /// [`BufferRefs::new`], and the caller owns one of its buffer references. The caller must
 /// not touch the area through this pointer afterwards.
-pub(crate) unsafe fn release(area: *const Area) {
+unsafe fn release(area: *const Area) {
     // SAFETY: as this function's.
     unsafe { release_many(area, 1) }
 }
@@ -333,7 +428,7 @@ pub(crate) unsafe fn release(area: *const Area) {
 /// # Safety
 ///
 /// As [`release`], with the caller owning `n` buffer references.
-pub(crate) unsafe fn release_many(area: *const Area, n: usize) {
+unsafe fn release_many(area: *const Area, n: usize) {
     // SAFETY: the caller's references keep the area alive until this release.
     if unsafe { &*area }.buffer_refs.release(n) {
         // SAFETY: the parked strong reference, released once: only the holder of the last

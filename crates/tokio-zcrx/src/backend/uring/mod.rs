@@ -79,8 +79,9 @@ pub(crate) struct DriverShared {
     events: Mutex<Option<broadcast::Sender<Event>>>,
     /// Cancelled by the driver when it exits.
     stopped: CancellationToken,
-    /// Weak: the area holds this struct (to wake the driver), and buffers may keep the area
-    /// alive past the runtime; a strong reference here would keep both alive forever.
+    /// Weak: the area holds this struct (as its [`area::DriverLink`], to wake the driver),
+    /// and buffers may keep the area alive past the runtime; a strong reference here would
+    /// keep both alive forever.
     area: Mutex<Option<Weak<area::Area>>>,
     /// The area's statistics as it was freed, for `stats()` after that.
     final_stats: Mutex<Option<Stats>>,
@@ -178,6 +179,17 @@ impl DriverShared {
                 ),
             )),
         }
+    }
+}
+
+/// The area's narrow view of the driver (it imports nothing from here).
+impl area::DriverLink for DriverShared {
+    fn wake(&self) {
+        DriverShared::wake(self);
+    }
+
+    fn area_freed(&self, final_stats: Stats) {
+        *lock(&self.final_stats) = Some(final_stats);
     }
 }
 

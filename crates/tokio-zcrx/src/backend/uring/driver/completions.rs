@@ -12,7 +12,6 @@ use zcrx_core::user_data::StreamId;
 use super::super::ring::CompletionRing;
 use super::super::StreamEnd;
 use super::Driver;
-use crate::buf::ZcBuf;
 use crate::event::EventKind;
 
 impl<R: CompletionRing> Driver<R> {
@@ -79,7 +78,7 @@ impl<R: CompletionRing> Driver<R> {
     }
 
     fn on_data(&mut self, stream: StreamId, area_offset: u64, len: u32, chunk: u32) {
-        let buf = ZcBuf::new(&mut self.buffer_refs, area_offset, len, chunk);
+        let buf = self.buffer_refs.buffer(area_offset, len, chunk);
         // Only this thread writes the counters: a plain load and store publishes them
         // without a locked read-modify-write per chunk.
         let counters = &self.area.counters;
