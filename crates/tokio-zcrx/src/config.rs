@@ -1,4 +1,8 @@
 //! The runtime builder: which queue to register and how big everything is.
+//!
+//! [`Builder::validate`] checks every setting once and splits them into a [`Config`]: what
+//! mode selection needs, the io_uring backend's [`Validated`] and the copy backend's
+//! [`CopyConfig`], so each backend reads only its own checked settings, never the builder.
 
 use std::time::Duration;
 
@@ -306,8 +310,10 @@ impl Builder {
         })
     }
 
-    /// Checks the settings every mode uses, before anything is tried.
-    pub(crate) fn validate_common(&self) -> Result<()> {
+    /// Checks every setting, before anything is tried, and splits them per backend. The io_uring
+    /// sizes are checked in every mode but copy (which does not use them): a bad setting is a
+    /// bug in the caller whatever this machine supports.
+    pub(crate) fn validate(&self) -> Result<Config> {
         let invalid = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
         if self.mode == Mode::Nic && self.interface.is_none() {
             return invalid(
@@ -359,11 +365,22 @@ impl Builder {
         let page = crate::sys::page_size() as u32;
         // Validate the zcrx sizes even when copy mode may end up chosen: a bad setting is a
         // bug in the caller whatever this machine supports.
-        if self.mode != Mode::Copy {
+        let uring = if self.mode != Mode::Copy {
             let target = self.interface.clone().unwrap_or(Target::NoDevice);
-            self.validate_for(target, page)?;
-        }
-        Ok(())
+            Some(self.validate_for(target, page)?)
+        } else {
+            None
+        };
+        Ok(Config {
+            mode: self.mode,
+            interface: self.interface.clone(),
+            uring,
+            copy: CopyConfig {
+                buffers: self.copy_buffers,
+                buffer_size: self.copy_buffer_size,
+                event_interval: self.event_rearm_interval,
+            },
+        })
     }
 }
 
@@ -394,7 +411,47 @@ fn validate_interface_name(name: &str) -> Result<()> {
     ))
 }
 
-/// A checked configuration.
+/// The checked configuration [`Builder::validate`] returns: what mode selection needs, and
+/// each backend's own settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) mode: Mode,
+    /// The NIC queue to try (mode nic, and auto's first choice); its name or index is checked.
+    pub(crate) interface: Option<Target>,
+    /// The io_uring backend's settings, for `interface` (the device-less mode without one);
+    /// `None` in copy mode, which neither checks nor uses them. See [`Config::uring_for`].
+    uring: Option<Validated>,
+    pub(crate) copy: CopyConfig,
+}
+
+impl Config {
+    /// The io_uring backend's settings for registering `target` (the sizes do not depend on
+    /// the target; the interface was checked with them).
+    ///
+    /// # Panics
+    ///
+    /// In copy mode, which starts no io_uring backend.
+    pub(crate) fn uring_for(&self, target: Target) -> Validated {
+        let uring = self.uring.as_ref().expect("checked in every mode but copy");
+        Validated {
+            target,
+            ..uring.clone()
+        }
+    }
+}
+
+/// The copy backend's checked settings.
+#[derive(Debug, Clone)]
+pub(crate) struct CopyConfig {
+    /// Buffers in the pool, 1 to [`MAX_COPY_BUFFERS`].
+    pub(crate) buffers: u32,
+    /// Bytes per buffer, at least 1; the pool is at most [`MAX_COPY_POOL_BYTES`].
+    pub(crate) buffer_size: usize,
+    /// At most one copy event per interval (the builder's event re-arm interval).
+    pub(crate) event_interval: Duration,
+}
+
+/// The io_uring backend's checked configuration, for one target.
 #[derive(Debug, Clone)]
 pub(crate) struct Validated {
     pub(crate) target: Target,
@@ -428,9 +485,9 @@ mod tests {
     }
 
     fn kind(b: Builder) -> ErrorKind {
-        match b.validate_common() {
+        match b.validate() {
             Err(e) => e.kind(),
-            Ok(()) => validate(b).unwrap_err().kind(),
+            Ok(_) => validate(b).unwrap_err().kind(),
         }
     }
 
@@ -475,10 +532,7 @@ mod tests {
             empty_name.validate_for(target, 4096).unwrap_err().kind(),
             ErrorKind::InvalidConfig
         );
-        let err = Builder::new()
-            .mode(Mode::Nic)
-            .validate_common()
-            .unwrap_err();
+        let err = Builder::new().mode(Mode::Nic).validate().unwrap_err();
         assert!(err.to_string().contains(".interface(NAME, QUEUE)"), "{err}");
     }
 
@@ -487,8 +541,8 @@ mod tests {
         let ok = |b: Builder| validate(b).map(drop);
         let invalid = |b: Builder| {
             let err = b
-                .validate_common()
-                .and_then(|()| validate(b.clone()).map(drop))
+                .validate()
+                .and_then(|_| validate(b.clone()).map(drop))
                 .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
         };
@@ -552,7 +606,7 @@ mod tests {
         Builder::new()
             .mode(Mode::Copy)
             .copy_pool(MAX_COPY_BUFFERS, 1024)
-            .validate_common()
+            .validate()
             .unwrap();
         invalid(
             Builder::new()
@@ -573,7 +627,7 @@ mod tests {
         invalid(Builder::new().mode(Mode::Copy).thread_name("driver\0"));
         Builder::new()
             .event_rearm_interval(MAX_EVENT_REARM_INTERVAL)
-            .validate_common()
+            .validate()
             .unwrap();
         // Interface names as the kernel's dev_valid_name has them.
         for bad in [
@@ -590,9 +644,39 @@ mod tests {
         }
         Builder::new()
             .interface("0123456789abcde", 0)
-            .validate_common()
+            .validate()
             .unwrap();
         invalid(Builder::new().interface_index(0, 0));
+    }
+
+    #[test]
+    fn each_backend_gets_its_own_checked_settings() {
+        let config = Builder::new()
+            .interface("eth0", 3)
+            .copy_pool(8, 4096)
+            .event_rearm_interval(Duration::from_millis(5))
+            .area_size(10_000)
+            .validate()
+            .unwrap();
+        assert_eq!(config.mode, Mode::Auto);
+        assert_eq!((config.copy.buffers, config.copy.buffer_size), (8, 4096));
+        assert_eq!(config.copy.event_interval, Duration::from_millis(5));
+        let nic = config.uring_for(config.interface.clone().unwrap());
+        let nodev = config.uring_for(Target::NoDevice);
+        assert_eq!(
+            nic.target,
+            Target::Interface {
+                name: "eth0".into(),
+                queue: 3
+            }
+        );
+        assert_eq!(nodev.target, Target::NoDevice);
+        let page = crate::sys::page_size();
+        assert_eq!(nodev.area_size, 10_000usize.div_ceil(page) * page);
+        assert_eq!(nic.area_size, nodev.area_size);
+        // Copy mode neither checks nor carries the io_uring settings.
+        let copy = Builder::new().mode(Mode::Copy).chunk_size(3000).validate();
+        assert!(copy.unwrap().uring.is_none());
     }
 
     #[test]

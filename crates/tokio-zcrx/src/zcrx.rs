@@ -198,7 +198,7 @@ impl Builder {
     /// [`Mode::Auto`](crate::Mode::Auto) refusals become [`Zcrx::mode_selection`](crate::Zcrx::mode_selection)
     /// reasons instead.
     pub fn build(self) -> Result<Zcrx> {
-        let (backend, selection) = select::select_and_start(self)?;
+        let (backend, selection) = select::select_and_start(self.validate()?)?;
         Ok(Zcrx::new(backend, selection))
     }
 }

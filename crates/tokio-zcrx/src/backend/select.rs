@@ -6,25 +6,23 @@ use std::sync::Arc;
 use super::copy::CopyRuntime;
 use super::uring::{instance, start};
 use super::Backend;
-use crate::config::Target;
+use crate::config::{Config, Target};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mode::{ActiveMode, Mode, ModeSelection};
 
-/// Starts a runtime in the builder's mode; `Auto` tries the modes in order and records why
+/// Starts a runtime in the configured mode; `Auto` tries the modes in order and records why
 /// each was refused.
-pub(crate) fn select_and_start(builder: crate::Builder) -> Result<(Backend, ModeSelection)> {
-    builder.validate_common()?;
-    if builder.mode != Mode::Copy {
+pub(crate) fn select_and_start(config: Config) -> Result<(Backend, ModeSelection)> {
+    if config.mode != Mode::Copy {
         // A misspelt interface is a mistake in every mode: checked before anything is tried,
         // so that Auto does not hide it behind another mode (nor behind an earlier refusal,
         // such as io_uring being forbidden).
-        if let Some(target) = &builder.interface {
+        if let Some(target) = &config.interface {
             instance::check_interface_exists(target)?;
         }
     }
-    let page = crate::sys::page_size() as u32;
     let copy = |refused: Vec<(Mode, String)>| -> Result<(Backend, ModeSelection)> {
-        let runtime = CopyRuntime::new(&builder).map_err(|e| {
+        let runtime = CopyRuntime::new(&config.copy).map_err(|e| {
             Error::new(
                 ErrorKind::OutOfMemory,
                 "cannot allocate the copy-mode buffer pool",
@@ -38,22 +36,19 @@ pub(crate) fn select_and_start(builder: crate::Builder) -> Result<(Backend, Mode
         Ok((Backend::Copy(Arc::new(runtime)), selection))
     };
     let uring = |target: Target, chosen: ActiveMode, refused: Vec<(Mode, String)>| {
-        let handle = start(builder.validate_for(target, page)?)?;
+        let handle = start(config.uring_for(target))?;
         Ok::<_, Error>((Backend::Uring(handle), ModeSelection { chosen, refused }))
     };
-    let (backend, selection) = match builder.mode {
+    let (backend, selection) = match config.mode {
         Mode::Copy => copy(Vec::new())?,
         Mode::NoDevice => uring(Target::NoDevice, ActiveMode::NoDevice, Vec::new())?,
         Mode::Nic => {
-            let target = builder
-                .interface
-                .clone()
-                .expect("validate_common checked it");
+            let target = config.interface.clone().expect("validate checked it");
             uring(target, ActiveMode::Nic, Vec::new())?
         }
         Mode::Auto => {
             let mut refused = Vec::new();
-            let nic = match builder.interface.clone() {
+            let nic = match config.interface.clone() {
                 Some(target) => match uring(target, ActiveMode::Nic, Vec::new()) {
                     Ok(started) => Some(started),
                     Err(e) if is_callers_to_fix(&e) => return Err(e),

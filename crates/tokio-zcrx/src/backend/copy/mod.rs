@@ -25,7 +25,7 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::broadcast;
 
 use crate::buf::{BufferOwnerVtable, BufferSlot, ZcBuf};
-use crate::config::StreamOptions;
+use crate::config::{CopyConfig, StreamOptions};
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, EventKind, Stats};
 use crate::sys::mem::Mapping;
@@ -575,13 +575,13 @@ pub(crate) struct CopyRuntime {
 }
 
 impl CopyRuntime {
-    pub(crate) fn new(builder: &crate::Builder) -> io::Result<CopyRuntime> {
+    pub(crate) fn new(config: &CopyConfig) -> io::Result<CopyRuntime> {
         let events = broadcast::channel(1024).0;
         let pool = Pool::new(
-            builder.copy_buffers,
-            builder.copy_buffer_size,
+            config.buffers,
+            config.buffer_size,
             events.clone(),
-            builder.event_rearm_interval,
+            config.event_interval,
         )?;
         Ok(CopyRuntime {
             pool: Arc::new(pool),
