@@ -5,6 +5,7 @@ mod guest;
 mod host;
 mod initramfs;
 mod kernel;
+mod layers;
 mod util;
 
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ Commands:
               The receive benchmark, in release mode: `cargo run --release -p
               tokio-zcrx-bench -- ARGS`; `cargo xtask bench --help` lists ARGS
               (--quick, --scaling, ...). See docs/benchmarks.md.
+  layers [SRC] Checks that tokio-zcrx's modules import only downwards in the layer order
+              (xtask/src/layers.rs; part of `test`'s host tier). Prints FILE:LINE, the
+              import and the rule for each one that does not.
   faults [--seeds N]
               Seeded fault injection over the synthetic kernel personalities (N seeds
               per fault test, default 2000; debug build, so every chunk return is
@@ -107,6 +111,11 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             Err(err).context("running `cargo run --release -p tokio-zcrx-bench`")
         }
         Some("faults") => faults(&args[1..]),
+        Some("layers") => Ok(if layers::run(args.get(1).map(String::as_str))? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(ExitCode::SUCCESS)
@@ -203,6 +212,15 @@ fn test_all(start: Instant) -> Result<ExitCode> {
     )?;
     step(start, "host tier: doc tests");
     counts.libtest(cargo().args(["test", "--workspace", "--doc"]), "doc tests")?;
+    step(
+        start,
+        "host tier: tokio-zcrx's layer order (cargo xtask layers)",
+    );
+    if !layers::run(None)? {
+        counts
+            .problems
+            .push("an import breaks tokio-zcrx's layer order (run `cargo xtask layers`)".into());
+    }
     step(
         start,
         "model check: loom over the refill producer and the buffer reference count",
