@@ -300,4 +300,73 @@ mod tests {
         // The non-null owner leaves a niche: `Option<ZcBuf>` (what `next()` yields) is free.
         assert_eq!(std::mem::size_of::<Option<ZcBuf>>(), size);
     }
+
+    /// An owner that records how its buffers come back: (owner name, run length; 0 for a
+    /// single release).
+    struct RecordingOwner {
+        name: &'static str,
+        returns: std::sync::Mutex<Vec<(&'static str, usize)>>,
+    }
+
+    static BYTES: [u8; 16] = *b"0123456789abcdef";
+
+    static RECORDING: BufferOwnerVtable = BufferOwnerVtable {
+        release_one: |owner, _slot| {
+            // SAFETY: the tests below make buffers only with `RecordingOwner`s.
+            let owner = unsafe { owner.cast::<RecordingOwner>().as_ref() };
+            owner.returns.lock().unwrap().push((owner.name, 0));
+        },
+        release_run: |owner, slots| {
+            // SAFETY: as above.
+            let owner = unsafe { owner.cast::<RecordingOwner>().as_ref() };
+            owner
+                .returns
+                .lock()
+                .unwrap()
+                .push((owner.name, slots.len()));
+        },
+        debug_fields: |debug, slot| {
+            debug.field("test_index", &slot.index);
+        },
+    };
+
+    fn buffer(owner: &'static RecordingOwner, index: u32) -> ZcBuf {
+        let slot = BufferSlot {
+            offset: 0,
+            len: 4,
+            index,
+        };
+        // SAFETY: `BYTES` is static and immutable, the owner is static, and the recording
+        // vtable may run on any thread.
+        unsafe {
+            ZcBuf::from_raw_parts(
+                BYTES.as_ptr(),
+                slot,
+                NonNull::from(owner).cast(),
+                &RECORDING,
+            )
+        }
+    }
+
+    #[test]
+    fn a_batch_returns_runs_per_owner_and_a_buffer_returns_alone() {
+        static A: RecordingOwner = RecordingOwner {
+            name: "a",
+            returns: std::sync::Mutex::new(Vec::new()),
+        };
+        static B: RecordingOwner = RecordingOwner {
+            name: "b",
+            returns: std::sync::Mutex::new(Vec::new()),
+        };
+        let mut buffers: Vec<ZcBuf> = (0..70).map(|i| buffer(&A, i)).collect();
+        buffers.extend((0..3).map(|i| buffer(&B, i)));
+        buffers.push(buffer(&A, 70));
+        let single = buffer(&B, 3);
+        assert_eq!(&*single, b"0123");
+        assert_eq!(format!("{single:?}"), "ZcBuf { len: 4, test_index: 3 }");
+        drop(ZcBatch::new(buffers));
+        drop(single);
+        assert_eq!(*A.returns.lock().unwrap(), [("a", 64), ("a", 6), ("a", 1)]);
+        assert_eq!(*B.returns.lock().unwrap(), [("b", 3), ("b", 0)]);
+    }
 }
