@@ -45,6 +45,8 @@ pub(crate) const LAYERS: &[&[&str]] = &[
     &["backend"],
     &["backend::select"],
     &["stream"],
+    // ZcConnection (stream + write half as one value); from the `api` branch.
+    &["connection"],
     &["zcrx"],
     &["listener"],
     &[""],

@@ -2,8 +2,8 @@
 // modules of one layer do not import each other; tests may import anything. `cargo xtask
 // layers` checks it against the order in xtask/src/layers.rs, which must match this one:
 // error, mode, event -> sys -> config -> buf -> writer -> probe -> backend::wake ->
-// backend::uring, backend::copy -> backend -> backend::select -> stream -> zcrx ->
-// listener -> lib
+// backend::uring, backend::copy -> backend -> backend::select -> stream -> connection ->
+// zcrx -> listener -> lib
 //! io_uring zero-copy receive (zcrx) for Tokio.
 //!
 //! TCP payloads land straight from the NIC in the zcrx receive area; your tasks read them
