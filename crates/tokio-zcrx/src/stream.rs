@@ -4,7 +4,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::Stream;
+use futures_core::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::backend::StreamSource;
