@@ -94,7 +94,7 @@ async fn echo(mut stream: ZcStream, mut writer: ZcWriteHalf) -> io::Result<u64> 
     while let Some(batch) = stream.next_batch(64).await {
         let batch = batch?;
         write_all(&mut writer, &batch).await?;
-        echoed += batch.bytes() as u64;
+        echoed += batch.len_bytes() as u64;
         // `batch` drops here: its chunks go back to the kernel together.
     }
     // End of stream: the client shut down its write side. Everything is written; say so.

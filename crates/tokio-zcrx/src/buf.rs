@@ -15,6 +15,27 @@ use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 /// memory stays valid for as long as the buffer is held, even after its stream, the runtime
 /// and the kernel's zcrx instance are gone.
 ///
+/// It is also a [`bytes::Buf`], a cursor over its bytes, so it feeds `bytes` and
+/// `tokio-util` code (decoders, `StreamReader`, `write_all_buf`) without a copy:
+/// [`advance`](bytes::Buf::advance) moves the start forward, and the buffer then derefs to
+/// (and [`len`](ZcBuf::len) counts) the bytes not consumed yet. Consuming does not return
+/// memory early: the whole chunk goes back when the buffer is dropped.
+///
+/// ```no_run
+/// # async fn demo(mut stream: tokio_zcrx::ZcStream) -> std::io::Result<()> {
+/// use bytes::Buf;
+/// use futures::StreamExt;
+///
+/// if let Some(buf) = stream.next().await {
+///     let mut buf = buf?;
+///     let tag = buf.get_u8(); // a cursor: the buffer now starts at the next byte
+///     let rest: &[u8] = &buf; // the bytes not consumed yet
+///     # let _ = (tag, rest);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
 /// Hold buffers only as long as needed: the area is finite, and while it is full the kernel
 /// has to copy or drop incoming data (see [`EventKind`](crate::EventKind)).
 ///
@@ -35,6 +56,9 @@ use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 pub struct ZcBuf {
     ptr: *const u8,
     len: u32,
+    /// Bytes consumed through [`bytes::Buf::advance`]: the buffer shows `start..len`. `len`
+    /// stays the delivered length, which the return to the kernel needs.
+    start: u32,
     owner: Owner,
 }
 
@@ -70,6 +94,7 @@ impl ZcBuf {
         ZcBuf {
             ptr,
             len,
+            start: 0,
             owner: Owner::Area {
                 area,
                 chunk,
@@ -83,22 +108,24 @@ impl ZcBuf {
         ZcBuf {
             ptr,
             len,
+            start: 0,
             owner: Owner::Pool { pool, index },
         }
     }
 
-    /// Number of bytes.
+    /// Number of bytes not consumed yet: all of them, unless the buffer was advanced as a
+    /// [`bytes::Buf`].
     pub fn len(&self) -> usize {
-        self.len as usize
+        (self.len - self.start) as usize
     }
 
-    /// Whether the buffer holds no bytes (never true for a delivered buffer).
+    /// Whether no byte is left (never true for a delivered buffer that was not advanced).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.start == self.len
     }
 
-    /// Converts into [`bytes::Bytes`] without copying; the chunk goes back to the kernel when
-    /// the last clone of the `Bytes` is dropped.
+    /// Converts into [`bytes::Bytes`] of the bytes not consumed yet, without copying; the
+    /// chunk goes back to the kernel when the last clone of the `Bytes` is dropped.
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from_owner(self)
     }
@@ -110,8 +137,32 @@ impl Deref for ZcBuf {
     fn deref(&self) -> &[u8] {
         // SAFETY: `ptr..ptr + len` lies inside the area (checked when the completion was
         // decoded) or the pool buffer, which stay mapped while `self.owner` holds them, and
-        // nobody writes them until our drop returns them.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+        // nobody writes them until our drop returns them; `start <= len` (`advance` checks).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(self.start as usize), self.len()) }
+    }
+}
+
+/// A cursor over the buffer's bytes: `chunk` is the whole rest (it is contiguous), `advance`
+/// consumes from the front. See [`ZcBuf`].
+impl bytes::Buf for ZcBuf {
+    fn remaining(&self) -> usize {
+        self.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self
+    }
+
+    /// Consumes `count` bytes. Panics if `count` exceeds [`remaining`](bytes::Buf::remaining),
+    /// as `Bytes` does.
+    fn advance(&mut self, count: usize) {
+        assert!(
+            count <= self.len(),
+            "cannot advance a ZcBuf by {count} bytes: {} remain",
+            self.len()
+        );
+        // No overflow: `start + count <= len`, a u32.
+        self.start += count as u32;
     }
 }
 
@@ -144,7 +195,7 @@ impl Drop for ZcBuf {
 impl fmt::Debug for ZcBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("ZcBuf");
-        debug.field("len", &self.len);
+        debug.field("len", &self.len()).field("start", &self.start);
         match &self.owner {
             Owner::Area { area_offset, .. } => debug.field("area_offset", area_offset),
             Owner::Pool { index, .. } => debug.field("pool_buffer", index),
@@ -153,49 +204,157 @@ impl fmt::Debug for ZcBuf {
     }
 }
 
-/// Buffers of one stream taken at once ([`ZcStream::next_batch`](crate::ZcStream::next_batch)).
+/// Buffers of one stream taken at once ([`ZcStream::next_batch`](crate::ZcStream::next_batch),
+/// [`ZcStream::recv_many`](crate::ZcStream::recv_many)).
 ///
-/// Derefs to `[ZcBuf]`. Dropping the batch returns every buffer still in it to the kernel
-/// with one refill-ring publication, instead of one per buffer: for a consumer that handles
-/// a batch and then lets it go, the cheapest way to give the area back. Buffers taken out
-/// (`into_iter`, `into_vec`) are returned one by one, when each is dropped.
+/// Derefs to `[ZcBuf]`. Dropping the batch (or [`clear`](ZcBatch::clear)ing it) returns every
+/// buffer in it to the kernel with one refill-ring publication, instead of one per buffer:
+/// for a consumer that handles a batch and then lets it go, the cheapest way to give the
+/// area back. Buffers taken out (`into_iter`, `into_vec`) are returned one by one, when each
+/// is dropped.
 ///
 /// ```no_run
 /// # async fn demo(mut stream: tokio_zcrx::ZcStream) -> std::io::Result<()> {
 /// let mut total = 0;
 /// while let Some(batch) = stream.next_batch(64).await {
 ///     let batch = batch?;
-///     total += batch.iter().map(|buf| buf.len()).sum::<usize>();
+///     total += batch.len_bytes();
 /// } // each batch goes back to the kernel here, all at once
 /// # let _ = total;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// A batch is also a [`bytes::Buf`] over the bytes of all its buffers in order (with
+/// [`chunks_vectored`](bytes::Buf::chunks_vectored), for one vectored write of all of them).
+/// [`advance`](bytes::Buf::advance) consumes from the front: the batch then derefs to the
+/// buffers not used up (the first possibly advanced itself), and
+/// [`len_bytes`](ZcBatch::len_bytes) counts the bytes left. Used-up buffers stay in the batch,
+/// so that they go back with the others in one publication.
 pub struct ZcBatch {
     buffers: Vec<ZcBuf>,
+    /// Buffers before this index are used up (through `Buf::advance`): hidden, but kept to be
+    /// returned with the rest. Every buffer from here on has a byte left.
+    first: usize,
+    /// Bytes left in `buffers[first..]`, so that `Buf::remaining` is not a sum.
+    remaining: usize,
 }
 
 impl ZcBatch {
-    pub(crate) fn new(buffers: Vec<ZcBuf>) -> ZcBatch {
-        ZcBatch { buffers }
+    /// An empty batch, to be filled by [`ZcStream::recv_many`](crate::ZcStream::recv_many).
+    pub fn new() -> ZcBatch {
+        ZcBatch::from_vec(Vec::new())
     }
 
-    /// Bytes in all buffers of the batch.
-    pub fn bytes(&self) -> usize {
-        self.buffers.iter().map(ZcBuf::len).sum()
+    /// An empty batch with room for `buffers` buffers before it allocates.
+    pub fn with_capacity(buffers: usize) -> ZcBatch {
+        ZcBatch::from_vec(Vec::with_capacity(buffers))
     }
 
-    /// The buffers, to be returned one by one as each is dropped.
+    pub(crate) fn from_vec(buffers: Vec<ZcBuf>) -> ZcBatch {
+        let mut batch = ZcBatch {
+            buffers,
+            first: 0,
+            remaining: 0,
+        };
+        batch.count_appended(0);
+        batch
+    }
+
+    /// Lets `append` add buffers at the end (a stream handing out what has arrived); returns
+    /// how many it added.
+    pub(crate) fn append_with(&mut self, append: impl FnOnce(&mut Vec<ZcBuf>)) -> usize {
+        let before = self.buffers.len();
+        append(&mut self.buffers);
+        self.count_appended(before);
+        self.buffers.len() - before
+    }
+
+    /// Accounts for the buffers from `from` on, which were just appended.
+    fn count_appended(&mut self, from: usize) {
+        self.remaining += self.buffers[from..].iter().map(ZcBuf::len).sum::<usize>();
+        self.skip_used_up();
+    }
+
+    /// Moves `first` past empty buffers (a used-up one, or an empty one appended).
+    fn skip_used_up(&mut self) {
+        while self.buffers.get(self.first).is_some_and(ZcBuf::is_empty) {
+            self.first += 1;
+        }
+    }
+
+    /// Bytes left in the batch: in all its buffers, less what was consumed as a
+    /// [`bytes::Buf`]. (`len()`, through `Deref`, counts buffers.)
+    pub fn len_bytes(&self) -> usize {
+        self.remaining
+    }
+
+    /// Returns every buffer to the kernel now, with one refill-ring publication, and keeps the
+    /// allocation for the next [`recv_many`](crate::ZcStream::recv_many).
+    pub fn clear(&mut self) {
+        return_all(&mut self.buffers);
+        self.first = 0;
+        self.remaining = 0;
+    }
+
+    /// The buffers not used up, to be returned one by one as each is dropped. (Used-up
+    /// buffers are returned now.)
     pub fn into_vec(mut self) -> Vec<ZcBuf> {
-        std::mem::take(&mut self.buffers)
+        // `self` then drops and returns the used-up buffers left in it, all at once.
+        self.buffers.split_off(self.first)
+    }
+}
+
+impl Default for ZcBatch {
+    fn default() -> ZcBatch {
+        ZcBatch::new()
     }
 }
 
 impl Deref for ZcBatch {
     type Target = [ZcBuf];
 
+    /// The buffers not used up; the first may have been advanced (it shows what is left).
     fn deref(&self) -> &[ZcBuf] {
-        &self.buffers
+        &self.buffers[self.first..]
+    }
+}
+
+/// The bytes of all buffers in order; see [`ZcBatch`].
+impl bytes::Buf for ZcBatch {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.buffers.get(self.first).map_or(&[], |buf| &buf[..])
+    }
+
+    /// Consumes `count` bytes, across buffers. Panics if `count` exceeds
+    /// [`remaining`](bytes::Buf::remaining), as `Bytes` does.
+    fn advance(&mut self, mut count: usize) {
+        assert!(
+            count <= self.remaining,
+            "cannot advance a ZcBatch by {count} bytes: {} remain",
+            self.remaining
+        );
+        self.remaining -= count;
+        while count > 0 {
+            let buf = &mut self.buffers[self.first];
+            let step = count.min(buf.len());
+            buf.advance(step);
+            count -= step;
+            self.skip_used_up();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, out: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut filled = 0;
+        for (slot, buf) in out.iter_mut().zip(&self.buffers[self.first..]) {
+            *slot = std::io::IoSlice::new(buf);
+            filled += 1;
+        }
+        filled
     }
 }
 
@@ -213,15 +372,15 @@ impl<'a> IntoIterator for &'a ZcBatch {
     type IntoIter = std::slice::Iter<'a, ZcBuf>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.buffers.iter()
+        self.iter()
     }
 }
 
 impl fmt::Debug for ZcBatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZcBatch")
-            .field("buffers", &self.buffers.len())
-            .field("bytes", &self.bytes())
+            .field("buffers", &self.len())
+            .field("len_bytes", &self.len_bytes())
             .finish()
     }
 }

@@ -50,7 +50,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};
 pub use listener::ZcListener;
 pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
-pub use stream::{ZcReader, ZcStream};
+pub use stream::ZcStream;
 pub use writer::ZcWriteHalf;
 pub use zcrx::Zcrx;
 

@@ -320,7 +320,7 @@ async fn batches_in_copy_mode_hold_one_buffer_in_order() {
         for (i, &b) in batch[0].iter().enumerate() {
             assert_eq!(b, pattern(9, position + i as u64));
         }
-        position += batch.bytes() as u64;
+        position += batch.len_bytes() as u64;
     }
     assert_eq!(position, TOTAL);
     sender.await.unwrap();
