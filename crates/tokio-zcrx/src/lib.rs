@@ -34,6 +34,7 @@
 mod backend;
 mod buf;
 mod config;
+mod connection;
 mod error;
 mod event;
 mod listener;
@@ -46,11 +47,12 @@ mod zcrx;
 
 pub use buf::{ZcBatch, ZcBuf};
 pub use config::{Builder, EventsPolicy, StreamOptions};
+pub use connection::{IntoTcpStreamError, ReuniteError, ZcConnection};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};
-pub use listener::ZcListener;
+pub use listener::{Incoming, ZcListener};
 pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
-pub use stream::ZcStream;
+pub use stream::{ZcReader, ZcStream};
 pub use writer::ZcWriteHalf;
 pub use zcrx::Zcrx;
 

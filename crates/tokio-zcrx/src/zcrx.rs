@@ -13,7 +13,7 @@ use crate::config::StreamOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Stats};
 use crate::mode::{ActiveMode, ModeSelection};
-use crate::stream::ZcStream;
+use crate::stream::{Addresses, ZcStream};
 use crate::sys::claim;
 use crate::writer::ZcWriteHalf;
 
@@ -140,8 +140,9 @@ impl Zcrx {
         require_tokio("attach")?;
         // Released when the stream is dropped (or now, with the socket, on any error below).
         let claim = claim::claim_connected_tcp(socket.as_fd())?;
+        let addresses = Addresses::of(&socket);
         let (source, write_half) = self.backend.attach(socket, options)?;
-        Ok((ZcStream::new(source, claim), write_half))
+        Ok((ZcStream::new(source, claim, addresses), write_half))
     }
 
     /// `RuntimeGone` once the runtime has shut down (or its driver failed).

@@ -498,9 +498,25 @@ impl CopyStream {
     }
 }
 
-impl Drop for CopyStream {
-    fn drop(&mut self) {
-        if let Some((generation, slot)) = self.waiting {
+impl CopyStream {
+    /// Stops being a stream and gives the socket's read half back (for
+    /// `ZcConnection::into_tcp_stream`). Nothing is buffered here: every byte read from the
+    /// socket was handed out.
+    pub(crate) fn into_read_half(self) -> OwnedReadHalf {
+        let mut stream = std::mem::ManuallyDrop::new(self);
+        stream.leave_pool();
+        // SAFETY: `stream` is never used or dropped again, so each field that needs a drop
+        // is moved out exactly once: the socket to the caller, the pool reference here.
+        unsafe {
+            drop(std::ptr::read(&stream.pool));
+            std::ptr::read(&stream.socket)
+        }
+    }
+
+    /// What a stream going away owes the pool: its place among the waiters, and its entry
+    /// among the sockets shutdown reaches.
+    fn leave_pool(&mut self) {
+        if let Some((generation, slot)) = self.waiting.take() {
             let mut state = self.pool.lock_state();
             if generation == state.generation {
                 // Still waiting: leave the list without a waker to wake.
@@ -513,6 +529,12 @@ impl Drop for CopyStream {
         // Under the lock, so shutdown never touches a descriptor that was closed (and maybe
         // reused) after this point.
         lock(&self.pool.sockets).remove(&self.id);
+    }
+}
+
+impl Drop for CopyStream {
+    fn drop(&mut self) {
+        self.leave_pool();
     }
 }
 
