@@ -289,6 +289,13 @@ impl ZcBatch {
         self.remaining
     }
 
+    /// How many buffers the batch holds without allocating (used-up ones included): what
+    /// [`clear`](ZcBatch::clear) keeps for the next
+    /// [`recv_many`](crate::ZcStream::recv_many).
+    pub fn capacity(&self) -> usize {
+        self.buffers.capacity()
+    }
+
     /// Returns every buffer to the kernel now, with one refill-ring publication, and keeps the
     /// allocation for the next [`recv_many`](crate::ZcStream::recv_many).
     pub fn clear(&mut self) {

@@ -28,15 +28,24 @@ pub(crate) enum Target {
     NoDevice,
 }
 
-/// Whether the kernel's zcrx events (allocation failure, copy fallback) are required.
+/// Whether the kernel's zcrx events (allocation failure, copy fallback) and copy statistics
+/// are required, in the io_uring modes (`nic`, `nodev`).
+///
+/// Copy mode has no kernel events: it counts every byte as copied and announces copying with
+/// its own [`CopyFallback`](crate::EventKind::CopyFallback) events, whatever the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EventsPolicy {
     /// Use events and copy statistics when the kernel has them (7.2+), run without otherwise.
     #[default]
     IfSupported,
-    /// Fail [`Builder::build`] with [`ErrorKind::KernelTooOld`] on kernels without events.
+    /// Only run an io_uring mode with events: on kernels without them (before 7.2),
+    /// [`Mode::Nic`] and [`Mode::NoDevice`] fail [`Builder::build`] with
+    /// [`ErrorKind::KernelTooOld`], and [`Mode::Auto`] skips both (the reasons are in
+    /// [`Zcrx::mode_selection`](crate::Zcrx::mode_selection)) and chooses copy mode, where
+    /// every copy is reported. So monitoring sees the copies in whatever mode runs.
     Required,
-    /// Do not register for events (statistics are then unavailable too).
+    /// Do not register for the kernel's events (its copy statistics are then unavailable
+    /// too). Copy mode still reports its own copies.
     Disabled,
 }
 

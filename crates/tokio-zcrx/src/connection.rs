@@ -140,8 +140,9 @@ impl ZcConnection {
     }
 
     /// Borrows the reader and the writer at once, e.g. to read and write concurrently in one
-    /// task (`tokio::join!`, `tokio::io::copy_buf(reader, &mut other)`).
-    pub fn split(&mut self) -> (&mut ZcReader, &mut ZcWriteHalf) {
+    /// task (`tokio::join!`, `tokio::io::copy_buf(reader, &mut other)`). (Not `split`, the
+    /// name Tokio's `TcpStream` uses: `AsyncBufReadExt::split` would shadow it.)
+    pub fn halves_mut(&mut self) -> (&mut ZcReader, &mut ZcWriteHalf) {
         (&mut self.reader, &mut self.writer)
     }
 

@@ -82,7 +82,7 @@ impl ZcListener {
     ///         }
     ///     };
     ///     tokio::spawn(async move {
-    ///         let (reader, writer) = connection.split();
+    ///         let (reader, writer) = connection.halves_mut();
     ///         let _ = tokio::io::copy_buf(reader, writer).await; // an echo
     ///         let _ = connection.shutdown().await;
     ///     });

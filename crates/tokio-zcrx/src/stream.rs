@@ -18,8 +18,13 @@ use crate::sys::claim::SocketClaim;
 ///
 /// A [`Stream`] of `io::Result<ZcBuf>`: it yields buffers in order, ends with `None` at EOF,
 /// and yields one `Err` (then `None`) if the connection fails (e.g. reset by the peer) or the
-/// runtime stops. It can be polled from any task of any Tokio runtime; buffers can be sent to
-/// other tasks and threads.
+/// runtime stops. Buffers can be sent to other tasks and threads.
+///
+/// The stream can be moved to and polled from any task, on any thread, while the Tokio
+/// runtime it was attached in keeps running: in copy mode it reads through that runtime's
+/// I/O driver, as the [`ZcWriteHalf`](crate::ZcWriteHalf) does in every mode, and once that
+/// runtime shuts down both fail with an error. (In the io_uring modes the stream itself needs
+/// no runtime: the driver thread wakes it.)
 ///
 /// Obtain one with [`Zcrx::attach`] or [`ZcListener::accept`]. Dropping it stops receiving
 /// on the connection (buffers already handed out stay valid).

@@ -34,6 +34,9 @@ use crate::writer::ZcWriteHalf;
 /// it is still in the CPU cache.
 pub(crate) struct Pool {
     memory: Mapping,
+    /// The number of buffers (the mapping is rounded up to whole pages, so it may hold room
+    /// for more).
+    buffers: u32,
     buffer_size: usize,
     /// Free buffers and the streams waiting for one, under one lock so that a return never
     /// misses a stream that is about to wait.
@@ -150,7 +153,7 @@ fn wake_all(waiters: Vec<Option<Waker>>) {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("buffers", &(self.memory.len() / self.buffer_size))
+            .field("buffers", &self.buffers)
             .field("buffer_size", &self.buffer_size)
             .finish_non_exhaustive()
     }
@@ -204,6 +207,7 @@ impl Pool {
         })?;
         Ok(Pool {
             memory,
+            buffers,
             buffer_size,
             state: Mutex::new(PoolState {
                 free,
@@ -582,8 +586,7 @@ impl CopyRuntime {
     pub(crate) fn description(&self) -> String {
         format!(
             "copy mode ({} buffers of {} bytes)",
-            self.pool.memory.len() / self.pool.buffer_size,
-            self.pool.buffer_size
+            self.pool.buffers, self.pool.buffer_size
         )
     }
 
