@@ -31,6 +31,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[cfg(test)]
+mod api_tests;
 mod backend;
 mod buf;
 mod config;
