@@ -118,6 +118,9 @@ impl ZcConnection {
     ///
     /// [`ZcListener::accept`]: crate::ZcListener::accept
     /// [`Zcrx::attach`]: crate::Zcrx::attach
+    // The error gives both halves back, as Tokio's `ReuniteError` does; it is no larger than
+    // the connection the `Ok` holds.
+    #[allow(clippy::result_large_err)]
     pub fn new(stream: ZcStream, writer: ZcWriteHalf) -> Result<ZcConnection, ReuniteError> {
         ZcConnection::reunite(stream.into_async_read(), writer)
     }
@@ -125,6 +128,9 @@ impl ZcConnection {
     /// Joins halves from [`into_split`](ZcConnection::into_split) again (or a reader from
     /// [`ZcStream::into_async_read`] and its write half). Fails, giving both back, if they
     /// belong to different connections.
+    // The error gives both halves back, as Tokio's `ReuniteError` does; it is no larger than
+    // the connection the `Ok` holds.
+    #[allow(clippy::result_large_err)]
     pub fn reunite(reader: ZcReader, writer: ZcWriteHalf) -> Result<ZcConnection, ReuniteError> {
         if reader.get_ref().is_socket(writer.as_fd()) {
             Ok(ZcConnection { reader, writer })
@@ -175,6 +181,8 @@ impl ZcConnection {
     /// `nodev`) the socket belongs to a receive the driver thread keeps running in the
     /// kernel: it cannot be handed back, and this fails with an [`IntoTcpStreamError`] that
     /// gives the connection back unchanged. The socket may be attached again later.
+    // The error gives the connection back unchanged (a refusal loses nothing).
+    #[allow(clippy::result_large_err)]
     pub fn into_tcp_stream(self) -> Result<(TcpStream, Option<ZcBuf>), IntoTcpStreamError> {
         // Checked before anything is taken apart, so that a refusal loses nothing.
         if !self.reader.get_ref().is_copy_mode() {

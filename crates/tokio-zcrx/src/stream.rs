@@ -26,7 +26,8 @@ use crate::sys::claim::SocketClaim;
 /// runtime shuts down both fail with an error. (In the io_uring modes the stream itself needs
 /// no runtime: the driver thread wakes it.)
 ///
-/// Obtain one with [`Zcrx::attach`] or [`ZcListener::accept`]. Dropping it stops receiving
+/// Obtain one with [`Zcrx::attach`](crate::Zcrx::attach) or
+/// [`ZcListener::accept`](crate::ZcListener::accept). Dropping it stops receiving
 /// on the connection (buffers already handed out stay valid).
 ///
 /// ```no_run
@@ -103,6 +104,8 @@ impl ZcStream {
 
     /// The Tokio read half of a copy-mode stream, which stops being a stream; the stream
     /// itself in the io_uring modes, where the kernel receives and no read half exists.
+    // The error is the stream itself, given back.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn into_copy_read_half(self) -> Result<tokio::net::tcp::OwnedReadHalf, ZcStream> {
         let ZcStream {
             source,
