@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 use tokio_zcrx::{Mode, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
-use tokio_zcrx_examples::{human_bytes, say, ShutdownSignals};
+use tokio_zcrx_examples::{human_bytes, parse_command_line, say, ShutdownSignals};
 
 const USAGE_LINE: &str = "usage: echo --listen ADDR [--mode auto|nic|nodev|copy] \
                           [--interface IF --queue N] [--stats]";
@@ -107,16 +107,9 @@ async fn echo(mut stream: ZcStream, mut writer: ZcWriteHalf) -> io::Result<u64> 
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE_LINE}\n\n{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            eprintln!("echo: {error}\n{USAGE_LINE} (--help for details)");
-            return ExitCode::from(2);
-        }
+    let args = match parse_command_line("echo", USAGE_LINE, HELP, parse_args) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     match serve(&args).await {
         Ok(()) => ExitCode::SUCCESS,

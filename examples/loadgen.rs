@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio_zcrx_examples::load::{self, Budget, LoadConfig};
-use tokio_zcrx_examples::parse_bytes;
+use tokio_zcrx_examples::{parse_bytes, parse_command_line};
 
 const USAGE_LINE: &str = "usage: loadgen --connect ADDR [--conns N] [--bytes B | --duration S] \
                           [--seed S] [--max-write W] [--verify-echo] [--netns PATH]";
@@ -120,16 +120,9 @@ fn enter_netns(path: &str) -> io::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let mut args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE_LINE}\n\n{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            eprintln!("loadgen: {error}\n{USAGE_LINE} (--help for details)");
-            return ExitCode::from(2);
-        }
+    let mut args = match parse_command_line("loadgen", USAGE_LINE, HELP, parse_args) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     if let Some(path) = &args.netns {
         if let Err(error) = enter_netns(path) {

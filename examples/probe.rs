@@ -13,6 +13,7 @@
 use std::process::ExitCode;
 
 use tokio_zcrx::probe::{self, ProbeOptions};
+use tokio_zcrx_examples::parse_command_line;
 
 const USAGE_LINE: &str = "usage: probe [--json] [--interface IF [--queue N]] [--try-register]";
 
@@ -55,16 +56,9 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE_LINE}\n\n{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            eprintln!("probe: {error}\n{USAGE_LINE} (--help for details)");
-            return ExitCode::from(2);
-        }
+    let args = match parse_command_line("probe", USAGE_LINE, HELP, parse_args) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     let report = probe::run(&args.options);
     if args.json {

@@ -43,7 +43,7 @@ use tokio_zcrx::{
     Event, EventKind, Mode, ModeSelection, Stats, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx,
 };
 use tokio_zcrx_examples::load::{self, Budget, LoadConfig, LoadReport};
-use tokio_zcrx_examples::{gbps, human_bytes, say, ShutdownSignals};
+use tokio_zcrx_examples::{gbps, human_bytes, parse_command_line, say, ShutdownSignals};
 
 const USAGE_LINE: &str = "usage: sink --listen ADDR [--mode auto|nic|nodev|copy] \
                           [--interface IF --queue N] [--json] [--demo SECONDS] \
@@ -242,16 +242,9 @@ async fn consume(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE_LINE}\n\n{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            eprintln!("sink: {error}\n{USAGE_LINE} (--help for details)");
-            return ExitCode::from(2);
-        }
+    let args = match parse_command_line("sink", USAGE_LINE, HELP, parse_args) {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     match run(&args).await {
         Ok(true) => ExitCode::SUCCESS,

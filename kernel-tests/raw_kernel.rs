@@ -3,6 +3,9 @@
 //! They need a zcrx kernel (7.2+) and the guest's patched netdevsim pair, so they are
 //! `#[ignore]`d on the host; `cargo xtask vm-test` runs them inside QEMU with
 //! `--include-ignored`, one at a time (some change interface settings).
+//!
+//! They do not use `tokio-zcrx` (nor `zcrx-core`) on purpose: they are the oracle the
+//! library's registration is checked against, and an oracle must not share the code it checks.
 
 use std::io;
 use std::os::fd::AsRawFd;

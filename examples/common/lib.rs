@@ -10,6 +10,37 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 pub mod load;
 pub mod payload;
 
+/// The examples' command line: `Ok(args)`, or the exit code after `--help` (0, help printed)
+/// or a bad argument (2, the error and the usage line printed).
+///
+/// ```no_run
+/// # fn parse_args() -> Result<Option<()>, lexopt::Error> { Ok(Some(())) }
+/// # fn demo() -> std::process::ExitCode {
+/// let args = match tokio_zcrx_examples::parse_command_line("echo", "usage: echo", "help", parse_args) {
+///     Ok(args) => args,
+///     Err(code) => return code,
+/// };
+/// # let () = args; std::process::ExitCode::SUCCESS }
+/// ```
+pub fn parse_command_line<T>(
+    program: &str,
+    usage_line: &str,
+    help: &str,
+    parse: impl FnOnce() -> Result<Option<T>, lexopt::Error>,
+) -> Result<T, std::process::ExitCode> {
+    match parse() {
+        Ok(Some(args)) => Ok(args),
+        Ok(None) => {
+            println!("{usage_line}\n\n{help}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("{program}: {error}\n{usage_line} (--help for details)");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}
+
 /// `println!` for servers: a closed stdout (`sink | head`) loses the line instead of
 /// panicking, and the server carries on until it is stopped.
 #[macro_export]

@@ -4,6 +4,10 @@
 //! (`zcrx-sys`) and the io-uring crate's ring: it is deliberately the plainest possible user of
 //! the kernel ABI, so these tests check the kernel facts the runtime is built on.
 //!
+//! It repeats on purpose what `tokio-zcrx` does to register (ring flags, area and refill
+//! region, offsets) instead of calling the library's `sys::zcrx`: a test oracle must not
+//! share the code it checks, or a mistake in that code would be made on both sides and pass.
+//!
 //! The guest's network (see vm/guest/init) is described by environment variables:
 //! `TZX_NIC` (the zcrx-capable netdevsim port in this namespace), `TZX_NIC_ADDR`,
 //! `TZX_PEER_NETNS` (the namespace holding the linked peer port) and `TZX_PEER_ADDR`.

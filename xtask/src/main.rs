@@ -173,7 +173,7 @@ fn faults(args: &[String]) -> Result<ExitCode> {
             "-p",
             "tokio-zcrx",
             "--lib",
-            "runtime::synthetic::fault_tests",
+            "backend::uring::tests::fault_tests",
             "--",
             "--nocapture",
         ])

@@ -12,8 +12,8 @@ use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::backend::uring::synthetic::kernel::{Control, Lengths, Path, StreamPlan};
 use crate::backend::uring::synthetic::personality::{Personality, Registration};
+use crate::backend::uring::synthetic::ring::{Control, Lengths, Path, StreamPlan};
 use crate::backend::uring::synthetic::{pattern, start_with, SyntheticConfig};
 use crate::{ReuniteError, ZcBatch, ZcConnection, ZcStream, ZcWriteHalf, Zcrx};
 

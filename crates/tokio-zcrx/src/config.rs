@@ -365,7 +365,7 @@ impl Builder {
         if let Some(Target::Interface { name, .. }) = &self.interface {
             validate_interface_name(name)?;
         }
-        let page = crate::sys::mem::page_size() as u32;
+        let page = crate::sys::page_size() as u32;
         // Validate the zcrx sizes even when copy mode may end up chosen: a bad setting is a
         // bug in the caller whatever this machine supports.
         if self.mode != Mode::Copy {

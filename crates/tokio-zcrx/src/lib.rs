@@ -85,7 +85,14 @@ pub use zcrx::Zcrx;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::backend::uring::synthetic::{per_chunk, Consume, PerChunkReport};
+    /// Starts a [`Zcrx`](crate::Zcrx) whose driver runs over a synthetic ring answering like
+    /// Linux 7.3 on a NIC queue under steady traffic: an area of `area_chunks` 4 KiB chunks,
+    /// and every stream attached to it receives `chunks_per_stream` chunks, then EOF (its
+    /// socket is only a placeholder; nothing is read from it). The harness that times it is
+    /// bench/src/per_chunk.rs.
+    pub fn start(area_chunks: u32, chunks_per_stream: u64) -> crate::Result<crate::Zcrx> {
+        crate::backend::uring::synthetic::start(area_chunks, chunks_per_stream)
+    }
 }
 
 /// The user guides' code blocks compile too.

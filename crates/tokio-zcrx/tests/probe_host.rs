@@ -59,6 +59,7 @@ fn nodev_support_follows_the_zcrx_query() {
             }
         }
         QueryStatus::Failed => assert_eq!(nodev.support, Support::Unknown),
+        other => panic!("a query status this test does not know: {other:?}"),
     }
 
     match (nodev.support, report.cap_net_admin.effective) {

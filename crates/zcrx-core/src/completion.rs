@@ -26,7 +26,7 @@ use std::io;
 use zcrx_sys::ring::IORING_CQE_F_MORE;
 use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK, IORING_ZCRX_AREA_SHIFT};
 
-use crate::events::EventKind;
+use crate::events::ZcrxEventType;
 use crate::refill::refill_entry;
 use crate::user_data::{StreamGenerations, StreamId, UserData, UserDataKind};
 
@@ -160,11 +160,14 @@ impl AreaLayout {
     }
 }
 
-/// A positive error number from a CQE's negative `res`.
+/// A positive error number from a CQE's negative `res`: how a receive request ended.
+///
+/// Named for where it comes from, apart from `tokio_zcrx::probe::Errno` (an errno with its
+/// symbolic name, as the capability probe reports system call answers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Errno(i32);
+pub struct CqeErrno(i32);
 
-impl Errno {
+impl CqeErrno {
     /// Wraps a positive `errno` value.
     #[must_use]
     pub const fn new(errno: i32) -> Self {
@@ -190,21 +193,21 @@ impl Errno {
     }
 }
 
-impl fmt::Display for Errno {
+impl fmt::Display for CqeErrno {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&io::Error::from_raw_os_error(self.0), f)
     }
 }
 
-impl std::error::Error for Errno {}
+impl std::error::Error for CqeErrno {}
 
-impl From<Errno> for io::Error {
-    fn from(errno: Errno) -> Self {
+impl From<CqeErrno> for io::Error {
+    fn from(errno: CqeErrno) -> Self {
         io::Error::from_raw_os_error(errno.0)
     }
 }
 
-/// How to react to a receive request that ended with an error ([`Errno::recv_action`]).
+/// How to react to a receive request that ended with an error ([`CqeErrno::recv_action`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecvErrorAction {
     /// `ENOSPC`: the CQ ring was full, nothing is wrong with the stream. Resubmit after the
@@ -250,13 +253,13 @@ pub enum Completion {
     End {
         /// The stream.
         stream: StreamId,
-        /// How it ended; see [`Errno::recv_action`].
-        result: Result<Eof, Errno>,
+        /// How it ended; see [`CqeErrno::recv_action`].
+        result: Result<Eof, CqeErrno>,
     },
     /// A zcrx event (CQE with [`UserData::EVENT`]); see [`crate::events`].
     Event {
         /// The event type.
-        kind: EventKind,
+        kind: ZcrxEventType,
     },
     /// A wake request completed.
     Wake {
@@ -471,7 +474,7 @@ pub fn decode(
         UserDataKind::Recv => decode_recv(raw, area, streams, user_data.stream()).map_err(invalid),
         UserDataKind::Event if user_data == UserData::EVENT => Ok(Completion::Event {
             // `res` is the type index; 0 is ALLOC_FAIL, not "no event".
-            kind: EventKind::from_type_index(raw.res as u32),
+            kind: ZcrxEventType::from_type_index(raw.res as u32),
         }),
         UserDataKind::Event => Err(invalid(InvalidReason::UnknownUserData)),
         UserDataKind::Wake => Ok(Completion::Wake {
@@ -519,7 +522,7 @@ fn decode_recv(
         res => Completion::End {
             stream,
             // `saturating_neg`: i32::MIN has no positive counterpart; any value will do.
-            result: Err(Errno(res.saturating_neg())),
+            result: Err(CqeErrno(res.saturating_neg())),
         },
     };
     match streams.current_generation(stream.slot()) {

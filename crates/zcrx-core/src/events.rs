@@ -12,11 +12,11 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use zcrx_core::events::{EventKind, EventRearm};
+//! use zcrx_core::events::{ZcrxEventType, EventRearm};
 //!
 //! let mut events = EventRearm::new(Duration::from_millis(10));
 //! let t0 = Instant::now();
-//! assert!(events.on_event(EventKind::Copy, t0)); // first since armed: react to it
+//! assert!(events.on_event(ZcrxEventType::Copy, t0)); // first since armed: react to it
 //! assert_eq!(events.due_rearms(t0).count(), 0); // rate limited
 //! assert_eq!(events.next_deadline(), Some(t0 + Duration::from_millis(10)));
 //!
@@ -25,7 +25,7 @@
 //!     // ... ZCRX_CTRL_ARM_EVENT for kind.type_index() succeeded ...
 //!     assert!(events.mark_rearmed(kind));
 //! }
-//! assert!(events.is_armed(EventKind::Copy));
+//! assert!(events.is_armed(ZcrxEventType::Copy));
 //! assert_eq!(events.next_deadline(), None);
 //! ```
 
@@ -35,7 +35,7 @@ use zcrx_sys::event::{ZCRX_EVENT_ALLOC_FAIL, ZCRX_EVENT_COPY};
 
 /// A zcrx event type, as carried in an event CQE's `res`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventKind {
+pub enum ZcrxEventType {
     /// [`ZCRX_EVENT_ALLOC_FAIL`]: the NIC's page pool found neither refill entries nor free
     /// chunks and drops packets until buffers come back.
     AllocFail,
@@ -45,9 +45,9 @@ pub enum EventKind {
     Unknown(u32),
 }
 
-impl EventKind {
+impl ZcrxEventType {
     /// The kinds this crate can re-arm, in type-index order.
-    pub const KNOWN: [EventKind; 2] = [EventKind::AllocFail, EventKind::Copy];
+    pub const KNOWN: [ZcrxEventType; 2] = [ZcrxEventType::AllocFail, ZcrxEventType::Copy];
 
     /// The kind with kernel type index `index` (an event CQE's `res`).
     #[must_use]
@@ -122,7 +122,7 @@ enum ArmState {
 #[derive(Debug, Clone)]
 pub struct EventRearm {
     min_interval: Duration,
-    states: [ArmState; EventKind::KNOWN.len()],
+    states: [ArmState; ZcrxEventType::KNOWN.len()],
     stats: EventStats,
 }
 
@@ -137,7 +137,7 @@ impl EventRearm {
     pub fn new(min_interval: Duration) -> Self {
         Self {
             min_interval,
-            states: [ArmState::Armed; EventKind::KNOWN.len()],
+            states: [ArmState::Armed; ZcrxEventType::KNOWN.len()],
             stats: EventStats::default(),
         }
     }
@@ -151,13 +151,13 @@ impl EventRearm {
     /// Records an event CQE of `kind` received at `now`. Returns `true` if the kind was armed,
     /// i.e. this is the first event since it was (re-)armed; `false` for an unknown kind or
     /// one already fired (counted, otherwise ignored).
-    pub fn on_event(&mut self, kind: EventKind, now: Instant) -> bool {
+    pub fn on_event(&mut self, kind: ZcrxEventType, now: Instant) -> bool {
         let Some(index) = kind.known_index() else {
             self.stats.unknown += 1;
             return false;
         };
         match kind {
-            EventKind::AllocFail => self.stats.alloc_fail += 1,
+            ZcrxEventType::AllocFail => self.stats.alloc_fail += 1,
             _ => self.stats.copy += 1,
         }
         match self.states[index] {
@@ -177,8 +177,8 @@ impl EventRearm {
 
     /// The kinds that have fired and whose re-arm time has come by `now`. Only these may be
     /// re-armed; the kernel rejects re-arming an armed kind.
-    pub fn due_rearms(&self, now: Instant) -> impl Iterator<Item = EventKind> + '_ {
-        EventKind::KNOWN
+    pub fn due_rearms(&self, now: Instant) -> impl Iterator<Item = ZcrxEventType> + '_ {
+        ZcrxEventType::KNOWN
             .into_iter()
             .zip(self.states)
             .filter_map(move |(kind, state)| match state {
@@ -190,7 +190,7 @@ impl EventRearm {
     /// Records that `kind` was re-armed: call after `ZCRX_CTRL_ARM_EVENT` succeeded (or
     /// failed with `EINVAL`, which means the kernel has it armed already). Returns `false`,
     /// changing nothing, if `kind` is not in the fired state (unknown, or never fired).
-    pub fn mark_rearmed(&mut self, kind: EventKind) -> bool {
+    pub fn mark_rearmed(&mut self, kind: ZcrxEventType) -> bool {
         match kind.known_index() {
             Some(index) if matches!(self.states[index], ArmState::Fired { .. }) => {
                 self.states[index] = ArmState::Armed;
@@ -204,7 +204,7 @@ impl EventRearm {
     /// Records that re-arming `kind` failed at `now` for another reason than `EINVAL` (e.g.
     /// `EINTR`): it stays fired and is due again after `min_interval`, but at least
     /// [`Self::RETRY_FLOOR`]. Returns `false`, changing nothing, if `kind` is not fired.
-    pub fn rearm_failed(&mut self, kind: EventKind, now: Instant) -> bool {
+    pub fn rearm_failed(&mut self, kind: ZcrxEventType, now: Instant) -> bool {
         match kind.known_index() {
             Some(index) if matches!(self.states[index], ArmState::Fired { .. }) => {
                 let delay = self.min_interval.max(Self::RETRY_FLOOR);
@@ -235,7 +235,7 @@ impl EventRearm {
     /// Whether the kernel will deliver the next event of `kind` (always `false` for unknown
     /// kinds).
     #[must_use]
-    pub fn is_armed(&self, kind: EventKind) -> bool {
+    pub fn is_armed(&self, kind: ZcrxEventType) -> bool {
         kind.known_index()
             .is_some_and(|index| self.states[index] == ArmState::Armed)
     }
@@ -255,21 +255,25 @@ mod tests {
 
     #[test]
     fn type_indices_match_the_kernel() {
-        assert_eq!(EventKind::AllocFail.type_index(), 0);
-        assert_eq!(EventKind::Copy.type_index(), 1);
-        for kind in [EventKind::AllocFail, EventKind::Copy, EventKind::Unknown(7)] {
-            assert_eq!(EventKind::from_type_index(kind.type_index()), kind);
+        assert_eq!(ZcrxEventType::AllocFail.type_index(), 0);
+        assert_eq!(ZcrxEventType::Copy.type_index(), 1);
+        for kind in [
+            ZcrxEventType::AllocFail,
+            ZcrxEventType::Copy,
+            ZcrxEventType::Unknown(7),
+        ] {
+            assert_eq!(ZcrxEventType::from_type_index(kind.type_index()), kind);
         }
-        assert_eq!(EventKind::AllocFail.type_mask_bit(), 1);
-        assert_eq!(EventKind::Copy.type_mask_bit(), 2);
-        assert_eq!(EventKind::Unknown(40).type_mask_bit(), 0);
+        assert_eq!(ZcrxEventType::AllocFail.type_mask_bit(), 1);
+        assert_eq!(ZcrxEventType::Copy.type_mask_bit(), 2);
+        assert_eq!(ZcrxEventType::Unknown(40).type_mask_bit(), 0);
     }
 
     #[test]
     fn first_event_fires_then_rearm_is_rate_limited() {
         let t0 = Instant::now();
         let mut events = EventRearm::new(10 * MS);
-        assert!(events.is_armed(EventKind::Copy));
+        assert!(events.is_armed(ZcrxEventType::Copy));
         assert_eq!(events.next_deadline(), None);
         assert_eq!(
             events.due_rearms(t0 + 1000 * MS).count(),
@@ -277,18 +281,18 @@ mod tests {
             "nothing fired"
         );
 
-        assert!(events.on_event(EventKind::Copy, t0));
-        assert!(!events.is_armed(EventKind::Copy));
-        assert!(events.is_armed(EventKind::AllocFail));
+        assert!(events.on_event(ZcrxEventType::Copy, t0));
+        assert!(!events.is_armed(ZcrxEventType::Copy));
+        assert!(events.is_armed(ZcrxEventType::AllocFail));
         assert_eq!(events.next_deadline(), Some(t0 + 10 * MS));
         assert_eq!(events.due_rearms(t0 + 9 * MS).count(), 0);
         assert_eq!(
             events.due_rearms(t0 + 10 * MS).collect::<Vec<_>>(),
-            [EventKind::Copy]
+            [ZcrxEventType::Copy]
         );
 
-        assert!(events.mark_rearmed(EventKind::Copy));
-        assert!(events.is_armed(EventKind::Copy));
+        assert!(events.mark_rearmed(ZcrxEventType::Copy));
+        assert!(events.is_armed(ZcrxEventType::Copy));
         assert_eq!(events.due_rearms(t0 + 1000 * MS).count(), 0);
         assert_eq!(events.next_deadline(), None);
         let stats = events.stats();
@@ -299,11 +303,11 @@ mod tests {
     fn zero_interval_rearms_at_once() {
         let t0 = Instant::now();
         let mut events = EventRearm::new(Duration::ZERO);
-        assert!(events.on_event(EventKind::AllocFail, t0));
+        assert!(events.on_event(ZcrxEventType::AllocFail, t0));
         assert_eq!(events.next_deadline(), Some(t0));
         assert_eq!(
             events.due_rearms(t0).collect::<Vec<_>>(),
-            [EventKind::AllocFail]
+            [ZcrxEventType::AllocFail]
         );
     }
 
@@ -311,13 +315,13 @@ mod tests {
     fn never_rearms_what_has_not_fired() {
         let t0 = Instant::now();
         let mut events = EventRearm::new(Duration::ZERO);
-        assert!(!events.mark_rearmed(EventKind::Copy));
-        assert!(!events.mark_rearmed(EventKind::Unknown(9)));
-        assert!(!events.rearm_failed(EventKind::Copy, t0));
-        assert!(events.on_event(EventKind::Copy, t0));
-        assert!(events.mark_rearmed(EventKind::Copy));
+        assert!(!events.mark_rearmed(ZcrxEventType::Copy));
+        assert!(!events.mark_rearmed(ZcrxEventType::Unknown(9)));
+        assert!(!events.rearm_failed(ZcrxEventType::Copy, t0));
+        assert!(events.on_event(ZcrxEventType::Copy, t0));
+        assert!(events.mark_rearmed(ZcrxEventType::Copy));
         assert!(
-            !events.mark_rearmed(EventKind::Copy),
+            !events.mark_rearmed(ZcrxEventType::Copy),
             "second re-arm refused"
         );
         assert_eq!(events.stats().rearms, 1);
@@ -327,18 +331,18 @@ mod tests {
     fn kinds_are_independent() {
         let t0 = Instant::now();
         let mut events = EventRearm::new(10 * MS);
-        assert!(events.on_event(EventKind::AllocFail, t0));
-        assert!(events.on_event(EventKind::Copy, t0 + 5 * MS));
+        assert!(events.on_event(ZcrxEventType::AllocFail, t0));
+        assert!(events.on_event(ZcrxEventType::Copy, t0 + 5 * MS));
         assert_eq!(events.next_deadline(), Some(t0 + 10 * MS));
         assert_eq!(
             events.due_rearms(t0 + 12 * MS).collect::<Vec<_>>(),
-            [EventKind::AllocFail]
+            [ZcrxEventType::AllocFail]
         );
         assert_eq!(
             events.due_rearms(t0 + 15 * MS).collect::<Vec<_>>(),
-            [EventKind::AllocFail, EventKind::Copy]
+            [ZcrxEventType::AllocFail, ZcrxEventType::Copy]
         );
-        assert!(events.mark_rearmed(EventKind::AllocFail));
+        assert!(events.mark_rearmed(ZcrxEventType::AllocFail));
         assert_eq!(events.next_deadline(), Some(t0 + 15 * MS));
     }
 
@@ -346,11 +350,11 @@ mod tests {
     fn repeated_and_unknown_events_are_counted_not_acted_on() {
         let t0 = Instant::now();
         let mut events = EventRearm::new(10 * MS);
-        assert!(events.on_event(EventKind::Copy, t0));
-        assert!(!events.on_event(EventKind::Copy, t0 + 8 * MS));
+        assert!(events.on_event(ZcrxEventType::Copy, t0));
+        assert!(!events.on_event(ZcrxEventType::Copy, t0 + 8 * MS));
         // The rate limit still counts from the first event.
         assert_eq!(events.next_deadline(), Some(t0 + 10 * MS));
-        assert!(!events.on_event(EventKind::Unknown(5), t0));
+        assert!(!events.on_event(ZcrxEventType::Unknown(5), t0));
         assert_eq!(events.due_rearms(t0 + 100 * MS).count(), 1);
         let stats = events.stats();
         assert_eq!((stats.copy, stats.unexpected, stats.unknown), (2, 1, 1));
@@ -360,8 +364,8 @@ mod tests {
     fn failed_rearm_retries_after_the_floor() {
         let t0 = Instant::now();
         let mut events = EventRearm::new(Duration::ZERO);
-        assert!(events.on_event(EventKind::Copy, t0));
-        assert!(events.rearm_failed(EventKind::Copy, t0));
+        assert!(events.on_event(ZcrxEventType::Copy, t0));
+        assert!(events.rearm_failed(ZcrxEventType::Copy, t0));
         assert_eq!(events.due_rearms(t0).count(), 0);
         assert_eq!(events.next_deadline(), Some(t0 + EventRearm::RETRY_FLOOR));
         assert_eq!(events.due_rearms(t0 + EventRearm::RETRY_FLOOR).count(), 1);
@@ -372,9 +376,9 @@ mod tests {
     fn huge_interval_means_never() {
         let t0 = Instant::now();
         let mut events = EventRearm::new(Duration::MAX);
-        assert!(events.on_event(EventKind::Copy, t0));
+        assert!(events.on_event(ZcrxEventType::Copy, t0));
         assert_eq!(events.next_deadline(), None);
         assert_eq!(events.due_rearms(t0 + 1000 * MS).count(), 0);
-        assert!(!events.is_armed(EventKind::Copy));
+        assert!(!events.is_armed(ZcrxEventType::Copy));
     }
 }

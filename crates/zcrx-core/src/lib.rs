@@ -13,6 +13,10 @@
 //! | [`user_data`] | the `user_data` tagging scheme, stream slots with generations | the driver, per SQE and CQE |
 //! | [`accounting`] | [`ChunkRefs`](accounting::ChunkRefs): outstanding references per chunk, catches double returns | the driver on delivery, any thread on return |
 //! | [`events`] | [`EventRearm`](events::EventRearm): when to re-arm zcrx events, rate-limited | the driver |
+//! | [`receive`] | [`StreamReceive`](receive::StreamReceive): one stream's receive requests, when to submit, resubmit, cancel and finish | the driver, per stream |
+//! | [`query`] | [`QueryFeatures`](query::QueryFeatures): the zcrx query's answer decoded into features | the runtime before it registers; the capability probe |
+//! | [`region`] | [`RegionLayout`](region::RegionLayout): the refill region's size and parts, and the check of the offsets the kernel reports | both registrations (runtime and probe trial) |
+//! | [`pad`] | [`CachePadded`](pad::CachePadded): contended data on cache lines of its own | the refill ring; the runtime's area |
 //!
 //! # How a runtime uses it
 //!
@@ -28,7 +32,8 @@
 //!   data CQE. The driver returns many at once with
 //!   [`RefillRing::push_batch`](refill::RefillRing::push_batch).
 //! - [`Completion::End`](completion::Completion::End): the multishot receive is over;
-//!   [`Errno::recv_action`](completion::Errno::recv_action) says whether to resubmit.
+//!   [`StreamReceive::on_end`](receive::StreamReceive::on_end) says what next (resubmit,
+//!   wait, finish, remove), from [`CqeErrno::recv_action`](completion::CqeErrno::recv_action).
 //! - [`Completion::Event`](completion::Completion::Event): feed
 //!   [`EventRearm::on_event`](events::EventRearm::on_event); re-arm what
 //!   [`EventRearm::due_rearms`](events::EventRearm::due_rearms) returns, and bound the wait
@@ -93,7 +98,11 @@
 pub mod accounting;
 pub mod completion;
 pub mod events;
+pub mod pad;
+pub mod query;
+pub mod receive;
 pub mod refcount;
 pub mod refill;
+pub mod region;
 mod sync;
 pub mod user_data;

@@ -45,19 +45,7 @@ impl<T> UnsafeCell<T> {
     }
 }
 
-/// Aligns (and so pads) `T` to 128 bytes, so that it never shares a cache line, nor the
-/// adjacent line that x86 prefetches in pairs, with data written by other threads.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct CachePadded<T>(pub(crate) T);
-
-impl<T> core::ops::Deref for CachePadded<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
+pub(crate) use crate::pad::CachePadded;
 
 /// Locks `mutex`, ignoring poisoning: the data behind our locks (lists of refill entries)
 /// stays consistent whatever a panicking holder did, and must never be dropped.

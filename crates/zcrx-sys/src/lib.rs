@@ -20,12 +20,13 @@
 //!    - [`ctrl`]: [`zcrx_ctrl`](struct@ctrl::zcrx_ctrl) and its operations (flush the refill ring,
 //!      export, arm an event, add an area).
 //!    - [`query`]: the ring-less `IORING_REGISTER_QUERY` interface and its result structs.
-//!    - [`probe`]: `IORING_REGISTER_PROBE` for opcode support.
+//!    - [`opcode_probe`]: `IORING_REGISTER_PROBE` for opcode support (not `tokio_zcrx::probe`,
+//!      the capability probe, which uses it).
 //! 2. **System call.** [`register::io_uring_register`] is the raw, `unsafe` syscall.
 //! 3. **Typed wrappers.** Each concept module has thin wrappers over that syscall, safe where
 //!    the kernel only reads memory the wrapper owns (e.g. [`query::query_zcrx`],
-//!    [`ctrl::zcrx_flush_rq`], [`probe::probe_opcode_supported`]) and `unsafe` where the kernel
-//!    follows caller-supplied pointers (e.g. [`zcrx::register_zcrx_ifq`], [`query::query`]).
+//!    [`ctrl::zcrx_flush_rq`], [`opcode_probe::probe_opcode_supported`]) and `unsafe` where
+//!    the kernel follows caller-supplied pointers (e.g. [`zcrx::register_zcrx_ifq`], [`query::query`]).
 //!
 //! Every item notes the first Linux release that has it. Detect features at run time (probe,
 //! then query) instead of comparing kernel versions: older kernels reject fields they do not
@@ -122,7 +123,7 @@ macro_rules! kernel_layout {
 
 pub mod ctrl;
 pub mod event;
-pub mod probe;
+pub mod opcode_probe;
 pub mod query;
 pub mod region;
 pub mod register;

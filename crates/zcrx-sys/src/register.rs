@@ -3,7 +3,7 @@
 //! Typed wrappers for each zcrx use live next to the structs they take:
 //! [`zcrx::register_zcrx_ifq`](crate::zcrx::register_zcrx_ifq),
 //! [`ctrl::zcrx_ctrl`](crate::ctrl::zcrx_ctrl()), [`query::query`](crate::query::query),
-//! [`probe::probe_opcode_supported`](crate::probe::probe_opcode_supported).
+//! [`opcode_probe::probe_opcode_supported`](crate::opcode_probe::probe_opcode_supported).
 
 use core::ffi::{c_long, c_void};
 use std::io;

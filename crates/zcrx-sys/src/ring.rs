@@ -73,7 +73,7 @@ pub const IORING_CQE_F_SKIP: u32 = 1 << 5;
 pub const IORING_CQE_F_32: u32 = 1 << 15;
 
 /// `io_uring_register` opcode: report which SQE opcodes the kernel supports, into an
-/// [`io_uring_probe`](crate::probe::io_uring_probe).
+/// [`io_uring_probe`](crate::opcode_probe::io_uring_probe).
 ///
 /// Available since Linux 5.6.
 pub const IORING_REGISTER_PROBE: u32 = 8;

@@ -11,7 +11,7 @@ use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_export, zcrx_flush_rq};
 use zcrx_sys::event::{
     zcrx_event_desc, ZCRX_EVENT_ALLOC_FAIL, ZCRX_EVENT_COPY, ZCRX_EVENT_DESC_FLAG_STATS,
 };
-use zcrx_sys::probe::probe_opcode_supported;
+use zcrx_sys::opcode_probe::probe_opcode_supported;
 use zcrx_sys::query::{
     self, io_uring_query_hdr, io_uring_query_opcode, io_uring_query_zcrx, IO_URING_QUERY_OPCODES,
     IO_URING_QUERY_SCQ, IO_URING_QUERY_ZCRX, IO_URING_QUERY_ZCRX_EVENT,

@@ -22,7 +22,7 @@ pub(crate) fn select_and_start(builder: crate::Builder) -> Result<(Backend, Mode
             instance::check_interface_exists(target)?;
         }
     }
-    let page = crate::sys::mem::page_size() as u32;
+    let page = crate::sys::page_size() as u32;
     let copy = |refused: Vec<(Mode, String)>| -> Result<(Backend, ModeSelection)> {
         let runtime = CopyRuntime::new(&builder).map_err(|e| {
             Error::new(

@@ -65,9 +65,8 @@
 //! `{"code": 95, "name": "EOPNOTSUPP"}`.
 
 mod errno;
+mod host;
 mod interface;
-mod kernel;
-
 mod render;
 mod system;
 mod trial;
@@ -100,7 +99,7 @@ pub struct ProbeOptions {
     pub try_register: bool,
 }
 
-/// Whether the kernel has something.
+/// Whether the kernel has something. Exhaustive: a yes, a no, or a don't know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
@@ -118,6 +117,7 @@ pub enum Support {
 /// human summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct ProbeReport {
     /// The kernel release (`uname -r`), `"unknown"` if uname failed.
     pub kernel_release: String,
@@ -140,6 +140,7 @@ pub struct ProbeReport {
 /// io_uring availability.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct IoUringReport {
     /// `/proc/sys/kernel/io_uring_disabled`: 0 allowed, 1 restricted to privileged users and
     /// `kernel.io_uring_group`, 2 disabled; `None` if unreadable (kernels before 6.6).
@@ -155,6 +156,7 @@ pub struct IoUringReport {
 /// Support of one io_uring opcode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct OpcodeReport {
     /// Whether the kernel supports the opcode.
     pub support: Support,
@@ -166,6 +168,7 @@ pub struct OpcodeReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum QueryStatus {
     /// The kernel answered; see [`ZcrxQueryReport::result`].
     Answered,
@@ -179,6 +182,7 @@ pub enum QueryStatus {
 /// The zcrx query result (`IO_URING_QUERY_ZCRX`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct ZcrxQueryReport {
     /// How the query went.
     pub status: QueryStatus,
@@ -193,6 +197,7 @@ pub struct ZcrxQueryReport {
 /// The kernel's answer to the zcrx query, raw and decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct ZcrxQueryResult {
     /// Supported `ZCRX_REG_*` registration flags.
     pub register_flags: u64,
@@ -223,6 +228,7 @@ pub struct ZcrxQueryResult {
 /// One zcrx feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct FeatureReport {
     /// Whether this kernel has it.
     pub support: Support,
@@ -235,6 +241,7 @@ pub struct FeatureReport {
 /// zcrx features derived from the query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct ZcrxFeatures {
     /// Export an instance and import it into another ring (Linux 6.19).
     pub import: FeatureReport,
@@ -250,6 +257,7 @@ pub struct ZcrxFeatures {
 /// CAP_NET_ADMIN in this thread's effective capability set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct CapNetAdminReport {
     /// Whether CAP_NET_ADMIN is effective; `None` if it could not be read.
     pub effective: Option<bool>,
@@ -261,6 +269,7 @@ pub struct CapNetAdminReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(tag = "outcome", rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum TrialOutcome {
     /// The probe did not register, for the reason given.
     NotAttempted {
@@ -287,6 +296,7 @@ pub enum TrialOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum TcpDataSplit {
     /// Header/data split is on.
     On,
@@ -303,6 +313,7 @@ pub enum TcpDataSplit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum Verdict {
     /// A trial registration succeeded: zcrx works on this queue.
     Ready,
@@ -322,6 +333,7 @@ pub enum Verdict {
 /// What the probe found for one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct InterfaceReport {
     /// The interface name.
     pub name: String,
@@ -369,16 +381,16 @@ pub struct InterfaceReport {
 /// }
 /// ```
 pub fn run(options: &ProbeOptions) -> ProbeReport {
-    let kernel = kernel::probe_kernel();
-    let interfaces = interface::probe_interfaces(options, &kernel);
+    let host = host::probe_host();
+    let interfaces = interface::probe_interfaces(options, &host);
     ProbeReport {
-        kernel_release: kernel.release,
-        io_uring: kernel.io_uring,
-        recv_zc: kernel.recv_zc,
-        zcrx_query: kernel.zcrx_query,
-        features: kernel.features,
-        nodev_trial: kernel.nodev_trial,
-        cap_net_admin: kernel.cap_net_admin,
+        kernel_release: host.release,
+        io_uring: host.io_uring,
+        recv_zc: host.recv_zc,
+        zcrx_query: host.zcrx_query,
+        features: host.features,
+        nodev_trial: host.nodev_trial,
+        cap_net_admin: host.cap_net_admin,
         interfaces,
     }
 }

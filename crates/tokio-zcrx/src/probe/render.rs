@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::kernel::describe_nodev_trial;
+use super::host::describe_nodev_trial;
 use super::{
     FeatureReport, InterfaceReport, ProbeReport, Support, TcpDataSplit, TrialOutcome, Verdict,
 };

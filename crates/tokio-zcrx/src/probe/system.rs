@@ -1,24 +1,11 @@
-//! Facts about the running system that need no zcrx: kernel release, whether io_uring may
-//! be used at all, and the process's CAP_NET_ADMIN.
+//! Facts about the running system that need no zcrx: whether io_uring may be used at all,
+//! and the process's CAP_NET_ADMIN.
 
-use std::ffi::CStr;
 use std::fs;
 use std::io;
 
 use super::Errno;
-
-/// `uname -r`, or `None` if uname(2) fails (it does not in practice).
-pub(crate) fn kernel_release() -> Option<String> {
-    // SAFETY: utsname is plain old data; all-zero is a valid value.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: `uts` is a valid, writable utsname for the duration of the call.
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return None;
-    }
-    // SAFETY: the kernel NUL-terminates `release` within the array, which lives in `uts`.
-    let release = unsafe { CStr::from_ptr(uts.release.as_ptr()) };
-    Some(release.to_string_lossy().into_owned())
-}
+use crate::sys::syscall;
 
 /// The value of `/proc/sys/kernel/io_uring_disabled` (0 allowed, 1 only for privileged users
 /// and members of `kernel.io_uring_group`, 2 disabled), `None` if the file cannot be read
@@ -103,16 +90,13 @@ fn capget_effective() -> io::Result<u64> {
     let mut data = [CapUserData::default(); 2];
     // SAFETY: version 3 makes the kernel write exactly two CapUserData entries, which `data`
     // holds; both pointers are valid for the call.
-    let rc = unsafe {
-        libc::syscall(
+    unsafe {
+        syscall!(syscall(
             libc::SYS_capget,
             &mut header as *mut CapUserHeader,
             data.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+        ))
+    }?;
     Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
 }
 
@@ -126,16 +110,6 @@ pub(crate) fn parse_cap_eff(status: &str) -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))?;
     u64::from_str_radix(line.trim(), 16).ok()
-}
-
-/// The system page size.
-pub(crate) fn page_size() -> usize {
-    // SAFETY: sysconf takes no pointers.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size)
-        .ok()
-        .filter(|&s| s > 0)
-        .unwrap_or(4096)
 }
 
 #[cfg(test)]
@@ -163,8 +137,6 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        assert!(kernel_release().is_some());
         assert!(has_cap_net_admin().is_ok());
-        assert!(page_size() >= 4096);
     }
 }

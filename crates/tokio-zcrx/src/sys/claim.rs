@@ -8,10 +8,10 @@
 //! and inode number from fstat), process-wide: across runtimes too.
 
 use std::collections::BTreeSet;
-use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 
+use super::syscall;
 use crate::error::{Error, ErrorKind, Result};
 
 /// TCP states as `tcpi_state` reports them (include/net/tcp_states.h).
@@ -43,7 +43,7 @@ impl Drop for SocketClaim {
 
 fn lock_claimed() -> std::sync::MutexGuard<'static, BTreeSet<(u64, u64)>> {
     // The set is only inserted into and removed from: a panic cannot leave it half-changed.
-    CLAIMED.lock().unwrap_or_else(|p| p.into_inner())
+    super::lock(&CLAIMED)
 }
 
 fn invalid_socket(message: String) -> Error {
@@ -51,18 +51,16 @@ fn invalid_socket(message: String) -> Error {
 }
 
 /// `fstat` of a descriptor.
-fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+fn fstat(fd: BorrowedFd<'_>) -> std::io::Result<libc::stat> {
     // SAFETY: `stat` is plain old data; all-zero is valid.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is a live descriptor (borrowed for this call); `stat` is writable.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { syscall!(fstat(fd.as_raw_fd(), &mut stat)) }?;
     Ok(stat)
 }
 
 /// What identifies a socket whatever descriptor refers to it: sockfs device and inode.
-fn socket_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+fn socket_identity(fd: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
     fstat(fd).map(|stat| (stat.st_dev, stat.st_ino))
 }
 
@@ -130,18 +128,17 @@ fn socket_option(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> Resu
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` are live and writable, and `len` is the size of `value`.
-    let rc = unsafe {
-        libc::getsockopt(
+    let read = unsafe {
+        syscall!(getsockopt(
             fd,
             level,
             name,
             (&mut value as *mut libc::c_int).cast(),
             &mut len,
-        )
+        ))
     };
-    if rc != 0 {
-        return Err(invalid_socket("cannot read the socket's type".into())
-            .with_source(io::Error::last_os_error()));
+    if let Err(error) = read {
+        return Err(invalid_socket("cannot read the socket's type".into()).with_source(error));
     }
     Ok(value)
 }
@@ -152,18 +149,17 @@ fn tcp_info(fd: libc::c_int) -> Result<libc::tcp_info> {
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` and `len` are live and writable, and `len` is the size of `info`.
-    let rc = unsafe {
-        libc::getsockopt(
+    let read = unsafe {
+        syscall!(getsockopt(
             fd,
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&mut info as *mut libc::tcp_info).cast(),
             &mut len,
-        )
+        ))
     };
-    if rc != 0 {
-        return Err(invalid_socket("cannot read the socket's TCP state".into())
-            .with_source(io::Error::last_os_error()));
+    if let Err(error) = read {
+        return Err(invalid_socket("cannot read the socket's TCP state".into()).with_source(error));
     }
     Ok(info)
 }

@@ -13,7 +13,8 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Once;
 
-use crate::sys::mem::Mapping;
+use super::mem::Mapping;
+use super::syscall;
 
 /// Ring descriptors the child handler closes; -1 is a free slot. A fixed array of atomics:
 /// the handler runs in the child right after fork, where no lock may be taken.
@@ -24,9 +25,10 @@ extern "C" fn close_rings_in_child() {
     for slot in &RING_FDS {
         let fd = slot.swap(-1, Ordering::Relaxed);
         if fd >= 0 {
-            // SAFETY: close is async-signal-safe; `fd` was one of our ring descriptors in
-            // the parent, inherited by this child, and nothing in the child owns it.
-            unsafe { libc::close(fd) };
+            // SAFETY: close is async-signal-safe (and so is reading errno on failure); `fd`
+            // was one of our ring descriptors in the parent, inherited by this child, and
+            // nothing in the child owns it. A failed close leaves nothing to undo.
+            let _ = unsafe { syscall!(close(fd)) };
         }
     }
 }
@@ -38,10 +40,13 @@ pub(crate) fn exclude_mapping(mapping: &Mapping) -> io::Result<()> {
 
 fn exclude_range(start: usize, len: usize) -> io::Result<()> {
     // SAFETY: madvise only changes how fork treats the range; the range is a mapping of ours.
-    let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTFORK) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe {
+        syscall!(madvise(
+            start as *mut libc::c_void,
+            len,
+            libc::MADV_DONTFORK
+        ))
+    }?;
     Ok(())
 }
 

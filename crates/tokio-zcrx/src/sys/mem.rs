@@ -4,6 +4,8 @@ use std::ffi::c_void;
 use std::io;
 use std::ptr::NonNull;
 
+use super::{page_size, syscall};
+
 /// A private anonymous read-write mapping, unmapped on drop.
 ///
 /// The kernel (and, in zero-copy mode, the NIC by DMA) writes into these mappings at any time,
@@ -20,13 +22,6 @@ pub(crate) struct Mapping {
 unsafe impl Send for Mapping {}
 // SAFETY: `&Mapping` only hands out the address and length.
 unsafe impl Sync for Mapping {}
-
-/// Page size of the machine.
-pub(crate) fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096)
-}
 
 impl Mapping {
     /// Maps `len` bytes (rounded up to whole pages), zero filled and populated, so the first
@@ -72,9 +67,9 @@ impl Drop for Mapping {
         // SAFETY: `addr..addr + len` is exactly the mapping this value created and owns, and no
         // reference into it outlives `self`. Pages the kernel still pins stay allocated until
         // it unpins them, so unmapping cannot make the kernel write elsewhere.
-        unsafe {
-            libc::munmap(self.addr.as_ptr(), self.len);
-        }
+        let unmapped = unsafe { syscall!(munmap(self.addr.as_ptr(), self.len)) };
+        // munmap of a whole mapping of ours cannot fail; if it did, leaking it is all we can do.
+        debug_assert!(unmapped.is_ok(), "munmap: {unmapped:?}");
     }
 }
 

@@ -1,6 +1,135 @@
-//! Operating-system helpers: memory mappings, fork safety, netlink, socket claims.
+//! Operating-system helpers, one of each, for the whole crate: the [`syscall!`] helper
+//! (every libc call that fails with -1 goes through it), page size, kernel release, interface indices, a poison-free `lock`,
+//! [`CachePadded`], memory mappings, fork safety, netlink, socket claims, and the one zcrx
+//! registration (ring + area + refill region) that the runtime and the probe share.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::sync::{Mutex, MutexGuard};
 
 pub(crate) mod claim;
 pub(crate) mod fork;
 pub(crate) mod mem;
 pub(crate) mod netlink;
+pub(crate) mod zcrx;
+
+/// Calls `libc::$fn($args)` and turns the C convention "-1 and `errno`" into an
+/// [`io::Result`] of the return value, as mio's `syscall!` does.
+///
+/// It expands to a plain call, not to an `unsafe` block: every call site writes
+/// `unsafe { syscall!(...) }` with its own `// SAFETY:` comment, so the reason a particular
+/// call is sound stays next to the call (as the workspace's `undocumented_unsafe_blocks`
+/// lint wants), instead of being hidden inside the macro.
+///
+/// Only for functions whose failure value is -1 (or -1 as `ssize_t`/`long`); functions that
+/// fail with a null pointer, 0 or `MAP_FAILED` are checked by hand where they are called.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        let result = libc::$fn($($arg),*);
+        if result == -1 {
+            Err(::std::io::Error::last_os_error())
+        } else {
+            Ok(result)
+        }
+    }};
+}
+pub(crate) use syscall;
+
+/// The system page size (4096 if sysconf cannot tell, which it always can on Linux).
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf takes no pointers.
+    let size = unsafe { syscall!(sysconf(libc::_SC_PAGESIZE)) };
+    size.ok()
+        .and_then(|size| usize::try_from(size).ok())
+        .filter(|&size| size > 0)
+        .unwrap_or(4096)
+}
+
+/// `uname -r`, or `None` if uname(2) fails (it does not in practice).
+pub(crate) fn kernel_release() -> Option<String> {
+    // SAFETY: utsname is plain old data; all-zero is a valid value.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname for the duration of the call.
+    unsafe { syscall!(uname(&mut uts)) }.ok()?;
+    // SAFETY: the kernel NUL-terminates `release` within the array, which lives in `uts`.
+    let release = unsafe { CStr::from_ptr(uts.release.as_ptr()) };
+    Some(release.to_string_lossy().into_owned())
+}
+
+/// The index of the network interface `name` in this network namespace, or the OS error
+/// (`ENODEV`) if there is none. A name with a NUL cannot be an interface's: `ENODEV` too.
+pub(crate) fn ifindex(name: &str) -> io::Result<u32> {
+    let c_name = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::ENODEV))?;
+    // SAFETY: `c_name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    // if_nametoindex fails with 0, not -1, so it cannot go through `syscall!`.
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+/// The name of the network interface with `index` in this network namespace, with the OS
+/// error if there is none.
+pub(crate) fn interface_name(index: u32) -> io::Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
+    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    // if_indextoname fails with a null pointer, so it cannot go through `syscall!`.
+    if ptr.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the name is NUL-terminated inside `buf`.
+    let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
+/// Locks `mutex`, ignoring poisoning. Every lock in this crate guards data that a panicking
+/// holder cannot leave half-changed (queues and tables changed by single calls, counters),
+/// and the runtime must keep working (and returning buffers) after a panic in user code.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps `T` on cache lines of its own: zcrx-core's padding (128 bytes, see there why not
+/// 64), so the crate has one idea of how far apart contended data must be.
+pub(crate) use zcrx_core::pad::CachePadded;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_system() {
+        assert!(page_size() >= 4096);
+        assert!(page_size().is_power_of_two());
+        assert!(kernel_release().is_some_and(|release| !release.is_empty()));
+        let lo = ifindex("lo").expect("every network namespace has lo");
+        assert_eq!(interface_name(lo).unwrap(), "lo");
+        assert!(ifindex("no-such-if0").is_err());
+        assert!(ifindex("nul\0").is_err());
+    }
+
+    #[test]
+    fn syscall_maps_minus_one_to_the_os_error() {
+        // SAFETY: closing a descriptor that cannot be open touches nothing.
+        let closed = unsafe { syscall!(close(-1)) };
+        assert_eq!(closed.unwrap_err().raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn lock_survives_a_panicking_holder() {
+        let mutex = std::sync::Arc::new(Mutex::new(1));
+        let held = std::sync::Arc::clone(&mutex);
+        let _ = std::thread::spawn(move || {
+            let _guard = held.lock().unwrap();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(mutex.is_poisoned());
+        *lock(&mutex) += 1;
+        assert_eq!(*lock(&mutex), 2);
+    }
+}

@@ -9,6 +9,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use super::syscall;
+
 // Netlink framing (include/uapi/linux/netlink.h).
 const NLMSG_HDRLEN: usize = 16;
 const NLA_HDRLEN: usize = 4;
@@ -288,15 +290,12 @@ impl NetlinkSocket {
     pub(crate) fn open(protocol: libc::c_int) -> io::Result<Self> {
         // SAFETY: socket(2) takes no pointers; the result is checked before use.
         let raw = unsafe {
-            libc::socket(
+            syscall!(socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
                 protocol,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
+            ))
+        }?;
         // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let timeout = libc::timeval {
@@ -305,18 +304,15 @@ impl NetlinkSocket {
         };
         // SAFETY: `timeout` is a valid timeval that lives across the call, and the length
         // passed is its size.
-        let rc = unsafe {
-            libc::setsockopt(
+        unsafe {
+            syscall!(setsockopt(
                 fd.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&timeout as *const libc::timeval).cast(),
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+            ))
+        }?;
         Ok(Self { fd, next_seq: 1 })
     }
 
@@ -332,32 +328,26 @@ impl NetlinkSocket {
         let seq = self.take_seq();
         let request = build(seq);
         // SAFETY: the pointer and length describe `request`, which outlives the call.
-        let sent = unsafe {
-            libc::send(
+        unsafe {
+            syscall!(send(
                 self.fd.as_raw_fd(),
                 request.as_ptr().cast(),
                 request.len(),
                 0,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+            ))
+        }?;
         let mut buf = vec![0u8; RECV_BUFFER_LEN];
         loop {
             // SAFETY: the pointer and length describe `buf`, which outlives the call.
             // MSG_TRUNC makes recv report the full length of an oversized message.
             let received = unsafe {
-                libc::recv(
+                syscall!(recv(
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     libc::MSG_TRUNC,
-                )
-            };
-            if received < 0 {
-                return Err(io::Error::last_os_error());
-            }
+                ))
+            }?;
             let received = received as usize;
             if received > buf.len() {
                 return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));

@@ -165,7 +165,7 @@ fn final_completions_decode_with_their_action() {
         end(i32::MIN),
         Completion::End { result: Err(_), .. }
     ));
-    let errno = Errno::new(libc::ENOMEM);
+    let errno = CqeErrno::new(libc::ENOMEM);
     assert_eq!(io::Error::from(errno).raw_os_error(), Some(libc::ENOMEM));
     assert!(!errno.to_string().is_empty());
 }
@@ -186,19 +186,19 @@ fn events_decode_by_type_index() {
     assert_eq!(
         event(0),
         Ok(Completion::Event {
-            kind: EventKind::AllocFail
+            kind: ZcrxEventType::AllocFail
         })
     );
     assert_eq!(
         event(1),
         Ok(Completion::Event {
-            kind: EventKind::Copy
+            kind: ZcrxEventType::Copy
         })
     );
     assert_eq!(
         event(9),
         Ok(Completion::Event {
-            kind: EventKind::Unknown(9)
+            kind: ZcrxEventType::Unknown(9)
         })
     );
     let odd_event = RawCompletion {

@@ -28,6 +28,7 @@ use crate::config::StreamOptions;
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, EventKind, Stats};
 use crate::sys::mem::Mapping;
+use crate::sys::{lock, syscall};
 use crate::writer::ZcWriteHalf;
 
 /// Buffers of the copy pool, LIFO: the most recently returned buffer is reused first, while
@@ -294,7 +295,7 @@ impl Pool {
 /// The memory a pool of `buffers` buffers of `buffer_size` bytes takes: the buffers (whole
 /// pages, as mapped) and the free list. An error if it does not fit the address space.
 fn pool_memory_needed(buffers: u32, buffer_size: usize) -> io::Result<usize> {
-    let page = crate::sys::mem::page_size();
+    let page = crate::sys::page_size();
     (buffers as usize)
         .checked_mul(buffer_size)
         .and_then(|bytes| bytes.checked_next_multiple_of(page))
@@ -542,10 +543,6 @@ impl Drop for CopyStream {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The copy-mode runtime: a pool and an event channel, no thread.
 #[derive(Debug)]
 pub(crate) struct CopyRuntime {
@@ -618,7 +615,9 @@ impl CopyRuntime {
         for &fd in sockets.values() {
             // SAFETY: the fd belongs to a live CopyStream (entries are removed under this lock
             // before the socket closes); shutdown(2) does not close or free it.
-            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+            // A socket that is already shut down or disconnected answers ENOTCONN: its
+            // reader ends either way, so the result is not needed.
+            let _ = unsafe { syscall!(shutdown(fd, libc::SHUT_RD)) };
         }
         drop(sockets);
         wake_all(waiters);

@@ -19,6 +19,7 @@ use super::instance::SharedLayout;
 use super::DriverShared;
 use crate::event::Stats;
 use crate::sys::mem::Mapping;
+use crate::sys::CachePadded;
 
 /// Counters only the driver thread writes (relaxed: they are statistics).
 #[derive(Debug, Default)]
@@ -69,17 +70,6 @@ pub(crate) struct Area {
     /// A ring the driver could not close safely at shutdown (6.15-6.18 NIC queues with
     /// buffers held): closed in `drop`, when the last buffer is gone, before the memory.
     ring_closed_with_last_buffer: std::sync::Mutex<Option<Box<dyn Send>>>,
-}
-
-#[repr(align(64))]
-struct CachePadded<T>(T);
-
-impl<T> std::ops::Deref for CachePadded<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
 }
 
 // SAFETY: the raw pointers point into `_region`, which the Area owns; the kernel's stats are

@@ -2,51 +2,27 @@
 //! errors that say what to do. Runs on the driver thread: with SINGLE_ISSUER the ring belongs
 //! to the thread that created it.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
-use io_uring::{cqueue, squeue, IoUring};
-use zcrx_sys::event::{
-    zcrx_event_desc, ZCRX_EVENT_ALLOC_FAIL, ZCRX_EVENT_COPY, ZCRX_EVENT_DESC_FLAG_STATS,
-};
-use zcrx_sys::query::query_zcrx;
-use zcrx_sys::region::{io_uring_region_desc, IORING_MEM_REGION_TYPE_USER};
-use zcrx_sys::ring::IORING_OP_RECV_ZC;
-use zcrx_sys::zcrx::{
-    io_uring_zcrx_area_reg, io_uring_zcrx_ifq_reg, register_zcrx_ifq, ZCRX_FEATURE_EVENT,
-    ZCRX_FEATURE_RX_PAGE_SIZE, ZCRX_REG_NODEV,
-};
-
-use zcrx_core::refill::RingLayout;
+use zcrx_core::query::QueryFeatures;
 use zcrx_core::user_data::UserData;
+use zcrx_sys::opcode_probe::probe_opcode_supported;
+use zcrx_sys::query::query_zcrx;
+use zcrx_sys::ring::IORING_OP_RECV_ZC;
 
-use super::kernel::Capabilities;
+use super::ring::Capabilities;
 use crate::config::{EventsPolicy, Target, Validated};
 use crate::error::{Error, ErrorKind, Result};
 use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 use crate::sys::fork::RingForkGuard;
-use crate::sys::mem::{page_size, Mapping};
+use crate::sys::mem::Mapping;
+use crate::sys::page_size;
+use crate::sys::zcrx::{
+    QueueBinding, RegisterError, SetupStep, ZcrxInstance, ZcrxRequest, ZcrxRing,
+};
 
-/// The ring type zcrx needs: 32-byte CQEs carry the receive offset.
-pub(crate) type Ring = IoUring<squeue::Entry, cqueue::Entry32>;
-
-/// SQ size: the driver submits one request per stream start and a few control entries. The
-/// kernel wants the CQ at least as large, so small CQs get a smaller SQ.
-const SQ_ENTRIES: u32 = 256;
-
-/// What the kernel can do, detected before registering.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct KernelFeatures {
-    /// The zcrx query answered (6.19+): ZCRX_CTRL exists, and ring teardown stops the queue
-    /// before it reclaims user-held chunks.
-    pub(crate) query: bool,
-    /// `nr_ctrl_opcodes` from the query (FLUSH_RQ is opcode 0).
-    pub(crate) ctrl_opcodes: u32,
-    pub(crate) nodev: bool,
-    pub(crate) events: bool,
-    pub(crate) rx_buf_len: bool,
-}
+pub(crate) use crate::sys::zcrx::Ring;
 
 /// A registered queue: the ring, and the memory the kernel shares with us.
 pub(crate) struct Instance {
@@ -75,31 +51,16 @@ pub(crate) struct SharedLayout {
     pub(crate) stats_offset: Option<usize>,
 }
 
-fn detect_features() -> KernelFeatures {
-    match query_zcrx() {
-        Ok(q) => KernelFeatures {
-            query: true,
-            ctrl_opcodes: q.nr_ctrl_opcodes,
-            nodev: q.register_flags & u64::from(ZCRX_REG_NODEV) != 0,
-            events: q.features & ZCRX_FEATURE_EVENT != 0 && q.nr_ctrl_opcodes >= 3,
-            rx_buf_len: q.features & ZCRX_FEATURE_RX_PAGE_SIZE != 0,
-        },
-        // Before 6.19 there is no zcrx query, and none of these features either.
-        Err(_) => KernelFeatures::default(),
-    }
+/// What the kernel can do, detected before registering: `None` before 6.19, which has no
+/// zcrx query (and none of the features it reports either).
+fn detect_features() -> Option<QueryFeatures> {
+    query_zcrx()
+        .ok()
+        .map(|answer| QueryFeatures::decode(&answer))
 }
 
 fn release() -> String {
-    // SAFETY: utsname is plain old data; all-zero is valid.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: `uts` is a valid, writable utsname for the duration of the call.
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return "unknown".into();
-    }
-    // SAFETY: the kernel NUL-terminates `release` within the array.
-    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    crate::sys::kernel_release().unwrap_or_else(|| "unknown".into())
 }
 
 fn too_old(feature: &str, needs: &str) -> Error {
@@ -168,173 +129,136 @@ fn ring_creation_error(cq_entries: u32, error: io::Error) -> Error {
 
 /// Creates the ring and registers the queue described by `config`.
 pub(crate) fn register(config: &Validated) -> Result<Instance> {
-    let (ring, fork_guard) = crate::sys::fork::create_ring(
-        || {
-            IoUring::<squeue::Entry, cqueue::Entry32>::builder()
-                .setup_single_issuer()
-                .setup_defer_taskrun()
-                .setup_coop_taskrun()
-                // With COOP_TASKRUN the kernel flags pending deferred work in the SQ ring
-                // instead of interrupting; the driver enters with GETEVENTS every turn anyway.
-                .setup_taskrun_flag()
-                .setup_submit_all()
-                .setup_cqsize(config.cq_entries)
-                .build(SQ_ENTRIES.min(config.cq_entries))
-        },
-        |ring| ring.as_raw_fd(),
-    )
-    .map_err(|e| ring_creation_error(config.cq_entries, e))?;
-    let mut op_probe = io_uring::Probe::new();
-    let recv_zc = ring.submitter().register_probe(&mut op_probe).is_ok()
-        && op_probe.is_supported(IORING_OP_RECV_ZC);
+    let ring =
+        ZcrxRing::new(config.cq_entries).map_err(|e| ring_creation_error(config.cq_entries, e))?;
+    let recv_zc = probe_opcode_supported(ring.ring.as_fd(), IORING_OP_RECV_ZC).unwrap_or(false);
     if !recv_zc {
         return Err(too_old(
             "io_uring zero-copy receive (IORING_OP_RECV_ZC)",
             "6.15",
         ));
     }
-    let features = detect_features();
-    let (if_idx, if_rxq, flags, description) = match &config.target {
+    let queried = detect_features();
+    let features = queried.unwrap_or_default();
+    let (binding, description) = match &config.target {
         Target::NoDevice => {
-            if !features.nodev {
+            if !features.register_nodev {
                 return Err(too_old("the device-less mode (ZCRX_REG_NODEV)", "7.1"));
             }
-            (0, 0, ZCRX_REG_NODEV, "no device (NODEV mode)".to_string())
+            (QueueBinding::NoDevice, "no device (NODEV mode)".to_string())
         }
         Target::Interface { name, queue } => {
             let index = ifindex(name)?;
-            (index, *queue, 0, format!("{name} rx queue {queue}"))
+            (
+                QueueBinding::Interface {
+                    ifindex: index,
+                    rx_queue: *queue,
+                },
+                format!("{name} rx queue {queue}"),
+            )
         }
         Target::InterfaceIndex { index, queue } => (
-            *index,
-            *queue,
-            0,
+            QueueBinding::Interface {
+                ifindex: *index,
+                rx_queue: *queue,
+            },
             format!("interface #{index} rx queue {queue}"),
         ),
     };
     let events = match config.events {
         EventsPolicy::Disabled => false,
-        EventsPolicy::IfSupported => features.events,
-        EventsPolicy::Required if !features.events => {
+        EventsPolicy::IfSupported => features.events(),
+        EventsPolicy::Required if !features.events() => {
             return Err(too_old("zcrx events and copy statistics", "7.2"))
         }
         EventsPolicy::Required => true,
     };
-    if config.custom_chunk && !features.rx_buf_len {
+    if config.custom_chunk && !features.rx_page_size {
         return Err(too_old(
             &format!("a chunk size of {} bytes (rx_buf_len)", config.chunk_size),
             "7.0",
         ));
     }
 
-    let page = page_size();
-    let area = Mapping::new(config.area_size, config.custom_chunk).map_err(|e| {
-        let hint = if config.custom_chunk {
-            "chunks larger than a page need a huge-page area: reserve 2 MiB pages with \
-             `echo N > /proc/sys/vm/nr_hugepages` (N = area size / 2 MiB)"
-        } else {
-            "reduce the area size"
-        };
-        Error::new(
-            ErrorKind::OutOfMemory,
-            format!(
-                "cannot map a {} byte receive area: {hint}",
-                config.area_size
-            ),
-        )
-        .with_source(e)
-    })?;
-    // The refill ring header comes first; before the zcrx query (6.19) its size is not
-    // reported, so a whole page covers every kernel. The stats follow the ring, 8-aligned.
-    let ring_bytes = (config.refill_entries as usize * 16 + page).div_ceil(page) * page;
-    let region_len = if events {
-        ring_bytes + page
-    } else {
-        ring_bytes
-    };
-    let region = Mapping::new(region_len, false).map_err(|e| {
-        Error::new(ErrorKind::OutOfMemory, "cannot map the refill ring region").with_source(e)
-    })?;
-    // The kernel pins the area and writes both for the instance's lifetime: a forked child
-    // must get neither (see crate::fork).
-    for mapping in [&area, &region] {
-        crate::sys::fork::exclude_mapping(mapping).map_err(|e| {
-            Error::new(
-                ErrorKind::Kernel,
-                "madvise(MADV_DONTFORK) on the receive area failed",
-            )
-            .with_source(e)
-        })?;
-    }
-
-    let mut area_reg = io_uring_zcrx_area_reg {
-        addr: area.as_ptr() as u64,
-        len: area.len() as u64,
-        ..Default::default()
-    };
-    let mut region_desc = io_uring_region_desc {
-        user_addr: region.as_ptr() as u64,
-        size: region.len() as u64,
-        flags: IORING_MEM_REGION_TYPE_USER,
-        ..Default::default()
-    };
-    let event_desc = zcrx_event_desc {
-        user_data: UserData::EVENT.as_u64(),
-        type_mask: (1 << ZCRX_EVENT_ALLOC_FAIL) | (1 << ZCRX_EVENT_COPY),
-        flags: ZCRX_EVENT_DESC_FLAG_STATS,
-        stats_offset: ring_bytes as u64,
-        ..Default::default()
-    };
-    let mut reg = io_uring_zcrx_ifq_reg {
-        if_idx,
-        if_rxq,
-        rq_entries: config.refill_entries,
-        flags,
-        area_ptr: &mut area_reg as *mut io_uring_zcrx_area_reg as u64,
-        region_ptr: &mut region_desc as *mut io_uring_region_desc as u64,
+    let request = ZcrxRequest {
+        binding,
+        area_size: config.area_size,
+        huge_pages: config.custom_chunk,
+        refill_entries: config.refill_entries,
         rx_buf_len: if config.custom_chunk {
             config.chunk_size
         } else {
             0
         },
-        event_desc: if events {
-            &event_desc as *const zcrx_event_desc as u64
-        } else {
-            0
-        },
-        ..Default::default()
+        event_user_data: events.then(|| UserData::EVENT.as_u64()),
     };
-    // SAFETY: `area_reg`, `region_desc` and `event_desc` outlive the call and are not borrowed
-    // elsewhere while the kernel reads and writes them. The area and region are fresh mappings
-    // dedicated to this instance; they are only accessed through raw pointers and atomics,
-    // and the runtime keeps them mapped until the ring is closed and no buffer refers to them.
-    if let Err(e) = unsafe { register_zcrx_ifq(ring.as_fd(), &mut reg) } {
-        return Err(explain_refusal(&config.target, config, e));
-    }
-    let offsets = reg.offsets;
-    // The offsets are the kernel's word: check them before any pointer is made from them.
+    let instance = ZcrxInstance::register(ring, &request).map_err(|e| match e {
+        RegisterError::Setup {
+            step: SetupStep::MapArea,
+            error,
+        } => {
+            let hint = if config.custom_chunk {
+                "chunks larger than a page need a huge-page area: reserve 2 MiB pages with \
+                 `echo N > /proc/sys/vm/nr_hugepages` (N = area size / 2 MiB)"
+            } else {
+                "reduce the area size"
+            };
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!(
+                    "cannot map a {} byte receive area: {hint}",
+                    config.area_size
+                ),
+            )
+            .with_source(error)
+        }
+        RegisterError::Setup {
+            step: SetupStep::MapRegion,
+            error,
+        } => Error::new(ErrorKind::OutOfMemory, "cannot map the refill ring region")
+            .with_source(error),
+        RegisterError::Setup {
+            step: SetupStep::ExcludeFromFork,
+            error,
+        } => Error::new(
+            ErrorKind::Kernel,
+            "madvise(MADV_DONTFORK) on the receive area failed",
+        )
+        .with_source(error),
+        RegisterError::Refused(error) => explain_refusal(&config.target, config, error),
+    })?;
     // The ring's part of the region ends where the statistics begin.
-    let ring_layout = RingLayout::validate(
-        offsets.head,
-        offsets.tail,
-        offsets.rqes,
-        reg.rq_entries,
-        ring_bytes,
-    )
-    .map_err(|e| {
+    let ring_layout = instance.ring_layout().map_err(|e| {
+        let offsets = instance.offsets;
         Error::new(
             ErrorKind::Kernel,
             format!(
                 "the kernel's refill ring layout is not supported ({e}; head {}, tail {}, \
-                 entries at {}, {} entries, {ring_bytes}-byte region): this kernel's zcrx ABI \
+                 entries at {}, {} entries, {}-byte region): this kernel's zcrx ABI \
                  differs from the one tokio-zcrx knows; use copy mode or report the kernel \
                  version",
-                offsets.head, offsets.tail, offsets.rqes, reg.rq_entries
+                offsets.head,
+                offsets.tail,
+                offsets.rqes,
+                instance.rq_entries,
+                instance.region_layout.ring_len
             ),
         )
     })?;
-    let chunk_size = if reg.rx_buf_len != 0 {
-        reg.rx_buf_len
+    let ZcrxInstance {
+        fork_guard,
+        ring,
+        region,
+        area,
+        region_layout,
+        rq_entries: _,
+        offsets: _,
+        area_token,
+        rx_buf_len,
+        zcrx_id,
+    } = instance;
+    let chunk_size = if rx_buf_len != 0 {
+        rx_buf_len
     } else {
         config.chunk_size
     };
@@ -344,41 +268,39 @@ pub(crate) fn register(config: &Validated) -> Result<Instance> {
         area,
         region,
         layout: SharedLayout {
-            area_token: area_reg.rq_area_token,
+            area_token,
             chunk_size,
             rq_entries: ring_layout.entries,
             rq_head_offset: ring_layout.head,
             rq_tail_offset: ring_layout.tail,
             rqes_offset: ring_layout.rqes,
-            stats_offset: events.then_some(ring_bytes),
+            stats_offset: region_layout.stats_offset,
         },
-        zcrx_id: reg.zcrx_id,
+        zcrx_id,
         nodev: matches!(config.target, Target::NoDevice),
-        caps: Capabilities {
-            ctrl: features.query && features.ctrl_opcodes > 0,
-            events,
-            teardown_stops_queue_first: features.query,
-        },
+        caps: Capabilities::detected(queried.as_ref(), events),
         description,
     })
 }
 
+/// The index of the interface `name`, or the error that says it does not exist.
 fn ifindex(name: &str) -> Result<u32> {
-    let cname = CString::new(name)
-        .map_err(|_| Error::new(ErrorKind::InvalidConfig, format!("{name:?} contains a NUL")))?;
-    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if index == 0 {
+    if name.contains('\0') {
         return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            format!("{name:?} contains a NUL"),
+        ));
+    }
+    crate::sys::ifindex(name).map_err(|error| {
+        Error::new(
             ErrorKind::InterfaceNotFound,
             format!(
                 "no network interface named {name} in this network namespace (`ip link` lists \
                  them)"
             ),
         )
-        .with_source(io::Error::last_os_error()));
-    }
-    Ok(index)
+        .with_source(error)
+    })
 }
 
 /// Turns a refused registration into an error that says what to do. For a NIC queue the
@@ -508,36 +430,24 @@ const KERNEL_AREA_LIMIT_BEFORE_2026: usize = 1 << 30;
 pub(crate) fn check_interface_exists(target: &Target) -> Result<()> {
     match target {
         Target::Interface { name, .. } => ifindex(name).map(drop),
-        Target::InterfaceIndex { index, .. } => {
-            let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-            // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
-            if unsafe { libc::if_indextoname(*index, buf.as_mut_ptr()) }.is_null() {
-                return Err(Error::new(
+        Target::InterfaceIndex { index, .. } => crate::sys::interface_name(*index)
+            .map(drop)
+            .map_err(|error| {
+                Error::new(
                     ErrorKind::InterfaceNotFound,
                     format!(
                         "no network interface has index {index} in this network namespace \
                          (`ip link` lists them with their indices)"
                     ),
                 )
-                .with_source(io::Error::last_os_error()));
-            }
-            Ok(())
-        }
+                .with_source(error)
+            }),
         Target::NoDevice => Ok(()),
     }
 }
 
 fn interface_name(index: u32) -> String {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has IF_NAMESIZE bytes as if_indextoname requires.
-    let ptr = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if ptr.is_null() {
-        return format!("#{index}");
-    }
-    // SAFETY: on success the name is NUL-terminated inside `buf`.
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    crate::sys::interface_name(index).unwrap_or_else(|_| format!("#{index}"))
 }
 
 #[cfg(test)]

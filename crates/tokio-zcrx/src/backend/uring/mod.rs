@@ -10,10 +10,12 @@
 pub(crate) mod area;
 pub(crate) mod driver;
 pub(crate) mod instance;
-pub(crate) mod kernel;
+pub(crate) mod ring;
 mod stream;
 #[cfg(any(test, feature = "bench-internals"))]
 pub(crate) mod synthetic;
+#[cfg(test)]
+mod tests;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -27,6 +29,9 @@ use zcrx_core::user_data::{StreamId, StreamSlots};
 use crate::config::{StreamOptions, Validated};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Stats};
+/// The crate's poison-free lock, under the name this backend's files import it by.
+pub(crate) use crate::sys::lock;
+use crate::sys::syscall;
 use crate::writer::ZcWriteHalf;
 
 pub(crate) use stream::{StreamEnd, StreamShared, UringStream};
@@ -85,10 +90,7 @@ pub(crate) struct DriverShared {
 impl DriverShared {
     fn new() -> std::io::Result<DriverShared> {
         // SAFETY: eventfd takes plain flags; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let fd = unsafe { syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)) }?;
         Ok(DriverShared {
             commands: Mutex::new(Vec::new()),
             // SAFETY: `fd` is a fresh descriptor owned by nobody else.
@@ -131,13 +133,13 @@ impl DriverShared {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our eventfd. A full counter (EAGAIN)
             // still leaves the fd readable, which is all the driver needs.
-            unsafe {
-                libc::write(
+            let _ = unsafe {
+                syscall!(write(
                     self.eventfd.as_raw_fd(),
                     (&one as *const u64).cast(),
                     std::mem::size_of::<u64>(),
-                );
-            }
+                ))
+            };
         }
     }
 
@@ -177,10 +179,6 @@ impl DriverShared {
             )),
         }
     }
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A handle to the io_uring driver.

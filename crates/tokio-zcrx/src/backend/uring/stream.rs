@@ -44,7 +44,7 @@ impl StreamShared {
     fn lock(&self) -> MutexGuard<'_, SharedState> {
         // A panic while holding this lock cannot leave the queue inconsistent (pushes and
         // pops are single calls), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sys::lock(&self.state)
     }
 
     /// Appends buffers delivered in one reap and wakes the consumer once.

@@ -1,38 +1,23 @@
-//! A synthetic kernel: the whole runtime without a kernel.
+//! A synthetic ring: the whole runtime without a kernel.
 //!
-//! [`kernel::SyntheticKernel`] plays the kernel's side of the ring against the real driver,
+//! [`ring::SyntheticRing`] plays the kernel's side of the ring against the real driver,
 //! area and refill ring, answering like a chosen kernel ([`personality`]), optionally with
 //! seeded faults ([`faults`]), and writing a verifiable byte pattern ([`pattern`]).
 //! Everything else (decoding, routing, waking tasks, consuming, dropping, refill
-//! publication) is the runtime's own code. It backs the per-chunk benchmark ([`bench`]) and
-//! the host tests: the scenarios run against every personality, fault injection, idle CPU.
+//! publication) is the runtime's own code. It backs the per-chunk benchmark (through
+//! `tokio_zcrx::__bench::start`, `bench-internals`) and the driver's host tests
+//! (`backend/uring/tests/`): scenarios against every personality, fault injection, idle CPU.
 
-mod bench;
 // The benchmark build (`bench-internals`) uses one personality and no faults: what only the
 // tests use is not dead code.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod faults;
 #[cfg_attr(not(test), allow(dead_code))]
-pub(crate) mod kernel;
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod pattern;
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod personality;
-
-#[cfg(test)]
-mod fault_tests;
-#[cfg(test)]
-mod idle_tests;
-#[cfg(test)]
-mod lifecycle_tests;
-#[cfg(test)]
-mod scenarios;
-#[cfg(test)]
-mod tests;
-
-#[cfg(feature = "bench-internals")]
-pub use bench::PerChunkReport;
-pub use bench::{per_chunk, Consume};
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) mod ring;
 
 use std::io;
 use std::sync::atomic::AtomicU32;
@@ -52,10 +37,10 @@ use crate::mode::{ActiveMode, ModeSelection};
 use crate::sys::mem::Mapping;
 use crate::{Builder, Zcrx};
 use faults::{FaultConfig, FaultInjector};
-use kernel::{Control, KernelSetup, Path, SharedMemory, SyntheticKernel};
 use personality::{Personality, Registration};
+use ring::{Control, KernelSetup, Path, SharedMemory, SyntheticRing};
 
-const CHUNK_SIZE: u32 = 4096;
+pub(crate) const CHUNK_SIZE: u32 = 4096;
 /// Where the refill ring's head and tail sit in the region (entries: the personality's).
 const HEAD_OFFSET: usize = 0;
 const TAIL_OFFSET: usize = 4;
@@ -101,7 +86,7 @@ impl SyntheticConfig {
     }
 }
 
-/// Starts a runtime whose driver runs over a [`SyntheticKernel`] answering like the
+/// Starts a runtime whose driver runs over a [`SyntheticRing`] answering like the
 /// benchmark's kernel (7.3, NIC queue under steady traffic, zero-copy, no pattern): every attached stream
 /// receives `chunks_per_stream` chunks of 4 KiB, then EOF. The sockets are only
 /// placeholders.
@@ -177,7 +162,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     let area_layout = AreaLayout::new(area.len() as u64, CHUNK_SIZE, 0)
         .map_err(|e| Error::new(ErrorKind::Kernel, format!("synthetic area: {e}")))?;
     let control = Arc::new(Control::default());
-    let kernel = SyntheticKernel::new(
+    let ring = SyntheticRing::new(
         KernelSetup {
             personality,
             registration: config.registration,
@@ -194,8 +179,8 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     );
     *super::lock(&shared.description) =
         format!("synthetic kernel {personality} ({:?})", config.registration);
-    let driver = Driver::with_kernel(
-        kernel,
+    let driver = Driver::with_ring(
+        ring,
         Arc::new(area),
         area_layout,
         config.registration == Registration::NoDevice,

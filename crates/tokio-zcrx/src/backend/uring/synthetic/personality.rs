@@ -7,7 +7,10 @@
 //! answer by the same rules `instance::register` applies to the real one. Facts from
 //! /work/shared/zcrx-kernel.md and io_uring/zcrx.c.
 
-use super::super::kernel::Capabilities;
+use zcrx_core::query::QueryFeatures;
+use zcrx_sys::query::io_uring_query_zcrx;
+
+use super::super::ring::Capabilities;
 
 /// A kernel (range) the synthetic kernel answers like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,10 +103,22 @@ impl Personality {
         !self.ctrl_ops().is_empty()
     }
 
+    /// The query's answer decoded as the runtime decodes the real one.
+    fn query_features(self) -> Option<QueryFeatures> {
+        self.query().map(|q| {
+            QueryFeatures::decode(&io_uring_query_zcrx {
+                register_flags: q.register_flags,
+                nr_ctrl_opcodes: q.nr_ctrl_opcodes,
+                features: q.features,
+                rq_hdr_size: q.rq_hdr_size,
+                ..Default::default()
+            })
+        })
+    }
+
     /// Events and shared stats can be registered (ARM_EVENT exists too).
     pub(crate) fn has_events(self) -> bool {
-        self.query()
-            .is_some_and(|q| q.features & 2 != 0 && q.nr_ctrl_opcodes >= 3)
+        self.query_features().is_some_and(|f| f.events())
     }
 
     /// `ZCRX_REG_NODEV` is accepted.
@@ -123,12 +138,8 @@ impl Personality {
     /// (ctrl: the query reports control ops; events: asked for and supported; teardown
     /// stops the queue first from 6.19, i.e. wherever the query exists).
     pub(crate) fn capabilities(self, events_requested: bool) -> Capabilities {
-        let query = self.query();
-        Capabilities {
-            ctrl: query.is_some_and(|q| q.nr_ctrl_opcodes > 0),
-            events: events_requested && self.has_events(),
-            teardown_stops_queue_first: query.is_some(),
-        }
+        let events = events_requested && self.has_events();
+        Capabilities::detected(self.query_features().as_ref(), events)
     }
 }
 

@@ -1,6 +1,7 @@
-//! What the driver asks of the kernel, as one small interface.
+//! What the driver asks of the kernel, as one small interface: [`CompletionRing`] (queue
+//! requests, submit and wait, reap completions, a few zcrx controls).
 //!
-//! [`UringKernel`] is the real thing: an io_uring with a registered zcrx queue. Keeping the
+//! [`UringRing`] is the real thing: an io_uring with a registered zcrx queue. Keeping the
 //! driver behind this trait lets the per-chunk benchmark run the whole runtime path (decode,
 //! routing, waking, consuming, dropping, refill publication) against a synthetic completion
 //! source at full speed, without a kernel ([`super::synthetic`]).
@@ -12,10 +13,11 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
 use zcrx_core::completion::RawCompletion;
+use zcrx_core::query::QueryFeatures;
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 
-use super::instance::Ring;
 use crate::sys::fork::RingForkGuard;
+use crate::sys::zcrx::Ring;
 
 /// What the kernel behind a driver can do beyond 6.15's RECV_ZC, detected once at
 /// registration (the synthetic kernels state theirs). The driver never calls what is absent:
@@ -33,7 +35,21 @@ pub(crate) struct Capabilities {
     pub(crate) teardown_stops_queue_first: bool,
 }
 
-pub(crate) trait Kernel: Send + 'static {
+impl Capabilities {
+    /// What the driver may use on a kernel whose zcrx query answered `queried` (`None`:
+    /// there is no query, before 6.19), with events registered or not. The one rule for the
+    /// real kernel (`instance::register`) and the synthetic ones (`Personality`).
+    pub(crate) fn detected(queried: Option<&QueryFeatures>, events: bool) -> Capabilities {
+        Capabilities {
+            ctrl: queried.is_some_and(|features| features.ctrl_flush_rq),
+            events,
+            // 6.19 changed the teardown order; the query arrived in the same release.
+            teardown_stops_queue_first: queried.is_some(),
+        }
+    }
+}
+
+pub(crate) trait CompletionRing: Send + 'static {
     /// Queues a multishot zero-copy receive on `fd` (`len` 0: no limit).
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()>;
     /// Queues the cancellation of the request tagged `target`.
@@ -53,7 +69,7 @@ pub(crate) trait Kernel: Send + 'static {
 }
 
 /// The io_uring with the registered zcrx queue.
-pub(crate) struct UringKernel {
+pub(crate) struct UringRing {
     /// Before `ring`: leaves the fork handler's table before the descriptor is closed.
     _fork_guard: RingForkGuard,
     pub(crate) ring: Ring,
@@ -64,9 +80,9 @@ pub(crate) struct UringKernel {
     backlog: VecDeque<squeue::Entry>,
 }
 
-impl UringKernel {
-    pub(crate) fn new(ring: Ring, fork_guard: RingForkGuard, zcrx_id: u32) -> UringKernel {
-        UringKernel {
+impl UringRing {
+    pub(crate) fn new(ring: Ring, fork_guard: RingForkGuard, zcrx_id: u32) -> UringRing {
+        UringRing {
             _fork_guard: fork_guard,
             ring,
             zcrx_id,
@@ -99,7 +115,7 @@ impl UringKernel {
     }
 }
 
-impl Kernel for UringKernel {
+impl CompletionRing for UringRing {
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {
         let sqe = opcode::RecvZc::new(types::Fd(fd), len)
             .ifq(self.zcrx_id)

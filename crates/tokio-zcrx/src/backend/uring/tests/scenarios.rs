@@ -14,13 +14,13 @@ use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use super::super::area::Area;
+use super::super::synthetic::faults::FaultConfig;
+use super::super::synthetic::pattern;
+use super::super::synthetic::personality::{Personality, Registration};
+use super::super::synthetic::ring::{Control, Lengths, Path, StreamPlan};
+use super::super::synthetic::{start_with, SyntheticConfig, CHUNK_SIZE};
 use super::super::{lock, DriverShared};
-use super::faults::FaultConfig;
-use super::kernel::{Control, Lengths, Path, StreamPlan};
-use super::pattern;
-use super::personality::{Personality, Registration};
-use super::tests::{area_of, driver_shared};
-use super::{start_with, SyntheticConfig, CHUNK_SIZE};
+use super::{area_of, driver_shared};
 use crate::{EventKind, ZcStream, ZcWriteHalf, Zcrx};
 
 /// Every kernel the scenarios run against.
@@ -144,7 +144,7 @@ where
 {
     let mut failures = Vec::new();
     for (personality, registration) in KERNELS {
-        let runtime = super::tests::runtime();
+        let runtime = super::runtime();
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             runtime.block_on(async {
                 tokio::time::timeout(SCENARIO_BOUND, scenario(personality, registration))
@@ -340,12 +340,23 @@ fn events() {
             .await;
         let (received, error) = read_checked(&mut stream, 3).await;
         assert!(error.is_none() && received == 40 * CHUNK, "{error:?}");
-        let stats = h.zcrx.stats();
+        // Every copy-path chunk has been read, so the ring posts no more events; but the
+        // driver may not have reaped the last event CQE yet (it can come after the data it
+        // reports): wait, bounded, until the subscriber has what the ring posted.
         let report = h.control.report();
         let mut copy_events = 0;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while (copy_events as u64) < report.events[1] {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Ok(event)) => copy_events += usize::from(event.kind == EventKind::CopyFallback),
+                Ok(Err(e)) => panic!("event channel: {e}"),
+                Err(_) => break, // the assertion below says what is missing
+            }
+        }
         while let Ok(event) = events.try_recv() {
             copy_events += usize::from(event.kind == EventKind::CopyFallback);
         }
+        let stats = h.zcrx.stats();
         if personality.has_events() {
             assert_eq!(stats.copy_bytes, Some(40 * CHUNK));
             assert_eq!(stats.copy_count, Some(40));

@@ -1,5 +1,11 @@
-//! Host tests of the driver over the synthetic kernel (the tests that predate the
-//! personalities; scenarios, faults and idle CPU have files of their own).
+//! Host tests of the driver over the synthetic ring ([`super::synthetic`]): the tests that
+//! predate the kernel personalities here, and scenarios per personality, seeded faults,
+//! lifecycle regressions and idle CPU in files of their own.
+
+mod fault_tests;
+mod idle_tests;
+mod lifecycle_tests;
+mod scenarios;
 
 use std::io;
 use std::sync::Arc;
@@ -7,21 +13,64 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::super::area::Area;
-use super::super::DriverShared;
-use super::{per_chunk, start, Consume};
+use super::area::Area;
+use super::synthetic::start;
+use super::DriverShared;
 use crate::Zcrx;
 
 /// The driver on the host, end to end: every chunk of every stream arrives once and
-/// goes back through the refill ring, with nothing left outstanding.
+/// goes back through the refill ring, with nothing left outstanding, whether the readers
+/// take buffers one by one or in batches. (The per-chunk benchmark, bench/src/per_chunk.rs,
+/// runs the same path and times it.)
 #[test]
 fn every_chunk_arrives_and_returns() {
-    for consume in [Consume::EachBuffer, Consume::Batches(64)] {
-        let report = per_chunk(8, 5000, 2, consume).unwrap();
-        assert_eq!((report.streams, report.chunks), (8, 40_000));
-        assert!(report.elapsed > Duration::ZERO && report.cpu > Duration::ZERO);
-        assert!(report.ns_per_chunk() > 0.0 && report.cpu_ns_per_chunk() > 0.0);
-        assert!(report.implied_gbps().is_finite());
+    const STREAMS: usize = 8;
+    const CHUNKS_PER_STREAM: u64 = 5000;
+    let runtime = runtime();
+    for batch in [None, Some(64)] {
+        runtime.block_on(async {
+            let zcrx = start(4096, CHUNKS_PER_STREAM).unwrap();
+            let mut attached = Vec::new();
+            for _ in 0..STREAMS {
+                attached.push(attach_one(&zcrx).await);
+            }
+            let readers: Vec<_> = attached
+                .into_iter()
+                .map(|(mut stream, writer, client)| {
+                    tokio::spawn(async move {
+                        let _keep = (writer, client);
+                        let mut chunks = 0u64;
+                        let mut checksum = 0u8;
+                        match batch {
+                            None => {
+                                while let Some(buf) = stream.next().await {
+                                    let buf = buf.unwrap();
+                                    checksum ^= buf[0] ^ buf[buf.len() - 1];
+                                    chunks += 1;
+                                }
+                            }
+                            Some(max) => {
+                                while let Some(batch) = stream.next_batch(max).await {
+                                    for buf in batch.unwrap().iter() {
+                                        checksum ^= buf[0] ^ buf[buf.len() - 1];
+                                        chunks += 1;
+                                    }
+                                }
+                            }
+                        }
+                        std::hint::black_box(checksum);
+                        chunks
+                    })
+                })
+                .collect();
+            let mut chunks = 0;
+            for reader in readers {
+                chunks += reader.await.unwrap();
+            }
+            assert_eq!(chunks, STREAMS as u64 * CHUNKS_PER_STREAM);
+            assert_eq!(zcrx.stats().buffers_outstanding, 0);
+            zcrx.shutdown().await;
+        });
     }
 }
 
@@ -55,7 +104,7 @@ pub(super) async fn attach_one(
 }
 
 pub(super) fn area_of(shared: &DriverShared) -> std::sync::Weak<Area> {
-    super::super::lock(&shared.area)
+    super::lock(&shared.area)
         .clone()
         .expect("the driver set it")
 }
@@ -162,16 +211,17 @@ fn the_write_half_writes_shuts_down_and_closes() {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: reads one int option of a live socket into a live int.
-        let rc = unsafe {
-            libc::getsockopt(
+        unsafe {
+            crate::sys::syscall!(getsockopt(
                 fd,
                 libc::IPPROTO_TCP,
                 libc::TCP_NODELAY,
                 (&mut value as *mut libc::c_int).cast(),
                 &mut len,
-            )
-        };
-        assert_eq!((rc, value != 0), (0, true));
+            ))
+        }
+        .expect("TCP_NODELAY of a live socket");
+        assert_ne!(value, 0);
         writer.shutdown().await.unwrap();
         assert_eq!(reader.await.unwrap(), payload);
         drop(writer);

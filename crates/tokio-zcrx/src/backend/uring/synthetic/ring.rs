@@ -1,4 +1,4 @@
-//! [`SyntheticKernel`]: the kernel's side of the ring, played in user space.
+//! [`SyntheticRing`]: the kernel's side of the ring, played in user space.
 //!
 //! Every active receive gets data completions for free chunks of a real area, filled with
 //! the stream's byte pattern ([`super::pattern`]); chunks come back through the real refill
@@ -22,7 +22,7 @@ use zcrx_sys::event::zcrx_stats;
 use zcrx_sys::ring::IORING_CQE_F_MORE;
 use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK, IORING_ZCRX_AREA_SHIFT};
 
-use super::super::kernel::Kernel;
+use super::super::ring::CompletionRing;
 use super::faults::{FaultInjector, Injected, Malformed, Rng};
 use super::pattern;
 use super::personality::{Personality, Registration};
@@ -141,7 +141,7 @@ impl Control {
 
 struct Receive {
     user_data: u64,
-    /// Index of the connection's state in `SyntheticKernel::states`.
+    /// Index of the connection's state in `SyntheticRing::states`.
     state: usize,
     /// `sqe->len`: 0 for no limit.
     limit: u32,
@@ -196,7 +196,7 @@ pub(crate) struct KernelSetup {
     pub(crate) faults: Option<FaultInjector>,
 }
 
-pub(crate) struct SyntheticKernel {
+pub(crate) struct SyntheticRing {
     setup: KernelSetup,
     memory: SharedMemory,
     refill: RefillView,
@@ -224,7 +224,7 @@ pub(crate) struct SyntheticKernel {
 // SAFETY: the raw pointers point into the area and the refill region, which the Area (kept
 // alive by the driver that owns this kernel, and dropped after it) maps; only the driver
 // thread uses the kernel.
-unsafe impl Send for SyntheticKernel {}
+unsafe impl Send for SyntheticRing {}
 
 enum Step {
     Delivered,
@@ -232,13 +232,13 @@ enum Step {
     Waiting,
 }
 
-impl SyntheticKernel {
+impl SyntheticRing {
     pub(crate) fn new(
         setup: KernelSetup,
         memory: SharedMemory,
         events: bool,
         control: Arc<Control>,
-    ) -> SyntheticKernel {
+    ) -> SyntheticRing {
         let chunks = (memory.area_len / setup.chunk_size as usize) as u32;
         let refill = RefillView {
             head: memory.head,
@@ -247,7 +247,7 @@ impl SyntheticKernel {
             mask: memory.rq_entries - 1,
         };
         let seed = setup.faults.as_ref().map_or(0, |_| 1);
-        SyntheticKernel {
+        SyntheticRing {
             free: (0..u64::from(chunks))
                 .rev()
                 .map(|c| c * u64::from(setup.chunk_size))
@@ -366,7 +366,10 @@ impl SyntheticKernel {
             .as_ref()
             .map_or(std::ptr::null(), |t| t as *const libc::timespec);
         // SAFETY: one valid pollfd and an optional live timespec for the duration of the call.
-        if unsafe { libc::ppoll(&mut pollfd, 1, timeout, std::ptr::null()) } > 0 {
+        let ready =
+            unsafe { crate::sys::syscall!(ppoll(&mut pollfd, 1, timeout, std::ptr::null())) };
+        // An interrupted or failed poll is a spurious wake-up: the driver loop looks again.
+        if ready.is_ok_and(|ready| ready > 0) {
             self.eventfd_ready = true;
         }
     }
@@ -542,7 +545,7 @@ fn final_cqe(user_data: u64, res: i32) -> RawCompletion {
     }
 }
 
-impl Kernel for SyntheticKernel {
+impl CompletionRing for SyntheticRing {
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {
         let stream = UserData::from_raw(user_data).stream();
         let known = self
@@ -723,7 +726,7 @@ impl Kernel for SyntheticKernel {
     }
 }
 
-impl Drop for SyntheticKernel {
+impl Drop for SyntheticRing {
     fn drop(&mut self) {
         // Closing the ring takes back every returned chunk.
         self.consume_refills();

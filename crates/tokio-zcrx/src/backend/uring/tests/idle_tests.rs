@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::kernel::{Path, StreamPlan};
-use super::personality::{Personality, Registration};
+use super::super::synthetic::personality::{Personality, Registration};
+use super::super::synthetic::ring::{Path, StreamPlan};
+use super::super::synthetic::SyntheticConfig;
+use super::runtime;
 use super::scenarios::{check, Harness};
-use super::tests::runtime;
-use super::SyntheticConfig;
 
 const IDLE: Duration = Duration::from_secs(1);
 const LIMIT: Duration = Duration::from_millis(10);
@@ -47,8 +47,8 @@ fn thread_cpu(tid: libc::pid_t) -> Duration {
         tv_nsec: 0,
     };
     // SAFETY: writes one timespec to a live local; the clock id names a thread of ours.
-    let rc = unsafe { libc::clock_gettime(clock as libc::clockid_t, &mut ts) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    unsafe { crate::sys::syscall!(clock_gettime(clock as libc::clockid_t, &mut ts)) }
+        .expect("clock_gettime of a thread of ours");
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 

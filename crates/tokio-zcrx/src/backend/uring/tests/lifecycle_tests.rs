@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::kernel::{Path, StreamPlan};
-use super::personality::{Personality, Registration};
+use super::super::synthetic::personality::{Personality, Registration};
+use super::super::synthetic::ring::{Path, StreamPlan};
+use super::super::synthetic::{SyntheticConfig, CHUNK_SIZE};
 use super::scenarios::{check, read_checked, Harness};
-use super::{SyntheticConfig, CHUNK_SIZE};
 use crate::backend::wake::WAKER_PANICS;
 use crate::{StreamOptions, ZcListener};
 

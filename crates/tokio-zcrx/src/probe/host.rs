@@ -1,12 +1,12 @@
-//! Kernel-wide checks: io_uring availability, RECV_ZC, the zcrx query and derived features,
-//! CAP_NET_ADMIN, and the NODEV trial.
+//! Host-wide facts, gathered once before the interfaces: io_uring availability, RECV_ZC, the
+//! zcrx query and the features derived from it, CAP_NET_ADMIN, and the NODEV trial.
 
 use std::io;
 use std::os::fd::AsFd;
 
 use io_uring::IoUring;
-use zcrx_sys::ctrl::ZCRX_CTRL_ARM_EVENT;
-use zcrx_sys::probe::probe_opcode_supported;
+use zcrx_core::query::QueryFeatures;
+use zcrx_sys::opcode_probe::probe_opcode_supported;
 use zcrx_sys::query::{io_uring_query_zcrx, query_zcrx};
 use zcrx_sys::ring::IORING_OP_RECV_ZC;
 use zcrx_sys::zcrx::{
@@ -15,19 +15,20 @@ use zcrx_sys::zcrx::{
 };
 
 use super::system;
-use super::trial::{self, Target, TrialError};
+use super::trial::{self, TrialError};
 use super::{
     CapNetAdminReport, Errno, FeatureReport, IoUringReport, OpcodeReport, QueryStatus, Support,
     TrialOutcome, ZcrxFeatures, ZcrxQueryReport, ZcrxQueryResult,
 };
+use crate::sys::zcrx::QueueBinding;
 
 /// The fix for a missing CAP_NET_ADMIN, shared by every message that needs it.
 pub(crate) const CAP_NET_ADMIN_FIX: &str =
     "run as root, or grant the binary the capability: `sudo setcap cap_net_admin+ep BINARY`";
 
-/// Everything kernel-wide, gathered once before the interfaces are probed.
+/// Everything host-wide, gathered once before the interfaces are probed.
 #[derive(Debug, Clone)]
-pub(crate) struct KernelFacts {
+pub(crate) struct HostFacts {
     pub(crate) release: String,
     pub(crate) io_uring: IoUringReport,
     pub(crate) recv_zc: OpcodeReport,
@@ -37,8 +38,8 @@ pub(crate) struct KernelFacts {
     pub(crate) cap_net_admin: CapNetAdminReport,
 }
 
-pub(crate) fn probe_kernel() -> KernelFacts {
-    let release = system::kernel_release().unwrap_or_else(|| "unknown".to_owned());
+pub(crate) fn probe_host() -> HostFacts {
+    let release = crate::sys::kernel_release().unwrap_or_else(|| "unknown".to_owned());
     let disabled_sysctl = system::io_uring_disabled_sysctl();
     let ring = IoUring::new(4);
     let io_uring = io_uring_report(disabled_sysctl, ring.as_ref().err());
@@ -56,7 +57,7 @@ pub(crate) fn probe_kernel() -> KernelFacts {
     let zcrx_query = zcrx_query_report(&release, query_zcrx());
     let features = derive_features(&release, &zcrx_query);
     let nodev_trial = nodev_trial(&features);
-    KernelFacts {
+    HostFacts {
         release,
         io_uring,
         recv_zc,
@@ -211,7 +212,9 @@ fn flag_names(value: u64, known: &[(u64, &str)]) -> String {
     }
 }
 
+/// The raw answer and its decoding (the one the runtime uses too, `zcrx_core::query`).
 fn decode_query(raw: &io_uring_query_zcrx) -> ZcrxQueryResult {
+    let decoded = QueryFeatures::decode(raw);
     ZcrxQueryResult {
         register_flags: raw.register_flags,
         area_flags: raw.area_flags,
@@ -219,12 +222,12 @@ fn decode_query(raw: &io_uring_query_zcrx) -> ZcrxQueryResult {
         features: raw.features,
         rq_hdr_size: raw.rq_hdr_size,
         rq_hdr_alignment: raw.rq_hdr_alignment,
-        register_import: raw.register_flags & u64::from(ZCRX_REG_IMPORT) != 0,
-        register_nodev: raw.register_flags & u64::from(ZCRX_REG_NODEV) != 0,
-        area_dmabuf: raw.area_flags & u64::from(IORING_ZCRX_AREA_DMABUF) != 0,
-        ctrl_arm_event: raw.nr_ctrl_opcodes > ZCRX_CTRL_ARM_EVENT,
-        feature_rx_page_size: raw.features & ZCRX_FEATURE_RX_PAGE_SIZE != 0,
-        feature_event: raw.features & ZCRX_FEATURE_EVENT != 0,
+        register_import: decoded.register_import,
+        register_nodev: decoded.register_nodev,
+        area_dmabuf: decoded.area_dmabuf,
+        ctrl_arm_event: decoded.ctrl_arm_event,
+        feature_rx_page_size: decoded.rx_page_size,
+        feature_event: decoded.event,
     }
 }
 
@@ -277,7 +280,7 @@ pub(crate) fn derive_features(release: &str, query: &ZcrxQueryReport) -> ZcrxFea
 /// A NODEV registration touches no NIC, so it is always safe to try where the kernel has it.
 fn nodev_trial(features: &ZcrxFeatures) -> TrialOutcome {
     match features.nodev.support {
-        Support::Supported => trial_outcome(trial::register_once(Target::NoDevice)),
+        Support::Supported => trial_outcome(trial::register_once(QueueBinding::NoDevice)),
         Support::Unsupported => TrialOutcome::NotAttempted {
             reason: "the kernel has no NODEV mode (needs Linux 7.1+)".to_owned(),
         },

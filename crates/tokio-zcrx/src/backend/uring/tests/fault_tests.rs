@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
+use super::super::synthetic::faults::{self, FaultConfig, Injected, Malformed, Rng};
+use super::super::synthetic::ring::{Lengths, Path, StreamPlan};
+use super::super::synthetic::{SyntheticConfig, CHUNK_SIZE};
 use super::super::{FAILED, RUNNING};
-use super::faults::{FaultConfig, Injected, Malformed, Rng};
-use super::kernel::{Lengths, Path, StreamPlan};
 use super::scenarios::{check, Harness, KERNELS};
-use super::{SyntheticConfig, CHUNK_SIZE};
 use crate::ZcBuf;
 
 /// Seeds a plain `cargo test` runs.
@@ -264,7 +264,7 @@ fn seeds() -> std::ops::Range<u64> {
 }
 
 fn run_seeds(name: &str, malformed_kinds: &[Malformed]) {
-    let runtime = super::tests::runtime();
+    let runtime = super::runtime();
     let started = Instant::now();
     let mut total = RunSummary::default();
     let mut runs = 0;
@@ -326,7 +326,7 @@ fn faults_keep_every_invariant() {
 /// every kind somewhere.
 #[test]
 fn the_injector_injects_every_class() {
-    let mut injector = super::faults::FaultInjector::new(FaultConfig::all(1));
+    let mut injector = faults::FaultInjector::new(FaultConfig::all(1));
     let mut enter = std::collections::HashSet::new();
     let mut recv = std::collections::HashSet::new();
     let mut ctrl = std::collections::HashSet::new();
@@ -339,8 +339,8 @@ fn the_injector_injects_every_class() {
             malformed.insert(format!("{kind:?}"));
         }
     }
-    assert_eq!(enter.len(), super::faults::ENTER_ERRORS.len());
-    assert_eq!(ctrl.len(), super::faults::CTRL_ERRORS.len());
-    assert_eq!(recv.len(), super::faults::RECV_ERRORS.len());
+    assert_eq!(enter.len(), faults::ENTER_ERRORS.len());
+    assert_eq!(ctrl.len(), faults::CTRL_ERRORS.len());
+    assert_eq!(recv.len(), faults::RECV_ERRORS.len());
     assert_eq!(malformed.len(), Malformed::ALL.len());
 }

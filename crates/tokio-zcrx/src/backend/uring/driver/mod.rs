@@ -1,0 +1,534 @@
+//! The driver thread: owns the ring, turns completions into buffers on streams, returns
+//! what it must, re-arms events, and reacts to commands from handles.
+//!
+//! - here: the thread's entry ([`run`], [`drive`]), its loop, commands from handles,
+//!   shutdown, and carrying out what a stream's receive state machine
+//!   ([`zcrx_core::receive`]) decides;
+//! - [`streams`]: the stream table;
+//! - [`completions`]: reaping the CQ and handling each completion;
+//! - [`returns`]: buffer returns, refill flushes, and receives waiting for the area;
+//! - [`events`]: zcrx kernel events in, their re-arming, and the public events out.
+
+mod completions;
+mod events;
+mod returns;
+mod streams;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use zcrx_core::completion::{AreaLayout, RawCompletion};
+use zcrx_core::events::EventRearm;
+use zcrx_core::receive::{Action, Finish, StreamReceive};
+use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
+
+use super::area::{Area, BufferRefs};
+use super::instance::{self, Instance};
+use super::ring::{Capabilities, CompletionRing, UringRing};
+use super::{lock, Command, DriverShared, FAILED, STOPPING};
+use super::{StreamEnd, StreamShared};
+use crate::config::StreamOptions;
+use crate::config::Validated;
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::Event;
+use streams::{StreamEntry, Streams};
+
+/// The eventfd poll's `user_data` payload.
+const WAKE_EVENTFD: u64 = 1;
+
+/// How long shutdown waits for cancelled receives to confirm before closing the ring anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A receive that ran out of area is retried when buffers come back, or after this long in
+/// any case: the returns may all have happened before the driver saw the exhaustion, and
+/// chunks held in socket queues free up without any return.
+const EXHAUSTION_RETRY: Duration = Duration::from_millis(5);
+
+/// Entry point of the driver thread.
+pub(super) fn run(config: Validated, shared: Arc<DriverShared>, ready: mpsc::Sender<Result<()>>) {
+    let instance = match instance::register(&config) {
+        Ok(instance) => instance,
+        Err(e) => {
+            shared.state.store(FAILED, Ordering::Release);
+            *lock(&shared.failure) = Some(e.to_string());
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let driver = match Driver::new(instance, &config, Arc::clone(&shared)) {
+        Ok(driver) => driver,
+        Err(e) => {
+            shared.state.store(FAILED, Ordering::Release);
+            *lock(&shared.failure) = Some(e.to_string());
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    drive(driver, shared);
+}
+
+/// Runs a driver until shutdown or failure, then ends every stream and releases waiters.
+pub(crate) fn drive<R: CompletionRing>(mut driver: Driver<R>, shared: Arc<DriverShared>) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| driver.run()));
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{e}")),
+        Err(panic) => Some(
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into()),
+        ),
+    };
+    let final_state = match &failure {
+        Some(reason) => {
+            *lock(&shared.failure) = Some(reason.clone());
+            FAILED
+        }
+        None => STOPPING,
+    };
+    driver.end_all_streams(failure.as_deref());
+    // Fail commands that raced with the end, and free whatever they carried.
+    for command in shared.close_queue(final_state) {
+        match command {
+            Command::Attach { shared: stream, .. } => {
+                stream.finish(StreamEnd::runtime("the tokio-zcrx runtime has stopped"))
+            }
+            Command::Shutdown(Some(waiter)) => driver.shutdown_waiters.push(waiter),
+            _ => {}
+        }
+    }
+    // No event comes any more: subscribers see the channel close once the driver's sender
+    // goes with it.
+    lock(&shared.events).take();
+    let waiters = std::mem::take(&mut driver.shutdown_waiters);
+    // Closing the ring destroys the kernel's zcrx instance; the area stays mapped while
+    // buffers refer to it.
+    driver.close_ring();
+    shared.stopped.cancel();
+    for waiter in waiters {
+        let _ = waiter.send(());
+    }
+}
+
+pub(crate) struct Driver<R: CompletionRing> {
+    ring: R,
+    area: Arc<Area>,
+    buffer_refs: BufferRefs,
+    layout: AreaLayout,
+    shared: Arc<DriverShared>,
+    nodev: bool,
+    caps: Capabilities,
+    events: EventRearm,
+    /// The driver's sender of the event channel (dropped with the driver).
+    events_tx: tokio::sync::broadcast::Sender<Event>,
+    streams: Streams,
+    /// A receive ended with `ENOSPC` in this reap: resubmit those once the CQ is drained.
+    cq_overflowed: bool,
+    /// Raw completions copied out of the CQ.
+    reaped: Vec<RawCompletion>,
+    /// `refill.stats().pushed` when a stream last ran out of area, and when.
+    returns_at_exhaustion: u64,
+    exhausted_at: Option<Instant>,
+    waiting_for_buffers: usize,
+    /// Next look at the overflow list, and the current back-off, while returns wait there.
+    overflow_recheck: Option<(Instant, Duration)>,
+    /// When the last AreaExhausted event went out.
+    last_exhausted_event: Option<Instant>,
+    /// Transient `io_uring_enter` errors in a row.
+    transient_errors: u32,
+    stopping: Option<Instant>,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Driver<UringRing> {
+    fn new(
+        instance: Instance,
+        config: &Validated,
+        shared: Arc<DriverShared>,
+    ) -> Result<Driver<UringRing>> {
+        let Instance {
+            ring,
+            fork_guard,
+            area,
+            region,
+            layout: shared_layout,
+            zcrx_id,
+            nodev,
+            caps,
+            description,
+        } = instance;
+        let area = Area::new(area, region, &shared_layout, Arc::clone(&shared)).map_err(|e| {
+            Error::new(ErrorKind::Kernel, "the kernel's refill ring is unusable").with_source(e)
+        })?;
+        let layout = AreaLayout::new(area.len() as u64, area.chunk_size, shared_layout.area_token)
+            .map_err(|e| Error::new(ErrorKind::Kernel, format!("unusable area layout: {e}")))?;
+        *lock(&shared.description) = description;
+        Driver::with_ring(
+            UringRing::new(ring, fork_guard, zcrx_id),
+            Arc::new(area),
+            layout,
+            nodev,
+            caps,
+            config,
+            shared,
+        )
+    }
+}
+
+impl<R: CompletionRing> Driver<R> {
+    /// A driver over any completion source (the real ring, or a synthetic one).
+    pub(crate) fn with_ring(
+        ring: R,
+        area: Arc<Area>,
+        layout: AreaLayout,
+        nodev: bool,
+        caps: Capabilities,
+        config: &Validated,
+        shared: Arc<DriverShared>,
+    ) -> Result<Driver<R>> {
+        *lock(&shared.area) = Some(Arc::downgrade(&area));
+        let events_tx = lock(&shared.events)
+            .clone()
+            .expect("the event channel lives until the driver exits");
+        let mut driver = Driver {
+            ring,
+            buffer_refs: BufferRefs::new(&area),
+            area,
+            layout,
+            shared,
+            nodev,
+            caps,
+            events: EventRearm::new(config.event_rearm_interval),
+            events_tx,
+            streams: Streams::default(),
+            cq_overflowed: false,
+            reaped: Vec::with_capacity(config.cq_entries as usize),
+            returns_at_exhaustion: 0,
+            exhausted_at: None,
+            waiting_for_buffers: 0,
+            overflow_recheck: None,
+            last_exhausted_event: None,
+            transient_errors: 0,
+            stopping: None,
+            shutdown_waiters: Vec::new(),
+        };
+        driver.arm_eventfd().map_err(|e| {
+            Error::new(ErrorKind::Kernel, "cannot poll the driver's eventfd").with_source(e)
+        })?;
+        Ok(driver)
+    }
+
+    pub(crate) fn run(&mut self) -> io::Result<()> {
+        loop {
+            self.take_commands()?;
+            if let Some(since) = self.stopping {
+                // Returns seen so far: the wait below sleeps until the next one.
+                self.returns_at_exhaustion = self.returns_seen();
+                let settled = self.live_requests() == 0 && !self.teardown_would_expose_buffers();
+                if settled || since.elapsed() > SHUTDOWN_GRACE {
+                    return Ok(());
+                }
+            }
+            self.return_buffers();
+            self.resume_waiting_streams()?;
+            self.rearm_events();
+            self.submit_and_wait()?;
+            self.reap()?;
+        }
+    }
+
+    /// Whether closing the ring now could let the NIC write into a buffer someone holds:
+    /// on 6.15-6.18 NIC queues, teardown hands user-held chunks back to the page pool of the
+    /// still running queue before it stops it (later kernels stop the queue first, and NODEV
+    /// has no page pool).
+    fn teardown_would_expose_buffers(&self) -> bool {
+        !self.nodev
+            && !self.caps.teardown_stops_queue_first
+            && self.area.stats().buffers_outstanding > 0
+    }
+
+    /// Closes the ring, or, where that would expose held buffers (see
+    /// [`Self::teardown_would_expose_buffers`]), leaves it to the area, which closes it
+    /// when the last buffer is dropped: the queue stays bound until then, and no buffer is
+    /// ever read while the NIC may write into it.
+    fn close_ring(self) {
+        let expose = self.teardown_would_expose_buffers();
+        let Driver {
+            ring,
+            area,
+            buffer_refs,
+            ..
+        } = self;
+        if expose {
+            tracing::warn!(
+                "tokio-zcrx: buffers are still held at shutdown on a kernel older than 6.19, \
+                 which would hand them back to the running NIC queue; the queue stays bound \
+                 until the last buffer is dropped"
+            );
+            area.close_with_last_buffer(Box::new(ring));
+        } else {
+            drop(ring);
+        }
+        drop(buffer_refs);
+        drop(area);
+    }
+
+    fn live_requests(&self) -> usize {
+        self.streams.live_requests()
+    }
+
+    fn arm_eventfd(&mut self) -> io::Result<()> {
+        let user_data = UserData::new(UserDataKind::Wake, WAKE_EVENTFD)
+            .expect("small payload")
+            .as_u64();
+        self.ring
+            .poll_readable(self.shared.eventfd.as_raw_fd(), user_data)
+    }
+
+    fn take_commands(&mut self) -> io::Result<()> {
+        let commands = std::mem::take(&mut *lock(&self.shared.commands));
+        for command in commands {
+            match command {
+                Command::Attach {
+                    key,
+                    socket,
+                    shared,
+                    options,
+                } => self.attach(key, socket, shared, options)?,
+                Command::ReadMore(key) => {
+                    if self.stopping.is_none() {
+                        self.step_stream(key, StreamReceive::read_more)?;
+                    }
+                }
+                Command::Close(key) => self.close(key)?,
+                #[cfg(feature = "fault-injection")]
+                Command::InjectPanic => panic!("injected driver panic (fault-injection)"),
+                Command::Shutdown(waiter) => {
+                    if let Some(waiter) = waiter {
+                        self.shutdown_waiters.push(waiter);
+                    }
+                    if self.stopping.is_none() {
+                        self.begin_shutdown()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(
+        &mut self,
+        key: StreamId,
+        socket: Arc<std::net::TcpStream>,
+        shared: Arc<StreamShared>,
+        options: StreamOptions,
+    ) -> io::Result<()> {
+        if self.stopping.is_some() {
+            tracing::debug!("tokio-zcrx: a stream attached during shutdown is ended at once");
+            shared.finish(StreamEnd::runtime(
+                "the tokio-zcrx runtime is shutting down",
+            ));
+            lock(&self.shared.slots).release(key);
+            return Ok(());
+        }
+        self.streams
+            .insert(StreamEntry::new(key, socket, shared, options.read_limit));
+        // An unlimited stream starts now; a limited one when its reader first asks (ReadMore).
+        self.step(key.slot(), StreamReceive::start)
+    }
+
+    fn close(&mut self, key: StreamId) -> io::Result<()> {
+        self.step_stream(key, StreamReceive::close)
+    }
+
+    /// Runs one step of the receive state machine of the stream in `slot`, if there is one,
+    /// and carries out what it decides.
+    fn step(
+        &mut self,
+        slot: u32,
+        step: impl FnOnce(&mut StreamReceive) -> Action,
+    ) -> io::Result<()> {
+        let Some(entry) = self.streams.get_mut(slot) else {
+            return Ok(());
+        };
+        let action = step(&mut entry.receive);
+        self.act(slot, action)
+    }
+
+    /// [`Self::step`] for stream `key`, if its slot still holds it.
+    fn step_stream(
+        &mut self,
+        key: StreamId,
+        step: impl FnOnce(&mut StreamReceive) -> Action,
+    ) -> io::Result<()> {
+        let Some(entry) = self.streams.entry_mut(key) else {
+            return Ok(());
+        };
+        let action = step(&mut entry.receive);
+        self.act(key.slot(), action)
+    }
+
+    /// Carries out what the receive state machine of the stream in `slot` decided.
+    fn act(&mut self, slot: u32, action: Action) -> io::Result<()> {
+        const DECIDED: &str = "the action came from this entry";
+        match action {
+            Action::None => Ok(()),
+            Action::Submit { len } => {
+                let entry = self.streams.get(slot).expect(DECIDED);
+                let (fd, user_data) = (entry.fd(), UserData::recv(entry.id).as_u64());
+                self.ring.recv(fd, len, user_data)
+            }
+            Action::Cancel => {
+                let id = self.streams.get(slot).expect(DECIDED).id;
+                let (target, user_data) = (UserData::recv(id), UserData::cancel(id));
+                self.ring.cancel(target.as_u64(), user_data.as_u64())
+            }
+            Action::GrantUsedUp => {
+                let entry = self.streams.get(slot).expect(DECIDED);
+                entry.shared.request_done();
+                Ok(())
+            }
+            Action::Finish(finish) => {
+                let end = match finish {
+                    Finish::Eof => StreamEnd::Eof,
+                    // The kernel's error as it gave it: raw_os_error() stays ECONNRESET etc.
+                    Finish::Error(errno) => StreamEnd::Error(io::Error::from(errno)),
+                };
+                self.streams.get(slot).expect(DECIDED).shared.finish(end);
+                Ok(())
+            }
+            Action::Remove {
+                was_waiting_for_buffers,
+            } => {
+                if was_waiting_for_buffers {
+                    self.stop_waiting_for_buffers();
+                }
+                self.remove(slot);
+                Ok(())
+            }
+            Action::ResubmitAfterCqDrained => {
+                self.cq_overflowed = true;
+                Ok(())
+            }
+            Action::WaitForBuffers => {
+                self.wait_for_buffers();
+                Ok(())
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: u32) {
+        if let Some(entry) = self.streams.take(slot) {
+            if !entry.receive.is_finished() {
+                entry
+                    .shared
+                    .finish(StreamEnd::runtime("the tokio-zcrx runtime has stopped"));
+            }
+            lock(&self.shared.slots).release(entry.id);
+        }
+    }
+
+    fn begin_shutdown(&mut self) -> io::Result<()> {
+        self.stopping = Some(Instant::now());
+        self.shared.state.store(STOPPING, Ordering::Release);
+        for slot in self.streams.slots() {
+            if let Some(entry) = self.streams.get_mut(slot) {
+                if entry.receive.finish() {
+                    entry
+                        .shared
+                        .finish(StreamEnd::runtime("the tokio-zcrx runtime was shut down"));
+                }
+                self.step(slot, StreamReceive::cancel_or_remove)?;
+            }
+        }
+        if self.teardown_would_expose_buffers() {
+            // Wait (bounded by SHUTDOWN_GRACE) for the buffers: their drops wake us.
+            self.area
+                .driver_waits_for_buffers
+                .store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Ends every stream still open (driver exit). `failure` names the reason if it failed.
+    fn end_all_streams(&mut self, failure: Option<&str>) {
+        for entry in self.streams.iter_mut() {
+            if entry.receive.finish() {
+                let message = match failure {
+                    Some(reason) => format!("the tokio-zcrx driver thread failed: {reason}"),
+                    None => "the tokio-zcrx runtime was shut down".into(),
+                };
+                entry.shared.finish(StreamEnd::runtime(message));
+            }
+        }
+    }
+
+    fn submit_and_wait(&mut self) -> io::Result<()> {
+        // Announce sleep before the last look at the command queue: a handle that queues a
+        // command after this point sees `sleeping` and writes the eventfd (SeqCst on both).
+        self.shared.sleeping.store(true, Ordering::SeqCst);
+        let has_commands = !lock(&self.shared.commands).is_empty();
+        // Last look at the returns, after an RMW every return also ends with: a drop after it
+        // sees `sleeping` and `driver_waits_for_buffers` and wakes us, one before it is seen
+        // here (zcrx_core::refill, "Waking the ring's owner"; loom_refill's handshake models).
+        self.area.refill.synchronize_with_producers();
+        let returns_pending = (self.overflow_recheck.is_none() && self.area.refill.has_overflow())
+            || (self.area.driver_waits_for_buffers.load(Ordering::Relaxed)
+                && self.returns_seen() != self.returns_at_exhaustion);
+        let timeout = if has_commands || returns_pending {
+            // Still an enter that reaps: under DEFER_TASKRUN a plain submit runs no deferred
+            // work, and no completion would reach any stream meanwhile.
+            Some(Duration::ZERO)
+        } else {
+            [
+                self.events.next_deadline(),
+                self.stopping.map(|since| since + SHUTDOWN_GRACE),
+                self.exhausted_at.map(|at| at + EXHAUSTION_RETRY),
+                self.overflow_recheck.map(|(at, _)| at),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+        };
+        let result = self.ring.submit_and_wait(timeout);
+        self.shared.sleeping.store(false, Ordering::SeqCst);
+        match result {
+            // Transient: interrupted, no memory for the request right now, or CQ overflow
+            // entries to reap first (the reap follows). Go round again; back off if it
+            // persists, so a kernel that keeps answering this cannot make the driver spin.
+            Err(e) if is_transient(&e) => {
+                self.transient_errors += 1;
+                self.area
+                    .counters
+                    .transient_enter_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if self.transient_errors > 3 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(())
+            }
+            other => {
+                self.transient_errors = 0;
+                other
+            }
+        }
+    }
+}
+
+/// Errors of `io_uring_enter` that say "not now" rather than "broken".
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+    )
+}

@@ -1,0 +1,226 @@
+//! The receive state machine driven by synthetic completions.
+
+use super::*;
+
+const KIB4: u32 = 4096;
+
+fn errno(e: i32) -> RequestEnd {
+    RequestEnd::Error(CqeErrno::new(e))
+}
+
+const REMOVE: Action = Action::Remove {
+    was_waiting_for_buffers: false,
+};
+
+#[test]
+fn an_unlimited_stream_runs_one_request_to_eof() {
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.request(), Request::Idle);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert!(s.request_is_live());
+    for _ in 0..100 {
+        assert!(s.on_data(KIB4));
+    }
+    // No limit: however much came, EOF is the peer's.
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
+    assert!(s.is_finished());
+    assert!(!s.request_is_live());
+    // Nothing more is asked of the kernel for it.
+    assert_eq!(s.read_more(), Action::None);
+    assert_eq!(s.close(), REMOVE);
+}
+
+#[test]
+fn a_limited_stream_waits_for_its_reader_between_grants() {
+    let mut s = StreamReceive::new(Some(3 * KIB4));
+    assert_eq!(s.start(), Action::None, "starts when the reader asks");
+    assert_eq!(s.read_more(), Action::Submit { len: 3 * KIB4 });
+    // Asking again while the request runs changes nothing.
+    assert_eq!(s.read_more(), Action::None);
+    for _ in 0..3 {
+        assert!(s.on_data(KIB4));
+    }
+    // The request ends at its limit: not EOF, the reader is told its grant is used.
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::GrantUsedUp);
+    assert!(!s.is_finished());
+    assert_eq!(s.request(), Request::Idle);
+    // The next grant is whole again.
+    assert_eq!(s.read_more(), Action::Submit { len: 3 * KIB4 });
+    assert!(s.on_data(KIB4));
+    // Less than the grant, then a 0: that is the peer's EOF.
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
+    assert!(s.is_finished());
+}
+
+#[test]
+fn a_limited_stream_resubmitted_asks_only_for_the_rest_of_its_grant() {
+    let mut s = StreamReceive::new(Some(4 * KIB4));
+    assert_eq!(s.read_more(), Action::Submit { len: 4 * KIB4 });
+    assert!(s.on_data(KIB4));
+    assert_eq!(
+        s.on_end(errno(libc::EINTR)),
+        Action::Submit { len: 3 * KIB4 }
+    );
+    assert!(s.on_data(2 * KIB4));
+    assert_eq!(s.on_end(errno(libc::ENOMEM)), Action::WaitForBuffers);
+    assert_eq!(s.request(), Request::WaitingForBuffers);
+    assert_eq!(s.submit(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(KIB4));
+    // The last byte arrived, then the request ended for lack of CQ space: the resubmission
+    // after the drain finds the grant used up and asks the kernel for nothing.
+    assert_eq!(
+        s.on_end(errno(libc::ENOSPC)),
+        Action::ResubmitAfterCqDrained
+    );
+    assert_eq!(s.request(), Request::ResubmitAfterCq);
+    assert_eq!(s.submit(), Action::GrantUsedUp);
+    assert_eq!(s.request(), Request::Idle);
+    assert_eq!(s.read_more(), Action::Submit { len: 4 * KIB4 });
+}
+
+#[test]
+fn data_without_more_ends_the_request_and_it_goes_on() {
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert!(s.on_data(KIB4));
+    // No F_MORE and no reason given: a new request, as after EINTR.
+    assert_eq!(s.on_end(RequestEnd::Unexplained), Action::Submit { len: 0 });
+    assert!(!s.is_finished());
+
+    // On a limited stream whose grant it used up, the reader is asked instead.
+    let mut s = StreamReceive::new(Some(KIB4));
+    assert_eq!(s.read_more(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(KIB4));
+    assert_eq!(s.on_end(RequestEnd::Unexplained), Action::GrantUsedUp);
+    // And one with grant left asks for the rest.
+    let mut s = StreamReceive::new(Some(2 * KIB4));
+    assert_eq!(s.read_more(), Action::Submit { len: 2 * KIB4 });
+    assert!(s.on_data(KIB4));
+    assert_eq!(
+        s.on_end(RequestEnd::Unexplained),
+        Action::Submit { len: KIB4 }
+    );
+}
+
+#[test]
+fn an_error_completion_finishes_the_stream_with_the_kernels_errno() {
+    for e in [libc::ECONNRESET, libc::EFAULT, libc::ECANCELED] {
+        let mut s = StreamReceive::new(None);
+        assert_eq!(s.start(), Action::Submit { len: 0 });
+        assert_eq!(
+            s.on_end(errno(e)),
+            Action::Finish(Finish::Error(CqeErrno::new(e)))
+        );
+        assert!(s.is_finished());
+        assert_eq!(s.read_more(), Action::None);
+    }
+}
+
+#[test]
+fn errors_the_runtime_answers_resubmit() {
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.on_end(errno(libc::EINTR)), Action::Submit { len: 0 });
+    assert_eq!(
+        s.on_end(errno(libc::ENOSPC)),
+        Action::ResubmitAfterCqDrained
+    );
+    assert_eq!(s.submit(), Action::Submit { len: 0 });
+    assert_eq!(s.on_end(errno(libc::ENOMEM)), Action::WaitForBuffers);
+    assert!(!s.request_is_live());
+    assert_eq!(s.submit(), Action::Submit { len: 0 });
+    assert!(!s.is_finished());
+}
+
+#[test]
+fn closing_while_a_request_runs_cancels_it_and_the_final_cqe_removes_it() {
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.close(), Action::Cancel);
+    assert_eq!(s.request(), Request::Cancelling);
+    assert!(
+        s.request_is_live(),
+        "the socket stays open until the kernel lets go"
+    );
+    // A second close (or shutdown) cancels nothing twice.
+    assert_eq!(s.cancel_or_remove(), Action::None);
+    // Data still in flight goes nowhere: its buffer is dropped, returning the chunk.
+    assert!(!s.on_data(KIB4));
+    // A cancel CQE other than -ENOENT: the receive's final CQE follows.
+    assert_eq!(s.on_cancel_done(0), Action::None);
+    assert_eq!(s.on_end(errno(libc::ECANCELED)), REMOVE);
+    assert!(!s.request_is_live());
+}
+
+#[test]
+fn a_cancel_answered_enoent_removes_the_stream() {
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.close(), Action::Cancel);
+    // The receive was gone already: no final CQE will come for it.
+    assert_eq!(s.on_cancel_done(-libc::ENOENT), REMOVE);
+    assert_eq!(s.request(), Request::Idle);
+    // An ENOENT for a stream that is not cancelling means nothing.
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.on_cancel_done(-libc::ENOENT), Action::None);
+    assert_eq!(s.request(), Request::Running);
+}
+
+#[test]
+fn closing_without_a_request_removes_at_once() {
+    let mut s = StreamReceive::new(Some(KIB4));
+    assert_eq!(s.close(), REMOVE);
+
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.on_end(errno(libc::ENOMEM)), Action::WaitForBuffers);
+    // It no longer waits for buffers: the runtime's count goes down.
+    assert_eq!(
+        s.close(),
+        Action::Remove {
+            was_waiting_for_buffers: true
+        }
+    );
+
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(
+        s.on_end(errno(libc::ENOSPC)),
+        Action::ResubmitAfterCqDrained
+    );
+    assert_eq!(s.close(), REMOVE);
+}
+
+#[test]
+fn a_stream_ended_by_the_runtime_keeps_its_entry_until_the_reader_lets_go() {
+    // An invalid completion ends the stream and cancels its request.
+    let mut s = StreamReceive::new(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert!(s.finish(), "the reader is told once");
+    assert!(!s.finish());
+    assert_eq!(s.cancel(), Action::Cancel);
+    // The cancelled request's end removes it (the reader was told already).
+    assert_eq!(s.on_end(errno(libc::ECANCELED)), REMOVE);
+
+    // Ended while no request ran: nothing to cancel, and a late end changes nothing.
+    let mut s = StreamReceive::new(Some(KIB4));
+    assert!(s.finish());
+    assert_eq!(s.cancel(), Action::None);
+    assert_eq!(s.read_more(), Action::None);
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::None);
+    assert_eq!(s.close(), REMOVE);
+}
+
+#[test]
+fn shutdown_cancels_running_requests_and_removes_the_rest() {
+    let mut running = StreamReceive::new(None);
+    assert_eq!(running.start(), Action::Submit { len: 0 });
+    assert!(running.finish());
+    assert_eq!(running.cancel_or_remove(), Action::Cancel);
+    assert_eq!(running.on_end(errno(libc::ECANCELED)), REMOVE);
+
+    let mut idle = StreamReceive::new(Some(KIB4));
+    assert!(idle.finish());
+    assert_eq!(idle.cancel_or_remove(), REMOVE);
+}
