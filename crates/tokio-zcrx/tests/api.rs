@@ -23,6 +23,7 @@ use tokio_zcrx::{
 };
 
 fn send_sync_unpin<T: Send + Sync + Unpin + 'static>() {}
+fn send_unpin<T: Send + Unpin>() {}
 fn shared_handle<T: Clone + Send + Sync + Unpin + 'static>() {}
 fn plain_value<T: Copy + Send + Sync + Unpin + std::fmt::Debug + PartialEq + 'static>() {}
 fn error_type<T: std::error::Error + Send + Sync + 'static>() {}
@@ -39,6 +40,7 @@ fn every_public_type_has_its_auto_traits() {
     send_sync_unpin::<ZcWriteHalf>();
     send_sync_unpin::<ZcConnection>();
     send_sync_unpin::<ZcListener>();
+    send_unpin::<Incoming<'static>>();
     shared_handle::<Zcrx>();
     shared_handle::<Builder>();
     shared_handle::<ModeSelection>();
@@ -269,7 +271,10 @@ async fn buffers_and_batches_are_cursors_over_their_bytes() {
 async fn recv_many_reuses_the_batch_and_ends_like_mpsc() {
     const TOTAL: u64 = 1 << 20;
     let zcrx = copy_runtime(4, 8192);
-    let (mut stream, _writer, mut client) = attached(&zcrx, StreamOptions::new()).await;
+    let (mut stream, mut writer, mut client) = attached(&zcrx, StreamOptions::new()).await;
+    // Nothing to write is written at once (an empty batch, as after a `clear`).
+    writer.write_all_buffers(&ZcBatch::new()).await.unwrap();
+    writer.write_all_buffers(&[]).await.unwrap();
     let sender = tokio::spawn(async move {
         client.write_all(&bytes_of(4, 0, TOTAL)).await.unwrap();
         client
