@@ -184,9 +184,15 @@ impl ZcWriteHalf {
                 count += 1;
             }
             let slices = &slices[..count];
-            let mut written =
+            let written =
                 std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write_vectored(cx, slices))
-                    .await?;
+                    .await;
+            let mut written = match written {
+                Ok(written) => written,
+                // As `write_all_buf` does: a signal is no reason to give up.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
             if written == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
