@@ -14,14 +14,14 @@
 //! `--stats` adds a line `stats: {JSON}` once a second (connections served and open, and the
 //! runtime's statistics, e.g. `buffers_outstanding`), for soak tests (`cargo xtask soak`).
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
-use tokio_zcrx::{Mode, ZcBuf, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
+use tokio_zcrx::{Mode, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
 use tokio_zcrx_examples::{human_bytes, parse_command_line, say, ShutdownSignals};
 
 const USAGE_LINE: &str = "usage: echo --listen ADDR [--mode auto|nic|nodev|copy] \
@@ -91,29 +91,18 @@ fn build_runtime(args: &Args) -> tokio_zcrx::Result<Zcrx> {
 /// Echoes one connection until the client has finished sending, then half-closes.
 async fn echo(mut stream: ZcStream, mut writer: ZcWriteHalf) -> io::Result<u64> {
     let mut echoed = 0;
-    while let Some(batch) = stream.next_batch(64).await {
-        let batch = batch?;
-        write_all(&mut writer, &batch).await?;
-        echoed += batch.bytes() as u64;
-        // `batch` drops here: its chunks go back to the kernel together.
+    // One batch for the connection's life: `recv_many` refills it, `clear` empties it.
+    let mut batch = ZcBatch::with_capacity(64);
+    while stream.recv_many(&mut batch, 64).await? > 0 {
+        // Every buffer in order, with as few `writev` calls as the socket allows.
+        writer.write_all_buffers(&batch).await?;
+        echoed += batch.len_bytes() as u64;
+        // The chunks go back to the kernel together.
+        batch.clear();
     }
     // End of stream: the client shut down its write side. Everything is written; say so.
     writer.shutdown().await?;
     Ok(echoed)
-}
-
-/// Writes every buffer, in order, with as few `writev` calls as the socket allows.
-async fn write_all(writer: &mut ZcWriteHalf, buffers: &[ZcBuf]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = buffers.iter().map(|buf| IoSlice::new(buf)).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        let written = writer.write_vectored(rest).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut rest, written);
-    }
-    Ok(())
 }
 
 #[tokio::main]

@@ -211,8 +211,8 @@ async fn consume(
                 for buf in batch.iter() {
                     crc.update(buf);
                 }
-                bytes += batch.bytes() as u64;
-                received.fetch_add(batch.bytes() as u64, Ordering::Relaxed);
+                bytes += batch.len_bytes() as u64;
+                received.fetch_add(batch.len_bytes() as u64, Ordering::Relaxed);
                 if let Some(holder) = &rough.holder {
                     // Held elsewhere; if the holder is gone, the batch just drops here.
                     let _ = holder.send((Instant::now(), batch));

@@ -123,9 +123,7 @@ fn reads_with_a_byte_limit_complete_the_payload() {
         let (listener, addr) = listen(&net.nic_addr).await;
         let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
         let (socket, _) = listener.accept().await.unwrap();
-        let options = StreamOptions {
-            read_limit: Some(LIMIT),
-        };
+        let options = StreamOptions::new().read_limit(LIMIT);
         let (stream, _writer) = zcrx.attach_with(socket, options).unwrap();
         assert_eq!(read_verified(stream).await, TOTAL);
         sender.join().unwrap();

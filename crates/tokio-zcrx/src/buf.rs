@@ -12,16 +12,15 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 
 /// Which of its owner's buffers a [`ZcBuf`] is, in plain integers the owner chose: the
-/// io_uring area puts the chunk's offset in the area and its index here, the copy pool the
-/// buffer's index.
+/// io_uring area puts the data's offset in the area here (the chunk is the offset divided by
+/// the chunk size), the copy pool the buffer's index.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct BufferSlot {
-    /// An offset of the owner's choosing (the area: the chunk's offset in the area).
+    /// An offset of the owner's choosing (the area: the data's offset in the area; the pool:
+    /// the buffer's index).
     pub(crate) offset: u64,
-    /// Number of bytes in the buffer.
+    /// Number of bytes delivered in the buffer.
     pub(crate) len: u32,
-    /// An index of the owner's choosing (the area: the chunk; the pool: the buffer).
-    pub(crate) index: u32,
 }
 
 /// How the owner of a [`ZcBuf`] takes its buffers back.
@@ -55,6 +54,27 @@ pub(crate) struct BufferOwnerVtable {
 /// memory stays valid for as long as the buffer is held, even after its stream, the runtime
 /// and the kernel's zcrx instance are gone.
 ///
+/// It is also a [`bytes::Buf`], a cursor over its bytes, so it feeds `bytes` and
+/// `tokio-util` code (decoders, `StreamReader`, `write_all_buf`) without a copy:
+/// [`advance`](bytes::Buf::advance) moves the start forward, and the buffer then derefs to
+/// (and [`len`](ZcBuf::len) counts) the bytes not consumed yet. Consuming does not return
+/// memory early: the whole chunk goes back when the buffer is dropped.
+///
+/// ```no_run
+/// # async fn demo(mut stream: tokio_zcrx::ZcStream) -> std::io::Result<()> {
+/// use bytes::Buf;
+/// use futures::StreamExt;
+///
+/// if let Some(buf) = stream.next().await {
+///     let mut buf = buf?;
+///     let tag = buf.get_u8(); // a cursor: the buffer now starts at the next byte
+///     let rest: &[u8] = &buf; // the bytes not consumed yet
+///     # let _ = (tag, rest);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
 /// Hold buffers only as long as needed: the area is finite, and while it is full the kernel
 /// has to copy or drop incoming data (see [`EventKind`](crate::EventKind)).
 ///
@@ -74,19 +94,25 @@ pub(crate) struct BufferOwnerVtable {
 /// ```
 pub struct ZcBuf {
     ptr: *const u8,
-    slot: BufferSlot,
+    // The owner's `BufferSlot`, kept as loose fields so that `start` fits in what would be
+    // the slot's padding: 40 bytes in all on 64-bit targets.
+    /// `BufferSlot::offset`.
+    offset: u64,
+    /// `BufferSlot::len`: the delivered length, which the return to the owner needs.
+    len: u32,
+    /// Bytes consumed through [`bytes::Buf::advance`]: the buffer shows `start..len`.
+    start: u32,
     /// Type-erased: what it points to, and what one buffer holds of it (the area: one of its
     /// buffer references; the pool: one strong `Arc` count), is the vtable's business.
     owner: NonNull<()>,
     vtable: &'static BufferOwnerVtable,
 }
-
 // SAFETY: the bytes are immutable while the buffer exists (the contract of `from_raw_parts`:
 // the kernel does not write a chunk between delivering it and getting it back through the
 // refill ring; a pool buffer is off the free list), and the owner's release functions may be
 // called on any thread (also part of that contract).
 unsafe impl Send for ZcBuf {}
-// SAFETY: shared access only reads those immutable bytes and the plain integers of `slot`.
+// SAFETY: shared access only reads those immutable bytes and plain integers.
 unsafe impl Sync for ZcBuf {}
 
 impl ZcBuf {
@@ -109,24 +135,35 @@ impl ZcBuf {
     ) -> ZcBuf {
         ZcBuf {
             ptr,
-            slot,
+            offset: slot.offset,
+            len: slot.len,
+            start: 0,
             owner,
             vtable,
         }
     }
 
-    /// Number of bytes.
+    /// The owner's slot, as `from_raw_parts` got it.
+    fn slot(&self) -> BufferSlot {
+        BufferSlot {
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+
+    /// Number of bytes not consumed yet: all of them, unless the buffer was advanced as a
+    /// [`bytes::Buf`].
     pub fn len(&self) -> usize {
-        self.slot.len as usize
+        (self.len - self.start) as usize
     }
 
-    /// Whether the buffer holds no bytes (never true for a delivered buffer).
+    /// Whether no byte is left (never true for a delivered buffer that was not advanced).
     pub fn is_empty(&self) -> bool {
-        self.slot.len == 0
+        self.start == self.len
     }
 
-    /// Converts into [`bytes::Bytes`] without copying; the chunk goes back to the kernel when
-    /// the last clone of the `Bytes` is dropped.
+    /// Converts into [`bytes::Bytes`] of the bytes not consumed yet, without copying; the
+    /// chunk goes back to the kernel when the last clone of the `Bytes` is dropped.
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from_owner(self)
     }
@@ -137,8 +174,33 @@ impl Deref for ZcBuf {
 
     fn deref(&self) -> &[u8] {
         // SAFETY: `ptr..ptr + len` is readable and not written while the buffer exists (the
-        // contract of `from_raw_parts`; the owner checked it lies inside its memory).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.slot.len as usize) }
+        // contract of `from_raw_parts`; the owner checked it lies inside its memory), and
+        // `start <= len` (`advance` checks).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(self.start as usize), self.len()) }
+    }
+}
+
+/// A cursor over the buffer's bytes: `chunk` is the whole rest (it is contiguous), `advance`
+/// consumes from the front. See [`ZcBuf`].
+impl bytes::Buf for ZcBuf {
+    fn remaining(&self) -> usize {
+        self.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self
+    }
+
+    /// Consumes `count` bytes. Panics if `count` exceeds [`remaining`](bytes::Buf::remaining),
+    /// as `Bytes` does.
+    fn advance(&mut self, count: usize) {
+        assert!(
+            count <= self.len(),
+            "cannot advance a ZcBuf by {count} bytes: {} remain",
+            self.len()
+        );
+        // No overflow: `start + count <= len`, a u32.
+        self.start += count as u32;
     }
 }
 
@@ -154,62 +216,177 @@ impl Drop for ZcBuf {
         // `from_raw_parts`; this drop is the one release the owner expects (a batch that
         // releases a buffer in a run forgets it instead of dropping it), and the bytes are
         // not touched afterwards.
-        unsafe { (self.vtable.release_one)(self.owner, self.slot) }
+        unsafe { (self.vtable.release_one)(self.owner, self.slot()) }
     }
 }
 
 impl fmt::Debug for ZcBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("ZcBuf");
-        debug.field("len", &self.slot.len);
-        (self.vtable.debug_fields)(&mut debug, &self.slot);
+        debug.field("len", &self.len()).field("start", &self.start);
+        (self.vtable.debug_fields)(&mut debug, &self.slot());
         debug.finish()
     }
 }
 
-/// Buffers of one stream taken at once ([`ZcStream::next_batch`](crate::ZcStream::next_batch)).
+/// Buffers of one stream taken at once ([`ZcStream::next_batch`](crate::ZcStream::next_batch),
+/// [`ZcStream::recv_many`](crate::ZcStream::recv_many)).
 ///
-/// Derefs to `[ZcBuf]`. Dropping the batch returns every buffer still in it to the kernel
-/// with one refill-ring publication, instead of one per buffer: for a consumer that handles
-/// a batch and then lets it go, the cheapest way to give the area back. Buffers taken out
-/// (`into_iter`, `into_vec`) are returned one by one, when each is dropped.
+/// Derefs to `[ZcBuf]`. Dropping the batch (or [`clear`](ZcBatch::clear)ing it) returns every
+/// buffer in it to the kernel with one refill-ring publication, instead of one per buffer:
+/// for a consumer that handles a batch and then lets it go, the cheapest way to give the
+/// area back. Buffers taken out (`into_iter`, `into_vec`) are returned one by one, when each
+/// is dropped.
 ///
 /// ```no_run
 /// # async fn demo(mut stream: tokio_zcrx::ZcStream) -> std::io::Result<()> {
 /// let mut total = 0;
 /// while let Some(batch) = stream.next_batch(64).await {
 ///     let batch = batch?;
-///     total += batch.iter().map(|buf| buf.len()).sum::<usize>();
+///     total += batch.len_bytes();
 /// } // each batch goes back to the kernel here, all at once
 /// # let _ = total;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// A batch is also a [`bytes::Buf`] over the bytes of all its buffers in order (with
+/// [`chunks_vectored`](bytes::Buf::chunks_vectored), for one vectored write of all of them).
+/// [`advance`](bytes::Buf::advance) consumes from the front: the batch then derefs to the
+/// buffers not used up (the first possibly advanced itself), and
+/// [`len_bytes`](ZcBatch::len_bytes) counts the bytes left. Used-up buffers stay in the batch,
+/// so that they go back with the others in one publication.
 pub struct ZcBatch {
     buffers: Vec<ZcBuf>,
+    /// Buffers before this index are used up (through `Buf::advance`): hidden, but kept to be
+    /// returned with the rest. Every buffer from here on has a byte left.
+    first: usize,
+    /// Bytes left in `buffers[first..]`, so that `Buf::remaining` is not a sum.
+    remaining: usize,
 }
 
 impl ZcBatch {
-    pub(crate) fn new(buffers: Vec<ZcBuf>) -> ZcBatch {
-        ZcBatch { buffers }
+    /// An empty batch, to be filled by [`ZcStream::recv_many`](crate::ZcStream::recv_many).
+    pub fn new() -> ZcBatch {
+        ZcBatch::from_vec(Vec::new())
     }
 
-    /// Bytes in all buffers of the batch.
-    pub fn bytes(&self) -> usize {
-        self.buffers.iter().map(ZcBuf::len).sum()
+    /// An empty batch with room for `buffers` buffers before it allocates.
+    pub fn with_capacity(buffers: usize) -> ZcBatch {
+        ZcBatch::from_vec(Vec::with_capacity(buffers))
     }
 
-    /// The buffers, to be returned one by one as each is dropped.
+    pub(crate) fn from_vec(buffers: Vec<ZcBuf>) -> ZcBatch {
+        let mut batch = ZcBatch {
+            buffers,
+            first: 0,
+            remaining: 0,
+        };
+        batch.count_appended(0);
+        batch
+    }
+
+    /// Lets `append` add buffers at the end (a stream handing out what has arrived); returns
+    /// how many it added.
+    pub(crate) fn append_with(&mut self, append: impl FnOnce(&mut Vec<ZcBuf>)) -> usize {
+        let before = self.buffers.len();
+        append(&mut self.buffers);
+        self.count_appended(before);
+        self.buffers.len() - before
+    }
+
+    /// Accounts for the buffers from `from` on, which were just appended.
+    fn count_appended(&mut self, from: usize) {
+        self.remaining += self.buffers[from..].iter().map(ZcBuf::len).sum::<usize>();
+        self.skip_used_up();
+    }
+
+    /// Moves `first` past empty buffers (a used-up one, or an empty one appended).
+    fn skip_used_up(&mut self) {
+        while self.buffers.get(self.first).is_some_and(ZcBuf::is_empty) {
+            self.first += 1;
+        }
+    }
+
+    /// Bytes left in the batch: in all its buffers, less what was consumed as a
+    /// [`bytes::Buf`]. (`len()`, through `Deref`, counts buffers.)
+    pub fn len_bytes(&self) -> usize {
+        self.remaining
+    }
+
+    /// How many buffers the batch holds without allocating (used-up ones included): what
+    /// [`clear`](ZcBatch::clear) keeps for the next
+    /// [`recv_many`](crate::ZcStream::recv_many).
+    pub fn capacity(&self) -> usize {
+        self.buffers.capacity()
+    }
+
+    /// Returns every buffer to the kernel now, with one refill-ring publication, and keeps the
+    /// allocation for the next [`recv_many`](crate::ZcStream::recv_many).
+    pub fn clear(&mut self) {
+        return_all(&mut self.buffers);
+        self.first = 0;
+        self.remaining = 0;
+    }
+
+    /// The buffers not used up, to be returned one by one as each is dropped. (Used-up
+    /// buffers are returned now.)
     pub fn into_vec(mut self) -> Vec<ZcBuf> {
-        std::mem::take(&mut self.buffers)
+        // `self` then drops and returns the used-up buffers left in it, all at once.
+        self.buffers.split_off(self.first)
+    }
+}
+
+impl Default for ZcBatch {
+    fn default() -> ZcBatch {
+        ZcBatch::new()
     }
 }
 
 impl Deref for ZcBatch {
     type Target = [ZcBuf];
 
+    /// The buffers not used up; the first may have been advanced (it shows what is left).
     fn deref(&self) -> &[ZcBuf] {
-        &self.buffers
+        &self.buffers[self.first..]
+    }
+}
+
+/// The bytes of all buffers in order; see [`ZcBatch`].
+impl bytes::Buf for ZcBatch {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.buffers.get(self.first).map_or(&[], |buf| &buf[..])
+    }
+
+    /// Consumes `count` bytes, across buffers. Panics if `count` exceeds
+    /// [`remaining`](bytes::Buf::remaining), as `Bytes` does.
+    fn advance(&mut self, mut count: usize) {
+        assert!(
+            count <= self.remaining,
+            "cannot advance a ZcBatch by {count} bytes: {} remain",
+            self.remaining
+        );
+        self.remaining -= count;
+        while count > 0 {
+            let buf = &mut self.buffers[self.first];
+            let step = count.min(buf.len());
+            buf.advance(step);
+            count -= step;
+            self.skip_used_up();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, out: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut filled = 0;
+        for (slot, buf) in out.iter_mut().zip(&self.buffers[self.first..]) {
+            *slot = std::io::IoSlice::new(buf);
+            filled += 1;
+        }
+        filled
     }
 }
 
@@ -227,15 +404,15 @@ impl<'a> IntoIterator for &'a ZcBatch {
     type IntoIter = std::slice::Iter<'a, ZcBuf>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.buffers.iter()
+        self.iter()
     }
 }
 
 impl fmt::Debug for ZcBatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ZcBatch")
-            .field("buffers", &self.buffers.len())
-            .field("bytes", &self.bytes())
+            .field("buffers", &self.len())
+            .field("len_bytes", &self.len_bytes())
             .finish()
     }
 }
@@ -274,7 +451,7 @@ fn return_all(buffers: &mut Vec<ZcBuf>) {
             }
         }
         run_owner = Some((buffer.owner, buffer.vtable));
-        slots[run_len] = buffer.slot;
+        slots[run_len] = buffer.slot();
         run_len += 1;
     }
     if let Some(run) = run_owner {
@@ -292,7 +469,7 @@ mod tests {
         send_sync::<ZcBuf>();
         send_sync::<ZcBatch>();
         // Before the owner seam (an enum over the area and the pool) a `ZcBuf` took 40 bytes
-        // on 64-bit targets, and so does it now (pointer, slot, owner, vtable); buffers sit in
+        // on 64-bit targets, and so does it now (pointer, slot, cursor, owner, vtable); buffers sit in
         // batches and queues by the thousand, so it must not grow.
         let size = std::mem::size_of::<ZcBuf>();
         #[cfg(target_pointer_width = "64")]
@@ -326,15 +503,14 @@ mod tests {
                 .push((owner.name, slots.len()));
         },
         debug_fields: |debug, slot| {
-            debug.field("test_index", &slot.index);
+            debug.field("test_offset", &slot.offset);
         },
     };
 
     fn buffer(owner: &'static RecordingOwner, index: u32) -> ZcBuf {
         let slot = BufferSlot {
-            offset: 0,
+            offset: index.into(),
             len: 4,
-            index,
         };
         // SAFETY: `BYTES` is static and immutable, the owner is static, and the recording
         // vtable may run on any thread.
@@ -363,8 +539,11 @@ mod tests {
         buffers.push(buffer(&A, 70));
         let single = buffer(&B, 3);
         assert_eq!(&*single, b"0123");
-        assert_eq!(format!("{single:?}"), "ZcBuf { len: 4, test_index: 3 }");
-        drop(ZcBatch::new(buffers));
+        assert_eq!(
+            format!("{single:?}"),
+            "ZcBuf { len: 4, start: 0, test_offset: 3 }"
+        );
+        drop(ZcBatch::from_vec(buffers));
         drop(single);
         assert_eq!(*A.returns.lock().unwrap(), [("a", 64), ("a", 6), ("a", 1)]);
         assert_eq!(*B.returns.lock().unwrap(), [("b", 3), ("b", 0)]);

@@ -32,15 +32,24 @@ pub(crate) enum Target {
     NoDevice,
 }
 
-/// Whether the kernel's zcrx events (allocation failure, copy fallback) are required.
+/// Whether the kernel's zcrx events (allocation failure, copy fallback) and copy statistics
+/// are required, in the io_uring modes (`nic`, `nodev`).
+///
+/// Copy mode has no kernel events: it counts every byte as copied and announces copying with
+/// its own [`CopyFallback`](crate::EventKind::CopyFallback) events, whatever the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EventsPolicy {
     /// Use events and copy statistics when the kernel has them (7.2+), run without otherwise.
     #[default]
     IfSupported,
-    /// Fail [`Builder::build`] with [`ErrorKind::KernelTooOld`] on kernels without events.
+    /// Only run an io_uring mode with events: on kernels without them (before 7.2),
+    /// [`Mode::Nic`] and [`Mode::NoDevice`] fail [`Builder::build`] with
+    /// [`ErrorKind::KernelTooOld`], and [`Mode::Auto`] skips both (the reasons are in
+    /// [`Zcrx::mode_selection`](crate::Zcrx::mode_selection)) and chooses copy mode, where
+    /// every copy is reported. So monitoring sees the copies in whatever mode runs.
     Required,
-    /// Do not register for events (statistics are then unavailable too).
+    /// Do not register for the kernel's events (its copy statistics are then unavailable
+    /// too). Copy mode still reports its own copies.
     Disabled,
 }
 
@@ -466,14 +475,41 @@ pub(crate) struct Validated {
     pub(crate) thread_name: String,
 }
 
-/// How a stream reads.
+/// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).
+///
+/// Built with [`new`](StreamOptions::new) (or `default()`) and setters, so that options can
+/// be added without breaking callers (`#[non_exhaustive]`):
+///
+/// ```
+/// use tokio_zcrx::StreamOptions;
+///
+/// let options = StreamOptions::new().read_limit(64 << 10);
+/// assert_eq!(options.read_limit, Some(64 << 10));
+/// assert_eq!(StreamOptions::new().read_limit, None);
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StreamOptions {
     /// At most this many bytes per receive request (the kernel's `len`); the next request is
     /// made only when the consumer has taken everything delivered. `None` (the default) keeps
     /// one receive running until EOF, the fastest way. A limit is backpressure: a slow consumer
     /// then holds at most about `limit` bytes of the area.
     pub read_limit: Option<u32>,
+}
+
+impl StreamOptions {
+    /// The defaults: no read limit.
+    pub fn new() -> StreamOptions {
+        StreamOptions::default()
+    }
+
+    /// Sets [`read_limit`](StreamOptions::read_limit) to `bytes` per receive request. A limit
+    /// of 0 would never read: [`attach_with`](crate::Zcrx::attach_with) refuses it with
+    /// [`ErrorKind::InvalidConfig`].
+    pub fn read_limit(mut self, bytes: u32) -> StreamOptions {
+        self.read_limit = Some(bytes);
+        self
+    }
 }
 
 #[cfg(test)]

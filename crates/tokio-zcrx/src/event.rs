@@ -39,8 +39,12 @@ impl fmt::Display for EventKind {
 }
 
 /// An event with the statistics as they were when it was reported.
+///
+/// Built by the runtime only; read its fields. (`#[non_exhaustive]`: an event may carry more
+/// in a later version, e.g. the stream it concerns.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Event {
     /// What happened.
     pub kind: EventKind,
@@ -53,8 +57,13 @@ pub struct Event {
 ///
 /// The kernel updates its counters without synchronization; each is read atomically, but the
 /// pair is not a consistent snapshot. The runtime's own counters are exact.
+///
+/// Read with [`Zcrx::stats`](crate::Zcrx::stats) or from an [`Event`]. New counters are
+/// added as the runtime learns to count more (`#[non_exhaustive]`), so outside this crate a
+/// `Stats` is read, not built; `Stats::default()` is all zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Stats {
     /// Packet fragments the kernel copied instead of receiving in place (kernel counter).
     pub copy_count: Option<u64>,

@@ -31,15 +31,40 @@
 //! # }
 //! ```
 //!
+//! # The API at a glance
+//!
+//! - [`Zcrx`]: the runtime, built with [`Zcrx::builder`] in the best [`Mode`] this machine
+//!   has; [`Zcrx::subscribe`] for [`Event`]s (handle `RecvError::Lagged` and carry on),
+//!   [`Zcrx::stats`].
+//! - [`ZcListener`] accepts connections ([`accept`](ZcListener::accept), or
+//!   [`incoming`](ZcListener::incoming) as a `Stream`); [`Zcrx::attach`] takes a connected
+//!   `TcpStream`. Each connection is a [`ZcStream`] and a [`ZcWriteHalf`].
+//! - [`ZcStream`] is a `futures_core::Stream` of [`ZcBuf`]s; [`next_batch`] and
+//!   [`recv_many`] take what has arrived at once as a [`ZcBatch`], which returns all its
+//!   buffers in one go (`recv_many` reuses the caller's batch).
+//! - [`ZcBuf`] and [`ZcBatch`] are [`bytes::Buf`]s; [`ZcBuf::into_bytes`] makes a
+//!   `bytes::Bytes` without a copy; [`ZcWriteHalf::write_all_buffers`] sends buffers back
+//!   with vectored writes.
+//! - For `tokio::io` code: [`ZcStream::into_async_read`] gives a [`ZcReader`] (`AsyncRead`,
+//!   and `AsyncBufRead` that hands out the bytes in place); [`ZcConnection`] is a whole
+//!   connection as one `AsyncRead + AsyncBufRead + AsyncWrite` value, for hyper, TLS,
+//!   tokio-util codecs and proxies (its documentation shows each).
+//!
+//! [`next_batch`]: ZcStream::next_batch
+//! [`recv_many`]: ZcStream::recv_many
+//!
 //! Layers: [`zcrx_sys`] declares the kernel interface, `zcrx_core` holds the protocol logic
 //! without I/O (refill ring producer, completion decoding, accounting, event re-arming), and
 //! this crate runs it. [`probe`] tells what a machine can do. See docs/architecture.md.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[cfg(test)]
+mod api_tests;
 mod backend;
 mod buf;
 mod config;
+mod connection;
 mod error;
 mod event;
 mod listener;
@@ -52,9 +77,10 @@ mod zcrx;
 
 pub use buf::{ZcBatch, ZcBuf};
 pub use config::{Builder, EventsPolicy, StreamOptions};
+pub use connection::{IntoTcpStreamError, ReuniteError, ZcConnection};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};
-pub use listener::ZcListener;
+pub use listener::{Incoming, ZcListener};
 pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
 pub use stream::{ZcReader, ZcStream};
 pub use writer::ZcWriteHalf;

@@ -1,10 +1,15 @@
 //! [`ZcListener`]: a TCP listener whose connections are received through a runtime.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use futures_core::Stream;
 use tokio::net::{TcpListener, ToSocketAddrs};
 
+use crate::connection::ZcConnection;
 use crate::stream::ZcStream;
 use crate::writer::ZcWriteHalf;
 use crate::zcrx::Zcrx;
@@ -53,8 +58,90 @@ impl ZcListener {
         Ok((stream, writer, peer))
     }
 
+    /// The connections to come, as a [`Stream`] of [`ZcConnection`]s (the stream and the
+    /// write half of each, joined; `peer_addr` gives the peer).
+    ///
+    /// An error accepting or attaching one connection (a descriptor limit, a connection
+    /// reset before it was attached) is yielded as an `Err` and the stream goes on, so a
+    /// server loop logs it and continues. Once the runtime has stopped
+    /// ([`Zcrx::shutdown`]), it yields one
+    /// [`ErrorKind::RuntimeGone`](crate::ErrorKind::RuntimeGone) error, then ends.
+    ///
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// use tokio::io::AsyncWriteExt;
+    ///
+    /// # async fn serve(listener: tokio_zcrx::ZcListener) {
+    /// let mut incoming = listener.incoming();
+    /// while let Some(connection) = incoming.next().await {
+    ///     let mut connection = match connection {
+    ///         Ok(connection) => connection,
+    ///         Err(e) => {
+    ///             eprintln!("accept: {e}");
+    ///             continue; // the stream ends by itself when the runtime stops
+    ///         }
+    ///     };
+    ///     tokio::spawn(async move {
+    ///         let (reader, writer) = connection.halves_mut();
+    ///         let _ = tokio::io::copy_buf(reader, writer).await; // an echo
+    ///         let _ = connection.shutdown().await;
+    ///     });
+    /// }
+    /// # }
+    /// ```
+    pub fn incoming(&self) -> Incoming<'_> {
+        Incoming {
+            listener: self,
+            accepting: None,
+            ended: false,
+        }
+    }
+
     /// The local address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+}
+
+/// The connections a [`ZcListener`] accepts, as a [`Stream`]: see
+/// [`ZcListener::incoming`].
+pub struct Incoming<'a> {
+    listener: &'a ZcListener,
+    /// The accept in progress (kept across polls, so that a connection taken from the
+    /// kernel's queue is never dropped).
+    accepting: Option<Pin<Box<dyn Future<Output = io::Result<ZcConnection>> + Send + 'a>>>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Incoming<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("listener", self.listener)
+            .field("accepting", &self.accepting.is_some())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl Stream for Incoming<'_> {
+    type Item = io::Result<ZcConnection>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let listener = self.listener;
+        let accepting = self.accepting.get_or_insert_with(|| {
+            Box::pin(async move {
+                let (stream, writer, _peer) = listener.accept().await?;
+                Ok(ZcConnection::new(stream, writer)?)
+            })
+        });
+        let accepted = std::task::ready!(accepting.as_mut().poll(cx));
+        self.accepting = None;
+        if accepted.is_err() && listener.zcrx.check_running().is_err() {
+            self.ended = true; // this was the runtime's end: yielded once
+        }
+        Poll::Ready(Some(accepted))
     }
 }

@@ -20,7 +20,10 @@ use std::str::FromStr;
 /// assert_eq!(mode.to_string(), "nodev");
 /// assert!("zerocopy".parse::<Mode>().is_err());
 /// ```
+///
+/// `#[non_exhaustive]`: a later kernel may bring another way to receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Mode {
     /// Try `Nic` (when an interface is given), then `NoDevice`, then `Copy`; the runtime
     /// reports which it chose and why the others were refused ([`Zcrx::mode_selection`]).
@@ -79,9 +82,10 @@ impl FromStr for Mode {
 }
 
 /// The mode a runtime actually runs in. With the `serde` feature it serializes as its
-/// `Display` name (`"nic"`, `"nodev"`, `"copy"`).
+/// `Display` name (`"nic"`, `"nodev"`, `"copy"`). `#[non_exhaustive]`, as [`Mode`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub enum ActiveMode {
     /// Zero copy on a NIC queue.
     #[cfg_attr(feature = "serde", serde(rename = "nic"))]
@@ -116,7 +120,12 @@ impl fmt::Display for ActiveMode {
 ///
 /// Displays as e.g. `copy (nic: no interface given; nodev: device-less mode needs Linux 7.1
 /// or later; this kernel is 6.18.44)`.
+///
+/// Built by [`Builder::build`](crate::Builder::build), read with
+/// [`Zcrx::mode_selection`](crate::Zcrx::mode_selection); `#[non_exhaustive]`, so it can say
+/// more in a later version.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ModeSelection {
     /// The mode in use.
     pub chosen: ActiveMode,

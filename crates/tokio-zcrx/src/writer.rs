@@ -11,6 +11,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::tcp::OwnedWriteHalf;
 
+use crate::buf::ZcBuf;
+
+/// Buffers per vectored write: as many `iovec`s as Tokio's `write_all_buf` passes, well
+/// under the kernel's `IOV_MAX` (1024).
+const BUFFERS_PER_WRITE: usize = 64;
+
 /// The write half of a connection whose receive side belongs to tokio-zcrx, for replies.
 ///
 /// Returned by [`Zcrx::attach`](crate::Zcrx::attach) and
@@ -43,7 +49,27 @@ enum Inner {
     /// io_uring modes: the kernel receives, so Tokio's reactor watches the socket for
     /// writability only. Registered for reads as well, every arriving packet would wake a
     /// Tokio worker (an epoll event) for data it never reads.
-    WriteOnly(AsyncFd<Arc<std::net::TcpStream>>),
+    WriteOnly(WriteOnly),
+}
+
+/// The socket registered for writability; shuts the sending direction down when dropped,
+/// as Tokio's `OwnedWriteHalf` does.
+#[derive(Debug)]
+struct WriteOnly(AsyncFd<Arc<std::net::TcpStream>>);
+
+impl std::ops::Deref for WriteOnly {
+    type Target = AsyncFd<Arc<std::net::TcpStream>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for WriteOnly {
+    fn drop(&mut self) {
+        // An error (already shut down, or reset) is moot.
+        let _ = self.0.get_ref().shutdown(Shutdown::Write);
+    }
 }
 
 impl ZcWriteHalf {
@@ -61,8 +87,17 @@ impl ZcWriteHalf {
         let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }
             .map_err(|e| e.into_parts().1)?;
         Ok(ZcWriteHalf {
-            inner: Inner::WriteOnly(fd),
+            inner: Inner::WriteOnly(WriteOnly(fd)),
         })
+    }
+
+    /// Tokio's write half, in copy mode (for `ZcConnection::into_tcp_stream`); itself in the
+    /// io_uring modes, where the socket is registered for writes only.
+    pub(crate) fn into_tokio(self) -> Result<OwnedWriteHalf, ZcWriteHalf> {
+        match self.inner {
+            Inner::Tokio(half) => Ok(half),
+            inner @ Inner::WriteOnly(_) => Err(ZcWriteHalf { inner }),
+        }
     }
 
     fn socket(&self) -> SocketRef<'_> {
@@ -101,6 +136,80 @@ impl ZcWriteHalf {
         match self.socket() {
             SocketRef::Tokio(half) => half.local_addr(),
             SocketRef::Std(socket) => socket.local_addr(),
+        }
+    }
+
+    /// Writes the bytes of `buffers`, in order, with vectored writes: one `writev` for up
+    /// to 64 buffers, so a batch goes back to the network (an echo, a proxy) in one system
+    /// call where the socket takes it all. A partial write resumes where it stopped, inside
+    /// a buffer if need be. Each buffer's bytes are those it derefs to (what is left after
+    /// any [`bytes::Buf::advance`]).
+    ///
+    /// Takes a [`ZcBatch`](crate::ZcBatch) too (`&batch` derefs to `&[ZcBuf]`): the batch is
+    /// not consumed, so after the write it is dropped or [`clear`](crate::ZcBatch::clear)ed
+    /// and its buffers go back to the kernel at once. (`write_all_buf(&mut batch)` from
+    /// `AsyncWriteExt` does the same through `Buf::chunks_vectored`, consuming the batch's
+    /// cursor.)
+    ///
+    /// A connection that stops taking bytes (a write of 0) fails with
+    /// [`WriteZero`](io::ErrorKind::WriteZero). Not cancel safe: if the future is dropped
+    /// before it completes, an unknown prefix of the bytes has been sent.
+    ///
+    /// ```no_run
+    /// # async fn echo(mut stream: tokio_zcrx::ZcStream, mut writer: tokio_zcrx::ZcWriteHalf) -> std::io::Result<()> {
+    /// let mut batch = tokio_zcrx::ZcBatch::with_capacity(64);
+    /// while stream.recv_many(&mut batch, 64).await? > 0 {
+    ///     writer.write_all_buffers(&batch).await?;
+    ///     batch.clear();
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn write_all_buffers(&mut self, buffers: &[ZcBuf]) -> io::Result<()> {
+        // The first buffer not written in full, and how much of it is written.
+        let (mut index, mut offset) = (0, 0);
+        loop {
+            while buffers.get(index).is_some_and(|buf| offset == buf.len()) {
+                index += 1;
+                offset = 0;
+            }
+            if index == buffers.len() {
+                return Ok(());
+            }
+            let mut slices = [IoSlice::new(&[]); BUFFERS_PER_WRITE];
+            slices[0] = IoSlice::new(&buffers[index][offset..]);
+            let mut count = 1;
+            for (slot, buf) in slices[1..].iter_mut().zip(&buffers[index + 1..]) {
+                *slot = IoSlice::new(buf);
+                count += 1;
+            }
+            let slices = &slices[..count];
+            let written =
+                std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write_vectored(cx, slices))
+                    .await;
+            let mut written = match written {
+                Ok(written) => written,
+                // As `write_all_buf` does: a signal is no reason to give up.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if written == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the connection took no more bytes (write returned 0)",
+                ));
+            }
+            // Move past what was written: whole buffers, then into the next one.
+            while written > 0 {
+                let left = buffers[index].len() - offset;
+                if written < left {
+                    offset += written;
+                    break;
+                }
+                written -= left;
+                index += 1;
+                offset = 0;
+            }
         }
     }
 
@@ -183,14 +292,5 @@ impl AsFd for ZcWriteHalf {
 impl AsRawFd for ZcWriteHalf {
     fn as_raw_fd(&self) -> RawFd {
         self.as_fd().as_raw_fd()
-    }
-}
-
-impl Drop for ZcWriteHalf {
-    fn drop(&mut self) {
-        // As Tokio's OwnedWriteHalf does; an error (already shut down, or reset) is moot.
-        if let Inner::WriteOnly(fd) = &self.inner {
-            let _ = fd.get_ref().shutdown(Shutdown::Write);
-        }
     }
 }

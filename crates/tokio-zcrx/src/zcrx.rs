@@ -13,7 +13,7 @@ use crate::config::StreamOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Stats};
 use crate::mode::{ActiveMode, ModeSelection};
-use crate::stream::ZcStream;
+use crate::stream::{Addresses, ZcStream};
 use crate::sys::claim;
 use crate::writer::ZcWriteHalf;
 
@@ -25,6 +25,7 @@ use crate::writer::ZcWriteHalf;
 ///
 /// ```no_run
 /// use futures::StreamExt;
+/// use tokio::sync::broadcast::error::RecvError;
 /// use tokio_zcrx::{Zcrx, ZcListener};
 ///
 /// #[tokio::main]
@@ -32,8 +33,12 @@ use crate::writer::ZcWriteHalf;
 ///     let zcrx = Zcrx::builder().interface("eth0", 3).build()?;
 ///     let mut events = zcrx.subscribe();
 ///     tokio::spawn(async move {
-///         while let Ok(event) = events.recv().await {
-///             eprintln!("zcrx: {} ({})", event.kind, event.stats);
+///         loop {
+///             match events.recv().await {
+///                 Ok(event) => eprintln!("zcrx: {} ({})", event.kind, event.stats),
+///                 Err(RecvError::Lagged(missed)) => eprintln!("zcrx: {missed} events missed"),
+///                 Err(RecvError::Closed) => break, // the runtime has stopped
+///             }
 ///         }
 ///     });
 ///     let listener = ZcListener::bind(&zcrx, "[::]:9000").await?;
@@ -140,8 +145,9 @@ impl Zcrx {
         require_tokio("attach")?;
         // Released when the stream is dropped (or now, with the socket, on any error below).
         let claim = claim::claim_connected_tcp(socket.as_fd())?;
+        let addresses = Addresses::of(&socket);
         let (source, write_half) = self.backend.attach(socket, options)?;
-        Ok((ZcStream::new(source, claim), write_half))
+        Ok((ZcStream::new(source, claim, addresses), write_half))
     }
 
     /// `RuntimeGone` once the runtime has shut down (or its driver failed).
@@ -152,6 +158,11 @@ impl Zcrx {
     /// A receiver of runtime events (copy fallback, allocation failure, area exhausted, CQ
     /// overflow recovered), each with a statistics snapshot. After
     /// [`shutdown`](Zcrx::shutdown) the receiver is closed: `recv` returns `Closed` at once.
+    ///
+    /// The channel holds the last 1024 events; a subscriber that falls further behind gets
+    /// `RecvError::Lagged(missed)` once and then the newer events: a monitoring loop must
+    /// carry on after it (stopping at the first `Err` would stop monitoring at the first
+    /// burst), and end at `Closed`.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         if self.check_running().is_err() {
             // No event can come any more; a receiver of the live channel would wait forever.

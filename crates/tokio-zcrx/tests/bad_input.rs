@@ -588,9 +588,7 @@ fn attach_rows() -> Vec<Row> {
 
         // Read limit 0.
         let (server, _client) = connection().await;
-        let options = tokio_zcrx::StreamOptions {
-            read_limit: Some(0),
-        };
+        let options = tokio_zcrx::StreamOptions::new().read_limit(0);
         let err = zcrx.attach_with(server, options).map(drop).unwrap_err();
         let err = *err.into_inner().unwrap().downcast::<Error>().unwrap();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");

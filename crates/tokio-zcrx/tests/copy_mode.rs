@@ -196,9 +196,7 @@ async fn held_buffers_block_the_pool_until_released_elsewhere() {
 async fn read_limit_caps_each_buffer_and_bytes_convert_without_copy() {
     let zcrx = copy_runtime(4, 64 << 10);
     let (socket, sender) = connection_from_sender(9, 200_000).await;
-    let options = StreamOptions {
-        read_limit: Some(1000),
-    };
+    let options = StreamOptions::new().read_limit(1000);
     let (mut stream, _writer) = zcrx.attach_with(socket, options).unwrap();
     let mut position = 0u64;
     let mut kept = Vec::new();
@@ -322,7 +320,7 @@ async fn batches_in_copy_mode_hold_one_buffer_in_order() {
         for (i, &b) in batch[0].iter().enumerate() {
             assert_eq!(b, pattern(9, position + i as u64));
         }
-        position += batch.bytes() as u64;
+        position += batch.len_bytes() as u64;
     }
     assert_eq!(position, TOTAL);
     sender.await.unwrap();

@@ -90,6 +90,34 @@ fn required_events_need_linux_7_2() {
     assert!(err.to_string().contains("7.2"), "{err}");
 }
 
+/// `EventsPolicy::Required` in `Auto` mode, as its documentation says: on a kernel without
+/// events neither io_uring mode runs (both are refused with the reason), and copy mode,
+/// which reports every copy itself, is chosen.
+#[test]
+fn required_events_in_auto_mode_skip_the_io_uring_modes_without_events() {
+    if kernel_minor() >= (7, 2) {
+        return; // events exist; the guest tests cover Required there
+    }
+    let zcrx = Zcrx::builder()
+        .interface("lo", 0)
+        .events(EventsPolicy::Required)
+        .build()
+        .expect("Auto chooses copy mode");
+    assert_eq!(zcrx.mode(), ActiveMode::Copy);
+    let selection = zcrx.mode_selection();
+    let refused: Vec<Mode> = selection.refused.iter().map(|(mode, _)| *mode).collect();
+    assert_eq!(refused, [Mode::Nic, Mode::NoDevice], "{selection}");
+    // Copy mode reports its copies, as Required asks for.
+    assert_eq!(zcrx.stats().copy_bytes, Some(0));
+    // With a mode named, Required fails the build instead.
+    let err = Zcrx::builder()
+        .no_device()
+        .events(EventsPolicy::Required)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::KernelTooOld, "{err}");
+}
+
 #[test]
 fn invalid_settings_are_refused_before_touching_the_kernel() {
     let err = Zcrx::builder()

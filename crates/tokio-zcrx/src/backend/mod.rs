@@ -26,6 +26,7 @@ use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -132,6 +133,20 @@ impl StreamSource {
         match self {
             StreamSource::Uring(stream) => stream.poll_next(cx),
             StreamSource::Copy(stream) => stream.poll_next(cx),
+        }
+    }
+
+    /// Whether this is a copy-mode source, which reads through a Tokio read half.
+    pub(crate) fn is_copy(&self) -> bool {
+        matches!(self, StreamSource::Copy(_))
+    }
+
+    /// A copy-mode source's Tokio read half (the socket goes back to its owner); the source
+    /// itself in the io_uring modes, whose driver owns the receive.
+    pub(crate) fn into_copy_read_half(self) -> Result<OwnedReadHalf, StreamSource> {
+        match self {
+            StreamSource::Copy(stream) => Ok(stream.into_read_half()),
+            uring @ StreamSource::Uring(_) => Err(uring),
         }
     }
 

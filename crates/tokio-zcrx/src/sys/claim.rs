@@ -28,6 +28,13 @@ pub(crate) struct SocketClaim {
     id: (u64, u64),
 }
 
+impl SocketClaim {
+    /// Whether `fd` refers to the claimed socket (through any descriptor of it).
+    pub(crate) fn is_socket(&self, fd: BorrowedFd<'_>) -> bool {
+        socket_identity(fd).is_ok_and(|id| id == self.id)
+    }
+}
+
 impl Drop for SocketClaim {
     fn drop(&mut self) {
         lock_claimed().remove(&self.id);
@@ -43,15 +50,25 @@ fn invalid_socket(message: String) -> Error {
     Error::new(ErrorKind::InvalidSocket, message)
 }
 
+/// `fstat` of a descriptor.
+fn fstat(fd: BorrowedFd<'_>) -> std::io::Result<libc::stat> {
+    // SAFETY: `stat` is plain old data; all-zero is valid.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor (borrowed for this call); `stat` is writable.
+    unsafe { syscall!(fstat(fd.as_raw_fd(), &mut stat)) }?;
+    Ok(stat)
+}
+
+/// What identifies a socket whatever descriptor refers to it: sockfs device and inode.
+fn socket_identity(fd: BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
+    fstat(fd).map(|stat| (stat.st_dev, stat.st_ino))
+}
+
 /// Checks that `fd` is a TCP connection nobody receives from yet, and claims it.
 pub(crate) fn claim_connected_tcp(fd: BorrowedFd<'_>) -> Result<SocketClaim> {
     let raw = fd.as_raw_fd();
-    // SAFETY: `stat` is plain old data; all-zero is valid.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `raw` is a live descriptor (borrowed for this call); `stat` is writable.
-    if let Err(error) = unsafe { syscall!(fstat(raw, &mut stat)) } {
-        return Err(invalid_socket("cannot fstat the socket".into()).with_source(error));
-    }
+    let stat =
+        fstat(fd).map_err(|e| invalid_socket("cannot fstat the socket".into()).with_source(e))?;
     if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(invalid_socket(
             "the descriptor is not a socket: attach a TCP connection (from TcpStream::connect \

@@ -36,6 +36,9 @@ use crate::writer::ZcWriteHalf;
 /// it is still in the CPU cache.
 pub(crate) struct Pool {
     memory: Mapping,
+    /// The number of buffers (the mapping is rounded up to whole pages, so it may hold room
+    /// for more).
+    buffers: u32,
     buffer_size: usize,
     /// Free buffers and the streams waiting for one, under one lock so that a return never
     /// misses a stream that is about to wait.
@@ -58,12 +61,12 @@ pub(crate) struct Pool {
 }
 
 /// How pool buffers go back: the owner pointer is the `Pool`, and each buffer holds one strong
-/// reference of its `Arc`; the slot's index is the buffer's.
+/// reference of its `Arc`; the slot's offset is the buffer's index.
 static POOL_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
     release_one: release_pool_buffer,
     release_run: release_pool_buffers,
     debug_fields: |debug, slot| {
-        debug.field("pool_buffer", &slot.index);
+        debug.field("pool_buffer", &slot.offset);
     },
 };
 
@@ -76,7 +79,8 @@ static POOL_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
 unsafe fn release_pool_buffer(owner: NonNull<()>, slot: BufferSlot) {
     // SAFETY: the strong reference `Pool::buffer` leaked for this buffer, taken back once.
     let pool = unsafe { Arc::from_raw(owner.cast::<Pool>().as_ptr()) };
-    pool.release_delivered(slot.index);
+    // The slot's offset is the buffer's index (`Pool::buffer`), so it fits in a u32.
+    pool.release_delivered(slot.offset as u32);
 }
 
 /// `release_run` of [`POOL_BUFFERS`]: one by one, as dropping each would.
@@ -187,7 +191,7 @@ fn wake_all(waiters: Vec<Option<Waker>>) {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("buffers", &(self.memory.len() / self.buffer_size))
+            .field("buffers", &self.buffers)
             .field("buffer_size", &self.buffer_size)
             .finish_non_exhaustive()
     }
@@ -241,6 +245,7 @@ impl Pool {
         })?;
         Ok(Pool {
             memory,
+            buffers,
             buffer_size,
             state: Mutex::new(PoolState {
                 free,
@@ -282,9 +287,8 @@ impl Pool {
     fn buffer(pool: &Arc<Pool>, index: u32, len: u32) -> ZcBuf {
         let ptr = pool.buffer_ptr(index);
         let slot = BufferSlot {
-            offset: 0,
+            offset: index.into(),
             len,
-            index,
         };
         let owner = NonNull::from(&**pool).cast::<()>();
         // Held by the buffer, released by `POOL_BUFFERS`.
@@ -549,9 +553,25 @@ impl CopyStream {
     }
 }
 
-impl Drop for CopyStream {
-    fn drop(&mut self) {
-        if let Some((generation, slot)) = self.waiting {
+impl CopyStream {
+    /// Stops being a stream and gives the socket's read half back (for
+    /// `ZcConnection::into_tcp_stream`). Nothing is buffered here: every byte read from the
+    /// socket was handed out.
+    pub(crate) fn into_read_half(self) -> OwnedReadHalf {
+        let mut stream = std::mem::ManuallyDrop::new(self);
+        stream.leave_pool();
+        // SAFETY: `stream` is never used or dropped again, so each field that needs a drop
+        // is moved out exactly once: the socket to the caller, the pool reference here.
+        unsafe {
+            drop(std::ptr::read(&stream.pool));
+            std::ptr::read(&stream.socket)
+        }
+    }
+
+    /// What a stream going away owes the pool: its place among the waiters, and its entry
+    /// among the sockets shutdown reaches.
+    fn leave_pool(&mut self) {
+        if let Some((generation, slot)) = self.waiting.take() {
             let mut state = self.pool.lock_state();
             if generation == state.generation {
                 // Still waiting: leave the list without a waker to wake.
@@ -564,6 +584,12 @@ impl Drop for CopyStream {
         // Under the lock, so shutdown never touches a descriptor that was closed (and maybe
         // reused) after this point.
         lock(&self.pool.sockets).remove(&self.id);
+    }
+}
+
+impl Drop for CopyStream {
+    fn drop(&mut self) {
+        self.leave_pool();
     }
 }
 
@@ -607,8 +633,7 @@ impl CopyRuntime {
     pub(crate) fn description(&self) -> String {
         format!(
             "copy mode ({} buffers of {} bytes)",
-            self.pool.memory.len() / self.pool.buffer_size,
-            self.pool.buffer_size
+            self.pool.buffers, self.pool.buffer_size
         )
     }
 

@@ -171,6 +171,12 @@ impl Area {
         }
     }
 
+    /// The index of the chunk holding `area_offset` (the kernel puts data anywhere within its
+    /// chunk; chunks are `chunk_size` apart, a power of two).
+    fn chunk_of(&self, area_offset: u64) -> u32 {
+        (area_offset / u64::from(self.chunk_size)) as u32
+    }
+
     /// Counts one chunk reference the kernel handed us (driver thread).
     pub(crate) fn on_delivered(&self, chunk: u32) {
         // The decoder checked the chunk index against the area.
@@ -183,14 +189,13 @@ impl Area {
     }
 
     /// Returns one chunk reference to the kernel. Called on any thread, once per buffer.
-    pub(crate) fn return_chunk(&self, area_offset: u64, len: u32, chunk: u32) {
+    pub(crate) fn return_chunk(&self, area_offset: u64, len: u32) {
         #[cfg(debug_assertions)]
-        if let Err(e) = self.refs.on_returned(chunk) {
+        if let Err(e) = self.refs.on_returned(self.chunk_of(area_offset)) {
             // A second return would let the kernel reuse a chunk someone still reads: never
             // pass it on. Reaching this is a bug in this crate.
             panic!("tokio-zcrx: {e:?}");
         }
-        let _ = chunk;
         let outcome = self.refill.push(self.refill_entry(area_offset, len));
         // Read after the push returned: the push ended with the RMW the driver's last look
         // before sleeping synchronizes with (`RefillRing::synchronize_with_producers`), so
@@ -209,7 +214,7 @@ impl Area {
     pub(crate) fn return_chunks(&self, slots: &[BufferSlot]) {
         #[cfg(debug_assertions)]
         for slot in slots {
-            if let Err(e) = self.refs.on_returned(slot.index) {
+            if let Err(e) = self.refs.on_returned(self.chunk_of(slot.offset)) {
                 panic!("tokio-zcrx: {e:?}");
             }
         }
@@ -340,10 +345,10 @@ impl BufferRefs {
         let area_ref = unsafe { area.as_ref() };
         let ptr = area_ref.data_ptr(area_offset);
         area_ref.on_delivered(chunk);
+        debug_assert_eq!(area_ref.chunk_of(area_offset), chunk);
         let slot = BufferSlot {
             offset: area_offset,
             len,
-            index: chunk,
         };
         // SAFETY: `ptr..ptr + len` lies inside the area (the decoder checked it), which stays
         // mapped while the buffer holds the reference just taken; the kernel does not write
@@ -377,7 +382,7 @@ unsafe fn release_area_buffer(owner: NonNull<()>, slot: BufferSlot) {
     // not touched; its chunk is returned once, here.
     unsafe {
         area.as_ref()
-            .return_chunk(slot.offset, slot.len, slot.index);
+            .return_chunk(slot.offset, slot.len);
         release(area.as_ptr());
     }
 }

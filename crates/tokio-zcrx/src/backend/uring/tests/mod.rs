@@ -276,7 +276,7 @@ fn batches_return_every_chunk() {
                 while let Some(batch) = stream.next_batch(max).await {
                     let batch = batch.unwrap();
                     assert!(!batch.is_empty() && batch.len() <= max);
-                    assert_eq!(batch.bytes(), batch.len() * 4096);
+                    assert_eq!(batch.len_bytes(), batch.len() * 4096);
                     largest = largest.max(batch.len());
                     chunks += batch.len();
                     batches += 1;
