@@ -285,7 +285,7 @@ fn tiny_cq_overflows_and_the_stream_completes() {
                 libc::SOL_SOCKET,
                 libc::SO_RCVBUFFORCE,
                 (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
+                size_of::<libc::c_int>() as u32,
             );
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -348,7 +348,7 @@ fn many_streams_with_buffers_dropped_elsewhere_and_one_reset() {
                     libc::SOL_SOCKET,
                     libc::SO_LINGER,
                     (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as u32,
+                    size_of::<libc::linger>() as u32,
                 );
             }
             drop(socket);

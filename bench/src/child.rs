@@ -21,7 +21,7 @@ use crate::protocol::{Msg, Outcome, Receiver, Spec, ZcrxInfo, READ_BUFFER};
 use crate::system::{self, Usage};
 
 /// Runs the child described by `spec_json` (the hidden `__child` subcommand).
-pub fn main(spec_json: &str) -> ExitCode {
+pub(crate) fn main(spec_json: &str) -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         emit(&Msg::Error {
             message: format!("receiver panicked: {info}"),

@@ -112,7 +112,7 @@ fn header_height(lines: usize) -> u32 {
 }
 
 /// Draws a title block: a bold first line and smaller ones under it.
-fn title_block(area: &Area, lines: &[String]) -> Result<()> {
+fn title_block(area: &Area<'_>, lines: &[String]) -> Result<()> {
     let mut y = 10;
     for (i, line) in lines.iter().enumerate() {
         let (size, style) = if i == 0 {
@@ -132,7 +132,7 @@ fn title_block(area: &Area, lines: &[String]) -> Result<()> {
 
 /// A bar chart with min-max whiskers and the median printed above each bar.
 fn bar_panel(
-    area: &Area,
+    area: &Area<'_>,
     caption: &str,
     y_desc: &str,
     bars: &[Bar],
@@ -204,7 +204,7 @@ fn bar_panel(
 }
 
 /// Throughput and CPU per GiB, one column per connection count.
-pub fn receive(
+pub(crate) fn receive(
     path: &Path,
     title: &str,
     machine: &Machine,
@@ -257,7 +257,7 @@ pub fn receive(
 }
 
 /// Memory per idle connection and the busy connections' throughput.
-pub fn scaling(
+pub(crate) fn scaling(
     path: &Path,
     title: &str,
     machine: &Machine,

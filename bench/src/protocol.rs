@@ -70,12 +70,12 @@ impl FromStr for Receiver {
 }
 
 /// The size of the reused read buffer of the read-based receivers.
-pub const READ_BUFFER: usize = 64 << 10;
+pub(crate) const READ_BUFFER: usize = 64 << 10;
 
 /// What one receiver child does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Spec {
+pub(crate) enum Spec {
     /// Accept `conns` connections, then read `bytes_per_conn` from each until EOF.
     Receive {
         receiver: Receiver,
@@ -102,13 +102,13 @@ pub enum Spec {
 }
 
 impl Spec {
-    pub fn timeout_s(&self) -> u64 {
+    pub(crate) fn timeout_s(&self) -> u64 {
         match self {
             Spec::Receive { timeout_s, .. } | Spec::Scaling { timeout_s, .. } => *timeout_s,
         }
     }
 
-    pub fn pin_cpu(&self) -> Option<usize> {
+    pub(crate) fn pin_cpu(&self) -> Option<usize> {
         match self {
             Spec::Receive { pin_cpu, .. } | Spec::Scaling { pin_cpu, .. } => *pin_cpu,
         }
@@ -118,7 +118,7 @@ impl Spec {
 /// A line from the child.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Msg {
+pub(crate) enum Msg {
     /// The listener is up: connect here.
     Listening { addr: SocketAddr },
     /// Every connection is accepted and being received; the measured window starts now.
@@ -136,7 +136,7 @@ pub enum Msg {
 
 /// What a child measured over its window (from `Ready` to the last byte).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub bytes: u64,
     pub seconds: f64,
     pub user_s: f64,
@@ -155,7 +155,7 @@ pub struct Outcome {
 
 /// How the tokio-zcrx receiver ran.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ZcrxInfo {
+pub(crate) struct ZcrxInfo {
     /// `Zcrx::mode()`: nic, nodev or copy.
     pub mode: String,
     /// `Zcrx::mode_selection()`: the mode and why better ones were refused.

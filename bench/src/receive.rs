@@ -14,7 +14,7 @@ use crate::{plot, Options};
 
 /// One measured (or failed) run.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunRecord {
+pub(crate) struct RunRecord {
     pub receiver: Receiver,
     pub conns: usize,
     pub rep: usize,
@@ -42,7 +42,7 @@ pub struct RunRecord {
 
 impl RunRecord {
     /// Whether a noticeable share of the machine's CPU went to neither receiver nor sender.
-    pub fn unattributed_load(&self) -> bool {
+    pub(crate) fn unattributed_load(&self) -> bool {
         match (self.unattributed_cpu_s, self.machine_busy_s) {
             (Some(other), Some(busy)) => other > 0.1 && other > 0.1 * busy,
             _ => false,
@@ -50,7 +50,7 @@ impl RunRecord {
     }
 
     /// A note for the progress line: unattributed CPU and TCP counters, if any.
-    pub fn notes(&self) -> String {
+    pub(crate) fn notes(&self) -> String {
         let mut notes = String::new();
         if self.unattributed_load() {
             notes.push_str(&format!(
@@ -128,7 +128,7 @@ impl RunRecord {
 
 /// Median and range of one receiver at one connection count, and how it compares with tokio.
 #[derive(Debug, Clone, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub receiver: Receiver,
     pub label: String,
     pub conns: usize,
@@ -191,7 +191,7 @@ struct Targets {
 const TARGET_GBPS_RATIO: f64 = 0.95;
 const TARGET_CPU_RATIO: f64 = 1.05;
 
-pub fn sender_description(options: &Options) -> String {
+pub(crate) fn sender_description(options: &Options) -> String {
     let placement = match options.receiver_cpu {
         Some(cpu) => format!("pinned apart: receiver on CPU {cpu}, sender on another"),
         None => "sender and receiver share all CPUs".into(),
@@ -203,7 +203,7 @@ pub fn sender_description(options: &Options) -> String {
     )
 }
 
-pub fn run(options: &Options, machine: &Machine, launcher: &Launcher) -> Result<()> {
+pub(crate) fn run(options: &Options, machine: &Machine, launcher: &Launcher) -> Result<()> {
     let started = Instant::now();
     let total_runs = options.conns.len() * options.reps * options.receivers.len();
     eprintln!(
@@ -369,7 +369,7 @@ fn bytes_caption(options: &Options) -> String {
         .join(", ")
 }
 
-pub fn summarise(options: &Options, records: &[RunRecord]) -> Vec<Summary> {
+pub(crate) fn summarise(options: &Options, records: &[RunRecord]) -> Vec<Summary> {
     let mut out = Vec::new();
     for &conns in &options.conns {
         let mut group: Vec<Summary> = options
@@ -426,7 +426,7 @@ pub fn summarise(options: &Options, records: &[RunRecord]) -> Vec<Summary> {
 }
 
 /// The receiver's name with its mode (tokio-zcrx) or thread count (tokio-uring).
-pub fn label(receiver: Receiver, records: &[RunRecord]) -> String {
+pub(crate) fn label(receiver: Receiver, records: &[RunRecord]) -> String {
     match receiver {
         Receiver::TokioZcrx => match records.iter().find_map(|r| r.zcrx.as_ref()) {
             Some(info) => format!("{} ({})", receiver.label(), info.mode),
@@ -545,7 +545,7 @@ fn render(
 }
 
 /// The first line of `text`, at most `max` characters.
-pub fn first_line(text: &str, max: usize) -> String {
+pub(crate) fn first_line(text: &str, max: usize) -> String {
     let line = text.lines().next().unwrap_or("");
     if line.chars().count() > max {
         let cut: String = line.chars().take(max - 3).collect();

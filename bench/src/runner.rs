@@ -17,18 +17,18 @@ use crate::protocol::{Msg, Outcome, Spec};
 use crate::system::{self, MachineCpu, Usage};
 
 /// Size of each sender write.
-pub const SEND_WRITE: usize = 256 << 10;
+pub(crate) const SEND_WRITE: usize = 256 << 10;
 
 /// How to start a child: the bench binary itself, optionally behind a wrapper command
 /// (e.g. `valgrind --tool=callgrind`).
 #[derive(Debug, Clone, Default)]
-pub struct Launcher {
+pub(crate) struct Launcher {
     pub wrapper: Vec<String>,
 }
 
 /// A measured run as the parent sees it.
 #[derive(Debug, Clone)]
-pub struct RunOutcome {
+pub(crate) struct RunOutcome {
     /// What the receiver child measured.
     pub child: Outcome,
     /// CPU seconds of the sender threads (this process) over the sending.
@@ -256,7 +256,7 @@ fn expect_listening(child: &mut ChildProcess) -> Result<SocketAddr> {
 }
 
 /// One receive run: `conns` connections each sending `bytes_per_conn`.
-pub fn receive(launcher: &Launcher, spec: &Spec) -> Result<RunOutcome> {
+pub(crate) fn receive(launcher: &Launcher, spec: &Spec) -> Result<RunOutcome> {
     let &Spec::Receive {
         conns,
         bytes_per_conn,
@@ -309,7 +309,7 @@ fn measure(child: &mut ChildProcess, senders: Senders) -> Result<RunOutcome> {
 
 /// One scaling run: `idle` connections that send `hello` bytes and then nothing, plus `busy`
 /// connections that each send `busy_bytes_per_conn`.
-pub fn scaling(launcher: &Launcher, spec: &Spec) -> Result<RunOutcome> {
+pub(crate) fn scaling(launcher: &Launcher, spec: &Spec) -> Result<RunOutcome> {
     let &Spec::Scaling {
         idle,
         busy,

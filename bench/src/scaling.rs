@@ -21,7 +21,7 @@ const RECEIVERS: [Receiver; 2] = [Receiver::TokioZcrx, Receiver::TokioRead];
 const TARGET_MEMORY_RATIO: f64 = 10.0;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ScalingRecord {
+pub(crate) struct ScalingRecord {
     pub receiver: Receiver,
     pub rep: usize,
     pub rss_baseline: Option<u64>,
@@ -41,7 +41,7 @@ pub struct ScalingRecord {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ScalingSummary {
+pub(crate) struct ScalingSummary {
     pub receiver: Receiver,
     pub label: String,
     pub runs_ok: usize,
@@ -127,7 +127,7 @@ fn record(
     record
 }
 
-pub fn run(options: &Options, machine: &Machine, launcher: &Launcher) -> Result<()> {
+pub(crate) fn run(options: &Options, machine: &Machine, launcher: &Launcher) -> Result<()> {
     let started = Instant::now();
     // The sender (this process) holds one end of every connection.
     system::raise_nofile((options.idle + options.busy) as u64 + 64)?;

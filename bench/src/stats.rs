@@ -4,7 +4,7 @@ use serde::Serialize;
 
 /// Median and range of a set of measurements.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct Spread {
+pub(crate) struct Spread {
     pub median: f64,
     pub min: f64,
     pub max: f64,
@@ -12,7 +12,7 @@ pub struct Spread {
 
 impl Spread {
     /// `None` for no values. An even count takes the mean of the middle two.
-    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+    pub(crate) fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
         let mut values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
         if values.is_empty() {
             return None;
@@ -32,7 +32,7 @@ impl Spread {
     }
 
     /// `12.3 [11.0-13.1]` with `decimals` digits; just the median for a single value.
-    pub fn show(&self, decimals: usize) -> String {
+    pub(crate) fn show(&self, decimals: usize) -> String {
         if self.min == self.max {
             format!("{:.*}", decimals, self.median)
         } else {
@@ -46,7 +46,7 @@ impl Spread {
 
 /// A plain-text table with left-aligned first columns and right-aligned numbers.
 #[derive(Debug, Default)]
-pub struct Table {
+pub(crate) struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
     /// Columns (from the left) that are text, not numbers.
@@ -54,7 +54,7 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn new(header: &[&str], text_columns: usize) -> Table {
+    pub(crate) fn new(header: &[&str], text_columns: usize) -> Table {
         Table {
             header: header.iter().map(|s| s.to_string()).collect(),
             rows: Vec::new(),
@@ -62,16 +62,16 @@ impl Table {
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
     /// A blank line between groups of rows.
-    pub fn gap(&mut self) {
+    pub(crate) fn gap(&mut self) {
         self.rows.push(Vec::new());
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let columns = self.header.len();
         let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
         for row in &self.rows {

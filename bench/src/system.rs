@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// The machine and kernel the numbers were measured on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Machine {
+pub(crate) struct Machine {
     /// Online CPUs (what `nproc` prints).
     pub cpus: usize,
     /// `model name` of the first CPU in /proc/cpuinfo.
@@ -20,7 +20,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn detect() -> Machine {
+    pub(crate) fn detect() -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -60,7 +60,7 @@ impl fmt::Display for Machine {
 
 /// CPU time and context switches of this process (all its threads), from getrusage.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub user_s: f64,
     pub sys_s: f64,
     pub voluntary_switches: i64,
@@ -68,7 +68,7 @@ pub struct Usage {
 }
 
 impl Usage {
-    pub fn now() -> Usage {
+    pub(crate) fn now() -> Usage {
         // SAFETY: getrusage fills the zeroed struct we pass; RUSAGE_SELF cannot fail.
         let ru = unsafe {
             let mut ru: libc::rusage = std::mem::zeroed();
@@ -85,7 +85,7 @@ impl Usage {
     }
 
     /// What was used between `earlier` and `self`.
-    pub fn since(&self, earlier: &Usage) -> Usage {
+    pub(crate) fn since(&self, earlier: &Usage) -> Usage {
         Usage {
             user_s: self.user_s - earlier.user_s,
             sys_s: self.sys_s - earlier.sys_s,
@@ -97,7 +97,7 @@ impl Usage {
 
 /// Machine-wide CPU time from the first line of /proc/stat, in seconds.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct MachineCpu {
+pub(crate) struct MachineCpu {
     /// Everything but idle and iowait (user, nice, system, irq, softirq, steal).
     pub busy_s: f64,
     /// Time the hypervisor gave to someone else.
@@ -105,7 +105,7 @@ pub struct MachineCpu {
 }
 
 impl MachineCpu {
-    pub fn now() -> MachineCpu {
+    pub(crate) fn now() -> MachineCpu {
         let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let fields: Vec<f64> = text
             .lines()
@@ -125,7 +125,7 @@ impl MachineCpu {
         }
     }
 
-    pub fn since(&self, earlier: &MachineCpu) -> MachineCpu {
+    pub(crate) fn since(&self, earlier: &MachineCpu) -> MachineCpu {
         MachineCpu {
             busy_s: self.busy_s - earlier.busy_s,
             steal_s: self.steal_s - earlier.steal_s,
@@ -135,7 +135,7 @@ impl MachineCpu {
 
 /// TCP counters (from /proc/net/netstat) that tell whether the kernel was short of socket
 /// memory or dropped data during a run.
-pub const TCP_COUNTERS: [&str; 9] = [
+pub(crate) const TCP_COUNTERS: [&str; 9] = [
     "TCPMemoryPressures",
     "PruneCalled",
     "RcvPruned",
@@ -148,7 +148,7 @@ pub const TCP_COUNTERS: [&str; 9] = [
 ];
 
 /// The current values of [`TCP_COUNTERS`].
-pub fn tcp_counters() -> Vec<(String, i64)> {
+pub(crate) fn tcp_counters() -> Vec<(String, i64)> {
     let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
     let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
     let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
@@ -164,7 +164,10 @@ pub fn tcp_counters() -> Vec<(String, i64)> {
 }
 
 /// The counters that changed between two [`tcp_counters`] snapshots.
-pub fn counter_deltas(before: &[(String, i64)], after: &[(String, i64)]) -> Vec<(String, i64)> {
+pub(crate) fn counter_deltas(
+    before: &[(String, i64)],
+    after: &[(String, i64)],
+) -> Vec<(String, i64)> {
     after
         .iter()
         .filter_map(|(name, value)| {
@@ -178,11 +181,11 @@ pub fn counter_deltas(before: &[(String, i64)], after: &[(String, i64)]) -> Vec<
 }
 
 /// The CPUs this process may run on (sched_getaffinity), in order.
-pub fn allowed_cpus() -> Result<Vec<usize>> {
+pub(crate) fn allowed_cpus() -> Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
         }
         Ok((0..libc::CPU_SETSIZE as usize)
@@ -192,12 +195,12 @@ pub fn allowed_cpus() -> Result<Vec<usize>> {
 }
 
 /// Restricts the calling thread (and the threads it starts later) to `cpu`.
-pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+pub(crate) fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: cpu_set_t is plain data, set up with the libc helpers.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
             return Err(std::io::Error::last_os_error())
                 .with_context(|| format!("sched_setaffinity to CPU {cpu}"));
         }
@@ -206,7 +209,7 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
 }
 
 /// A `kB` field of /proc/self/status (e.g. `VmRSS`, `VmHWM`), in bytes.
-pub fn status_bytes(field: &str) -> u64 {
+pub(crate) fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|text| kib_field(&text, field))
@@ -223,7 +226,7 @@ fn kib_field(text: &str, field: &str) -> Option<u64> {
 
 /// Raises RLIMIT_NOFILE to at least `needed` descriptors (up to the hard limit, or beyond it
 /// when the process may raise the hard limit, as root may). Returns the new soft limit.
-pub fn raise_nofile(needed: u64) -> Result<u64> {
+pub(crate) fn raise_nofile(needed: u64) -> Result<u64> {
     // SAFETY: getrlimit/setrlimit read and write the struct we pass.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
@@ -257,7 +260,7 @@ pub fn raise_nofile(needed: u64) -> Result<u64> {
 }
 
 /// Parses a byte count with an optional K/M/G suffix (powers of 1024), e.g. `4G`, `256M`.
-pub fn parse_size(text: &str) -> Result<u64> {
+pub(crate) fn parse_size(text: &str) -> Result<u64> {
     let text = text.trim();
     let upper = text.to_ascii_uppercase();
     let digits = upper.trim_end_matches("IB").trim_end_matches('B');
@@ -280,7 +283,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
 
 /// A byte count printed with a binary unit: `4 GiB`, `6.2 MiB`, `512 B`.
 #[derive(Debug, Clone, Copy)]
-pub struct Bytes(pub u64);
+pub(crate) struct Bytes(pub u64);
 
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -299,7 +302,7 @@ impl fmt::Display for Bytes {
     }
 }
 
-pub const GIB: f64 = (1u64 << 30) as f64;
+pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 
 #[cfg(test)]
 mod tests {

@@ -750,7 +750,7 @@ async fn connection(addr: SocketAddr, plan: Plan, seed: u64, echo: bool) -> Clie
                 libc::SOL_SOCKET,
                 libc::SO_LINGER,
                 (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as u32,
+                size_of::<libc::linger>() as u32,
             );
         }
     }

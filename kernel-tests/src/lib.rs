@@ -11,7 +11,6 @@
 //! The guest's network (see vm/guest/init) is described by environment variables:
 //! `TZX_NIC` (the zcrx-capable netdevsim port in this namespace), `TZX_NIC_ADDR`,
 //! `TZX_PEER_NETNS` (the namespace holding the linked peer port) and `TZX_PEER_ADDR`.
-#![deny(unsafe_op_in_unsafe_fn)]
 
 use std::ffi::CString;
 use std::io::{self, Write};

@@ -30,13 +30,13 @@ const BASE_PACKAGES: &[&str] = &[
 /// Package lists older than this are refreshed, so a new guest kernel is noticed.
 const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
-pub struct Chroot {
+pub(crate) struct Chroot {
     pub root: PathBuf,
 }
 
 impl Chroot {
     /// Creates (or reuses) the chroot. Keyed by suite and package list.
-    pub fn ensure(start: Instant) -> Result<Chroot> {
+    pub(crate) fn ensure(start: Instant) -> Result<Chroot> {
         let mut key = CacheKey::new("chroot-v1");
         key.add_str(SUITE);
         for p in BASE_PACKAGES {
@@ -110,7 +110,7 @@ impl Chroot {
             .context("apt-get update in the trixie chroot failed: is the Debian mirror reachable?")
     }
 
-    pub fn apt_install(&self, packages: &[&str]) -> Result<()> {
+    pub(crate) fn apt_install(&self, packages: &[&str]) -> Result<()> {
         let mut args = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
         args.extend_from_slice(packages);
         util::run_quiet(&mut self.command(&args))
@@ -119,7 +119,7 @@ impl Chroot {
 
     /// A command run inside the chroot with /proc mounted in a private mount namespace, so
     /// nothing stays mounted when it ends (objtool needs /proc; apt likes it).
-    pub fn command(&self, argv: &[&str]) -> Command {
+    pub(crate) fn command(&self, argv: &[&str]) -> Command {
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "chroot"])
             .arg(&self.root)
@@ -137,12 +137,12 @@ impl Chroot {
     }
 
     /// A path inside the chroot, as seen from the host.
-    pub fn host_path(&self, inside: &str) -> PathBuf {
+    pub(crate) fn host_path(&self, inside: &str) -> PathBuf {
         self.root.join(inside.trim_start_matches('/'))
     }
 
     /// Shared libraries (as paths inside the chroot) that a chroot binary needs.
-    pub fn shared_libraries(&self, binary: &str) -> Result<Vec<String>> {
+    pub(crate) fn shared_libraries(&self, binary: &str) -> Result<Vec<String>> {
         let text = util::output(&mut self.command(&["ldd", binary]))
             .with_context(|| format!("ldd {binary} in the chroot"))?;
         Ok(parse_ldd(&text))
@@ -163,7 +163,7 @@ fn parse_ldd(text: &str) -> Vec<String> {
         .collect()
 }
 
-pub fn file_name(path: &Path) -> String {
+pub(crate) fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()

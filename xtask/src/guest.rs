@@ -22,13 +22,13 @@ const GUEST_PROFILE: &str = "guest";
 const GUEST_TOOLS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/ethtool"];
 
 /// Everything needed to boot: kernel and cached base initramfs.
-pub struct GuestImage {
+pub(crate) struct GuestImage {
     pub kernel: GuestKernel,
     pub base_initramfs: PathBuf,
 }
 
 /// Prepares host packages, the chroot, the kernel, netdevsim and the base initramfs.
-pub fn prepare(start: Instant) -> Result<GuestImage> {
+pub(crate) fn prepare(start: Instant) -> Result<GuestImage> {
     crate::host::ensure_packages(start)?;
     let chroot = Chroot::ensure(start)?;
     let kernel = kernel::prepare(&chroot, start)?;
@@ -80,14 +80,18 @@ fn base_initramfs(chroot: &Chroot, kernel: &GuestKernel, start: Instant) -> Resu
 }
 
 /// A statically linked program built for the guest.
-pub struct GuestBinary {
+pub(crate) struct GuestBinary {
     pub name: String,
     pub path: PathBuf,
     pub kind: &'static str,
 }
 
 /// Builds static test binaries and/or examples for the guest with cargo.
-pub fn build_binaries(tests: bool, examples: bool, start: Instant) -> Result<Vec<GuestBinary>> {
+pub(crate) fn build_binaries(
+    tests: bool,
+    examples: bool,
+    start: Instant,
+) -> Result<Vec<GuestBinary>> {
     step(
         start,
         "building static guest binaries (cargo, profile `guest`)",
@@ -122,7 +126,7 @@ pub fn build_binaries(tests: bool, examples: bool, start: Instant) -> Result<Vec
 }
 
 /// Builds the soak run's binaries for the guest: the example servers and the `soak` driver.
-pub fn build_soak(start: Instant) -> Result<Vec<GuestBinary>> {
+pub(crate) fn build_soak(start: Instant) -> Result<Vec<GuestBinary>> {
     step(
         start,
         "building the static soak binaries (cargo, profile `guest`)",
@@ -144,7 +148,7 @@ pub fn build_soak(start: Instant) -> Result<Vec<GuestBinary>> {
 
 /// Builds the guest benchmark (`guest-ratio`) with the release profile: no debug assertions,
 /// as users would run the runtime.
-pub fn build_benchmark(start: Instant) -> Result<Vec<GuestBinary>> {
+pub(crate) fn build_benchmark(start: Instant) -> Result<Vec<GuestBinary>> {
     step(
         start,
         "building the static guest benchmark (cargo, profile `release`)",
@@ -213,14 +217,14 @@ fn parse_artifact(line: &str) -> Option<GuestBinary> {
 }
 
 /// What to run inside the guest.
-pub enum Payload {
+pub(crate) enum Payload {
     /// Each test binary with --include-ignored, one test at a time.
     Tests,
     /// A user's shell command, from /tzx/include.
     Command(String),
 }
 
-pub struct RunOptions {
+pub(crate) struct RunOptions {
     pub binaries: Vec<GuestBinary>,
     pub includes: Vec<PathBuf>,
     pub payload: Payload,
@@ -232,7 +236,7 @@ pub struct RunOptions {
 
 /// What the guest reported.
 #[derive(Debug, Default)]
-pub struct GuestOutcome {
+pub(crate) struct GuestOutcome {
     pub passed: Vec<String>,
     pub failed: Vec<String>,
     pub ignored: Vec<String>,
@@ -243,12 +247,16 @@ pub struct GuestOutcome {
 }
 
 impl GuestOutcome {
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.failed.is_empty() && self.problems.is_empty() && self.exit_code == Some(0)
     }
 }
 
-pub fn run(image: &GuestImage, options: &RunOptions, start: Instant) -> Result<GuestOutcome> {
+pub(crate) fn run(
+    image: &GuestImage,
+    options: &RunOptions,
+    start: Instant,
+) -> Result<GuestOutcome> {
     let run_dir = util::cache_root()
         .join("runs")
         .join(std::process::id().to_string());

@@ -24,7 +24,7 @@ const HOST_PACKAGES: &[(&str, Option<&str>)] = &[
 
 /// The Debian archive the machine already uses (first `URIs:` in debian.sources that serves
 /// the main archive), so that new suites come from the same place.
-pub fn debian_mirror() -> String {
+pub(crate) fn debian_mirror() -> String {
     let candidates = [
         "/etc/apt/sources.list.d/debian.sources",
         "/etc/apt/sources.list",
@@ -62,7 +62,7 @@ fn installed(package: &str) -> bool {
 }
 
 /// Makes sure the host has qemu, debootstrap and friends. Fast when all are present.
-pub fn ensure_packages(start: Instant) -> Result<()> {
+pub(crate) fn ensure_packages(start: Instant) -> Result<()> {
     let missing: Vec<_> = HOST_PACKAGES
         .iter()
         .filter(|(name, _)| !installed(name))
@@ -118,7 +118,7 @@ pub fn ensure_packages(start: Instant) -> Result<()> {
     Ok(())
 }
 
-pub fn require_root(why: &str) -> Result<()> {
+pub(crate) fn require_root(why: &str) -> Result<()> {
     if !util::is_root() {
         bail!(
             "the real-kernel tier needs root for {why} (apt-get, debootstrap, chroot). \

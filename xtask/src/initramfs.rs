@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 /// Collects files for one archive; directories are created implicitly.
 #[derive(Default)]
-pub struct Archive {
+pub(crate) struct Archive {
     entries: Vec<Entry>,
     dirs: BTreeSet<String>,
 }
@@ -41,12 +41,12 @@ impl Archive {
         }
     }
 
-    pub fn dir(&mut self, path: &str) {
+    pub(crate) fn dir(&mut self, path: &str) {
         let path = path.trim_start_matches('/').to_string();
         self.parents(&format!("{path}/x"));
     }
 
-    pub fn bytes(&mut self, path: &str, mode: u32, data: Vec<u8>) {
+    pub(crate) fn bytes(&mut self, path: &str, mode: u32, data: Vec<u8>) {
         self.parents(path);
         self.entries.push(Entry::File {
             path: path.trim_start_matches('/').to_string(),
@@ -56,7 +56,7 @@ impl Archive {
     }
 
     /// Adds a host file, following symlinks (the guest gets the content).
-    pub fn file(&mut self, guest_path: &str, host_path: &Path, mode: u32) -> Result<()> {
+    pub(crate) fn file(&mut self, guest_path: &str, host_path: &Path, mode: u32) -> Result<()> {
         let data = std::fs::read(host_path)
             .with_context(|| format!("reading {} for the guest", host_path.display()))?;
         self.bytes(guest_path, mode, data);
@@ -64,7 +64,7 @@ impl Archive {
     }
 
     /// Writes the archive (with its trailer) to `out`.
-    pub fn write_to(&self, out: &mut impl Write) -> Result<()> {
+    pub(crate) fn write_to(&self, out: &mut impl Write) -> Result<()> {
         for (ino, entry) in (1u32..).zip(&self.entries) {
             let (path, mode, data): (&str, u32, &[u8]) = match entry {
                 Entry::Dir(path) => (path, 0o040_755, &[]),
@@ -78,7 +78,7 @@ impl Archive {
         Ok(())
     }
 
-    pub fn write_file(&self, path: &Path) -> Result<()> {
+    pub(crate) fn write_file(&self, path: &Path) -> Result<()> {
         let mut file = std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         );
@@ -124,7 +124,7 @@ fn pad(out: &mut impl Write, len: usize) -> Result<()> {
 }
 
 /// Concatenates archives into one initramfs file.
-pub fn concatenate(parts: &[PathBuf], out: &Path) -> Result<()> {
+pub(crate) fn concatenate(parts: &[PathBuf], out: &Path) -> Result<()> {
     let mut file = std::fs::File::create(out)?;
     for part in parts {
         let mut input =

@@ -16,10 +16,10 @@ use crate::util::{self, step, CacheKey, Stamped};
 const MIN_VERSION: (u32, u32) = (7, 2);
 
 /// Environment variable that pins the guest kernel, e.g. `7.3.4+deb13-amd64`.
-pub const PIN_ENV: &str = "TZX_GUEST_KERNEL";
+pub(crate) const PIN_ENV: &str = "TZX_GUEST_KERNEL";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelVersion {
+pub(crate) struct KernelVersion {
     /// Debian's ABI name, e.g. `7.3.4+deb13-amd64`: also the kernel's `uname -r`.
     pub abi: String,
     pub numbers: (u32, u32, u32),
@@ -27,7 +27,7 @@ pub struct KernelVersion {
 
 impl KernelVersion {
     /// Parses the ABI name of a plain amd64 flavour (not -cloud, -rt or debug packages).
-    pub fn parse_abi(abi: &str) -> Option<KernelVersion> {
+    pub(crate) fn parse_abi(abi: &str) -> Option<KernelVersion> {
         let base = abi.strip_suffix("-amd64")?;
         if base.ends_with("-cloud") || base.ends_with("-rt") {
             return None;
@@ -44,13 +44,13 @@ impl KernelVersion {
         })
     }
 
-    pub fn series(&self) -> String {
+    pub(crate) fn series(&self) -> String {
         format!("{}.{}", self.numbers.0, self.numbers.1)
     }
 }
 
 /// Picks the newest kernel >= 7.2 for which we have a netdevsim patch.
-pub fn choose(available: &[String], patched_series: &[String]) -> Result<KernelVersion> {
+pub(crate) fn choose(available: &[String], patched_series: &[String]) -> Result<KernelVersion> {
     let mut candidates: Vec<KernelVersion> = available
         .iter()
         .filter_map(|abi| KernelVersion::parse_abi(abi))
@@ -88,7 +88,7 @@ pub fn choose(available: &[String], patched_series: &[String]) -> Result<KernelV
 }
 
 /// The kernel series for which vm/netdevsim/<series>/ holds a patch.
-pub fn patched_series() -> Result<Vec<String>> {
+pub(crate) fn patched_series() -> Result<Vec<String>> {
     let dir = util::workspace_root().join("vm/netdevsim");
     let mut series = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -102,7 +102,7 @@ pub fn patched_series() -> Result<Vec<String>> {
 }
 
 /// Everything the guest needs from the kernel side.
-pub struct GuestKernel {
+pub(crate) struct GuestKernel {
     pub version: KernelVersion,
     pub vmlinuz: PathBuf,
     /// Modules to load in order (dependencies first), uncompressed.
@@ -110,7 +110,7 @@ pub struct GuestKernel {
 }
 
 /// Chooses, downloads and unpacks the guest kernel, and builds netdevsim for it.
-pub fn prepare(chroot: &Chroot, start: Instant) -> Result<GuestKernel> {
+pub(crate) fn prepare(chroot: &Chroot, start: Instant) -> Result<GuestKernel> {
     let version = match std::env::var(PIN_ENV) {
         Ok(abi) => KernelVersion::parse_abi(&abi).with_context(|| {
             format!("{PIN_ENV}={abi} is not a Debian amd64 kernel ABI like 7.3.4+deb13-amd64")

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 /// Runs a command, inheriting stdout/stderr, and fails with the command line if it fails.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("could not start `{}`", show(cmd)))?;
@@ -21,7 +21,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs a command quietly; on failure prints the tail of its output in the error.
-pub fn run_quiet(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_quiet(cmd: &mut Command) -> Result<()> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -40,7 +40,7 @@ pub fn run_quiet(cmd: &mut Command) -> Result<()> {
 }
 
 /// Runs a command and returns its stdout as text; fails with its stderr otherwise.
-pub fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -60,7 +60,10 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 ///
 /// `on_line` sees every line as it arrives, so callers can show progress and parse results
 /// without waiting for the end. Returns the exit success and the captured text.
-pub fn run_streaming(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> Result<(bool, String)> {
+pub(crate) fn run_streaming(
+    cmd: &mut Command,
+    mut on_line: impl FnMut(&str),
+) -> Result<(bool, String)> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
@@ -85,7 +88,7 @@ pub fn run_streaming(cmd: &mut Command, mut on_line: impl FnMut(&str)) -> Result
 }
 
 /// The command line, for messages.
-pub fn show(cmd: &Command) -> String {
+pub(crate) fn show(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for arg in cmd.get_args() {
         s.push(' ');
@@ -94,29 +97,29 @@ pub fn show(cmd: &Command) -> String {
     s
 }
 
-pub fn tail_lines(text: &str, n: usize) -> String {
+pub(crate) fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Prints a progress step with the elapsed time since `start`.
-pub fn step(start: Instant, what: impl std::fmt::Display) {
+pub(crate) fn step(start: Instant, what: impl std::fmt::Display) {
     println!("[xtask {:>6.1}s] {what}", start.elapsed().as_secs_f64());
     let _ = std::io::stdout().flush();
 }
 
 /// A stable 64-bit FNV-1a digest, for cache keys (not for security).
 #[derive(Clone)]
-pub struct CacheKey(u64);
+pub(crate) struct CacheKey(u64);
 
 impl CacheKey {
-    pub fn new(domain: &str) -> Self {
+    pub(crate) fn new(domain: &str) -> Self {
         let mut key = CacheKey(0xcbf2_9ce4_8422_2325);
         key.add(domain.as_bytes());
         key
     }
 
-    pub fn add(&mut self, bytes: &[u8]) -> &mut Self {
+    pub(crate) fn add(&mut self, bytes: &[u8]) -> &mut Self {
         for &b in bytes {
             self.0 ^= u64::from(b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
@@ -127,11 +130,11 @@ impl CacheKey {
         self
     }
 
-    pub fn add_str(&mut self, s: impl AsRef<OsStr>) -> &mut Self {
+    pub(crate) fn add_str(&mut self, s: impl AsRef<OsStr>) -> &mut Self {
         self.add(s.as_ref().as_encoded_bytes())
     }
 
-    pub fn add_file(&mut self, path: &Path) -> Result<&mut Self> {
+    pub(crate) fn add_file(&mut self, path: &Path) -> Result<&mut Self> {
         let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -139,7 +142,7 @@ impl CacheKey {
         Ok(self.add(&bytes))
     }
 
-    pub fn hex(&self) -> String {
+    pub(crate) fn hex(&self) -> String {
         let mut s = String::new();
         let _ = write!(s, "{:016x}", self.0);
         s
@@ -147,7 +150,7 @@ impl CacheKey {
 }
 
 /// The project's cache root, outside the clone so fresh clones reuse downloads and builds.
-pub fn cache_root() -> PathBuf {
+pub(crate) fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("TZX_CACHE_DIR") {
         return PathBuf::from(dir);
     }
@@ -162,12 +165,12 @@ pub fn cache_root() -> PathBuf {
 ///
 /// Builds write into the directory and call [`Stamped::finish`] last, so an interrupted build
 /// is redone instead of trusted.
-pub struct Stamped {
+pub(crate) struct Stamped {
     pub dir: PathBuf,
 }
 
 impl Stamped {
-    pub fn new(dir: PathBuf) -> Self {
+    pub(crate) fn new(dir: PathBuf) -> Self {
         Stamped { dir }
     }
 
@@ -175,12 +178,12 @@ impl Stamped {
         self.dir.join(".tzx-complete")
     }
 
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.stamp().exists()
     }
 
     /// Empties the directory for a fresh build.
-    pub fn reset(&self) -> Result<()> {
+    pub(crate) fn reset(&self) -> Result<()> {
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir)
                 .with_context(|| format!("removing stale {}", self.dir.display()))?;
@@ -190,21 +193,21 @@ impl Stamped {
         Ok(())
     }
 
-    pub fn finish(&self) -> Result<()> {
+    pub(crate) fn finish(&self) -> Result<()> {
         std::fs::write(self.stamp(), b"")
             .with_context(|| format!("writing {}", self.stamp().display()))
     }
 }
 
 /// The workspace root (the parent of this crate's directory).
-pub fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }

@@ -79,7 +79,7 @@ fn set_send_buffer(socket: &impl AsRawFd, bytes: libc::c_int) {
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());

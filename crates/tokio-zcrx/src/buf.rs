@@ -471,11 +471,11 @@ mod tests {
         // Before the owner seam (an enum over the area and the pool) a `ZcBuf` took 40 bytes
         // on 64-bit targets, and so does it now (pointer, slot, cursor, owner, vtable); buffers sit in
         // batches and queues by the thousand, so it must not grow.
-        let size = std::mem::size_of::<ZcBuf>();
+        let size = size_of::<ZcBuf>();
         #[cfg(target_pointer_width = "64")]
         assert!(size <= 40, "ZcBuf is {size} bytes");
         // The non-null owner leaves a niche: `Option<ZcBuf>` (what `next()` yields) is free.
-        assert_eq!(std::mem::size_of::<Option<ZcBuf>>(), size);
+        assert_eq!(size_of::<Option<ZcBuf>>(), size);
     }
 
     /// An owner that records how its buffers come back: (owner name, run length; 0 for a

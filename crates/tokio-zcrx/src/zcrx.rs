@@ -99,8 +99,8 @@ impl Zcrx {
     }
 
     /// A [`Builder`](crate::Builder) for a runtime.
-    pub fn builder() -> crate::Builder {
-        crate::Builder::new()
+    pub fn builder() -> Builder {
+        Builder::new()
     }
 
     /// The mode this runtime receives in.

@@ -327,7 +327,7 @@ fn small_send_buffer(socket: &impl AsRawFd) {
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());

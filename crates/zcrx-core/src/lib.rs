@@ -92,7 +92,6 @@
 //! ```text
 //! RUSTFLAGS="--cfg loom" cargo test -p zcrx-core --release --target-dir target/loom -- loom
 //! ```
-#![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod accounting;

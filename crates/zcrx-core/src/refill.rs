@@ -229,8 +229,8 @@ impl RingLayout {
             return Err(RingLayoutError::Entries(RingSizeError { entries }));
         }
         let region = region_len as u64;
-        let index_len = core::mem::size_of::<u32>() as u64;
-        let rqes_len = u64::from(entries) * core::mem::size_of::<io_uring_zcrx_rqe>() as u64;
+        let index_len = size_of::<u32>() as u64;
+        let rqes_len = u64::from(entries) * size_of::<io_uring_zcrx_rqe>() as u64;
         let fields = [
             ("head", u64::from(head), index_len, 4),
             ("tail", u64::from(tail), index_len, 4),

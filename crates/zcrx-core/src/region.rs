@@ -42,7 +42,7 @@ impl RegionLayout {
     /// power of two, which the page of headroom covers), `page`-byte pages, and room for
     /// the statistics if `stats`.
     pub fn new(entries: u32, page: usize, stats: bool) -> Self {
-        let entry_len = core::mem::size_of::<io_uring_zcrx_rqe>();
+        let entry_len = size_of::<io_uring_zcrx_rqe>();
         let ring_len = (entries as usize * entry_len + page).div_ceil(page) * page;
         Self {
             ring_len,

@@ -59,7 +59,6 @@
 //! }
 //! # Ok::<(), io::Error>(())
 //! ```
-#![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 // The kernel's names are kept verbatim so that the uapi headers can be read side by side.
 #![allow(non_camel_case_types)]

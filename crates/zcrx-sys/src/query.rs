@@ -84,7 +84,7 @@ impl io_uring_query_hdr {
         io_uring_query_hdr {
             query_op,
             query_data: data as *mut T as u64,
-            size: u32::try_from(core::mem::size_of::<T>()).unwrap_or(u32::MAX),
+            size: u32::try_from(size_of::<T>()).unwrap_or(u32::MAX),
             ..Default::default()
         }
     }

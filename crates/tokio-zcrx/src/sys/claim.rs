@@ -126,7 +126,7 @@ pub(crate) fn claim_connected_tcp(fd: BorrowedFd<'_>) -> Result<SocketClaim> {
 
 fn socket_option(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> Result<libc::c_int> {
     let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` are live and writable, and `len` is the size of `value`.
     let read = unsafe {
         syscall!(getsockopt(
@@ -147,7 +147,7 @@ fn tcp_info(fd: libc::c_int) -> Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero is valid (and what a kernel that reports
     // fewer fields leaves in the rest).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` and `len` are live and writable, and `len` is the size of `info`.
     let read = unsafe {
         syscall!(getsockopt(

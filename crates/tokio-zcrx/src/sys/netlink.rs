@@ -310,7 +310,7 @@ impl NetlinkSocket {
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                size_of::<libc::timeval>() as libc::socklen_t,
             ))
         }?;
         Ok(Self { fd, next_seq: 1 })

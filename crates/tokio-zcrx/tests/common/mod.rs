@@ -4,16 +4,16 @@
 use tokio_zcrx::{ActiveMode, Mode, Zcrx};
 
 /// The byte at `pos` of connection `seed`'s payload.
-pub fn pattern(seed: u64, pos: u64) -> u8 {
+pub(crate) fn pattern(seed: u64, pos: u64) -> u8 {
     let x = (pos ^ seed.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (x >> 56) as u8
 }
 
 /// A splitmix64 generator: reproducible sizes and choices.
-pub struct Rng(pub u64);
+pub(crate) struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -23,7 +23,7 @@ impl Rng {
 }
 
 /// A copy-mode runtime with a pool of `buffers` x `size` bytes.
-pub fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
+pub(crate) fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
     let zcrx = Zcrx::builder()
         .mode(Mode::Copy)
         .copy_pool(buffers, size)

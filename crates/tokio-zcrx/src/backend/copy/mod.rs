@@ -354,7 +354,7 @@ fn pool_memory_needed(buffers: u32, buffer_size: usize) -> io::Result<usize> {
     (buffers as usize)
         .checked_mul(buffer_size)
         .and_then(|bytes| bytes.checked_next_multiple_of(page))
-        .and_then(|bytes| bytes.checked_add(buffers as usize * std::mem::size_of::<u32>()))
+        .and_then(|bytes| bytes.checked_add(buffers as usize * size_of::<u32>()))
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::OutOfMemory,

@@ -381,8 +381,7 @@ unsafe fn release_area_buffer(owner: NonNull<()>, slot: BufferSlot) {
     // SAFETY: the buffer's reference keeps the area alive until `release`, after which it is
     // not touched; its chunk is returned once, here.
     unsafe {
-        area.as_ref()
-            .return_chunk(slot.offset, slot.len);
+        area.as_ref().return_chunk(slot.offset, slot.len);
         release(area.as_ptr());
     }
 }

@@ -138,7 +138,7 @@ impl DriverShared {
                 syscall!(write(
                     self.eventfd.as_raw_fd(),
                     (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
+                    size_of::<u64>(),
                 ))
             };
         }

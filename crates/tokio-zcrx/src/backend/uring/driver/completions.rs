@@ -160,7 +160,7 @@ impl<R: CompletionRing> Driver<R> {
             crate::sys::syscall!(read(
                 self.shared.eventfd.as_raw_fd(),
                 (&mut counter as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
+                size_of::<u64>(),
             ))
         };
         if raw.flags & zcrx_sys::ring::IORING_CQE_F_MORE == 0 {

@@ -133,7 +133,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     let rqes_offset = personality.rqes_offset();
     let ring_bytes = rqes_offset + rq_entries as usize * 16;
     let stats_offset = caps.events.then_some(ring_bytes.next_multiple_of(8));
-    let region_len = stats_offset.map_or(ring_bytes, |s| s + std::mem::size_of::<zcrx_stats>());
+    let region_len = stats_offset.map_or(ring_bytes, |s| s + size_of::<zcrx_stats>());
     let region = Mapping::new(region_len, false).map_err(internal)?;
     let layout = SharedLayout {
         area_token: 0,

@@ -198,8 +198,8 @@ fn the_write_half_writes_shuts_down_and_closes() {
         while written < rest.len() {
             let half = (rest.len() - written) / 2;
             let slices = [
-                std::io::IoSlice::new(&rest[written..written + half]),
-                std::io::IoSlice::new(&rest[written + half..]),
+                io::IoSlice::new(&rest[written..written + half]),
+                io::IoSlice::new(&rest[written + half..]),
             ];
             written += writer.write_vectored(&slices).await.unwrap();
         }
@@ -209,7 +209,7 @@ fn the_write_half_writes_shuts_down_and_closes() {
         // The descriptor it lends is the connection's socket.
         let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&writer));
         let mut value: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: reads one int option of a live socket into a live int.
         unsafe {
             crate::sys::syscall!(getsockopt(

@@ -345,7 +345,7 @@ fn events() {
         // reports): wait, bounded, until the subscriber has what the ring posted.
         let report = h.control.report();
         let mut copy_events = 0;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while (copy_events as u64) < report.events[1] {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Ok(event)) => copy_events += usize::from(event.kind == EventKind::CopyFallback),
