@@ -1,7 +1,7 @@
 //! The runtime builder: which queue to register and how big everything is.
 //!
 //! [`Builder::validate`] checks every setting once and splits them into a [`Config`]: what
-//! mode selection needs, the io_uring backend's [`Validated`] and the copy backend's
+//! mode selection needs, the io_uring backend's [`UringConfig`] and the copy backend's
 //! [`CopyConfig`], so each backend reads only its own checked settings, never the builder.
 
 use std::time::Duration;
@@ -229,7 +229,7 @@ impl Builder {
     }
 
     /// The configuration for registering `target` with the io_uring backend.
-    pub(crate) fn validate_for(&self, target: Target, page: u32) -> Result<Validated> {
+    pub(crate) fn validate_for(&self, target: Target, page: u32) -> Result<UringConfig> {
         let invalid = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
         let chunk = self.chunk_size.unwrap_or(page);
         if !chunk.is_power_of_two() || chunk < page {
@@ -306,7 +306,7 @@ impl Builder {
             }
             Target::InterfaceIndex { .. } | Target::NoDevice => {}
         }
-        Ok(Validated {
+        Ok(UringConfig {
             target,
             area_size,
             chunk_size: chunk,
@@ -429,7 +429,7 @@ pub(crate) struct Config {
     pub(crate) interface: Option<Target>,
     /// The io_uring backend's settings, for `interface` (the device-less mode without one);
     /// `None` in copy mode, which neither checks nor uses them. See [`Config::uring_for`].
-    uring: Option<Validated>,
+    uring: Option<UringConfig>,
     pub(crate) copy: CopyConfig,
 }
 
@@ -440,9 +440,9 @@ impl Config {
     /// # Panics
     ///
     /// In copy mode, which starts no io_uring backend.
-    pub(crate) fn uring_for(&self, target: Target) -> Validated {
+    pub(crate) fn uring_for(&self, target: Target) -> UringConfig {
         let uring = self.uring.as_ref().expect("checked in every mode but copy");
-        Validated {
+        UringConfig {
             target,
             ..uring.clone()
         }
@@ -462,7 +462,7 @@ pub(crate) struct CopyConfig {
 
 /// The io_uring backend's checked configuration, for one target.
 #[derive(Debug, Clone)]
-pub(crate) struct Validated {
+pub(crate) struct UringConfig {
     pub(crate) target: Target,
     pub(crate) area_size: usize,
     pub(crate) chunk_size: u32,
@@ -516,7 +516,7 @@ impl StreamOptions {
 mod tests {
     use super::*;
 
-    fn validate(b: Builder) -> Result<Validated> {
+    fn validate(b: Builder) -> Result<UringConfig> {
         b.validate_for(Target::NoDevice, 4096)
     }
 

@@ -12,7 +12,7 @@ use zcrx_sys::query::query_zcrx;
 use zcrx_sys::ring::IORING_OP_RECV_ZC;
 
 use super::ring::Capabilities;
-use crate::config::{EventsPolicy, Target, Validated};
+use crate::config::{EventsPolicy, Target, UringConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 use crate::sys::fork::RingForkGuard;
@@ -128,7 +128,7 @@ fn ring_creation_error(cq_entries: u32, error: io::Error) -> Error {
 }
 
 /// Creates the ring and registers the queue described by `config`.
-pub(crate) fn register(config: &Validated) -> Result<Instance> {
+pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
     let ring =
         ZcrxRing::new(config.cq_entries).map_err(|e| ring_creation_error(config.cq_entries, e))?;
     let recv_zc = probe_opcode_supported(ring.ring.as_fd(), IORING_OP_RECV_ZC).unwrap_or(false);
@@ -305,7 +305,7 @@ fn ifindex(name: &str) -> Result<u32> {
 
 /// Turns a refused registration into an error that says what to do. For a NIC queue the
 /// probe looks at the interface (without registering) to tell the causes of EINVAL apart.
-fn explain_refusal(target: &Target, config: &Validated, error: io::Error) -> Error {
+fn explain_refusal(target: &Target, config: &UringConfig, error: io::Error) -> Error {
     let queue = match target {
         Target::NoDevice => None,
         Target::Interface { name, queue } => Some((name.clone(), *queue)),
@@ -333,7 +333,7 @@ fn explain_refusal(target: &Target, config: &Validated, error: io::Error) -> Err
 /// can be tested without a NIC.
 fn refusal_error(
     queue: Option<(&str, u32)>,
-    config: &Validated,
+    config: &UringConfig,
     error: io::Error,
     diagnosis: Option<&InterfaceReport>,
 ) -> Error {
@@ -456,7 +456,7 @@ mod tests {
     use crate::probe::{TcpDataSplit, TrialOutcome};
     use crate::Builder;
 
-    fn config(builder: Builder) -> Validated {
+    fn config(builder: Builder) -> UringConfig {
         let target = Target::Interface {
             name: "nsim0".into(),
             queue: 1,
@@ -582,7 +582,7 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Kernel);
     }
 
-    fn config_nodev(builder: Builder) -> Validated {
+    fn config_nodev(builder: Builder) -> UringConfig {
         builder
             .validate_for(Target::NoDevice, page_size() as u32)
             .unwrap()

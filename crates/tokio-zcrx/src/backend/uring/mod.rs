@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use zcrx_core::user_data::{StreamId, StreamSlots};
 
-use crate::config::{StreamOptions, Validated};
+use crate::config::{StreamOptions, UringConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Stats};
 /// The crate's poison-free lock, under the name this backend's files import it by.
@@ -218,7 +218,7 @@ impl std::fmt::Debug for UringHandle {
 }
 
 /// Starts the driver thread and waits until it registered the queue (or failed to).
-pub(crate) fn start(config: Validated) -> Result<UringHandle> {
+pub(crate) fn start(config: UringConfig) -> Result<UringHandle> {
     let shared = Arc::new(DriverShared::new().map_err(|e| {
         let error = instance::out_of_descriptors("the driver's eventfd", &e).unwrap_or_else(|| {
             if e.raw_os_error() == Some(libc::ENOMEM) {

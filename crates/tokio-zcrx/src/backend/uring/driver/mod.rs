@@ -34,7 +34,7 @@ use super::ring::{Capabilities, CompletionRing, UringRing};
 use super::{lock, Command, DriverShared, FAILED, STOPPING};
 use super::{StreamEnd, StreamShared};
 use crate::config::StreamOptions;
-use crate::config::Validated;
+use crate::config::UringConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
 use streams::{StreamEntry, Streams};
@@ -51,7 +51,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const EXHAUSTION_RETRY: Duration = Duration::from_millis(5);
 
 /// Entry point of the driver thread.
-pub(super) fn run(config: Validated, shared: Arc<DriverShared>, ready: mpsc::Sender<Result<()>>) {
+pub(super) fn run(config: UringConfig, shared: Arc<DriverShared>, ready: mpsc::Sender<Result<()>>) {
     let instance = match instance::register(&config) {
         Ok(instance) => instance,
         Err(e) => {
@@ -152,7 +152,7 @@ pub(crate) struct Driver<R: CompletionRing> {
 impl Driver<UringRing> {
     fn new(
         instance: Instance,
-        config: &Validated,
+        config: &UringConfig,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<UringRing>> {
         let Instance {
@@ -192,7 +192,7 @@ impl<R: CompletionRing> Driver<R> {
         layout: AreaLayout,
         nodev: bool,
         caps: Capabilities,
-        config: &Validated,
+        config: &UringConfig,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<R>> {
         *lock(&shared.area) = Some(Arc::downgrade(&area));

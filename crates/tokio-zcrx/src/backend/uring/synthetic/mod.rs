@@ -124,12 +124,12 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     if let Some(entries) = config.refill_entries {
         builder = builder.refill_entries(entries);
     }
-    let validated = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
+    let uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
     let caps = personality.capabilities(config.events);
     let internal = |e: io::Error| Error::new(ErrorKind::Kernel, "synthetic runtime").with_source(e);
     let shared = Arc::new(DriverShared::new().map_err(internal)?);
-    let memory = Mapping::new(validated.area_size, false).map_err(internal)?;
-    let rq_entries = validated.refill_entries;
+    let memory = Mapping::new(uring_config.area_size, false).map_err(internal)?;
+    let rq_entries = uring_config.refill_entries;
     let rqes_offset = personality.rqes_offset();
     let ring_bytes = rqes_offset + rq_entries as usize * 16;
     let stats_offset = caps.events.then_some(ring_bytes.next_multiple_of(8));
@@ -185,7 +185,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         area_layout,
         config.registration == Registration::NoDevice,
         caps,
-        &validated,
+        &uring_config,
         Arc::clone(&shared),
     )?;
     let driver_shared = Arc::clone(&shared);
