@@ -35,24 +35,22 @@ struct Args {
 fn parse_args() -> Result<Option<Args>, lexopt::Error> {
     use lexopt::prelude::*;
 
-    let mut args = Args {
-        json: false,
-        options: ProbeOptions::default(),
-    };
+    let mut json = false;
+    let mut options = ProbeOptions::new();
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
-            Long("json") => args.json = true,
+            Long("json") => json = true,
             Long("interface") | Short('i') => {
-                args.options.interface = Some(parser.value()?.string()?);
+                options = options.interface(parser.value()?.string()?);
             }
-            Long("queue") | Short('q') => args.options.queue = Some(parser.value()?.parse()?),
-            Long("try-register") => args.options.try_register = true,
+            Long("queue") | Short('q') => options = options.queue(parser.value()?.parse()?),
+            Long("try-register") => options = options.try_register(true),
             Long("help") | Short('h') => return Ok(None),
             _ => return Err(arg.unexpected()),
         }
     }
-    Ok(Some(args))
+    Ok(Some(Args { json, options }))
 }
 
 fn main() -> ExitCode {

@@ -9,10 +9,7 @@ use tokio_zcrx::probe::{
 };
 
 fn probe_interface(name: &str) -> ProbeReport {
-    probe::run(&ProbeOptions {
-        interface: Some(name.to_owned()),
-        ..ProbeOptions::default()
-    })
+    probe::run(&ProbeOptions::new().interface(name))
 }
 
 /// Whether this process can make trial registrations at all.
@@ -137,7 +134,7 @@ fn missing_interface_is_not_found_and_not_registered() {
 
 #[test]
 fn default_probe_explains_every_interface_and_disturbs_none() {
-    let report = probe::run(&ProbeOptions::default());
+    let report = probe::run(&ProbeOptions::new());
     let text = report.to_string();
     assert!(text.contains(&report.kernel_release));
     assert!(!report.interfaces.is_empty(), "lo at least exists");

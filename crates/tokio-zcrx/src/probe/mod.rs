@@ -10,7 +10,7 @@
 //! ```no_run
 //! use tokio_zcrx::probe::{self, ProbeOptions, Verdict};
 //!
-//! let report = probe::run(&ProbeOptions::default());
+//! let report = probe::run(&ProbeOptions::new());
 //! print!("{report}");
 //! for interface in &report.interfaces {
 //!     if interface.verdict == Verdict::Ready {
@@ -73,21 +73,22 @@ mod trial;
 
 pub use errno::Errno;
 
-/// What to probe and how far to go.
+/// What to probe and how far to go. Built with [`ProbeOptions::new`] (everything, no
+/// registration) and the setters, so that options added later do not break callers.
 ///
 /// ```
 /// use tokio_zcrx::probe::ProbeOptions;
 ///
 /// // Only eth1, queue 3, confirming with a real registration.
-/// let options = ProbeOptions {
-///     interface: Some("eth1".into()),
-///     queue: Some(3),
-///     try_register: true,
-/// };
+/// let options = ProbeOptions::new()
+///     .interface("eth1")
+///     .queue(3)
+///     .try_register(true);
+/// assert_eq!(options.interface.as_deref(), Some("eth1"));
 /// assert!(ProbeOptions::default().interface.is_none());
-/// # let _ = options;
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ProbeOptions {
     /// Probe only this interface; `None` probes every interface in `/sys/class/net`.
     pub interface: Option<String>,
@@ -97,6 +98,34 @@ pub struct ProbeOptions {
     /// Also register where every precondition looks met. A successful registration briefly
     /// restarts that NIC receive queue; the probe tears it down at once.
     pub try_register: bool,
+}
+
+impl ProbeOptions {
+    /// Every interface, its last receive queue, no registration: the same as `default()`.
+    pub fn new() -> ProbeOptions {
+        ProbeOptions::default()
+    }
+
+    /// Probes only the interface `name` (by default every interface in `/sys/class/net`).
+    pub fn interface(mut self, name: impl Into<String>) -> ProbeOptions {
+        self.interface = Some(name.into());
+        self
+    }
+
+    /// Examines receive queue `queue` (by default the last one, the queue a zcrx deployment
+    /// keeps RSS away from).
+    pub fn queue(mut self, queue: u32) -> ProbeOptions {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// Whether to also register where every precondition looks met (by default not). A
+    /// successful registration briefly restarts that NIC receive queue; the probe tears it
+    /// down at once.
+    pub fn try_register(mut self, try_register: bool) -> ProbeOptions {
+        self.try_register = try_register;
+        self
+    }
 }
 
 /// Whether the kernel has something. Exhaustive: a yes, a no, or a don't know.
@@ -372,10 +401,7 @@ pub struct InterfaceReport {
 /// ```no_run
 /// use tokio_zcrx::probe::{self, ProbeOptions, Support};
 ///
-/// let report = probe::run(&ProbeOptions {
-///     interface: Some("lo".into()),
-///     ..ProbeOptions::default()
-/// });
+/// let report = probe::run(&ProbeOptions::new().interface("lo"));
 /// if report.features.nodev.support == Support::Supported {
 ///     println!("NODEV mode works on any TCP socket, loopback included");
 /// }

@@ -315,11 +315,12 @@ fn explain_refusal(target: &Target, config: &UringConfig, error: io::Error) -> E
     // The probe is only needed where the errno alone does not say what to do.
     let report = match &queue {
         Some((interface, queue)) if !matches!(errno, libc::EPERM | libc::ENOMEM) => {
-            Some(probe::run(&ProbeOptions {
-                interface: Some(interface.clone()),
-                queue: Some(*queue),
-                try_register: false,
-            }))
+            Some(probe::run(
+                &ProbeOptions::new()
+                    .interface(interface.clone())
+                    .queue(*queue)
+                    .try_register(false),
+            ))
         }
         _ => None,
     };
