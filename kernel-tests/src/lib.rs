@@ -5,7 +5,7 @@
 //! the kernel ABI, so these tests check the kernel facts the runtime is built on.
 //!
 //! It repeats on purpose what `tokio-zcrx` does to register (ring flags, area and refill
-//! region, offsets) instead of calling the library's `sys::zcrx`: a test oracle must not
+//! region, offsets) instead of calling the library's `sys::registration`: a test oracle must not
 //! share the code it checks, or a mistake in that code would be made on both sides and pass.
 //!
 //! The guest's network (see vm/guest/init) is described by environment variables:

@@ -20,7 +20,7 @@ use super::{
     CapNetAdminReport, Errno, FeatureReport, IoUringReport, OpcodeReport, QueryStatus, Support,
     TrialOutcome, ZcrxFeatures, ZcrxQueryReport, ZcrxQueryResult,
 };
-use crate::sys::zcrx::QueueBinding;
+use crate::sys::registration::QueueBinding;
 
 /// The fix for a missing CAP_NET_ADMIN, shared by every message that needs it.
 pub(crate) const CAP_NET_ADMIN_FIX: &str =

@@ -1,13 +1,13 @@
 //! Register one zcrx instance and tear it down again: the probe's ground truth.
 //!
-//! The registration itself is the runtime's (`crate::sys::zcrx`: ring, area and refill region,
+//! The registration itself is the runtime's (`crate::sys::registration`: ring, area and refill region,
 //! released in the right order), with the smallest sizes the kernel accepts; this file only
 //! picks the sizes and turns a failure into what the probe reports.
 
 use std::io;
 
 use crate::sys::page_size;
-use crate::sys::zcrx::{QueueBinding, RegisterError, ZcrxInstance, ZcrxRequest, ZcrxRing};
+use crate::sys::registration::{QueueBinding, RegisterError, ZcrxInstance, ZcrxRequest, ZcrxRing};
 
 /// Pages in the trial area: enough for the kernel to accept it, small enough to pin anywhere.
 const TRIAL_AREA_PAGES: usize = 16;

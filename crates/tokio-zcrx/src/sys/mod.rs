@@ -11,7 +11,7 @@ pub(crate) mod claim;
 pub(crate) mod fork;
 pub(crate) mod mem;
 pub(crate) mod netlink;
-pub(crate) mod zcrx;
+pub(crate) mod registration;
 
 /// Calls `libc::$fn($args)` and turns the C convention "-1 and `errno`" into an
 /// [`io::Result`] of the return value, as mio's `syscall!` does.

@@ -18,11 +18,9 @@ use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 use crate::sys::fork::RingForkGuard;
 use crate::sys::mem::Mapping;
 use crate::sys::page_size;
-use crate::sys::zcrx::{
-    QueueBinding, RegisterError, SetupStep, ZcrxInstance, ZcrxRequest, ZcrxRing,
+use crate::sys::registration::{
+    QueueBinding, RegisterError, Ring, SetupStep, ZcrxInstance, ZcrxRequest, ZcrxRing,
 };
-
-pub(crate) use crate::sys::zcrx::Ring;
 
 /// A registered queue: the ring, and the memory the kernel shares with us.
 pub(crate) struct Instance {

@@ -17,7 +17,7 @@ use zcrx_core::query::QueryFeatures;
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
 
 use crate::sys::fork::RingForkGuard;
-use crate::sys::zcrx::Ring;
+use crate::sys::registration::Ring;
 
 /// What the kernel behind a driver can do beyond 6.15's RECV_ZC, detected once at
 /// registration (the synthetic kernels state theirs). The driver never calls what is absent:

@@ -5,7 +5,7 @@
 use super::super::host::{trial_outcome, HostFacts, CAP_NET_ADMIN_FIX};
 use super::super::trial::TrialError;
 use super::super::{Errno, InterfaceReport, Support, TcpDataSplit, TrialOutcome, Verdict};
-use crate::sys::zcrx::QueueBinding;
+use crate::sys::registration::QueueBinding;
 
 /// Drivers that can do zcrx as of Linux 7.3, for messages.
 const CAPABLE_DRIVERS: &str = "mlx5, gve, fbnic, bnxt as of Linux 7.3";
