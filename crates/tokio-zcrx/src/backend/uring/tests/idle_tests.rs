@@ -62,7 +62,9 @@ async fn idle_cpu(name: &str) -> Duration {
     thread_cpu(tid) - before
 }
 
-const KERNELS: [(Personality, Registration, &str); 2] = [
+/// The kernels the idle tests run on: the oldest and the newest (a subset of
+/// `scenarios::KERNELS`), each with the suffix of the driver thread's name.
+const IDLE_KERNELS: [(Personality, Registration, &str); 2] = [
     (Personality::Linux6_18, Registration::Nic, "618"),
     (Personality::Linux7_3, Registration::NoDevice, "73"),
 ];
@@ -70,7 +72,7 @@ const KERNELS: [(Personality, Registration, &str); 2] = [
 /// After traffic, with every buffer still held by the application.
 #[test]
 fn idle_with_buffers_held() {
-    for (personality, registration, short) in KERNELS {
+    for (personality, registration, short) in IDLE_KERNELS {
         let name = format!("tzx-held-{short}");
         let cpu = runtime().block_on(async {
             let h = Harness::start(SyntheticConfig {
@@ -150,7 +152,7 @@ fn idle_with_overflow_pending() {
 /// the buffers are still held (defect E: the driver kept polling with a zero timeout).
 #[test]
 fn idle_after_closing_a_stream_that_waited_for_buffers() {
-    for (personality, registration, short) in KERNELS {
+    for (personality, registration, short) in IDLE_KERNELS {
         let name = format!("tzx-closed-{short}");
         let cpu = runtime().block_on(async {
             let h = Harness::start(SyntheticConfig {
