@@ -12,7 +12,8 @@
 //! - **Attach**: [`CopyRuntime::attach`] splits the socket; the read half becomes a
 //!   [`CopyStream`], the write half goes straight to Tokio.
 //! - **Order and ends**: a [`CopyStream`] reads the socket itself, one `read` per buffer, so
-//!   buffers come in byte-stream order; EOF is `None`, a read error is the one `Err`.
+//!   buffers come in byte-stream order; EOF is `None`, a read error (or the runtime's
+//!   shutdown) is the one `Err`, and the stream is done after either.
 //! - **Buffers**: each buffer holds a strong reference to its [`Pool`] (whose mapping it
 //!   points into) and goes back to the free list through the pool's owner vtable when
 //!   dropped, however long after the stream and runtime are gone.
