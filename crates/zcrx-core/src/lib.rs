@@ -14,6 +14,7 @@
 //! | [`accounting`] | [`ChunkRefs`](accounting::ChunkRefs): outstanding references per chunk, catches double returns | the driver on delivery, any thread on return |
 //! | [`events`] | [`EventRearm`](events::EventRearm): when to re-arm zcrx events, rate-limited | the driver |
 //! | [`receive`] | [`StreamReceive`](receive::StreamReceive): one stream's receive requests, when to submit, resubmit, cancel and finish | the driver, per stream |
+//! | [`budget`] | [`BudgetPolicy`](budget::BudgetPolicy): how many bytes one stream may hold before it stops receiving, derived from the shared memory and the number of streams | both backends, per stream |
 //! | [`query`] | [`QueryFeatures`](query::QueryFeatures): the zcrx query's answer decoded into features | the runtime before it registers; the capability probe |
 //! | [`region`] | [`RegionLayout`](region::RegionLayout): the refill region's size and parts, and the check of the offsets the kernel reports | both registrations (runtime and probe trial) |
 //! | [`pad`] | [`CachePadded`](pad::CachePadded): contended data on cache lines of its own | the refill ring; the runtime's area |
@@ -95,6 +96,7 @@
 #![warn(missing_docs)]
 
 pub mod accounting;
+pub mod budget;
 pub mod completion;
 pub mod events;
 pub mod pad;
