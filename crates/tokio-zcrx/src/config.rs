@@ -87,6 +87,7 @@ pub struct Builder {
     pub(crate) thread_name: String,
     pub(crate) copy_buffers: u32,
     pub(crate) copy_buffer_size: usize,
+    pub(crate) stream_budget: Option<u64>,
 }
 
 /// The largest refill ring the kernel accepts without clamping (`IO_RQ_MAX_ENTRIES`).
@@ -122,6 +123,7 @@ impl Default for Builder {
             // 4 MiB: fits the CPU cache, which matters more for copying than pool size.
             copy_buffers: 64,
             copy_buffer_size: 64 << 10,
+            stream_budget: None,
         }
     }
 }
@@ -171,6 +173,23 @@ impl Builder {
     pub fn copy_pool(mut self, buffers: u32, buffer_size: usize) -> Builder {
         self.copy_buffers = buffers;
         self.copy_buffer_size = buffer_size;
+        self
+    }
+
+    /// The bytes each stream may hold (received, handed out and not yet dropped) before it
+    /// stops receiving; it receives again once it holds half as much. The rest of its data
+    /// waits in its socket, and TCP flow control slows its peer, so that one reader that holds
+    /// on to its buffers (a peer that does not read its replies, a leaked buffer) cannot take
+    /// the memory every other stream receives into. In every mode.
+    ///
+    /// By default the budget is derived from the area (or the copy pool's memory limit) and
+    /// the number of open streams: half the memory shared among them, at least two chunks or
+    /// buffers each, at most a quarter of the memory for one stream
+    /// ([`zcrx_core::budget::BudgetPolicy`]). A budget set here is the same for every stream;
+    /// [`StreamOptions::budget`] overrides it per stream. At least 1 byte; `u64::MAX` turns
+    /// budgets off.
+    pub fn stream_budget(mut self, bytes: u64) -> Builder {
+        self.stream_budget = Some(bytes);
         self
     }
 
@@ -316,6 +335,7 @@ impl Builder {
             events: self.events,
             event_rearm_interval: self.event_rearm_interval,
             thread_name: self.thread_name.clone(),
+            stream_budget: self.stream_budget,
         })
     }
 
@@ -362,6 +382,13 @@ impl Builder {
                 self.event_rearm_interval, MAX_EVENT_REARM_INTERVAL
             ));
         }
+        if self.stream_budget == Some(0) {
+            return invalid(
+                "a stream budget of 0 bytes would never receive: pass at least one chunk's \
+                 worth (e.g. .stream_budget(65536)), or u64::MAX for no budget"
+                    .into(),
+            );
+        }
         if self.thread_name.contains('\0') {
             return invalid(format!(
                 "thread name {:?} contains a NUL byte, which thread names cannot hold: remove it",
@@ -388,6 +415,7 @@ impl Builder {
                 buffers: self.copy_buffers,
                 buffer_size: self.copy_buffer_size,
                 event_interval: self.event_rearm_interval,
+                stream_budget: self.stream_budget,
             },
         })
     }
@@ -458,6 +486,9 @@ pub(crate) struct CopyConfig {
     pub(crate) buffer_size: usize,
     /// At most one copy event per interval (the builder's event re-arm interval).
     pub(crate) event_interval: Duration,
+    /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from
+    /// the pool's memory and the number of streams otherwise.
+    pub(crate) stream_budget: Option<u64>,
 }
 
 /// The io_uring backend's checked configuration, for one target.
@@ -473,6 +504,9 @@ pub(crate) struct UringConfig {
     pub(crate) events: EventsPolicy,
     pub(crate) event_rearm_interval: Duration,
     pub(crate) thread_name: String,
+    /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from
+    /// the area and the number of streams otherwise.
+    pub(crate) stream_budget: Option<u64>,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).
@@ -495,6 +529,9 @@ pub struct StreamOptions {
     /// one receive running until EOF, the fastest way. A limit is backpressure: a slow consumer
     /// then holds at most about `limit` bytes of the area.
     pub read_limit: Option<u32>,
+    /// This stream's budget in bytes (see [`Builder::stream_budget`]); `None` (the default)
+    /// takes the runtime's.
+    pub budget: Option<u64>,
 }
 
 impl StreamOptions {
@@ -508,6 +545,15 @@ impl StreamOptions {
     /// [`ErrorKind::InvalidConfig`].
     pub fn read_limit(mut self, bytes: u32) -> StreamOptions {
         self.read_limit = Some(bytes);
+        self
+    }
+
+    /// Sets [`budget`](StreamOptions::budget): this stream stops receiving while it holds
+    /// `bytes` or more, and receives again at half of it. `u64::MAX` turns the budget off for
+    /// this stream; 0 would never receive: [`attach_with`](crate::Zcrx::attach_with) refuses
+    /// it with [`ErrorKind::InvalidConfig`].
+    pub fn budget(mut self, bytes: u64) -> StreamOptions {
+        self.budget = Some(bytes);
         self
     }
 }

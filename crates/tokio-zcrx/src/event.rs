@@ -25,6 +25,15 @@ pub enum EventKind {
     /// resubmitted them. No data is lost; a larger [`cq_entries`](crate::Builder::cq_entries)
     /// avoids the extra work.
     CqOverflowRecovered,
+    /// A stream reached its budget (see
+    /// [`Builder::stream_budget`](crate::Builder::stream_budget)) and stopped receiving until
+    /// its reader drops buffers; its data waits in its socket. At most one per 100 ms per
+    /// runtime; [`Stats::stream_pauses`] counts them all.
+    StreamPaused,
+    /// The application holds three quarters or more of the shared memory (the area, or the
+    /// copy pool's limit): streams may soon wait for memory. Reported again only after the
+    /// holding fell below half, and at most once per second.
+    MemoryHighWater,
 }
 
 impl fmt::Display for EventKind {
@@ -34,6 +43,8 @@ impl fmt::Display for EventKind {
             EventKind::AllocationFailure => "allocation failure",
             EventKind::AreaExhausted => "area exhausted",
             EventKind::CqOverflowRecovered => "CQ overflow recovered",
+            EventKind::StreamPaused => "stream paused by its budget",
+            EventKind::MemoryHighWater => "memory high water",
         })
     }
 }
@@ -91,6 +102,18 @@ pub struct Stats {
     /// Optional kernel calls that failed and were carried on from (refill flushes, event
     /// re-arms), plus `io_uring_enter` calls retried after EINTR, EAGAIN or EBUSY.
     pub faults_survived: u64,
+    /// Bytes of the shared memory buffers are received into: the area, or the copy pool's
+    /// memory limit.
+    pub memory_capacity: u64,
+    /// Bytes of it the application holds: buffers delivered and not yet dropped (whole chunks
+    /// in the area).
+    pub memory_held: u64,
+    /// The most bytes one stream holds.
+    pub largest_stream_held: u64,
+    /// Streams stopped by their budget now.
+    pub streams_paused: u64,
+    /// Times a stream was stopped by its budget, in all.
+    pub stream_pauses: u64,
 }
 
 impl fmt::Display for Stats {

@@ -132,6 +132,14 @@ impl Zcrx {
         socket: TcpStream,
         options: StreamOptions,
     ) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
+        if options.budget == Some(0) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "a stream budget of 0 bytes would never receive: use None for the runtime's \
+                 budget, or u64::MAX for none",
+            )
+            .into());
+        }
         if options.read_limit == Some(0) {
             return Err(Error::new(
                 ErrorKind::InvalidConfig,

@@ -40,7 +40,10 @@ impl Budget {
     /// A budget of `high` bytes that resumes at half of it.
     pub fn new(high: u64) -> Budget {
         let high = high.max(1);
-        Budget { high, low: high / 2 }
+        Budget {
+            high,
+            low: high / 2,
+        }
     }
 
     /// No limit: what a stream gets when budgets are turned off.

@@ -327,6 +327,9 @@ impl Pool {
             bytes,
             chunks,
             buffers_outstanding: self.outstanding.load(Ordering::Relaxed),
+            memory_capacity: self.memory.len() as u64,
+            // Whole buffers, as the area counts whole chunks.
+            memory_held: self.outstanding.load(Ordering::Relaxed) * self.buffer_size as u64,
             ..Stats::default()
         }
     }

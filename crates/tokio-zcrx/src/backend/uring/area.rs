@@ -263,12 +263,13 @@ impl Area {
     pub(crate) fn stats(&self) -> Stats {
         let copies = self.kernel_copies();
         let chunks = self.counters.chunks.load(Ordering::Relaxed);
+        let outstanding = self.buffers_outstanding(chunks);
         Stats {
             copy_count: copies.map(|c| c.0),
             copy_bytes: copies.map(|c| c.1),
             bytes: self.counters.bytes.load(Ordering::Relaxed),
             chunks,
-            buffers_outstanding: self.buffers_outstanding(chunks),
+            buffers_outstanding: outstanding,
             resubmits_cq_overflow: self.counters.resubmits_cq_overflow.load(Ordering::Relaxed),
             resubmits_area_exhausted: self
                 .counters
@@ -280,6 +281,9 @@ impl Area {
             faults_survived: self.counters.failed_flushes.load(Ordering::Relaxed)
                 + self.counters.failed_rearms.load(Ordering::Relaxed)
                 + self.counters.transient_enter_errors.load(Ordering::Relaxed),
+            memory_capacity: self.memory.len() as u64,
+            memory_held: outstanding * u64::from(self.chunk_size),
+            ..Stats::default()
         }
     }
 }

@@ -78,9 +78,7 @@ async fn a_panicking_waker_does_not_end_the_driver() {
         std::os::fd::AsRawFd::as_raw_fd(&socket),
         StreamPlan::new(7, 4 * CHUNK),
     );
-    let options = StreamOptions {
-        read_limit: Some(CHUNK_SIZE),
-    };
+    let options = StreamOptions::new().read_limit(CHUNK_SIZE);
     let (mut stream, _writer) = harness.zcrx.attach_with(socket, options).unwrap();
     let waker = Waker::from(Arc::new(PanickingWaker));
     let mut cx = Context::from_waker(&waker);
@@ -124,9 +122,7 @@ async fn a_limited_stream_resubmitted_after_exhaustion_stays_within_its_limit() 
         .control
         .plan(std::os::fd::AsRawFd::as_raw_fd(&socket), plan);
     let limit = 8 * CHUNK;
-    let options = StreamOptions {
-        read_limit: Some(limit as u32),
-    };
+    let options = StreamOptions::new().read_limit(limit as u32);
     let (mut stream, _writer) = harness.zcrx.attach_with(socket, options).unwrap();
     let mut position = 0;
     let mut held = Vec::new();
