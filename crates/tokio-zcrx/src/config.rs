@@ -180,11 +180,16 @@ impl Builder {
     /// stops receiving; it receives again once it holds half as much. The rest of its data
     /// waits in its socket, and TCP flow control slows its peer, so that one reader that holds
     /// on to its buffers (a peer that does not read its replies, a leaked buffer) cannot take
-    /// the memory every other stream receives into. In every mode.
+    /// the memory every other stream receives into.
     ///
-    /// By default the budget is derived from the area (or the copy pool's memory limit) and
-    /// the number of open streams: half the memory shared among them, at least two chunks or
-    /// buffers each, at most a quarter of the memory for one stream
+    /// **Copy mode only, for now.** In nic and nodev modes budgets are not enforced yet: the
+    /// area is shared without per-stream limits there, and
+    /// [`StreamOptions::read_limit`] is what bounds one stream's holding (see
+    /// docs/holding-buffers.md).
+    ///
+    /// By default the budget is derived from the copy pool's memory limit and the number of
+    /// open streams: half the memory shared among them, at least two buffers each, at most a
+    /// quarter of the memory for one stream
     /// ([`zcrx_core::budget::BudgetPolicy`]). A budget set here is the same for every stream;
     /// [`StreamOptions::budget`] overrides it per stream. At least 1 byte; `u64::MAX` turns
     /// budgets off.
@@ -335,7 +340,6 @@ impl Builder {
             events: self.events,
             event_rearm_interval: self.event_rearm_interval,
             thread_name: self.thread_name.clone(),
-            stream_budget: self.stream_budget,
         })
     }
 
@@ -504,9 +508,6 @@ pub(crate) struct UringConfig {
     pub(crate) events: EventsPolicy,
     pub(crate) event_rearm_interval: Duration,
     pub(crate) thread_name: String,
-    /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from
-    /// the area and the number of streams otherwise.
-    pub(crate) stream_budget: Option<u64>,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).
@@ -529,8 +530,8 @@ pub struct StreamOptions {
     /// one receive running until EOF, the fastest way. A limit is backpressure: a slow consumer
     /// then holds at most about `limit` bytes of the area.
     pub read_limit: Option<u32>,
-    /// This stream's budget in bytes (see [`Builder::stream_budget`]); `None` (the default)
-    /// takes the runtime's.
+    /// This stream's budget in bytes (see [`Builder::stream_budget`]; copy mode only, for
+    /// now); `None` (the default) takes the runtime's.
     pub budget: Option<u64>,
 }
 
@@ -549,7 +550,8 @@ impl StreamOptions {
     }
 
     /// Sets [`budget`](StreamOptions::budget): this stream stops receiving while it holds
-    /// `bytes` or more, and receives again at half of it. `u64::MAX` turns the budget off for
+    /// `bytes` or more, and receives again at half of it (copy mode only, for now: see
+    /// [`Builder::stream_budget`]). `u64::MAX` turns the budget off for
     /// this stream; 0 would never receive: [`attach_with`](crate::Zcrx::attach_with) refuses
     /// it with [`ErrorKind::InvalidConfig`].
     pub fn budget(mut self, bytes: u64) -> StreamOptions {
