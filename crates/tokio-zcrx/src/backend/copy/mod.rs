@@ -56,12 +56,7 @@ pub(crate) struct CopyRuntime {
 impl CopyRuntime {
     pub(crate) fn new(config: &CopyConfig) -> io::Result<CopyRuntime> {
         let events = broadcast::channel(1024).0;
-        let pool = Pool::new(
-            config.buffers,
-            config.buffer_size,
-            events.clone(),
-            config.event_interval,
-        )?;
+        let pool = Pool::new(config, events.clone())?;
         Ok(CopyRuntime {
             pool: Arc::new(pool),
             events,
@@ -79,7 +74,12 @@ impl CopyRuntime {
         options: StreamOptions,
     ) -> (CopyStream, ZcWriteHalf) {
         let (read_half, write_half) = socket.into_split();
-        let stream = CopyStream::new(read_half, Arc::clone(&self.pool), options.read_limit);
+        let stream = CopyStream::new(
+            read_half,
+            Arc::clone(&self.pool),
+            options.read_limit,
+            options.budget,
+        );
         (stream, ZcWriteHalf::tokio(write_half))
     }
 
@@ -115,12 +115,14 @@ impl CopyRuntime {
             self.pool.closed.store(true, Ordering::Relaxed);
             state.take_waiters()
         };
-        for &fd in sockets.values() {
+        for share in sockets.values() {
             // SAFETY: the fd belongs to a live CopyStream (entries are removed under this lock
             // before the socket closes); shutdown(2) does not close or free it.
             // A socket that is already shut down or disconnected answers ENOTCONN: its
             // reader ends either way, so the result is not needed.
-            let _ = unsafe { syscall!(shutdown(fd, libc::SHUT_RD)) };
+            let _ = unsafe { syscall!(shutdown(share.fd, libc::SHUT_RD)) };
+            // A stream paused by its budget waits for no readiness: wake it directly.
+            share.wake();
         }
         drop(sockets);
         wake_all(waiters);
