@@ -443,22 +443,18 @@ impl Pool {
         self.held.load(Ordering::SeqCst)
     }
 
-    /// How many smallest-class buffers still fit under the cap: the "free buffers" the
-    /// waiting list's fairness counts.
-    pub(super) fn room_units(&self) -> usize {
+    /// How many buffers of `class` still fit under the cap: the "free buffers" the waiting
+    /// list's fairness counts. A stream waits for room for the size it asked for (a smaller
+    /// buffer would read less than its reads call for, and at the cap it is the holders'
+    /// returns, not a smaller read, that make progress).
+    pub(super) fn room_units(&self, class: usize) -> usize {
         let room = self.capacity.saturating_sub(self.held());
-        (room / self.classes[0] as u64).min(usize::MAX as u64) as usize
+        (room / self.classes[class] as u64).min(usize::MAX as u64) as usize
     }
 
-    /// Reserves room for a buffer of `class` or, if that does not fit, of the largest
-    /// smaller class that does (the caller checked that the smallest fits), and takes its
+    /// Reserves room for a buffer of `class` (the caller checked that it fits), and takes its
     /// memory from the recycled set if it has one. Under the state lock.
-    pub(super) fn reserve(&self, state: &mut PoolState, class: usize) -> (usize, Option<Block>) {
-        let room = self.capacity.saturating_sub(self.held());
-        let mut class = class;
-        while class > 0 && self.classes[class] as u64 > room {
-            class -= 1;
-        }
+    pub(super) fn reserve(&self, state: &mut PoolState, class: usize) -> Option<Block> {
         let size = self.classes[class] as u64;
         let held = self.held.fetch_add(size, Ordering::SeqCst) + size;
         self.note_holding(held);
@@ -476,7 +472,7 @@ impl Pool {
                 mapped: None,
             })
         };
-        (class, block)
+        block
     }
 
     /// Allocates a heap buffer of `class`, whose room is reserved; gives the room back if

@@ -35,8 +35,9 @@ pub(crate) struct CopyStream {
     /// The size class of the next read, and the largest one the read limit allows.
     class: usize,
     max_class: usize,
-    /// Reads in a row below the next smaller class.
+    /// Reads in a row below the next smaller class, and the largest of them.
     small_reads: u8,
+    small_max: usize,
     /// Paused by the budget (counted in the pool's `streams_paused`).
     paused: bool,
     /// Where this stream's waker sits in the pool's waiting list: the list's generation and
@@ -82,9 +83,13 @@ impl CopyStream {
             share,
             read_limit,
             budget,
+            // The smallest first: a connection's first buffer (often held for the whole
+            // connection, e.g. to parse a header) takes little of the cap; a bulk stream
+            // reaches the largest in a few reads.
             class: 0,
             max_class,
             small_reads: 0,
+            small_max: 0,
             paused: false,
             waiting: None,
             deferred: false,
@@ -161,7 +166,7 @@ impl CopyStream {
             if generation == state.generation {
                 // Still in the list (polled for another reason): the slot is kept while the
                 // cap is reached and cleared when room is taken.
-                if self.pool.room_units() == 0 {
+                if self.pool.room_units(self.class) == 0 {
                     let entry = &mut state.waiters[slot];
                     if !entry.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                         *entry = Some(cx.waker().clone());
@@ -174,7 +179,7 @@ impl CopyStream {
             }
             self.waiting = None;
         }
-        let free = self.pool.room_units();
+        let free = self.pool.room_units(self.class);
         if free == 0 {
             self.deferred = false;
             self.waiting = Some((state.generation, state.waiters.len()));
@@ -190,7 +195,7 @@ impl CopyStream {
             return Take::Pending;
         }
         self.deferred = false;
-        let (class, block) = self.pool.reserve(&mut state, self.class);
+        let (class, block) = (self.class, self.pool.reserve(&mut state, self.class));
         drop(state);
         match block {
             Some(block) => Take::Buffer(block),
@@ -201,17 +206,25 @@ impl CopyStream {
         }
     }
 
-    /// Adapts the next read's size to this one's: larger after a read that filled its
-    /// buffer, smaller after a few that would have fit the next smaller class.
+    /// Adapts the next read's size to this one's: twice as large after a read that filled
+    /// its buffer; after a few in a row that would have fit a smaller class, the smallest
+    /// class that fits the largest of them.
     fn adapt(&mut self, block: &Block, read: usize, asked: usize) {
         let class = block.class as usize;
-        if read == asked && asked == self.pool.classes[class] {
+        let classes = &self.pool.classes;
+        if read == asked && asked == classes[class] {
             self.class = (class + 1).min(self.max_class);
             self.small_reads = 0;
-        } else if class > 0 && read <= self.pool.classes[class - 1] {
+        } else if class > 0 && read <= classes[class - 1] {
             self.small_reads += 1;
+            self.small_max = if self.small_reads == 1 {
+                read
+            } else {
+                self.small_max.max(read)
+            };
             if self.small_reads >= SMALL_READS_TO_SHRINK {
-                self.class = class - 1;
+                let fits = classes.iter().position(|&size| size >= self.small_max);
+                self.class = fits.unwrap_or(class).min(class);
                 self.small_reads = 0;
             }
         } else {
@@ -376,7 +389,7 @@ mod waiting_list_tests {
         };
         let pool = Arc::new(Pool::new(&config, events).unwrap());
         // The whole cap handed out: streams wait.
-        let (_, held) = pool.reserve(&mut pool.lock_state(), 0);
+        let held = pool.reserve(&mut pool.lock_state(), 0);
         let held = held.expect("the one mapped buffer");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut survivor = None;
