@@ -95,10 +95,8 @@ fn start_server(
     let handle = std::thread::spawn(move || {
         let mut clock: libc::clockid_t = 0;
         // SAFETY: our own thread's CPU clock id, written to `clock`.
-        assert_eq!(
-            unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) },
-            0
-        );
+        let got = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        assert_eq!(got, 0);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -107,7 +107,7 @@ async fn a_fresh_client_is_served_past_200_stalled_write_back_peers() {
         .await
         .unwrap();
     let (mut read_half, mut write_half) = client.split();
-    let (written, echoed) = within(1.0, "a fresh client past stalled peers", async {
+    let ((), echoed) = within(1.0, "a fresh client past stalled peers", async {
         let write = async {
             write_half.write_all(&sent).await.unwrap();
         };
@@ -119,7 +119,6 @@ async fn a_fresh_client_is_served_past_200_stalled_write_back_peers() {
         tokio::join!(write, read)
     })
     .await;
-    let _ = written;
     println!("served in {:?}", started.elapsed());
     assert!(echoed == sent, "the echo differs from what was sent");
     drop(client);
@@ -341,10 +340,8 @@ fn raise_fd_limit(wanted: u64) -> u64 {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes the struct we pass.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(got, 0);
     let raised = libc::rlimit {
         rlim_cur: wanted.max(limit.rlim_cur),
         rlim_max: wanted.max(limit.rlim_max),

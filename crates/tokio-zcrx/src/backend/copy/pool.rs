@@ -105,7 +105,7 @@ impl Block {
     /// in the low bits.
     fn encode(self) -> u64 {
         match self.mapped {
-            Some(index) => u64::from(index) * HEAP_ALIGN as u64 | MAPPED_TAG,
+            Some(index) => (u64::from(index) * HEAP_ALIGN as u64) | MAPPED_TAG,
             None => self.ptr as u64 | u64::from(self.class),
         }
     }
@@ -456,10 +456,9 @@ impl Pool {
     /// memory from the recycled set if it has one. Under the state lock.
     pub(super) fn reserve(&self, state: &mut PoolState, class: usize) -> Option<Block> {
         let size = self.classes[class] as u64;
-        let held = self.held.fetch_add(size, Ordering::SeqCst) + size;
-        self.note_holding(held);
+        self.held.fetch_add(size, Ordering::SeqCst);
         let top = self.classes.len() - 1;
-        let block = if class == top {
+        if class == top {
             state.free.pop().map(|index| Block {
                 ptr: self.mapped_ptr(index),
                 class: class as u8,
@@ -471,8 +470,7 @@ impl Pool {
                 class: class as u8,
                 mapped: None,
             })
-        };
-        block
+        }
     }
 
     /// Allocates a heap buffer of `class`, whose room is reserved; gives the room back if
@@ -597,8 +595,9 @@ impl Pool {
         });
     }
 
-    /// After the holding rose to `held`: the high-water event, if due.
-    fn note_holding(&self, held: u64) {
+    /// After the holding rose to `held`: the high-water event, if due. Not under the state
+    /// lock (the event's statistics take the sockets lock, which shutdown takes first).
+    pub(super) fn note_holding(&self, held: u64) {
         if u128::from(held) * 4 >= u128::from(self.capacity) * 3
             && self.high_water_armed.load(Ordering::Relaxed)
             && self.due(&self.last_high_water_event, HIGH_WATER_EVENT_INTERVAL)

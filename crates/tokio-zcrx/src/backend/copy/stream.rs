@@ -197,6 +197,7 @@ impl CopyStream {
         self.deferred = false;
         let (class, block) = (self.class, self.pool.reserve(&mut state, self.class));
         drop(state);
+        self.pool.note_holding(self.pool.held());
         match block {
             Some(block) => Take::Buffer(block),
             None => match self.pool.allocate(class) {
