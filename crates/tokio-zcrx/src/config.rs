@@ -87,6 +87,7 @@ pub struct Builder {
     pub(crate) thread_name: String,
     pub(crate) copy_buffers: u32,
     pub(crate) copy_buffer_size: usize,
+    pub(crate) copy_memory_limit: Option<u64>,
     pub(crate) stream_budget: Option<u64>,
 }
 
@@ -123,6 +124,7 @@ impl Default for Builder {
             // 4 MiB: fits the CPU cache, which matters more for copying than pool size.
             copy_buffers: 64,
             copy_buffer_size: 64 << 10,
+            copy_memory_limit: None,
             stream_budget: None,
         }
     }
@@ -165,14 +167,31 @@ impl Builder {
         self.mode(Mode::NoDevice)
     }
 
-    /// The copy-mode buffer pool: `buffers` buffers of `buffer_size` bytes (default 64 of
-    /// 64 KiB). Streams wait for a free buffer when all are held; a pool that fits the CPU
-    /// cache copies fastest. Both must be at least 1; at most 2^20 buffers and 1 GiB in all
-    /// (the pool is allocated up front), else [`build`](Builder::build) fails with
-    /// [`ErrorKind::InvalidConfig`].
+    /// The copy-mode buffer pool's recycled set and largest read: `buffers` buffers of
+    /// `buffer_size` bytes (default 64 of 64 KiB), allocated up front and reused while they
+    /// are in the CPU cache, which copies fastest. Reads are sized to what arrives (powers of
+    /// two from 4 KiB up to `buffer_size`); smaller buffers are recycled too (up to `buffers`
+    /// of each size). When more is held, the pool allocates beyond the recycled set, up to
+    /// [`copy_memory_limit`](Builder::copy_memory_limit), and frees the extra when it comes
+    /// back: no stream waits because others hold buffers until that limit is reached. Both
+    /// must be at least 1; at most 2^20 buffers and 1 GiB in all, else
+    /// [`build`](Builder::build) fails with [`ErrorKind::InvalidConfig`].
     pub fn copy_pool(mut self, buffers: u32, buffer_size: usize) -> Builder {
         self.copy_buffers = buffers;
         self.copy_buffer_size = buffer_size;
+        self
+    }
+
+    /// The most memory copy-mode buffers handed out may take together (held by the
+    /// application, or being read into). Beyond it, streams wait for buffers to come back,
+    /// in the order they started waiting. Default: 256 MiB, or a quarter of the memory
+    /// available to the process (its cgroup's limit included) when that is less, and never
+    /// less than the recycled set of [`copy_pool`](Builder::copy_pool). At least one buffer
+    /// of the pool's `buffer_size` and at least the recycled set, else
+    /// [`build`](Builder::build) fails with [`ErrorKind::InvalidConfig`]; `u64::MAX` sets no
+    /// limit. [`Stats::memory_capacity`](crate::Stats::memory_capacity) reports it.
+    pub fn copy_memory_limit(mut self, bytes: u64) -> Builder {
+        self.copy_memory_limit = Some(bytes);
         self
     }
 
@@ -379,6 +398,26 @@ impl Builder {
                 self.copy_buffers, self.copy_buffer_size
             ));
         }
+        if let Some(limit) = self.copy_memory_limit {
+            // `pool_bytes` fits (checked above).
+            let recycled = (self.copy_buffers as u64) * self.copy_buffer_size as u64;
+            if limit < self.copy_buffer_size as u64 {
+                return invalid(format!(
+                    "a copy memory limit of {limit} bytes cannot hold one buffer of the copy \
+                     pool ({} bytes): pass at least .copy_memory_limit({}), or leave the \
+                     default (256 MiB)",
+                    self.copy_buffer_size, self.copy_buffer_size
+                ));
+            }
+            if limit < recycled {
+                return invalid(format!(
+                    "a copy memory limit of {limit} bytes is smaller than the copy pool's \
+                     recycled set ({} buffers of {} bytes, {recycled} bytes): pass at least \
+                     .copy_memory_limit({recycled}), or fewer buffers to .copy_pool()",
+                    self.copy_buffers, self.copy_buffer_size
+                ));
+            }
+        }
         if self.event_rearm_interval > MAX_EVENT_REARM_INTERVAL {
             return invalid(format!(
                 "event re-arm interval {:?} is longer than the limit of {:?}: to receive no \
@@ -418,6 +457,7 @@ impl Builder {
             copy: CopyConfig {
                 buffers: self.copy_buffers,
                 buffer_size: self.copy_buffer_size,
+                memory_limit: self.copy_memory_limit,
                 event_interval: self.event_rearm_interval,
                 stream_budget: self.stream_budget,
             },
@@ -488,6 +528,9 @@ pub(crate) struct CopyConfig {
     pub(crate) buffers: u32,
     /// Bytes per buffer, at least 1; the pool is at most [`MAX_COPY_POOL_BYTES`].
     pub(crate) buffer_size: usize,
+    /// The most bytes handed out at once (`Builder::copy_memory_limit`), at least one buffer
+    /// and the recycled set; `None`: the default, which depends on the machine's memory.
+    pub(crate) memory_limit: Option<u64>,
     /// At most one copy event per interval (the builder's event re-arm interval).
     pub(crate) event_interval: Duration,
     /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from

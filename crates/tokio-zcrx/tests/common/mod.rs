@@ -22,11 +22,16 @@ impl Rng {
     }
 }
 
-/// A copy-mode runtime with a pool of `buffers` x `size` bytes.
+/// A copy-mode runtime with a pool of `buffers` x `size` bytes that never hands out more
+/// than that (the memory limit is the recycled set), so streams wait when all are held, and
+/// without per-stream budgets, so that the pool alone decides when a stream waits (budgets
+/// are tested in copy_elastic.rs).
 pub(crate) fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
     let zcrx = Zcrx::builder()
         .mode(Mode::Copy)
         .copy_pool(buffers, size)
+        .copy_memory_limit(u64::from(buffers) * size as u64)
+        .stream_budget(u64::MAX)
         .build()
         .unwrap();
     assert_eq!(zcrx.mode(), ActiveMode::Copy);
