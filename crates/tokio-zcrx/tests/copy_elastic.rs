@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::pattern;
+use common::{attached, pattern};
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -126,17 +126,6 @@ async fn a_fresh_client_is_served_past_200_stalled_write_back_peers() {
         peer.abort();
     }
     server.abort();
-}
-
-/// A connected stream on `zcrx` with `options`, and its peer.
-async fn attached(zcrx: &Zcrx, options: StreamOptions) -> (ZcStream, ZcWriteHalf, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (socket, _) = listener.accept().await.unwrap();
-    let (stream, writer) = zcrx.attach_with(socket, options).unwrap();
-    (stream, writer, client)
 }
 
 /// Drains `events` into the kinds seen.

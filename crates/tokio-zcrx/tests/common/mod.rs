@@ -1,7 +1,8 @@
 //! Helpers shared by the copy-mode host tests (each test binary uses some of them).
 #![allow(dead_code)]
 
-use tokio_zcrx::{ActiveMode, Mode, Zcrx};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_zcrx::{ActiveMode, Mode, StreamOptions, ZcStream, ZcWriteHalf, Zcrx};
 
 /// The byte at `pos` of connection `seed`'s payload.
 pub(crate) fn pattern(seed: u64, pos: u64) -> u8 {
@@ -36,4 +37,18 @@ pub(crate) fn copy_runtime(buffers: u32, size: usize) -> Zcrx {
         .unwrap();
     assert_eq!(zcrx.mode(), ActiveMode::Copy);
     zcrx
+}
+
+/// An attached loopback connection: the server side's stream and write half, and the client.
+pub(crate) async fn attached(
+    zcrx: &Zcrx,
+    options: StreamOptions,
+) -> (ZcStream, ZcWriteHalf, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (socket, _) = listener.accept().await.unwrap();
+    let (stream, writer) = zcrx.attach_with(socket, options).unwrap();
+    (stream, writer, client)
 }
