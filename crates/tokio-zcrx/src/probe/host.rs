@@ -23,8 +23,7 @@ use super::{
 use crate::sys::registration::QueueBinding;
 
 /// The fix for a missing CAP_NET_ADMIN, shared by every message that needs it.
-pub(crate) const CAP_NET_ADMIN_FIX: &str =
-    "run as root, or grant the binary the capability: `sudo setcap cap_net_admin+ep BINARY`";
+pub(crate) use crate::sys::privilege::CAP_NET_ADMIN_FIX;
 
 /// Everything host-wide, gathered once before the interfaces are probed.
 #[derive(Debug, Clone)]
