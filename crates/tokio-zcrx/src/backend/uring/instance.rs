@@ -290,7 +290,7 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
 /// What a registration binds, in words: `eth0 rx queue 3`, `the device-less (NODEV) mode`.
 fn describe_target(target: &Target) -> String {
     match target {
-        Target::NoDevice => "the device-less (NODEV) mode".to_owned(),
+        Target::NoDevice => "a device-less (NODEV) zcrx instance".to_owned(),
         Target::Interface { name, queue } => format!("{name} rx queue {queue}"),
         Target::InterfaceIndex { index, queue } => {
             format!("{} rx queue {queue}", interface_name(*index))
@@ -358,7 +358,7 @@ fn refusal_error(
         // Dropped since the up-front check (another thread called drop_privileges)?
         let what = match queue {
             Some((interface, queue)) => format!("{interface} rx queue {queue}"),
-            None => "the device-less (NODEV) mode".to_owned(),
+            None => "a device-less (NODEV) zcrx instance".to_owned(),
         };
         if let Some(dropped) = privilege::registration_after_drop(&what) {
             return dropped.with_source(error);
