@@ -45,7 +45,25 @@ fn run_in_child(name: &str, prepare: impl FnOnce(&mut Command)) {
         "the child's run of {name} failed ({}):\n{stdout}\n{stderr}",
         output.status
     );
-    print!("{stdout}");
+    println!("{}", child_lines(&stdout, name));
+}
+
+/// The child's own lines, without libtest's (`running 1 test`, `test NAME ... ok`, the
+/// result line), which would read as results of this process's run.
+fn child_lines(stdout: &str, name: &str) -> String {
+    let prefix = format!("test {name} ... ");
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let line = line.strip_prefix(&prefix).unwrap_or(line);
+            let libtest = line.is_empty()
+                || line == "ok"
+                || line.starts_with("running ")
+                || line.starts_with("test result:");
+            (!libtest).then_some(line)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One thread's capability sets, from /proc/self/task/TID/status.
