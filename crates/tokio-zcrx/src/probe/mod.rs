@@ -51,7 +51,8 @@
 //! - `features`: `import`, `rx_buf_len`, `nodev`, `events`, each `{support, min_kernel,
 //!   summary}`.
 //! - `nodev_trial`: a trial outcome (below).
-//! - `cap_net_admin`: `effective` (bool or null), `summary`.
+//! - `cap_net_admin`: `effective`, `permitted`, `bounding` (each bool or null), `dropped`
+//!   (string or null: when this process gave it up), `needed_for`, `summary`.
 //! - `interfaces`: array of `name`, `ifindex`, `driver` (null for a virtual device),
 //!   `virtual_device`, `rx_queues`, `queue` (the queue examined), `tcp_data_split` (`"on"`,
 //!   `"off"`, `"unsupported"`, `"unknown"`), `hds_thresh`, `xdp_attached` (bool or null),
@@ -283,13 +284,24 @@ pub struct ZcrxFeatures {
     pub events: FeatureReport,
 }
 
-/// CAP_NET_ADMIN in this thread's effective capability set.
+/// CAP_NET_ADMIN in this thread's capability sets, and what needs it on this kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct CapNetAdminReport {
     /// Whether CAP_NET_ADMIN is effective; `None` if it could not be read.
     pub effective: Option<bool>,
+    /// Whether it is permitted (could be made effective); `None` if unreadable.
+    pub permitted: Option<bool>,
+    /// Whether it is in the bounding set (an exec of a binary with file capabilities could
+    /// gain it); `None` if unreadable.
+    pub bounding: Option<bool>,
+    /// When this process gave it up with
+    /// [`Zcrx::drop_privileges`](crate::Zcrx::drop_privileges), in words (`12.3 s ago (at
+    /// 2026-11-30 21:03:04 UTC)`); `None` if it did not.
+    pub dropped: Option<String>,
+    /// Which zcrx operations need it on this kernel, in words.
+    pub needed_for: String,
     /// Plain-words summary.
     pub summary: String,
 }

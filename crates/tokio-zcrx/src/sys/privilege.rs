@@ -594,6 +594,13 @@ pub(crate) fn registration_after_drop(what: &str) -> Option<Error> {
     ))
 }
 
+/// When this process dropped CAP_NET_ADMIN, in words (`12.3 s ago (at ...)`), if it did.
+pub(crate) fn dropped_net_admin_at() -> Option<String> {
+    let record = dropped()?;
+    (record.kept & Capability::NET_ADMIN.bit() == 0)
+        .then(|| describe_when(record.at, SystemTime::now()))
+}
+
 /// `12.3 s ago (at 2026-11-30 21:03:04 UTC)`.
 fn describe_when(at: SystemTime, now: SystemTime) -> String {
     let ago = now.duration_since(at).unwrap_or_default();
