@@ -422,3 +422,65 @@ fn without_the_capability_every_mode_names_it() {
     let report = tokio_zcrx::probe::run(&tokio_zcrx::probe::ProbeOptions::new());
     assert_eq!(report.cap_net_admin.effective, Some(false));
 }
+
+const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
+
+/// Puts `kernel.io_uring_disabled` back to what it was, even when the test fails.
+struct RestoreIoUringDisabled(String);
+
+impl Drop for RestoreIoUringDisabled {
+    fn drop(&mut self) {
+        std::fs::write(IO_URING_DISABLED, &self.0).expect("restore kernel.io_uring_disabled");
+    }
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn io_uring_disabled_and_auto_mode() {
+    if !in_child() {
+        // The sysctl is the guest's, not the child's: the parent restores it.
+        let _restore = RestoreIoUringDisabled(std::fs::read_to_string(IO_URING_DISABLED).unwrap());
+        return run_in_child("io_uring_disabled_and_auto_mode", |_| {});
+    }
+    const TOTAL: u64 = 4 << 20;
+    let net = GuestNet::from_env();
+    let peer = PeerSenders::start(net.peer_netns.clone());
+    runtime().block_on(async {
+        // 2: nobody may create a ring; auto says so and receives in copy mode.
+        std::fs::write(IO_URING_DISABLED, "2").unwrap();
+        let auto = Zcrx::builder().interface(&net.nic, 0).build().unwrap();
+        assert_eq!(auto.mode(), ActiveMode::Copy);
+        let selection = auto.mode_selection().to_string();
+        println!("io_uring_disabled = 2, auto: {selection}");
+        assert!(
+            selection.contains("disabled system-wide (kernel.io_uring_disabled = 2)"),
+            "{selection}"
+        );
+        let err = nic(&net).build().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::IoUringUnavailable, "{err}");
+
+        // 1: only CAP_SYS_ADMIN or kernel.io_uring_group may create a ring. Root registers;
+        // after the drop that ring keeps receiving, while a new ring is refused.
+        std::fs::write(IO_URING_DISABLED, "1").unwrap();
+        let zcrx = build(nic(&net).area_size(4 << 20));
+        let (listener, addr) = listen(&net.nic_addr).await;
+        Zcrx::drop_privileges(DropPrivileges::all()).expect("drop");
+        let sender = peer.send(addr, TOTAL);
+        let stream = accept(&zcrx, &listener).await;
+        assert_eq!(read_verified(stream).await, TOTAL);
+        assert_eq!(sender.join().unwrap(), TOTAL);
+        assert_eq!(zcrx.stats().copy_bytes, Some(0), "{}", zcrx.stats());
+        let refused = match IoUring::<squeue::Entry, cqueue::Entry>::new(4) {
+            Ok(_) => panic!("a new ring was created under io_uring_disabled = 1 after the drop"),
+            Err(refused) => refused,
+        };
+        assert_eq!(refused.raw_os_error(), Some(libc::EPERM), "{refused}");
+        // The runtime's own error for a new registration names the drop first.
+        let auto = Zcrx::builder().interface(&net.nic, 0).build().unwrap();
+        assert_eq!(auto.mode(), ActiveMode::Copy);
+        let selection = auto.mode_selection().to_string();
+        println!("io_uring_disabled = 1 after the drop, auto: {selection}");
+        assert!(selection.contains("gave up CAP_NET_ADMIN"), "{selection}");
+        zcrx.shutdown().await;
+    });
+}

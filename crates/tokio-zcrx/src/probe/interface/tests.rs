@@ -305,6 +305,12 @@ fn rss_weights_exclude_a_middle_queue() {
         "{}",
         hints[0]
     );
+    let exposure = hints.last().unwrap();
+    assert!(exposure.contains("whatever socket it is for"), "{exposure}");
+    assert!(
+        exposure.contains("`ethtool -x eth1` leaves queue 1 out"),
+        "{exposure}"
+    );
     eth.rx_queues = Some(1);
     eth.queue = Some(0);
     assert!(steering_hints(&eth)[0].contains("single rx queue"));

@@ -466,6 +466,9 @@ pub(super) fn steering_hints(report: &InterfaceReport) -> Vec<String> {
     hints.push(format!(
         "steer the flow to queue {queue}: `ethtool -N {name} flow-type tcp6 dst-port PORT action {queue}` (tcp4 for IPv4); traffic on other queues still arrives through the copy fallback"
     ));
+    hints.push(format!(
+        "every packet steered to queue {queue}, by RSS or by any rule, is written into the zcrx process's memory whatever socket it is for: check that `ethtool -x {name}` leaves queue {queue} out and that no rule in `ethtool -n {name}` sends more than the service's port there (docs/nic-setup.md, Security)"
+    ));
     hints
 }
 
