@@ -58,7 +58,8 @@
 //!   `"off"`, `"unsupported"`, `"unknown"`), `hds_thresh`, `xdp_attached` (bool or null),
 //!   `registration` (trial outcome), `verdict` (`"ready"`, `"preconditions_met"`,
 //!   `"needs_configuration"`, `"unsupported"`, `"not_found"`, `"unknown"`), `reason`, `fix`
-//!   (string or null), `hints` (strings), `notes` (strings).
+//!   (string or null), `hints` (strings), `exposure` (strings: what else RSS and n-tuple
+//!   rules steer to the queue), `notes` (strings).
 //!
 //! A trial outcome is an object whose `outcome` is `"not_attempted"` (with `reason`),
 //! `"registered"`, `"refused"` (with `errno`: the kernel said no) or `"failed"` (with `step`
@@ -404,6 +405,11 @@ pub struct InterfaceReport {
     pub fix: Option<String>,
     /// Advice for using the interface (e.g. steering the flow to the queue).
     pub hints: Vec<String>,
+    /// What the NIC steers to the probed queue besides the service's flow, as far as its RSS
+    /// indirection table and n-tuple rules tell (`ethtool -x`, `ethtool -n`): every packet
+    /// steered there is written into the zcrx process's memory, whatever socket it is for.
+    /// Empty for virtual devices.
+    pub exposure: Vec<String>,
     /// Side observations, such as a check that could not be made.
     pub notes: Vec<String>,
 }

@@ -132,6 +132,9 @@ fn render_interface(f: &mut fmt::Formatter<'_>, interface: &InterfaceReport) -> 
     for hint in &interface.hints {
         line(f, "hint", hint)?;
     }
+    for exposure in &interface.exposure {
+        line(f, "exposure", exposure)?;
+    }
     for note in &interface.notes {
         line(f, "note", note)?;
     }

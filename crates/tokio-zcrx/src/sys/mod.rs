@@ -14,6 +14,7 @@ pub(crate) mod mem;
 pub(crate) mod netlink;
 pub(crate) mod privilege;
 pub(crate) mod registration;
+pub(crate) mod steering;
 
 /// Calls `libc::$fn($args)` and turns the C convention "-1 and `errno`" into an
 /// [`io::Result`] of the return value, as mio's `syscall!` does.

@@ -511,6 +511,7 @@ mod tests {
                 .into(),
             fix: None,
             hints: Vec::new(),
+            exposure: Vec::new(),
             notes: Vec::new(),
         }
     }
