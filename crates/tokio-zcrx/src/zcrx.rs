@@ -210,7 +210,10 @@ impl Zcrx {
     /// dropping anything if the application handles that signal itself, and, naming the
     /// thread, if a thread does not drop (it blocks the signal for 5 s, say) or still holds a
     /// capability when every thread's `/proc` status is read back at the end. After such a
-    /// failure some threads may still hold their capabilities: stop rather than serve.
+    /// failure some threads may still hold their capabilities: stop rather than serve. The
+    /// signal interrupts what threads are blocked in: calls are restarted (`SA_RESTART`)
+    /// where the kernel allows, and a driver thread's wait in `io_uring_enter`, answered
+    /// `EINTR`, is retried and counted in [`Stats::faults_survived`](crate::Stats::faults_survived).
     ///
     /// The effective, permitted, inheritable and ambient sets lose everything not kept; the
     /// bounding set too, if the process holds `CAP_SETPCAP` (a root process does; a service
