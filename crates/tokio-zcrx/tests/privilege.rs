@@ -510,3 +510,46 @@ fn a_non_root_service_with_ambient_cap_net_admin_drops_it() {
         );
     });
 }
+
+#[test]
+fn a_thread_that_blocks_the_signal_is_named() {
+    if !in_child() {
+        return run_in_child("a_thread_that_blocks_the_signal_is_named", |_| {});
+    }
+    let (blocked_tx, blocked_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let stubborn = std::thread::Builder::new()
+        .name("blocks-rtsig".into())
+        .spawn(move || {
+            // SAFETY: sigset_t is plain data; the calls only change this thread's mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGRTMIN() + 7);
+                assert_eq!(
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                    0
+                );
+            }
+            blocked_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        })
+        .unwrap();
+    blocked_rx.recv().unwrap();
+    let started = std::time::Instant::now();
+    let err = Zcrx::drop_privileges(DropPrivileges::all()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PrivilegeDropFailed, "{err}");
+    let text = err.to_string();
+    for needle in [
+        "(blocks-rtsig)",
+        "blocks signal",
+        "SIGRTMIN+7",
+        "within 5 s",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing: {text}");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    println!("{text}");
+    drop(release_tx);
+    stubborn.join().unwrap();
+}
