@@ -385,6 +385,14 @@ fn without_cap_net_admin_the_error_names_it_and_the_ways_to_grant_it() {
         "{}",
         report.cap_net_admin.summary
     );
+    // Dropping what it never had does not make the drop the reason.
+    Zcrx::drop_privileges(DropPrivileges::all()).unwrap();
+    let err = Zcrx::builder()
+        .mode(Mode::Nic)
+        .interface("lo", 0)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
 }
 
 /// Makes a forked child (of a root parent) run as `nobody` with CAP_NET_ADMIN as its only

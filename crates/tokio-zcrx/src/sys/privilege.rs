@@ -303,11 +303,22 @@ extern "C" fn on_drop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
     unsafe { *errno = saved_errno };
 }
 
-/// When this process dropped privileges, and what it kept.
+/// When this process dropped privileges, what it held before (the calling thread's
+/// permitted set) and what it kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DropRecord {
     pub(crate) at: SystemTime,
+    pub(crate) held: u64,
     pub(crate) kept: u64,
+}
+
+impl DropRecord {
+    /// Whether the drop took CAP_NET_ADMIN away (a process that never had it did not lose it
+    /// by dropping: its registrations fail for the ordinary reason).
+    fn took_net_admin(&self) -> bool {
+        let net_admin = Capability::NET_ADMIN.bit();
+        self.held & net_admin != 0 && self.kept & net_admin == 0
+    }
 }
 
 /// Serialises drops: the answer slots above serve one at a time.
@@ -349,10 +360,15 @@ pub(crate) fn drop_process_wide(request: &DropPrivileges) -> Result<()> {
     let me = current_tid();
     drop_in_this_thread().map_err(|failure| thread_failed(me, failure))?;
     // From here on some threads may lack what they had: a later registration must say why.
-    *lock(&RECORD) = Some(DropRecord {
+    let mut record = lock(&RECORD);
+    // A second drop keeps the first one's account of what the process held.
+    let held = record.map_or(own.permitted, |earlier| earlier.held | own.permitted);
+    *record = Some(DropRecord {
         at: SystemTime::now(),
+        held,
         kept: keep,
     });
+    drop(record);
 
     let mut handled: HashSet<libc::pid_t> = HashSet::from([me]);
     loop {
@@ -578,7 +594,7 @@ fn verify(keep: u64, bounding_dropped: bool) -> Result<usize> {
 /// did not (then the kernel decides). `what` names what was to be registered.
 pub(crate) fn registration_after_drop(what: &str) -> Option<Error> {
     let record = dropped()?;
-    if record.kept & Capability::NET_ADMIN.bit() != 0 {
+    if !record.took_net_admin() {
         return None;
     }
     Some(Error::new(
@@ -597,7 +613,8 @@ pub(crate) fn registration_after_drop(what: &str) -> Option<Error> {
 /// When this process dropped CAP_NET_ADMIN, in words (`12.3 s ago (at ...)`), if it did.
 pub(crate) fn dropped_net_admin_at() -> Option<String> {
     let record = dropped()?;
-    (record.kept & Capability::NET_ADMIN.bit() == 0)
+    record
+        .took_net_admin()
         .then(|| describe_when(record.at, SystemTime::now()))
 }
 
@@ -679,6 +696,19 @@ mod tests {
         };
         assert_eq!(StepFailure::decode(failure.encode()), Some(failure));
         assert_eq!(StepFailure::decode(0), None);
+    }
+
+    #[test]
+    fn only_a_drop_that_took_net_admin_is_blamed() {
+        let record = |held: u64, kept: u64| DropRecord {
+            at: UNIX_EPOCH,
+            held,
+            kept,
+        };
+        let net_admin = Capability::NET_ADMIN.bit();
+        assert!(record(net_admin, 0).took_net_admin());
+        assert!(!record(net_admin, net_admin).took_net_admin());
+        assert!(!record(0, 0).took_net_admin());
     }
 
     #[test]
