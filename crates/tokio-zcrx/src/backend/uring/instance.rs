@@ -287,7 +287,8 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
     })
 }
 
-/// What a registration binds, in words: `eth0 rx queue 3`, `the device-less (NODEV) mode`.
+/// What a registration binds, in words: `eth0 rx queue 3`, `a device-less (NODEV) zcrx
+/// instance`.
 fn describe_target(target: &Target) -> String {
     match target {
         Target::NoDevice => "a device-less (NODEV) zcrx instance".to_owned(),
