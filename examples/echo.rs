@@ -11,6 +11,9 @@
 //! connections run at once, one task each. SIGINT or SIGTERM stops it. Pair it with
 //! `loadgen --verify-echo`.
 //!
+//! `--drop-privileges` gives up every capability (`CAP_NET_ADMIN` included) once the runtime
+//! is registered and the listener bound: the server runs the rest of its life without them.
+//!
 //! `--stats` adds a line `stats: {JSON}` once a second (connections served and open, and the
 //! runtime's statistics, e.g. `buffers_outstanding`), for soak tests (`cargo xtask soak`).
 
@@ -21,11 +24,11 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
-use tokio_zcrx::{Mode, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
+use tokio_zcrx::{DropPrivileges, Mode, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
 use tokio_zcrx_examples::{human_bytes, parse_command_line, say, ShutdownSignals};
 
 const USAGE_LINE: &str = "usage: echo --listen ADDR [--mode auto|nic|nodev|copy] \
-                          [--interface IF --queue N] [--stats]";
+                          [--interface IF --queue N] [--stats] [--drop-privileges]";
 
 const HELP: &str = "\
 options:
@@ -38,6 +41,8 @@ options:
   --queue N           its rx queue, steered to this server (docs/nic-setup.md)
   --stats             print `stats: {JSON}` once a second: served, open, failed and the
                       runtime's statistics (bytes, chunks, buffers_outstanding, ...)
+  --drop-privileges   once registered and listening, give up every capability for the
+                      rest of the run (Zcrx::drop_privileges; docs/nic-setup.md, Security)
   -h, --help          print this help";
 
 struct Args {
@@ -45,6 +50,7 @@ struct Args {
     mode: Mode,
     interface: Option<(String, u32)>,
     stats: bool,
+    drop_privileges: bool,
 }
 
 /// The command line, or `None` when help was asked for.
@@ -52,7 +58,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
     use lexopt::prelude::*;
 
     let (mut listen, mut mode, mut interface, mut queue) = (None, Mode::Auto, None, None);
-    let mut stats = false;
+    let (mut stats, mut drop_privileges) = (false, false);
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
@@ -61,6 +67,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
             Long("interface") | Short('i') => interface = Some(parser.value()?.string()?),
             Long("queue") | Short('q') => queue = Some(parser.value()?.parse()?),
             Long("stats") => stats = true,
+            Long("drop-privileges") => drop_privileges = true,
             Long("help") | Short('h') => return Ok(None),
             _ => return Err(arg.unexpected()),
         }
@@ -76,6 +83,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
         mode,
         interface,
         stats,
+        drop_privileges,
     }))
 }
 
@@ -128,6 +136,11 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     say!("echo: listening on {}", listener.local_addr()?);
     say!("mode: {}", zcrx.mode_selection());
+    if args.drop_privileges {
+        Zcrx::drop_privileges(DropPrivileges::all())
+            .map_err(|e| format!("cannot drop privileges: {e}"))?;
+        say!("echo: every capability dropped");
+    }
 
     let mut connections: JoinSet<(SocketAddr, io::Result<u64>)> = JoinSet::new();
     let (mut served, mut total, mut failed) = (0u64, 0u64, 0u64);

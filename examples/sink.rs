@@ -40,7 +40,8 @@ use tokio::task::JoinSet;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_zcrx::{
-    Event, EventKind, Mode, ModeSelection, Stats, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx,
+    DropPrivileges, Event, EventKind, Mode, ModeSelection, Stats, ZcBatch, ZcListener, ZcStream,
+    ZcWriteHalf, Zcrx,
 };
 use tokio_zcrx_examples::load::{self, Budget, LoadConfig, LoadReport};
 use tokio_zcrx_examples::{gbps, human_bytes, parse_command_line, say, ShutdownSignals};
@@ -48,7 +49,7 @@ use tokio_zcrx_examples::{gbps, human_bytes, parse_command_line, say, ShutdownSi
 const USAGE_LINE: &str = "usage: sink --listen ADDR [--mode auto|nic|nodev|copy] \
                           [--interface IF --queue N] [--json] [--demo SECONDS] \
                           [--hold MS] [--drop-every N] [--lagging-subscriber] \
-                          [--event-rearm MS]";
+                          [--event-rearm MS] [--drop-privileges]";
 
 const HELP: &str = "\
 options:
@@ -70,6 +71,8 @@ options:
                       also subscribe to events with a receiver that reads one event
                       every 100 ms, and count what it misses (`events_missed`)
   --event-rearm MS    the runtime's event re-arm interval (default: the library's)
+  --drop-privileges   once registered and listening, give up every capability for the
+                      rest of the run (Zcrx::drop_privileges; docs/nic-setup.md, Security)
   -h, --help          print this help";
 
 /// Connections the demo opens.
@@ -87,6 +90,7 @@ struct Args {
     drop_every: Option<u64>,
     lagging_subscriber: bool,
     event_rearm: Option<Duration>,
+    drop_privileges: bool,
 }
 
 /// The command line, or `None` when help was asked for.
@@ -103,6 +107,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
         drop_every: None,
         lagging_subscriber: false,
         event_rearm: None,
+        drop_privileges: false,
     };
     let (mut interface, mut queue) = (None, None);
     let mut parser = lexopt::Parser::from_env();
@@ -128,6 +133,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
                 n => args.drop_every = Some(n),
             },
             Long("lagging-subscriber") => args.lagging_subscriber = true,
+            Long("drop-privileges") => args.drop_privileges = true,
             Long("event-rearm") => {
                 args.event_rearm = Some(Duration::from_millis(parser.value()?.parse()?));
             }
@@ -265,6 +271,12 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    if args.drop_privileges {
+        Zcrx::drop_privileges(DropPrivileges::all())
+            .map_err(|e| format!("cannot drop privileges: {e}"))?;
+        // On stderr: with --json, stdout holds only JSON lines.
+        eprintln!("sink: every capability dropped");
+    }
     let mut out = Reporter::new(args.json, args.demo.is_some());
     out.listening(addr, zcrx.mode_selection());
 

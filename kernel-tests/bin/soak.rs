@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! soak [--seconds S] [--connections N] [--concurrency C] [--seed S] [--only PHASE]...
+//!      [--drop-privileges]
 //! ```
 //!
 //! Four phases, one server process each: the `echo` and `sink` examples, each in nic mode
@@ -117,6 +118,8 @@ struct Args {
     concurrency: usize,
     seed: u64,
     phases: Vec<Phase>,
+    /// Start the servers with `--drop-privileges`: they serve without any capability.
+    drop_privileges: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -126,6 +129,7 @@ fn parse_args() -> Result<Args, String> {
         concurrency: 32,
         seed: 1,
         phases: Vec::new(),
+        drop_privileges: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -158,6 +162,7 @@ fn parse_args() -> Result<Args, String> {
                 ))?;
                 args.phases.push(*phase);
             }
+            "--drop-privileges" => args.drop_privileges = true,
             other => return Err(format!("unexpected argument {other}")),
         }
     }
@@ -262,6 +267,8 @@ struct SinkConn {
 #[derive(Debug, Default)]
 struct ServerState {
     addr: Option<String>,
+    /// The server said it gave up every capability (`--drop-privileges`).
+    privileges_dropped: bool,
     /// Connections the server reported finished.
     finished: u64,
     /// Of those, how many it reported as failed (echo: an error line).
@@ -285,7 +292,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(phase: Phase, net: &Net) -> Result<Server, String> {
+    fn start(phase: Phase, net: &Net, drop_privileges: bool) -> Result<Server, String> {
         let listen = match phase.mode {
             NetMode::Nic => format!("{}:0", net.nic_addr),
             NetMode::Nodev => "127.0.0.1:0".to_string(),
@@ -296,6 +303,9 @@ impl Server {
                 ["--mode", "nic", "--interface", &net.nic, "--queue", "0"].map(String::from),
             ),
             NetMode::Nodev => args.extend(["--mode", "nodev"].map(String::from)),
+        }
+        if drop_privileges {
+            args.push("--drop-privileges".into());
         }
         let program = match phase.server {
             ServerKind::Echo => {
@@ -406,6 +416,8 @@ fn parse_stdout(kind: ServerKind, line: &str, state: &mut ServerState) {
         ServerKind::Echo => {
             if let Some(addr) = line.strip_prefix("echo: listening on ") {
                 state.addr = Some(addr.trim().to_string());
+            } else if line == "echo: every capability dropped" {
+                state.privileges_dropped = true;
             } else if line.contains(": echoed ") {
                 state.finished += 1;
             } else if let Some(json) = line.strip_prefix("stats: ") {
@@ -461,7 +473,12 @@ fn parse_stderr(kind: ServerKind, line: &str, state: &mut ServerState) {
             }
         }
     }
-    // The sink's remarks in JSON mode ("SIGTERM, stopping") are expected.
+    // The sink's remarks in JSON mode ("SIGTERM, stopping", and the drop of
+    // --drop-privileges) are expected.
+    if kind == ServerKind::Sink && line == "sink: every capability dropped" {
+        state.privileges_dropped = true;
+        return;
+    }
     if kind == ServerKind::Sink && line.ends_with(", stopping") {
         return;
     }
@@ -998,6 +1015,37 @@ fn run_phase(phase: Phase, net: &Net, args: &Args, budget: Duration, seed: u64) 
     report
 }
 
+/// The server's threads (io_uring's own workers aside) with a capability in their effective,
+/// permitted or ambient set, as `TID NAME: FIELD MASK`.
+fn threads_holding_capabilities(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![format!("cannot list /proc/{pid}/task")];
+    };
+    let mut holding = Vec::new();
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let name = std::fs::read_to_string(format!("{dir}/comm")).unwrap_or_default();
+        let name = name.trim();
+        if name.starts_with("iou-") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("{dir}/status")) else {
+            continue; // exited meanwhile
+        };
+        for field in ["CapEff:", "CapPrm:", "CapAmb:"] {
+            let mask = status
+                .lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|value| u64::from_str_radix(value.trim(), 16).ok());
+            if mask != Some(0) {
+                holding.push(format!("{tid} {name}: {field} {mask:?}"));
+            }
+        }
+    }
+    holding
+}
+
 fn soak(
     phase: Phase,
     net: &Net,
@@ -1006,7 +1054,7 @@ fn soak(
     seed: u64,
     report: &mut PhaseReport,
 ) -> Result<(), String> {
-    let server = Server::start(phase, net)?;
+    let server = Server::start(phase, net, args.drop_privileges)?;
     let netns = (phase.mode == NetMode::Nic).then(|| net.peer_netns.clone());
     let echo = phase.server == ServerKind::Echo;
     let clients = Clients::start(server.addr(), netns, args.concurrency, seed, echo);
@@ -1049,6 +1097,11 @@ fn soak(
     stop_sampler.store(true, Ordering::Relaxed);
     report.samples = sampler.join().expect("the sampler panicked")?;
 
+    let holding = if args.drop_privileges {
+        threads_holding_capabilities(server.pid)
+    } else {
+        Vec::new()
+    };
     let state = Arc::clone(&server.state);
     server.stop()?;
     let state = state.lock().unwrap();
@@ -1061,6 +1114,23 @@ fn soak(
         }
     } else if phase.server == ServerKind::Sink {
         report.problems.push("the sink printed no summary".into());
+    }
+    if !holding.is_empty() {
+        report.problems.push(format!(
+            "--drop-privileges: server threads still hold capabilities: {holding:?}"
+        ));
+    }
+    if args.drop_privileges {
+        if state.privileges_dropped {
+            println!(
+                "soak {}: the server ran without any capability",
+                phase.name()
+            );
+        } else {
+            report
+                .problems
+                .push("--drop-privileges: the server did not report dropping".into());
+        }
     }
     if !state.odd_lines.is_empty() {
         println!(

@@ -34,7 +34,7 @@ use anyhow::{Context, Result};
 /// whose name is the longest prefix of its path (`backend` is `backend/mod.rs` itself, and
 /// whatever no deeper entry claims; `""` is `lib.rs`).
 pub(crate) const LAYERS: &[&[&str]] = &[
-    &["error", "mode", "event"],
+    &["error", "mode", "event", "privilege"],
     &["sys"],
     &["config"],
     &["buf"],

@@ -43,7 +43,8 @@ Commands:
               driver uses CPU. --minutes (default 1) is the whole run, guest boot included;
               --connections N makes each of the four servers serve at least N connections
               after warm-up (10000 for the issue's churn). SOAK-ARGS go to the guest's
-              `soak` (--concurrency C, --seed S, --only echo_nic|echo_nodev|sink_nic|sink_nodev).
+              `soak` (--concurrency C, --seed S, --only echo_nic|echo_nodev|sink_nic|sink_nodev,
+              --drop-privileges: the servers serve without any capability).
   vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
               netdevsim, initramfs).
   bench [ARGS]

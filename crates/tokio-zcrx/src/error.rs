@@ -9,8 +9,16 @@ use std::io;
 pub enum ErrorKind {
     /// A builder setting is out of range or inconsistent; nothing was registered.
     InvalidConfig,
-    /// The process lacks `CAP_NET_ADMIN` (zcrx registration needs it).
+    /// The process lacks `CAP_NET_ADMIN` (zcrx registration needs it); the message names the
+    /// ways to grant it.
     PermissionDenied,
+    /// A registration after this process gave up `CAP_NET_ADMIN` with
+    /// [`Zcrx::drop_privileges`](crate::Zcrx::drop_privileges): build every nic and nodev
+    /// runtime before dropping.
+    PrivilegesDropped,
+    /// [`Zcrx::drop_privileges`](crate::Zcrx::drop_privileges) could not drop in every thread;
+    /// the message names the thread and says whether anything was dropped.
+    PrivilegeDropFailed,
     /// io_uring cannot be used here (disabled by sysctl, forbidden by seccomp, too old).
     IoUringUnavailable,
     /// The running kernel lacks a feature that was asked for.
@@ -123,7 +131,9 @@ impl From<Error> for io::Error {
     fn from(err: Error) -> io::Error {
         let kind = match err.kind {
             ErrorKind::InvalidConfig | ErrorKind::InvalidSocket => io::ErrorKind::InvalidInput,
-            ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,
+            ErrorKind::PermissionDenied | ErrorKind::PrivilegesDropped => {
+                io::ErrorKind::PermissionDenied
+            }
             ErrorKind::InterfaceNotFound => io::ErrorKind::NotFound,
             ErrorKind::IoUringUnavailable
             | ErrorKind::KernelTooOld
@@ -134,6 +144,7 @@ impl From<Error> for io::Error {
             ErrorKind::InterfaceNotConfigured
             | ErrorKind::QueueOutOfRange
             | ErrorKind::TooManyOpenFiles
+            | ErrorKind::PrivilegeDropFailed
             | ErrorKind::Kernel => match &err.source {
                 Some(source) => source.kind(),
                 None => io::ErrorKind::Other,

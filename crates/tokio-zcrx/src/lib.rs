@@ -1,7 +1,7 @@
 // Module layers, lowest first. A module imports only modules of earlier layers, and the
 // modules of one layer do not import each other; tests may import anything. `cargo xtask
 // layers` checks it against the order in xtask/src/layers.rs, which must match this one:
-// error, mode, event -> sys -> config -> buf -> writer -> probe -> backend::wake ->
+// error, mode, event, privilege -> sys -> config -> buf -> writer -> probe -> backend::wake ->
 // backend::uring, backend::copy -> backend -> backend::select -> stream -> connection ->
 // zcrx -> listener -> lib
 //! io_uring zero-copy receive (zcrx) for Tokio.
@@ -68,6 +68,7 @@ mod error;
 mod event;
 mod listener;
 mod mode;
+mod privilege;
 pub mod probe;
 mod stream;
 mod sys;
@@ -81,6 +82,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};
 pub use listener::{Incoming, ZcListener};
 pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
+pub use privilege::{Capability, DropPrivileges};
 pub use stream::{ZcReader, ZcStream};
 pub use writer::ZcWriteHalf;
 pub use zcrx::Zcrx;

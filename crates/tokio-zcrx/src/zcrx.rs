@@ -13,8 +13,9 @@ use crate::config::StreamOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Stats};
 use crate::mode::{ActiveMode, ModeSelection};
+use crate::privilege::DropPrivileges;
 use crate::stream::{Addresses, ZcStream};
-use crate::sys::claim;
+use crate::sys::{claim, privilege};
 use crate::writer::ZcWriteHalf;
 
 /// A running zcrx runtime: one registered receive queue and its driver thread.
@@ -188,6 +189,53 @@ impl Zcrx {
     /// mode)` or `copy mode (64 buffers of 65536 bytes)`.
     pub fn description(&self) -> String {
         self.backend.description()
+    }
+
+    /// Gives up capabilities in every thread of this process, for the rest of its life:
+    /// `CAP_NET_ADMIN` and every other capability `what` does not keep.
+    ///
+    /// Only registering a zcrx queue needs `CAP_NET_ADMIN` (Linux checks it there and
+    /// nowhere else, as of 7.3): the runtimes built before the drop go on receiving with zero
+    /// copy, returning buffers, re-arming events, flushing and sending, and new connections
+    /// attach to them as before. So build every nic and nodev runtime the process will need,
+    /// then call this. Afterwards, building another one fails with
+    /// [`ErrorKind::PrivilegesDropped`](crate::ErrorKind::PrivilegesDropped) (and
+    /// [`Mode::Auto`](crate::Mode::Auto) falls back to copy mode, saying why); copy mode needs
+    /// no privilege.
+    ///
+    /// Linux keeps capabilities per thread, so this reaches every thread (Tokio's workers, its
+    /// blocking pool, driver threads, the application's own) the way glibc's `setuid` does:
+    /// through a signal of its own, `SIGRTMIN() + 7`. It fails with
+    /// [`ErrorKind::PrivilegeDropFailed`](crate::ErrorKind::PrivilegeDropFailed) without
+    /// dropping anything if the application handles that signal itself, and, naming the
+    /// thread, if a thread does not drop (it blocks the signal for 5 s, say) or still holds a
+    /// capability when every thread's `/proc` status is read back at the end. After such a
+    /// failure some threads may still hold their capabilities: stop rather than serve. The
+    /// signal interrupts what threads are blocked in: calls are restarted (`SA_RESTART`)
+    /// where the kernel allows, and a driver thread's wait in `io_uring_enter`, answered
+    /// `EINTR`, is retried and counted in [`Stats::faults_survived`](crate::Stats::faults_survived).
+    ///
+    /// The effective, permitted, inheritable and ambient sets lose everything not kept; the
+    /// bounding set too, if the process holds `CAP_SETPCAP` (a root process does; a service
+    /// started with only `CAP_NET_ADMIN` cannot and need not: its unit's
+    /// `CapabilityBoundingSet=` already limits it). `no_new_privs` is not set.
+    ///
+    /// ```no_run
+    /// use tokio_zcrx::{Capability, DropPrivileges, Mode, Zcrx};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Register every queue first: that is what needs CAP_NET_ADMIN.
+    /// let zero_copy = Zcrx::builder().interface("eth0", 3).mode(Mode::Nic).build()?;
+    /// let loopback = Zcrx::builder().mode(Mode::NoDevice).build()?;
+    /// // Then run without it (keeping the right to bind ports below 1024).
+    /// Zcrx::drop_privileges(DropPrivileges::all().keep(Capability::NET_BIND_SERVICE))?;
+    /// # drop((zero_copy, loopback));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn drop_privileges(what: DropPrivileges) -> Result<()> {
+        privilege::drop_process_wide(&what)
     }
 
     /// Makes the driver thread panic, to test how an application copes with a failed

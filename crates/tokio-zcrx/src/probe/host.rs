@@ -23,8 +23,7 @@ use super::{
 use crate::sys::registration::QueueBinding;
 
 /// The fix for a missing CAP_NET_ADMIN, shared by every message that needs it.
-pub(crate) const CAP_NET_ADMIN_FIX: &str =
-    "run as root, or grant the binary the capability: `sudo setcap cap_net_admin+ep BINARY`";
+pub(crate) use crate::sys::privilege::CAP_NET_ADMIN_FIX;
 
 /// Everything host-wide, gathered once before the interfaces are probed.
 #[derive(Debug, Clone)]
@@ -57,6 +56,7 @@ pub(crate) fn probe_host() -> HostFacts {
     let zcrx_query = zcrx_query_report(&release, query_zcrx());
     let features = derive_features(&release, &zcrx_query);
     let nodev_trial = nodev_trial(&features);
+    let cap_net_admin = cap_net_admin_report(CapFacts::of_this_thread(), recv_zc.support);
     HostFacts {
         release,
         io_uring,
@@ -64,7 +64,7 @@ pub(crate) fn probe_host() -> HostFacts {
         zcrx_query,
         features,
         nodev_trial,
-        cap_net_admin: cap_net_admin_report(system::has_cap_net_admin()),
+        cap_net_admin,
     }
 }
 
@@ -326,23 +326,87 @@ pub(crate) fn describe_nodev_trial(outcome: &TrialOutcome) -> String {
     }
 }
 
-fn cap_net_admin_report(read: io::Result<bool>) -> CapNetAdminReport {
-    match read {
-        Ok(true) => CapNetAdminReport {
-            effective: Some(true),
-            summary: "effective".to_owned(),
-        },
-        Ok(false) => CapNetAdminReport {
-            effective: Some(false),
-            summary: format!("missing: zcrx registration needs it; {CAP_NET_ADMIN_FIX}"),
-        },
-        Err(error) => CapNetAdminReport {
-            effective: None,
-            summary: format!(
-                "could not read the capability sets: {}",
-                Errno::from_io_error(&error)
+/// This thread's CAP_NET_ADMIN, as read.
+#[derive(Debug)]
+pub(crate) struct CapFacts {
+    pub(crate) effective: io::Result<bool>,
+    pub(crate) permitted: Option<bool>,
+    pub(crate) bounding: Option<bool>,
+    /// When this process dropped it (`Zcrx::drop_privileges`), in words.
+    pub(crate) dropped: Option<String>,
+}
+
+impl CapFacts {
+    fn of_this_thread() -> CapFacts {
+        CapFacts {
+            effective: system::has_cap_net_admin(),
+            permitted: system::cap_net_admin_permitted(),
+            bounding: system::cap_net_admin_in_bounding_set(),
+            dropped: crate::sys::privilege::dropped_net_admin_at(),
+        }
+    }
+}
+
+/// Which operations need CAP_NET_ADMIN, given whether the kernel has zcrx at all.
+fn needed_for(recv_zc: Support) -> String {
+    // In the kernel source (io_uring/zcrx.c, 6.15 to 7.3) the one `capable(CAP_NET_ADMIN)`
+    // check of zcrx is at the top of the registration (io_register_zcrx_ifq, later
+    // io_register_zcrx), "it can observe data destined for sockets of other tasks"; importing
+    // an exported instance (ZCRX_REG_IMPORT) goes through it too. RECV_ZC, the refill ring and
+    // every ZCRX_CTRL operation (FLUSH_RQ, EXPORT, ARM_EVENT, ADD_AREA) check nothing.
+    let operations = "registering a zcrx instance (IORING_REGISTER_ZCRX_IFQ, importing an \
+                      exported one included); receiving, refills, flushes, event re-arming, \
+                      area growth and exports do not, so a server can give it up once its \
+                      queues are registered (Zcrx::drop_privileges)";
+    match recv_zc {
+        Support::Unsupported => {
+            format!(
+                "nothing on this kernel, which has no zcrx (Linux 6.15+); from 6.15: {operations}"
+            )
+        }
+        _ => operations.to_owned(),
+    }
+}
+
+pub(crate) fn cap_net_admin_report(facts: CapFacts, recv_zc: Support) -> CapNetAdminReport {
+    let yes_no = |value: Option<bool>| match value {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    let sets = format!(
+        "permitted: {}, bounding set: {}",
+        yes_no(facts.permitted),
+        yes_no(facts.bounding)
+    );
+    let (effective, summary) = match (&facts.effective, &facts.dropped) {
+        (Ok(true), _) => (Some(true), format!("effective ({sets})")),
+        (Ok(false), Some(when)) => (
+            Some(false),
+            format!(
+                "dropped by this process {when} (Zcrx::drop_privileges): the runtimes built \
+                 before keep receiving; building another nic or nodev runtime fails ({sets})"
             ),
-        },
+        ),
+        (Ok(false), None) => (
+            Some(false),
+            format!("missing ({sets}): zcrx registration needs it; {CAP_NET_ADMIN_FIX}"),
+        ),
+        (Err(error), _) => (
+            None,
+            format!(
+                "could not read the capability sets: {}",
+                Errno::from_io_error(error)
+            ),
+        ),
+    };
+    CapNetAdminReport {
+        effective,
+        permitted: facts.permitted,
+        bounding: facts.bounding,
+        dropped: facts.dropped,
+        needed_for: needed_for(recv_zc),
+        summary,
     }
 }
 
@@ -451,5 +515,55 @@ mod tests {
         assert!(report.summary.contains("seccomp"), "{}", report.summary);
         let fine = io_uring_report(Some(0), None);
         assert!(fine.usable && fine.summary.starts_with("usable"));
+    }
+
+    #[test]
+    fn cap_net_admin_report_says_what_needs_it_and_how_to_get_it() {
+        let facts = |effective: bool, dropped: Option<&str>| CapFacts {
+            effective: Ok(effective),
+            permitted: Some(effective),
+            bounding: Some(true),
+            dropped: dropped.map(str::to_owned),
+        };
+        let held = cap_net_admin_report(facts(true, None), Support::Supported);
+        assert_eq!(held.effective, Some(true));
+        assert_eq!(
+            held.summary,
+            "effective (permitted: yes, bounding set: yes)"
+        );
+        assert!(held.needed_for.starts_with("registering a zcrx instance"));
+        assert!(held
+            .needed_for
+            .contains("flushes, event re-arming, area growth"));
+
+        let missing = cap_net_admin_report(facts(false, None), Support::Supported);
+        assert!(
+            missing.summary.starts_with("missing (permitted: no"),
+            "{}",
+            missing.summary
+        );
+        for way in ["setcap", "AmbientCapabilities=", "setpriv"] {
+            assert!(missing.summary.contains(way), "{way}: {}", missing.summary);
+        }
+
+        let dropped = cap_net_admin_report(
+            facts(false, Some("3.0 s ago (at 2026-11-30 21:03:04 UTC)")),
+            Support::Supported,
+        );
+        assert!(
+            dropped
+                .summary
+                .starts_with("dropped by this process 3.0 s ago"),
+            "{}",
+            dropped.summary
+        );
+        assert!(!dropped.summary.contains("setcap"), "{}", dropped.summary);
+
+        let old = cap_net_admin_report(facts(true, None), Support::Unsupported);
+        assert!(
+            old.needed_for.starts_with("nothing on this kernel"),
+            "{}",
+            old.needed_for
+        );
     }
 }

@@ -51,13 +51,15 @@
 //! - `features`: `import`, `rx_buf_len`, `nodev`, `events`, each `{support, min_kernel,
 //!   summary}`.
 //! - `nodev_trial`: a trial outcome (below).
-//! - `cap_net_admin`: `effective` (bool or null), `summary`.
+//! - `cap_net_admin`: `effective`, `permitted`, `bounding` (each bool or null), `dropped`
+//!   (string or null: when this process gave it up), `needed_for`, `summary`.
 //! - `interfaces`: array of `name`, `ifindex`, `driver` (null for a virtual device),
 //!   `virtual_device`, `rx_queues`, `queue` (the queue examined), `tcp_data_split` (`"on"`,
 //!   `"off"`, `"unsupported"`, `"unknown"`), `hds_thresh`, `xdp_attached` (bool or null),
 //!   `registration` (trial outcome), `verdict` (`"ready"`, `"preconditions_met"`,
 //!   `"needs_configuration"`, `"unsupported"`, `"not_found"`, `"unknown"`), `reason`, `fix`
-//!   (string or null), `hints` (strings), `notes` (strings).
+//!   (string or null), `hints` (strings), `exposure` (strings: what else RSS and n-tuple
+//!   rules steer to the queue), `notes` (strings).
 //!
 //! A trial outcome is an object whose `outcome` is `"not_attempted"` (with `reason`),
 //! `"registered"`, `"refused"` (with `errno`: the kernel said no) or `"failed"` (with `step`
@@ -283,13 +285,24 @@ pub struct ZcrxFeatures {
     pub events: FeatureReport,
 }
 
-/// CAP_NET_ADMIN in this thread's effective capability set.
+/// CAP_NET_ADMIN in this thread's capability sets, and what needs it on this kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct CapNetAdminReport {
     /// Whether CAP_NET_ADMIN is effective; `None` if it could not be read.
     pub effective: Option<bool>,
+    /// Whether it is permitted (could be made effective); `None` if unreadable.
+    pub permitted: Option<bool>,
+    /// Whether it is in the bounding set (an exec of a binary with file capabilities could
+    /// gain it); `None` if unreadable.
+    pub bounding: Option<bool>,
+    /// When this process gave it up with
+    /// [`Zcrx::drop_privileges`](crate::Zcrx::drop_privileges), in words (`12.3 s ago (at
+    /// 2026-11-30 21:03:04 UTC)`); `None` if it did not.
+    pub dropped: Option<String>,
+    /// Which zcrx operations need it on this kernel, in words.
+    pub needed_for: String,
     /// Plain-words summary.
     pub summary: String,
 }
@@ -392,6 +405,11 @@ pub struct InterfaceReport {
     pub fix: Option<String>,
     /// Advice for using the interface (e.g. steering the flow to the queue).
     pub hints: Vec<String>,
+    /// What the NIC steers to the probed queue besides the service's flow, as far as its RSS
+    /// indirection table and n-tuple rules tell (`ethtool -x`, `ethtool -n`): every packet
+    /// steered there is written into the zcrx process's memory, whatever socket it is for.
+    /// Empty for virtual devices.
+    pub exposure: Vec<String>,
     /// Side observations, such as a check that could not be made.
     pub notes: Vec<String>,
 }

@@ -82,6 +82,7 @@ impl fmt::Display for ProbeReport {
         line(f, "features", features.join(", "))?;
         line(f, "NODEV trial", describe_nodev_trial(&self.nodev_trial))?;
         line(f, "CAP_NET_ADMIN", &self.cap_net_admin.summary)?;
+        line(f, "needed for", &self.cap_net_admin.needed_for)?;
         if self.interfaces.is_empty() {
             writeln!(f, "\nno network interfaces found in /sys/class/net")?;
         }
@@ -130,6 +131,9 @@ fn render_interface(f: &mut fmt::Formatter<'_>, interface: &InterfaceReport) -> 
     }
     for hint in &interface.hints {
         line(f, "hint", hint)?;
+    }
+    for exposure in &interface.exposure {
+        line(f, "exposure", exposure)?;
     }
     for note in &interface.notes {
         line(f, "note", note)?;

@@ -82,6 +82,19 @@ pub(crate) fn has_cap_net_admin() -> io::Result<bool> {
     Ok(effective & (1u64 << CAP_NET_ADMIN) != 0)
 }
 
+/// Whether CAP_NET_ADMIN is in this thread's permitted set; `None` if capget fails.
+pub(crate) fn cap_net_admin_permitted() -> Option<bool> {
+    let sets = crate::sys::privilege::capget_this_thread().ok()?;
+    Some(sets.permitted & (1u64 << CAP_NET_ADMIN) != 0)
+}
+
+/// Whether CAP_NET_ADMIN is in this thread's bounding set; `None` if prctl cannot tell.
+pub(crate) fn cap_net_admin_in_bounding_set() -> Option<bool> {
+    // SAFETY: PR_CAPBSET_READ takes a capability number and reads no memory.
+    let held = unsafe { syscall!(prctl(libc::PR_CAPBSET_READ, CAP_NET_ADMIN as libc::c_ulong)) };
+    held.ok().map(|held| held == 1)
+}
+
 fn capget_effective() -> io::Result<u64> {
     let mut header = CapUserHeader {
         version: LINUX_CAPABILITY_VERSION_3,

@@ -1,6 +1,7 @@
 //! Operating-system helpers, one of each, for the whole crate: the [`syscall!`] helper
 //! (every libc call that fails with -1 goes through it), page size, kernel release, interface indices, a poison-free `lock`,
-//! [`CachePadded`], memory mappings, fork safety, netlink, socket claims, and the one zcrx
+//! [`CachePadded`], memory mappings, fork safety, netlink, socket claims, the process-wide
+//! capability drop, and the one zcrx
 //! registration (ring + area + refill region) that the runtime and the probe share.
 
 use std::ffi::{CStr, CString};
@@ -11,7 +12,9 @@ pub(crate) mod claim;
 pub(crate) mod fork;
 pub(crate) mod mem;
 pub(crate) mod netlink;
+pub(crate) mod privilege;
 pub(crate) mod registration;
+pub(crate) mod steering;
 
 /// Calls `libc::$fn($args)` and turns the C convention "-1 and `errno`" into an
 /// [`io::Result`] of the return value, as mio's `syscall!` does.

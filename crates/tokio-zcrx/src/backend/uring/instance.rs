@@ -18,6 +18,7 @@ use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 use crate::sys::fork::RingForkGuard;
 use crate::sys::mem::Mapping;
 use crate::sys::page_size;
+use crate::sys::privilege::{self, CAP_NET_ADMIN_FIX};
 use crate::sys::registration::{
     QueueBinding, RegisterError, Ring, SetupStep, ZcrxInstance, ZcrxRequest, ZcrxRing,
 };
@@ -127,6 +128,11 @@ fn ring_creation_error(cq_entries: u32, error: io::Error) -> Error {
 
 /// Creates the ring and registers the queue described by `config`.
 pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
+    // After Zcrx::drop_privileges the kernel would answer EPERM (or refuse the ring itself
+    // under kernel.io_uring_disabled = 1): say why before creating anything.
+    if let Some(dropped) = privilege::registration_after_drop(&describe_target(&config.target)) {
+        return Err(dropped);
+    }
     let ring =
         ZcrxRing::new(config.cq_entries).map_err(|e| ring_creation_error(config.cq_entries, e))?;
     let recv_zc = probe_opcode_supported(ring.ring.as_fd(), IORING_OP_RECV_ZC).unwrap_or(false);
@@ -281,6 +287,18 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
     })
 }
 
+/// What a registration binds, in words: `eth0 rx queue 3`, `a device-less (NODEV) zcrx
+/// instance`.
+fn describe_target(target: &Target) -> String {
+    match target {
+        Target::NoDevice => "a device-less (NODEV) zcrx instance".to_owned(),
+        Target::Interface { name, queue } => format!("{name} rx queue {queue}"),
+        Target::InterfaceIndex { index, queue } => {
+            format!("{} rx queue {queue}", interface_name(*index))
+        }
+    }
+}
+
 /// The index of the interface `name`, or the error that says it does not exist.
 fn ifindex(name: &str) -> Result<u32> {
     if name.contains('\0') {
@@ -338,10 +356,20 @@ fn refusal_error(
 ) -> Error {
     let errno = error.raw_os_error().unwrap_or(0);
     if errno == libc::EPERM {
+        // Dropped since the up-front check (another thread called drop_privileges)?
+        let what = match queue {
+            Some((interface, queue)) => format!("{interface} rx queue {queue}"),
+            None => "a device-less (NODEV) zcrx instance".to_owned(),
+        };
+        if let Some(dropped) = privilege::registration_after_drop(&what) {
+            return dropped.with_source(error);
+        }
         return Error::new(
             ErrorKind::PermissionDenied,
-            "registering a zcrx queue needs CAP_NET_ADMIN: run as root or grant it with \
-             `setcap cap_net_admin+ep PROGRAM`",
+            format!(
+                "registering a zcrx queue needs CAP_NET_ADMIN, which this process does not \
+                 have (in its effective set): {CAP_NET_ADMIN_FIX}"
+            ),
         )
         .with_source(error);
     }
@@ -484,6 +512,7 @@ mod tests {
                 .into(),
             fix: None,
             hints: Vec::new(),
+            exposure: Vec::new(),
             notes: Vec::new(),
         }
     }

@@ -11,6 +11,9 @@ use crate::sys::netlink::{
     TCP_DATA_SPLIT_UNKNOWN,
 };
 
+use super::verdict::describe_exposure;
+use crate::sys::steering;
+
 const SYS_CLASS_NET: &str = "/sys/class/net";
 
 pub(super) fn list_interfaces() -> Vec<String> {
@@ -63,6 +66,7 @@ pub(super) fn unknown_interface(name: &str, queue: Option<u32>) -> InterfaceRepo
         reason: String::new(),
         fix: None,
         hints: Vec::new(),
+        exposure: Vec::new(),
         notes: Vec::new(),
     }
 }
@@ -106,6 +110,18 @@ pub(super) fn gather(
             "ethtool netlink is unavailable, tcp-data-split unknown: {}",
             Errno::from_io_error(error)
         )),
+    }
+
+    if !report.virtual_device {
+        if let Some(queue) = report.queue {
+            report.exposure = describe_exposure(
+                name,
+                queue,
+                report.rx_queues,
+                steering::rss_indirection(name),
+                steering::ntuple_rules(name),
+            );
+        }
     }
 
     if let (Some(route), Some(index)) = (route, report.ifindex) {

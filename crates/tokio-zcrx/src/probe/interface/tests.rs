@@ -5,7 +5,7 @@ use std::io;
 use super::super::trial::TrialError;
 use super::super::{Errno, InterfaceReport, Support, TcpDataSplit, TrialOutcome, Verdict};
 use super::facts::{gather, is_plausible_name, unknown_interface};
-use super::verdict::{finish, steering_hints, KernelContext};
+use super::verdict::{describe_exposure, finish, steering_hints, KernelContext};
 
 fn context() -> KernelContext {
     KernelContext {
@@ -305,7 +305,89 @@ fn rss_weights_exclude_a_middle_queue() {
         "{}",
         hints[0]
     );
+    let exposure = hints.last().unwrap();
+    assert!(exposure.contains("whatever socket it is for"), "{exposure}");
+    assert!(
+        exposure.contains("`ethtool -x eth1` leaves queue 1 out"),
+        "{exposure}"
+    );
     eth.rx_queues = Some(1);
     eth.queue = Some(0);
     assert!(steering_hints(&eth)[0].contains("single rx queue"));
+}
+
+#[test]
+fn exposure_names_what_else_reaches_the_queue() {
+    use crate::sys::steering::{RuleTarget, SteeringRule};
+    use std::io;
+
+    let rule = |location, target, tcp_dst_port| SteeringRule {
+        location,
+        target,
+        tcp_dst_port,
+    };
+    // RSS over queues 0-6 only, one rule for the service's port: nothing else.
+    let contained = describe_exposure(
+        "eth0",
+        7,
+        Some(8),
+        Ok(vec![0, 1, 2, 3, 4, 5, 6, 0]),
+        Ok(vec![rule(0, RuleTarget::Queue(7), Some(9000))]),
+    );
+    assert_eq!(
+        contained,
+        [
+            "RSS leaves queue 7 out (none of 8 indirection entries)",
+            "n-tuple rule 0 sends TCP destination port 9000 to queue 7",
+        ]
+    );
+    // RSS still on the queue, a broad rule, a rule to an RSS context, one elsewhere.
+    let exposed = describe_exposure(
+        "eth0",
+        7,
+        Some(8),
+        Ok(vec![6, 7, 6, 7]),
+        Ok(vec![
+            rule(1, RuleTarget::Queue(7), None),
+            rule(
+                2,
+                RuleTarget::RssContext {
+                    context: 1,
+                    offset: 0,
+                },
+                Some(9000),
+            ),
+            rule(3, RuleTarget::Queue(2), None),
+        ]),
+    );
+    assert!(
+        exposed[0].starts_with("RSS hashes flows of every service to queue 7 (2 of 4"),
+        "{exposed:?}"
+    );
+    assert!(
+        exposed[1].contains("rule 1 sends more than one TCP port"),
+        "{exposed:?}"
+    );
+    assert!(exposed[2].contains("RSS context 1"), "{exposed:?}");
+    assert_eq!(exposed.len(), 3, "{exposed:?}");
+    // Drivers that cannot tell.
+    let unknown = describe_exposure(
+        "eth0",
+        0,
+        Some(4),
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+    );
+    assert!(
+        unknown[0].starts_with("cannot tell whether RSS"),
+        "{unknown:?}"
+    );
+    assert!(unknown[1].contains("no n-tuple rules"), "{unknown:?}");
+    let no_rules = describe_exposure("eth0", 3, Some(4), Ok(vec![0, 1, 2]), Ok(Vec::new()));
+    assert_eq!(no_rules[1], "no n-tuple rule sends anything to queue 3");
+    let single = describe_exposure("eth0", 0, Some(1), Ok(vec![0; 4]), Ok(Vec::new()));
+    assert!(
+        single[0].contains("single rx queue: every packet"),
+        "{single:?}"
+    );
 }

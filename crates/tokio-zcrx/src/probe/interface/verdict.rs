@@ -2,10 +2,13 @@
 //! harmless, the trial (through a function tests replace), and the verdict with its reason,
 //! fix and hints.
 
+use std::io;
+
 use super::super::host::{trial_outcome, HostFacts, CAP_NET_ADMIN_FIX};
 use super::super::trial::TrialError;
 use super::super::{Errno, InterfaceReport, Support, TcpDataSplit, TrialOutcome, Verdict};
 use crate::sys::registration::QueueBinding;
+use crate::sys::steering::{RuleTarget, SteeringRule};
 
 /// Drivers that can do zcrx as of Linux 7.3, for messages.
 const CAPABLE_DRIVERS: &str = "mlx5, gve, fbnic, bnxt as of Linux 7.3";
@@ -466,7 +469,85 @@ pub(super) fn steering_hints(report: &InterfaceReport) -> Vec<String> {
     hints.push(format!(
         "steer the flow to queue {queue}: `ethtool -N {name} flow-type tcp6 dst-port PORT action {queue}` (tcp4 for IPv4); traffic on other queues still arrives through the copy fallback"
     ));
+    hints.push(format!(
+        "every packet steered to queue {queue}, by RSS or by any rule, is written into the zcrx process's memory whatever socket it is for: check that `ethtool -x {name}` leaves queue {queue} out and that no rule in `ethtool -n {name}` sends more than the service's port there (docs/nic-setup.md, Security)"
+    ));
     hints
+}
+
+/// What else reaches `queue` of `name`, from its RSS indirection table and n-tuple rules (or
+/// why that cannot be told).
+pub(super) fn describe_exposure(
+    name: &str,
+    queue: u32,
+    rx_queues: Option<u32>,
+    rss: io::Result<Vec<u32>>,
+    rules: io::Result<Vec<SteeringRule>>,
+) -> Vec<String> {
+    let mut words = Vec::new();
+    match rss {
+        _ if rx_queues == Some(1) => words.push(format!(
+            "{name} has a single rx queue: every packet it receives, for any socket, would land in the zcrx area"
+        )),
+        Ok(table) if table.is_empty() => {}
+        Ok(table) => {
+            let hits = table.iter().filter(|&&entry| entry == queue).count();
+            words.push(if hits == 0 {
+                format!("RSS leaves queue {queue} out (none of {} indirection entries)", table.len())
+            } else {
+                format!(
+                    "RSS hashes flows of every service to queue {queue} ({hits} of {} indirection entries): their packets would land in the zcrx area; take the queue out of the default RSS context (hints)",
+                    table.len()
+                )
+            });
+        }
+        Err(error) => words.push(format!(
+            "cannot tell whether RSS hashes other flows to queue {queue}: the RSS indirection table is unreadable ({}; `ethtool -x {name}`)",
+            Errno::from_io_error(&error)
+        )),
+    }
+    match rules {
+        Ok(rules) => {
+            let mut to_queue = 0;
+            for rule in rules {
+                let SteeringRule {
+                    location,
+                    target,
+                    tcp_dst_port,
+                } = rule;
+                match (target, tcp_dst_port) {
+                    (RuleTarget::Queue(q), Some(port)) if q == queue => {
+                        to_queue += 1;
+                        words.push(format!(
+                            "n-tuple rule {location} sends TCP destination port {port} to queue {queue}"
+                        ));
+                    }
+                    (RuleTarget::Queue(q), None) if q == queue => {
+                        to_queue += 1;
+                        words.push(format!(
+                            "n-tuple rule {location} sends more than one TCP port to queue {queue} (it matches no single TCP destination port): other traffic would land in the zcrx area"
+                        ));
+                    }
+                    (RuleTarget::RssContext { context, offset }, _) => words.push(format!(
+                        "n-tuple rule {location} spreads what it matches over RSS context {context} from queue offset {offset}: if that context reaches queue {queue}, all of it lands in the zcrx area (`ethtool -x {name} context {context}`)"
+                    )),
+                    _ => {}
+                }
+            }
+            if to_queue == 0 {
+                words.push(format!("no n-tuple rule sends anything to queue {queue}"));
+            }
+        }
+        Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => words.push(
+            "the driver has no n-tuple rules (EOPNOTSUPP): only RSS steers flows to queues"
+                .to_owned(),
+        ),
+        Err(error) => words.push(format!(
+            "the n-tuple rules are unreadable ({}; `ethtool -n {name}`)",
+            Errno::from_io_error(&error)
+        )),
+    }
+    words
 }
 
 fn nodev_hint(context: &KernelContext) -> String {
