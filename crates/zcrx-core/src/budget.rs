@@ -67,6 +67,29 @@ impl Budget {
     pub fn room(&self, held: u64) -> u64 {
         self.high.saturating_sub(held)
     }
+
+    /// Whether this is [`Budget::UNLIMITED`] (or as good as: nothing can hold `u64::MAX`
+    /// bytes), so that a runtime can keep its unlimited receive path.
+    pub fn is_unlimited(&self) -> bool {
+        self.high == u64::MAX
+    }
+
+    /// What one byte-limited receive request of a stream holding `held` bytes asks for, or
+    /// `None` for no limit (an unlimited budget): its [`room`](Self::room) rounded down to
+    /// whole `granule`s (the area's chunks: a stream's holding grows by whole chunks), at
+    /// least one granule, and at most the whole granules that fit in a request's `u32`.
+    /// A stream at or over its budget must not be asked for at all ([`Self::exceeded`]);
+    /// this still answers one granule for it.
+    pub fn request_len(&self, held: u64, granule: u64) -> Option<u32> {
+        if self.is_unlimited() {
+            return None;
+        }
+        let granule = granule.clamp(1, u64::from(u32::MAX));
+        let largest = u64::from(u32::MAX) / granule * granule;
+        let room = self.room(held) / granule * granule;
+        // Both at most `largest`, which fits in a u32.
+        Some(room.clamp(granule, largest) as u32)
+    }
 }
 
 /// How streams' budgets are chosen.
@@ -158,6 +181,24 @@ mod tests {
             }
             last = budget.high;
         }
+    }
+
+    #[test]
+    fn requests_ask_for_whole_chunks_of_room_and_at_least_one() {
+        let budget = Budget::new(64 << 10);
+        assert_eq!(budget.request_len(0, 4096), Some(64 << 10));
+        // Room rounded down to whole chunks.
+        assert_eq!(budget.request_len(10_000, 4096), Some(13 << 12));
+        // Less than a chunk of room, or none: still one chunk (the caller pauses first).
+        assert_eq!(budget.request_len((64 << 10) - 100, 4096), Some(4096));
+        assert_eq!(budget.request_len(1 << 30, 4096), Some(4096));
+        // Never more than a u32 of whole chunks.
+        let huge = Budget::new(1 << 40);
+        assert_eq!(huge.request_len(0, 4096), Some(u32::MAX / 4096 * 4096));
+        // Off: no limit at all.
+        assert!(Budget::UNLIMITED.is_unlimited());
+        assert_eq!(Budget::UNLIMITED.request_len(1 << 40, 4096), None);
+        assert_eq!(Budget::new(u64::MAX).request_len(0, 4096), None);
     }
 
     #[test]

@@ -224,3 +224,126 @@ fn shutdown_cancels_running_requests_and_removes_the_rest() {
     assert!(idle.finish());
     assert_eq!(idle.cancel_or_remove(), REMOVE);
 }
+
+fn holding(high: u64, held: u64) -> Option<Holding> {
+    Some(Holding {
+        budget: Budget::new(high),
+        held,
+        granule: u64::from(KIB4),
+    })
+}
+
+#[test]
+fn a_budgeted_stream_asks_for_its_room_and_pauses_at_high() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.start(), Action::Submit { len: 8 * KIB4 });
+    for _ in 0..3 {
+        assert!(s.on_data(KIB4));
+    }
+    // Interrupted after 3 chunks while the reader holds them: the room is 5 chunks.
+    s.set_holding(holding(8 * 4096, 3 * 4096));
+    assert_eq!(s.on_end(errno(libc::EINTR)), Action::Submit { len: 5 * KIB4 });
+    for _ in 0..5 {
+        assert!(s.on_data(KIB4));
+    }
+    // The request ends at its limit (a final 0, as at EOF): not the peer's EOF.
+    s.set_holding(holding(8 * 4096, 8 * 4096));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Pause);
+    assert!(s.is_paused());
+    assert!(!s.request_is_live());
+    // Nothing the reader or the kernel says starts it while it holds more than low.
+    assert_eq!(s.read_more(), Action::None);
+    s.set_holding(holding(8 * 4096, 5 * 4096));
+    assert_eq!(s.resume(), Action::None);
+    assert!(s.is_paused());
+    // Back at low (half): it asks for its room again.
+    s.set_holding(holding(8 * 4096, 4 * 4096));
+    assert_eq!(s.resume(), Action::Submit { len: 4 * KIB4 });
+    assert!(!s.is_paused());
+    // A peer's EOF before the limit is EOF.
+    assert!(s.on_data(KIB4));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
+}
+
+#[test]
+fn a_request_ending_at_its_limit_with_room_left_goes_on() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.start(), Action::Submit { len: 8 * KIB4 });
+    for _ in 0..8 {
+        assert!(s.on_data(KIB4));
+    }
+    // The reader dropped everything meanwhile: the next request asks for the whole budget.
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * KIB4 });
+    // Data without F_MORE at the limit is the same.
+    for _ in 0..8 {
+        assert!(s.on_data(KIB4));
+    }
+    s.set_holding(holding(8 * 4096, 2 * 4096));
+    assert_eq!(
+        s.on_end(RequestEnd::Unexplained),
+        Action::Submit { len: 6 * KIB4 }
+    );
+}
+
+#[test]
+fn the_smaller_of_a_grant_and_a_budget_wins() {
+    let mut s = StreamReceive::new(Some(3 * KIB4));
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.start(), Action::None);
+    // The grant is smaller.
+    assert_eq!(s.read_more(), Action::Submit { len: 3 * KIB4 });
+    for _ in 0..3 {
+        assert!(s.on_data(KIB4));
+    }
+    s.set_holding(holding(8 * 4096, 7 * 4096));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::GrantUsedUp);
+    // Now the room is: one chunk.
+    assert_eq!(s.read_more(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(KIB4));
+    s.set_holding(holding(8 * 4096, 8 * 4096));
+    // The budget's limit, with the grant not used up: pause, the grant waits.
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Pause);
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.resume(), Action::Submit { len: 2 * KIB4 });
+    // A paused stream whose grant is used up waits for its reader first.
+    let mut s = StreamReceive::new(Some(KIB4));
+    s.set_holding(holding(4096, 0));
+    assert_eq!(s.read_more(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(KIB4));
+    s.set_holding(holding(4096, 4096));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::GrantUsedUp);
+    assert_eq!(s.read_more(), Action::Pause);
+}
+
+#[test]
+fn a_paused_stream_closes_at_once_and_an_ended_one_stops_being_paused() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(4096, 4096));
+    assert_eq!(s.start(), Action::Pause);
+    assert_eq!(s.cancel(), Action::None, "no request to cancel");
+    assert_eq!(s.close(), REMOVE);
+
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(4096, 4096));
+    assert_eq!(s.start(), Action::Pause);
+    assert!(s.finish());
+    s.set_holding(holding(4096, 0));
+    assert_eq!(s.resume(), Action::None);
+    assert!(!s.is_paused());
+    assert_eq!(s.cancel_or_remove(), REMOVE);
+}
+
+#[test]
+fn without_a_budget_nothing_changes() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.resume(), Action::None);
+    for _ in 0..1000 {
+        assert!(s.on_data(KIB4));
+    }
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
+}
