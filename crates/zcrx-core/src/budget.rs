@@ -148,6 +148,27 @@ impl BudgetPolicy {
         // early or late depending on its buffers' sizes.
         Budget::new((high / self.granule).max(1) * self.granule)
     }
+
+    /// [`Self::budget`] while the application holds `held_total` bytes of the shared
+    /// memory: from a quarter of the capacity on (*pressure*), a derived budget is the floor
+    /// of two granules. Budgets are derived from the streams open *now*, but what a stream
+    /// took while there were fewer stays held: streams that stall one after the other
+    /// (each holding what it got) would otherwise add up to more than the memory (a quarter,
+    /// a quarter, a sixth, an eighth, ...). Under pressure only the floors add up, so the
+    /// memory lasts as long as two granules per stream fit in what is left. A fixed budget
+    /// stays fixed.
+    pub fn budget_under(&self, streams: usize, held_total: u64) -> Budget {
+        if self.fixed.is_none() && self.under_pressure(held_total) {
+            return Budget::new(2 * self.granule);
+        }
+        self.budget(streams)
+    }
+
+    /// Whether `held_total` bytes held put the shared memory under pressure (a quarter of
+    /// it or more), where derived budgets shrink to their floor ([`Self::budget_under`]).
+    pub fn under_pressure(&self, held_total: u64) -> bool {
+        held_total >= self.capacity / 4
+    }
 }
 
 #[cfg(test)]
@@ -199,6 +220,19 @@ mod tests {
         assert!(Budget::UNLIMITED.is_unlimited());
         assert_eq!(Budget::UNLIMITED.request_len(1 << 40, 4096), None);
         assert_eq!(Budget::new(u64::MAX).request_len(0, 4096), None);
+    }
+
+    #[test]
+    fn under_pressure_derived_budgets_shrink_to_the_floor() {
+        let policy = BudgetPolicy::new(1 << 20, 4096);
+        assert_eq!(policy.budget_under(1, 0), policy.budget(1));
+        assert_eq!(policy.budget_under(1, (256 << 10) - 1).high, 256 << 10);
+        assert!(policy.under_pressure(256 << 10));
+        assert_eq!(policy.budget_under(1, 256 << 10), Budget::new(8192));
+        assert_eq!(policy.budget_under(64, 1 << 20).high, 8192);
+        // Fixed budgets are the application's.
+        let fixed = policy.fixed(100_000);
+        assert_eq!(fixed.budget_under(1, 1 << 20).high, 100_000);
     }
 
     #[test]

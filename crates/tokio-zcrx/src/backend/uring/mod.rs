@@ -9,6 +9,7 @@
 
 pub(crate) mod area;
 pub(crate) mod driver;
+mod holdings;
 pub(crate) mod instance;
 pub(crate) mod ring;
 mod stream;

@@ -7,8 +7,10 @@
 //! - [`streams`]: the stream table;
 //! - [`completions`]: reaping the CQ and handling each completion;
 //! - [`returns`]: buffer returns, refill flushes, and receives waiting for the area;
+//! - [`budgets`]: per-stream budgets (pausing and resuming streams) and memory pressure;
 //! - [`events`]: zcrx kernel events in, their re-arming, and the public events out.
 
+mod budgets;
 mod completions;
 mod events;
 mod returns;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use zcrx_core::budget::BudgetPolicy;
 use zcrx_core::completion::{AreaLayout, RawCompletion};
 use zcrx_core::events::EventRearm;
 use zcrx_core::receive::{Action, Finish, StreamReceive};
@@ -147,6 +150,12 @@ pub(crate) struct Driver<R: CompletionRing> {
     transient_errors: u32,
     stopping: Option<Instant>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
+    /// How streams' budgets are derived from the area (see [`budgets`]).
+    budget_policy: BudgetPolicy,
+    /// Every stream's budget if fixed (`Builder::stream_budget`).
+    stream_budget: Option<u64>,
+    /// Rate limits and hysteresis of the pressure events.
+    pressure: budgets::PressureEvents,
 }
 
 impl Driver<UringRing> {
@@ -199,6 +208,7 @@ impl<R: CompletionRing> Driver<R> {
         let events_tx = lock(&shared.events)
             .clone()
             .expect("the event channel lives until the driver exits");
+        let budget_policy = BudgetPolicy::new(area.len() as u64, u64::from(area.chunk_size));
         let mut driver = Driver {
             ring,
             buffer_refs: BufferRefs::new(&area),
@@ -220,6 +230,9 @@ impl<R: CompletionRing> Driver<R> {
             transient_errors: 0,
             stopping: None,
             shutdown_waiters: Vec::new(),
+            budget_policy,
+            stream_budget: config.stream_budget,
+            pressure: budgets::PressureEvents::default(),
         };
         driver.arm_eventfd().map_err(|e| {
             Error::new(ErrorKind::Kernel, "cannot poll the driver's eventfd").with_source(e)
@@ -240,6 +253,7 @@ impl<R: CompletionRing> Driver<R> {
             }
             self.return_buffers();
             self.resume_waiting_streams()?;
+            self.resume_paused_streams()?;
             self.rearm_events();
             self.submit_and_wait()?;
             self.reap()?;
@@ -340,8 +354,17 @@ impl<R: CompletionRing> Driver<R> {
             lock(&self.shared.slots).release(key);
             return Ok(());
         }
-        self.streams
-            .insert(StreamEntry::new(key, socket, shared, options.read_limit));
+        let tag = self.area.tags.tag(key.slot());
+        self.area.holdings.begin_stream(tag);
+        let fixed_budget = options.budget.or(self.stream_budget);
+        self.streams.insert(StreamEntry::new(
+            key,
+            socket,
+            shared,
+            options.read_limit,
+            fixed_budget,
+            tag,
+        ));
         // An unlimited stream starts now; a limited one when its reader first asks (ReadMore).
         self.step(key.slot(), StreamReceive::start)
     }
@@ -351,17 +374,27 @@ impl<R: CompletionRing> Driver<R> {
     }
 
     /// Runs one step of the receive state machine of the stream in `slot`, if there is one,
-    /// and carries out what it decides.
+    /// and carries out what it decides. The machine is told first what the stream holds
+    /// against its budget; the count of paused streams follows what it became.
     fn step(
         &mut self,
         slot: u32,
         step: impl FnOnce(&mut StreamReceive) -> Action,
     ) -> io::Result<()> {
+        let holding = self.holding(slot);
         let Some(entry) = self.streams.get_mut(slot) else {
             return Ok(());
         };
+        entry.receive.set_holding(holding);
+        let was_paused = entry.receive.is_paused();
         let action = step(&mut entry.receive);
-        self.act(slot, action)
+        let result = self.act(slot, action);
+        let is_paused = self
+            .streams
+            .get(slot)
+            .is_some_and(|e| e.receive.is_paused());
+        self.count_paused(was_paused, is_paused);
+        result
     }
 
     /// [`Self::step`] for stream `key`, if its slot still holds it.
@@ -370,11 +403,10 @@ impl<R: CompletionRing> Driver<R> {
         key: StreamId,
         step: impl FnOnce(&mut StreamReceive) -> Action,
     ) -> io::Result<()> {
-        let Some(entry) = self.streams.entry_mut(key) else {
+        if self.streams.entry_mut(key).is_none() {
             return Ok(());
-        };
-        let action = step(&mut entry.receive);
-        self.act(key.slot(), action)
+        }
+        self.step(key.slot(), step)
     }
 
     /// Carries out what the receive state machine of the stream in `slot` decided.
@@ -421,6 +453,10 @@ impl<R: CompletionRing> Driver<R> {
             }
             Action::WaitForBuffers => {
                 self.wait_for_buffers();
+                Ok(())
+            }
+            Action::Pause => {
+                self.pause(slot);
                 Ok(())
             }
         }
@@ -483,7 +519,8 @@ impl<R: CompletionRing> Driver<R> {
         self.area.refill.synchronize_with_producers();
         let returns_pending = (self.overflow_recheck.is_none() && self.area.refill.has_overflow())
             || (self.area.driver_waits_for_buffers.load(Ordering::Relaxed)
-                && self.returns_seen() != self.returns_at_exhaustion);
+                && self.returns_seen() != self.returns_at_exhaustion)
+            || self.area.holdings.resumable();
         let timeout = if has_commands || returns_pending {
             // Still an enter that reaps: under DEFER_TASKRUN a plain submit runs no deferred
             // work, and no completion would reach any stream meanwhile.

@@ -65,6 +65,8 @@ pub(crate) struct SyntheticConfig {
     pub(crate) faults: Option<FaultConfig>,
     /// The driver thread's name (tests that find the thread by name choose their own).
     pub(crate) thread_name: String,
+    /// `Builder::stream_budget` (`None`: derived budgets, the default).
+    pub(crate) stream_budget: Option<u64>,
 }
 
 impl SyntheticConfig {
@@ -82,6 +84,7 @@ impl SyntheticConfig {
             events: true,
             faults: None,
             thread_name: "tokio-zcrx-synthetic".into(),
+            stream_budget: None,
         }
     }
 }
@@ -123,6 +126,9 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         });
     if let Some(entries) = config.refill_entries {
         builder = builder.refill_entries(entries);
+    }
+    if let Some(budget) = config.stream_budget {
+        builder = builder.stream_budget(budget);
     }
     let uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
     let caps = personality.capabilities(config.events);

@@ -77,6 +77,8 @@ fn idle_with_buffers_held() {
         let cpu = runtime().block_on(async {
             let h = Harness::start(SyntheticConfig {
                 thread_name: name.clone(),
+                // Holds more than a stream's budget on purpose: budgets off.
+                stream_budget: Some(u64::MAX),
                 ..SyntheticConfig::new(personality, registration)
             })
             .await;
@@ -111,6 +113,8 @@ fn idle_with_overflow_pending() {
         let h = Harness::start(SyntheticConfig {
             refill_entries: Some(4),
             thread_name: name.into(),
+            // Holds more than a stream's budget on purpose: budgets off.
+            stream_budget: Some(u64::MAX),
             ..SyntheticConfig::new(Personality::Linux6_18, Registration::Nic)
         })
         .await;
@@ -158,6 +162,8 @@ fn idle_after_closing_a_stream_that_waited_for_buffers() {
             let h = Harness::start(SyntheticConfig {
                 area_chunks: 16,
                 thread_name: name.clone(),
+                // Holds more than a stream's budget on purpose: budgets off.
+                stream_budget: Some(u64::MAX),
                 ..SyntheticConfig::new(personality, registration)
             })
             .await;
