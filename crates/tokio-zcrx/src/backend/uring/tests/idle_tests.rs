@@ -223,3 +223,51 @@ fn the_thread_clock_sees_a_busy_thread() {
     // Even on a loaded machine a spinning thread gets far more than the idle limit.
     assert!(busy > 2 * LIMIT, "{busy:?}");
 }
+
+/// Streams paused by their budget (their readers hold what they got, the peers have more
+/// to send), with the area under pressure: the driver sleeps until a reader drops buffers.
+#[test]
+fn idle_with_paused_streams() {
+    for (personality, registration, short) in IDLE_KERNELS {
+        let name = format!("tzx-paused-{short}");
+        let cpu = runtime().block_on(async {
+            let h = Harness::start(SyntheticConfig {
+                area_chunks: 64,
+                thread_name: name.clone(),
+                ..SyntheticConfig::new(personality, registration)
+            })
+            .await;
+            let mut streams = Vec::new();
+            let mut held = Vec::new();
+            for seed in 0..8 {
+                let (mut stream, writer, client) =
+                    h.connect(StreamPlan::new(seed, 64 * CHUNK)).await;
+                let mut position = 0;
+                while let Ok(Some(buf)) =
+                    tokio::time::timeout(Duration::from_millis(20), stream.next()).await
+                {
+                    let buf = buf.unwrap();
+                    check(seed, &mut position, &buf);
+                    held.push(buf);
+                }
+                assert!(position < 64 * CHUNK, "stream {seed} was not paused");
+                streams.push((stream, writer, client));
+            }
+            h.until("every stream is paused", |h| {
+                h.zcrx.stats().streams_paused == 8
+            })
+            .await;
+            let cpu = idle_cpu(&name).await;
+            assert_eq!(h.zcrx.stats().streams_paused, 8);
+            drop(held);
+            drop(streams);
+            h.zcrx.shutdown().await;
+            cpu
+        });
+        eprintln!("idle CPU, streams paused, {personality} {registration:?}: {cpu:?}");
+        assert!(
+            cpu < LIMIT,
+            "{personality}: {cpu:?} of CPU in an idle second"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! predate the kernel personalities here, and scenarios per personality, seeded faults,
 //! lifecycle regressions and idle CPU in files of their own.
 
+mod budget_tests;
 mod fault_tests;
 mod idle_tests;
 mod lifecycle_tests;

@@ -137,7 +137,7 @@ fn config(personality: Personality, registration: Registration) -> SyntheticConf
 
 /// Runs `scenario` against every kernel, each in a fresh Tokio runtime within the bound;
 /// fails naming every kernel it failed on.
-fn on_every_kernel<F, Fut>(name: &str, scenario: F)
+pub(super) fn on_every_kernel<F, Fut>(name: &str, scenario: F)
 where
     F: Fn(Personality, Registration) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -263,7 +263,7 @@ fn area_exhaustion_and_recovery() {
 }
 
 /// Continues [`read_checked`] from `position`.
-async fn read_checked_from(
+pub(super) async fn read_checked_from(
     stream: &mut ZcStream,
     seed: u64,
     mut position: u64,
