@@ -143,7 +143,11 @@ fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: 
 #[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
 fn nodev_stalled_peers_do_not_stop_a_fresh_client() {
     stalled_peers_do_not_stop_a_fresh_client(
-        build(Zcrx::builder().no_device().events(EventsPolicy::IfSupported)),
+        build(
+            Zcrx::builder()
+                .no_device()
+                .events(EventsPolicy::IfSupported),
+        ),
         "127.0.0.1",
         None,
     );

@@ -315,7 +315,8 @@ impl StreamReceive {
             .is_some_and(|limit| self.granted_used >= u64::from(limit));
         // The request's byte limit was reached: a grant's (above) or a budget's, after which
         // the stream goes on (or pauses) rather than ending.
-        let limit_reached = self.request_len > 0 && self.request_used >= u64::from(self.request_len);
+        let limit_reached =
+            self.request_len > 0 && self.request_used >= u64::from(self.request_len);
         match end {
             RequestEnd::Eof | RequestEnd::Unexplained if grant_used_up => Action::GrantUsedUp,
             RequestEnd::Eof | RequestEnd::Unexplained if limit_reached => self.submit(),
@@ -375,11 +376,9 @@ impl StreamReceive {
             Request::Idle
             | Request::WaitingForBuffers
             | Request::ResubmitAfterCq
-            | Request::Paused => {
-                Action::Remove {
-                    was_waiting_for_buffers: self.request == Request::WaitingForBuffers,
-                }
-            }
+            | Request::Paused => Action::Remove {
+                was_waiting_for_buffers: self.request == Request::WaitingForBuffers,
+            },
         }
     }
 

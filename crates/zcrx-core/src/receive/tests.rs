@@ -243,7 +243,10 @@ fn a_budgeted_stream_asks_for_its_room_and_pauses_at_high() {
     }
     // Interrupted after 3 chunks while the reader holds them: the room is 5 chunks.
     s.set_holding(holding(8 * 4096, 3 * 4096));
-    assert_eq!(s.on_end(errno(libc::EINTR)), Action::Submit { len: 5 * KIB4 });
+    assert_eq!(
+        s.on_end(errno(libc::EINTR)),
+        Action::Submit { len: 5 * KIB4 }
+    );
     for _ in 0..5 {
         assert!(s.on_data(KIB4));
     }

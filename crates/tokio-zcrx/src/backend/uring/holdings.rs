@@ -175,7 +175,10 @@ impl Holdings {
                 .driver
                 .inherited
                 .store(delivered.saturating_sub(returned), Ordering::Relaxed);
-            holding.released.resume_at.store(u64::MAX, Ordering::Relaxed);
+            holding
+                .released
+                .resume_at
+                .store(u64::MAX, Ordering::Relaxed);
         }
     }
 
@@ -196,9 +199,7 @@ impl Holdings {
         let delivered = holding.driver.delivered.load(Ordering::Relaxed);
         let inherited = holding.driver.inherited.load(Ordering::Relaxed);
         let returned = holding.released.returned.load(Ordering::Relaxed);
-        delivered
-            .saturating_sub(returned)
-            .saturating_sub(inherited)
+        delivered.saturating_sub(returned).saturating_sub(inherited)
     }
 
     /// The most chunks any slot holds (statistics: a scan of the table).
@@ -225,7 +226,10 @@ impl Holdings {
         // return.
         holding.released.resume_at.store(target, Ordering::SeqCst);
         if holding.released.returned.load(Ordering::SeqCst) >= target {
-            holding.released.resume_at.store(u64::MAX, Ordering::Relaxed);
+            holding
+                .released
+                .resume_at
+                .store(u64::MAX, Ordering::Relaxed);
             return true;
         }
         false

@@ -126,9 +126,7 @@ impl<R: CompletionRing> Driver<R> {
     /// chunk: when the pressure ends its normal budget may let it go on sooner, so while
     /// streams are paused under pressure every return wakes the driver to look again.
     pub(super) fn resume_paused_streams(&mut self) -> io::Result<()> {
-        let pressure = self
-            .budget_policy
-            .under_pressure(self.area.memory_held());
+        let pressure = self.budget_policy.under_pressure(self.area.memory_held());
         let paused = self.area.counters.streams_paused.load(Ordering::Relaxed) > 0;
         self.area.holdings.wake_on_every_return(pressure && paused);
         if std::mem::replace(&mut self.pressure.under_pressure, pressure) && !pressure && paused {

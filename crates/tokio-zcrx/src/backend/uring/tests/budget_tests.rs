@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::scenarios::{check, on_every_kernel, read_checked, Harness};
 use super::super::synthetic::ring::StreamPlan;
 use super::super::synthetic::{SyntheticConfig, CHUNK_SIZE};
+use super::scenarios::{check, on_every_kernel, read_checked, Harness};
 use crate::{EventKind, StreamOptions, ZcBuf};
 
 const CHUNK: u64 = CHUNK_SIZE as u64;
@@ -195,71 +195,78 @@ fn memory_high_water_is_reported_once_per_episode() {
 /// resumes at half; `u64::MAX` turns budgets off: one stream holds the whole area.
 #[test]
 fn fixed_and_disabled_budgets() {
-    on_every_kernel("fixed_and_disabled_budgets", |personality, registration| async move {
-        let h = Harness::start(SyntheticConfig {
-            area_chunks: 64,
-            stream_budget: Some(8 * CHUNK),
-            ..SyntheticConfig::new(personality, registration)
-        })
-        .await;
-        // The runtime's fixed budget: 8 chunks.
-        let (mut stream, _w, _c) = h.connect(StreamPlan::new(1, 32 * CHUNK)).await;
-        let (mut position, mut held) = (0, Vec::new());
-        let quiet = Duration::from_millis(50);
-        take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
-        assert_eq!(held.len(), 8, "a budget of 8 chunks");
-        assert_eq!(h.zcrx.stats().largest_stream_held, 8 * CHUNK);
-        // Dropping 3 (5 held, above the low mark of 4) is not enough; one more is.
-        drop(held.drain(..3));
-        tokio::time::sleep(quiet).await;
-        take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
-        assert_eq!(held.len(), 5, "resumed above its low mark");
-        drop(held.drain(..1));
-        take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
-        assert_eq!(held.len(), 8, "resumed at its low mark, up to its budget again");
-        drop(held);
-        while let Some(buf) = stream.next().await {
-            check(1, &mut position, &buf.unwrap());
-        }
-        assert_eq!(position, 32 * CHUNK);
+    on_every_kernel(
+        "fixed_and_disabled_budgets",
+        |personality, registration| async move {
+            let h = Harness::start(SyntheticConfig {
+                area_chunks: 64,
+                stream_budget: Some(8 * CHUNK),
+                ..SyntheticConfig::new(personality, registration)
+            })
+            .await;
+            // The runtime's fixed budget: 8 chunks.
+            let (mut stream, _w, _c) = h.connect(StreamPlan::new(1, 32 * CHUNK)).await;
+            let (mut position, mut held) = (0, Vec::new());
+            let quiet = Duration::from_millis(50);
+            take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 8, "a budget of 8 chunks");
+            assert_eq!(h.zcrx.stats().largest_stream_held, 8 * CHUNK);
+            // Dropping 3 (5 held, above the low mark of 4) is not enough; one more is.
+            drop(held.drain(..3));
+            tokio::time::sleep(quiet).await;
+            take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 5, "resumed above its low mark");
+            drop(held.drain(..1));
+            take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
+            assert_eq!(
+                held.len(),
+                8,
+                "resumed at its low mark, up to its budget again"
+            );
+            drop(held);
+            while let Some(buf) = stream.next().await {
+                check(1, &mut position, &buf.unwrap());
+            }
+            assert_eq!(position, 32 * CHUNK);
 
-        // A stream's own budget overrides the runtime's: 3 chunks.
-        let client = tokio::net::TcpStream::connect(h.listener_addr());
-        let (client, socket) = tokio::join!(client, h.accept());
-        let _client = client.unwrap();
-        h.control.plan(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            StreamPlan::new(2, 16 * CHUNK),
-        );
-        let options = StreamOptions::new().budget(3 * CHUNK);
-        let (mut small, _w2) = h.zcrx.attach_with(socket, options).unwrap();
-        let (mut position, mut held) = (0, Vec::new());
-        take_and_hold(&mut small, 2, &mut position, &mut held, quiet).await;
-        assert_eq!(held.len(), 3, "a stream budget of 3 chunks");
-        drop(held);
-        let (rest, error) = super::scenarios::read_checked_from(&mut small, 2, position).await;
-        assert!(error.is_none());
-        assert_eq!(rest, 16 * CHUNK);
+            // A stream's own budget overrides the runtime's: 3 chunks.
+            let client = tokio::net::TcpStream::connect(h.listener_addr());
+            let (client, socket) = tokio::join!(client, h.accept());
+            let _client = client.unwrap();
+            h.control.plan(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                StreamPlan::new(2, 16 * CHUNK),
+            );
+            let options = StreamOptions::new().budget(3 * CHUNK);
+            let (mut small, _w2) = h.zcrx.attach_with(socket, options).unwrap();
+            let (mut position, mut held) = (0, Vec::new());
+            take_and_hold(&mut small, 2, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 3, "a stream budget of 3 chunks");
+            drop(held);
+            let (rest, error) = super::scenarios::read_checked_from(&mut small, 2, position).await;
+            assert!(error.is_none());
+            assert_eq!(rest, 16 * CHUNK);
 
-        // Off: one stream takes the whole area, and nothing is counted as paused.
-        let client = tokio::net::TcpStream::connect(h.listener_addr());
-        let (client, socket) = tokio::join!(client, h.accept());
-        let _client = client.unwrap();
-        h.control.plan(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            StreamPlan::new(4, 64 * CHUNK),
-        );
-        let pauses = h.zcrx.stats().stream_pauses;
-        let options = StreamOptions::new().budget(u64::MAX);
-        let (mut unlimited, _w3) = h.zcrx.attach_with(socket, options).unwrap();
-        let (mut position, mut held) = (0, Vec::new());
-        take_and_hold(&mut unlimited, 4, &mut position, &mut held, quiet).await;
-        assert_eq!(held.len(), 64, "no budget: the whole area");
-        let stats = h.zcrx.stats();
-        assert_eq!((stats.stream_pauses, stats.streams_paused), (pauses, 0));
-        assert_eq!(stats.largest_stream_held, 64 * CHUNK);
-        drop(held);
-        h.every_chunk_back().await;
-        h.zcrx.shutdown().await;
-    });
+            // Off: one stream takes the whole area, and nothing is counted as paused.
+            let client = tokio::net::TcpStream::connect(h.listener_addr());
+            let (client, socket) = tokio::join!(client, h.accept());
+            let _client = client.unwrap();
+            h.control.plan(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                StreamPlan::new(4, 64 * CHUNK),
+            );
+            let pauses = h.zcrx.stats().stream_pauses;
+            let options = StreamOptions::new().budget(u64::MAX);
+            let (mut unlimited, _w3) = h.zcrx.attach_with(socket, options).unwrap();
+            let (mut position, mut held) = (0, Vec::new());
+            take_and_hold(&mut unlimited, 4, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 64, "no budget: the whole area");
+            let stats = h.zcrx.stats();
+            assert_eq!((stats.stream_pauses, stats.streams_paused), (pauses, 0));
+            assert_eq!(stats.largest_stream_held, 64 * CHUNK);
+            drop(held);
+            h.every_chunk_back().await;
+            h.zcrx.shutdown().await;
+        },
+    );
 }
