@@ -350,3 +350,46 @@ fn without_a_budget_nothing_changes() {
     }
     assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
 }
+
+#[test]
+fn a_request_whose_small_pieces_used_its_room_in_chunks_is_cancelled_then_pauses() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(4 * 4096, 0));
+    assert_eq!(s.start(), Action::Submit { len: 4 * KIB4 });
+    // 1448-byte segments, a chunk each: 4 chunks for under 6 KiB of the 16 KiB asked.
+    for _ in 0..3 {
+        assert!(s.on_data(1448));
+        assert!(!s.over_budget());
+    }
+    assert!(s.on_data(1448));
+    assert!(s.over_budget());
+    assert_eq!(s.stop_for_budget(), Action::Cancel);
+    assert!(!s.over_budget());
+    assert!(s.request_is_live());
+    s.set_holding(holding(4 * 4096, 4 * 4096));
+    assert_eq!(s.on_end(errno(libc::ECANCELED)), Action::Pause);
+    assert!(s.is_paused());
+    s.set_holding(holding(4 * 4096, 0));
+    assert_eq!(s.resume(), Action::Submit { len: 4 * KIB4 });
+    // Cancelled for the budget, but the peer closed first: EOF, not a pause.
+    for _ in 0..4 {
+        assert!(s.on_data(100));
+    }
+    assert_eq!(s.stop_for_budget(), Action::Cancel);
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
+    // A reader that closes meanwhile still removes the stream.
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(4096, 0));
+    assert_eq!(s.start(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(10));
+    assert_eq!(s.stop_for_budget(), Action::Cancel);
+    assert_eq!(s.close(), Action::None);
+    assert_eq!(s.on_end(errno(libc::ECANCELED)), REMOVE);
+    // The cancel found nothing to cancel (-ENOENT): pause as planned.
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(4096, 0));
+    assert_eq!(s.start(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(10));
+    assert_eq!(s.stop_for_budget(), Action::Cancel);
+    assert_eq!(s.on_cancel_done(-libc::ENOENT), Action::Pause);
+}
