@@ -183,11 +183,6 @@ pub struct StreamReceive {
     request_completions: u64,
     /// The running request is being cancelled because it used its room: pause when it ends.
     cancelled_for_budget: bool,
-    /// Budget cancels whose own completion has not come yet. A cancel names the stream's
-    /// `user_data`, which its next request shares: one that arrives after the request it
-    /// meant had ended may end the next one with `ECANCELED`, which then means "pause", not
-    /// an error for the reader.
-    budget_cancels_in_flight: u32,
     request: Request,
     /// The reader is gone: remove the entry once no request runs.
     closed: bool,
@@ -209,7 +204,6 @@ impl StreamReceive {
             request_granules: None,
             request_completions: 0,
             cancelled_for_budget: false,
-            budget_cancels_in_flight: 0,
             request: Request::Idle,
             closed: false,
             finished: false,
@@ -311,7 +305,6 @@ impl StreamReceive {
             return Action::None;
         }
         self.cancelled_for_budget = true;
-        self.budget_cancels_in_flight += 1;
         self.request = Request::Cancelling;
         Action::Cancel
     }
@@ -357,9 +350,10 @@ impl StreamReceive {
             // Ended already (an invalid completion): wait for the reader to let go.
             return Action::None;
         }
-        let ours = cancelled_for_budget || self.budget_cancels_in_flight > 0;
-        if ours && matches!(end, RequestEnd::Error(errno) if errno.raw() == libc::ECANCELED) {
-            // Our cancel (of this request, or of one that ended before it arrived).
+        if cancelled_for_budget
+            && matches!(end, RequestEnd::Error(errno) if errno.raw() == libc::ECANCELED)
+        {
+            // Our cancel: the stream holds its room's worth of chunks.
             self.request = Request::Paused;
             return Action::Pause;
         }
@@ -402,7 +396,6 @@ impl StreamReceive {
     /// stream still waiting for that confirmation goes now instead of holding its socket
     /// until shutdown. Anything else: the receive's final CQE follows.
     pub fn on_cancel_done(&mut self, res: i32) -> Action {
-        self.budget_cancels_in_flight = self.budget_cancels_in_flight.saturating_sub(1);
         if res == -libc::ENOENT && self.request == Request::Cancelling {
             if std::mem::take(&mut self.cancelled_for_budget) && !self.closed {
                 // The request had ended already: its final CQE was handled (it would have

@@ -393,29 +393,3 @@ fn a_request_whose_small_pieces_used_its_room_in_chunks_is_cancelled_then_pauses
     assert_eq!(s.stop_for_budget(), Action::Cancel);
     assert_eq!(s.on_cancel_done(-libc::ENOENT), Action::Pause);
 }
-
-#[test]
-fn a_budget_cancel_that_arrives_late_pauses_the_next_request_instead_of_failing_it() {
-    let mut s = StreamReceive::new(None);
-    s.set_holding(holding(2 * 4096, 0));
-    assert_eq!(s.start(), Action::Submit { len: 2 * KIB4 });
-    assert!(s.on_data(100));
-    assert!(s.on_data(100));
-    assert_eq!(s.stop_for_budget(), Action::Cancel);
-    // The request ended on its own first (the peer's data made it end), and the reader
-    // dropped everything: the next request starts...
-    s.set_holding(holding(2 * 4096, 0));
-    assert!(matches!(
-        s.on_end(RequestEnd::Unexplained),
-        Action::Submit { .. }
-    ));
-    // ...and the late cancel ends it: a pause, not an error.
-    assert_eq!(s.on_end(errno(libc::ECANCELED)), Action::Pause);
-    assert_eq!(s.on_cancel_done(0), Action::None);
-    assert_eq!(s.resume(), Action::Submit { len: 2 * KIB4 });
-    // With no budget cancel in flight, ECANCELED is an error as before.
-    assert_eq!(
-        s.on_end(errno(libc::ECANCELED)),
-        Action::Finish(Finish::Error(CqeErrno::new(libc::ECANCELED)))
-    );
-}
