@@ -175,14 +175,6 @@ pub struct StreamReceive {
     /// that ends at a budget's limit is followed by the next one, not by EOF.
     request_len: u32,
     request_used: u64,
-    /// A budgeted request's room in granules, and the data completions (one granule each)
-    /// it delivered: a request's byte limit bounds bytes, but small segments each take a
-    /// whole chunk, so a request that used its room in chunks is cancelled early
-    /// ([`StreamReceive::over_budget`]).
-    request_granules: Option<u64>,
-    request_completions: u64,
-    /// The running request is being cancelled because it used its room: pause when it ends.
-    cancelled_for_budget: bool,
     request: Request,
     /// The reader is gone: remove the entry once no request runs.
     closed: bool,
@@ -201,9 +193,6 @@ impl StreamReceive {
             holding: None,
             request_len: 0,
             request_used: 0,
-            request_granules: None,
-            request_completions: 0,
-            cancelled_for_budget: false,
             request: Request::Idle,
             closed: false,
             finished: false,
@@ -252,10 +241,6 @@ impl StreamReceive {
         };
         self.request_len = len;
         self.request_used = 0;
-        self.request_granules = self
-            .holding
-            .map(|h| (h.budget.room(h.held) / h.granule.max(1)).max(1));
-        self.request_completions = 0;
         self.request = Request::Running;
         Action::Submit { len }
     }
@@ -286,29 +271,6 @@ impl StreamReceive {
         self.submit()
     }
 
-    /// Whether the running request has delivered its room in whole granules (chunks) before
-    /// its byte limit: then [`Self::stop_for_budget`] cancels it. Cheap: two counters.
-    #[must_use]
-    pub fn over_budget(&self) -> bool {
-        self.request == Request::Running
-            && !self.closed
-            && !self.finished
-            && self
-                .request_granules
-                .is_some_and(|granules| self.request_completions >= granules)
-    }
-
-    /// Cancels a request that used its room ([`Self::over_budget`]); when it ends the stream
-    /// pauses (or goes on, if the end says the peer closed or failed).
-    pub fn stop_for_budget(&mut self) -> Action {
-        if !self.over_budget() {
-            return Action::None;
-        }
-        self.cancelled_for_budget = true;
-        self.request = Request::Cancelling;
-        Action::Cancel
-    }
-
     /// Whether the stream is paused by its budget.
     #[must_use]
     pub fn is_paused(&self) -> bool {
@@ -331,7 +293,6 @@ impl StreamReceive {
     pub fn on_data(&mut self, len: u32) -> bool {
         self.granted_used += u64::from(len);
         self.request_used += u64::from(len);
-        self.request_completions += 1;
         !(self.finished || self.closed)
     }
 
@@ -339,9 +300,8 @@ impl StreamReceive {
     /// runtime delivers the data that came before it first.
     pub fn on_end(&mut self, end: RequestEnd) -> Action {
         let was_cancelling = self.request == Request::Cancelling;
-        let cancelled_for_budget = std::mem::take(&mut self.cancelled_for_budget);
         self.request = Request::Idle;
-        if self.closed || (was_cancelling && !cancelled_for_budget) {
+        if self.closed || was_cancelling {
             return Action::Remove {
                 was_waiting_for_buffers: false,
             };
@@ -349,13 +309,6 @@ impl StreamReceive {
         if self.finished {
             // Ended already (an invalid completion): wait for the reader to let go.
             return Action::None;
-        }
-        if cancelled_for_budget
-            && matches!(end, RequestEnd::Error(errno) if errno.raw() == libc::ECANCELED)
-        {
-            // Our cancel: the stream holds its room's worth of chunks.
-            self.request = Request::Paused;
-            return Action::Pause;
         }
         let grant_used_up = self
             .limit
@@ -397,12 +350,6 @@ impl StreamReceive {
     /// until shutdown. Anything else: the receive's final CQE follows.
     pub fn on_cancel_done(&mut self, res: i32) -> Action {
         if res == -libc::ENOENT && self.request == Request::Cancelling {
-            if std::mem::take(&mut self.cancelled_for_budget) && !self.closed {
-                // The request had ended already: its final CQE was handled (it would have
-                // cleared the cancel) or never comes. Pause as planned.
-                self.request = Request::Paused;
-                return Action::Pause;
-            }
             self.request = Request::Idle;
             return Action::Remove {
                 was_waiting_for_buffers: false,

@@ -31,7 +31,7 @@ impl<R: CompletionRing> Driver<R> {
                     chunk,
                     more,
                 }) => {
-                    self.on_data(stream, area_offset, len, chunk)?;
+                    self.on_data(stream, area_offset, len, chunk);
                     if !more {
                         // The request ended with this data and gave no reason (kernels up to
                         // 7.3 never do this): as after a final CQE, go on or finish.
@@ -78,13 +78,7 @@ impl<R: CompletionRing> Driver<R> {
         Ok(())
     }
 
-    fn on_data(
-        &mut self,
-        stream: StreamId,
-        area_offset: u64,
-        len: u32,
-        chunk: u32,
-    ) -> io::Result<()> {
+    fn on_data(&mut self, stream: StreamId, area_offset: u64, len: u32, chunk: u32) {
         let slot = stream.slot();
         let tag = self.streams.get(slot).expect("decode checked the slot").tag;
         let buf = self.buffer_refs.buffer(area_offset, len, chunk, tag);
@@ -96,18 +90,10 @@ impl<R: CompletionRing> Driver<R> {
         let chunks = counters.chunks.load(Ordering::Relaxed) + 1;
         counters.chunks.store(chunks, Ordering::Relaxed);
         let entry = self.streams.get_mut(slot).expect("decode checked the slot");
-        let deliver = entry.receive.on_data(len);
-        // A budgeted request whose data came in small pieces, a chunk each, used its room
-        // in chunks before its byte limit: cancel it, the stream pauses when it ends.
-        let over_budget = entry.receive.over_budget();
-        if deliver {
+        if entry.receive.on_data(len) {
             self.streams.push_buffer(slot, buf);
         }
         // Otherwise nobody reads it any more: dropping the buffer returns the chunk.
-        if over_budget {
-            self.step(slot, StreamReceive::stop_for_budget)?;
-        }
-        Ok(())
     }
 
     /// Handles the end of a receive request (a final CQE, or data without `F_MORE`).
