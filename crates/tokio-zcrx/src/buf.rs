@@ -167,6 +167,27 @@ impl ZcBuf {
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from_owner(self)
     }
+
+    /// Copies the bytes not consumed yet into owned memory and returns the buffer to its
+    /// owner at once: for code that must hold data for long (a cache, a queue for a slow
+    /// peer), which would otherwise keep area chunks or pool memory from every stream and
+    /// count against its stream's budget. One copy; prefer
+    /// [`into_bytes`](ZcBuf::into_bytes) for data that is let go soon.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut stream: tokio_zcrx::ZcStream) -> std::io::Result<()> {
+    /// use futures::StreamExt;
+    ///
+    /// let mut kept = Vec::new();
+    /// while let Some(buf) = stream.next().await {
+    ///     kept.push(buf?.detach()); // the buffer is back already
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn detach(self) -> bytes::Bytes {
+        bytes::Bytes::copy_from_slice(&self)
+    }
 }
 
 impl Deref for ZcBuf {

@@ -87,6 +87,7 @@ pub struct Builder {
     pub(crate) thread_name: String,
     pub(crate) copy_buffers: u32,
     pub(crate) copy_buffer_size: usize,
+    pub(crate) copy_memory_limit: Option<u64>,
     pub(crate) stream_budget: Option<u64>,
 }
 
@@ -123,6 +124,7 @@ impl Default for Builder {
             // 4 MiB: fits the CPU cache, which matters more for copying than pool size.
             copy_buffers: 64,
             copy_buffer_size: 64 << 10,
+            copy_memory_limit: None,
             stream_budget: None,
         }
     }
@@ -165,14 +167,31 @@ impl Builder {
         self.mode(Mode::NoDevice)
     }
 
-    /// The copy-mode buffer pool: `buffers` buffers of `buffer_size` bytes (default 64 of
-    /// 64 KiB). Streams wait for a free buffer when all are held; a pool that fits the CPU
-    /// cache copies fastest. Both must be at least 1; at most 2^20 buffers and 1 GiB in all
-    /// (the pool is allocated up front), else [`build`](Builder::build) fails with
-    /// [`ErrorKind::InvalidConfig`].
+    /// The copy-mode buffer pool's recycled set and largest read: `buffers` buffers of
+    /// `buffer_size` bytes (default 64 of 64 KiB), allocated up front and reused while they
+    /// are in the CPU cache, which copies fastest. Reads are sized to what arrives (powers of
+    /// two from 4 KiB up to `buffer_size`); smaller buffers are recycled too (up to `buffers`
+    /// of each size). When more is held, the pool allocates beyond the recycled set, up to
+    /// [`copy_memory_limit`](Builder::copy_memory_limit), and frees the extra when it comes
+    /// back: no stream waits because others hold buffers until that limit is reached. Both
+    /// must be at least 1; at most 2^20 buffers and 1 GiB in all, else
+    /// [`build`](Builder::build) fails with [`ErrorKind::InvalidConfig`].
     pub fn copy_pool(mut self, buffers: u32, buffer_size: usize) -> Builder {
         self.copy_buffers = buffers;
         self.copy_buffer_size = buffer_size;
+        self
+    }
+
+    /// The most memory copy-mode buffers handed out may take together (held by the
+    /// application, or being read into). Beyond it, streams wait for buffers to come back,
+    /// in the order they started waiting. Default: 256 MiB, or a quarter of the memory
+    /// available to the process (its cgroup's limit included) when that is less, and never
+    /// less than the recycled set of [`copy_pool`](Builder::copy_pool). At least one buffer
+    /// of the pool's `buffer_size` and at least the recycled set, else
+    /// [`build`](Builder::build) fails with [`ErrorKind::InvalidConfig`]; `u64::MAX` sets no
+    /// limit. [`Stats::memory_capacity`](crate::Stats::memory_capacity) reports it.
+    pub fn copy_memory_limit(mut self, bytes: u64) -> Builder {
+        self.copy_memory_limit = Some(bytes);
         self
     }
 
@@ -180,11 +199,16 @@ impl Builder {
     /// stops receiving; it receives again once it holds half as much. The rest of its data
     /// waits in its socket, and TCP flow control slows its peer, so that one reader that holds
     /// on to its buffers (a peer that does not read its replies, a leaked buffer) cannot take
-    /// the memory every other stream receives into. In every mode.
+    /// the memory every other stream receives into.
     ///
-    /// By default the budget is derived from the area (or the copy pool's memory limit) and
-    /// the number of open streams: half the memory shared among them, at least two chunks or
-    /// buffers each, at most a quarter of the memory for one stream
+    /// **Copy mode only, for now.** In nic and nodev modes budgets are not enforced yet: the
+    /// area is shared without per-stream limits there, and
+    /// [`StreamOptions::read_limit`] is what bounds one stream's holding (see
+    /// docs/holding-buffers.md).
+    ///
+    /// By default the budget is derived from the copy pool's memory limit and the number of
+    /// open streams: half the memory shared among them, at least two buffers each, at most a
+    /// quarter of the memory for one stream
     /// ([`zcrx_core::budget::BudgetPolicy`]). A budget set here is the same for every stream;
     /// [`StreamOptions::budget`] overrides it per stream. At least 1 byte; `u64::MAX` turns
     /// budgets off.
@@ -335,7 +359,6 @@ impl Builder {
             events: self.events,
             event_rearm_interval: self.event_rearm_interval,
             thread_name: self.thread_name.clone(),
-            stream_budget: self.stream_budget,
         })
     }
 
@@ -374,6 +397,26 @@ impl Builder {
                  copies fastest",
                 self.copy_buffers, self.copy_buffer_size
             ));
+        }
+        if let Some(limit) = self.copy_memory_limit {
+            // `pool_bytes` fits (checked above).
+            let recycled = (self.copy_buffers as u64) * self.copy_buffer_size as u64;
+            if limit < self.copy_buffer_size as u64 {
+                return invalid(format!(
+                    "a copy memory limit of {limit} bytes cannot hold one buffer of the copy \
+                     pool ({} bytes): pass at least .copy_memory_limit({}), or leave the \
+                     default (256 MiB)",
+                    self.copy_buffer_size, self.copy_buffer_size
+                ));
+            }
+            if limit < recycled {
+                return invalid(format!(
+                    "a copy memory limit of {limit} bytes is smaller than the copy pool's \
+                     recycled set ({} buffers of {} bytes, {recycled} bytes): pass at least \
+                     .copy_memory_limit({recycled}), or fewer buffers to .copy_pool()",
+                    self.copy_buffers, self.copy_buffer_size
+                ));
+            }
         }
         if self.event_rearm_interval > MAX_EVENT_REARM_INTERVAL {
             return invalid(format!(
@@ -414,6 +457,7 @@ impl Builder {
             copy: CopyConfig {
                 buffers: self.copy_buffers,
                 buffer_size: self.copy_buffer_size,
+                memory_limit: self.copy_memory_limit,
                 event_interval: self.event_rearm_interval,
                 stream_budget: self.stream_budget,
             },
@@ -484,6 +528,9 @@ pub(crate) struct CopyConfig {
     pub(crate) buffers: u32,
     /// Bytes per buffer, at least 1; the pool is at most [`MAX_COPY_POOL_BYTES`].
     pub(crate) buffer_size: usize,
+    /// The most bytes handed out at once (`Builder::copy_memory_limit`), at least one buffer
+    /// and the recycled set; `None`: the default, which depends on the machine's memory.
+    pub(crate) memory_limit: Option<u64>,
     /// At most one copy event per interval (the builder's event re-arm interval).
     pub(crate) event_interval: Duration,
     /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from
@@ -504,9 +551,6 @@ pub(crate) struct UringConfig {
     pub(crate) events: EventsPolicy,
     pub(crate) event_rearm_interval: Duration,
     pub(crate) thread_name: String,
-    /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from
-    /// the area and the number of streams otherwise.
-    pub(crate) stream_budget: Option<u64>,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).
@@ -529,8 +573,8 @@ pub struct StreamOptions {
     /// one receive running until EOF, the fastest way. A limit is backpressure: a slow consumer
     /// then holds at most about `limit` bytes of the area.
     pub read_limit: Option<u32>,
-    /// This stream's budget in bytes (see [`Builder::stream_budget`]); `None` (the default)
-    /// takes the runtime's.
+    /// This stream's budget in bytes (see [`Builder::stream_budget`]; copy mode only, for
+    /// now); `None` (the default) takes the runtime's.
     pub budget: Option<u64>,
 }
 
@@ -549,7 +593,8 @@ impl StreamOptions {
     }
 
     /// Sets [`budget`](StreamOptions::budget): this stream stops receiving while it holds
-    /// `bytes` or more, and receives again at half of it. `u64::MAX` turns the budget off for
+    /// `bytes` or more, and receives again at half of it (copy mode only, for now: see
+    /// [`Builder::stream_budget`]). `u64::MAX` turns the budget off for
     /// this stream; 0 would never receive: [`attach_with`](crate::Zcrx::attach_with) refuses
     /// it with [`ErrorKind::InvalidConfig`].
     pub fn budget(mut self, bytes: u64) -> StreamOptions {

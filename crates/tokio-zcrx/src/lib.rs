@@ -108,3 +108,7 @@ struct NicSetupGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct Readme;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/holding-buffers.md")]
+struct HoldingBuffersGuide;

@@ -30,14 +30,18 @@ use crate::sys::claim::SocketClaim;
 /// [`ZcListener::accept`](crate::ZcListener::accept). Dropping it stops receiving
 /// on the connection (buffers already handed out stay valid).
 ///
-/// ```no_run
-/// use futures::StreamExt;
-/// use tokio::io::AsyncWriteExt;
+/// An echo: what has arrived goes back in one vectored write, and the whole batch returns to
+/// the kernel once written. While a slow peer makes the write wait, the stream holds the
+/// batch, and its budget ([`Builder::stream_budget`](crate::Builder::stream_budget); see
+/// docs/holding-buffers.md) stops it receiving more, so other connections are not starved.
 ///
+/// ```no_run
 /// # async fn echo(zcrx: tokio_zcrx::Zcrx, socket: tokio::net::TcpStream) -> std::io::Result<()> {
 /// let (mut stream, mut writer) = zcrx.attach(socket)?;
-/// while let Some(buf) = stream.next().await {
-///     writer.write_all(&buf?).await?;
+/// let mut batch = tokio_zcrx::ZcBatch::with_capacity(64);
+/// while stream.recv_many(&mut batch, 64).await? > 0 {
+///     writer.write_all_buffers(&batch).await?;
+///     batch.clear(); // all back to the kernel at once; the allocation is kept
 /// }
 /// # Ok(())
 /// # }

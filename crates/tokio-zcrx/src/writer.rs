@@ -31,7 +31,10 @@ const BUFFERS_PER_WRITE: usize = 64;
 /// # async fn reply(zcrx: tokio_zcrx::Zcrx, socket: tokio::net::TcpStream) -> std::io::Result<()> {
 /// let (mut stream, mut writer) = zcrx.attach(socket)?;
 /// while let Some(buf) = stream.next().await {
-///     writer.write_all(&buf?).await?;
+///     let buf = buf?;
+///     let reply = format!("{} bytes\n", buf.len());
+///     drop(buf); // back to the kernel before waiting on the peer
+///     writer.write_all(reply.as_bytes()).await?;
 /// }
 /// writer.shutdown().await?;
 /// # Ok(())

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{copy_runtime, pattern, Rng};
+use common::{attached, copy_runtime, pattern, Rng};
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -80,17 +80,6 @@ fn futures_are_send(
     send(writer.write_all_buffers(buffers));
     send(connection.read_u8());
     send(zcrx.shutdown());
-}
-
-/// An attached loopback connection: the server side's stream and write half, and the client.
-async fn attached(zcrx: &Zcrx, options: StreamOptions) -> (ZcStream, ZcWriteHalf, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (socket, _) = listener.accept().await.unwrap();
-    let (stream, writer) = zcrx.attach_with(socket, options).unwrap();
-    (stream, writer, client)
 }
 
 /// `seed`'s pattern bytes from `from` to `to`.

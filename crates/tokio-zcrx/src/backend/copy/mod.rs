@@ -1,9 +1,9 @@
 //! The copy-mode backend: the same API without io_uring.
 //!
 //! Where zcrx cannot run (older kernels, NICs without header split, containers that forbid
-//! io_uring, loopback), streams read with Tokio's readiness-based I/O into buffers from a
-//! bounded, pre-allocated [`Pool`], handed out as [`ZcBuf`](crate::buf::ZcBuf)s and
-//! returned to the pool when dropped. Each stream's task does its own copying, so the copies
+//! io_uring, loopback), streams read with Tokio's readiness-based I/O into buffers from an
+//! elastic [`Pool`] (a pre-allocated recycled set, heap buffers beyond it up to a memory
+//! cap), handed out as [`ZcBuf`](crate::buf::ZcBuf)s and returned to the pool when dropped. Each stream's task does its own copying, so the copies
 //! spread over Tokio's workers (one io_uring thread copying everything tops out near one
 //! core's bandwidth). There is no driver thread: the runtime is the pool and an event channel.
 //!
@@ -11,19 +11,25 @@
 //!
 //! - **Attach**: [`CopyRuntime::attach`] splits the socket; the read half becomes a
 //!   [`CopyStream`], the write half goes straight to Tokio.
-//! - **Order and ends**: a [`CopyStream`] reads the socket itself, one `read` per buffer, so
-//!   buffers come in byte-stream order; EOF is `None`, a read error (or the runtime's
+//! - **Order and ends**: a [`CopyStream`] reads the socket itself, one `read` per buffer
+//!   (Tokio's `poll_read`, which clears readiness after a short read, so no read is wasted
+//!   on EAGAIN), into a buffer sized to its recent reads; so buffers come in byte-stream
+//!   order; EOF is `None`, a read error (or the runtime's
 //!   shutdown) is the one `Err`, and the stream is done after either.
-//! - **Buffers**: each buffer holds a strong reference to its [`Pool`] (whose mapping it
-//!   points into) and goes back to the free list through the pool's owner vtable when
-//!   dropped, however long after the stream and runtime are gone.
+//! - **Buffers**: each buffer holds a strong reference to its stream's share (which holds
+//!   the [`Pool`]) and goes back through the pool's owner vtable when dropped, however long
+//!   after the stream and runtime are gone: to the recycled set, or freed if it is beyond it.
 //! - **Backpressure**: a connection holds no buffer while it has nothing to read: it waits
-//!   for readiness first, then takes a buffer. When the pool is empty, streams wait for
-//!   returns; nothing is lost and nothing grows. A returned buffer goes to a stream that is
-//!   being polled, about in waiting order, never to one that waited once and was then left
-//!   alone (see [`PoolState`](pool::PoolState)).
+//!   for readiness first, then takes a buffer. No stream waits because others hold buffers
+//!   until the memory cap (`Builder::copy_memory_limit`) is reached; then streams wait for
+//!   returns, and a return goes to a stream that is being polled, about in waiting order,
+//!   never to one that waited once and was then left alone (see
+//!   [`PoolState`](pool::PoolState)). A stream that holds its budget (bytes delivered and
+//!   not dropped) stops reading until its buffers' releases bring it to the low mark; its
+//!   data waits in its socket.
 //! - **Shutdown**: [`CopyRuntime::shut_down`] marks the pool closed, wakes the streams
-//!   waiting for a buffer and shuts down every socket's read side, so each stream sees an
+//!   waiting for a buffer and those paused by their budget, and shuts down every socket's
+//!   read side, so each stream sees an
 //!   error at its next poll, which happens at once.
 //! - **Observability**: every byte counts as copied in the statistics, and copying is
 //!   announced with [`EventKind::CopyFallback`](crate::event::EventKind::CopyFallback)
@@ -56,12 +62,7 @@ pub(crate) struct CopyRuntime {
 impl CopyRuntime {
     pub(crate) fn new(config: &CopyConfig) -> io::Result<CopyRuntime> {
         let events = broadcast::channel(1024).0;
-        let pool = Pool::new(
-            config.buffers,
-            config.buffer_size,
-            events.clone(),
-            config.event_interval,
-        )?;
+        let pool = Pool::new(config, events.clone())?;
         Ok(CopyRuntime {
             pool: Arc::new(pool),
             events,
@@ -79,7 +80,12 @@ impl CopyRuntime {
         options: StreamOptions,
     ) -> (CopyStream, ZcWriteHalf) {
         let (read_half, write_half) = socket.into_split();
-        let stream = CopyStream::new(read_half, Arc::clone(&self.pool), options.read_limit);
+        let stream = CopyStream::new(
+            read_half,
+            Arc::clone(&self.pool),
+            options.read_limit,
+            options.budget,
+        );
         (stream, ZcWriteHalf::tokio(write_half))
     }
 
@@ -115,12 +121,14 @@ impl CopyRuntime {
             self.pool.closed.store(true, Ordering::Relaxed);
             state.take_waiters()
         };
-        for &fd in sockets.values() {
+        for share in sockets.values() {
             // SAFETY: the fd belongs to a live CopyStream (entries are removed under this lock
             // before the socket closes); shutdown(2) does not close or free it.
             // A socket that is already shut down or disconnected answers ENOTCONN: its
             // reader ends either way, so the result is not needed.
-            let _ = unsafe { syscall!(shutdown(fd, libc::SHUT_RD)) };
+            let _ = unsafe { syscall!(shutdown(share.fd, libc::SHUT_RD)) };
+            // A stream paused by its budget waits for no readiness: wake it directly.
+            share.wake();
         }
         drop(sockets);
         wake_all(waiters);

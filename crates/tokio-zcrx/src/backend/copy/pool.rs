@@ -1,31 +1,62 @@
-//! The copy pool: a bounded, pre-allocated mapping of equal buffers, their free list, the
-//! streams waiting for one, and how a [`ZcBuf`] made from a pool buffer goes back.
+//! The copy pool: a recycled set of buffers (pre-allocated at the largest size, recycled
+//! per size below it), elastic up to a memory cap, the streams waiting at that cap, and how a
+//! [`ZcBuf`] made from a pool buffer goes back (crediting the stream that held it).
 
+use std::alloc::Layout;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
+use zcrx_core::budget::BudgetPolicy;
 
 use crate::buf::{BufferOwnerVtable, BufferSlot, ZcBuf};
+use crate::config::CopyConfig;
 use crate::event::{Event, EventKind, Stats};
 use crate::sys::lock;
 use crate::sys::mem::Mapping;
 
-/// Buffers of the copy pool, LIFO: the most recently returned buffer is reused first, while
-/// it is still in the CPU cache.
+/// The default memory cap, lowered to a quarter of the available memory where that is less.
+const DEFAULT_MEMORY_LIMIT: u64 = 256 << 20;
+/// The smallest read size class.
+const SMALLEST_CLASS: usize = 4096;
+/// Heap buffers are aligned to this, so the low bits of their address carry the size class.
+const HEAP_ALIGN: usize = 64;
+/// The class tag of a buffer of the pre-allocated mapping (the offset then holds its index).
+const MAPPED_TAG: u64 = HEAP_ALIGN as u64 - 1;
+/// At most one `StreamPaused` event per this interval.
+const PAUSE_EVENT_INTERVAL: Duration = Duration::from_millis(100);
+/// At most one `MemoryHighWater` event per this interval.
+const HIGH_WATER_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The copy pool. Buffers come in size classes (powers of two from 4 KiB up to, and then
+/// exactly, `buffer_size`); a stream asks for the class its recent reads call for.
+///
+/// Memory: `buffers` buffers of the largest class are mapped up front (the recycled set
+/// that stays in the CPU cache, LIFO: the most recently returned is reused first); smaller
+/// classes are allocated on demand and up to `buffers` of each are kept when returned. When
+/// those are all out, buffers are allocated from the heap and freed when they come back.
+/// Only the cap (`capacity`) on the bytes handed out at once makes a stream wait.
 pub(crate) struct Pool {
     memory: Mapping,
-    /// The number of buffers (the mapping is rounded up to whole pages, so it may hold room
-    /// for more).
+    /// The number of mapped buffers (the mapping is rounded up to whole pages, so it may hold
+    /// room for more), and of recycled buffers kept per smaller class.
     pub(super) buffers: u32,
     pub(super) buffer_size: usize,
-    /// Free buffers and the streams waiting for one, under one lock so that a return never
+    /// The read size classes in bytes, ascending; the last is `buffer_size`.
+    pub(super) classes: Vec<usize>,
+    /// The most bytes handed out at once (buffers held or being read into).
+    pub(super) capacity: u64,
+    /// Bytes handed out now (whole buffers of their class). Raised under the `state` lock
+    /// only (so a stream that finds no room registers before anyone can miss it), lowered
+    /// by returns outside it.
+    held: AtomicU64,
+    /// Free buffers and the streams waiting for room, under one lock so that a return never
     /// misses a stream that is about to wait.
     state: Mutex<PoolState>,
     bytes: AtomicU64,
@@ -36,22 +67,125 @@ pub(crate) struct Pool {
     last_event: AtomicU64,
     event_interval: Duration,
     epoch: Instant,
+    /// Nanoseconds since `epoch` of the last `StreamPaused` and `MemoryHighWater` events.
+    last_pause_event: AtomicU64,
+    last_high_water_event: AtomicU64,
+    /// A `MemoryHighWater` event may go out (set again once the holding fell below half).
+    high_water_armed: AtomicBool,
+    stream_pauses: AtomicU64,
+    streams_paused: AtomicU64,
+    /// Open copy streams, for the derived budget.
+    pub(super) live_streams: AtomicUsize,
+    /// How budgets are derived when not fixed (the cap shared out in `buffer_size` units).
+    pub(super) budget_policy: BudgetPolicy,
+    /// `Builder::stream_budget`, when fixed.
+    pub(super) stream_budget: Option<u64>,
     /// Set by `Zcrx::shutdown` (under the `state` and `sockets` locks): streams end with an
     /// error at their next poll.
     pub(super) closed: AtomicBool,
-    /// Open copy-mode sockets by stream id, so shutdown can wake every stream (it shuts down
-    /// their read side, which makes them readable). Touched on attach and drop only.
-    pub(super) sockets: Mutex<HashMap<u64, RawFd>>,
+    /// Open copy-mode streams by id, so shutdown can wake every stream (it shuts down their
+    /// read side, which makes them readable, and wakes those paused by their budget), and
+    /// statistics can find the largest holding. Touched on attach and drop only.
+    pub(super) sockets: Mutex<HashMap<u64, Arc<StreamShare>>>,
     pub(super) next_stream: AtomicU64,
 }
 
-/// How pool buffers go back: the owner pointer is the `Pool`, and each buffer holds one strong
-/// reference of its `Arc`; the slot's offset is the buffer's index.
+/// A pool buffer handed out for a read: where it is, its class, and whether it is one of
+/// the mapped recycled set (by index) or a heap allocation.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Block {
+    pub(super) ptr: *mut u8,
+    pub(super) class: u8,
+    /// The index in the mapping, or `None` for a heap buffer.
+    mapped: Option<u32>,
+}
+
+impl Block {
+    /// The slot offset a `ZcBuf` carries: the mapped index or the heap address, and the class
+    /// in the low bits.
+    fn encode(self) -> u64 {
+        match self.mapped {
+            Some(index) => (u64::from(index) * HEAP_ALIGN as u64) | MAPPED_TAG,
+            None => self.ptr as u64 | u64::from(self.class),
+        }
+    }
+
+    fn decode(pool: &Pool, offset: u64) -> Block {
+        let tag = offset % HEAP_ALIGN as u64;
+        if tag == MAPPED_TAG {
+            let index = (offset / HEAP_ALIGN as u64) as u32;
+            Block {
+                ptr: pool.mapped_ptr(index),
+                class: (pool.classes.len() - 1) as u8,
+                mapped: Some(index),
+            }
+        } else {
+            Block {
+                ptr: (offset - tag) as *mut u8,
+                class: tag as u8,
+                mapped: None,
+            }
+        }
+    }
+}
+
+/// What one copy stream shares with the buffers it handed out: the owner of its
+/// [`ZcBuf`]s. A buffer's release credits the stream's holding and wakes the stream when it
+/// was paused by its budget and may read again.
+pub(crate) struct StreamShare {
+    pub(super) pool: Arc<Pool>,
+    pub(super) fd: RawFd,
+    /// Bytes delivered in this stream's buffers and not yet dropped (what its budget counts:
+    /// the bytes it was handed, not the size class they were read into, so that a read limit
+    /// or small messages do not pause a stream that holds little data; the pool's cap bounds
+    /// the memory).
+    pub(super) held: AtomicU64,
+    /// The stream is paused by its budget, until `held <= resume_at`.
+    pub(super) paused: AtomicBool,
+    pub(super) resume_at: AtomicU64,
+    /// The paused stream's waker.
+    pub(super) waker: Mutex<Option<Waker>>,
+}
+
+impl std::fmt::Debug for StreamShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamShare")
+            .field("held", &self.held.load(Ordering::Relaxed))
+            .field("paused", &self.paused.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamShare {
+    /// Wakes the stream if it is paused (shutdown).
+    pub(super) fn wake(&self) {
+        if let Some(waker) = lock(&self.waker).take() {
+            crate::backend::wake::wake_contained(waker);
+        }
+    }
+
+    /// Takes back one of this stream's buffers, holding `len` bytes: to the pool, and off
+    /// the stream's holding.
+    fn release(&self, block: Block, len: u32) {
+        let size = u64::from(len);
+        self.pool.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.pool.give_back(block);
+        // SeqCst pairs with `CopyStream::pause`: either the stream sees this credit when it
+        // checks its holding after pausing, or this sees `paused` and wakes it.
+        let now = self.held.fetch_sub(size, Ordering::SeqCst) - size;
+        if self.paused.load(Ordering::SeqCst) && now <= self.resume_at.load(Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+}
+
+/// How pool buffers go back: the owner pointer is the stream's [`StreamShare`], and each
+/// buffer holds one strong reference of its `Arc`; the slot's offset is [`Block::encode`].
 static POOL_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
     release_one: release_pool_buffer,
     release_run: release_pool_buffers,
     debug_fields: |debug, slot| {
-        debug.field("pool_buffer", &slot.offset);
+        debug.field("pool_buffer", &format_args!("{:#x}", slot.offset));
     },
 };
 
@@ -59,21 +193,21 @@ static POOL_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
 ///
 /// # Safety
 ///
-/// As `BufferOwnerVtable::release_one`: `owner` is the `Pool` of a live buffer made by
+/// As `BufferOwnerVtable::release_one`: `owner` is the `StreamShare` of a live buffer made by
 /// [`Pool::buffer`], whose buffer and strong reference the caller gives up.
 unsafe fn release_pool_buffer(owner: NonNull<()>, slot: BufferSlot) {
     // SAFETY: the strong reference `Pool::buffer` leaked for this buffer, taken back once.
-    let pool = unsafe { Arc::from_raw(owner.cast::<Pool>().as_ptr()) };
-    // The slot's offset is the buffer's index (`Pool::buffer`), so it fits in a u32.
-    pool.release_delivered(slot.offset as u32);
+    let share = unsafe { Arc::from_raw(owner.cast::<StreamShare>().as_ptr()) };
+    let block = Block::decode(&share.pool, slot.offset);
+    share.release(block, slot.len);
 }
 
 /// `release_run` of [`POOL_BUFFERS`]: one by one, as dropping each would.
 ///
 /// # Safety
 ///
-/// As `BufferOwnerVtable::release_run`: every slot is that of a live buffer of the `Pool` at
-/// `owner`, made by [`Pool::buffer`], which the caller gives up.
+/// As `BufferOwnerVtable::release_run`: every slot is that of a live buffer of the
+/// `StreamShare` at `owner`, made by [`Pool::buffer`], which the caller gives up.
 unsafe fn release_pool_buffers(owner: NonNull<()>, slots: &[BufferSlot]) {
     for &slot in slots {
         // SAFETY: as this function's, one buffer at a time.
@@ -81,28 +215,31 @@ unsafe fn release_pool_buffers(owner: NonNull<()>, slots: &[BufferSlot]) {
     }
 }
 
-/// How free buffers reach waiting streams.
+/// How room under the cap reaches waiting streams.
 ///
-/// A returned buffer is never reserved for a particular stream: a stream that waited once
-/// and is then no longer polled (a `select!` that moved on, a task applying backpressure)
-/// must not hold up a buffer that a readable, polled connection could use, and a stream
-/// cannot tell us that it is no longer polled. So a return wakes *every* waiting stream and
-/// the buffer goes to one that is polled; the others find the pool empty and wait again.
-/// Each registration is woken once, so the extra polls are bounded by the number of waits.
+/// Room freed by a return is never reserved for a particular stream: a stream that waited
+/// once and is then no longer polled (a `select!` that moved on, a task applying
+/// backpressure) must not hold up memory that a readable, polled connection could use, and a
+/// stream cannot tell us that it is no longer polled. So a return wakes *every* waiting
+/// stream and the room goes to one that is polled; the others find the cap reached and wait
+/// again. Each registration is woken once, so the extra polls are bounded by the number of
+/// waits.
 ///
 /// Fairness: the woken streams run in whatever order the scheduler picks (Tokio runs the
 /// last one woken first), and a stream that did not wait, typically the task that returned
 /// the buffer and polls again at once, would otherwise take it back before any of them runs.
 /// So the streams woken by the latest return (the round) keep their waiting order: a stream
-/// takes a free buffer only if more are free than older round members that have not been
-/// polled since they were woken (a stream that did not wait counts as the youngest).
-/// Otherwise it *defers* once: it yields instead of waiting, and takes the buffer on its
-/// next poll if it is still free. A deferral is a yield, not a wait, so a free buffer never
-/// waits for a stream that is not polled, and waiting streams are served about in order.
+/// takes room only if more smallest-class buffers fit than older round members that have not
+/// been polled since they were woken (a stream that did not wait counts as the youngest).
+/// Otherwise it *defers* once: it yields instead of waiting, and takes the room on its next
+/// poll if it is still there. A deferral is a yield, not a wait, so free room never waits for
+/// a stream that is not polled, and waiting streams are served about in order.
 #[derive(Debug)]
 pub(super) struct PoolState {
-    /// Indices of free buffers, most recently returned last.
+    /// Indices of free mapped buffers, most recently returned last.
     pub(super) free: Vec<u32>,
+    /// Free heap buffers of each class below the largest (addresses), at most `buffers` each.
+    recycled: Vec<Vec<usize>>,
     /// Waiting streams' wakers in the order they started waiting; a stream that is dropped
     /// (or takes a buffer) clears its slot. All are woken and the list is emptied at once.
     pub(super) waiters: Vec<Option<Waker>>,
@@ -178,20 +315,47 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("buffers", &self.buffers)
             .field("buffer_size", &self.buffer_size)
+            .field("capacity", &self.capacity)
             .finish_non_exhaustive()
     }
 }
 
+/// The read size classes for buffers of at most `buffer_size` bytes: 4 KiB, 8 KiB, ... below
+/// it, then `buffer_size` itself.
+fn size_classes(buffer_size: usize) -> Vec<usize> {
+    let mut classes = Vec::new();
+    let mut size = SMALLEST_CLASS;
+    while size < buffer_size {
+        classes.push(size);
+        size *= 2;
+    }
+    classes.push(buffer_size);
+    classes
+}
+
+/// The default memory cap: 256 MiB, or a quarter of the memory available to the process
+/// where that is less; never less than the recycled set (which is allocated anyway).
+fn default_memory_limit(recycled: u64) -> u64 {
+    let quarter = available_memory().map_or(u64::MAX, |bytes| bytes as u64 / 4);
+    DEFAULT_MEMORY_LIMIT.min(quarter).max(recycled)
+}
+
+/// What a stream got when it asked for room.
+pub(super) enum Take {
+    Buffer(Block),
+    /// No room now; the stream's waker is registered (or it yields once).
+    Pending,
+    Closed,
+    /// The heap refused the allocation.
+    Failed(io::Error),
+}
+
 impl Pool {
-    pub(crate) fn new(
-        buffers: u32,
-        buffer_size: usize,
-        events: broadcast::Sender<Event>,
-        event_interval: Duration,
-    ) -> io::Result<Pool> {
+    pub(crate) fn new(config: &CopyConfig, events: broadcast::Sender<Event>) -> io::Result<Pool> {
+        let (buffers, buffer_size) = (config.buffers, config.buffer_size);
         let pool_bytes = pool_memory_needed(buffers, buffer_size)?;
-        // The pool is populated up front (MAP_POPULATE does not fail when memory runs out, the
-        // OOM killer acts instead), so check that it can be, and say so if not.
+        // The recycled set is populated up front (MAP_POPULATE does not fail when memory runs
+        // out, the OOM killer acts instead), so check that it can be, and say so if not.
         if let Some(available) = available_memory() {
             if pool_bytes > available {
                 return Err(io::Error::new(
@@ -228,25 +392,42 @@ impl Pool {
                 ),
             )
         })?;
+        let classes = size_classes(buffer_size);
+        let recycled_bytes = u64::from(buffers) * buffer_size as u64;
+        let capacity = config
+            .memory_limit
+            .unwrap_or_else(|| default_memory_limit(recycled_bytes));
         Ok(Pool {
             memory,
             buffers,
             buffer_size,
+            capacity,
+            held: AtomicU64::new(0),
             state: Mutex::new(PoolState {
                 free,
+                recycled: vec![Vec::new(); classes.len() - 1],
                 waiters: Vec::new(),
                 live_waiters: 0,
                 generation: 0,
                 unpolled: Vec::new(),
                 unpolled_count: 0,
             }),
+            classes,
             bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             outstanding: AtomicU64::new(0),
             events,
             last_event: AtomicU64::new(u64::MAX),
-            event_interval,
+            event_interval: config.event_interval,
             epoch: Instant::now(),
+            last_pause_event: AtomicU64::new(u64::MAX),
+            last_high_water_event: AtomicU64::new(u64::MAX),
+            high_water_armed: AtomicBool::new(true),
+            stream_pauses: AtomicU64::new(0),
+            streams_paused: AtomicU64::new(0),
+            live_streams: AtomicUsize::new(0),
+            budget_policy: BudgetPolicy::new(capacity, buffer_size as u64),
+            stream_budget: config.stream_budget,
             closed: AtomicBool::new(false),
             sockets: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(0),
@@ -257,82 +438,236 @@ impl Pool {
         lock(&self.state)
     }
 
-    /// Puts a buffer back (unused, or dropped by its `ZcBuf`) and wakes the waiting streams.
-    pub(crate) fn release(&self, index: u32) {
-        let waiters = {
-            let mut state = self.lock_state();
-            state.free.push(index);
-            state.take_waiters()
-        };
+    /// Bytes handed out now.
+    pub(super) fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// How many buffers of `class` still fit under the cap: the "free buffers" the waiting
+    /// list's fairness counts. A stream waits for room for the size it asked for (a smaller
+    /// buffer would read less than its reads call for, and at the cap it is the holders'
+    /// returns, not a smaller read, that make progress).
+    pub(super) fn room_units(&self, class: usize) -> usize {
+        let room = self.capacity.saturating_sub(self.held());
+        (room / self.classes[class] as u64).min(usize::MAX as u64) as usize
+    }
+
+    /// Reserves room for a buffer of `class` (the caller checked that it fits), and takes its
+    /// memory from the recycled set if it has one. Under the state lock.
+    pub(super) fn reserve(&self, state: &mut PoolState, class: usize) -> Option<Block> {
+        let size = self.classes[class] as u64;
+        self.held.fetch_add(size, Ordering::SeqCst);
+        let top = self.classes.len() - 1;
+        if class == top {
+            state.free.pop().map(|index| Block {
+                ptr: self.mapped_ptr(index),
+                class: class as u8,
+                mapped: Some(index),
+            })
+        } else {
+            state.recycled[class].pop().map(|address| Block {
+                ptr: address as *mut u8,
+                class: class as u8,
+                mapped: None,
+            })
+        }
+    }
+
+    /// Allocates a heap buffer of `class`, whose room is reserved; gives the room back if
+    /// the heap refuses.
+    pub(super) fn allocate(&self, class: usize) -> io::Result<Block> {
+        let size = self.classes[class];
+        let layout = Layout::from_size_align(size, HEAP_ALIGN).expect("a checked pool size");
+        // SAFETY: the layout's size is at least 1 (validated buffer sizes are).
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            self.unreserve(size as u64);
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "allocating a copy buffer of {size} bytes failed; lower \
+                     Builder::copy_memory_limit"
+                ),
+            ));
+        }
+        Ok(Block {
+            ptr,
+            class: class as u8,
+            mapped: None,
+        })
+    }
+
+    /// Gives back room for `size` bytes and wakes the streams waiting for it.
+    fn unreserve(&self, size: u64) {
+        let held = self.held.fetch_sub(size, Ordering::SeqCst) - size;
+        if u128::from(held) * 2 < u128::from(self.capacity) {
+            self.high_water_armed.store(true, Ordering::Relaxed);
+        }
+        let waiters = self.lock_state().take_waiters();
         wake_all(waiters);
     }
 
-    /// Hands out pool buffer `index` (taken off the free list) holding `len` copied bytes;
-    /// it comes back to the pool when dropped.
-    pub(super) fn buffer(pool: &Arc<Pool>, index: u32, len: u32) -> ZcBuf {
-        let ptr = pool.buffer_ptr(index);
+    /// Takes a buffer back (unused, or dropped by its `ZcBuf`): into the recycled set if it
+    /// has room for it, freed otherwise; its room goes to the waiting streams.
+    pub(super) fn give_back(&self, block: Block) {
+        let class = block.class as usize;
+        let size = self.classes[class];
+        let waiters;
+        let mut free_it = false;
+        {
+            let mut state = self.lock_state();
+            match block.mapped {
+                Some(index) => state.free.push(index),
+                None if class + 1 < self.classes.len()
+                    && state.recycled[class].len() < self.buffers as usize =>
+                {
+                    state.recycled[class].push(block.ptr as usize);
+                }
+                None => free_it = true,
+            }
+            // Lowered under the lock, where a stream that finds no room registers, so it
+            // either sees this room or is among the waiters taken here.
+            let held = self.held.fetch_sub(size as u64, Ordering::SeqCst) - size as u64;
+            if u128::from(held) * 2 < u128::from(self.capacity) {
+                self.high_water_armed.store(true, Ordering::Relaxed);
+            }
+            waiters = state.take_waiters();
+        }
+        if free_it {
+            // SAFETY: a heap block of this class, allocated by `allocate` with this layout,
+            // given back once and no longer referenced.
+            unsafe { dealloc(block.ptr, size) };
+        }
+        wake_all(waiters);
+    }
+
+    /// Hands out `block` holding `len` copied bytes, owned by `share` (the reading stream):
+    /// it comes back to the pool, and off the stream's holding, when dropped.
+    pub(super) fn buffer(&self, share: &Arc<StreamShare>, block: Block, len: u32) -> ZcBuf {
+        share.held.fetch_add(u64::from(len), Ordering::SeqCst);
+        self.on_copied(len as usize);
         let slot = BufferSlot {
-            offset: index.into(),
+            offset: block.encode(),
             len,
         };
-        let owner = NonNull::from(&**pool).cast::<()>();
+        let owner = NonNull::from(&**share).cast::<()>();
         // Held by the buffer, released by `POOL_BUFFERS`.
-        std::mem::forget(Arc::clone(pool));
-        // SAFETY: the buffer is off the free list, so nobody writes it until the buffer is
-        // released (`release_delivered`), and it lies inside the mapping, which the strong
-        // reference just leaked keeps alive; the pool is `Sync`, so `POOL_BUFFERS` may run on
-        // any thread. The buffer takes over the one release owed for `index`.
-        unsafe { ZcBuf::from_raw_parts(ptr, slot, owner, &POOL_BUFFERS) }
+        std::mem::forget(Arc::clone(share));
+        // SAFETY: the block was reserved for this read, so nobody writes it until the buffer
+        // is released (`StreamShare::release`), and it lies inside the mapping or its heap
+        // allocation, which the strong reference just leaked keeps alive (the share holds the
+        // pool); the share is `Sync`, so `POOL_BUFFERS` may run on any thread. The buffer
+        // takes over the one release owed for `block`.
+        unsafe { ZcBuf::from_raw_parts(block.ptr, slot, owner, &POOL_BUFFERS) }
     }
 
-    fn release_delivered(&self, index: u32) {
-        self.outstanding.fetch_sub(1, Ordering::Relaxed);
-        self.release(index);
-    }
-
-    pub(super) fn buffer_ptr(&self, index: u32) -> *mut u8 {
+    fn mapped_ptr(&self, index: u32) -> *mut u8 {
         // SAFETY: `index` comes from the free list, so it is below the buffer count and the
         // buffer lies inside the mapping.
         unsafe { self.memory.as_ptr().add(index as usize * self.buffer_size) }
     }
 
-    pub(super) fn on_copied(&self, len: usize) {
+    fn on_copied(&self, len: usize) {
         self.bytes.fetch_add(len as u64, Ordering::Relaxed);
         self.chunks.fetch_add(1, Ordering::Relaxed);
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         // At most one CopyFallback event per interval, like re-armed kernel events.
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let last = self.last_event.load(Ordering::Relaxed);
-        let due =
-            last == u64::MAX || now.saturating_sub(last) >= self.event_interval.as_nanos() as u64;
-        if due
-            && self
-                .last_event
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let _ = self.events.send(Event {
-                kind: EventKind::CopyFallback,
-                stats: self.stats(),
-            });
+        if self.due(&self.last_event, self.event_interval) {
+            self.send(EventKind::CopyFallback);
         }
+    }
+
+    /// Whether an event rate-limited by `last` to one per `interval` may go out now; if so,
+    /// `last` is now.
+    fn due(&self, last: &AtomicU64, interval: Duration) -> bool {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let before = last.load(Ordering::Relaxed);
+        let due = before == u64::MAX || now.saturating_sub(before) >= interval.as_nanos() as u64;
+        due && last
+            .compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    fn send(&self, kind: EventKind) {
+        let _ = self.events.send(Event {
+            kind,
+            stats: self.stats(),
+        });
+    }
+
+    /// After the holding rose to `held`: the high-water event, if due. Not under the state
+    /// lock (the event's statistics take the sockets lock, which shutdown takes first).
+    pub(super) fn note_holding(&self, held: u64) {
+        if u128::from(held) * 4 >= u128::from(self.capacity) * 3
+            && self.high_water_armed.load(Ordering::Relaxed)
+            && self.due(&self.last_high_water_event, HIGH_WATER_EVENT_INTERVAL)
+        {
+            self.high_water_armed.store(false, Ordering::Relaxed);
+            self.send(EventKind::MemoryHighWater);
+        }
+    }
+
+    /// A stream paused by its budget: counted, and announced at most every 100 ms.
+    pub(super) fn on_pause(&self) {
+        self.stream_pauses.fetch_add(1, Ordering::Relaxed);
+        self.streams_paused.fetch_add(1, Ordering::Relaxed);
+        if self.due(&self.last_pause_event, PAUSE_EVENT_INTERVAL) {
+            self.send(EventKind::StreamPaused);
+        }
+    }
+
+    pub(super) fn on_resume(&self) {
+        self.streams_paused.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub(crate) fn stats(&self) -> Stats {
         let bytes = self.bytes.load(Ordering::Relaxed);
         let chunks = self.chunks.load(Ordering::Relaxed);
+        let largest_stream_held = lock(&self.sockets)
+            .values()
+            .map(|share| share.held.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
         Stats {
             copy_count: Some(chunks),
             copy_bytes: Some(bytes),
             bytes,
             chunks,
             buffers_outstanding: self.outstanding.load(Ordering::Relaxed),
-            memory_capacity: self.memory.len() as u64,
-            // Whole buffers, as the area counts whole chunks.
-            memory_held: self.outstanding.load(Ordering::Relaxed) * self.buffer_size as u64,
+            memory_capacity: self.capacity,
+            // Whole buffers of their class, as the area counts whole chunks (buffers being
+            // read into included).
+            memory_held: self.held.load(Ordering::Relaxed),
+            largest_stream_held,
+            streams_paused: self.streams_paused.load(Ordering::Relaxed),
+            stream_pauses: self.stream_pauses.load(Ordering::Relaxed),
             ..Stats::default()
         }
     }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (class, free) in state.recycled.iter().enumerate() {
+            for &address in free {
+                // SAFETY: a recycled heap block of this class, no longer referenced (the pool
+                // is going away, so no buffer of it is out).
+                unsafe { dealloc(address as *mut u8, self.classes[class]) };
+            }
+        }
+    }
+}
+
+/// Frees a heap buffer of `size` bytes.
+///
+/// # Safety
+///
+/// `ptr` was allocated by [`Pool::allocate`] with `size`, and is not used afterwards.
+unsafe fn dealloc(ptr: *mut u8, size: usize) {
+    let layout = Layout::from_size_align(size, HEAP_ALIGN).expect("a checked pool size");
+    // SAFETY: as this function's.
+    unsafe { std::alloc::dealloc(ptr, layout) }
 }
 
 /// The memory a pool of `buffers` buffers of `buffer_size` bytes takes: the buffers (whole

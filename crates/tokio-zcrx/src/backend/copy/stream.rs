@@ -1,16 +1,25 @@
-//! One connection read in copy mode: wait for readiness, take a pool buffer, copy into it.
+//! One connection read in copy mode: its budget, then readiness, then room under the pool's
+//! cap for a buffer of the size its recent reads call for, then one read.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
+use zcrx_core::budget::Budget;
 
-use super::pool::Pool;
+use super::pool::{Block, Pool, StreamShare, Take};
 use crate::buf::ZcBuf;
 use crate::sys::lock;
+
+/// Reads below the next smaller size class in a row before a stream's reads shrink (as
+/// hyper's adaptive read strategy: one small read is not a trend).
+const SMALL_READS_TO_SHRINK: u8 = 2;
 
 /// One connection read in copy mode.
 #[derive(Debug)]
@@ -18,34 +27,70 @@ pub(crate) struct CopyStream {
     id: u64,
     socket: OwnedReadHalf,
     pool: Arc<Pool>,
+    /// What the stream's buffers credit when dropped; registered with the pool for shutdown.
+    share: Arc<StreamShare>,
     read_limit: Option<u32>,
+    /// This stream's fixed budget (`StreamOptions::budget`), if any.
+    budget: Option<u64>,
+    /// The size class of the next read, and the largest one the read limit allows.
+    class: usize,
+    max_class: usize,
+    /// Reads in a row below the next smaller class, and the largest of them.
+    small_reads: u8,
+    small_max: usize,
+    /// Paused by the budget (counted in the pool's `streams_paused`).
+    paused: bool,
     /// Where this stream's waker sits in the pool's waiting list: the list's generation and
     /// the slot. Stale once the generation moved on (the stream was woken).
     waiting: Option<(u64, usize)>,
-    /// The last poll deferred a free buffer to streams woken before it (see
+    /// The last poll deferred free room to streams woken before it (see
     /// [`PoolState`](super::pool::PoolState));
     /// this poll takes it.
     deferred: bool,
     done: bool,
 }
 
-/// What a poll got from the pool.
-enum Take {
-    Buffer(u32),
-    /// No buffer now; the stream's waker is registered (or it yields once).
-    Pending,
-    Closed,
-}
-
 impl CopyStream {
-    pub(crate) fn new(socket: OwnedReadHalf, pool: Arc<Pool>, read_limit: Option<u32>) -> Self {
+    pub(crate) fn new(
+        socket: OwnedReadHalf,
+        pool: Arc<Pool>,
+        read_limit: Option<u32>,
+        budget: Option<u64>,
+    ) -> Self {
         let id = pool.next_stream.fetch_add(1, Ordering::Relaxed);
-        lock(&pool.sockets).insert(id, socket.as_ref().as_raw_fd());
+        let share = Arc::new(StreamShare {
+            pool: Arc::clone(&pool),
+            fd: socket.as_ref().as_raw_fd(),
+            held: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            resume_at: AtomicU64::new(0),
+            waker: Mutex::new(None),
+        });
+        pool.live_streams.fetch_add(1, Ordering::Relaxed);
+        lock(&pool.sockets).insert(id, Arc::clone(&share));
+        let max_class = match read_limit {
+            Some(limit) => pool
+                .classes
+                .iter()
+                .position(|&size| size >= limit as usize)
+                .unwrap_or(pool.classes.len() - 1),
+            None => pool.classes.len() - 1,
+        };
         CopyStream {
             id,
             socket,
             pool,
+            share,
             read_limit,
+            budget,
+            // The smallest first: a connection's first buffer (often held for the whole
+            // connection, e.g. to parse a header) takes little of the cap; a bulk stream
+            // reaches the largest in a few reads.
+            class: 0,
+            max_class,
+            small_reads: 0,
+            small_max: 0,
+            paused: false,
             waiting: None,
             deferred: false,
             done: false,
@@ -60,7 +105,55 @@ impl CopyStream {
         ))))
     }
 
-    /// Takes a free buffer, or registers to be woken when one is returned.
+    /// This stream's budget now: fixed per stream or runtime, else derived from the cap and
+    /// the number of open streams.
+    fn budget(&self) -> Budget {
+        match self.budget.or(self.pool.stream_budget) {
+            Some(high) => Budget::new(high),
+            None => self
+                .pool
+                .budget_policy
+                .budget(self.pool.live_streams.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Whether the budget lets the stream read now; if not, it is paused and will be woken
+    /// when its buffers' releases bring it down to the low mark (or by shutdown).
+    fn budget_allows(&mut self, cx: &mut Context<'_>) -> bool {
+        let budget = self.budget();
+        let held = self.share.held.load(Ordering::SeqCst);
+        if self.paused {
+            if budget.may_resume(held) {
+                self.resume();
+                return true;
+            }
+        } else if budget.exceeded(held) {
+            self.paused = true;
+            self.pool.on_pause();
+        } else {
+            return true;
+        }
+        // Paused: register, then check again (SeqCst pairs with `StreamShare::release`, which
+        // lowers `held` and then reads `paused`): either a release sees `paused` and wakes
+        // us, or we see its credit here.
+        *lock(&self.share.waker) = Some(cx.waker().clone());
+        self.share.resume_at.store(budget.low, Ordering::SeqCst);
+        self.share.paused.store(true, Ordering::SeqCst);
+        if budget.may_resume(self.share.held.load(Ordering::SeqCst)) {
+            self.resume();
+            return true;
+        }
+        false
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        self.share.paused.store(false, Ordering::SeqCst);
+        self.pool.on_resume();
+    }
+
+    /// Takes room for a buffer (and its memory), or registers to be woken when room is
+    /// returned.
     fn take_buffer(&mut self, cx: &mut Context<'_>) -> Take {
         let mut state = self.pool.lock_state();
         if self.pool.closed.load(Ordering::Relaxed) {
@@ -72,8 +165,8 @@ impl CopyStream {
         if let Some((generation, slot)) = self.waiting {
             if generation == state.generation {
                 // Still in the list (polled for another reason): the slot is kept while the
-                // pool is empty and cleared when a buffer is taken.
-                if state.free.is_empty() {
+                // cap is reached and cleared when room is taken.
+                if self.pool.room_units(self.class) == 0 {
                     let entry = &mut state.waiters[slot];
                     if !entry.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                         *entry = Some(cx.waker().clone());
@@ -86,7 +179,7 @@ impl CopyStream {
             }
             self.waiting = None;
         }
-        let free = state.free.len();
+        let free = self.pool.room_units(self.class);
         if free == 0 {
             self.deferred = false;
             self.waiting = Some((state.generation, state.waiters.len()));
@@ -102,7 +195,42 @@ impl CopyStream {
             return Take::Pending;
         }
         self.deferred = false;
-        Take::Buffer(state.free.pop().expect("checked that a buffer is free"))
+        let (class, block) = (self.class, self.pool.reserve(&mut state, self.class));
+        drop(state);
+        self.pool.note_holding(self.pool.held());
+        match block {
+            Some(block) => Take::Buffer(block),
+            None => match self.pool.allocate(class) {
+                Ok(block) => Take::Buffer(block),
+                Err(e) => Take::Failed(e),
+            },
+        }
+    }
+
+    /// Adapts the next read's size to this one's: twice as large after a read that filled
+    /// its buffer; after a few in a row that would have fit a smaller class, the smallest
+    /// class that fits the largest of them.
+    fn adapt(&mut self, block: &Block, read: usize, asked: usize) {
+        let class = block.class as usize;
+        let classes = &self.pool.classes;
+        if read == asked && asked == classes[class] {
+            self.class = (class + 1).min(self.max_class);
+            self.small_reads = 0;
+        } else if class > 0 && read <= classes[class - 1] {
+            self.small_reads += 1;
+            self.small_max = if self.small_reads == 1 {
+                read
+            } else {
+                self.small_max.max(read)
+            };
+            if self.small_reads >= SMALL_READS_TO_SHRINK {
+                let fits = classes.iter().position(|&size| size >= self.small_max);
+                self.class = fits.unwrap_or(class).min(class);
+                self.small_reads = 0;
+            }
+        } else {
+            self.small_reads = 0;
+        }
     }
 
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ZcBuf>>> {
@@ -112,44 +240,60 @@ impl CopyStream {
         if self.pool.closed.load(Ordering::Relaxed) {
             return self.shut_down_error();
         }
-        loop {
-            // Readiness first: a connection with nothing to read holds no buffer.
-            if let Err(e) = std::task::ready!(self.socket.as_ref().poll_read_ready(cx)) {
+        // A stream over its budget leaves its data in the socket.
+        if !self.budget_allows(cx) {
+            // Shutdown sets `closed` before it wakes paused streams: seen here or woken.
+            if self.pool.closed.load(Ordering::SeqCst) {
+                return self.shut_down_error();
+            }
+            return Poll::Pending;
+        }
+        // Readiness first: a connection with nothing to read holds no buffer.
+        if let Err(e) = std::task::ready!(self.socket.as_ref().poll_read_ready(cx)) {
+            self.done = true;
+            return Poll::Ready(Some(Err(e)));
+        }
+        let block = match self.take_buffer(cx) {
+            Take::Buffer(block) => block,
+            Take::Pending => return Poll::Pending,
+            Take::Closed => return self.shut_down_error(),
+            Take::Failed(e) => {
                 self.done = true;
                 return Poll::Ready(Some(Err(e)));
             }
-            let index = match self.take_buffer(cx) {
-                Take::Buffer(index) => index,
-                Take::Pending => return Poll::Pending,
-                Take::Closed => return self.shut_down_error(),
-            };
-            let limit = self.read_limit.map_or(self.pool.buffer_size, |l| {
-                (l as usize).min(self.pool.buffer_size)
-            });
-            // SAFETY: the buffer came off the free list, so nothing else reads or writes it
-            // until it is released; it lies inside the pool's mapping.
-            let buffer =
-                unsafe { std::slice::from_raw_parts_mut(self.pool.buffer_ptr(index), limit) };
-            match self.socket.as_ref().try_read(buffer) {
-                Ok(0) => {
-                    self.pool.release(index);
+        };
+        let size = self.pool.classes[block.class as usize];
+        let asked = self.read_limit.map_or(size, |l| (l as usize).min(size));
+        // SAFETY: the block was reserved for this read, so nothing else reads or writes it
+        // until it is given back; it is `size` bytes of the mapping or of its heap
+        // allocation. `ReadBuf` only writes it (tokio does not read uninitialised bytes).
+        let memory =
+            unsafe { std::slice::from_raw_parts_mut(block.ptr.cast::<MaybeUninit<u8>>(), asked) };
+        let mut read_buf = ReadBuf::uninit(memory);
+        // Tokio's `poll_read` clears the socket's readiness after a short read (the socket
+        // is drained), so the next poll waits for the kernel's next readiness instead of
+        // making one more read that fails with EAGAIN.
+        match Pin::new(&mut self.socket).poll_read(cx, &mut read_buf) {
+            Poll::Pending => {
+                // Spurious readiness: give the buffer back; the waker is registered.
+                self.pool.give_back(block);
+                Poll::Pending
+            }
+            Poll::Ready(Ok(())) => {
+                let read = read_buf.filled().len();
+                if read == 0 {
+                    self.pool.give_back(block);
                     self.done = true;
                     return Poll::Ready(None);
                 }
-                Ok(n) => {
-                    self.pool.on_copied(n);
-                    let buf = Pool::buffer(&self.pool, index, n as u32);
-                    return Poll::Ready(Some(Ok(buf)));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Spurious readiness (cleared by try_read): give the buffer back, wait again.
-                    self.pool.release(index);
-                }
-                Err(e) => {
-                    self.pool.release(index);
-                    self.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                self.adapt(&block, read, asked);
+                let buf = self.pool.buffer(&self.share, block, read as u32);
+                Poll::Ready(Some(Ok(buf)))
+            }
+            Poll::Ready(Err(e)) => {
+                self.pool.give_back(block);
+                self.done = true;
+                Poll::Ready(Some(Err(e)))
             }
         }
     }
@@ -163,15 +307,17 @@ impl CopyStream {
         let mut stream = std::mem::ManuallyDrop::new(self);
         stream.leave_pool();
         // SAFETY: `stream` is never used or dropped again, so each field that needs a drop
-        // is moved out exactly once: the socket to the caller, the pool reference here.
+        // is moved out exactly once: the socket to the caller, the pool and share references
+        // here.
         unsafe {
             drop(std::ptr::read(&stream.pool));
+            drop(std::ptr::read(&stream.share));
             std::ptr::read(&stream.socket)
         }
     }
 
-    /// What a stream going away owes the pool: its place among the waiters, and its entry
-    /// among the sockets shutdown reaches.
+    /// What a stream going away owes the pool: its place among the waiters, its pause, and
+    /// its entry among the streams shutdown reaches.
     fn leave_pool(&mut self) {
         if let Some((generation, slot)) = self.waiting.take() {
             let mut state = self.pool.lock_state();
@@ -183,6 +329,10 @@ impl CopyStream {
                 state.mark_polled(slot);
             }
         }
+        if self.paused {
+            self.resume();
+        }
+        self.pool.live_streams.fetch_sub(1, Ordering::Relaxed);
         // Under the lock, so shutdown never touches a descriptor that was closed (and maybe
         // reused) after this point.
         lock(&self.pool.sockets).remove(&self.id);
@@ -204,6 +354,7 @@ mod waiting_list_tests {
     use tokio::sync::broadcast;
 
     use super::*;
+    use crate::config::CopyConfig;
 
     /// A connection with a byte to read, whose stream waits for a buffer of the empty pool.
     async fn waiting_stream(
@@ -217,7 +368,7 @@ mod waiting_list_tests {
         let (socket, _) = listener.accept().await.unwrap();
         socket.readable().await.unwrap();
         let (read, _write) = socket.into_split();
-        let mut stream = CopyStream::new(read, Arc::clone(pool), None);
+        let mut stream = CopyStream::new(read, Arc::clone(pool), None, None);
         assert!(stream
             .poll_next(&mut Context::from_waker(Waker::noop()))
             .is_pending());
@@ -230,8 +381,17 @@ mod waiting_list_tests {
     #[tokio::test]
     async fn streams_dropped_while_waiting_do_not_grow_the_waiting_list() {
         let (events, _) = broadcast::channel(16);
-        let pool = Arc::new(Pool::new(1, 4096, events, Duration::from_secs(1)).unwrap());
-        let held = pool.lock_state().free.pop().expect("one buffer");
+        let config = CopyConfig {
+            buffers: 1,
+            buffer_size: 4096,
+            memory_limit: Some(4096),
+            event_interval: Duration::from_secs(1),
+            stream_budget: None,
+        };
+        let pool = Arc::new(Pool::new(&config, events).unwrap());
+        // The whole cap handed out: streams wait.
+        let held = pool.reserve(&mut pool.lock_state(), 0);
+        let held = held.expect("the one mapped buffer");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut survivor = None;
         for i in 0..500 {
@@ -251,7 +411,7 @@ mod waiting_list_tests {
             drop((stream, client));
             assert_eq!(pool.lock_state().waiters.len(), 0);
         }
-        pool.release(held);
+        pool.give_back(held);
         assert_eq!(pool.lock_state().free.len(), 1);
     }
 }

@@ -1,0 +1,453 @@
+//! The elastic copy pool and per-stream budgets (issue 10): no connection stalls the others.
+//!
+//! Stalled write-back peers (the echo example's pattern with peers that never read their
+//! replies) do not stop a fresh client from being served; a stream paused by its budget
+//! resumes without losing a byte; the memory cap holds under 10,000 slow peers; counters and
+//! events report it; shutdown wakes streams waiting at the cap. Every wait is bounded.
+
+mod common;
+
+use common::{attached, pattern};
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::broadcast;
+use tokio_zcrx::{
+    ActiveMode, EventKind, Mode, StreamOptions, ZcBatch, ZcBuf, ZcListener, ZcStream, ZcWriteHalf,
+    Zcrx,
+};
+
+/// Awaits `future` for at most `secs` seconds; panics with `what` if it takes longer.
+async fn within<T>(secs: f64, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs_f64(secs), future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {secs} s: {what}"),
+    }
+}
+
+/// Polls `check` every 5 ms until it holds, for at most `secs` seconds.
+async fn until(secs: f64, what: &str, mut check: impl FnMut() -> bool) {
+    within(secs, what, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+fn payload(seed: u64, from: u64, to: u64) -> Vec<u8> {
+    (from..to).map(|pos| pattern(seed, pos)).collect()
+}
+
+fn copy_mode(builder: tokio_zcrx::Builder) -> Zcrx {
+    let zcrx = builder.mode(Mode::Copy).build().unwrap();
+    assert_eq!(zcrx.mode(), ActiveMode::Copy);
+    zcrx
+}
+
+/// The echo example's handler: receive what is there, write it all back, then let it go.
+/// The buffers are held across the write, which waits while the peer does not read.
+async fn echo(mut stream: ZcStream, mut writer: ZcWriteHalf) {
+    let mut batch = ZcBatch::with_capacity(64);
+    while let Ok(n) = stream.recv_many(&mut batch, 64).await {
+        if n == 0 || writer.write_all_buffers(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+}
+
+/// Before issue 10, 64 such peers (the pool's 64 buffers) stopped every connection: a fresh
+/// client got no reply within 5 s. Now the pool grows past its recycled set, so 200 stalled
+/// peers leave it served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_client_is_served_past_200_stalled_write_back_peers() {
+    const STALLED: usize = 200;
+    let zcrx = copy_mode(Zcrx::builder());
+    let listener = ZcListener::bind(&zcrx, "127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, writer, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(echo(stream, writer));
+        }
+    });
+    // Peers that send and never read their replies, with small socket buffers so that each
+    // handler is stuck in its write after a little data.
+    let mut peers = Vec::new();
+    for _ in 0..STALLED {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let peer = socket.connect(addr).await.unwrap();
+        peers.push(tokio::spawn(async move {
+            let mut peer = peer;
+            let block = vec![0x5A; 64 << 10];
+            while peer.write_all(&block).await.is_ok() {}
+        }));
+    }
+    // Every handler holds a buffer across a write that cannot finish.
+    until(30.0, "every stalled handler holds a buffer", || {
+        zcrx.stats().buffers_outstanding >= STALLED as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = zcrx.stats();
+    println!("with {STALLED} stalled peers: {stats:?}");
+    assert!(stats.memory_held <= stats.memory_capacity, "{stats:?}");
+
+    let started = Instant::now();
+    let sent = payload(7, 0, 100_000);
+    let mut client = within(1.0, "connecting", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut read_half, mut write_half) = client.split();
+    let ((), echoed) = within(1.0, "a fresh client past stalled peers", async {
+        let write = async {
+            write_half.write_all(&sent).await.unwrap();
+        };
+        let read = async {
+            let mut echoed = vec![0; sent.len()];
+            read_half.read_exact(&mut echoed).await.unwrap();
+            echoed
+        };
+        tokio::join!(write, read)
+    })
+    .await;
+    println!("served in {:?}", started.elapsed());
+    assert!(echoed == sent, "the echo differs from what was sent");
+    drop(client);
+    for peer in peers {
+        peer.abort();
+    }
+    server.abort();
+}
+
+/// Drains `events` into the kinds seen.
+fn kinds(events: &mut broadcast::Receiver<tokio_zcrx::Event>) -> Vec<EventKind> {
+    let mut kinds = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        kinds.push(event.kind);
+    }
+    kinds
+}
+
+/// A stream that holds its budget stops reading (its data waits in the socket), is counted
+/// and announced, and once its reader drops buffers it resumes and delivers every byte in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_stream_resumes_and_loses_nothing() {
+    const BUDGET: u64 = 64 << 10;
+    const TOTAL: u64 = 4 << 20;
+    let zcrx = copy_mode(Zcrx::builder().stream_budget(BUDGET));
+    let mut events = zcrx.subscribe();
+    let (mut stream, _writer, client) = attached(&zcrx, StreamOptions::new()).await;
+    let sender = tokio::spawn(async move {
+        let mut client = client;
+        client.write_all(&payload(11, 0, TOTAL)).await.unwrap();
+        client
+    });
+    // Hold everything received until the stream stops.
+    let mut held: Vec<ZcBuf> = Vec::new();
+    let mut got = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), stream.next()).await {
+            Ok(Some(buf)) => {
+                let buf = buf.unwrap();
+                got += buf.len() as u64;
+                held.push(buf);
+                assert!(got < TOTAL, "the budget never stopped the stream");
+            }
+            Ok(None) => panic!("EOF while paused"),
+            Err(_) => break,
+        }
+    }
+    let stats = zcrx.stats();
+    println!(
+        "paused holding {got} bytes in {} buffers: {stats:?}",
+        held.len()
+    );
+    assert!(got >= BUDGET, "paused before its budget: {got}");
+    // One read past the high mark at most (the largest buffer).
+    assert!(got < BUDGET + (64 << 10), "held {got}, budget {BUDGET}");
+    assert_eq!(stats.streams_paused, 1, "{stats:?}");
+    assert!(stats.stream_pauses >= 1, "{stats:?}");
+    assert_eq!(stats.largest_stream_held, got, "{stats:?}");
+    assert!(stats.memory_held >= got, "{stats:?}");
+    assert!(
+        kinds(&mut events).contains(&EventKind::StreamPaused),
+        "no StreamPaused event"
+    );
+
+    // Drop the buffers, verifying them; then read the rest, dropping as we go.
+    let mut position = 0u64;
+    for buf in held.drain(..) {
+        assert!(buf[..] == payload(11, position, position + buf.len() as u64)[..]);
+        position += buf.len() as u64;
+    }
+    while position < TOTAL {
+        let buf = within(10.0, "the resumed stream", stream.next())
+            .await
+            .expect("data, not EOF")
+            .unwrap();
+        assert!(
+            buf[..] == payload(11, position, position + buf.len() as u64)[..],
+            "bytes differ at {position}"
+        );
+        position += buf.len() as u64;
+    }
+    assert_eq!(position, TOTAL);
+    let client = within(10.0, "the sender", sender).await.unwrap();
+    drop(client);
+    assert!(within(5.0, "EOF", stream.next()).await.is_none());
+    let stats = zcrx.stats();
+    assert_eq!(stats.streams_paused, 0, "{stats:?}");
+    assert_eq!((stats.memory_held, stats.buffers_outstanding), (0, 0));
+}
+
+/// `ZcBuf::detach` copies the bytes out and gives the buffer back at once.
+#[tokio::test]
+async fn a_detached_buffer_is_owned_and_returned_at_once() {
+    let zcrx = copy_mode(Zcrx::builder());
+    let (mut stream, _writer, mut client) = attached(&zcrx, StreamOptions::new()).await;
+    client.write_all(&payload(3, 0, 3000)).await.unwrap();
+    let mut buf = stream.next().await.unwrap().unwrap();
+    assert_eq!(zcrx.stats().buffers_outstanding, 1);
+    bytes::Buf::advance(&mut buf, 10);
+    let len = buf.len() as u64;
+    let owned = buf.detach();
+    let stats = zcrx.stats();
+    assert_eq!((stats.buffers_outstanding, stats.memory_held), (0, 0));
+    assert!(owned[..] == payload(3, 10, 10 + len)[..]);
+}
+
+/// The memory high-water event goes out once three quarters of the cap are held, and the
+/// counters follow the holding.
+#[tokio::test]
+async fn memory_high_water_is_announced() {
+    let zcrx = copy_mode(
+        Zcrx::builder()
+            .copy_pool(4, 4096)
+            .copy_memory_limit(16 << 10)
+            .stream_budget(u64::MAX),
+    );
+    let mut events = zcrx.subscribe();
+    let (mut stream, _writer, mut client) = attached(&zcrx, StreamOptions::new()).await;
+    let mut held = Vec::new();
+    for i in 0..3u64 {
+        client.write_all(&payload(5, i, i + 1)).await.unwrap();
+        held.push(
+            within(5.0, "a buffer", stream.next())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let stats = zcrx.stats();
+    assert_eq!(stats.memory_capacity, 16 << 10);
+    assert_eq!(
+        stats.memory_held,
+        12 << 10,
+        "three 4 KiB buffers: {stats:?}"
+    );
+    assert_eq!(
+        stats.largest_stream_held, 3,
+        "three bytes delivered: {stats:?}"
+    );
+    assert!(
+        kinds(&mut events).contains(&EventKind::MemoryHighWater),
+        "no MemoryHighWater event at 3/4 of the cap"
+    );
+    drop(held);
+    assert_eq!(zcrx.stats().memory_held, 0);
+}
+
+/// Shutdown ends every stream waiting at the memory cap and every stream paused by its
+/// budget, each with an error, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_wakes_every_stream_waiting_at_the_cap() {
+    const WAITING: usize = 20;
+    let zcrx = copy_mode(
+        Zcrx::builder()
+            .copy_pool(1, 4096)
+            .copy_memory_limit(4096)
+            .stream_budget(u64::MAX),
+    );
+    let mut clients = Vec::new();
+    // A stream paused by a one-byte budget, whose one buffer fills the cap.
+    let (mut paused, _pw, mut client) =
+        attached(&zcrx, StreamOptions::new().budget(1).read_limit(1)).await;
+    client.write_all(b"ab").await.unwrap();
+    clients.push(client);
+    let first = within(5.0, "the paused stream's byte", paused.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut tasks = vec![tokio::spawn(async move {
+        let _first = first;
+        paused.next().await.map(|r| r.map(|b| b.len()))
+    })];
+    // Readable streams that find the cap reached.
+    for _ in 0..WAITING {
+        let (mut stream, writer, mut client) = attached(&zcrx, StreamOptions::new()).await;
+        client.write_all(b"wait").await.unwrap();
+        clients.push(client);
+        tasks.push(tokio::spawn(async move {
+            let _writer = writer;
+            stream.next().await.map(|r| r.map(|b| b.len()))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = zcrx.stats();
+    assert_eq!(stats.streams_paused, 1, "{stats:?}");
+    assert_eq!(stats.memory_held, 4096, "{stats:?}");
+    assert!(tasks.iter().all(|t| !t.is_finished()), "all wait");
+    within(5.0, "shutdown", zcrx.shutdown()).await;
+    for task in tasks {
+        let end = within(5.0, "a waiting stream after shutdown", task)
+            .await
+            .unwrap();
+        let err = end.expect("an error, not EOF").unwrap_err();
+        assert!(err.to_string().contains("shut down"), "{err}");
+    }
+    assert_eq!(
+        zcrx.stats().memory_held,
+        0,
+        "the paused stream's buffer came back"
+    );
+}
+
+/// Raises the open-file limit as far as allowed; returns the soft limit now.
+fn raise_fd_limit(wanted: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(got, 0);
+    let raised = libc::rlimit {
+        rlim_cur: wanted.max(limit.rlim_cur),
+        rlim_max: wanted.max(limit.rlim_max),
+    };
+    // SAFETY: setrlimit reads the struct; raising our own limit affects only this process.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return raised.rlim_cur;
+    }
+    let soft = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: as above, within the hard limit.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) };
+    limit.rlim_max
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// 10,000 slow peers, each of whose handlers holds everything it receives: the bytes held
+/// never exceed the memory cap (the streams beyond it wait), and everything arrives once
+/// they let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_cap_holds_under_10000_slow_peers() {
+    const WANTED: usize = 10_000;
+    const CAP: u64 = 32 << 20;
+    const EACH: u64 = 16 << 10;
+    // Two descriptors per peer (both ends live here), and some to spare.
+    let fds = raise_fd_limit(2 * WANTED as u64 + 256);
+    let peers = WANTED.min((fds.saturating_sub(256) / 2) as usize);
+    if peers < WANTED {
+        // The machine refuses a higher limit: fewer peers, still far more than the cap holds
+        // at EACH bytes apiece.
+        println!("RLIMIT_NOFILE is {fds}: {peers} peers instead of {WANTED}");
+    }
+    let rss_before = rss_kib();
+    let zcrx = copy_mode(Zcrx::builder().copy_memory_limit(CAP));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let mut clients = Vec::with_capacity(peers);
+    let mut handlers = Vec::with_capacity(peers);
+    for i in 0..peers {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (socket, _) = listener.accept().await.unwrap();
+        let (mut stream, writer) = zcrx.attach(socket).unwrap();
+        let mut released = released.clone();
+        handlers.push(tokio::spawn(async move {
+            let _writer = writer;
+            let mut held = Vec::new();
+            let mut got = 0u64;
+            let mut ok = true;
+            // Hold everything until released (a handler stuck writing to a slow peer).
+            loop {
+                tokio::select! {
+                    _ = released.wait_for(|&r| r) => break,
+                    next = stream.next() => {
+                        let buf: ZcBuf = next.unwrap().unwrap();
+                        ok &= buf[..] == payload(i as u64, got, got + buf.len() as u64)[..];
+                        got += buf.len() as u64;
+                        held.push(buf);
+                    }
+                }
+            }
+            drop(held);
+            while got < EACH {
+                let buf = stream.next().await.unwrap().unwrap();
+                ok &= buf[..] == payload(i as u64, got, got + buf.len() as u64)[..];
+                got += buf.len() as u64;
+            }
+            (got, ok)
+        }));
+        client.write_all(&payload(i as u64, 0, EACH)).await.unwrap();
+        clients.push(client);
+        if i % 500 == 0 {
+            let stats = zcrx.stats();
+            assert!(stats.memory_held <= CAP, "at {i} peers: {stats:?}");
+        }
+    }
+    // Everything sent that fits has been received and is held.
+    let mut peak = 0;
+    for _ in 0..40 {
+        let stats = zcrx.stats();
+        assert!(stats.memory_held <= CAP, "{stats:?}");
+        peak = peak.max(stats.memory_held);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let stats = zcrx.stats();
+    let rss_held = rss_kib();
+    println!(
+        "{peers} peers x {EACH} bytes against a {CAP}-byte cap: peak held {peak}, {stats:?}; \
+         RSS {rss_before} KiB before, {rss_held} KiB while held"
+    );
+    assert!(
+        peak >= CAP - (64 << 10) || stats.bytes == peers as u64 * EACH,
+        "the cap was not reached though more was sent: {stats:?}"
+    );
+    release.send(true).unwrap();
+    let mut total = 0;
+    for handler in handlers {
+        let (got, ok) = within(60.0, "a handler after release", handler)
+            .await
+            .unwrap();
+        assert!(ok, "bytes differ");
+        total += got;
+    }
+    assert_eq!(total, peers as u64 * EACH);
+    let stats = zcrx.stats();
+    assert!(stats.memory_held <= CAP);
+    drop(clients);
+    println!("RSS after: {} KiB; {stats:?}", rss_kib());
+}
