@@ -75,20 +75,24 @@ impl Budget {
     }
 
     /// What one byte-limited receive request of a stream holding `held` bytes asks for, or
-    /// `None` for no limit (an unlimited budget): its [`room`](Self::room) rounded down to
-    /// whole `granule`s (the area's chunks: a stream's holding grows by whole chunks), at
-    /// least one granule, and at most the whole granules that fit in a request's `u32`.
+    /// `None` for no limit (an unlimited budget): its [`room`](Self::room) in whole
+    /// `granule`s (the area's chunks), at least one, times `fill`, the bytes one granule is
+    /// expected to carry (at most a granule), and at most a `u32`.
+    ///
+    /// The kernel limits a request in bytes, but a stream's holding grows by whole chunks:
+    /// every segment lands in a chunk of its own, so 1,448-byte segments in 4 KiB chunks
+    /// would take nearly three times the room if the request asked for the room in bytes.
     /// A stream at or over its budget must not be asked for at all ([`Self::exceeded`]);
-    /// this still answers one granule for it.
-    pub fn request_len(&self, held: u64, granule: u64) -> Option<u32> {
+    /// this still answers one granule's worth for it.
+    pub fn request_len(&self, held: u64, granule: u64, fill: u64) -> Option<u32> {
         if self.is_unlimited() {
             return None;
         }
-        let granule = granule.clamp(1, u64::from(u32::MAX));
-        let largest = u64::from(u32::MAX) / granule * granule;
-        let room = self.room(held) / granule * granule;
-        // Both at most `largest`, which fits in a u32.
-        Some(room.clamp(granule, largest) as u32)
+        let granule = granule.max(1);
+        let fill = fill.clamp(1, granule);
+        let granules = (self.room(held) / granule).max(1);
+        // At most u32::MAX, so the cast keeps the value.
+        Some(granules.saturating_mul(fill).min(u64::from(u32::MAX)) as u32)
     }
 }
 
@@ -205,21 +209,27 @@ mod tests {
     }
 
     #[test]
-    fn requests_ask_for_whole_chunks_of_room_and_at_least_one() {
+    fn requests_ask_for_the_room_in_chunks_times_what_a_chunk_carries() {
         let budget = Budget::new(64 << 10);
-        assert_eq!(budget.request_len(0, 4096), Some(64 << 10));
+        // Full chunks: the room itself.
+        assert_eq!(budget.request_len(0, 4096, 4096), Some(64 << 10));
+        // 1,448-byte segments, a chunk each: 16 chunks of room ask for 16 segments.
+        assert_eq!(budget.request_len(0, 4096, 1448), Some(16 * 1448));
         // Room rounded down to whole chunks.
-        assert_eq!(budget.request_len(10_000, 4096), Some(13 << 12));
+        assert_eq!(budget.request_len(10_000, 4096, 4096), Some(13 << 12));
         // Less than a chunk of room, or none: still one chunk (the caller pauses first).
-        assert_eq!(budget.request_len((64 << 10) - 100, 4096), Some(4096));
-        assert_eq!(budget.request_len(1 << 30, 4096), Some(4096));
-        // Never more than a u32 of whole chunks.
+        assert_eq!(budget.request_len((64 << 10) - 100, 4096, 4096), Some(4096));
+        assert_eq!(budget.request_len(1 << 30, 4096, 100), Some(100));
+        // A chunk never carries more than itself, nor less than a byte.
+        assert_eq!(budget.request_len(0, 4096, 1 << 20), Some(64 << 10));
+        assert_eq!(budget.request_len(0, 4096, 0), Some(16));
+        // Never more than a u32.
         let huge = Budget::new(1 << 40);
-        assert_eq!(huge.request_len(0, 4096), Some(u32::MAX / 4096 * 4096));
+        assert_eq!(huge.request_len(0, 4096, 4096), Some(u32::MAX));
         // Off: no limit at all.
         assert!(Budget::UNLIMITED.is_unlimited());
-        assert_eq!(Budget::UNLIMITED.request_len(1 << 40, 4096), None);
-        assert_eq!(Budget::new(u64::MAX).request_len(0, 4096), None);
+        assert_eq!(Budget::UNLIMITED.request_len(1 << 40, 4096, 4096), None);
+        assert_eq!(Budget::new(u64::MAX).request_len(0, 4096, 4096), None);
     }
 
     #[test]

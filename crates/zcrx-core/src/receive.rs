@@ -9,7 +9,9 @@
 //! goes on as after a final CQE).
 //!
 //! A stream with a [`Budget`](crate::budget::Budget) (see [`crate::budget`]) asks each
-//! request for at most its room ([`Budget::request_len`](crate::budget::Budget::request_len)):
+//! request for at most its room ([`Budget::request_len`](crate::budget::Budget::request_len):
+//! its room in chunks times the bytes a chunk carried in its last request, or, before that,
+//! what the runtime expects one to carry):
 //! when a request ends at that limit, the next one is submitted for what room is left, or,
 //! once the stream holds its budget's `high`, none: the stream is *paused*
 //! ([`Action::Pause`]) until its reader has dropped enough buffers ([`StreamReceive::resume`]).
@@ -52,7 +54,9 @@
 //! use zcrx_core::budget::Budget;
 //! use zcrx_core::receive::{Action, Holding, RequestEnd, StreamReceive};
 //!
-//! let holding = |held| Some(Holding { budget: Budget::new(16384), held, granule: 4096 });
+//! let holding = |held| {
+//!     Some(Holding { budget: Budget::new(16384), held, granule: 4096, fill: 4096 })
+//! };
 //! let mut stream = StreamReceive::new(None);
 //! stream.set_holding(holding(0));
 //! assert_eq!(stream.start(), Action::Submit { len: 16384 });
@@ -104,6 +108,11 @@ pub struct Holding {
     pub held: u64,
     /// The unit memory is handed out in (the area's chunk size): requests ask for whole ones.
     pub granule: u64,
+    /// The bytes one granule is expected to carry until the stream's own requests have
+    /// shown what its chunks carry (a segment's payload, from the interface's MTU, or the
+    /// chunk size): a request asks for its room in granules times this
+    /// ([`Budget::request_len`]).
+    pub fill: u64,
 }
 
 /// How a receive request ended.
@@ -175,6 +184,13 @@ pub struct StreamReceive {
     /// that ends at a budget's limit is followed by the next one, not by EOF.
     request_len: u32,
     request_used: u64,
+    /// The data completions of the running request (each is a chunk, or the rest of one)
+    /// and the length of its last one.
+    request_chunks: u64,
+    request_last_len: u32,
+    /// What the stream's requests showed a chunk to carry: what the next request expects
+    /// (see [`Holding::fill`] and [`Self::learn_fill`]).
+    observed_fill: Option<u64>,
     request: Request,
     /// The reader is gone: remove the entry once no request runs.
     closed: bool,
@@ -193,6 +209,9 @@ impl StreamReceive {
             holding: None,
             request_len: 0,
             request_used: 0,
+            request_chunks: 0,
+            request_last_len: 0,
+            observed_fill: None,
             request: Request::Idle,
             closed: false,
             finished: false,
@@ -232,7 +251,12 @@ impl StreamReceive {
                 self.request = Request::Paused;
                 return Action::Pause;
             }
-            Some(holding) => holding.budget.request_len(holding.held, holding.granule),
+            Some(holding) => {
+                let fill = self.observed_fill.unwrap_or(holding.fill);
+                holding
+                    .budget
+                    .request_len(holding.held, holding.granule, fill)
+            }
             None => None,
         };
         let len = match (grant_left, room) {
@@ -241,8 +265,42 @@ impl StreamReceive {
         };
         self.request_len = len;
         self.request_used = 0;
+        self.request_chunks = 0;
         self.request = Request::Running;
         Action::Submit { len }
+    }
+
+    /// Learns from the request that ended what a chunk of this stream carries: the average
+    /// of its data completions, leaving out the last one if the request ended at its byte
+    /// limit (`truncated`: the kernel cut that segment short). A request whose only data
+    /// was cut short says only that chunks carry more: the estimate doubles, or grows to
+    /// what that part carried if more (at most a granule). A request without data changes
+    /// nothing.
+    ///
+    /// The average errs high for a stream whose segments vary, so a request may take more
+    /// chunks than its room when its segments are smaller than those of the request before;
+    /// the next request learns from that.
+    fn learn_fill(&mut self, truncated: bool) {
+        let (bytes, chunks) = if truncated && self.request_chunks > 0 {
+            (
+                self.request_used - u64::from(self.request_last_len),
+                self.request_chunks - 1,
+            )
+        } else {
+            (self.request_used, self.request_chunks)
+        };
+        if chunks > 0 {
+            self.observed_fill = Some((bytes / chunks).max(1));
+        } else if truncated {
+            let expected = self
+                .observed_fill
+                .or(self.holding.map(|holding| holding.fill))
+                .unwrap_or(1);
+            let cap = self.holding.map_or(u64::MAX, |holding| holding.granule);
+            // It carried more than the part delivered, and more than expected.
+            let more = expected.saturating_mul(2).max(self.request_used);
+            self.observed_fill = Some(more.min(cap).max(1));
+        }
     }
 
     /// Tells the stream what it holds now and its budget (`None`: no budget), before a step.
@@ -293,6 +351,8 @@ impl StreamReceive {
     pub fn on_data(&mut self, len: u32) -> bool {
         self.granted_used += u64::from(len);
         self.request_used += u64::from(len);
+        self.request_chunks += 1;
+        self.request_last_len = len;
         !(self.finished || self.closed)
     }
 
@@ -317,6 +377,7 @@ impl StreamReceive {
         // the stream goes on (or pauses) rather than ending.
         let limit_reached =
             self.request_len > 0 && self.request_used >= u64::from(self.request_len);
+        self.learn_fill(limit_reached);
         match end {
             RequestEnd::Eof | RequestEnd::Unexplained if grant_used_up => Action::GrantUsedUp,
             RequestEnd::Eof | RequestEnd::Unexplained if limit_reached => self.submit(),

@@ -230,7 +230,65 @@ fn holding(high: u64, held: u64) -> Option<Holding> {
         budget: Budget::new(high),
         held,
         granule: u64::from(KIB4),
+        fill: u64::from(KIB4),
     })
+}
+
+#[test]
+fn requests_ask_for_what_the_chunks_of_the_last_request_carried() {
+    // Expected 1,460 bytes per chunk (an MTU of 1,500) before anything arrived.
+    let expecting = |held: u64| {
+        Some(Holding {
+            budget: Budget::new(8 * 4096),
+            held,
+            granule: u64::from(KIB4),
+            fill: 1460,
+        })
+    };
+    let mut s = StreamReceive::new(None);
+    s.set_holding(expecting(0));
+    assert_eq!(s.start(), Action::Submit { len: 8 * 1460 });
+    // The segments carry 1,448 bytes each (timestamps): 8 chunks and 96 bytes of a ninth.
+    for _ in 0..8 {
+        assert!(s.on_data(1448));
+    }
+    assert!(s.on_data(96));
+    // The reader dropped them all. The request ended at its limit, so the kernel cut its
+    // last segment short: the next request expects what the whole ones carried.
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * 1448 });
+    // Tiny segments (an RPC peer): the next request shrinks to as many of them.
+    for _ in 0..100 {
+        assert!(s.on_data(64));
+    }
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(errno(libc::EINTR)), Action::Submit { len: 8 * 64 });
+    // Full chunks again (a bulk sender): a request cut short in its first chunk says a
+    // chunk carries more than that; the estimate grows until the requests end in whole
+    // chunks, never above a chunk each.
+    assert!(s.on_data(8 * 64));
+    s.set_holding(expecting(1));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 7 * 512 });
+    assert!(s.on_data(7 * 512));
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * 3584 });
+    assert!(s.on_data(KIB4));
+    assert!(s.on_data(KIB4));
+    s.set_holding(expecting(0));
+    // Interrupted after two whole chunks (EINTR), not cut short: their average counts.
+    assert_eq!(
+        s.on_end(errno(libc::EINTR)),
+        Action::Submit { len: 8 * KIB4 }
+    );
+    for _ in 0..8 {
+        assert!(s.on_data(KIB4));
+    }
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * KIB4 });
+    // A request that ended without data (ENOMEM at once) keeps the last estimate.
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(errno(libc::ENOMEM)), Action::WaitForBuffers);
+    assert_eq!(s.submit(), Action::Submit { len: 8 * KIB4 });
 }
 
 #[test]

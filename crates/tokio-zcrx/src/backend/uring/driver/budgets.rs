@@ -75,6 +75,7 @@ impl<R: CompletionRing> Driver<R> {
             budget,
             held: self.area.holdings.held(tag) * chunk,
             granule: chunk,
+            fill: self.chunk_fill,
         })
     }
 

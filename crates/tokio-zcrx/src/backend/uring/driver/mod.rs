@@ -154,6 +154,10 @@ pub(crate) struct Driver<R: CompletionRing> {
     budget_policy: BudgetPolicy,
     /// Every stream's budget if fixed (`Builder::stream_budget`).
     stream_budget: Option<u64>,
+    /// The bytes a chunk is expected to carry until a stream's own requests show it
+    /// (`zcrx_core::receive::Holding::fill`): a quarter of a segment's payload on a NIC,
+    /// else of a chunk.
+    chunk_fill: u64,
     /// Rate limits and hysteresis of the pressure events.
     pressure: budgets::PressureEvents,
 }
@@ -174,6 +178,7 @@ impl Driver<UringRing> {
             nodev,
             caps,
             description,
+            segment_payload,
         } = instance;
         let area = Area::new(area, region, &shared_layout, Arc::clone(&shared)).map_err(|e| {
             Error::new(ErrorKind::Kernel, "the kernel's refill ring is unusable").with_source(e)
@@ -187,6 +192,7 @@ impl Driver<UringRing> {
             layout,
             nodev,
             caps,
+            segment_payload,
             config,
             shared,
         )
@@ -195,12 +201,16 @@ impl Driver<UringRing> {
 
 impl<R: CompletionRing> Driver<R> {
     /// A driver over any completion source (the real ring, or a synthetic one).
+    /// `segment_payload`: the most payload a segment of the bound interface carries (see
+    /// [`Instance`]), if known.
+    #[allow(clippy::too_many_arguments)] // each is a separate fact about the instance
     pub(crate) fn with_ring(
         ring: R,
         area: Arc<Area>,
         layout: AreaLayout,
         nodev: bool,
         caps: Capabilities,
+        segment_payload: Option<u32>,
         config: &UringConfig,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<R>> {
@@ -209,6 +219,11 @@ impl<R: CompletionRing> Driver<R> {
             .clone()
             .expect("the event channel lives until the driver exits");
         let budget_policy = BudgetPolicy::new(area.len() as u64, u64::from(area.chunk_size));
+        // A stream's first request errs small (a quarter of a segment or chunk): its
+        // segments are unknown, and one more request costs less than chunks taken beyond
+        // its budget by segments smaller than expected (see `zcrx_core::receive`).
+        let full = segment_payload.map_or(area.chunk_size, |payload| payload.min(area.chunk_size));
+        let chunk_fill = (full / 4).max(1);
         let mut driver = Driver {
             ring,
             buffer_refs: BufferRefs::new(&area),
@@ -232,6 +247,7 @@ impl<R: CompletionRing> Driver<R> {
             shutdown_waiters: Vec::new(),
             budget_policy,
             stream_budget: config.stream_budget,
+            chunk_fill: u64::from(chunk_fill),
             pressure: budgets::PressureEvents::default(),
         };
         driver.arm_eventfd().map_err(|e| {

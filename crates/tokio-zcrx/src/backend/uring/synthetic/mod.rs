@@ -67,6 +67,8 @@ pub(crate) struct SyntheticConfig {
     pub(crate) thread_name: String,
     /// `Builder::stream_budget` (`None`: derived budgets, the default).
     pub(crate) stream_budget: Option<u64>,
+    /// What a real runtime reads from the bound interface's MTU (`None`: unknown, or NODEV).
+    pub(crate) segment_payload: Option<u32>,
 }
 
 impl SyntheticConfig {
@@ -85,6 +87,7 @@ impl SyntheticConfig {
             faults: None,
             thread_name: "tokio-zcrx-synthetic".into(),
             stream_budget: None,
+            segment_payload: None,
         }
     }
 }
@@ -191,6 +194,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         area_layout,
         config.registration == Registration::NoDevice,
         caps,
+        config.segment_payload,
         &uring_config,
         Arc::clone(&shared),
     )?;
