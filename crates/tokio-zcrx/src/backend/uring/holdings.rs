@@ -84,6 +84,9 @@ struct ReleaseSide {
     /// When `returned` reaches this, the paused stream may resume: wake the driver
     /// (`u64::MAX`: not paused).
     resume_at: AtomicU64,
+    /// `returned` reached `resume_at`: the driver steps this stream (and no other paused
+    /// one) when it looks ([`Holdings::take_reached`]).
+    reached: AtomicBool,
 }
 
 impl Default for ReleaseSide {
@@ -91,6 +94,7 @@ impl Default for ReleaseSide {
         ReleaseSide {
             returned: AtomicU64::new(0),
             resume_at: AtomicU64::new(u64::MAX),
+            reached: AtomicBool::new(false),
         }
     }
 }
@@ -222,6 +226,8 @@ impl Holdings {
         let inherited = holding.driver.inherited.load(Ordering::Relaxed);
         // held <= low  <=>  returned >= delivered - inherited - low
         let target = delivered.saturating_sub(inherited).saturating_sub(low);
+        // A mark reached before (the stream went on meanwhile) is not this one's.
+        holding.released.reached.store(false, Ordering::Relaxed);
         // SeqCst with `credit`'s: either its release sees the mark, or this load sees its
         // return.
         holding.released.resume_at.store(target, Ordering::SeqCst);
@@ -230,9 +236,19 @@ impl Holdings {
                 .released
                 .resume_at
                 .store(u64::MAX, Ordering::Relaxed);
+            holding.released.reached.store(true, Ordering::Relaxed);
             return true;
         }
         false
+    }
+
+    /// Whether the stream of slot `tag` reached its resume mark since it paused (clearing
+    /// it): the driver steps only those, not every paused stream, when a release wakes it.
+    pub(crate) fn take_reached(&self, tag: u64) -> bool {
+        self.get(tag).is_some_and(|holding| {
+            holding.released.reached.load(Ordering::Relaxed)
+                && holding.released.reached.swap(false, Ordering::Relaxed)
+        })
     }
 
     /// `n` chunks of slot `tag` came back (any thread). Returns whether a paused stream may
@@ -245,11 +261,14 @@ impl Holdings {
         let returned = released.returned.fetch_add(n, Ordering::SeqCst) + n;
         let reached = returned >= released.resume_at.load(Ordering::SeqCst)
             && released.resume_at.swap(u64::MAX, Ordering::SeqCst) != u64::MAX;
-        if reached || self.wake_on_every_return.load(Ordering::Relaxed) {
+        if reached {
+            released.reached.store(true, Ordering::Relaxed);
+            // Publishes `reached` to the driver's `take_resumable`.
             self.resumable.store(true, Ordering::SeqCst);
             return true;
         }
-        false
+        // Under pressure: wake the driver to see whether it ended (no stream to step).
+        self.wake_on_every_return.load(Ordering::Relaxed)
     }
 
     /// Whether a paused stream reached its resume mark since the last call (driver).

@@ -46,6 +46,9 @@ use streams::{StreamEntry, Streams};
 const WAKE_EVENTFD: u64 = 1;
 
 /// How long shutdown waits for cancelled receives to confirm before closing the ring anyway.
+/// The TCP window of connections waiting to be attached, in chunks of segments (NIC mode;
+/// `Zcrx::prepare_listener`).
+const LISTENER_WINDOW_CHUNKS: u32 = 4;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A receive that ran out of area is retried when buffers come back, or after this long in
@@ -158,6 +161,11 @@ pub(crate) struct Driver<R: CompletionRing> {
     /// (`zcrx_core::receive::Holding::fill`): a quarter of a segment's payload on a NIC,
     /// else of a chunk.
     chunk_fill: u64,
+    /// NIC mode: the most payload a segment of the interface carries, for the TCP windows
+    /// of budgeted streams (`budgets.rs`); `None` in NODEV mode or if the MTU is unknown.
+    segment_payload: Option<u32>,
+    /// NIC mode: when the next paused stream counts as stalled (`budgets.rs`).
+    stall_check_at: Option<Instant>,
     /// Rate limits and hysteresis of the pressure events.
     pressure: budgets::PressureEvents,
 }
@@ -224,6 +232,16 @@ impl<R: CompletionRing> Driver<R> {
         // its budget by segments smaller than expected (see `zcrx_core::receive`).
         let full = segment_payload.map_or(area.chunk_size, |payload| payload.min(area.chunk_size));
         let chunk_fill = (full / 4).max(1);
+        // What one segment puts in a chunk at most.
+        let segment_payload = segment_payload
+            .filter(|_| !nodev)
+            .map(|payload| payload.min(area.chunk_size));
+        if let (Some(payload), false) = (segment_payload, config.stream_budget == Some(u64::MAX)) {
+            // Connections wait in a listener's queue with what their window let in, all of
+            // it in the area: a few chunks of segments until attach sets their budget's.
+            let window = LISTENER_WINDOW_CHUNKS * payload;
+            shared.listener_window.store(window, Ordering::Relaxed);
+        }
         let mut driver = Driver {
             ring,
             buffer_refs: BufferRefs::new(&area),
@@ -248,6 +266,8 @@ impl<R: CompletionRing> Driver<R> {
             budget_policy,
             stream_budget: config.stream_budget,
             chunk_fill: u64::from(chunk_fill),
+            segment_payload,
+            stall_check_at: None,
             pressure: budgets::PressureEvents::default(),
         };
         driver.arm_eventfd().map_err(|e| {
@@ -270,6 +290,7 @@ impl<R: CompletionRing> Driver<R> {
             self.return_buffers();
             self.resume_waiting_streams()?;
             self.resume_paused_streams()?;
+            self.shrink_stalled_receive_buffers();
             self.rearm_events();
             self.submit_and_wait()?;
             self.reap()?;
@@ -381,6 +402,10 @@ impl<R: CompletionRing> Driver<R> {
             fixed_budget,
             tag,
         ));
+        if self.budget(key.slot()).is_none() {
+            // Without a budget nothing bounds its window: lift a listener's.
+            self.unclamp_window(key.slot());
+        }
         // An unlimited stream starts now; a limited one when its reader first asks (ReadMore).
         self.step(key.slot(), StreamReceive::start)
     }
@@ -398,6 +423,9 @@ impl<R: CompletionRing> Driver<R> {
         step: impl FnOnce(&mut StreamReceive) -> Action,
     ) -> io::Result<()> {
         let holding = self.holding(slot);
+        if let Some(holding) = holding {
+            self.adjust_window(slot, holding.budget);
+        }
         let Some(entry) = self.streams.get_mut(slot) else {
             return Ok(());
         };
@@ -410,6 +438,9 @@ impl<R: CompletionRing> Driver<R> {
             .get(slot)
             .is_some_and(|e| e.receive.is_paused());
         self.count_paused(was_paused, is_paused);
+        if was_paused && !is_paused {
+            self.restore_receive_buffer(slot);
+        }
         result
     }
 
@@ -547,6 +578,7 @@ impl<R: CompletionRing> Driver<R> {
                 self.stopping.map(|since| since + SHUTDOWN_GRACE),
                 self.exhausted_at.map(|at| at + EXHAUSTION_RETRY),
                 self.overflow_recheck.map(|(at, _)| at),
+                self.stall_check_at,
             ]
             .into_iter()
             .flatten()

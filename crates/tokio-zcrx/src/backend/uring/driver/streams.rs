@@ -26,6 +26,12 @@ pub(super) struct StreamEntry {
     pub(super) fixed_budget: Option<u64>,
     /// Its slot's tag in its buffers (`holdings.rs`; 0: untracked, no budget).
     pub(super) tag: u64,
+    /// The TCP window its socket was last clamped to (NIC mode, `budgets.rs`); 0: never.
+    pub(super) window_clamp: u32,
+    /// NIC mode: when it paused, and the receive buffer a stall took from it
+    /// (`budgets.rs`).
+    pub(super) paused_at: Option<std::time::Instant>,
+    pub(super) saved_rcvbuf: Option<u32>,
 }
 
 impl StreamEntry {
@@ -45,7 +51,15 @@ impl StreamEntry {
             pending: Vec::new(),
             fixed_budget,
             tag,
+            window_clamp: 0,
+            paused_at: None,
+            saved_rcvbuf: None,
         }
+    }
+
+    /// Its socket, for socket options.
+    pub(super) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.socket)
     }
 
     pub(super) fn fd(&self) -> RawFd {
