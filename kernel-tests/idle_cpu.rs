@@ -132,7 +132,9 @@ fn idle_driver_uses_no_cpu_while_buffers_are_held() {
             netns,
         } in modes(&net)
         {
-            let zcrx = build(builder.area_size(4 << 20));
+            // Holds more than a stream's budget on purpose (the area's own limits are under
+            // test): budgets off.
+            let zcrx = build(builder.area_size(4 << 20).stream_budget(u64::MAX));
             let listener = TcpListener::bind((ip.as_str(), 0)).await.unwrap();
             let sender = spawn_sender(listener.local_addr().unwrap(), TOTAL, netns);
             let mut stream = accept(&zcrx, &listener).await;
@@ -178,7 +180,13 @@ fn idle_driver_uses_no_cpu_after_a_stream_waiting_for_buffers_is_closed() {
             netns,
         } in modes(&net)
         {
-            let zcrx = build(builder.area_size(SMALL_AREA_CHUNKS * 4096));
+            // Holds more than a stream's budget on purpose (the area's own limits are under
+            // test): budgets off.
+            let zcrx = build(
+                builder
+                    .area_size(SMALL_AREA_CHUNKS * 4096)
+                    .stream_budget(u64::MAX),
+            );
             let mode = zcrx.mode();
             // The area runs out: nodev reports it as AreaExhausted, the NIC's page pool as
             // AllocationFailure.

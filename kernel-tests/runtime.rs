@@ -225,7 +225,9 @@ fn nodev_area_exhaustion_recovers_without_loss() {
     const TOTAL: u64 = 4 << 20;
     runtime().block_on(async {
         // 64 chunks: the sender fills them long before it is done.
-        let zcrx = build(nodev().area_size(256 << 10));
+        // Holds more than a stream's budget on purpose (the area's own limits are under
+        // test): budgets off.
+        let zcrx = build(nodev().area_size(256 << 10).stream_budget(u64::MAX));
         let mut events = zcrx.subscribe();
         let (listener, addr) = listen("127.0.0.1").await;
         let sender = spawn_sender(addr, TOTAL, None);
@@ -250,7 +252,14 @@ fn nic_allocation_failure_is_reported_and_recovers() {
     const TOTAL: u64 = 8 << 20;
     let net = GuestNet::from_env();
     runtime().block_on(async {
-        let zcrx = build(nic(&net).area_size(512 << 10).refill_entries(128));
+        // Holds more than a stream's budget on purpose (the area's own limits are under
+        // test): budgets off.
+        let zcrx = build(
+            nic(&net)
+                .area_size(512 << 10)
+                .refill_entries(128)
+                .stream_budget(u64::MAX),
+        );
         let mut events = zcrx.subscribe();
         let (listener, addr) = listen(&net.nic_addr).await;
         let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
@@ -421,7 +430,9 @@ fn buffers_outlive_stream_and_runtime() {
     const TOTAL: u64 = 1 << 20;
     let net = GuestNet::from_env();
     let held = runtime().block_on(async {
-        let zcrx = build(nic(&net).area_size(4 << 20));
+        // Holds more than a stream's budget on purpose (the area's own limits are under
+        // test): budgets off.
+        let zcrx = build(nic(&net).area_size(4 << 20).stream_budget(u64::MAX));
         let (listener, addr) = listen(&net.nic_addr).await;
         let sender = spawn_sender(addr, TOTAL, Some(net.peer_netns.clone()));
         let mut stream = accept(&zcrx, &listener).await;

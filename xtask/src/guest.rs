@@ -171,6 +171,18 @@ pub(crate) fn build_benchmark(start: Instant) -> Result<Vec<GuestBinary>> {
     Ok(binaries)
 }
 
+/// Where the guest binaries are built: beside the caller's own `CARGO_TARGET_DIR` if it
+/// set one, else in the cache. Cargo names a workspace member's build by its path inside
+/// the workspace, not by the checkout, so two checkouts sharing one target directory take
+/// each other's builds for fresh (a git worktree whose files are older than the other's
+/// last build is not rebuilt).
+fn guest_target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("guest"),
+        _ => util::cache_root().join("target/guest"),
+    }
+}
+
 fn cargo_build_for_guest(args: &[&str], binaries: &mut Vec<GuestBinary>) -> Result<()> {
     cargo_build_for_guest_with(args, GUEST_PROFILE, binaries)
 }
@@ -186,7 +198,7 @@ fn cargo_build_for_guest_with(
         .args(args)
         .args(["--profile", profile, "--target", GUEST_TARGET])
         .args(["--message-format", "json-render-diagnostics"])
-        .env("CARGO_TARGET_DIR", util::cache_root().join("target/guest"))
+        .env("CARGO_TARGET_DIR", guest_target_dir())
         .env("RUSTFLAGS", "-C target-feature=+crt-static");
     let (ok, _) = util::run_streaming(&mut cmd, |line| {
         if let Some(binary) = parse_artifact(line) {

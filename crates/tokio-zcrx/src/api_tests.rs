@@ -30,6 +30,8 @@ impl Synthetic {
     async fn start(area_chunks: u32) -> Synthetic {
         let config = SyntheticConfig {
             area_chunks,
+            // These tests hold whole streams to read them as one: budgets off.
+            stream_budget: Some(u64::MAX),
             ..SyntheticConfig::new(Personality::Linux7_3, Registration::Nic)
         };
         let (zcrx, control) = start_with(config).unwrap();

@@ -359,6 +359,7 @@ impl Builder {
             events: self.events,
             event_rearm_interval: self.event_rearm_interval,
             thread_name: self.thread_name.clone(),
+            stream_budget: self.stream_budget,
         })
     }
 
@@ -551,6 +552,9 @@ pub(crate) struct UringConfig {
     pub(crate) events: EventsPolicy,
     pub(crate) event_rearm_interval: Duration,
     pub(crate) thread_name: String,
+    /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from
+    /// the area and the number of streams otherwise.
+    pub(crate) stream_budget: Option<u64>,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).

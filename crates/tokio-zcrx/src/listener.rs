@@ -26,14 +26,23 @@ impl ZcListener {
     /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig)).
     pub async fn bind(zcrx: &Zcrx, addr: impl ToSocketAddrs) -> io::Result<ZcListener> {
         crate::zcrx::require_tokio("ZcListener::bind")?;
+        let listener = TcpListener::bind(addr).await?;
+        zcrx.prepare_listener(&listener)?;
         Ok(ZcListener {
-            listener: TcpListener::bind(addr).await?,
+            listener,
             zcrx: zcrx.clone(),
         })
     }
 
-    /// Wraps an existing Tokio listener.
+    /// Wraps an existing Tokio listener, preparing it as [`Zcrx::prepare_listener`] does
+    /// (a failure to is logged: the listener works, its connections' windows are only
+    /// bounded from attach on).
     pub fn from_tokio(zcrx: &Zcrx, listener: TcpListener) -> ZcListener {
+        if let Err(error) = zcrx.prepare_listener(&listener) {
+            tracing::warn!(
+                "tokio-zcrx: cannot bound the TCP window of a listener's connections: {error}"
+            );
+        }
         ZcListener {
             listener,
             zcrx: zcrx.clone(),

@@ -159,6 +159,33 @@ impl Zcrx {
         Ok((ZcStream::new(source, claim, addresses), write_half))
     }
 
+    /// Prepares a listening socket whose connections will be [`attach`](Zcrx::attach)ed:
+    /// in nic mode with budgets (the default), it bounds the TCP window of its connections
+    /// to a few chunks' worth of segments until they are attached, when their stream's
+    /// budget sets it. Elsewhere it does nothing. [`ZcListener`](crate::ZcListener) does
+    /// this itself.
+    ///
+    /// Why: on a NIC queue bound to zcrx, every byte the kernel queues for a socket is
+    /// already in the shared area, whether anyone reads it or not; a connection that
+    /// waits to be accepted (or is accepted and then held by a stalled handler) keeps what
+    /// its window let in. Without this, many connections that send before they are
+    /// attached can fill the area between them.
+    ///
+    /// ```no_run
+    /// # async fn demo(zcrx: tokio_zcrx::Zcrx) -> std::io::Result<()> {
+    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+    /// zcrx.prepare_listener(&listener)?;
+    /// loop {
+    ///     let (socket, _) = listener.accept().await?;
+    ///     let (stream, writer) = zcrx.attach(socket)?;
+    ///     # let _ = (stream, writer);
+    /// }
+    /// # }
+    /// ```
+    pub fn prepare_listener(&self, listener: &impl AsFd) -> std::io::Result<()> {
+        self.backend.prepare_listener(listener.as_fd())
+    }
+
     /// `RuntimeGone` once the runtime has shut down (or its driver failed).
     pub(crate) fn check_running(&self) -> Result<()> {
         self.backend.check_running()

@@ -67,6 +67,33 @@ impl Budget {
     pub fn room(&self, held: u64) -> u64 {
         self.high.saturating_sub(held)
     }
+
+    /// Whether this is [`Budget::UNLIMITED`] (or as good as: nothing can hold `u64::MAX`
+    /// bytes), so that a runtime can keep its unlimited receive path.
+    pub fn is_unlimited(&self) -> bool {
+        self.high == u64::MAX
+    }
+
+    /// What one byte-limited receive request of a stream holding `held` bytes asks for, or
+    /// `None` for no limit (an unlimited budget): its [`room`](Self::room) in whole
+    /// `granule`s (the area's chunks), at least one, times `fill`, the bytes one granule is
+    /// expected to carry (at most a granule), and at most a `u32`.
+    ///
+    /// The kernel limits a request in bytes, but a stream's holding grows by whole chunks:
+    /// every segment lands in a chunk of its own, so 1,448-byte segments in 4 KiB chunks
+    /// would take nearly three times the room if the request asked for the room in bytes.
+    /// A stream at or over its budget must not be asked for at all ([`Self::exceeded`]);
+    /// this still answers one granule's worth for it.
+    pub fn request_len(&self, held: u64, granule: u64, fill: u64) -> Option<u32> {
+        if self.is_unlimited() {
+            return None;
+        }
+        let granule = granule.max(1);
+        let fill = fill.clamp(1, granule);
+        let granules = (self.room(held) / granule).max(1);
+        // At most u32::MAX, so the cast keeps the value.
+        Some(granules.saturating_mul(fill).min(u64::from(u32::MAX)) as u32)
+    }
 }
 
 /// How streams' budgets are chosen.
@@ -125,6 +152,27 @@ impl BudgetPolicy {
         // early or late depending on its buffers' sizes.
         Budget::new((high / self.granule).max(1) * self.granule)
     }
+
+    /// [`Self::budget`] while the application holds `held_total` bytes of the shared
+    /// memory: from a quarter of the capacity on (*pressure*), a derived budget is the floor
+    /// of two granules. Budgets are derived from the streams open *now*, but what a stream
+    /// took while there were fewer stays held: streams that stall one after the other
+    /// (each holding what it got) would otherwise add up to more than the memory (a quarter,
+    /// a quarter, a sixth, an eighth, ...). Under pressure only the floors add up, so the
+    /// memory lasts as long as two granules per stream fit in what is left. A fixed budget
+    /// stays fixed.
+    pub fn budget_under(&self, streams: usize, held_total: u64) -> Budget {
+        if self.fixed.is_none() && self.under_pressure(held_total) {
+            return Budget::new(2 * self.granule);
+        }
+        self.budget(streams)
+    }
+
+    /// Whether `held_total` bytes held put the shared memory under pressure (a quarter of
+    /// it or more), where derived budgets shrink to their floor ([`Self::budget_under`]).
+    pub fn under_pressure(&self, held_total: u64) -> bool {
+        held_total >= self.capacity / 4
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +206,43 @@ mod tests {
             }
             last = budget.high;
         }
+    }
+
+    #[test]
+    fn requests_ask_for_the_room_in_chunks_times_what_a_chunk_carries() {
+        let budget = Budget::new(64 << 10);
+        // Full chunks: the room itself.
+        assert_eq!(budget.request_len(0, 4096, 4096), Some(64 << 10));
+        // 1,448-byte segments, a chunk each: 16 chunks of room ask for 16 segments.
+        assert_eq!(budget.request_len(0, 4096, 1448), Some(16 * 1448));
+        // Room rounded down to whole chunks.
+        assert_eq!(budget.request_len(10_000, 4096, 4096), Some(13 << 12));
+        // Less than a chunk of room, or none: still one chunk (the caller pauses first).
+        assert_eq!(budget.request_len((64 << 10) - 100, 4096, 4096), Some(4096));
+        assert_eq!(budget.request_len(1 << 30, 4096, 100), Some(100));
+        // A chunk never carries more than itself, nor less than a byte.
+        assert_eq!(budget.request_len(0, 4096, 1 << 20), Some(64 << 10));
+        assert_eq!(budget.request_len(0, 4096, 0), Some(16));
+        // Never more than a u32.
+        let huge = Budget::new(1 << 40);
+        assert_eq!(huge.request_len(0, 4096, 4096), Some(u32::MAX));
+        // Off: no limit at all.
+        assert!(Budget::UNLIMITED.is_unlimited());
+        assert_eq!(Budget::UNLIMITED.request_len(1 << 40, 4096, 4096), None);
+        assert_eq!(Budget::new(u64::MAX).request_len(0, 4096, 4096), None);
+    }
+
+    #[test]
+    fn under_pressure_derived_budgets_shrink_to_the_floor() {
+        let policy = BudgetPolicy::new(1 << 20, 4096);
+        assert_eq!(policy.budget_under(1, 0), policy.budget(1));
+        assert_eq!(policy.budget_under(1, (256 << 10) - 1).high, 256 << 10);
+        assert!(policy.under_pressure(256 << 10));
+        assert_eq!(policy.budget_under(1, 256 << 10), Budget::new(8192));
+        assert_eq!(policy.budget_under(64, 1 << 20).high, 8192);
+        // Fixed budgets are the application's.
+        let fixed = policy.fixed(100_000);
+        assert_eq!(fixed.budget_under(1, 1 << 20).high, 100_000);
     }
 
     #[test]

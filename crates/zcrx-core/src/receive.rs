@@ -8,6 +8,17 @@
 //! `IORING_CQE_F_MORE` with no reason given (no kernel up to 7.3 does that; the stream
 //! goes on as after a final CQE).
 //!
+//! A stream with a [`Budget`](crate::budget::Budget) (see [`crate::budget`]) asks each
+//! request for at most its room ([`Budget::request_len`](crate::budget::Budget::request_len):
+//! its room in chunks times the bytes a chunk carried in its last request, or, before that,
+//! what the runtime expects one to carry):
+//! when a request ends at that limit, the next one is submitted for what room is left, or,
+//! once the stream holds its budget's `high`, none: the stream is *paused*
+//! ([`Action::Pause`]) until its reader has dropped enough buffers ([`StreamReceive::resume`]).
+//! The runtime tells it how much the stream holds before each step
+//! ([`StreamReceive::set_holding`]); the smaller of a read limit's grant and the budget's
+//! room wins.
+//!
 //! [`StreamReceive`] is that decision per stream, without I/O: the runtime feeds it what
 //! happened (a completion, a command from the reader, shutdown) and carries out the
 //! [`Action`] it returns: queue the SQE, tell the reader, drop the stream's entry. What the
@@ -36,7 +47,38 @@
 //! // The reader drops the stream: no request runs, so the entry goes.
 //! assert_eq!(stream.close(), Action::Remove { was_waiting_for_buffers: false });
 //! ```
+//!
+//! A budgeted stream (16 KiB, resuming at 8 KiB, in 4 KiB chunks):
+//!
+//! ```
+//! use zcrx_core::budget::Budget;
+//! use zcrx_core::receive::{Action, Holding, RequestEnd, StreamReceive};
+//!
+//! let holding = |held| {
+//!     Some(Holding { budget: Budget::new(16384), held, granule: 4096, fill: 4096 })
+//! };
+//! let mut stream = StreamReceive::new(None);
+//! stream.set_holding(holding(0));
+//! assert_eq!(stream.start(), Action::Submit { len: 16384 });
+//! for _ in 0..4 {
+//!     assert!(stream.on_data(4096));
+//! }
+//! // The request ends at its limit; the reader still holds 8 KiB of it: ask for the rest.
+//! stream.set_holding(holding(8192));
+//! assert_eq!(stream.on_end(RequestEnd::Eof), Action::Submit { len: 8192 });
+//! assert!(stream.on_data(8192));
+//! // It ends again, the reader holds all 16 KiB: pause.
+//! stream.set_holding(holding(16384));
+//! assert_eq!(stream.on_end(RequestEnd::Eof), Action::Pause);
+//! assert!(stream.is_paused());
+//! // Dropping one chunk is not enough (12 KiB held); at 8 KiB it goes on.
+//! stream.set_holding(holding(12288));
+//! assert_eq!(stream.resume(), Action::None);
+//! stream.set_holding(holding(8192));
+//! assert_eq!(stream.resume(), Action::Submit { len: 8192 });
+//! ```
 
+use crate::budget::Budget;
 use crate::completion::{CqeErrno, RecvErrorAction};
 
 /// Where a stream's receive request is.
@@ -52,6 +94,25 @@ pub enum Request {
     WaitingForBuffers,
     /// Ended with `ENOSPC`; resubmit after the CQ is drained.
     ResubmitAfterCq,
+    /// None running: the stream holds its budget; resubmit once it is back at its low mark
+    /// ([`StreamReceive::resume`]).
+    Paused,
+}
+
+/// What a budgeted stream holds, as the runtime tells [`StreamReceive`] before a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// The stream's budget now (derived budgets change with the number of streams).
+    pub budget: Budget,
+    /// Bytes the stream holds: delivered and not yet dropped, in whole granules.
+    pub held: u64,
+    /// The unit memory is handed out in (the area's chunk size): requests ask for whole ones.
+    pub granule: u64,
+    /// The bytes one granule is expected to carry until the stream's own requests have
+    /// shown what its chunks carry (a segment's payload, from the interface's MTU, or the
+    /// chunk size): a request asks for its room in granules times this
+    /// ([`Budget::request_len`]).
+    pub fill: u64,
 }
 
 /// How a receive request ended.
@@ -104,6 +165,9 @@ pub enum Action {
     /// The area ran out (`ENOMEM`): count the stream as waiting for buffers and resubmit
     /// ([`StreamReceive::submit`]) once buffers come back.
     WaitForBuffers,
+    /// The stream holds its budget: no request runs until it is back at the budget's low
+    /// mark; then [`StreamReceive::resume`] submits.
+    Pause,
 }
 
 /// One stream's receive requests; see the [module docs](self).
@@ -114,6 +178,19 @@ pub struct StreamReceive {
     /// Bytes received since the reader last asked for more (limited streams): a request
     /// resubmitted after `ENOMEM`, `ENOSPC` or `EINTR` asks only for the rest of the limit.
     granted_used: u64,
+    /// What the runtime last said the stream holds (`None`: no budget).
+    holding: Option<Holding>,
+    /// The running request's byte limit (0: none), and the bytes it has delivered: a request
+    /// that ends at a budget's limit is followed by the next one, not by EOF.
+    request_len: u32,
+    request_used: u64,
+    /// The data completions of the running request (each is a chunk, or the rest of one)
+    /// and the length of its last one.
+    request_chunks: u64,
+    request_last_len: u32,
+    /// What the stream's requests showed a chunk to carry: what the next request expects
+    /// (see [`Holding::fill`] and [`Self::learn_fill`]).
+    observed_fill: Option<u64>,
     request: Request,
     /// The reader is gone: remove the entry once no request runs.
     closed: bool,
@@ -129,6 +206,12 @@ impl StreamReceive {
         Self {
             limit,
             granted_used: 0,
+            holding: None,
+            request_len: 0,
+            request_used: 0,
+            request_chunks: 0,
+            request_last_len: 0,
+            observed_fill: None,
             request: Request::Idle,
             closed: false,
             finished: false,
@@ -147,20 +230,109 @@ impl StreamReceive {
     /// Submits the next request: [`Action::Submit`] with what is left of the grant, or, for
     /// a limited stream whose grant is already used up (a resubmission after its last byte
     /// arrived), [`Action::GrantUsedUp`]: it waits for the reader to ask again.
+    ///
+    /// A budgeted stream that holds its budget's `high` pauses instead ([`Action::Pause`]);
+    /// otherwise its request asks for at most its room, or what is left of the grant if
+    /// that is less.
     pub fn submit(&mut self) -> Action {
-        let len = match self.limit {
-            None => 0,
+        let grant_left = match self.limit {
+            None => None,
             Some(limit) => match u64::from(limit).saturating_sub(self.granted_used) {
                 0 => {
                     self.request = Request::Idle;
                     return Action::GrantUsedUp;
                 }
                 // At most `limit`, a u32.
-                left => left as u32,
+                left => Some(left as u32),
             },
         };
+        let room = match self.holding {
+            Some(holding) if holding.budget.exceeded(holding.held) => {
+                self.request = Request::Paused;
+                return Action::Pause;
+            }
+            Some(holding) => {
+                let fill = self.observed_fill.unwrap_or(holding.fill);
+                holding
+                    .budget
+                    .request_len(holding.held, holding.granule, fill)
+            }
+            None => None,
+        };
+        let len = match (grant_left, room) {
+            (Some(grant), Some(room)) => grant.min(room),
+            (grant, room) => grant.or(room).unwrap_or(0),
+        };
+        self.request_len = len;
+        self.request_used = 0;
+        self.request_chunks = 0;
         self.request = Request::Running;
         Action::Submit { len }
+    }
+
+    /// Learns from the request that ended what a chunk of this stream carries: the average
+    /// of its data completions, leaving out the last one if the request ended at its byte
+    /// limit (`truncated`: the kernel cut that segment short). A request whose only data
+    /// was cut short says only that chunks carry more: the estimate doubles, or grows to
+    /// what that part carried if more (at most a granule). A request without data changes
+    /// nothing.
+    ///
+    /// The average errs high for a stream whose segments vary, so a request may take more
+    /// chunks than its room when its segments are smaller than those of the request before;
+    /// the next request learns from that.
+    fn learn_fill(&mut self, truncated: bool) {
+        let (bytes, chunks) = if truncated && self.request_chunks > 0 {
+            (
+                self.request_used - u64::from(self.request_last_len),
+                self.request_chunks - 1,
+            )
+        } else {
+            (self.request_used, self.request_chunks)
+        };
+        if chunks > 0 {
+            self.observed_fill = Some((bytes / chunks).max(1));
+        } else if truncated {
+            let expected = self
+                .observed_fill
+                .or(self.holding.map(|holding| holding.fill))
+                .unwrap_or(1);
+            let cap = self.holding.map_or(u64::MAX, |holding| holding.granule);
+            // It carried more than the part delivered, and more than expected.
+            let more = expected.saturating_mul(2).max(self.request_used);
+            self.observed_fill = Some(more.min(cap).max(1));
+        }
+    }
+
+    /// Tells the stream what it holds now and its budget (`None`: no budget), before a step.
+    pub fn set_holding(&mut self, holding: Option<Holding>) {
+        self.holding = holding;
+    }
+
+    /// A paused stream's reader has dropped buffers: submit again if it is back at its
+    /// budget's low mark (as last told by [`Self::set_holding`]), else nothing. A stream
+    /// that ended meanwhile stops being paused without a request.
+    pub fn resume(&mut self) -> Action {
+        if self.request != Request::Paused {
+            return Action::None;
+        }
+        if self.finished {
+            self.request = Request::Idle;
+            return Action::None;
+        }
+        let may_resume = self
+            .holding
+            .is_none_or(|holding| holding.budget.may_resume(holding.held));
+        if !may_resume {
+            return Action::None;
+        }
+        self.request = Request::Idle;
+        self.submit()
+    }
+
+    /// Whether the stream is paused by its budget.
+    #[must_use]
+    pub fn is_paused(&self) -> bool {
+        self.request == Request::Paused
     }
 
     /// The reader asks for more (a limited stream whose request is done): a fresh grant and
@@ -178,6 +350,9 @@ impl StreamReceive {
     #[must_use]
     pub fn on_data(&mut self, len: u32) -> bool {
         self.granted_used += u64::from(len);
+        self.request_used += u64::from(len);
+        self.request_chunks += 1;
+        self.request_last_len = len;
         !(self.finished || self.closed)
     }
 
@@ -198,8 +373,14 @@ impl StreamReceive {
         let grant_used_up = self
             .limit
             .is_some_and(|limit| self.granted_used >= u64::from(limit));
+        // The request's byte limit was reached: a grant's (above) or a budget's, after which
+        // the stream goes on (or pauses) rather than ending.
+        let limit_reached =
+            self.request_len > 0 && self.request_used >= u64::from(self.request_len);
+        self.learn_fill(limit_reached);
         match end {
             RequestEnd::Eof | RequestEnd::Unexplained if grant_used_up => Action::GrantUsedUp,
+            RequestEnd::Eof | RequestEnd::Unexplained if limit_reached => self.submit(),
             RequestEnd::Eof => {
                 self.finished = true;
                 Action::Finish(Finish::Eof)
@@ -253,11 +434,12 @@ impl StreamReceive {
                 Action::Cancel
             }
             Request::Cancelling => Action::None,
-            Request::Idle | Request::WaitingForBuffers | Request::ResubmitAfterCq => {
-                Action::Remove {
-                    was_waiting_for_buffers: self.request == Request::WaitingForBuffers,
-                }
-            }
+            Request::Idle
+            | Request::WaitingForBuffers
+            | Request::ResubmitAfterCq
+            | Request::Paused => Action::Remove {
+                was_waiting_for_buffers: self.request == Request::WaitingForBuffers,
+            },
         }
     }
 

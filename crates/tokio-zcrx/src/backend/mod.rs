@@ -23,6 +23,7 @@
 //! for a builder's mode.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -82,6 +83,15 @@ impl Backend {
                 let (stream, writer) = copy.attach(socket, options);
                 Ok((StreamSource::Copy(stream), writer))
             }
+        }
+    }
+
+    /// Prepares a listener whose connections will be attached (see
+    /// `Zcrx::prepare_listener`).
+    pub(crate) fn prepare_listener(&self, listener: BorrowedFd<'_>) -> io::Result<()> {
+        match self {
+            Backend::Uring(handle) => handle.prepare_listener(listener),
+            Backend::Copy(_) => Ok(()),
         }
     }
 

@@ -6,6 +6,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard};
 
 pub(crate) mod claim;
@@ -87,6 +88,92 @@ pub(crate) fn interface_name(index: u32) -> io::Result<String> {
     Ok(name.to_string_lossy().into_owned())
 }
 
+/// The MTU of the network interface with `index` in this network namespace.
+pub(crate) fn interface_mtu(index: u32) -> io::Result<u32> {
+    let name = interface_name(index)?;
+    // SAFETY: an all-zero ifreq is valid (a C struct of integers and arrays).
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        // The name came from if_indextoname: shorter than IF_NAMESIZE, so a NUL stays.
+        *to = from as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the descriptor is owned right below.
+    let fd = unsafe {
+        syscall!(socket(
+            libc::AF_INET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0
+        ))
+    }?;
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into `request`, which lives
+    // through the call.
+    unsafe {
+        syscall!(ioctl(
+            socket.as_raw_fd(),
+            libc::SIOCGIFMTU as _,
+            &mut request as *mut libc::ifreq
+        ))
+    }?;
+    // SAFETY: SIOCGIFMTU succeeded, so it wrote the union's `ifru_mtu`.
+    let mtu = unsafe { request.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Limits the TCP receive window `socket` advertises to `bytes` (`TCP_WINDOW_CLAMP`; the
+/// kernel raises values below about a kilobyte): its peer can have no more than that much
+/// unread data queued in it. A window already advertised is not taken back.
+pub(crate) fn set_tcp_window_clamp(socket: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` lives through the call and its size is passed with it.
+    unsafe {
+        syscall!(setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t
+        ))
+    }?;
+    Ok(())
+}
+
+/// The receive buffer of `socket` (`SO_RCVBUF`: twice what was set, as the kernel keeps
+/// it).
+pub(crate) fn receive_buffer(socket: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` live through the call; `len` says how large `value` is.
+    unsafe {
+        syscall!(getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len
+        ))
+    }?;
+    u32::try_from(value).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Sets the receive buffer of `socket` (`SO_RCVBUF`; the kernel keeps twice `bytes`,
+/// within `net.core.rmem_max`, and stops tuning it by itself).
+pub(crate) fn set_receive_buffer(socket: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` lives through the call and its size is passed with it.
+    unsafe {
+        syscall!(setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t
+        ))
+    }?;
+    Ok(())
+}
+
 /// Locks `mutex`, ignoring poisoning. Every lock in this crate guards data that a panicking
 /// holder cannot leave half-changed (queues and tables changed by single calls, counters),
 /// and the runtime must keep working (and returning buffers) after a panic in user code.
@@ -113,6 +200,13 @@ mod tests {
         assert_eq!(interface_name(lo).unwrap(), "lo");
         assert!(ifindex("no-such-if0").is_err());
         assert!(ifindex("nul\0").is_err());
+        // What `ip link show lo` says.
+        let sysfs = std::fs::read_to_string("/sys/class/net/lo/mtu").unwrap();
+        assert_eq!(
+            interface_mtu(lo).unwrap(),
+            sysfs.trim().parse::<u32>().unwrap()
+        );
+        assert!(interface_mtu(u32::MAX).is_err());
     }
 
     #[test]

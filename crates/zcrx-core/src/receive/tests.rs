@@ -224,3 +224,187 @@ fn shutdown_cancels_running_requests_and_removes_the_rest() {
     assert!(idle.finish());
     assert_eq!(idle.cancel_or_remove(), REMOVE);
 }
+
+fn holding(high: u64, held: u64) -> Option<Holding> {
+    Some(Holding {
+        budget: Budget::new(high),
+        held,
+        granule: u64::from(KIB4),
+        fill: u64::from(KIB4),
+    })
+}
+
+#[test]
+fn requests_ask_for_what_the_chunks_of_the_last_request_carried() {
+    // Expected 1,460 bytes per chunk (an MTU of 1,500) before anything arrived.
+    let expecting = |held: u64| {
+        Some(Holding {
+            budget: Budget::new(8 * 4096),
+            held,
+            granule: u64::from(KIB4),
+            fill: 1460,
+        })
+    };
+    let mut s = StreamReceive::new(None);
+    s.set_holding(expecting(0));
+    assert_eq!(s.start(), Action::Submit { len: 8 * 1460 });
+    // The segments carry 1,448 bytes each (timestamps): 8 chunks and 96 bytes of a ninth.
+    for _ in 0..8 {
+        assert!(s.on_data(1448));
+    }
+    assert!(s.on_data(96));
+    // The reader dropped them all. The request ended at its limit, so the kernel cut its
+    // last segment short: the next request expects what the whole ones carried.
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * 1448 });
+    // Tiny segments (an RPC peer): the next request shrinks to as many of them.
+    for _ in 0..100 {
+        assert!(s.on_data(64));
+    }
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(errno(libc::EINTR)), Action::Submit { len: 8 * 64 });
+    // Full chunks again (a bulk sender): a request cut short in its first chunk says a
+    // chunk carries more than that; the estimate grows until the requests end in whole
+    // chunks, never above a chunk each.
+    assert!(s.on_data(8 * 64));
+    s.set_holding(expecting(1));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 7 * 512 });
+    assert!(s.on_data(7 * 512));
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * 3584 });
+    assert!(s.on_data(KIB4));
+    assert!(s.on_data(KIB4));
+    s.set_holding(expecting(0));
+    // Interrupted after two whole chunks (EINTR), not cut short: their average counts.
+    assert_eq!(
+        s.on_end(errno(libc::EINTR)),
+        Action::Submit { len: 8 * KIB4 }
+    );
+    for _ in 0..8 {
+        assert!(s.on_data(KIB4));
+    }
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * KIB4 });
+    // A request that ended without data (ENOMEM at once) keeps the last estimate.
+    s.set_holding(expecting(0));
+    assert_eq!(s.on_end(errno(libc::ENOMEM)), Action::WaitForBuffers);
+    assert_eq!(s.submit(), Action::Submit { len: 8 * KIB4 });
+}
+
+#[test]
+fn a_budgeted_stream_asks_for_its_room_and_pauses_at_high() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.start(), Action::Submit { len: 8 * KIB4 });
+    for _ in 0..3 {
+        assert!(s.on_data(KIB4));
+    }
+    // Interrupted after 3 chunks while the reader holds them: the room is 5 chunks.
+    s.set_holding(holding(8 * 4096, 3 * 4096));
+    assert_eq!(
+        s.on_end(errno(libc::EINTR)),
+        Action::Submit { len: 5 * KIB4 }
+    );
+    for _ in 0..5 {
+        assert!(s.on_data(KIB4));
+    }
+    // The request ends at its limit (a final 0, as at EOF): not the peer's EOF.
+    s.set_holding(holding(8 * 4096, 8 * 4096));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Pause);
+    assert!(s.is_paused());
+    assert!(!s.request_is_live());
+    // Nothing the reader or the kernel says starts it while it holds more than low.
+    assert_eq!(s.read_more(), Action::None);
+    s.set_holding(holding(8 * 4096, 5 * 4096));
+    assert_eq!(s.resume(), Action::None);
+    assert!(s.is_paused());
+    // Back at low (half): it asks for its room again.
+    s.set_holding(holding(8 * 4096, 4 * 4096));
+    assert_eq!(s.resume(), Action::Submit { len: 4 * KIB4 });
+    assert!(!s.is_paused());
+    // A peer's EOF before the limit is EOF.
+    assert!(s.on_data(KIB4));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
+}
+
+#[test]
+fn a_request_ending_at_its_limit_with_room_left_goes_on() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.start(), Action::Submit { len: 8 * KIB4 });
+    for _ in 0..8 {
+        assert!(s.on_data(KIB4));
+    }
+    // The reader dropped everything meanwhile: the next request asks for the whole budget.
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Submit { len: 8 * KIB4 });
+    // Data without F_MORE at the limit is the same.
+    for _ in 0..8 {
+        assert!(s.on_data(KIB4));
+    }
+    s.set_holding(holding(8 * 4096, 2 * 4096));
+    assert_eq!(
+        s.on_end(RequestEnd::Unexplained),
+        Action::Submit { len: 6 * KIB4 }
+    );
+}
+
+#[test]
+fn the_smaller_of_a_grant_and_a_budget_wins() {
+    let mut s = StreamReceive::new(Some(3 * KIB4));
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.start(), Action::None);
+    // The grant is smaller.
+    assert_eq!(s.read_more(), Action::Submit { len: 3 * KIB4 });
+    for _ in 0..3 {
+        assert!(s.on_data(KIB4));
+    }
+    s.set_holding(holding(8 * 4096, 7 * 4096));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::GrantUsedUp);
+    // Now the room is: one chunk.
+    assert_eq!(s.read_more(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(KIB4));
+    s.set_holding(holding(8 * 4096, 8 * 4096));
+    // The budget's limit, with the grant not used up: pause, the grant waits.
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Pause);
+    s.set_holding(holding(8 * 4096, 0));
+    assert_eq!(s.resume(), Action::Submit { len: 2 * KIB4 });
+    // A paused stream whose grant is used up waits for its reader first.
+    let mut s = StreamReceive::new(Some(KIB4));
+    s.set_holding(holding(4096, 0));
+    assert_eq!(s.read_more(), Action::Submit { len: KIB4 });
+    assert!(s.on_data(KIB4));
+    s.set_holding(holding(4096, 4096));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::GrantUsedUp);
+    assert_eq!(s.read_more(), Action::Pause);
+}
+
+#[test]
+fn a_paused_stream_closes_at_once_and_an_ended_one_stops_being_paused() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(4096, 4096));
+    assert_eq!(s.start(), Action::Pause);
+    assert_eq!(s.cancel(), Action::None, "no request to cancel");
+    assert_eq!(s.close(), REMOVE);
+
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(4096, 4096));
+    assert_eq!(s.start(), Action::Pause);
+    assert!(s.finish());
+    s.set_holding(holding(4096, 0));
+    assert_eq!(s.resume(), Action::None);
+    assert!(!s.is_paused());
+    assert_eq!(s.cancel_or_remove(), REMOVE);
+}
+
+#[test]
+fn without_a_budget_nothing_changes() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.resume(), Action::None);
+    for _ in 0..1000 {
+        assert!(s.on_data(KIB4));
+    }
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
+}

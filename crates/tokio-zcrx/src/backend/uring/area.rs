@@ -21,6 +21,7 @@ use zcrx_core::refill::{PushOutcome, RefillRing};
 use zcrx_sys::event::zcrx_stats;
 use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 
+use super::holdings::{Holdings, SlotTags};
 use super::instance::SharedLayout;
 use crate::buf::{BufferOwnerVtable, BufferSlot, ZcBuf};
 use crate::event::Stats;
@@ -61,6 +62,10 @@ pub(crate) struct DriverCounters {
     pub(crate) failed_flushes: AtomicU64,
     /// `io_uring_enter` calls that failed with EINTR, EAGAIN or EBUSY (retried).
     pub(crate) transient_enter_errors: AtomicU64,
+    /// Streams paused by their budget now.
+    pub(crate) streams_paused: AtomicU64,
+    /// Times a stream was paused by its budget.
+    pub(crate) stream_pauses: AtomicU64,
 }
 
 pub(crate) struct Area {
@@ -83,6 +88,10 @@ pub(crate) struct Area {
     /// wake it. Otherwise drops never wake the driver.
     pub(crate) driver_waits_for_buffers: AtomicBool,
     driver: Arc<dyn DriverLink>,
+    /// What each stream holds, for budgets (see `holdings.rs`); buffers carry their
+    /// stream's tag above the area offset.
+    pub(crate) holdings: Holdings,
+    pub(crate) tags: SlotTags,
     /// One reference per delivered buffer plus the driver's credit (see [`BufferRefs`]).
     /// On a cache line of its own: every buffer drop writes it, and it must not slow down
     /// the reads of the fields around it.
@@ -134,6 +143,7 @@ impl Area {
             .map(|offset| unsafe { base.add(offset).cast::<zcrx_stats>() as *const zcrx_stats });
         #[cfg(debug_assertions)]
         let chunks = (memory.len() / layout.chunk_size as usize) as u32;
+        let tags = SlotTags::new(memory.len() as u64);
         Ok(Area {
             refill,
             memory,
@@ -146,6 +156,8 @@ impl Area {
             refs: ChunkRefs::new(chunks),
             driver_waits_for_buffers: AtomicBool::new(false),
             driver,
+            holdings: Holdings::new(),
+            tags,
             buffer_refs: CachePadded(BulkRefCount::new()),
             ring_closed_with_last_buffer: Mutex::new(None),
         })
@@ -188,8 +200,10 @@ impl Area {
         let _ = chunk;
     }
 
-    /// Returns one chunk reference to the kernel. Called on any thread, once per buffer.
-    pub(crate) fn return_chunk(&self, area_offset: u64, len: u32) {
+    /// Returns one chunk reference to the kernel, and credits the stream it was delivered
+    /// to. Called on any thread, once per buffer, with the buffer's tagged offset.
+    pub(crate) fn return_chunk(&self, offset: u64, len: u32) {
+        let (area_offset, tag) = self.tags.decode(offset);
         #[cfg(debug_assertions)]
         if let Err(e) = self.refs.on_returned(self.chunk_of(area_offset)) {
             // A second return would let the kernel reuse a chunk someone still reads: never
@@ -197,12 +211,14 @@ impl Area {
             panic!("tokio-zcrx: {e:?}");
         }
         let outcome = self.refill.push(self.refill_entry(area_offset, len));
+        let resumable = self.holdings.credit(tag, 1);
         // Read after the push returned: the push ended with the RMW the driver's last look
         // before sleeping synchronizes with (`RefillRing::synchronize_with_producers`), so
         // either the driver sees this return or we see its flags. Relaxed loads suffice.
-        if outcome == PushOutcome::Overflowed {
+        if outcome == PushOutcome::Overflowed || resumable {
             // Rare (more returns in flight than ring entries): the driver must move the
-            // overflow into the ring once the kernel consumed some, so make sure it runs.
+            // overflow into the ring once the kernel consumed some, so make sure it runs. A
+            // paused stream that may resume needs it too.
             self.driver.wake();
         } else if self.driver_waits_for_buffers.load(Ordering::Relaxed) {
             self.driver.wake();
@@ -214,18 +230,33 @@ impl Area {
     pub(crate) fn return_chunks(&self, slots: &[BufferSlot]) {
         #[cfg(debug_assertions)]
         for slot in slots {
-            if let Err(e) = self.refs.on_returned(self.chunk_of(slot.offset)) {
+            let (area_offset, _) = self.tags.decode(slot.offset);
+            if let Err(e) = self.refs.on_returned(self.chunk_of(area_offset)) {
                 panic!("tokio-zcrx: {e:?}");
             }
         }
         let mut entries = [io_uring_zcrx_rqe::default(); Self::RETURN_RUN];
         for run in slots.chunks(Self::RETURN_RUN) {
+            // A batch is one stream's, so its tags are one run of equal tags (or a few):
+            // one credit per run of them.
+            let mut resumable = false;
+            let mut credit = (0u64, 0u64);
             for (entry, slot) in entries.iter_mut().zip(run) {
-                *entry = self.refill_entry(slot.offset, slot.len);
+                let (area_offset, tag) = self.tags.decode(slot.offset);
+                *entry = self.refill_entry(area_offset, slot.len);
+                if tag != credit.0 {
+                    resumable |= self.holdings.credit(credit.0, credit.1);
+                    credit = (tag, 0);
+                }
+                credit.1 += 1;
             }
             let outcome = self.refill.push_batch(&entries[..run.len()]);
+            resumable |= self.holdings.credit(credit.0, credit.1);
             // After the push, as in `return_chunk`.
-            if outcome.overflowed > 0 || self.driver_waits_for_buffers.load(Ordering::Relaxed) {
+            if outcome.overflowed > 0
+                || resumable
+                || self.driver_waits_for_buffers.load(Ordering::Relaxed)
+            {
                 self.driver.wake();
             }
         }
@@ -260,6 +291,12 @@ impl Area {
         delivered.saturating_sub(returned)
     }
 
+    /// Bytes the application holds: outstanding buffers, in whole chunks.
+    pub(crate) fn memory_held(&self) -> u64 {
+        let chunks = self.counters.chunks.load(Ordering::Relaxed);
+        self.buffers_outstanding(chunks) * u64::from(self.chunk_size)
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         let copies = self.kernel_copies();
         let chunks = self.counters.chunks.load(Ordering::Relaxed);
@@ -283,6 +320,9 @@ impl Area {
                 + self.counters.transient_enter_errors.load(Ordering::Relaxed),
             memory_capacity: self.memory.len() as u64,
             memory_held: outstanding * u64::from(self.chunk_size),
+            largest_stream_held: self.holdings.largest() * u64::from(self.chunk_size),
+            streams_paused: self.counters.streams_paused.load(Ordering::Relaxed),
+            stream_pauses: self.counters.stream_pauses.load(Ordering::Relaxed),
             ..Stats::default()
         }
     }
@@ -341,17 +381,19 @@ impl BufferRefs {
     }
 
     /// Wraps one delivered chunk (validated by the completion decoder: `area_offset + len`
-    /// lies inside the area, `chunk` is its index) in a buffer. The caller (the driver) owes
-    /// exactly one refill entry for it, which the buffer's drop pays.
-    pub(crate) fn buffer(&mut self, area_offset: u64, len: u32, chunk: u32) -> ZcBuf {
+    /// lies inside the area, `chunk` is its index) in a buffer for the stream tagged `tag`
+    /// (`SlotTags::tag`; 0 for none), whose holding the buffer's drop credits. The caller
+    /// (the driver) owes exactly one refill entry for it, which the buffer's drop pays.
+    pub(crate) fn buffer(&mut self, area_offset: u64, len: u32, chunk: u32, tag: u64) -> ZcBuf {
         let area = self.take();
         // SAFETY: the reference just taken keeps the area alive.
         let area_ref = unsafe { area.as_ref() };
         let ptr = area_ref.data_ptr(area_offset);
         area_ref.on_delivered(chunk);
         debug_assert_eq!(area_ref.chunk_of(area_offset), chunk);
+        area_ref.holdings.delivered(tag);
         let slot = BufferSlot {
-            offset: area_offset,
+            offset: area_ref.tags.encode(area_offset, tag),
             len,
         };
         // SAFETY: `ptr..ptr + len` lies inside the area (the decoder checked it), which stays
@@ -364,13 +406,15 @@ impl BufferRefs {
 }
 
 /// How buffers of an area go back: the owner pointer is the `Area`, and each buffer holds
-/// one of its buffer references ([`BufferRefs`]); the slot is the chunk's offset, length and
-/// index.
+/// one of its buffer references ([`BufferRefs`]); the slot is the chunk's offset (with the
+/// stream's tag above it, see `holdings.rs`) and length.
 static AREA_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
     release_one: release_area_buffer,
     release_run: release_area_buffers,
     debug_fields: |debug, slot| {
-        debug.field("area_offset", &slot.offset);
+        // The tag is above the area's offsets (`holdings::SlotTags`), whose size this
+        // function does not know: the raw value, named as such.
+        debug.field("tagged_offset", &slot.offset);
     },
 };
 

@@ -35,6 +35,10 @@ pub(crate) struct Instance {
     pub(crate) nodev: bool,
     pub(crate) caps: Capabilities,
     pub(crate) description: String,
+    /// The most TCP payload one segment on the bound interface carries without receive
+    /// offloads that merge segments (its MTU less 40 bytes of IPv4 and TCP headers): each
+    /// segment lands in a chunk of its own. `None` in NODEV mode, or if the MTU is unknown.
+    pub(crate) segment_payload: Option<u32>,
 }
 
 /// Where things are in the area and the refill region, as the kernel reported.
@@ -184,6 +188,13 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
         ));
     }
 
+    let segment_payload = match binding {
+        QueueBinding::NoDevice => None,
+        // An unknown MTU only makes budgeted requests assume full chunks at first.
+        QueueBinding::Interface { ifindex, .. } => crate::sys::interface_mtu(ifindex)
+            .ok()
+            .map(|mtu| mtu.saturating_sub(40).max(1)),
+    };
     let request = ZcrxRequest {
         binding,
         area_size: config.area_size,
@@ -284,6 +295,7 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
         nodev: matches!(config.target, Target::NoDevice),
         caps: Capabilities::detected(queried.as_ref(), events),
         description,
+        segment_payload,
     })
 }
 

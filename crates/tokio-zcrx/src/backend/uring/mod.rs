@@ -9,6 +9,7 @@
 
 pub(crate) mod area;
 pub(crate) mod driver;
+mod holdings;
 pub(crate) mod instance;
 pub(crate) mod ring;
 mod stream;
@@ -17,8 +18,8 @@ pub(crate) mod synthetic;
 #[cfg(test)]
 mod tests;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::TcpStream;
@@ -86,6 +87,9 @@ pub(crate) struct DriverShared {
     /// The area's statistics as it was freed, for `stats()` after that.
     final_stats: Mutex<Option<Stats>>,
     description: Mutex<String>,
+    /// NIC mode with budgets: the TCP window that listeners bound their connections to
+    /// until they are attached (`Zcrx::prepare_listener`); 0: none.
+    listener_window: AtomicU32,
 }
 
 impl DriverShared {
@@ -105,6 +109,7 @@ impl DriverShared {
             area: Mutex::new(None),
             final_stats: Mutex::new(None),
             description: Mutex::new(String::new()),
+            listener_window: AtomicU32::new(0),
         })
     }
 
@@ -286,6 +291,15 @@ impl UringHandle {
         })?;
         let stream = UringStream::new(shared, key, self.clone(), options.read_limit.is_some());
         Ok((stream, write_half))
+    }
+
+    /// Bounds the TCP window of `listener`'s connections until they are attached (NIC mode
+    /// with budgets; nothing otherwise).
+    pub(crate) fn prepare_listener(&self, listener: BorrowedFd<'_>) -> std::io::Result<()> {
+        match self.shared.listener_window.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            window => crate::sys::set_tcp_window_clamp(listener, window),
+        }
     }
 
     /// The live event channel's receiver; a closed one once the driver has exited.

@@ -54,6 +54,7 @@ impl<R: CompletionRing> Driver<R> {
         }
         self.reaped = reaped;
         self.streams.deliver();
+        self.check_memory_high_water();
         if std::mem::take(&mut self.cq_overflowed) {
             self.area
                 .counters
@@ -78,7 +79,9 @@ impl<R: CompletionRing> Driver<R> {
     }
 
     fn on_data(&mut self, stream: StreamId, area_offset: u64, len: u32, chunk: u32) {
-        let buf = self.buffer_refs.buffer(area_offset, len, chunk);
+        let slot = stream.slot();
+        let tag = self.streams.get(slot).expect("decode checked the slot").tag;
+        let buf = self.buffer_refs.buffer(area_offset, len, chunk, tag);
         // Only this thread writes the counters: a plain load and store publishes them
         // without a locked read-modify-write per chunk.
         let counters = &self.area.counters;
@@ -86,7 +89,6 @@ impl<R: CompletionRing> Driver<R> {
         counters.bytes.store(bytes, Ordering::Relaxed);
         let chunks = counters.chunks.load(Ordering::Relaxed) + 1;
         counters.chunks.store(chunks, Ordering::Relaxed);
-        let slot = stream.slot();
         let entry = self.streams.get_mut(slot).expect("decode checked the slot");
         if entry.receive.on_data(len) {
             self.streams.push_buffer(slot, buf);

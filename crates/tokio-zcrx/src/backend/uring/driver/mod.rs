@@ -7,8 +7,10 @@
 //! - [`streams`]: the stream table;
 //! - [`completions`]: reaping the CQ and handling each completion;
 //! - [`returns`]: buffer returns, refill flushes, and receives waiting for the area;
+//! - [`budgets`]: per-stream budgets (pausing and resuming streams) and memory pressure;
 //! - [`events`]: zcrx kernel events in, their re-arming, and the public events out.
 
+mod budgets;
 mod completions;
 mod events;
 mod returns;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use zcrx_core::budget::BudgetPolicy;
 use zcrx_core::completion::{AreaLayout, RawCompletion};
 use zcrx_core::events::EventRearm;
 use zcrx_core::receive::{Action, Finish, StreamReceive};
@@ -43,6 +46,9 @@ use streams::{StreamEntry, Streams};
 const WAKE_EVENTFD: u64 = 1;
 
 /// How long shutdown waits for cancelled receives to confirm before closing the ring anyway.
+/// The TCP window of connections waiting to be attached, in chunks of segments (NIC mode;
+/// `Zcrx::prepare_listener`).
+const LISTENER_WINDOW_CHUNKS: u32 = 4;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A receive that ran out of area is retried when buffers come back, or after this long in
@@ -147,6 +153,21 @@ pub(crate) struct Driver<R: CompletionRing> {
     transient_errors: u32,
     stopping: Option<Instant>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
+    /// How streams' budgets are derived from the area (see [`budgets`]).
+    budget_policy: BudgetPolicy,
+    /// Every stream's budget if fixed (`Builder::stream_budget`).
+    stream_budget: Option<u64>,
+    /// The bytes a chunk is expected to carry until a stream's own requests show it
+    /// (`zcrx_core::receive::Holding::fill`): a quarter of a segment's payload on a NIC,
+    /// else of a chunk.
+    chunk_fill: u64,
+    /// NIC mode: the most payload a segment of the interface carries, for the TCP windows
+    /// of budgeted streams (`budgets.rs`); `None` in NODEV mode or if the MTU is unknown.
+    segment_payload: Option<u32>,
+    /// NIC mode: when the next paused stream counts as stalled (`budgets.rs`).
+    stall_check_at: Option<Instant>,
+    /// Rate limits and hysteresis of the pressure events.
+    pressure: budgets::PressureEvents,
 }
 
 impl Driver<UringRing> {
@@ -165,6 +186,7 @@ impl Driver<UringRing> {
             nodev,
             caps,
             description,
+            segment_payload,
         } = instance;
         let area = Area::new(area, region, &shared_layout, Arc::clone(&shared)).map_err(|e| {
             Error::new(ErrorKind::Kernel, "the kernel's refill ring is unusable").with_source(e)
@@ -178,6 +200,7 @@ impl Driver<UringRing> {
             layout,
             nodev,
             caps,
+            segment_payload,
             config,
             shared,
         )
@@ -186,12 +209,16 @@ impl Driver<UringRing> {
 
 impl<R: CompletionRing> Driver<R> {
     /// A driver over any completion source (the real ring, or a synthetic one).
+    /// `segment_payload`: the most payload a segment of the bound interface carries (see
+    /// [`Instance`]), if known.
+    #[allow(clippy::too_many_arguments)] // each is a separate fact about the instance
     pub(crate) fn with_ring(
         ring: R,
         area: Arc<Area>,
         layout: AreaLayout,
         nodev: bool,
         caps: Capabilities,
+        segment_payload: Option<u32>,
         config: &UringConfig,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<R>> {
@@ -199,6 +226,22 @@ impl<R: CompletionRing> Driver<R> {
         let events_tx = lock(&shared.events)
             .clone()
             .expect("the event channel lives until the driver exits");
+        let budget_policy = BudgetPolicy::new(area.len() as u64, u64::from(area.chunk_size));
+        // A stream's first request errs small (a quarter of a segment or chunk): its
+        // segments are unknown, and one more request costs less than chunks taken beyond
+        // its budget by segments smaller than expected (see `zcrx_core::receive`).
+        let full = segment_payload.map_or(area.chunk_size, |payload| payload.min(area.chunk_size));
+        let chunk_fill = (full / 4).max(1);
+        // What one segment puts in a chunk at most.
+        let segment_payload = segment_payload
+            .filter(|_| !nodev)
+            .map(|payload| payload.min(area.chunk_size));
+        if let (Some(payload), false) = (segment_payload, config.stream_budget == Some(u64::MAX)) {
+            // Connections wait in a listener's queue with what their window let in, all of
+            // it in the area: a few chunks of segments until attach sets their budget's.
+            let window = LISTENER_WINDOW_CHUNKS * payload;
+            shared.listener_window.store(window, Ordering::Relaxed);
+        }
         let mut driver = Driver {
             ring,
             buffer_refs: BufferRefs::new(&area),
@@ -220,6 +263,12 @@ impl<R: CompletionRing> Driver<R> {
             transient_errors: 0,
             stopping: None,
             shutdown_waiters: Vec::new(),
+            budget_policy,
+            stream_budget: config.stream_budget,
+            chunk_fill: u64::from(chunk_fill),
+            segment_payload,
+            stall_check_at: None,
+            pressure: budgets::PressureEvents::default(),
         };
         driver.arm_eventfd().map_err(|e| {
             Error::new(ErrorKind::Kernel, "cannot poll the driver's eventfd").with_source(e)
@@ -240,6 +289,8 @@ impl<R: CompletionRing> Driver<R> {
             }
             self.return_buffers();
             self.resume_waiting_streams()?;
+            self.resume_paused_streams()?;
+            self.shrink_stalled_receive_buffers();
             self.rearm_events();
             self.submit_and_wait()?;
             self.reap()?;
@@ -340,8 +391,21 @@ impl<R: CompletionRing> Driver<R> {
             lock(&self.shared.slots).release(key);
             return Ok(());
         }
-        self.streams
-            .insert(StreamEntry::new(key, socket, shared, options.read_limit));
+        let tag = self.area.tags.tag(key.slot());
+        self.area.holdings.begin_stream(tag);
+        let fixed_budget = options.budget.or(self.stream_budget);
+        self.streams.insert(StreamEntry::new(
+            key,
+            socket,
+            shared,
+            options.read_limit,
+            fixed_budget,
+            tag,
+        ));
+        if self.budget(key.slot()).is_none() {
+            // Without a budget nothing bounds its window: lift a listener's.
+            self.unclamp_window(key.slot());
+        }
         // An unlimited stream starts now; a limited one when its reader first asks (ReadMore).
         self.step(key.slot(), StreamReceive::start)
     }
@@ -351,17 +415,33 @@ impl<R: CompletionRing> Driver<R> {
     }
 
     /// Runs one step of the receive state machine of the stream in `slot`, if there is one,
-    /// and carries out what it decides.
+    /// and carries out what it decides. The machine is told first what the stream holds
+    /// against its budget; the count of paused streams follows what it became.
     fn step(
         &mut self,
         slot: u32,
         step: impl FnOnce(&mut StreamReceive) -> Action,
     ) -> io::Result<()> {
+        let holding = self.holding(slot);
+        if let Some(holding) = holding {
+            self.adjust_window(slot, holding.budget);
+        }
         let Some(entry) = self.streams.get_mut(slot) else {
             return Ok(());
         };
+        entry.receive.set_holding(holding);
+        let was_paused = entry.receive.is_paused();
         let action = step(&mut entry.receive);
-        self.act(slot, action)
+        let result = self.act(slot, action);
+        let is_paused = self
+            .streams
+            .get(slot)
+            .is_some_and(|e| e.receive.is_paused());
+        self.count_paused(was_paused, is_paused);
+        if was_paused && !is_paused {
+            self.restore_receive_buffer(slot);
+        }
+        result
     }
 
     /// [`Self::step`] for stream `key`, if its slot still holds it.
@@ -370,11 +450,10 @@ impl<R: CompletionRing> Driver<R> {
         key: StreamId,
         step: impl FnOnce(&mut StreamReceive) -> Action,
     ) -> io::Result<()> {
-        let Some(entry) = self.streams.entry_mut(key) else {
+        if self.streams.entry_mut(key).is_none() {
             return Ok(());
-        };
-        let action = step(&mut entry.receive);
-        self.act(key.slot(), action)
+        }
+        self.step(key.slot(), step)
     }
 
     /// Carries out what the receive state machine of the stream in `slot` decided.
@@ -421,6 +500,10 @@ impl<R: CompletionRing> Driver<R> {
             }
             Action::WaitForBuffers => {
                 self.wait_for_buffers();
+                Ok(())
+            }
+            Action::Pause => {
+                self.pause(slot);
                 Ok(())
             }
         }
@@ -483,7 +566,8 @@ impl<R: CompletionRing> Driver<R> {
         self.area.refill.synchronize_with_producers();
         let returns_pending = (self.overflow_recheck.is_none() && self.area.refill.has_overflow())
             || (self.area.driver_waits_for_buffers.load(Ordering::Relaxed)
-                && self.returns_seen() != self.returns_at_exhaustion);
+                && self.returns_seen() != self.returns_at_exhaustion)
+            || self.area.holdings.resumable();
         let timeout = if has_commands || returns_pending {
             // Still an enter that reaps: under DEFER_TASKRUN a plain submit runs no deferred
             // work, and no completion would reach any stream meanwhile.
@@ -494,6 +578,7 @@ impl<R: CompletionRing> Driver<R> {
                 self.stopping.map(|since| since + SHUTDOWN_GRACE),
                 self.exhausted_at.map(|at| at + EXHAUSTION_RETRY),
                 self.overflow_recheck.map(|(at, _)| at),
+                self.stall_check_at,
             ]
             .into_iter()
             .flatten()

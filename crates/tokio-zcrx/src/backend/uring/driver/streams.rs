@@ -21,6 +21,17 @@ pub(super) struct StreamEntry {
     pub(super) receive: StreamReceive,
     /// Buffers of the current reap, delivered in one lock.
     pending: Vec<ZcBuf>,
+    /// Its budget in bytes if fixed (`StreamOptions::budget`, else `Builder::stream_budget`);
+    /// `None`: derived from the area and the number of streams.
+    pub(super) fixed_budget: Option<u64>,
+    /// Its slot's tag in its buffers (`holdings.rs`; 0: untracked, no budget).
+    pub(super) tag: u64,
+    /// The TCP window its socket was last clamped to (NIC mode, `budgets.rs`); 0: never.
+    pub(super) window_clamp: u32,
+    /// NIC mode: when it paused, and the receive buffer a stall took from it
+    /// (`budgets.rs`).
+    pub(super) paused_at: Option<std::time::Instant>,
+    pub(super) saved_rcvbuf: Option<u32>,
 }
 
 impl StreamEntry {
@@ -29,6 +40,8 @@ impl StreamEntry {
         socket: Arc<std::net::TcpStream>,
         shared: Arc<StreamShared>,
         read_limit: Option<u32>,
+        fixed_budget: Option<u64>,
+        tag: u64,
     ) -> StreamEntry {
         StreamEntry {
             id,
@@ -36,7 +49,17 @@ impl StreamEntry {
             shared,
             receive: StreamReceive::new(read_limit),
             pending: Vec::new(),
+            fixed_budget,
+            tag,
+            window_clamp: 0,
+            paused_at: None,
+            saved_rcvbuf: None,
         }
+    }
+
+    /// Its socket, for socket options.
+    pub(super) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.socket)
     }
 
     pub(super) fn fd(&self) -> RawFd {
@@ -51,6 +74,8 @@ pub(super) struct Streams {
     slots: Vec<Option<StreamEntry>>,
     /// Slots with buffers in `pending` this reap.
     touched: Vec<u32>,
+    /// Entries in `slots`.
+    live: usize,
 }
 
 impl Streams {
@@ -59,7 +84,9 @@ impl Streams {
         if self.slots.len() <= slot {
             self.slots.resize_with(slot + 1, || None);
         }
-        self.slots[slot] = Some(entry);
+        if self.slots[slot].replace(entry).is_none() {
+            self.live += 1;
+        }
     }
 
     /// The entry in `slot`, whichever stream it is.
@@ -78,7 +105,14 @@ impl Streams {
 
     /// Takes the entry out of `slot`.
     pub(super) fn take(&mut self, slot: u32) -> Option<StreamEntry> {
-        self.slots.get_mut(slot as usize).and_then(Option::take)
+        let entry = self.slots.get_mut(slot as usize).and_then(Option::take);
+        self.live -= usize::from(entry.is_some());
+        entry
+    }
+
+    /// Attached streams (what derived budgets are shared among).
+    pub(super) fn len(&self) -> usize {
+        self.live
     }
 
     /// Every slot that may hold an entry, for loops that act on entries one by one.

@@ -65,6 +65,10 @@ pub(crate) struct SyntheticConfig {
     pub(crate) faults: Option<FaultConfig>,
     /// The driver thread's name (tests that find the thread by name choose their own).
     pub(crate) thread_name: String,
+    /// `Builder::stream_budget` (`None`: derived budgets, the default).
+    pub(crate) stream_budget: Option<u64>,
+    /// What a real runtime reads from the bound interface's MTU (`None`: unknown, or NODEV).
+    pub(crate) segment_payload: Option<u32>,
 }
 
 impl SyntheticConfig {
@@ -82,6 +86,8 @@ impl SyntheticConfig {
             events: true,
             faults: None,
             thread_name: "tokio-zcrx-synthetic".into(),
+            stream_budget: None,
+            segment_payload: None,
         }
     }
 }
@@ -123,6 +129,9 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         });
     if let Some(entries) = config.refill_entries {
         builder = builder.refill_entries(entries);
+    }
+    if let Some(budget) = config.stream_budget {
+        builder = builder.stream_budget(budget);
     }
     let uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
     let caps = personality.capabilities(config.events);
@@ -185,6 +194,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         area_layout,
         config.registration == Registration::NoDevice,
         caps,
+        config.segment_payload,
         &uring_config,
         Arc::clone(&shared),
     )?;

@@ -57,6 +57,9 @@ pub(crate) enum Lengths {
     Full,
     /// 1 to chunk-size bytes, from the kernel's PRNG.
     Varied,
+    /// Segments of this many bytes, a chunk each (a NIC without receive offloads that merge
+    /// segments: an MTU of 1,500 carries 1,448 bytes with TCP timestamps).
+    Segments(u32),
 }
 
 /// What one connection receives.
@@ -470,6 +473,7 @@ impl SyntheticRing {
         let mut len = match lengths {
             Lengths::Full => chunk_size,
             Lengths::Varied => 1 + rng.below(u64::from(chunk_size)) as u32,
+            Lengths::Segments(payload) => payload.clamp(1, chunk_size),
         };
         len = len.min((plan_bytes - position).min(u32::MAX as u64) as u32);
         if limit > 0 {

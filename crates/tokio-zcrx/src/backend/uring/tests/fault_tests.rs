@@ -55,6 +55,10 @@ async fn fault_run(seed: u64, malformed_kinds: &[Malformed]) -> Result<RunSummar
         area_chunks,
         refill_entries,
         faults: Some(faults),
+        // Consumers hold up to the whole area: a budget larger than it keeps them from
+        // pausing (a reader that waits for more while it holds its budget would wait
+        // forever) while every request still runs byte-limited, through the faults.
+        stream_budget: Some(2 * u64::from(area_chunks) * CHUNK_SIZE as u64),
         ..SyntheticConfig::new(personality, registration)
     })
     .await;

@@ -77,6 +77,8 @@ fn idle_with_buffers_held() {
         let cpu = runtime().block_on(async {
             let h = Harness::start(SyntheticConfig {
                 thread_name: name.clone(),
+                // Holds more than a stream's budget on purpose: budgets off.
+                stream_budget: Some(u64::MAX),
                 ..SyntheticConfig::new(personality, registration)
             })
             .await;
@@ -111,6 +113,8 @@ fn idle_with_overflow_pending() {
         let h = Harness::start(SyntheticConfig {
             refill_entries: Some(4),
             thread_name: name.into(),
+            // Holds more than a stream's budget on purpose: budgets off.
+            stream_budget: Some(u64::MAX),
             ..SyntheticConfig::new(Personality::Linux6_18, Registration::Nic)
         })
         .await;
@@ -158,6 +162,8 @@ fn idle_after_closing_a_stream_that_waited_for_buffers() {
             let h = Harness::start(SyntheticConfig {
                 area_chunks: 16,
                 thread_name: name.clone(),
+                // Holds more than a stream's budget on purpose: budgets off.
+                stream_budget: Some(u64::MAX),
                 ..SyntheticConfig::new(personality, registration)
             })
             .await;
@@ -216,4 +222,52 @@ fn the_thread_clock_sees_a_busy_thread() {
     spinner.join().unwrap();
     // Even on a loaded machine a spinning thread gets far more than the idle limit.
     assert!(busy > 2 * LIMIT, "{busy:?}");
+}
+
+/// Streams paused by their budget (their readers hold what they got, the peers have more
+/// to send), with the area under pressure: the driver sleeps until a reader drops buffers.
+#[test]
+fn idle_with_paused_streams() {
+    for (personality, registration, short) in IDLE_KERNELS {
+        let name = format!("tzx-paused-{short}");
+        let cpu = runtime().block_on(async {
+            let h = Harness::start(SyntheticConfig {
+                area_chunks: 64,
+                thread_name: name.clone(),
+                ..SyntheticConfig::new(personality, registration)
+            })
+            .await;
+            let mut streams = Vec::new();
+            let mut held = Vec::new();
+            for seed in 0..8 {
+                let (mut stream, writer, client) =
+                    h.connect(StreamPlan::new(seed, 64 * CHUNK)).await;
+                let mut position = 0;
+                while let Ok(Some(buf)) =
+                    tokio::time::timeout(Duration::from_millis(20), stream.next()).await
+                {
+                    let buf = buf.unwrap();
+                    check(seed, &mut position, &buf);
+                    held.push(buf);
+                }
+                assert!(position < 64 * CHUNK, "stream {seed} was not paused");
+                streams.push((stream, writer, client));
+            }
+            h.until("every stream is paused", |h| {
+                h.zcrx.stats().streams_paused == 8
+            })
+            .await;
+            let cpu = idle_cpu(&name).await;
+            assert_eq!(h.zcrx.stats().streams_paused, 8);
+            drop(held);
+            drop(streams);
+            h.zcrx.shutdown().await;
+            cpu
+        });
+        eprintln!("idle CPU, streams paused, {personality} {registration:?}: {cpu:?}");
+        assert!(
+            cpu < LIMIT,
+            "{personality}: {cpu:?} of CPU in an idle second"
+        );
+    }
 }

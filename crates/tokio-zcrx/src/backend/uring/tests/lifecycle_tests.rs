@@ -106,6 +106,8 @@ async fn a_panicking_waker_does_not_end_the_driver() {
 async fn a_limited_stream_resubmitted_after_exhaustion_stays_within_its_limit() {
     let harness = Harness::start(SyntheticConfig {
         area_chunks: 4,
+        // Exhausts the area with one stream on purpose: budgets off.
+        stream_budget: Some(u64::MAX),
         ..config()
     })
     .await;

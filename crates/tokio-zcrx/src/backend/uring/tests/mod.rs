@@ -2,6 +2,7 @@
 //! predate the kernel personalities here, and scenarios per personality, seeded faults,
 //! lifecycle regressions and idle CPU in files of their own.
 
+mod budget_tests;
 mod fault_tests;
 mod idle_tests;
 mod lifecycle_tests;
@@ -39,7 +40,7 @@ fn every_chunk_arrives_and_returns() {
                 .map(|(mut stream, writer, client)| {
                     tokio::spawn(async move {
                         let _keep = (writer, client);
-                        let mut chunks = 0u64;
+                        let (mut chunks, mut bytes) = (0u64, 0u64);
                         let mut checksum = 0u8;
                         match batch {
                             None => {
@@ -47,6 +48,7 @@ fn every_chunk_arrives_and_returns() {
                                     let buf = buf.unwrap();
                                     checksum ^= buf[0] ^ buf[buf.len() - 1];
                                     chunks += 1;
+                                    bytes += buf.len() as u64;
                                 }
                             }
                             Some(max) => {
@@ -54,20 +56,30 @@ fn every_chunk_arrives_and_returns() {
                                     for buf in batch.unwrap().iter() {
                                         checksum ^= buf[0] ^ buf[buf.len() - 1];
                                         chunks += 1;
+                                        bytes += buf.len() as u64;
                                     }
                                 }
                             }
                         }
                         std::hint::black_box(checksum);
-                        chunks
+                        (chunks, bytes)
                     })
                 })
                 .collect();
-            let mut chunks = 0;
+            let (mut chunks, mut bytes) = (0, 0);
             for reader in readers {
-                chunks += reader.await.unwrap();
+                let (c, b) = reader.await.unwrap();
+                chunks += c;
+                bytes += b;
             }
-            assert_eq!(chunks, STREAMS as u64 * CHUNKS_PER_STREAM);
+            let sent = STREAMS as u64 * CHUNKS_PER_STREAM;
+            assert_eq!(bytes, sent * 4096);
+            // A budgeted request that ends at its byte limit inside a chunk leaves the rest
+            // of that chunk to the next request: one more buffer, never one fewer.
+            assert!(
+                (sent..sent + sent / 100).contains(&chunks),
+                "{chunks} buffers"
+            );
             assert_eq!(zcrx.stats().buffers_outstanding, 0);
             zcrx.shutdown().await;
         });

@@ -137,7 +137,7 @@ fn config(personality: Personality, registration: Registration) -> SyntheticConf
 
 /// Runs `scenario` against every kernel, each in a fresh Tokio runtime within the bound;
 /// fails naming every kernel it failed on.
-fn on_every_kernel<F, Fut>(name: &str, scenario: F)
+pub(super) fn on_every_kernel<F, Fut>(name: &str, scenario: F)
 where
     F: Fn(Personality, Registration) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -217,6 +217,8 @@ fn area_exhaustion_and_recovery() {
             for path in [Path::ZeroCopy, Path::Copy] {
                 let h = Harness::start(SyntheticConfig {
                     area_chunks: 16,
+                    // Exhausts the area with one stream on purpose: budgets off.
+                    stream_budget: Some(u64::MAX),
                     ..config(personality, registration)
                 })
                 .await;
@@ -261,7 +263,7 @@ fn area_exhaustion_and_recovery() {
 }
 
 /// Continues [`read_checked`] from `position`.
-async fn read_checked_from(
+pub(super) async fn read_checked_from(
     stream: &mut ZcStream,
     seed: u64,
     mut position: u64,
@@ -284,6 +286,8 @@ fn refill_overflow() {
         let h = Harness::start(SyntheticConfig {
             area_chunks: 64,
             refill_entries: Some(4),
+            // Holds more than a stream's budget on purpose: budgets off.
+            stream_budget: Some(u64::MAX),
             ..config(personality, registration)
         })
         .await;
@@ -390,7 +394,12 @@ fn shutdown_with_buffers_held() {
     on_every_kernel(
         "shutdown_with_buffers_held",
         |personality, registration| async move {
-            let h = Harness::start(config(personality, registration)).await;
+            let h = Harness::start(SyntheticConfig {
+                // Holds the whole stream (a budget's worth) to its EOF: budgets off.
+                stream_budget: Some(u64::MAX),
+                ..config(personality, registration)
+            })
+            .await;
             let (mut stream, _writer, _client) = h.connect(StreamPlan::new(5, 16 * CHUNK)).await;
             let mut held = Vec::new();
             while let Some(buf) = stream.next().await {
@@ -572,6 +581,8 @@ fn a_refused_flush_is_not_the_end_of_flushing() {
                         ctrl_limit: 1,
                         ..FaultConfig::none(0)
                     }),
+                    // Holds the whole area with one stream on purpose: budgets off.
+                    stream_budget: Some(u64::MAX),
                     ..config(personality, registration)
                 })
                 .await;

@@ -1,0 +1,309 @@
+//! Per-stream budgets over the synthetic ring: stalled readers cannot starve a fresh
+//! stream, paused streams resume and lose nothing, the statistics say what is held, the
+//! pressure events come (rate-limited), and fixed or disabled budgets behave as documented.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use super::super::synthetic::personality::{Personality, Registration};
+use super::super::synthetic::ring::{Lengths, StreamPlan};
+use super::super::synthetic::{SyntheticConfig, CHUNK_SIZE};
+use super::scenarios::{check, on_every_kernel, read_checked, Harness};
+use crate::{EventKind, StreamOptions, ZcBuf};
+
+const CHUNK: u64 = CHUNK_SIZE as u64;
+/// A 1 MiB area.
+const AREA_CHUNKS: u32 = 256;
+/// More stalled streams than the area could give its derived budget while alone.
+const STALLED: usize = 64;
+/// What each stalled peer sends: far more than the area holds for all of them.
+const STALLED_BYTES: u64 = 100 * CHUNK;
+/// A fresh stream must be served within this while the others hold what they got.
+const FRESH_BOUND: Duration = Duration::from_secs(2);
+
+/// Reads `stream` (pattern `seed`) until it has nothing more for `quiet`, keeping every
+/// buffer: a reader that stalls holding what it received.
+async fn take_and_hold(
+    stream: &mut crate::ZcStream,
+    seed: u64,
+    position: &mut u64,
+    held: &mut Vec<ZcBuf>,
+    quiet: Duration,
+) {
+    while let Ok(Some(buf)) = tokio::time::timeout(quiet, stream.next()).await {
+        let buf = buf.unwrap();
+        check(seed, position, &buf);
+        held.push(buf);
+    }
+}
+
+/// The stalled-peer scenario (a), then resumption (b), with the statistics (c) and events
+/// (d) checked against what the test holds; whole chunks.
+#[test]
+fn stalled_readers_do_not_starve_a_fresh_stream() {
+    on_every_kernel(
+        "stalled_readers_do_not_starve_a_fresh_stream",
+        |personality, registration| stalled_readers(personality, registration, Lengths::Full, None),
+    );
+}
+
+/// The same with MTU-sized segments, a chunk each (what a NIC without receive offloads
+/// delivers): the kernel limits requests in bytes, so a budget asked in bytes would let
+/// each stream take nearly three times its chunks. Every stream stays within the largest
+/// derived budget (a quarter of the area), in chunks, whether the runtime knows the
+/// interface's segment size or learns it from the first request.
+#[test]
+fn stalled_readers_of_mtu_segments_hold_no_more_chunks_than_their_budget() {
+    for known in [Some(1448), None] {
+        on_every_kernel(
+            "stalled_readers_of_mtu_segments_hold_no_more_chunks_than_their_budget",
+            move |personality, registration| {
+                stalled_readers(personality, registration, Lengths::Segments(1448), known)
+            },
+        );
+    }
+}
+
+async fn stalled_readers(
+    personality: Personality,
+    registration: Registration,
+    lengths: Lengths,
+    segment_payload: Option<u32>,
+) {
+    let h = Harness::start(SyntheticConfig {
+        area_chunks: AREA_CHUNKS,
+        segment_payload,
+        ..SyntheticConfig::new(personality, registration)
+    })
+    .await;
+    let mut events = h.zcrx.subscribe();
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let seed = 100 + i as u64;
+        let plan = StreamPlan {
+            lengths,
+            ..StreamPlan::new(seed, STALLED_BYTES)
+        };
+        let (mut stream, writer, client) = h.connect(plan).await;
+        let (mut position, mut held) = (0, Vec::new());
+        take_and_hold(
+            &mut stream,
+            seed,
+            &mut position,
+            &mut held,
+            Duration::from_millis(20),
+        )
+        .await;
+        assert!(position < STALLED_BYTES, "stream {i} was not paused");
+        stalled.push((stream, writer, client, seed, position, held));
+    }
+    let held_chunks: u64 = stalled.iter().map(|s| s.5.len() as u64).sum();
+    let largest = stalled.iter().map(|s| s.5.len() as u64).max().unwrap();
+    h.until("every stalled stream is paused", |h| {
+        h.zcrx.stats().streams_paused == STALLED as u64
+    })
+    .await;
+    let stats = h.zcrx.stats();
+    assert_eq!(stats.memory_held, held_chunks * CHUNK, "{stats}");
+    assert!(stats.memory_held < stats.memory_capacity, "{stats}");
+    assert_eq!(stats.largest_stream_held, largest * CHUNK, "{stats}");
+    // No stream beyond the largest derived budget, a quarter of the area, in chunks
+    // (the first stream alone gets it), whether the first request knew the segment size
+    // or not.
+    let ceiling = u64::from(AREA_CHUNKS) / 4;
+    assert!(
+        largest <= ceiling,
+        "{lengths:?}: a stream holds {largest} chunks"
+    );
+    assert!(stats.stream_pauses >= STALLED as u64, "{stats}");
+
+    // (a) A fresh stream is served, every byte right, within the bound.
+    let started = Instant::now();
+    let (mut fresh, _w, _c) = h.connect(StreamPlan::new(7, 64 * CHUNK)).await;
+    let served = tokio::time::timeout(FRESH_BOUND, read_checked(&mut fresh, 7)).await;
+    let (received, error) = served.unwrap_or_else(|_| {
+        panic!(
+            "the fresh stream was not served within {FRESH_BOUND:?}: {}",
+            h.zcrx.stats()
+        )
+    });
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(received, 64 * CHUNK);
+    eprintln!(
+        "{personality} {registration:?}: fresh stream served in {:?} with {STALLED} \
+                 stalled ({held_chunks} chunks held)",
+        started.elapsed()
+    );
+
+    // (d) Events: StreamPaused (many pauses, few events) and MemoryHighWater, which
+    // needs 3/4 of the area held: not reached here unless the stalled hold it.
+    let mut paused_events = 0;
+    let mut high_water = 0;
+    while let Ok(event) = events.try_recv() {
+        paused_events += usize::from(event.kind == EventKind::StreamPaused);
+        high_water += usize::from(event.kind == EventKind::MemoryHighWater);
+    }
+    assert!(paused_events >= 1, "no StreamPaused event");
+    assert!(
+        (paused_events as u64) < stats.stream_pauses,
+        "{paused_events} StreamPaused events for {} pauses: not rate-limited",
+        stats.stream_pauses
+    );
+    assert!(high_water <= 1, "{high_water} MemoryHighWater events");
+
+    // (b) Each stalled reader drops what it holds and reads on: every byte, in order.
+    for (mut stream, _writer, _client, seed, mut position, held) in stalled {
+        drop(held);
+        while let Some(buf) = stream.next().await {
+            check(seed, &mut position, &buf.unwrap());
+        }
+        assert_eq!(position, STALLED_BYTES, "stream {seed} lost bytes");
+    }
+    let stats = h.zcrx.stats();
+    assert_eq!(stats.streams_paused, 0, "{stats}");
+    h.every_chunk_back().await;
+    assert_eq!(h.zcrx.stats().largest_stream_held, 0);
+    h.zcrx.shutdown().await;
+}
+
+/// MemoryHighWater: once when 3/4 of the area is held, again only after the holding fell
+/// below half (and a second passed).
+#[test]
+fn memory_high_water_is_reported_once_per_episode() {
+    on_every_kernel(
+        "memory_high_water_is_reported_once_per_episode",
+        |personality, registration| async move {
+            let h = Harness::start(SyntheticConfig {
+                area_chunks: 64,
+                // Every stream may hold the whole area: only the events are under test.
+                stream_budget: Some(64 * CHUNK),
+                ..SyntheticConfig::new(personality, registration)
+            })
+            .await;
+            let mut events = h.zcrx.subscribe();
+            for episode in 0..2 {
+                let seed = 3 + episode;
+                let (mut stream, _w, _c) = h.connect(StreamPlan::new(seed, 62 * CHUNK)).await;
+                let mut position = 0;
+                let mut held = Vec::new();
+                while held.len() < 56 {
+                    let buf = stream.next().await.unwrap().unwrap();
+                    check(seed, &mut position, &buf);
+                    held.push(buf);
+                }
+                let event = tokio::time::timeout(Duration::from_secs(3), async {
+                    loop {
+                        let event = events.recv().await.unwrap();
+                        if event.kind == EventKind::MemoryHighWater {
+                            return event;
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("episode {episode}: no MemoryHighWater"));
+                assert!(event.stats.memory_held * 4 >= event.stats.memory_capacity * 3);
+                // Holding on and taking a little more: no second event in this episode.
+                drop(held.split_off(50));
+                while let Some(buf) = stream.next().await {
+                    let buf = buf.unwrap();
+                    check(seed, &mut position, &buf);
+                    held.push(buf);
+                }
+                assert_eq!(position, 62 * CHUNK);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while let Ok(event) = events.try_recv() {
+                    assert_ne!(event.kind, EventKind::MemoryHighWater, "episode {episode}");
+                }
+                // Below half: re-armed (the driver looks when it delivers: a small stream
+                // read to its end makes it look), reported again after its interval.
+                drop(held);
+                h.every_chunk_back().await;
+                let (mut small, _w, _c) = h.connect(StreamPlan::new(90, 4 * CHUNK)).await;
+                assert_eq!(read_checked(&mut small, 90).await.0, 4 * CHUNK);
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+            h.zcrx.shutdown().await;
+        },
+    );
+}
+
+/// A fixed budget (runtime-wide and per stream) pauses at exactly that many bytes and
+/// resumes at half; `u64::MAX` turns budgets off: one stream holds the whole area.
+#[test]
+fn fixed_and_disabled_budgets() {
+    on_every_kernel(
+        "fixed_and_disabled_budgets",
+        |personality, registration| async move {
+            let h = Harness::start(SyntheticConfig {
+                area_chunks: 64,
+                stream_budget: Some(8 * CHUNK),
+                ..SyntheticConfig::new(personality, registration)
+            })
+            .await;
+            // The runtime's fixed budget: 8 chunks.
+            let (mut stream, _w, _c) = h.connect(StreamPlan::new(1, 32 * CHUNK)).await;
+            let (mut position, mut held) = (0, Vec::new());
+            let quiet = Duration::from_millis(50);
+            take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 8, "a budget of 8 chunks");
+            assert_eq!(h.zcrx.stats().largest_stream_held, 8 * CHUNK);
+            // Dropping 3 (5 held, above the low mark of 4) is not enough; one more is.
+            drop(held.drain(..3));
+            tokio::time::sleep(quiet).await;
+            take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 5, "resumed above its low mark");
+            drop(held.drain(..1));
+            take_and_hold(&mut stream, 1, &mut position, &mut held, quiet).await;
+            assert_eq!(
+                held.len(),
+                8,
+                "resumed at its low mark, up to its budget again"
+            );
+            drop(held);
+            while let Some(buf) = stream.next().await {
+                check(1, &mut position, &buf.unwrap());
+            }
+            assert_eq!(position, 32 * CHUNK);
+
+            // A stream's own budget overrides the runtime's: 3 chunks.
+            let client = tokio::net::TcpStream::connect(h.listener_addr());
+            let (client, socket) = tokio::join!(client, h.accept());
+            let _client = client.unwrap();
+            h.control.plan(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                StreamPlan::new(2, 16 * CHUNK),
+            );
+            let options = StreamOptions::new().budget(3 * CHUNK);
+            let (mut small, _w2) = h.zcrx.attach_with(socket, options).unwrap();
+            let (mut position, mut held) = (0, Vec::new());
+            take_and_hold(&mut small, 2, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 3, "a stream budget of 3 chunks");
+            drop(held);
+            let (rest, error) = super::scenarios::read_checked_from(&mut small, 2, position).await;
+            assert!(error.is_none());
+            assert_eq!(rest, 16 * CHUNK);
+
+            // Off: one stream takes the whole area, and nothing is counted as paused.
+            let client = tokio::net::TcpStream::connect(h.listener_addr());
+            let (client, socket) = tokio::join!(client, h.accept());
+            let _client = client.unwrap();
+            h.control.plan(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                StreamPlan::new(4, 64 * CHUNK),
+            );
+            let pauses = h.zcrx.stats().stream_pauses;
+            let options = StreamOptions::new().budget(u64::MAX);
+            let (mut unlimited, _w3) = h.zcrx.attach_with(socket, options).unwrap();
+            let (mut position, mut held) = (0, Vec::new());
+            take_and_hold(&mut unlimited, 4, &mut position, &mut held, quiet).await;
+            assert_eq!(held.len(), 64, "no budget: the whole area");
+            let stats = h.zcrx.stats();
+            assert_eq!((stats.stream_pauses, stats.streams_paused), (pauses, 0));
+            assert_eq!(stats.largest_stream_held, 64 * CHUNK);
+            drop(held);
+            h.every_chunk_back().await;
+            h.zcrx.shutdown().await;
+        },
+    );
+}

@@ -1,0 +1,280 @@
+//! The stalled-peer scenario on a real zcrx kernel (issue 10), in NIC and NODEV modes:
+//! many write-back peers that send and never read their replies, served by an echo handler
+//! that holds each buffer across the `write_all` of its echo (as the echo example does),
+//! must not stop a fresh client from being served. Per-stream budgets (on by default) pause
+//! the stalled streams, whose backlog waits in their sockets, so the area never runs out.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio_zcrx::{EventsPolicy, Mode, Stats, Zcrx};
+use tokio_zcrx_kernel_tests::support::{build, runtime};
+use tokio_zcrx_kernel_tests::{enter_netns, first_mismatch, pattern_byte, GuestNet};
+
+/// Stalled peers: more than any default gives room for (a derived budget never drops below
+/// two chunks, and 300 streams at their ceiling would need far more than any default area).
+const STALLED: usize = 300;
+/// The fresh client's bytes, echoed back and verified.
+const FRESH_BYTES: usize = 1 << 20;
+/// The fresh client must be served within this.
+const FRESH_BOUND: Duration = Duration::from_secs(10);
+
+/// Connects `STALLED` peers (from `netns` if given), each sending until its socket takes no
+/// more, none ever reading. Returns the sockets (kept open) once every peer is blocked.
+fn stall_peers(addr: SocketAddr, netns: Option<String>) -> Vec<TcpStream> {
+    std::thread::spawn(move || {
+        if let Some(ns) = netns {
+            enter_netns(&ns);
+        }
+        let payload = vec![0x5au8; 64 << 10];
+        let mut peers: Vec<TcpStream> = (0..STALLED)
+            .map(|_| {
+                let socket = TcpStream::connect(addr).expect("stalled peer: connect");
+                socket.set_nonblocking(true).unwrap();
+                limit_receive_buffer(&socket);
+                limit_send_buffer(&socket);
+                socket
+            })
+            .collect();
+        // Send until every socket has been full for several rounds in a row: the server
+        // reads no more from any of them (its handler is stuck in the echo's write_all).
+        let mut quiet_rounds = 0;
+        while quiet_rounds < 20 {
+            let mut sent = 0usize;
+            for peer in &mut peers {
+                loop {
+                    match peer.write(&payload) {
+                        Ok(n) => sent += n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => panic!("stalled peer: write: {e}"),
+                    }
+                }
+            }
+            quiet_rounds = if sent == 0 { quiet_rounds + 1 } else { 0 };
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        peers
+    })
+    .join()
+    .unwrap()
+}
+
+/// Keeps a stalled peer's receive buffer small. The peers never read: with autotuning each
+/// would take up to `tcp_rmem`'s maximum of the server's echoes, and hundreds of those (and
+/// of the peers' own send buffers, see `limit_send_buffer`) reach the guest's TCP memory
+/// limit (`net.ipv4.tcp_mem`), which slows every connection on the machine, the fresh
+/// client's too, whatever the server does: plain Tokio would suffer the same.
+fn limit_receive_buffer(socket: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 64 << 10;
+    // SAFETY: `bytes` lives through the call and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&bytes as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+}
+
+/// Keeps a send buffer small (a stalled peer's, or the server's to one; see
+/// `limit_receive_buffer`).
+fn limit_send_buffer(socket: &impl std::os::fd::AsRawFd) {
+    let bytes: libc::c_int = 64 << 10;
+    // SAFETY: `bytes` lives through the call and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+}
+
+/// A client that sends `FRESH_BYTES` pattern bytes and reads its echo, verifying every
+/// byte; returns how long it took.
+fn fresh_client(addr: SocketAddr, netns: Option<String>) -> Duration {
+    std::thread::spawn(move || {
+        if let Some(ns) = netns.clone() {
+            enter_netns(&ns);
+        }
+        let started = Instant::now();
+        let mut socket = TcpStream::connect(addr).expect("fresh client: connect");
+        socket.set_read_timeout(Some(FRESH_BOUND)).unwrap();
+        let mut writer = socket.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let payload: Vec<u8> = (0..FRESH_BYTES as u64).map(pattern_byte).collect();
+            writer.write_all(&payload).expect("fresh client: write");
+        });
+        let mut echoed = vec![0u8; FRESH_BYTES];
+        let mut position = 0;
+        while position < FRESH_BYTES {
+            match socket.read(&mut echoed[position..]) {
+                Ok(0) => panic!("fresh client: EOF after {position} bytes"),
+                Ok(n) => position += n,
+                Err(e) => panic!(
+                    "fresh client: no echo within {FRESH_BOUND:?} ({position} of \
+                     {FRESH_BYTES} bytes back): {e}"
+                ),
+            }
+        }
+        sender.join().unwrap();
+        assert_eq!(first_mismatch(0, &echoed), None, "fresh client: wrong echo");
+        started.elapsed()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The receive queues of the TCP sockets on local `port` in this network namespace, as
+/// `/proc/net/tcp` has them: how many, the bytes queued in all, the most in one. In NIC
+/// mode those bytes sit in the area's chunks (about one per segment).
+fn receive_queues(port: u16) -> (usize, u64, u64) {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut found = (0, 0, 0);
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields[1].rsplit(':').next().unwrap();
+        if u16::from_str_radix(local_port, 16) != Ok(port) || fields[3] != "01" {
+            continue; // another port, or not ESTABLISHED (the listener)
+        }
+        let rx_queue = u64::from_str_radix(fields[4].rsplit(':').next().unwrap(), 16).unwrap();
+        found = (found.0 + 1, found.1 + rx_queue, found.2.max(rx_queue));
+    }
+    found
+}
+
+fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: Option<String>) {
+    runtime().block_on(async {
+        let listener = TcpListener::bind((listen_ip, 0)).await.unwrap();
+        zcrx.prepare_listener(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_zcrx = zcrx.clone();
+        // The echo server: each handler holds its buffer across the write of its echo.
+        let server = tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                // A small send buffer, so that a handler stalls after a few echoes: the
+                // echoes of 300 peers that never read would otherwise fill the guest's TCP
+                // memory (see `limit_receive_buffer`).
+                limit_send_buffer(&socket);
+                let (mut stream, mut writer) = server_zcrx.attach(socket).unwrap();
+                tokio::spawn(async move {
+                    while let Some(Ok(buf)) = stream.next().await {
+                        if writer.write_all(&buf).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let peers = tokio::task::spawn_blocking({
+            let netns = netns.clone();
+            move || stall_peers(addr, netns)
+        })
+        .await
+        .unwrap();
+        let stalled: Stats = zcrx.stats();
+        let (sockets, queued, most) = receive_queues(addr.port());
+        eprintln!(
+            "with {STALLED} stalled peers: {stalled}; {} of {} bytes held; {sockets} sockets \
+             have {queued} bytes queued in the kernel (at most {most})",
+            stalled.memory_held, stalled.memory_capacity
+        );
+        let took = tokio::task::spawn_blocking(move || fresh_client(addr, netns))
+            .await
+            .unwrap();
+        let stats = zcrx.stats();
+        eprintln!("fresh client served in {took:?}; {stats}");
+        assert!(took < FRESH_BOUND);
+        assert!(stalled.streams_paused > 0, "{stalled}");
+        assert!(stats.streams_paused > 0, "{stats}");
+        assert!(stalled.memory_held < stalled.memory_capacity, "{stalled}");
+        assert!(stats.memory_held < stats.memory_capacity, "{stats}");
+        drop(peers);
+        server.abort();
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn nodev_stalled_peers_do_not_stop_a_fresh_client() {
+    stalled_peers_do_not_stop_a_fresh_client(
+        build(
+            Zcrx::builder()
+                .no_device()
+                .events(EventsPolicy::IfSupported),
+        ),
+        "127.0.0.1",
+        None,
+    );
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn nic_stalled_peers_do_not_stop_a_fresh_client() {
+    let net = GuestNet::from_env();
+    let zcrx = build(
+        Zcrx::builder()
+            .mode(Mode::Nic)
+            .interface(&net.nic, 0)
+            .events(EventsPolicy::IfSupported),
+    );
+    stalled_peers_do_not_stop_a_fresh_client(zcrx, &net.nic_addr, Some(net.peer_netns.clone()));
+}
+
+/// A stream whose budget is two chunks (the floor under memory pressure) still echoes at the
+/// pace of its pause-and-resume cycle: no cycle waits for a timer.
+fn small_budget_echo(zcrx: Zcrx, listen_ip: &str, netns: Option<String>) {
+    runtime().block_on(async {
+        let listener = TcpListener::bind((listen_ip, 0)).await.unwrap();
+        zcrx.prepare_listener(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_zcrx = zcrx.clone();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let options = tokio_zcrx::StreamOptions::new().budget(8192);
+            let (mut stream, mut writer) = server_zcrx.attach_with(socket, options).unwrap();
+            while let Some(Ok(buf)) = stream.next().await {
+                if writer.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let took = tokio::task::spawn_blocking(move || fresh_client(addr, netns))
+            .await
+            .unwrap();
+        let stats = zcrx.stats();
+        eprintln!(
+            "1 MiB echoed at a two-chunk budget in {took:?}: {stats}, {} pauses",
+            stats.stream_pauses
+        );
+        server.abort();
+        zcrx.shutdown().await;
+    });
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn nodev_small_budget_echo() {
+    small_budget_echo(
+        build(
+            Zcrx::builder()
+                .no_device()
+                .events(EventsPolicy::IfSupported),
+        ),
+        "127.0.0.1",
+        None,
+    );
+}
