@@ -289,8 +289,8 @@ impl StreamReceive {
         } else {
             (self.request_used, self.request_chunks)
         };
-        if chunks > 0 {
-            self.observed_fill = Some((bytes / chunks).max(1));
+        if let Some(fill) = bytes.checked_div(chunks) {
+            self.observed_fill = Some(fill.max(1));
         } else if truncated {
             let expected = self
                 .observed_fill
