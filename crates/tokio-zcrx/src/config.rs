@@ -201,15 +201,15 @@ impl Builder {
     /// on to its buffers (a peer that does not read its replies, a leaked buffer) cannot take
     /// the memory every other stream receives into.
     ///
-    /// **Copy mode only, for now.** In nic and nodev modes budgets are not enforced yet: the
-    /// area is shared without per-stream limits there, and
-    /// [`StreamOptions::read_limit`] is what bounds one stream's holding (see
-    /// docs/holding-buffers.md).
-    ///
-    /// By default the budget is derived from the copy pool's memory limit and the number of
-    /// open streams: half the memory shared among them, at least two buffers each, at most a
-    /// quarter of the memory for one stream
-    /// ([`zcrx_core::budget::BudgetPolicy`]). A budget set here is the same for every stream;
+    /// In every mode. By default the budget is derived from the shared memory (the zcrx
+    /// area, or the copy pool's memory limit) and the number of open streams: half the
+    /// memory shared among them, at least two chunks or buffers each, at most a quarter of
+    /// the memory for one stream ([`zcrx_core::budget::BudgetPolicy`]); while a quarter of
+    /// the memory is held, derived budgets fall to their floor of two. In nic and nodev
+    /// modes a budget counts whole chunks, and a stream asks the kernel for at most its
+    /// room; in nic mode it also bounds what the kernel queues for the socket, which is in
+    /// the area too (see [`Zcrx::prepare_listener`](crate::Zcrx::prepare_listener) and
+    /// docs/holding-buffers.md). A budget set here is the same for every stream;
     /// [`StreamOptions::budget`] overrides it per stream. At least 1 byte; `u64::MAX` turns
     /// budgets off.
     pub fn stream_budget(mut self, bytes: u64) -> Builder {
@@ -577,8 +577,8 @@ pub struct StreamOptions {
     /// one receive running until EOF, the fastest way. A limit is backpressure: a slow consumer
     /// then holds at most about `limit` bytes of the area.
     pub read_limit: Option<u32>,
-    /// This stream's budget in bytes (see [`Builder::stream_budget`]; copy mode only, for
-    /// now); `None` (the default) takes the runtime's.
+    /// This stream's budget in bytes (see [`Builder::stream_budget`]); `None` (the default)
+    /// takes the runtime's.
     pub budget: Option<u64>,
 }
 
@@ -597,7 +597,7 @@ impl StreamOptions {
     }
 
     /// Sets [`budget`](StreamOptions::budget): this stream stops receiving while it holds
-    /// `bytes` or more, and receives again at half of it (copy mode only, for now: see
+    /// `bytes` or more, and receives again at half of it (see
     /// [`Builder::stream_budget`]). `u64::MAX` turns the budget off for
     /// this stream; 0 would never receive: [`attach_with`](crate::Zcrx::attach_with) refuses
     /// it with [`ErrorKind::InvalidConfig`].

@@ -108,7 +108,7 @@ pub struct Stats {
     /// Bytes of it the application holds: buffers delivered and not yet dropped (whole chunks
     /// in the area).
     pub memory_held: u64,
-    /// The most bytes one stream holds.
+    /// The most bytes one stream holds (whole chunks in the area).
     pub largest_stream_held: u64,
     /// Streams stopped by their budget now.
     pub streams_paused: u64,
