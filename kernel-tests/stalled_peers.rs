@@ -20,24 +20,45 @@ use tokio_zcrx_kernel_tests::{enter_netns, first_mismatch, pattern_byte, GuestNe
 const STALLED: usize = 300;
 /// The fresh client's bytes, echoed back and verified.
 const FRESH_BYTES: usize = 1 << 20;
+/// Stalled peers that read again at the end, every byte checked.
+const RESUMED: usize = 16;
 /// The fresh client must be served within this.
 const FRESH_BOUND: Duration = Duration::from_secs(10);
 
-/// Connects `STALLED` peers (from `netns` if given), each sending until its socket takes no
-/// more, none ever reading. Returns the sockets (kept open) once every peer is blocked.
-fn stall_peers(addr: SocketAddr, netns: Option<String>) -> Vec<TcpStream> {
+/// A stalled peer: its socket and the pattern bytes it sent (from `base`).
+struct Peer {
+    socket: TcpStream,
+    base: u64,
+    sent: u64,
+}
+
+/// Where peer `index`'s pattern starts: far from every other peer's.
+fn peer_base(index: usize) -> u64 {
+    (index as u64 + 1) << 40
+}
+
+/// Connects `STALLED` peers (from `netns` if given), each sending its own pattern until its
+/// socket takes no more, none ever reading. Returns them (kept open) once every peer is
+/// blocked.
+fn stall_peers(addr: SocketAddr, netns: Option<String>) -> Vec<Peer> {
     std::thread::spawn(move || {
         if let Some(ns) = netns {
             enter_netns(&ns);
         }
-        let payload = vec![0x5au8; 64 << 10];
-        let mut peers: Vec<TcpStream> = (0..STALLED)
+        let mut payload = vec![0u8; 64 << 10];
+        let mut peers: Vec<Peer> = (0..STALLED)
             .map(|_| {
                 let socket = TcpStream::connect(addr).expect("stalled peer: connect");
                 socket.set_nonblocking(true).unwrap();
                 limit_receive_buffer(&socket);
                 limit_send_buffer(&socket);
                 socket
+            })
+            .enumerate()
+            .map(|(index, socket)| Peer {
+                socket,
+                base: peer_base(index),
+                sent: 0,
             })
             .collect();
         // Send until every socket has been full for several rounds in a row: the server
@@ -47,8 +68,14 @@ fn stall_peers(addr: SocketAddr, netns: Option<String>) -> Vec<TcpStream> {
             let mut sent = 0usize;
             for peer in &mut peers {
                 loop {
-                    match peer.write(&payload) {
-                        Ok(n) => sent += n,
+                    for (i, byte) in payload.iter_mut().enumerate() {
+                        *byte = pattern_byte(peer.base + peer.sent + i as u64);
+                    }
+                    match peer.socket.write(&payload) {
+                        Ok(n) => {
+                            sent += n;
+                            peer.sent += n as u64;
+                        }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(e) => panic!("stalled peer: write: {e}"),
                     }
@@ -154,6 +181,41 @@ fn receive_queues(port: u16) -> (usize, u64, u64) {
     found
 }
 
+/// Peers that read again get every byte they sent back, in order: their paused streams
+/// resumed (in NIC mode with the receive buffer a stall took given back) and lost nothing.
+fn resume_and_verify(peers: Vec<Peer>, netns: Option<String>) {
+    std::thread::spawn(move || {
+        if let Some(ns) = netns {
+            enter_netns(&ns);
+        }
+        for Peer { socket, base, sent } in peers {
+            let started = Instant::now();
+            let mut socket = socket;
+            socket.set_nonblocking(false).unwrap();
+            socket.set_read_timeout(Some(FRESH_BOUND)).unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0u64;
+            while got < sent {
+                let want = buf.len().min((sent - got) as usize);
+                let n = match socket.read(&mut buf[..want]) {
+                    Ok(0) => panic!("resumed peer: EOF after {got} of {sent} bytes"),
+                    Ok(n) => n,
+                    Err(e) => panic!("resumed peer: {got} of {sent} bytes back: {e}"),
+                };
+                assert_eq!(
+                    first_mismatch(base + got, &buf[..n]),
+                    None,
+                    "resumed peer at {got}"
+                );
+                got += n as u64;
+            }
+            eprintln!("resumed peer: {sent} bytes back in {:?}", started.elapsed());
+        }
+    })
+    .join()
+    .unwrap();
+}
+
 fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: Option<String>) {
     runtime().block_on(async {
         let listener = TcpListener::bind((listen_ip, 0)).await.unwrap();
@@ -191,6 +253,7 @@ fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: 
              have {queued} bytes queued in the kernel (at most {most})",
             stalled.memory_held, stalled.memory_capacity
         );
+        let netns_for_resume = netns.clone();
         let took = tokio::task::spawn_blocking(move || fresh_client(addr, netns))
             .await
             .unwrap();
@@ -201,7 +264,27 @@ fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: 
         assert!(stats.streams_paused > 0, "{stats}");
         assert!(stalled.memory_held < stalled.memory_capacity, "{stalled}");
         assert!(stats.memory_held < stats.memory_capacity, "{stats}");
+        // Most peers go away with data unread (resets for paused streams); the first ones
+        // read again and get all they sent back.
+        let mut peers = peers;
+        let resumed: Vec<Peer> = peers.drain(..RESUMED).collect();
+        let total: u64 = resumed.iter().map(|p| p.sent).sum();
         drop(peers);
+        let netns_again = netns_for_resume;
+        tokio::task::spawn_blocking(move || resume_and_verify(resumed, netns_again))
+            .await
+            .unwrap();
+        eprintln!("{RESUMED} resumed peers got all {total} bytes they sent back");
+        // Every buffer comes back once the streams end.
+        let deadline = Instant::now() + FRESH_BOUND;
+        while zcrx.stats().memory_held > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "buffers still held: {}",
+                zcrx.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         server.abort();
         zcrx.shutdown().await;
     });

@@ -141,6 +141,7 @@ pub(crate) fn set_tcp_window_clamp(socket: BorrowedFd<'_>, bytes: u32) -> io::Re
 
 /// The receive buffer of `socket` (`SO_RCVBUF`: twice what was set, as the kernel keeps
 /// it).
+#[cfg(test)]
 pub(crate) fn receive_buffer(socket: BorrowedFd<'_>) -> io::Result<u32> {
     let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
@@ -207,6 +208,30 @@ mod tests {
             sysfs.trim().parse::<u32>().unwrap()
         );
         assert!(interface_mtu(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn socket_buffers_and_window_clamps_take() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let socket = std::os::fd::AsFd::as_fd(&client);
+        set_receive_buffer(socket, 40_960).unwrap();
+        // The kernel keeps twice the value (within net.core.rmem_max).
+        assert_eq!(receive_buffer(socket).unwrap(), 81_920);
+        set_tcp_window_clamp(socket, 16_384).unwrap();
+        let mut clamp: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `clamp` and `len` live through the call; `len` says how large it is.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_WINDOW_CLAMP,
+                (&mut clamp as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, clamp), (0, 16_384));
     }
 
     #[test]

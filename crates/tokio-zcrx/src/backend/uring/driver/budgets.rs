@@ -23,11 +23,14 @@ use crate::event::EventKind;
 
 /// At most one StreamPaused event per this interval.
 const STREAM_PAUSED_EVENT_INTERVAL: Duration = Duration::from_millis(100);
-/// NIC mode: a stream paused this long has stalled (see
-/// `Driver::shrink_stalled_receive_buffers`).
-const STALL_AFTER: Duration = Duration::from_millis(100);
-/// NIC mode: what a stalled stream's socket may queue, in chunks.
-const STALLED_RECEIVE_BUFFER_CHUNKS: u32 = 4;
+/// NIC mode: a stream's receive buffer when attached, in chunks (see
+/// `Driver::adjust_receive_buffer`): about 11 KiB of window on a 1,500-byte MTU, doubling
+/// as its reader keeps up.
+const INITIAL_RECEIVE_BUFFER_CHUNKS: u64 = 8;
+/// NIC mode: the smallest receive buffer, in chunks.
+const MIN_RECEIVE_BUFFER_CHUNKS: u64 = 4;
+/// What the kernel charges a socket for a chunk beyond its size (the skb around it).
+const SKB_OVERHEAD: u64 = 1024;
 /// At most one MemoryHighWater event per this interval.
 const HIGH_WATER_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -84,104 +87,73 @@ impl<R: CompletionRing> Driver<R> {
         })
     }
 
-    /// NIC mode: bounds the TCP window of the stream in `slot` by its budget's chunks of
-    /// segments (`TCP_WINDOW_CLAMP`), when attached and when its budget shrinks (more
-    /// streams, memory pressure) to half or less.
+    /// NIC mode: sizes the receive buffer of the stream in `slot` (`SO_RCVBUF`), in chunks.
     ///
     /// On a NIC queue bound to zcrx every byte the kernel queues for a socket is already in
-    /// the area, read or not, and TCP never takes back a window it advertised. The clamp
-    /// replaces the few chunks' window of a prepared listener's connections (so that they
-    /// can start) and keeps a stream that does not read from opening its window wider.
-    /// TCP's receive buffer autotuning raises the clamp again as a stream reads; what
-    /// bounds a stream that stopped reading is [`Self::shrink_stalled_receive_buffers`].
-    pub(super) fn adjust_window(&mut self, slot: u32, budget: Budget) {
-        let Some(payload) = self.segment_payload else {
+    /// the area, read or not (in order or waiting behind a hole), and TCP charges it to the
+    /// socket's receive buffer. TCP's own autotuning grows that buffer to megabytes for a
+    /// stream that reads fast, and a stream that then stops reading keeps it all: a few such
+    /// streams take the area. So the runtime sizes the buffer itself, the way autotuning
+    /// would but within the budget: [`INITIAL_RECEIVE_BUFFER_CHUNKS`] when attached (the
+    /// window a prepared listener gave the connection is lifted then), doubled each time the
+    /// stream received a buffer's worth while holding no more than its budget's low mark
+    /// (`may_grow`: its reader keeps up) and the area is not under pressure, up to half its
+    /// budget's chunks; lowered to that when its budget falls to half or less (more
+    /// streams). A stream thus keeps at most about one and a half budgets of the area, and
+    /// one that stalls keeps what it had: no segment is dropped for it (which would leave its
+    /// peer waiting for a retransmission timer once it reads again), and the kernel caps the
+    /// buffer at `net.core.rmem_max`.
+    pub(super) fn adjust_receive_buffer(&mut self, slot: u32, budget: Budget, may_grow: bool) {
+        const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
+        if self.segment_payload.is_none() {
             return;
-        };
+        }
         let chunk = u64::from(self.area.chunk_size);
-        let Some(entry) = self.streams.get_mut(slot) else {
+        let under_pressure = self.pressure.under_pressure;
+        let Some(entry) = self.streams.get(slot) else {
             return;
         };
-        let chunks = (budget.high / chunk).max(2);
-        let target = u32::try_from(chunks.saturating_mul(u64::from(payload))).unwrap_or(u32::MAX);
-        let current = entry.window_clamp;
-        if current != 0 && u64::from(target) * 2 > u64::from(current) {
+        let held = self.area.holdings.held(entry.tag) * chunk;
+        let ceiling = (budget.high / chunk / 2).max(MIN_RECEIVE_BUFFER_CHUNKS);
+        let current = entry.rcvbuf_chunks;
+        let target = if current == 0 {
+            ceiling.min(INITIAL_RECEIVE_BUFFER_CHUNKS)
+        } else if ceiling * 2 <= current {
+            ceiling
+        } else if may_grow
+            && !under_pressure
+            && entry.received_since >= current * u64::from(self.segment_payload.unwrap_or(1))
+            && held <= budget.low
+        {
+            ceiling.min(current * 2).max(current)
+        } else {
+            current
+        };
+        let entry = self.streams.get_mut(slot).expect("looked up above");
+        if target == current {
             return;
         }
-        entry.window_clamp = target;
-        if let Err(error) = crate::sys::set_tcp_window_clamp(entry.socket(), target) {
+        entry.received_since = 0;
+        entry.rcvbuf_chunks = target;
+        // The kernel keeps twice the value, and charges each chunk its size and the skb's.
+        let bytes = target * (chunk + SKB_OVERHEAD) / 2;
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        if let Err(error) = crate::sys::set_receive_buffer(entry.socket(), bytes) {
             // A socket already closed by its peer, or not TCP (the synthetic kernel's).
-            tracing::debug!("tokio-zcrx: TCP_WINDOW_CLAMP {target}: {error}");
+            tracing::debug!("tokio-zcrx: SO_RCVBUF {bytes}: {error}");
         }
-    }
-
-    /// NIC mode: a stream paused for [`STALL_AFTER`] has stalled: its socket's receive
-    /// buffer shrinks to a few chunks (`SO_RCVBUF`), so that what its peer sends beyond
-    /// that is dropped by TCP (and sent again later) instead of taking chunks of the area
-    /// while nobody reads it. A window clamp alone does not do it: the window already
-    /// advertised stays open. A stream paused for less keeps its buffer (a brief pause must
-    /// not cost retransmissions). Its buffer comes back when it resumes
-    /// ([`Self::restore_receive_buffer`]).
-    ///
-    /// Not in NODEV mode: there the socket queues are the kernel's memory, not the area's,
-    /// as with any TCP server; and shrinking a buffer that already holds more makes TCP
-    /// collapse the queue (copying it) at every arrival, for no memory back.
-    pub(super) fn shrink_stalled_receive_buffers(&mut self) {
-        let now = Instant::now();
-        if self.stall_check_at.is_none_or(|at| at > now) {
-            return;
-        }
-        self.stall_check_at = None;
-        let stalled_rcvbuf = STALLED_RECEIVE_BUFFER_CHUNKS * (self.area.chunk_size + 1024) / 2;
-        for slot in self.streams.slots() {
-            let Some(entry) = self.streams.get_mut(slot) else {
-                continue;
-            };
-            let Some(paused_at) = entry.paused_at else {
-                continue;
-            };
-            if entry.saved_rcvbuf.is_some() {
-                continue;
-            }
-            let stalled_at = paused_at + STALL_AFTER;
-            if stalled_at > now {
-                self.stall_check_at = Some(
-                    self.stall_check_at
-                        .map_or(stalled_at, |at| at.min(stalled_at)),
-                );
-                continue;
-            }
-            match crate::sys::receive_buffer(entry.socket()) {
-                Ok(rcvbuf) => {
-                    entry.saved_rcvbuf = Some(rcvbuf);
-                    if let Err(error) =
-                        crate::sys::set_receive_buffer(entry.socket(), stalled_rcvbuf)
-                    {
-                        tracing::debug!("tokio-zcrx: SO_RCVBUF {stalled_rcvbuf}: {error}");
-                    }
-                }
-                Err(error) => tracing::debug!("tokio-zcrx: SO_RCVBUF: {error}"),
-            }
-        }
-    }
-
-    /// The stream in `slot` is no longer paused: it gives back the receive buffer a stall
-    /// took ([`Self::shrink_stalled_receive_buffers`]), as large as it was (the kernel
-    /// reports twice what it is set to; its autotuning stays off for the socket).
-    pub(super) fn restore_receive_buffer(&mut self, slot: u32) {
-        let Some(entry) = self.streams.get_mut(slot) else {
-            return;
-        };
-        entry.paused_at = None;
-        if let Some(rcvbuf) = entry.saved_rcvbuf.take() {
-            if let Err(error) = crate::sys::set_receive_buffer(entry.socket(), rcvbuf / 2) {
-                tracing::debug!("tokio-zcrx: SO_RCVBUF {}: {error}", rcvbuf / 2);
+        if current == 0 {
+            // The receive buffer bounds the window from now on: lift a prepared listener's
+            // clamp, which the buffer's (now fixed) size would never raise again.
+            if let Err(error) = crate::sys::set_tcp_window_clamp(entry.socket(), LARGEST_TCP_WINDOW)
+            {
+                tracing::debug!("tokio-zcrx: TCP_WINDOW_CLAMP: {error}");
             }
         }
     }
 
     /// NIC mode: lifts the window clamp a prepared listener gave the socket of the stream in
-    /// `slot` (an unbudgeted stream): the largest window TCP has (1 GiB).
+    /// `slot` (an unbudgeted stream, whose receive buffer TCP tunes as usual).
     pub(super) fn unclamp_window(&mut self, slot: u32) {
         const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
         if self.segment_payload.is_none() {
@@ -195,15 +167,27 @@ impl<R: CompletionRing> Driver<R> {
         }
     }
 
-    /// Bounds every budgeted stream's window by its budget again (memory pressure began or
-    /// ended, and derived budgets with it).
-    fn clamp_all_windows(&mut self) {
+    /// Lets the receive buffers of the streams that received a buffer's worth this reap
+    /// grow (see [`Self::adjust_receive_buffer`]).
+    pub(super) fn grow_receive_buffers(&mut self) {
+        let mut slots = std::mem::take(&mut self.rcvbuf_growth);
+        for slot in slots.drain(..) {
+            if let Some(budget) = self.budget(slot) {
+                self.adjust_receive_buffer(slot, budget, true);
+            }
+        }
+        self.rcvbuf_growth = slots;
+    }
+
+    /// Bounds every budgeted stream's receive buffer by its budget again (memory pressure
+    /// began or ended, and derived budgets with it).
+    fn bound_all_receive_buffers(&mut self) {
         if self.segment_payload.is_none() {
             return;
         }
         for slot in self.streams.slots() {
             if let Some(budget) = self.budget(slot) {
-                self.adjust_window(slot, budget);
+                self.adjust_receive_buffer(slot, budget, false);
             }
         }
     }
@@ -232,16 +216,6 @@ impl<R: CompletionRing> Driver<R> {
         if self.area.holdings.pause_until(entry.tag, low_chunks) {
             // Its reader dropped enough meanwhile: the next round resumes it.
             self.area.holdings.mark_resumable();
-        }
-        if self.segment_payload.is_some() {
-            let now = Instant::now();
-            let entry = self.streams.get_mut(slot).expect("looked up above");
-            let paused_at = *entry.paused_at.get_or_insert(now);
-            let stalled_at = paused_at + STALL_AFTER;
-            self.stall_check_at = Some(
-                self.stall_check_at
-                    .map_or(stalled_at, |at| at.min(stalled_at)),
-            );
         }
         self.area
             .counters
@@ -272,7 +246,7 @@ impl<R: CompletionRing> Driver<R> {
         self.area.holdings.wake_on_every_return(pressure && paused);
         let was_under_pressure = std::mem::replace(&mut self.pressure.under_pressure, pressure);
         if was_under_pressure != pressure {
-            self.clamp_all_windows();
+            self.bound_all_receive_buffers();
         }
         // Derived budgets grew back with the end of the pressure: every paused stream may
         // go on sooner than its mark.

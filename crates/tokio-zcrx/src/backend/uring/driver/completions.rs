@@ -54,6 +54,7 @@ impl<R: CompletionRing> Driver<R> {
         }
         self.reaped = reaped;
         self.streams.deliver();
+        self.grow_receive_buffers();
         self.check_memory_high_water();
         if std::mem::take(&mut self.cq_overflowed) {
             self.area
@@ -90,6 +91,15 @@ impl<R: CompletionRing> Driver<R> {
         let chunks = counters.chunks.load(Ordering::Relaxed) + 1;
         counters.chunks.store(chunks, Ordering::Relaxed);
         let entry = self.streams.get_mut(slot).expect("decode checked the slot");
+        if let (Some(payload), chunks @ 1..) = (self.segment_payload, entry.rcvbuf_chunks) {
+            // NIC mode: a receive buffer's worth received may let it grow (budgets.rs).
+            let worth = chunks * u64::from(payload);
+            let before = entry.received_since;
+            entry.received_since += u64::from(len);
+            if before < worth && entry.received_since >= worth {
+                self.rcvbuf_growth.push(slot);
+            }
+        }
         if entry.receive.on_data(len) {
             self.streams.push_buffer(slot, buf);
         }

@@ -164,8 +164,8 @@ pub(crate) struct Driver<R: CompletionRing> {
     /// NIC mode: the most payload a segment of the interface carries, for the TCP windows
     /// of budgeted streams (`budgets.rs`); `None` in NODEV mode or if the MTU is unknown.
     segment_payload: Option<u32>,
-    /// NIC mode: when the next paused stream counts as stalled (`budgets.rs`).
-    stall_check_at: Option<Instant>,
+    /// NIC mode: streams that received a receive buffer's worth this reap (`budgets.rs`).
+    rcvbuf_growth: Vec<u32>,
     /// Rate limits and hysteresis of the pressure events.
     pressure: budgets::PressureEvents,
 }
@@ -267,7 +267,7 @@ impl<R: CompletionRing> Driver<R> {
             stream_budget: config.stream_budget,
             chunk_fill: u64::from(chunk_fill),
             segment_payload,
-            stall_check_at: None,
+            rcvbuf_growth: Vec::new(),
             pressure: budgets::PressureEvents::default(),
         };
         driver.arm_eventfd().map_err(|e| {
@@ -290,7 +290,6 @@ impl<R: CompletionRing> Driver<R> {
             self.return_buffers();
             self.resume_waiting_streams()?;
             self.resume_paused_streams()?;
-            self.shrink_stalled_receive_buffers();
             self.rearm_events();
             self.submit_and_wait()?;
             self.reap()?;
@@ -424,7 +423,7 @@ impl<R: CompletionRing> Driver<R> {
     ) -> io::Result<()> {
         let holding = self.holding(slot);
         if let Some(holding) = holding {
-            self.adjust_window(slot, holding.budget);
+            self.adjust_receive_buffer(slot, holding.budget, false);
         }
         let Some(entry) = self.streams.get_mut(slot) else {
             return Ok(());
@@ -438,9 +437,6 @@ impl<R: CompletionRing> Driver<R> {
             .get(slot)
             .is_some_and(|e| e.receive.is_paused());
         self.count_paused(was_paused, is_paused);
-        if was_paused && !is_paused {
-            self.restore_receive_buffer(slot);
-        }
         result
     }
 
@@ -578,7 +574,6 @@ impl<R: CompletionRing> Driver<R> {
                 self.stopping.map(|since| since + SHUTDOWN_GRACE),
                 self.exhausted_at.map(|at| at + EXHAUSTION_RETRY),
                 self.overflow_recheck.map(|(at, _)| at),
-                self.stall_check_at,
             ]
             .into_iter()
             .flatten()

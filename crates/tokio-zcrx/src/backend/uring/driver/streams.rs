@@ -26,12 +26,10 @@ pub(super) struct StreamEntry {
     pub(super) fixed_budget: Option<u64>,
     /// Its slot's tag in its buffers (`holdings.rs`; 0: untracked, no budget).
     pub(super) tag: u64,
-    /// The TCP window its socket was last clamped to (NIC mode, `budgets.rs`); 0: never.
-    pub(super) window_clamp: u32,
-    /// NIC mode: when it paused, and the receive buffer a stall took from it
-    /// (`budgets.rs`).
-    pub(super) paused_at: Option<std::time::Instant>,
-    pub(super) saved_rcvbuf: Option<u32>,
+    /// NIC mode: its socket's receive buffer in chunks (`budgets.rs`; 0: not set yet), and
+    /// the bytes it received since it was last set.
+    pub(super) rcvbuf_chunks: u64,
+    pub(super) received_since: u64,
 }
 
 impl StreamEntry {
@@ -51,9 +49,8 @@ impl StreamEntry {
             pending: Vec::new(),
             fixed_budget,
             tag,
-            window_clamp: 0,
-            paused_at: None,
-            saved_rcvbuf: None,
+            rcvbuf_chunks: 0,
+            received_since: 0,
         }
     }
 
