@@ -205,7 +205,8 @@ impl Builder {
     /// area, or the copy pool's memory limit) and the number of open streams: half the
     /// memory shared among them, at least two chunks or buffers each, at most a quarter of
     /// the memory for one stream ([`zcrx_core::budget::BudgetPolicy`]); while a quarter of
-    /// the memory is held, derived budgets fall to their floor of two. In nic and nodev
+    /// the memory is held, derived budgets share out a quarter of what is left instead (nic and
+    /// nodev modes; at least two chunks). In nic and nodev
     /// modes a budget counts whole chunks, and a stream asks the kernel for at most its
     /// room; in nic mode it also bounds what the kernel queues for the socket, which is in
     /// the area too (see [`Zcrx::prepare_listener`](crate::Zcrx::prepare_listener) and

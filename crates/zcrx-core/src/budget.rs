@@ -154,18 +154,25 @@ impl BudgetPolicy {
     }
 
     /// [`Self::budget`] while the application holds `held_total` bytes of the shared
-    /// memory: from a quarter of the capacity on (*pressure*), a derived budget is the floor
-    /// of two granules. Budgets are derived from the streams open *now*, but what a stream
-    /// took while there were fewer stays held: streams that stall one after the other
-    /// (each holding what it got) would otherwise add up to more than the memory (a quarter,
-    /// a quarter, a sixth, an eighth, ...). Under pressure only the floors add up, so the
-    /// memory lasts as long as two granules per stream fit in what is left. A fixed budget
-    /// stays fixed.
+    /// memory: from a quarter of the capacity on (*pressure*), a derived budget is a quarter
+    /// of what is *left* shared among the streams (whole granules, at least two, at most the
+    /// normal budget). Budgets are derived from the streams open *now*, but what a stream
+    /// took while there were fewer stays held: streams that stall one after the other (each
+    /// holding what it got) would otherwise add up to more than the memory (a quarter, a
+    /// quarter, a sixth, an eighth, ...). Under pressure the budgets add up to a quarter of
+    /// what is left (what a stream holds, and in NIC mode as much again queued in its
+    /// socket, with room to spare for the NIC to receive into), so the memory lasts as long
+    /// as two granules per stream fit in it. A fixed
+    /// budget stays fixed.
     pub fn budget_under(&self, streams: usize, held_total: u64) -> Budget {
-        if self.fixed.is_none() && self.under_pressure(held_total) {
-            return Budget::new(2 * self.granule);
+        let normal = self.budget(streams);
+        if self.fixed.is_some() || !self.under_pressure(held_total) {
+            return normal;
         }
-        self.budget(streams)
+        let streams = (streams.max(1)) as u64;
+        let share = self.capacity.saturating_sub(held_total) / 4 / streams;
+        let high = share.clamp(2 * self.granule, normal.high.max(2 * self.granule));
+        Budget::new(high / self.granule * self.granule)
     }
 
     /// Whether `held_total` bytes held put the shared memory under pressure (a quarter of
@@ -238,7 +245,13 @@ mod tests {
         assert_eq!(policy.budget_under(1, 0), policy.budget(1));
         assert_eq!(policy.budget_under(1, (256 << 10) - 1).high, 256 << 10);
         assert!(policy.under_pressure(256 << 10));
-        assert_eq!(policy.budget_under(1, 256 << 10), Budget::new(8192));
+        // A quarter of what is left, shared: 768 KiB left, one stream: 192 KiB; 64 streams:
+        // 3 KiB each, so the floor; 512 KiB left, 2 streams: 64 KiB each.
+        assert_eq!(policy.budget_under(1, 256 << 10), Budget::new(192 << 10));
+        assert_eq!(policy.budget_under(64, 256 << 10).high, 8192);
+        assert_eq!(policy.budget_under(2, 512 << 10).high, 64 << 10);
+        // All of it held: the floor.
+        assert_eq!(policy.budget_under(1, 1 << 20).high, 8192);
         assert_eq!(policy.budget_under(64, 1 << 20).high, 8192);
         // Fixed budgets are the application's.
         let fixed = policy.fixed(100_000);

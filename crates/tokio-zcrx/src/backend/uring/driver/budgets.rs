@@ -93,39 +93,38 @@ impl<R: CompletionRing> Driver<R> {
     /// the area, read or not (in order or waiting behind a hole), and TCP charges it to the
     /// socket's receive buffer. TCP's own autotuning grows that buffer to megabytes for a
     /// stream that reads fast, and a stream that then stops reading keeps it all: a few such
-    /// streams take the area. So the runtime sizes the buffer itself, the way autotuning
-    /// would but within the budget: [`INITIAL_RECEIVE_BUFFER_CHUNKS`] when attached (the
-    /// window a prepared listener gave the connection is lifted then), doubled each time the
-    /// stream received a buffer's worth while holding no more than its budget's low mark
-    /// (`may_grow`: its reader keeps up) and the area is not under pressure, up to half its
-    /// budget's chunks; lowered to that when its budget falls to half or less (more
-    /// streams). A stream thus keeps at most about one and a half budgets of the area, and
-    /// one that stalls keeps what it had: no segment is dropped for it (which would leave its
-    /// peer waiting for a retransmission timer once it reads again), and the kernel caps the
+    /// streams take the area. So the runtime sizes the buffer itself, as autotuning would
+    /// but within bounds: [`INITIAL_RECEIVE_BUFFER_CHUNKS`] when attached (the window a
+    /// prepared listener gave the connection is lifted then), doubled each time the stream
+    /// received a buffer's worth while holding no more than its budget's low mark
+    /// (`may_grow`: its reader keeps up), up to half its budget's chunks, and only while all
+    /// streams' buffers and what the application holds stay within three quarters of the
+    /// area: the last quarter is the NIC's to receive into. A buffer never shrinks: TCP would
+    /// drop what its window had already let the peer send, and the peer, once read again,
+    /// would wait for its backed-off retransmission timer (seconds). The kernel caps the
     /// buffer at `net.core.rmem_max`.
     pub(super) fn adjust_receive_buffer(&mut self, slot: u32, budget: Budget, may_grow: bool) {
         const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
-        if self.segment_payload.is_none() {
+        let Some(payload) = self.segment_payload else {
             return;
-        }
+        };
         let chunk = u64::from(self.area.chunk_size);
-        let under_pressure = self.pressure.under_pressure;
+        let area_chunks = self.area.len() as u64 / chunk;
+        let held_chunks = self.area.memory_held() / chunk;
+        let room = (area_chunks / 4 * 3).saturating_sub(held_chunks + self.rcvbuf_total);
         let Some(entry) = self.streams.get(slot) else {
             return;
         };
-        let held = self.area.holdings.held(entry.tag) * chunk;
+        let stream_held = self.area.holdings.held(entry.tag) * chunk;
         let ceiling = (budget.high / chunk / 2).max(MIN_RECEIVE_BUFFER_CHUNKS);
         let current = entry.rcvbuf_chunks;
         let target = if current == 0 {
             ceiling.min(INITIAL_RECEIVE_BUFFER_CHUNKS)
-        } else if ceiling * 2 <= current {
-            ceiling
         } else if may_grow
-            && !under_pressure
-            && entry.received_since >= current * u64::from(self.segment_payload.unwrap_or(1))
-            && held <= budget.low
+            && entry.received_since >= current * u64::from(payload)
+            && stream_held <= budget.low
         {
-            ceiling.min(current * 2).max(current)
+            ceiling.min(current * 2).min(current + room).max(current)
         } else {
             current
         };
@@ -135,6 +134,7 @@ impl<R: CompletionRing> Driver<R> {
         }
         entry.received_since = 0;
         entry.rcvbuf_chunks = target;
+        self.rcvbuf_total += target - current;
         // The kernel keeps twice the value, and charges each chunk its size and the skb's.
         let bytes = target * (chunk + SKB_OVERHEAD) / 2;
         let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
@@ -177,19 +177,6 @@ impl<R: CompletionRing> Driver<R> {
             }
         }
         self.rcvbuf_growth = slots;
-    }
-
-    /// Bounds every budgeted stream's receive buffer by its budget again (memory pressure
-    /// began or ended, and derived budgets with it).
-    fn bound_all_receive_buffers(&mut self) {
-        if self.segment_payload.is_none() {
-            return;
-        }
-        for slot in self.streams.slots() {
-            if let Some(budget) = self.budget(slot) {
-                self.adjust_receive_buffer(slot, budget, false);
-            }
-        }
     }
 
     /// Keeps `Stats::streams_paused` with what a step made of a stream.
@@ -235,9 +222,9 @@ impl<R: CompletionRing> Driver<R> {
     /// Resumes the paused streams whose holding fell to their low mark: only those a
     /// release marked (`Holdings::take_reached`), and nothing unless one did.
     ///
-    /// Under memory pressure derived budgets are at their floor
-    /// (`BudgetPolicy::budget_under`), and a stream paused then waits for a low mark of one
-    /// chunk: when the pressure ends its normal budget may let it go on sooner, so while
+    /// Under memory pressure derived budgets share out what is left
+    /// (`BudgetPolicy::budget_under`), and a stream paused then waits for a low mark that
+    /// may be small: when the pressure ends its normal budget may let it go on sooner, so while
     /// streams are paused under pressure every return wakes the driver to look at the
     /// pressure, and its end steps every paused stream once.
     pub(super) fn resume_paused_streams(&mut self) -> io::Result<()> {
@@ -245,9 +232,6 @@ impl<R: CompletionRing> Driver<R> {
         let paused = self.area.counters.streams_paused.load(Ordering::Relaxed) > 0;
         self.area.holdings.wake_on_every_return(pressure && paused);
         let was_under_pressure = std::mem::replace(&mut self.pressure.under_pressure, pressure);
-        if was_under_pressure != pressure {
-            self.bound_all_receive_buffers();
-        }
         // Derived budgets grew back with the end of the pressure: every paused stream may
         // go on sooner than its mark.
         let every_paused_stream = was_under_pressure && !pressure && paused;

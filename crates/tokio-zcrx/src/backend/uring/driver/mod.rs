@@ -164,8 +164,10 @@ pub(crate) struct Driver<R: CompletionRing> {
     /// NIC mode: the most payload a segment of the interface carries, for the TCP windows
     /// of budgeted streams (`budgets.rs`); `None` in NODEV mode or if the MTU is unknown.
     segment_payload: Option<u32>,
-    /// NIC mode: streams that received a receive buffer's worth this reap (`budgets.rs`).
+    /// NIC mode: streams that received a receive buffer's worth this reap, and the chunks
+    /// of all streams' receive buffers (`budgets.rs`).
     rcvbuf_growth: Vec<u32>,
+    rcvbuf_total: u64,
     /// Rate limits and hysteresis of the pressure events.
     pressure: budgets::PressureEvents,
 }
@@ -268,6 +270,7 @@ impl<R: CompletionRing> Driver<R> {
             chunk_fill: u64::from(chunk_fill),
             segment_payload,
             rcvbuf_growth: Vec::new(),
+            rcvbuf_total: 0,
             pressure: budgets::PressureEvents::default(),
         };
         driver.arm_eventfd().map_err(|e| {
@@ -507,6 +510,7 @@ impl<R: CompletionRing> Driver<R> {
 
     fn remove(&mut self, slot: u32) {
         if let Some(entry) = self.streams.take(slot) {
+            self.rcvbuf_total -= entry.rcvbuf_chunks;
             if !entry.receive.is_finished() {
                 entry
                     .shared
