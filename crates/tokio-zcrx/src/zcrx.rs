@@ -161,8 +161,8 @@ impl Zcrx {
 
     /// Prepares a listening socket whose connections will be [`attach`](Zcrx::attach)ed:
     /// in nic mode with budgets (the default), it bounds the TCP window of its connections
-    /// to a few chunks' worth of segments until they are attached, when their stream's
-    /// budget sets it. Elsewhere it does nothing. [`ZcListener`](crate::ZcListener) does
+    /// to a few chunks' worth of segments until they are attached, when the runtime sizes
+    /// their receive buffers by their budgets. Elsewhere it does nothing. [`ZcListener`](crate::ZcListener) does
     /// this itself.
     ///
     /// Why: on a NIC queue bound to zcrx, every byte the kernel queues for a socket is
