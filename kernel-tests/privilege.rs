@@ -21,10 +21,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use io_uring::{cqueue, squeue, IoUring};
 use tokio::net::TcpListener;
-use tokio_zcrx::{
-    ActiveMode, DropPrivileges, ErrorKind, EventKind, EventsPolicy, Mode, ZcStream, Zcrx,
-};
-use tokio_zcrx_kernel_tests::support::{accept, build, runtime};
+use tokio_zcrx::{ActiveMode, DropPrivileges, ErrorKind, EventKind, ZcStream, Zcrx};
+use tokio_zcrx_kernel_tests::support::{accept, build, nic, nodev, runtime};
 use tokio_zcrx_kernel_tests::{
     enter_netns, first_mismatch, spawn_sender, Config, GuestNet, Mmap, RawZcrx, Target,
 };
@@ -81,17 +79,6 @@ fn child_lines(stdout: &str, name: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn nic(net: &GuestNet) -> tokio_zcrx::Builder {
-    Zcrx::builder()
-        .mode(Mode::Nic)
-        .interface(&net.nic, 0)
-        .events(EventsPolicy::Required)
-}
-
-fn nodev() -> tokio_zcrx::Builder {
-    Zcrx::builder().no_device().events(EventsPolicy::Required)
 }
 
 async fn listen(ip: &str) -> (TcpListener, SocketAddr) {

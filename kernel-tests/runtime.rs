@@ -10,20 +10,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_zcrx::{EventKind, EventsPolicy, Mode, StreamOptions, ZcBuf, ZcStream, Zcrx};
-use tokio_zcrx_kernel_tests::support::{accept, build, runtime};
+use tokio_zcrx::{EventKind, StreamOptions, ZcBuf, ZcStream};
+use tokio_zcrx_kernel_tests::support::{accept, build, nic, nodev, runtime};
 use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
-
-fn nic(net: &GuestNet) -> tokio_zcrx::Builder {
-    Zcrx::builder()
-        .mode(Mode::Nic)
-        .interface(&net.nic, 0)
-        .events(EventsPolicy::Required)
-}
-
-fn nodev() -> tokio_zcrx::Builder {
-    Zcrx::builder().no_device().events(EventsPolicy::Required)
-}
 
 /// Reads a stream to its end, checking every byte; returns the byte count.
 async fn read_verified(stream: ZcStream) -> u64 {

@@ -50,8 +50,8 @@ fn stall_peers(addr: SocketAddr, netns: Option<String>) -> Vec<Peer> {
             .map(|_| {
                 let socket = TcpStream::connect(addr).expect("stalled peer: connect");
                 socket.set_nonblocking(true).unwrap();
-                limit_receive_buffer(&socket);
-                limit_send_buffer(&socket);
+                limit_buffer(&socket, libc::SO_RCVBUF);
+                limit_buffer(&socket, libc::SO_SNDBUF);
                 socket
             })
             .enumerate()
@@ -90,42 +90,30 @@ fn stall_peers(addr: SocketAddr, netns: Option<String>) -> Vec<Peer> {
     .unwrap()
 }
 
-/// Keeps a stalled peer's receive buffer small. The peers never read: with autotuning each
-/// would take up to `tcp_rmem`'s maximum of the server's echoes, and hundreds of those (and
-/// of the peers' own send buffers, see `limit_send_buffer`) reach the guest's TCP memory
-/// limit (`net.ipv4.tcp_mem`), which slows every connection on the machine, the fresh
-/// client's too, whatever the server does: plain Tokio would suffer the same.
-fn limit_receive_buffer(socket: &TcpStream) {
-    use std::os::fd::AsRawFd;
+/// Keeps a socket buffer small (`SO_RCVBUF` or `SO_SNDBUF`): a stalled peer's receive and
+/// send buffers, the server's send buffer to one. The peers never read: with autotuning each
+/// would take up to `tcp_rmem`'s maximum of the server's echoes (and the server's send
+/// buffers as much again), and hundreds of those reach the guest's TCP memory limit
+/// (`net.ipv4.tcp_mem`), which slows every connection on the machine, the fresh client's
+/// too, whatever the server does: plain Tokio would suffer the same.
+fn limit_buffer(socket: &impl std::os::fd::AsRawFd, option: libc::c_int) {
     let bytes: libc::c_int = 64 << 10;
     // SAFETY: `bytes` lives through the call and its size is passed with it.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            option,
             (&bytes as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
-}
-
-/// Keeps a send buffer small (a stalled peer's, or the server's to one; see
-/// `limit_receive_buffer`).
-fn limit_send_buffer(socket: &impl std::os::fd::AsRawFd) {
-    let bytes: libc::c_int = 64 << 10;
-    // SAFETY: `bytes` lives through the call and its size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&bytes as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt({option}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A client that sends `FRESH_BYTES` pattern bytes and reads its echo, verifying every
@@ -228,8 +216,8 @@ fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: 
                 let (socket, _) = listener.accept().await.unwrap();
                 // A small send buffer, so that a handler stalls after a few echoes: the
                 // echoes of 300 peers that never read would otherwise fill the guest's TCP
-                // memory (see `limit_receive_buffer`).
-                limit_send_buffer(&socket);
+                // memory (see `limit_buffer`).
+                limit_buffer(&socket, libc::SO_SNDBUF);
                 let (mut stream, mut writer) = server_zcrx.attach(socket).unwrap();
                 tokio::spawn(async move {
                     while let Some(Ok(buf)) = stream.next().await {

@@ -15,6 +15,21 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A builder for the guest's zcrx-capable NIC queue (rx queue 0), events required.
+pub fn nic(net: &crate::GuestNet) -> tokio_zcrx::Builder {
+    Zcrx::builder()
+        .mode(tokio_zcrx::Mode::Nic)
+        .interface(&net.nic, 0)
+        .events(tokio_zcrx::EventsPolicy::Required)
+}
+
+/// A builder for NODEV mode, events required.
+pub fn nodev() -> tokio_zcrx::Builder {
+    Zcrx::builder()
+        .no_device()
+        .events(tokio_zcrx::EventsPolicy::Required)
+}
+
 /// Builds a runtime, retrying for up to 5 s while the previous test's instance is still
 /// being torn down by the kernel (ring teardown is asynchronous).
 pub fn build(builder: tokio_zcrx::Builder) -> Zcrx {

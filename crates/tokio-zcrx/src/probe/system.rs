@@ -55,28 +55,12 @@ pub(crate) fn explain_setup_failure(errno: Errno, disabled_sysctl: Option<u32>) 
 
 /// Linux capability number of CAP_NET_ADMIN.
 const CAP_NET_ADMIN: u32 = 12;
-/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit capability sets in two 32-bit words.
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapUserHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapUserData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
 
 /// Whether CAP_NET_ADMIN is in this thread's effective set: capget(2) first, then the
 /// `CapEff` line of /proc/self/status. Both failing gives the capget error.
 pub(crate) fn has_cap_net_admin() -> io::Result<bool> {
-    let effective = match capget_effective() {
-        Ok(effective) => effective,
+    let effective = match crate::sys::privilege::capget_this_thread() {
+        Ok(sets) => sets.effective,
         Err(capget_error) => proc_status_cap_eff().ok_or(capget_error)?,
     };
     Ok(effective & (1u64 << CAP_NET_ADMIN) != 0)
@@ -93,24 +77,6 @@ pub(crate) fn cap_net_admin_in_bounding_set() -> Option<bool> {
     // SAFETY: PR_CAPBSET_READ takes a capability number and reads no memory.
     let held = unsafe { syscall!(prctl(libc::PR_CAPBSET_READ, CAP_NET_ADMIN as libc::c_ulong)) };
     held.ok().map(|held| held == 1)
-}
-
-fn capget_effective() -> io::Result<u64> {
-    let mut header = CapUserHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0, // this thread
-    };
-    let mut data = [CapUserData::default(); 2];
-    // SAFETY: version 3 makes the kernel write exactly two CapUserData entries, which `data`
-    // holds; both pointers are valid for the call.
-    unsafe {
-        syscall!(syscall(
-            libc::SYS_capget,
-            &mut header as *mut CapUserHeader,
-            data.as_mut_ptr(),
-        ))
-    }?;
-    Ok(u64::from(data[0].effective) | (u64::from(data[1].effective) << 32))
 }
 
 fn proc_status_cap_eff() -> Option<u64> {
