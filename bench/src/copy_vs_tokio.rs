@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! cargo run --release -p tokio-zcrx-bench --bin copy-vs-tokio [-- --rounds 5 --secs 1.5
-//!     --conns 64 --request 512 --buffer 65536]
+//!     --conns 64 --request 512 --buffer 65536 --workload echo|proxy --variant KEY]
 //! ```
+//!
+//! `--variant` runs one server alone (keys `zcrx-echo`, `tokio-echo`, `zcrx-proxy`,
+//! `tokio-copy-bidirectional`, `tokio-proxy`), e.g. under a profiler, one process per variant.
 //!
 //! Two workloads, each served by one current-thread runtime on its own thread (whose CPU
 //! time is read with its thread CPU clock, so client load is not counted):
@@ -51,6 +54,17 @@ impl Variant {
         }
     }
 
+    /// The name `--variant` takes.
+    fn key(self) -> &'static str {
+        match self {
+            Variant::ZcrxEcho => "zcrx-echo",
+            Variant::TokioEcho => "tokio-echo",
+            Variant::ZcrxProxy => "zcrx-proxy",
+            Variant::TokioCopyBidirectional => "tokio-copy-bidirectional",
+            Variant::TokioProxy => "tokio-proxy",
+        }
+    }
+
     fn is_zcrx(self) -> bool {
         matches!(self, Variant::ZcrxEcho | Variant::ZcrxProxy)
     }
@@ -63,6 +77,10 @@ struct Settings {
     conns: usize,
     request: usize,
     buffer: usize,
+    /// Run only this workload (`echo` or `proxy`), or both.
+    workload: Option<&'static str>,
+    /// Run only this variant (its `key`).
+    variant: Option<&'static str>,
 }
 
 /// One run's result.
@@ -132,6 +150,8 @@ async fn serve(
         let accept = async {
             loop {
                 let (mut stream, mut writer, _) = listener.accept().await.unwrap();
+                // As the Tokio servers do: replies go out at once, not after Nagle's wait.
+                writer.set_nodelay(true).unwrap();
                 if variant == Variant::ZcrxEcho {
                     tokio::spawn(async move {
                         while let Some(Ok(buf)) = stream.next().await {
@@ -314,6 +334,8 @@ fn main() {
         conns: 64,
         request: 512,
         buffer: 64 << 10,
+        workload: None,
+        variant: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -324,10 +346,28 @@ fn main() {
             "--conns" => settings.conns = value.parse().expect("--conns N"),
             "--request" => settings.request = value.parse().expect("--request BYTES"),
             "--buffer" => settings.buffer = value.parse().expect("--buffer BYTES"),
+            "--variant" => {
+                let all = [
+                    Variant::ZcrxEcho,
+                    Variant::TokioEcho,
+                    Variant::ZcrxProxy,
+                    Variant::TokioCopyBidirectional,
+                    Variant::TokioProxy,
+                ];
+                let variant = all.iter().find(|v| v.key() == value);
+                settings.variant = Some(variant.expect("--variant KEY (see the docs)").key());
+            }
+            "--workload" => {
+                settings.workload = match value.as_str() {
+                    "echo" => Some("echo"),
+                    "proxy" => Some("proxy"),
+                    _ => panic!("--workload echo|proxy"),
+                }
+            }
             _ => {
                 eprintln!(
                     "usage: copy-vs-tokio [--rounds N] [--secs S] [--conns N] \
-                     [--request BYTES] [--buffer BYTES]"
+                     [--request BYTES] [--buffer BYTES] [--workload echo|proxy] [--variant KEY]"
                 );
                 std::process::exit(2);
             }
@@ -355,7 +395,11 @@ fn main() {
                 ],
             ),
         ];
-        for (workload, variants) in workloads {
+        for (workload, mut variants) in workloads {
+            variants.retain(|v| settings.variant.is_none_or(|only| only == v.key()));
+            if variants.is_empty() || settings.workload.is_some_and(|only| only != workload) {
+                continue;
+            }
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
             for round in 0..settings.rounds {
                 for k in 0..variants.len() {
@@ -383,11 +427,11 @@ fn main() {
                 );
                 medians.push((*variant, rate, cost));
             }
-            let (zcrx_rate, zcrx_cost) = medians
-                .iter()
-                .find(|m| m.0.is_zcrx())
-                .map(|m| (m.1, m.2))
-                .unwrap();
+            let Some((zcrx_rate, zcrx_cost)) =
+                medians.iter().find(|m| m.0.is_zcrx()).map(|m| (m.1, m.2))
+            else {
+                continue;
+            };
             for &(variant, rate, cost) in medians.iter().filter(|m| !m.0.is_zcrx()) {
                 println!(
                     "  tokio-zcrx / {}: {:.3}x throughput, {:.3}x CPU per request",
