@@ -22,7 +22,8 @@
 //! each sending a `--request`-byte request and waiting for the whole reply, for `--secs`
 //! seconds per run. The variants of a workload alternate within every round (the order
 //! rotates), for `--rounds` rounds; medians and ranges of requests per second and server
-//! CPU per request are printed, and the ratios to the best Tokio variant.
+//! CPU per request are printed (and the clients' CPU per request), and the ratios to each
+//! Tokio variant: of the medians, and the median [range] of the ratios within a round.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -88,6 +89,9 @@ struct Settings {
 struct Sample {
     requests_per_sec: f64,
     cpu_ns_per_request: f64,
+    /// The clients' thread (and the proxy's backend), per request: when the server is not
+    /// busy all the time, the clients may be what limits the rate.
+    client_cpu_ns_per_request: f64,
 }
 
 /// The server's thread CPU clock, read from any thread.
@@ -291,15 +295,17 @@ async fn run(variant: Variant, settings: Settings, backend: SocketAddr) -> Sampl
     }
     // Warm up, then measure a window.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (requests0, cpu0, t0) = (
+    let (requests0, cpu0, client0, t0) = (
         count.load(Ordering::Relaxed),
         thread_cpu_ns(clock),
+        thread_cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID),
         Instant::now(),
     );
     tokio::time::sleep(Duration::from_secs_f64(settings.secs)).await;
-    let (requests1, cpu1, elapsed) = (
+    let (requests1, cpu1, client1, elapsed) = (
         count.load(Ordering::Relaxed),
         thread_cpu_ns(clock),
+        thread_cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID),
         t0.elapsed(),
     );
     done.store(true, Ordering::Relaxed);
@@ -314,6 +320,7 @@ async fn run(variant: Variant, settings: Settings, backend: SocketAddr) -> Sampl
     Sample {
         requests_per_sec: requests / elapsed.as_secs_f64(),
         cpu_ns_per_request: (cpu1 - cpu0) as f64 / requests,
+        client_cpu_ns_per_request: (client1 - client0) as f64 / requests,
     }
 }
 
@@ -413,31 +420,57 @@ fn main() {
             for (variant, samples) in variants.iter().zip(&samples) {
                 let mut rates: Vec<f64> = samples.iter().map(|s| s.requests_per_sec).collect();
                 let mut cpu: Vec<f64> = samples.iter().map(|s| s.cpu_ns_per_request).collect();
+                let mut client: Vec<f64> =
+                    samples.iter().map(|s| s.client_cpu_ns_per_request).collect();
                 let (rate, cost) = (median(&mut rates), median(&mut cpu));
                 println!(
                     "  {:32} {:>9.0} req/s (range {:.0}..{:.0})  {:>6.0} ns CPU/req (range \
-                     {:.0}..{:.0})",
+                     {:.0}..{:.0})  clients {:.0} ns/req",
                     variant.name(),
                     rate,
                     rates[0],
                     rates[rates.len() - 1],
                     cost,
                     cpu[0],
-                    cpu[cpu.len() - 1]
+                    cpu[cpu.len() - 1],
+                    median(&mut client)
                 );
                 medians.push((*variant, rate, cost));
             }
-            let Some((zcrx_rate, zcrx_cost)) =
-                medians.iter().find(|m| m.0.is_zcrx()).map(|m| (m.1, m.2))
+            let Some((zcrx_index, &(_, zcrx_rate, zcrx_cost))) =
+                medians.iter().enumerate().find(|(_, m)| m.0.is_zcrx())
             else {
                 continue;
             };
-            for &(variant, rate, cost) in medians.iter().filter(|m| !m.0.is_zcrx()) {
+            for (index, &(variant, rate, cost)) in medians.iter().enumerate() {
+                if index == zcrx_index {
+                    continue;
+                }
+                // Also the ratios within each round (runs seconds apart), whose median is
+                // less moved by load that comes and goes than the ratio of the medians.
+                let paired = |value: fn(&Sample) -> f64| {
+                    let mut ratios: Vec<f64> = samples[zcrx_index]
+                        .iter()
+                        .zip(&samples[index])
+                        .map(|(z, t)| value(z) / value(t))
+                        .collect();
+                    let mid = median(&mut ratios);
+                    (mid, ratios[0], ratios[ratios.len() - 1])
+                };
+                let rate_ratio = paired(|s| s.requests_per_sec);
+                let cost_ratio = paired(|s| s.cpu_ns_per_request);
                 println!(
-                    "  tokio-zcrx / {}: {:.3}x throughput, {:.3}x CPU per request",
+                    "  tokio-zcrx / {}: {:.3}x throughput, {:.3}x CPU per request; per round: \
+                     {:.3}x [{:.3}-{:.3}], {:.3}x [{:.3}-{:.3}]",
                     variant.name(),
                     zcrx_rate / rate,
-                    zcrx_cost / cost
+                    zcrx_cost / cost,
+                    rate_ratio.0,
+                    rate_ratio.1,
+                    rate_ratio.2,
+                    cost_ratio.0,
+                    cost_ratio.1,
+                    cost_ratio.2
                 );
             }
         }
