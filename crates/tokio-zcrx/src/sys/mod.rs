@@ -1,5 +1,5 @@
 //! Operating-system helpers, one of each, for the whole crate: the [`syscall!`] helper
-//! (every libc call that fails with -1 goes through it), page size, clocks, kernel release, interface indices, a poison-free `lock`,
+//! (every libc call that fails with -1 goes through it), page size, kernel release, interface indices, a poison-free `lock`,
 //! [`CachePadded`], memory mappings, fork safety, netlink, socket claims, and the one zcrx
 //! registration (ring + area + refill region) that the runtime and the probe share.
 
