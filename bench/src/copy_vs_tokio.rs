@@ -420,8 +420,10 @@ fn main() {
             for (variant, samples) in variants.iter().zip(&samples) {
                 let mut rates: Vec<f64> = samples.iter().map(|s| s.requests_per_sec).collect();
                 let mut cpu: Vec<f64> = samples.iter().map(|s| s.cpu_ns_per_request).collect();
-                let mut client: Vec<f64> =
-                    samples.iter().map(|s| s.client_cpu_ns_per_request).collect();
+                let mut client: Vec<f64> = samples
+                    .iter()
+                    .map(|s| s.client_cpu_ns_per_request)
+                    .collect();
                 let (rate, cost) = (median(&mut rates), median(&mut cpu));
                 println!(
                     "  {:32} {:>9.0} req/s (range {:.0}..{:.0})  {:>6.0} ns CPU/req (range \

@@ -18,8 +18,8 @@ use zcrx_core::budget::BudgetPolicy;
 use crate::buf::{BufferOwnerVtable, BufferSlot, ZcBuf};
 use crate::config::CopyConfig;
 use crate::event::{Event, EventKind, Stats};
-use crate::sys::{clock_ns, clock_resolution_ns, lock};
 use crate::sys::mem::Mapping;
+use crate::sys::{clock_ns, clock_resolution_ns, lock};
 
 /// The default memory cap, lowered to a quarter of the available memory where that is less.
 const DEFAULT_MEMORY_LIMIT: u64 = 256 << 20;
