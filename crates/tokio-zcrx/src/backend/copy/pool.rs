@@ -764,3 +764,66 @@ fn human_bytes(bytes: usize) -> String {
         format!("{value:.1} {} ({bytes} bytes)", UNITS[unit])
     }
 }
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// The rate limit reads the coarse clock first: it must still let the first event out at
+    /// once, no second one before the interval has passed (on the precise clock, and on
+    /// times read here independently), and the next one once it has.
+    #[test]
+    fn events_keep_their_interval_with_the_coarse_clock_read_first() {
+        let (events, _) = broadcast::channel(16);
+        let config = CopyConfig {
+            buffers: 1,
+            buffer_size: 4096,
+            memory_limit: Some(4096),
+            event_interval: Duration::from_secs(1),
+            stream_budget: None,
+        };
+        let pool = Pool::new(&config, events).unwrap();
+        let interval = Duration::from_millis(30);
+        let last = AtomicU64::new(u64::MAX);
+        assert!(
+            pool.due(&last, interval),
+            "the first event goes out at once"
+        );
+        for _ in 0..3 {
+            // Times read here, independently of the clocks `due` reads: the previous event
+            // went out before `went_out`, the next one after `asking`.
+            let went_out = Instant::now();
+            let before = last.load(Ordering::Relaxed);
+            let mut asked = 0u64;
+            let asking = loop {
+                let asking = Instant::now();
+                if pool.due(&last, interval) {
+                    break asking;
+                }
+                asked += 1;
+                assert!(
+                    went_out.elapsed() < Duration::from_secs(10),
+                    "not due 10 s after a 30 ms interval"
+                );
+                if asked % 1000 == 0 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            };
+            let gap = asking.duration_since(went_out);
+            // (A millisecond for the calls themselves; a coarse clock taken for the precise
+            // one would be up to a tick, 1-10 ms, early.)
+            assert!(
+                gap + Duration::from_millis(1) >= interval,
+                "due after {gap:?} of a {interval:?} interval"
+            );
+            let after = last.load(Ordering::Relaxed);
+            assert!(after - before >= interval.as_nanos() as u64);
+            assert!(asked > 0, "due again at once");
+        }
+        // A zero interval lets every event out.
+        assert!(pool.due(&last, Duration::ZERO));
+        assert!(pool.due(&last, Duration::ZERO));
+    }
+}
