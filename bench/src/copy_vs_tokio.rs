@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! cargo run --release -p tokio-zcrx-bench --bin copy-vs-tokio [-- --rounds 5 --secs 1.5
-//!     --conns 64 --request 512 --buffer 65536]
+//!     --conns 64 --request 512 --buffer 65536 --workload echo|proxy --variant KEY]
 //! ```
+//!
+//! `--variant` runs one server alone (keys `zcrx-echo`, `tokio-echo`, `zcrx-proxy`,
+//! `tokio-copy-bidirectional`, `tokio-proxy`), e.g. under a profiler, one process per variant.
 //!
 //! Two workloads, each served by one current-thread runtime on its own thread (whose CPU
 //! time is read with its thread CPU clock, so client load is not counted):
@@ -19,7 +22,8 @@
 //! each sending a `--request`-byte request and waiting for the whole reply, for `--secs`
 //! seconds per run. The variants of a workload alternate within every round (the order
 //! rotates), for `--rounds` rounds; medians and ranges of requests per second and server
-//! CPU per request are printed, and the ratios to the best Tokio variant.
+//! CPU per request are printed (and the clients' CPU per request), and the ratios to each
+//! Tokio variant: of the medians, and the median [range] of the ratios within a round.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +55,17 @@ impl Variant {
         }
     }
 
+    /// The name `--variant` takes.
+    fn key(self) -> &'static str {
+        match self {
+            Variant::ZcrxEcho => "zcrx-echo",
+            Variant::TokioEcho => "tokio-echo",
+            Variant::ZcrxProxy => "zcrx-proxy",
+            Variant::TokioCopyBidirectional => "tokio-copy-bidirectional",
+            Variant::TokioProxy => "tokio-proxy",
+        }
+    }
+
     fn is_zcrx(self) -> bool {
         matches!(self, Variant::ZcrxEcho | Variant::ZcrxProxy)
     }
@@ -63,6 +78,10 @@ struct Settings {
     conns: usize,
     request: usize,
     buffer: usize,
+    /// Run only this workload (`echo` or `proxy`), or both.
+    workload: Option<&'static str>,
+    /// Run only this variant (its `key`).
+    variant: Option<&'static str>,
 }
 
 /// One run's result.
@@ -70,6 +89,9 @@ struct Settings {
 struct Sample {
     requests_per_sec: f64,
     cpu_ns_per_request: f64,
+    /// The clients' thread (and the proxy's backend), per request: when the server is not
+    /// busy all the time, the clients may be what limits the rate.
+    client_cpu_ns_per_request: f64,
 }
 
 /// The server's thread CPU clock, read from any thread.
@@ -132,6 +154,8 @@ async fn serve(
         let accept = async {
             loop {
                 let (mut stream, mut writer, _) = listener.accept().await.unwrap();
+                // As the Tokio servers do: replies go out at once, not after Nagle's wait.
+                writer.set_nodelay(true).unwrap();
                 if variant == Variant::ZcrxEcho {
                     tokio::spawn(async move {
                         while let Some(Ok(buf)) = stream.next().await {
@@ -271,15 +295,17 @@ async fn run(variant: Variant, settings: Settings, backend: SocketAddr) -> Sampl
     }
     // Warm up, then measure a window.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (requests0, cpu0, t0) = (
+    let (requests0, cpu0, client0, t0) = (
         count.load(Ordering::Relaxed),
         thread_cpu_ns(clock),
+        thread_cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID),
         Instant::now(),
     );
     tokio::time::sleep(Duration::from_secs_f64(settings.secs)).await;
-    let (requests1, cpu1, elapsed) = (
+    let (requests1, cpu1, client1, elapsed) = (
         count.load(Ordering::Relaxed),
         thread_cpu_ns(clock),
+        thread_cpu_ns(libc::CLOCK_THREAD_CPUTIME_ID),
         t0.elapsed(),
     );
     done.store(true, Ordering::Relaxed);
@@ -294,6 +320,7 @@ async fn run(variant: Variant, settings: Settings, backend: SocketAddr) -> Sampl
     Sample {
         requests_per_sec: requests / elapsed.as_secs_f64(),
         cpu_ns_per_request: (cpu1 - cpu0) as f64 / requests,
+        client_cpu_ns_per_request: (client1 - client0) as f64 / requests,
     }
 }
 
@@ -314,6 +341,8 @@ fn main() {
         conns: 64,
         request: 512,
         buffer: 64 << 10,
+        workload: None,
+        variant: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -324,10 +353,28 @@ fn main() {
             "--conns" => settings.conns = value.parse().expect("--conns N"),
             "--request" => settings.request = value.parse().expect("--request BYTES"),
             "--buffer" => settings.buffer = value.parse().expect("--buffer BYTES"),
+            "--variant" => {
+                let all = [
+                    Variant::ZcrxEcho,
+                    Variant::TokioEcho,
+                    Variant::ZcrxProxy,
+                    Variant::TokioCopyBidirectional,
+                    Variant::TokioProxy,
+                ];
+                let variant = all.iter().find(|v| v.key() == value);
+                settings.variant = Some(variant.expect("--variant KEY (see the docs)").key());
+            }
+            "--workload" => {
+                settings.workload = match value.as_str() {
+                    "echo" => Some("echo"),
+                    "proxy" => Some("proxy"),
+                    _ => panic!("--workload echo|proxy"),
+                }
+            }
             _ => {
                 eprintln!(
                     "usage: copy-vs-tokio [--rounds N] [--secs S] [--conns N] \
-                     [--request BYTES] [--buffer BYTES]"
+                     [--request BYTES] [--buffer BYTES] [--workload echo|proxy] [--variant KEY]"
                 );
                 std::process::exit(2);
             }
@@ -355,7 +402,11 @@ fn main() {
                 ],
             ),
         ];
-        for (workload, variants) in workloads {
+        for (workload, mut variants) in workloads {
+            variants.retain(|v| settings.variant.is_none_or(|only| only == v.key()));
+            if variants.is_empty() || settings.workload.is_some_and(|only| only != workload) {
+                continue;
+            }
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); variants.len()];
             for round in 0..settings.rounds {
                 for k in 0..variants.len() {
@@ -369,31 +420,59 @@ fn main() {
             for (variant, samples) in variants.iter().zip(&samples) {
                 let mut rates: Vec<f64> = samples.iter().map(|s| s.requests_per_sec).collect();
                 let mut cpu: Vec<f64> = samples.iter().map(|s| s.cpu_ns_per_request).collect();
+                let mut client: Vec<f64> = samples
+                    .iter()
+                    .map(|s| s.client_cpu_ns_per_request)
+                    .collect();
                 let (rate, cost) = (median(&mut rates), median(&mut cpu));
                 println!(
                     "  {:32} {:>9.0} req/s (range {:.0}..{:.0})  {:>6.0} ns CPU/req (range \
-                     {:.0}..{:.0})",
+                     {:.0}..{:.0})  clients {:.0} ns/req",
                     variant.name(),
                     rate,
                     rates[0],
                     rates[rates.len() - 1],
                     cost,
                     cpu[0],
-                    cpu[cpu.len() - 1]
+                    cpu[cpu.len() - 1],
+                    median(&mut client)
                 );
                 medians.push((*variant, rate, cost));
             }
-            let (zcrx_rate, zcrx_cost) = medians
-                .iter()
-                .find(|m| m.0.is_zcrx())
-                .map(|m| (m.1, m.2))
-                .unwrap();
-            for &(variant, rate, cost) in medians.iter().filter(|m| !m.0.is_zcrx()) {
+            let Some((zcrx_index, &(_, zcrx_rate, zcrx_cost))) =
+                medians.iter().enumerate().find(|(_, m)| m.0.is_zcrx())
+            else {
+                continue;
+            };
+            for (index, &(variant, rate, cost)) in medians.iter().enumerate() {
+                if index == zcrx_index {
+                    continue;
+                }
+                // Also the ratios within each round (runs seconds apart), whose median is
+                // less moved by load that comes and goes than the ratio of the medians.
+                let paired = |value: fn(&Sample) -> f64| {
+                    let mut ratios: Vec<f64> = samples[zcrx_index]
+                        .iter()
+                        .zip(&samples[index])
+                        .map(|(z, t)| value(z) / value(t))
+                        .collect();
+                    let mid = median(&mut ratios);
+                    (mid, ratios[0], ratios[ratios.len() - 1])
+                };
+                let rate_ratio = paired(|s| s.requests_per_sec);
+                let cost_ratio = paired(|s| s.cpu_ns_per_request);
                 println!(
-                    "  tokio-zcrx / {}: {:.3}x throughput, {:.3}x CPU per request",
+                    "  tokio-zcrx / {}: {:.3}x throughput, {:.3}x CPU per request; per round: \
+                     {:.3}x [{:.3}-{:.3}], {:.3}x [{:.3}-{:.3}]",
                     variant.name(),
                     zcrx_rate / rate,
-                    zcrx_cost / cost
+                    zcrx_cost / cost,
+                    rate_ratio.0,
+                    rate_ratio.1,
+                    rate_ratio.2,
+                    cost_ratio.0,
+                    cost_ratio.1,
+                    cost_ratio.2
                 );
             }
         }
