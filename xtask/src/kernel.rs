@@ -87,7 +87,7 @@ pub(crate) fn choose(available: &[String], patched_series: &[String]) -> Result<
         })
 }
 
-/// The kernel series for which vm/netdevsim/<series>/ holds a patch.
+/// The kernel series for which `vm/netdevsim/<series>/` holds a patch.
 pub(crate) fn patched_series() -> Result<Vec<String>> {
     let dir = util::workspace_root().join("vm/netdevsim");
     let mut series = Vec::new();

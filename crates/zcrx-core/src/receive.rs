@@ -8,8 +8,8 @@
 //! `IORING_CQE_F_MORE` with no reason given (no kernel up to 7.3 does that; the stream
 //! goes on as after a final CQE).
 //!
-//! A stream with a [`Budget`](crate::budget::Budget) (see [`crate::budget`]) asks each
-//! request for at most its room ([`Budget::request_len`](crate::budget::Budget::request_len):
+//! A stream with a [`Budget`] (see [`crate::budget`]) asks each
+//! request for at most its room ([`Budget::request_len`]:
 //! its room in chunks times the bytes a chunk carried in its last request, or, before that,
 //! what the runtime expects one to carry):
 //! when a request ends at that limit, the next one is submitted for what room is left, or,
