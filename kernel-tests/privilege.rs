@@ -18,14 +18,11 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use futures::StreamExt;
 use io_uring::{cqueue, squeue, IoUring};
 use tokio::net::TcpListener;
-use tokio_zcrx::{ActiveMode, DropPrivileges, ErrorKind, EventKind, ZcStream, Zcrx};
-use tokio_zcrx_kernel_tests::support::{accept, build, nic, nodev, runtime};
-use tokio_zcrx_kernel_tests::{
-    enter_netns, first_mismatch, spawn_sender, Config, GuestNet, Mmap, RawZcrx, Target,
-};
+use tokio_zcrx::{ActiveMode, DropPrivileges, ErrorKind, EventKind, Zcrx};
+use tokio_zcrx_kernel_tests::support::{accept, build, nic, nodev, read_verified, runtime};
+use tokio_zcrx_kernel_tests::{enter_netns, spawn_sender, Config, GuestNet, Mmap, RawZcrx, Target};
 use zcrx_sys::ctrl::{zcrx_add_area, zcrx_export};
 use zcrx_sys::zcrx::{
     io_uring_zcrx_area_reg, io_uring_zcrx_ifq_reg, register_zcrx_ifq, ZCRX_REG_IMPORT,
@@ -85,19 +82,6 @@ async fn listen(ip: &str) -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     (listener, addr)
-}
-
-/// Reads a stream to its end, checking every byte; returns the byte count.
-async fn read_verified(mut stream: ZcStream) -> u64 {
-    let mut position = 0u64;
-    while let Some(buf) = stream.next().await {
-        let buf = buf.expect("stream error");
-        if let Some(i) = first_mismatch(position, &buf) {
-            panic!("byte {} of the stream is wrong", position + i as u64);
-        }
-        position += buf.len() as u64;
-    }
-    position
 }
 
 /// Senders in the peer's network namespace, available after the drop: entering a namespace

@@ -11,13 +11,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_zcrx::{EventKind, StreamOptions, ZcBuf, ZcStream};
-use tokio_zcrx_kernel_tests::support::{accept, build, nic, nodev, runtime};
+use tokio_zcrx_kernel_tests::support::{
+    accept, build, nic, nodev, read_verified, read_verified_from, runtime,
+};
 use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
-
-/// Reads a stream to its end, checking every byte; returns the byte count.
-async fn read_verified(stream: ZcStream) -> u64 {
-    read_verified_from(stream, 0).await
-}
 
 async fn listen(ip: &str) -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
@@ -195,17 +192,6 @@ async fn withhold_until(
             }
         }
     }
-}
-
-async fn read_verified_from(mut stream: ZcStream, mut position: u64) -> u64 {
-    while let Some(buf) = stream.next().await {
-        let buf = buf.expect("stream error");
-        if let Some(i) = first_mismatch(position, &buf) {
-            panic!("byte {} of the stream is wrong", position + i as u64);
-        }
-        position += buf.len() as u64;
-    }
-    position
 }
 
 #[test]

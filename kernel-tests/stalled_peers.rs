@@ -305,8 +305,8 @@ fn nic_stalled_peers_do_not_stop_a_fresh_client() {
     stalled_peers_do_not_stop_a_fresh_client(zcrx, &net.nic_addr, Some(net.peer_netns.clone()));
 }
 
-/// A stream whose budget is two chunks (the floor under memory pressure) still echoes at the
-/// pace of its pause-and-resume cycle: no cycle waits for a timer.
+/// A stream whose budget is two chunks (the smallest a derived budget gets) still echoes at
+/// the pace of its pause-and-resume cycle: no cycle waits for a timer.
 fn small_budget_echo(zcrx: Zcrx, listen_ip: &str, netns: Option<String>) {
     runtime().block_on(async {
         let listener = TcpListener::bind((listen_ip, 0)).await.unwrap();

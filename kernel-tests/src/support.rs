@@ -15,6 +15,25 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Reads a stream to its end, checking every byte against the pattern from `position`;
+/// returns where it ended.
+pub async fn read_verified_from(mut stream: ZcStream, mut position: u64) -> u64 {
+    use futures::StreamExt;
+    while let Some(buf) = stream.next().await {
+        let buf = buf.expect("stream error");
+        if let Some(i) = crate::first_mismatch(position, &buf) {
+            panic!("byte {} of the stream is wrong", position + i as u64);
+        }
+        position += buf.len() as u64;
+    }
+    position
+}
+
+/// Reads a stream to its end, checking every byte; returns the byte count.
+pub async fn read_verified(stream: ZcStream) -> u64 {
+    read_verified_from(stream, 0).await
+}
+
 /// A builder for the guest's zcrx-capable NIC queue (rx queue 0), events required.
 pub fn nic(net: &crate::GuestNet) -> tokio_zcrx::Builder {
     Zcrx::builder()
