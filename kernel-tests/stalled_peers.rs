@@ -204,6 +204,16 @@ fn resume_and_verify(peers: Vec<Peer>, netns: Option<String>) {
     .unwrap();
 }
 
+/// The echo handler: it holds each buffer across the write of its echo, as the echo
+/// example does, until the stream ends or the peer goes away.
+async fn echo(mut stream: tokio_zcrx::ZcStream, mut writer: tokio_zcrx::ZcWriteHalf) {
+    while let Some(Ok(buf)) = stream.next().await {
+        if writer.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+}
+
 fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: Option<String>) {
     runtime().block_on(async {
         let listener = TcpListener::bind((listen_ip, 0)).await.unwrap();
@@ -218,14 +228,8 @@ fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: 
                 // echoes of 300 peers that never read would otherwise fill the guest's TCP
                 // memory (see `limit_buffer`).
                 limit_buffer(&socket, libc::SO_SNDBUF);
-                let (mut stream, mut writer) = server_zcrx.attach(socket).unwrap();
-                tokio::spawn(async move {
-                    while let Some(Ok(buf)) = stream.next().await {
-                        if writer.write_all(&buf).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                let (stream, writer) = server_zcrx.attach(socket).unwrap();
+                tokio::spawn(echo(stream, writer));
             }
         });
         let peers = tokio::task::spawn_blocking({
@@ -316,12 +320,8 @@ fn small_budget_echo(zcrx: Zcrx, listen_ip: &str, netns: Option<String>) {
         let server = tokio::spawn(async move {
             let (socket, _) = listener.accept().await.unwrap();
             let options = tokio_zcrx::StreamOptions::new().budget(8192);
-            let (mut stream, mut writer) = server_zcrx.attach_with(socket, options).unwrap();
-            while let Some(Ok(buf)) = stream.next().await {
-                if writer.write_all(&buf).await.is_err() {
-                    break;
-                }
-            }
+            let (stream, writer) = server_zcrx.attach_with(socket, options).unwrap();
+            echo(stream, writer).await;
         });
         let took = tokio::task::spawn_blocking(move || fresh_client(addr, netns))
             .await

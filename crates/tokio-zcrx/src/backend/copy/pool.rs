@@ -765,6 +765,18 @@ fn human_bytes(bytes: usize) -> String {
     }
 }
 
+/// A pool of one mapped 4 KiB buffer and nothing beyond it, for tests of the cap.
+#[cfg(test)]
+pub(super) fn one_buffer_config() -> CopyConfig {
+    CopyConfig {
+        buffers: 1,
+        buffer_size: 4096,
+        memory_limit: Some(4096),
+        event_interval: Duration::from_secs(1),
+        stream_budget: None,
+    }
+}
+
 #[cfg(test)]
 mod rate_limit_tests {
     use std::time::Instant;
@@ -777,14 +789,7 @@ mod rate_limit_tests {
     #[test]
     fn events_keep_their_interval_with_the_coarse_clock_read_first() {
         let (events, _) = broadcast::channel(16);
-        let config = CopyConfig {
-            buffers: 1,
-            buffer_size: 4096,
-            memory_limit: Some(4096),
-            event_interval: Duration::from_secs(1),
-            stream_budget: None,
-        };
-        let pool = Pool::new(&config, events).unwrap();
+        let pool = Pool::new(&one_buffer_config(), events).unwrap();
         let interval = Duration::from_millis(30);
         let last = AtomicU64::new(u64::MAX);
         assert!(

@@ -357,13 +357,11 @@ impl Drop for CopyStream {
 #[cfg(test)]
 mod waiting_list_tests {
     use std::task::Waker;
-    use std::time::Duration;
 
     use tokio::io::AsyncWriteExt;
     use tokio::sync::broadcast;
 
     use super::*;
-    use crate::config::CopyConfig;
 
     /// A connection with a byte to read, whose stream waits for a buffer of the empty pool.
     async fn waiting_stream(
@@ -390,14 +388,7 @@ mod waiting_list_tests {
     #[tokio::test]
     async fn streams_dropped_while_waiting_do_not_grow_the_waiting_list() {
         let (events, _) = broadcast::channel(16);
-        let config = CopyConfig {
-            buffers: 1,
-            buffer_size: 4096,
-            memory_limit: Some(4096),
-            event_interval: Duration::from_secs(1),
-            stream_budget: None,
-        };
-        let pool = Arc::new(Pool::new(&config, events).unwrap());
+        let pool = Arc::new(Pool::new(&super::super::pool::one_buffer_config(), events).unwrap());
         // The whole cap handed out: streams wait.
         let held = pool.reserve(&mut pool.lock_state(), 0);
         let held = held.expect("the one mapped buffer");
