@@ -185,11 +185,7 @@ struct ConnReport {
 /// zero-copy `ZcWriteHalf::send_batch` when the send API merges (the batch moves into the
 /// send and its buffers return after the kernel's notification); the counts then come from
 /// the runtime's send statistics instead of from here. Nothing else in the proxy changes.
-async fn forward(
-    batch: &mut ZcBatch,
-    writer: &mut ZcWriteHalf,
-    totals: &Totals,
-) -> io::Result<()> {
+async fn forward(batch: &mut ZcBatch, writer: &mut ZcWriteHalf, totals: &Totals) -> io::Result<()> {
     writer.write_all_buffers(batch).await?;
     totals.copied_sends.fetch_add(1, Ordering::Relaxed);
     // Every byte is in the kernel: the chunks go back together.
@@ -421,9 +417,11 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .ok_or_else(|| format!("--upstream {} resolves to no address", args.upstream))?;
     let accepting = if args.copy {
-        Accepting::Copy(TcpListener::bind(&args.listen).await.map_err(|e| {
-            format!("cannot listen on {}: {e}", args.listen)
-        })?)
+        Accepting::Copy(
+            TcpListener::bind(&args.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?,
+        )
     } else {
         let zcrx = build_runtime(args)?;
         let listener = ZcListener::bind(&zcrx, &args.listen)
@@ -466,7 +464,7 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 Ok(Accepted::Zcrx(zcrx, conn)) => {
                     out.opened();
                     let (totals, stop) = (Arc::clone(&totals), stop.clone());
-                    connections.spawn(relay_zcrx(zcrx, conn, upstream, totals, stop));
+                    connections.spawn(relay_zcrx(zcrx, *conn, upstream, totals, stop));
                 }
                 Ok(Accepted::Copy(conn)) => {
                     out.opened();
@@ -507,15 +505,16 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 enum Accepted {
-    Zcrx(Zcrx, (ZcStream, ZcWriteHalf, SocketAddr)),
+    Zcrx(Zcrx, Box<(ZcStream, ZcWriteHalf, SocketAddr)>),
     Copy((TcpStream, SocketAddr)),
 }
 
 async fn accept(accepting: &Accepting) -> io::Result<Accepted> {
     match accepting {
-        Accepting::Zcrx(zcrx, listener) => {
-            Ok(Accepted::Zcrx(zcrx.clone(), listener.accept().await?))
-        }
+        Accepting::Zcrx(zcrx, listener) => Ok(Accepted::Zcrx(
+            zcrx.clone(),
+            Box::new(listener.accept().await?),
+        )),
         Accepting::Copy(listener) => Ok(Accepted::Copy(listener.accept().await?)),
     }
 }

@@ -8,51 +8,15 @@
 //! with its files in a temporary directory, and every process is killed when its guard drops,
 //! so a failing assertion leaves nothing running.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+mod support;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
 
-use serde_json::Value;
+use support::{free_port, number, wait_for_port, Guard, Proxy};
 use tokio_zcrx_examples::payload::Payload;
-
-/// A child process killed (and reaped) when dropped.
-struct Guard {
-    child: Child,
-    name: String,
-}
-
-impl Guard {
-    fn spawn(name: &str, command: &mut Command) -> Guard {
-        let child = command.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot start {name} ({command:?}): {e}. Install the Debian packages \
-                 redis-server, redis-tools, nginx and curl, or run `cargo xtask real-software`"
-            )
-        });
-        Guard {
-            child,
-            name: name.to_string(),
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) with our own child's pid, which is not reaped before `drop`.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            eprintln!("killed {}", self.name);
-        }
-        let _ = self.child.wait();
-    }
-}
 
 /// A directory of our own under the system's temporary directory, removed when dropped.
 struct TempDir(PathBuf);
@@ -72,24 +36,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A loopback port nothing listens on now (the server binds it right after).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits until something accepts connections on `port`.
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs a command to its end; panics, with its output, unless it succeeds.
 fn run(what: &str, command: &mut Command) -> Output {
     let output = command
@@ -103,96 +49,6 @@ fn run(what: &str, command: &mut Command) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
-}
-
-/// The `proxy` example, built next to this test (`cargo build --example proxy`).
-fn proxy_binary() -> PathBuf {
-    // target/PROFILE/deps/real_software-HASH -> target/PROFILE/examples/proxy
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join("examples/proxy");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p tokio-zcrx-examples --example proxy` \
-         (cargo xtask does)",
-        path.display()
-    );
-    path
-}
-
-/// The proxy in copy mode, with its JSON lines read on a thread.
-struct Proxy {
-    guard: Guard,
-    addr: SocketAddr,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proxy {
-    fn start(upstream: u16) -> Proxy {
-        let guard = Guard::spawn(
-            "proxy",
-            Command::new(proxy_binary())
-                .args(["--listen", "127.0.0.1:0", "--mode", "copy", "--json"])
-                .arg("--upstream")
-                .arg(format!("127.0.0.1:{upstream}"))
-                .stdout(Stdio::piped()),
-        );
-        let mut guard = guard;
-        let stdout: ChildStdout = guard.child.stdout.take().unwrap();
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first = lines
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the proxy printed no `listening` line");
-        let listening: Value = serde_json::from_str(&first).unwrap();
-        assert_eq!(listening["type"], "listening", "{first}");
-        assert_eq!(listening["mode"], "copy", "{first}");
-        let addr = listening["addr"].as_str().unwrap().parse().unwrap();
-        Proxy { guard, addr, lines }
-    }
-
-    /// Stops the proxy with SIGTERM and returns its summary; checks what holds for every
-    /// run: no connection failed, every buffer came back, no descriptor stayed open, and the
-    /// runtime received exactly what was forwarded.
-    fn stop(mut self) -> Value {
-        self.guard.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut summary = None;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            let value: Value = serde_json::from_str(&line).unwrap();
-            if value["type"] == "summary" {
-                summary = Some(value);
-            }
-        }
-        let status = self.guard.child.wait().unwrap();
-        assert!(status.success(), "proxy exited with {status}");
-        let summary = summary.expect("the proxy printed no summary");
-        eprintln!("proxy summary: {summary}");
-        assert_eq!(summary["failed"], 0, "{summary}");
-        assert_eq!(summary["buffers_outstanding"], 0, "{summary}");
-        assert_eq!(summary["fds_at_exit"], summary["fds_listening"], "{summary}");
-        let forwarded = number(&summary, "to_upstream_bytes") + number(&summary, "to_client_bytes");
-        assert_eq!(number(&summary, "runtime_bytes"), forwarded, "{summary}");
-        // Copy mode: every byte received was copied, and today every send copies too.
-        assert_eq!(number(&summary, "copy_bytes"), forwarded, "{summary}");
-        assert!(number(&summary, "copied_sends") > 0, "{summary}");
-        summary
-    }
-}
-
-fn number(value: &Value, field: &str) -> u64 {
-    value[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {field} in {value}"))
 }
 
 /// Deterministic, incompressible test bytes.
@@ -215,7 +71,10 @@ fn redis_cli(port: u16) -> Command {
 
 /// `INFO commandstats` of the server itself: calls per command.
 fn redis_calls(port: u16, command: &str) -> u64 {
-    let output = run("redis-cli info", redis_cli(port).args(["info", "commandstats"]));
+    let output = run(
+        "redis-cli info",
+        redis_cli(port).args(["info", "commandstats"]),
+    );
     let text = String::from_utf8(output.stdout).unwrap();
     let prefix = format!("cmdstat_{command}:calls=");
     text.lines()
@@ -240,7 +99,7 @@ fn redis_benchmark_through_the_proxy() {
             .stdout(Stdio::null()),
     );
     wait_for_port(port, "redis-server");
-    let proxy = Proxy::start(port);
+    let proxy = Proxy::start(port, &[]);
     let proxy_port = proxy.addr.port().to_string();
     let started = Instant::now();
 
@@ -252,13 +111,29 @@ fn redis_benchmark_through_the_proxy() {
     ];
     let (mut set_bytes, mut get_bytes) = (0, 0);
     for (size, requests, clients, keepalive) in runs {
-        run("redis-cli config resetstat", redis_cli(port).args(["config", "resetstat"]));
+        run(
+            "redis-cli config resetstat",
+            redis_cli(port).args(["config", "resetstat"]),
+        );
         let output = run(
             "redis-benchmark",
             Command::new("redis-benchmark")
-                .args(["-h", "127.0.0.1", "-p", &proxy_port, "-t", "set,get", "--csv"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &proxy_port,
+                    "-t",
+                    "set,get",
+                    "--csv",
+                ])
                 .args(["-d", &size.to_string(), "-n", &requests.to_string()])
-                .args(["-c", &clients.to_string(), "-k", if keepalive { "1" } else { "0" }])
+                .args([
+                    "-c",
+                    &clients.to_string(),
+                    "-k",
+                    if keepalive { "1" } else { "0" },
+                ])
                 .stdin(Stdio::null()),
         );
         let csv = String::from_utf8(output.stdout).unwrap();
@@ -269,7 +144,13 @@ fn redis_benchmark_through_the_proxy() {
                 .lines()
                 .find(|line| line.starts_with(&format!("\"{test}\",")))
                 .unwrap_or_else(|| panic!("no {test} line in redis-benchmark's output:\n{csv}"));
-            let rps: f64 = line.split(',').nth(1).unwrap().trim_matches('"').parse().unwrap();
+            let rps: f64 = line
+                .split(',')
+                .nth(1)
+                .unwrap()
+                .trim_matches('"')
+                .parse()
+                .unwrap();
             assert!(rps > 0.0, "{line}");
         }
         // And the server saw every one of them, through the proxy.
@@ -290,20 +171,30 @@ fn redis_benchmark_through_the_proxy() {
     set.stdin.take().unwrap().write_all(&value).unwrap();
     let reply = set.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&reply.stdout).trim(), "OK");
-    let got = run("redis-cli get", redis_cli(proxy.addr.port()).args(["get", "tzx:value"]));
+    let got = run(
+        "redis-cli get",
+        redis_cli(proxy.addr.port()).args(["get", "tzx:value"]),
+    );
     // redis-cli prints the raw bytes and a newline when its output is not a terminal.
     assert_eq!(got.stdout.len(), value.len() + 1);
-    assert!(got.stdout[..value.len()] == value[..], "GET returned other bytes than SET");
+    assert!(
+        got.stdout[..value.len()] == value[..],
+        "GET returned other bytes than SET"
+    );
     assert_eq!(got.stdout[value.len()], b'\n');
     let seconds = started.elapsed().as_secs_f64();
 
     let summary = proxy.stop();
+    assert_eq!(summary["failed"], 0, "{summary}");
     // The values went through, each way, plus the protocol around them.
     assert!(number(&summary, "to_upstream_bytes") > set_bytes + value.len() as u64);
     assert!(number(&summary, "to_client_bytes") > get_bytes + value.len() as u64);
     // 50 + 50 + 50 + 50 keep-alive clients, a connection per request in the last run, the
     // redis-benchmark's own CONFIG queries and two redis-cli calls.
-    assert!(number(&summary, "connections") >= 2 * 1_000 + 200, "{summary}");
+    assert!(
+        number(&summary, "connections") >= 2 * 1_000 + 200,
+        "{summary}"
+    );
     eprintln!(
         "redis through the proxy: {} MiB up, {} MiB down, {} connections in {seconds:.1} s",
         number(&summary, "to_upstream_bytes") >> 20,
@@ -364,7 +255,7 @@ fn curl_uploads_and_downloads_through_the_proxy_to_nginx() {
             .arg(dir.0.join("error.log")),
     );
     wait_for_port(port, "nginx");
-    let proxy = Proxy::start(port);
+    let proxy = Proxy::start(port, &[]);
     let base = format!("http://{}", proxy.addr);
     let started = Instant::now();
 
@@ -414,11 +305,16 @@ fn curl_uploads_and_downloads_through_the_proxy_to_nginx() {
     }
     for index in 0..FILES {
         let downloaded = dir.0.join(format!("download-{index}.bin"));
-        assert_eq!(sha256(&downloaded), sums[index as usize], "download {index}");
+        assert_eq!(
+            sha256(&downloaded),
+            sums[index as usize],
+            "download {index}"
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
 
     let summary = proxy.stop();
+    assert_eq!(summary["failed"], 0, "{summary}");
     let total = FILES * SIZE as u64;
     assert!(number(&summary, "to_upstream_bytes") > total, "{summary}");
     assert!(number(&summary, "to_client_bytes") > total, "{summary}");

@@ -83,7 +83,10 @@ pub(crate) fn ensure_packages(start: Instant) -> Result<()> {
 /// Makes sure the host has redis, nginx and curl for the proxy's tests, without starting
 /// their services (the tests run their own servers on private ports). Fast when present.
 pub(crate) fn ensure_real_software(start: Instant) -> Result<()> {
-    if REAL_SOFTWARE_PACKAGES.iter().all(|(name, _)| installed(name)) {
+    if REAL_SOFTWARE_PACKAGES
+        .iter()
+        .all(|(name, _)| installed(name))
+    {
         return Ok(());
     }
     // The packages' scripts would start redis and nginx on their default ports and leave
@@ -95,8 +98,11 @@ pub(crate) fn ensure_real_software(start: Instant) -> Result<()> {
         require_root("installing the proxy tests' packages with apt-get")?;
         std::fs::write(POLICY_RC_D, "#!/bin/sh\n# tokio-zcrx xtask: no service starts while it installs packages.\nexit 101\n")
             .with_context(|| format!("writing {POLICY_RC_D}"))?;
-        std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        std::fs::set_permissions(
+            POLICY_RC_D,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .with_context(|| format!("making {POLICY_RC_D} executable"))?;
         Some(RemoveOnDrop(POLICY_RC_D))
     };
     ensure(REAL_SOFTWARE_PACKAGES, start)

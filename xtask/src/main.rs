@@ -247,9 +247,9 @@ fn test_all(start: Instant) -> Result<ExitCode> {
     )?;
 
     if let Err(err) = real_software(&mut counts, start) {
-        counts
-            .problems
-            .push(format!("the proxy's tests with real software could not run: {err:#}"));
+        counts.problems.push(format!(
+            "the proxy's tests with real software could not run: {err:#}"
+        ));
     }
 
     step(start, "lint: cargo clippy -D warnings");
@@ -329,7 +329,13 @@ fn real_software(counts: &mut Counts, start: Instant) -> Result<()> {
         .context("building the proxy example")?;
     counts.libtest(
         cargo()
-            .args(["test", "-p", "tokio-zcrx-examples", "--test", "real_software"])
+            .args([
+                "test",
+                "-p",
+                "tokio-zcrx-examples",
+                "--test",
+                "real_software",
+            ])
             .args(["--", "--ignored", "--test-threads", "1", "--nocapture"]),
         "the proxy's tests with real software",
     )
