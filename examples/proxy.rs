@@ -202,13 +202,36 @@ async fn pump(
     counter: &AtomicU64,
     totals: &Totals,
 ) -> io::Result<()> {
-    // One batch for the direction's life: `recv_many` refills it, `forward` empties it.
-    let mut batch = ZcBatch::with_capacity(BATCH);
-    while stream.recv_many(&mut batch, BATCH).await? > 0 {
-        let bytes = batch.len_bytes() as u64;
-        forward(&mut batch, writer, totals).await?;
+    // Two batches for the direction's life: while one is being written, the next one is
+    // received (as `copy_bidirectional` reads while its write waits), so the socket's receive
+    // side keeps draining when the peer is slower to take bytes than this side is to get them.
+    let (mut sending, mut next) = (ZcBatch::with_capacity(BATCH), ZcBatch::with_capacity(BATCH));
+    let mut end_of_stream = stream.recv_many(&mut sending, BATCH).await? == 0;
+    while !sending.is_empty() {
+        let bytes = sending.len_bytes() as u64;
+        {
+            let write = forward(&mut sending, writer, totals);
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    biased;
+                    written = &mut write => {
+                        written?;
+                        break;
+                    }
+                    received = stream.recv_many(&mut next, BATCH),
+                        if next.is_empty() && !end_of_stream => {
+                        end_of_stream = received? == 0;
+                    }
+                }
+            }
+        }
         flow.bytes += bytes;
         counter.fetch_add(bytes, Ordering::Relaxed);
+        std::mem::swap(&mut sending, &mut next);
+        if sending.is_empty() && !end_of_stream {
+            end_of_stream = stream.recv_many(&mut sending, BATCH).await? == 0;
+        }
     }
     writer.shutdown().await?;
     flow.finished = true;
