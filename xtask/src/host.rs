@@ -1,4 +1,5 @@
-//! Host preparation: the Debian packages the real-kernel tier needs on the build machine.
+//! Host preparation: the Debian packages the real-kernel tier needs on the build machine, and
+//! the real software (redis, nginx, curl) the proxy is tested with.
 
 use std::path::Path;
 use std::process::Command;
@@ -21,6 +22,19 @@ const HOST_PACKAGES: &[(&str, Option<&str>)] = &[
     ("xz-utils", None),
     ("zstd", None),
 ];
+
+/// The servers and clients the `proxy` example is tested with on the host
+/// (examples/tests/real_software.rs): `redis-server` and `redis-benchmark`/`redis-cli`
+/// (redis-tools), `nginx` with its WebDAV module (PUT uploads), `curl`.
+const REAL_SOFTWARE_PACKAGES: &[(&str, Option<&str>)] = &[
+    ("redis-server", None),
+    ("redis-tools", None),
+    ("nginx", None),
+    ("curl", None),
+];
+
+/// Debian's hook that tells package scripts whether they may start services (exit 101: no).
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// The Debian archive the machine already uses (first `URIs:` in debian.sources that serves
 /// the main archive), so that new suites come from the same place.
@@ -63,7 +77,49 @@ fn installed(package: &str) -> bool {
 
 /// Makes sure the host has qemu, debootstrap and friends. Fast when all are present.
 pub(crate) fn ensure_packages(start: Instant) -> Result<()> {
-    let missing: Vec<_> = HOST_PACKAGES
+    ensure(HOST_PACKAGES, start)
+}
+
+/// Makes sure the host has redis, nginx and curl for the proxy's tests, without starting
+/// their services (the tests run their own servers on private ports). Fast when present.
+pub(crate) fn ensure_real_software(start: Instant) -> Result<()> {
+    if REAL_SOFTWARE_PACKAGES
+        .iter()
+        .all(|(name, _)| installed(name))
+    {
+        return Ok(());
+    }
+    // The packages' scripts would start redis and nginx on their default ports and leave
+    // them running; Debian's policy hook says no. Ours only if the machine has none (a
+    // container usually has one that says no already), and removed again after.
+    let _no_services = if Path::new(POLICY_RC_D).exists() {
+        None
+    } else {
+        require_root("installing the proxy tests' packages with apt-get")?;
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\n# tokio-zcrx xtask: no service starts while it installs packages.\nexit 101\n")
+            .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(
+            POLICY_RC_D,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Some(RemoveOnDrop(POLICY_RC_D))
+    };
+    ensure(REAL_SOFTWARE_PACKAGES, start)
+}
+
+/// Removes a file we created, when dropped (also on an error).
+struct RemoveOnDrop(&'static str);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// Installs those of `packages` that are missing, each from its suite.
+fn ensure(packages: &[(&str, Option<&str>)], start: Instant) -> Result<()> {
+    let missing: Vec<_> = packages
         .iter()
         .filter(|(name, _)| !installed(name))
         .collect();
@@ -73,8 +129,8 @@ pub(crate) fn ensure_packages(start: Instant) -> Result<()> {
     require_root("installing host packages with apt-get")?;
     if !Path::new("/usr/bin/apt-get").exists() {
         bail!(
-            "the real-kernel tier needs a Debian host (apt-get) to install {:?}; \
-             this machine has no apt-get",
+            "the real-kernel tier and the proxy's tests need a Debian host (apt-get) to \
+             install {:?}; this machine has no apt-get",
             missing.iter().map(|(n, _)| n).collect::<Vec<_>>()
         );
     }
@@ -121,7 +177,7 @@ pub(crate) fn ensure_packages(start: Instant) -> Result<()> {
 pub(crate) fn require_root(why: &str) -> Result<()> {
     if !util::is_root() {
         bail!(
-            "the real-kernel tier needs root for {why} (apt-get, debootstrap, chroot). \
+            "this needs root for {why} (apt-get, debootstrap, chroot). \
              Run it as root, e.g. `sudo -E cargo xtask vm-test`."
         );
     }

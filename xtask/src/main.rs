@@ -22,8 +22,14 @@ cargo xtask <command>
 
 Commands:
   test        The project's whole test command (what CI runs): host tests, the loom
-              model checks, clippy, rustdoc and rustfmt checks, then the real-kernel tier
-              in a QEMU guest.
+              model checks, clippy, rustdoc and rustfmt checks, the proxy with real
+              software (below), then the real-kernel tier in a QEMU guest.
+  real-software
+              Only the proxy example with real software on the host, in copy mode:
+              installs redis-server, redis-tools, nginx and curl from Debian if missing
+              (no service is started), then runs examples/tests/real_software.rs
+              (redis-benchmark and redis-cli to redis-server, curl uploads and downloads
+              to nginx, all through the proxy).
   vm-test     Only the real-kernel tier: builds the guest (cached under ~/.cache/tokio-zcrx)
               and runs the real-kernel tests inside it.
   vm-run [--include PATH]... -- COMMAND...
@@ -88,6 +94,11 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             Ok(counts.finish("real-kernel tier"))
         }
         Some("vm-run") => vm_run(&args[1..], start),
+        Some("real-software") => {
+            let mut counts = Counts::default();
+            real_software(&mut counts, start)?;
+            Ok(counts.finish("the proxy with real software"))
+        }
         Some("soak") => {
             let counts = vm_soak(&SoakOptions::parse(&args[1..])?, start)?;
             Ok(counts.finish("soak"))
@@ -235,6 +246,12 @@ fn test_all(start: Instant) -> Result<ExitCode> {
         "the loom model checks",
     )?;
 
+    if let Err(err) = real_software(&mut counts, start) {
+        counts.problems.push(format!(
+            "the proxy's tests with real software could not run: {err:#}"
+        ));
+    }
+
     step(start, "lint: cargo clippy -D warnings");
     if util::run(cargo().args([
         "clippy",
@@ -297,6 +314,31 @@ fn test_all(start: Instant) -> Result<ExitCode> {
     }
     step(start, "done");
     Ok(counts.finish("host and real-kernel tiers and the soak run"))
+}
+
+/// The proxy example between real clients and servers (examples/tests/real_software.rs):
+/// installs them from Debian, then runs the tests that a plain `cargo test` leaves ignored.
+fn real_software(counts: &mut Counts, start: Instant) -> Result<()> {
+    step(
+        start,
+        "host tier: the proxy with real software (redis-benchmark, redis-cli, nginx, curl)",
+    );
+    host::ensure_real_software(start)?;
+    // The tests start the proxy binary built next to them (debug: the host tier built it).
+    util::run(cargo().args(["build", "-p", "tokio-zcrx-examples", "--example", "proxy"]))
+        .context("building the proxy example")?;
+    counts.libtest(
+        cargo()
+            .args([
+                "test",
+                "-p",
+                "tokio-zcrx-examples",
+                "--test",
+                "real_software",
+            ])
+            .args(["--", "--ignored", "--test-threads", "1", "--nocapture"]),
+        "the proxy's tests with real software",
+    )
 }
 
 /// Sums libtest's `test result: ... N passed; M failed` lines.
