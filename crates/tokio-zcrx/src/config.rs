@@ -1079,14 +1079,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("hugepages-2048kB/nr_hugepages"), "{text}");
-        assert!(text.contains("transparent_hugepage/enabled is never"), "{text}");
+        assert!(
+            text.contains("transparent_hugepage/enabled is never"),
+            "{text}"
+        );
         assert!(text.contains(".chunk_size(4096)"), "{text}");
 
         let reserved = large_chunks(HugePages::Reserved);
         let err = plan_area_backing(&reserved, &facts(Some(0), ThpMode::Madvise)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::HugePagesUnavailable);
         assert!(err.to_string().contains("`echo 36 >"), "{err}");
-        assert!(err.to_string().contains("HugePages::Auto tries them"), "{err}");
+        assert!(
+            err.to_string().contains("HugePages::Auto tries them"),
+            "{err}"
+        );
 
         let transparent = large_chunks(HugePages::Transparent);
         let err = plan_area_backing(&transparent, &facts(None, ThpMode::Missing)).unwrap_err();
@@ -1100,8 +1106,14 @@ mod tests {
     fn a_partly_backed_transparent_area_is_explained() {
         let auto = large_chunks(HugePages::Auto);
         let text = huge_page_shortage(&auto, &facts(Some(0), ThpMode::Madvise), Some(6 << 20));
-        assert!(text.contains("backed only 6291456 of the 67108864 bytes"), "{text}");
-        assert!(text.contains("`echo 36 > /proc/sys/vm/nr_hugepages`"), "{text}");
+        assert!(
+            text.contains("backed only 6291456 of the 67108864 bytes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("`echo 36 > /proc/sys/vm/nr_hugepages`"),
+            "{text}"
+        );
     }
 
     #[test]

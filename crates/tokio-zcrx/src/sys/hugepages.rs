@@ -98,11 +98,23 @@ pub(crate) fn parse_meminfo(text: &str) -> Option<HugePagePool> {
     if field("Hugepagesize")? != (HUGE_PAGE_SIZE as u64 >> 10) {
         return None;
     }
+    let total = field("HugePages_Total")?;
     Some(HugePagePool {
-        total: field("HugePages_Total")?,
+        total,
         free: field("HugePages_Free")?,
-        reserved: field("HugePages_Rsvd").unwrap_or(0),
+        reserved: plausible_reserved(field("HugePages_Rsvd").unwrap_or(0), total),
     })
+}
+
+/// The kernel's count of promised pages can wrap below zero (seen on 7.3 after a pinned
+/// private hugetlb area was unmapped while io_uring still held it): a count above the pool's
+/// size promises nothing.
+fn plausible_reserved(reserved: u64, total: u64) -> u64 {
+    if reserved > total {
+        0
+    } else {
+        reserved
+    }
 }
 
 fn read_pool_sysfs() -> Option<HugePagePool> {
@@ -116,7 +128,7 @@ fn read_pool_sysfs() -> Option<HugePagePool> {
     Some(HugePagePool {
         total: read("nr_hugepages")?,
         free: read("free_hugepages")?,
-        reserved: read("resv_hugepages").unwrap_or(0),
+        reserved: plausible_reserved(read("resv_hugepages").unwrap_or(0), read("nr_hugepages")?),
     })
 }
 
@@ -145,7 +157,11 @@ pub(crate) fn parse_anon_huge_bytes(smaps: &str, start: usize) -> Option<u64> {
             return Some(kb << 10);
         }
         // The next mapping's header: its fields are not ours.
-        if line.split_whitespace().next().is_some_and(|w| w.contains('-') && !w.ends_with(':')) {
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
             return None;
         }
     }
@@ -181,6 +197,8 @@ mod tests {
             }
         );
         assert_eq!(pool.available(), 10);
+        let wrapped = text.replace("Rsvd:        2", "Rsvd: 18446744073709551608");
+        assert_eq!(parse_meminfo(&wrapped).unwrap().available(), 12);
         let gigantic = text.replace("2048 kB", "1048576 kB");
         assert_eq!(parse_meminfo(&gigantic), None);
         assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
@@ -188,9 +206,18 @@ mod tests {
 
     #[test]
     fn thp_policy_is_the_bracketed_word() {
-        assert_eq!(parse_thp_enabled("always [madvise] never\n"), ThpMode::Madvise);
-        assert_eq!(parse_thp_enabled("[always] madvise never\n"), ThpMode::Always);
-        assert_eq!(parse_thp_enabled("always madvise [never]\n"), ThpMode::Never);
+        assert_eq!(
+            parse_thp_enabled("always [madvise] never\n"),
+            ThpMode::Madvise
+        );
+        assert_eq!(
+            parse_thp_enabled("[always] madvise never\n"),
+            ThpMode::Always
+        );
+        assert_eq!(
+            parse_thp_enabled("always madvise [never]\n"),
+            ThpMode::Never
+        );
         assert_eq!(parse_thp_enabled(""), ThpMode::Missing);
         assert!(ThpMode::Madvise.allowed() && ThpMode::Always.allowed());
         assert!(!ThpMode::Never.allowed() && !ThpMode::Missing.allowed());
@@ -207,8 +234,14 @@ Size:               4096 kB\n\
 AnonHugePages:      4096 kB\n\
 7f0000c00000-7f0000c01000 rw-p 00000000 00:00 0 [stack]\n\
 Size:                  4 kB\n";
-        assert_eq!(parse_anon_huge_bytes(smaps, 0x7f00_0000_0000), Some(2 << 20));
-        assert_eq!(parse_anon_huge_bytes(smaps, 0x7f00_0060_0000), Some(4 << 20));
+        assert_eq!(
+            parse_anon_huge_bytes(smaps, 0x7f00_0000_0000),
+            Some(2 << 20)
+        );
+        assert_eq!(
+            parse_anon_huge_bytes(smaps, 0x7f00_0060_0000),
+            Some(4 << 20)
+        );
         assert_eq!(parse_anon_huge_bytes(smaps, 0x7f00_00c0_0000), None);
         assert_eq!(parse_anon_huge_bytes(smaps, 0x1000), None);
     }

@@ -21,8 +21,7 @@ use crate::sys::mem::Mapping;
 use crate::sys::page_size;
 use crate::sys::privilege::{self, CAP_NET_ADMIN_FIX};
 use crate::sys::registration::{
-    AreaBacking, QueueBinding, RegisterError, Ring, SetupStep, ZcrxInstance, ZcrxRequest,
-    ZcrxRing,
+    AreaBacking, QueueBinding, RegisterError, Ring, SetupStep, ZcrxInstance, ZcrxRequest, ZcrxRing,
 };
 
 /// A registered queue: the ring, and the memory the kernel shares with us.
