@@ -20,7 +20,7 @@ use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
 /// Connections per run, each with its own pattern stream.
 const CONNECTIONS: u64 = 4;
 /// Bytes per connection.
-const PER_CONNECTION: u64 = 16 << 20;
+const PER_CONNECTION: u64 = 8 << 20;
 /// The receive area: 8 huge pages.
 const AREA: usize = 16 << 20;
 /// The netdevsim module parameter that turns the rx page size advertisement off.
