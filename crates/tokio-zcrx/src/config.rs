@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::mode::Mode;
+use crate::sys::hugepages::{HugePageFacts, HUGE_PAGE_SIZE};
+use crate::sys::registration::AreaBacking;
 
 /// Which receive queue the io_uring backend registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +55,47 @@ pub enum EventsPolicy {
     Disabled,
 }
 
+/// Which 2 MiB huge pages back the receive area when chunks are larger than a page (see
+/// [`Builder::chunk_size`]); one-page chunks need none.
+///
+/// The kernel wants every chunk physically contiguous, which 2 MiB pages guarantee for chunks
+/// up to 2 MiB. Reserved pages (hugetlb, `vm.nr_hugepages`) are set aside by the
+/// administrator and always contiguous; transparent huge pages come from free memory when the
+/// kernel can find whole 2 MiB blocks, which a busy machine may not. The runtime checks
+/// before registering that the area really is backed by huge pages (`AnonHugePages` in
+/// `/proc/self/smaps`), and [`Builder::build`] fails with
+/// [`ErrorKind::HugePagesUnavailable`] otherwise; the message says how many pages the area
+/// needs, how many are free, and the command that reserves them.
+///
+/// ```no_run
+/// # fn main() -> Result<(), tokio_zcrx::Error> {
+/// use tokio_zcrx::{HugePages, Mode, Zcrx};
+///
+/// // 64 KiB chunks in a 64 MiB area: 32 reserved 2 MiB pages
+/// // (`echo 32 > /proc/sys/vm/nr_hugepages` as root), nothing else.
+/// let zcrx = Zcrx::builder()
+///     .mode(Mode::Nic)
+///     .interface("eth0", 3)
+///     .chunk_size(64 << 10)
+///     .area_size(64 << 20)
+///     .huge_pages(HugePages::Reserved)
+///     .build()?;
+/// # drop(zcrx);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HugePages {
+    /// Reserved pages when enough are free, else transparent huge pages if the kernel allows
+    /// them (`/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`).
+    #[default]
+    Auto,
+    /// Only reserved 2 MiB pages (`MAP_HUGETLB`); too few free fails the build.
+    Reserved,
+    /// Only transparent huge pages (`MADV_HUGEPAGE` on a 2 MiB-aligned area).
+    Transparent,
+}
+
 /// Configures and starts a zcrx runtime ([`Zcrx`](crate::Zcrx)).
 ///
 /// ```no_run
@@ -81,6 +124,7 @@ pub struct Builder {
     pub(crate) area_size: usize,
     pub(crate) refill_entries: Option<u32>,
     pub(crate) chunk_size: Option<u32>,
+    pub(crate) huge_pages: HugePages,
     pub(crate) cq_entries: u32,
     pub(crate) events: EventsPolicy,
     pub(crate) event_rearm_interval: Duration,
@@ -117,6 +161,7 @@ impl Default for Builder {
             area_size: 32 << 20,
             refill_entries: None,
             chunk_size: None,
+            huge_pages: HugePages::Auto,
             cq_entries: 8192,
             events: EventsPolicy::default(),
             event_rearm_interval: Duration::from_millis(100),
@@ -235,11 +280,53 @@ impl Builder {
         self
     }
 
-    /// Chunk size (the kernel's `rx_buf_len`, Linux 7.0+): a power of two of at least a page.
-    /// Larger chunks mean fewer completions but need a huge-page backed area, so at most
-    /// 2 MiB, and a NIC driver that supports them (rx-page-size). Default: one page.
+    /// Chunk size (the kernel's `rx_buf_len`, Linux 7.0+): a power of two from a page to
+    /// 2 MiB. Default: one page.
+    ///
+    /// The NIC writes each packet's payload into chunks, and every chunk filled is one
+    /// completion and one buffer: with 64 KiB chunks a 64 KiB TSO/GRO packet is one buffer
+    /// instead of sixteen. Larger chunks need three things, checked in this order by
+    /// [`build`](Builder::build):
+    ///
+    /// - a kernel with `rx_buf_len` (7.0+), else [`ErrorKind::KernelTooOld`];
+    /// - an area of 2 MiB huge pages, since a chunk must be physically contiguous: the area
+    ///   (rounded up to 2 MiB) needs `area_size / 2 MiB` pages, reserved with
+    ///   `echo N > /proc/sys/vm/nr_hugepages` (N = the pages already reserved plus those
+    ///   needed; per NUMA node in
+    ///   `/sys/devices/system/node/nodeX/hugepages/hugepages-2048kB/nr_hugepages`), or
+    ///   transparent huge pages where allowed (see [`HugePages`]); else
+    ///   [`ErrorKind::HugePagesUnavailable`], whose message has the numbers and the command;
+    /// - a NIC driver that supports rx page sizes (bnxt, fbnic on 7.0+), and
+    ///   `ethtool -G IF tcp-data-split on` as for any zcrx queue; else
+    ///   [`ErrorKind::ChunkSizeUnsupported`].
+    ///
+    /// The device-less mode ([`Mode::NoDevice`]) only takes one-page chunks.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), tokio_zcrx::Error> {
+    /// use tokio_zcrx::{Mode, Zcrx};
+    ///
+    /// // 16 KiB chunks in a 32 MiB area: 16 huge pages (reserved, or transparent).
+    /// let zcrx = Zcrx::builder()
+    ///     .mode(Mode::Nic)
+    ///     .interface("eth0", 3)
+    ///     .chunk_size(16 << 10)
+    ///     .area_size(32 << 20)
+    ///     .build()?;
+    /// # drop(zcrx);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn chunk_size(mut self, bytes: u32) -> Builder {
         self.chunk_size = Some(bytes);
+        self
+    }
+
+    /// Which huge pages back an area of chunks larger than a page: reserved ones when enough
+    /// are free, else transparent ones ([`HugePages::Auto`], the default), or only one kind.
+    /// Ignored with one-page chunks.
+    pub fn huge_pages(mut self, policy: HugePages) -> Builder {
+        self.huge_pages = policy;
         self
     }
 
@@ -355,6 +442,7 @@ impl Builder {
             area_size,
             chunk_size: chunk,
             custom_chunk: self.chunk_size.is_some_and(|c| c != page),
+            huge_pages: self.huge_pages,
             refill_entries,
             cq_entries: self.cq_entries,
             events: self.events,
@@ -467,6 +555,102 @@ impl Builder {
     }
 }
 
+/// The 2 MiB pages an area of `area_size` bytes takes (the mapping is rounded up to them).
+pub(crate) fn huge_pages_needed(area_size: usize) -> u64 {
+    area_size.div_ceil(HUGE_PAGE_SIZE) as u64
+}
+
+/// What memory backs the area of `config`, decided before anything is mapped: small pages for
+/// one-page chunks; for larger ones reserved huge pages or transparent ones as its
+/// [`HugePages`] policy allows and `facts` (this machine, now) offer. The error says how many
+/// pages are needed, how many are free and what to run.
+pub(crate) fn plan_area_backing(
+    config: &UringConfig,
+    facts: &HugePageFacts,
+) -> Result<AreaBacking> {
+    if !config.custom_chunk {
+        return Ok(AreaBacking::Pages);
+    }
+    let needed = huge_pages_needed(config.area_size);
+    let reserved_enough = facts.pool.is_some_and(|pool| pool.available() >= needed);
+    let backing = match config.huge_pages {
+        HugePages::Auto | HugePages::Reserved if reserved_enough => AreaBacking::HugeTlb,
+        HugePages::Auto | HugePages::Transparent if facts.thp.allowed() => AreaBacking::Transparent,
+        _ => {
+            return Err(Error::new(
+                ErrorKind::HugePagesUnavailable,
+                huge_page_shortage(config, facts, None),
+            ))
+        }
+    };
+    Ok(backing)
+}
+
+/// Why an area of `config`'s chunks cannot be backed by huge pages here, with the numbers
+/// and the commands: how many 2 MiB pages the area needs, how many are free now, how to
+/// reserve them, and whether transparent huge pages are a way. `thp_backed`: the bytes of a
+/// transparent huge page attempt the kernel did back with huge pages.
+pub(crate) fn huge_page_shortage(
+    config: &UringConfig,
+    facts: &HugePageFacts,
+    thp_backed: Option<u64>,
+) -> String {
+    let needed = huge_pages_needed(config.area_size);
+    let area = needed * HUGE_PAGE_SIZE as u64;
+    let mut text = format!(
+        "{}-byte chunks need a receive area of 2 MiB huge pages (every chunk must be \
+         physically contiguous): this {area}-byte area needs {needed} of them; ",
+        config.chunk_size
+    );
+    match facts.pool {
+        Some(pool) => {
+            let target = pool.total + needed.saturating_sub(pool.available());
+            text.push_str(&format!(
+                "{} are free now (HugePages_Free {}, HugePages_Rsvd {}, HugePages_Total {} in \
+                 /proc/meminfo). Reserve them as root with `echo {target} > \
+                 /proc/sys/vm/nr_hugepages` (or per NUMA node in \
+                 /sys/devices/system/node/nodeX/hugepages/hugepages-2048kB/nr_hugepages; \
+                 `hugepages={target}` on the kernel command line reserves them at boot)",
+                pool.available(),
+                pool.free,
+                pool.reserved,
+                pool.total
+            ));
+            if config.huge_pages == HugePages::Transparent {
+                text.push_str(", and pass .huge_pages(HugePages::Auto) or Reserved");
+            }
+        }
+        None => text.push_str(
+            "this kernel has no 2 MiB hugetlb pool (no /proc/meminfo HugePages lines for \
+             2048 kB pages: hugetlbfs missing?)",
+        ),
+    }
+    text.push_str("; ");
+    match thp_backed {
+        Some(backed) => text.push_str(&format!(
+            "transparent huge pages were tried, but the kernel backed only {backed} of the \
+             {area} bytes with them (memory too fragmented for whole 2 MiB blocks; reserved \
+             pages do not depend on that)"
+        )),
+        None if config.huge_pages == HugePages::Reserved => text.push_str(
+            "transparent huge pages are not tried with .huge_pages(HugePages::Reserved) \
+             (HugePages::Auto tries them)",
+        ),
+        None if facts.thp.allowed() => text.push_str("transparent huge pages are allowed here"),
+        None => text.push_str(&format!(
+            "transparent huge pages, the fallback, are not available: \
+             /sys/kernel/mm/transparent_hugepage/enabled is {} (`echo madvise > \
+             /sys/kernel/mm/transparent_hugepage/enabled` allows them)",
+            facts.thp.name()
+        )),
+    }
+    text.push_str(&format!(
+        ". Or use one-page chunks (omit .chunk_size, or .chunk_size({})), which need none",
+        crate::sys::page_size()
+    ));
+    text
+}
+
 /// The largest area the kernel pins with `page`-byte pages, whole `chunk`s.
 fn max_area_size(page: usize, chunk: usize) -> usize {
     (i32::MAX as usize).saturating_mul(page) / chunk * chunk
@@ -548,6 +732,8 @@ pub(crate) struct UringConfig {
     pub(crate) chunk_size: u32,
     /// The chunk size differs from the page size, so `rx_buf_len` must be passed (7.0+).
     pub(crate) custom_chunk: bool,
+    /// Which huge pages back the area when `chunk_size` exceeds a page.
+    pub(crate) huge_pages: HugePages,
     pub(crate) refill_entries: u32,
     pub(crate) cq_entries: u32,
     pub(crate) events: EventsPolicy,
@@ -611,6 +797,7 @@ impl StreamOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::hugepages::{HugePagePool, ThpMode};
 
     fn validate(b: Builder) -> Result<UringConfig> {
         b.validate_for(Target::NoDevice, 4096)
@@ -809,6 +996,124 @@ mod tests {
         // Copy mode neither checks nor carries the io_uring settings.
         let copy = Builder::new().mode(Mode::Copy).chunk_size(3000).validate();
         assert!(copy.unwrap().uring.is_none());
+    }
+
+    fn facts(available: Option<u64>, thp: ThpMode) -> HugePageFacts {
+        HugePageFacts {
+            pool: available.map(|free| HugePagePool {
+                total: free + 4,
+                free: free + 1,
+                reserved: 1,
+            }),
+            thp,
+        }
+    }
+
+    fn large_chunks(policy: HugePages) -> UringConfig {
+        let target = Target::Interface {
+            name: "nsim0".into(),
+            queue: 0,
+        };
+        Builder::new()
+            .chunk_size(65536)
+            .area_size(64 << 20)
+            .huge_pages(policy)
+            .validate_for(target, 4096)
+            .unwrap()
+    }
+
+    #[test]
+    fn one_page_chunks_need_no_huge_pages() {
+        let config = validate(Builder::new().huge_pages(HugePages::Reserved)).unwrap();
+        let nothing = facts(None, ThpMode::Never);
+        assert_eq!(
+            plan_area_backing(&config, &nothing).unwrap(),
+            AreaBacking::Pages
+        );
+    }
+
+    #[test]
+    fn reserved_pages_come_first_then_transparent_ones() {
+        // 64 MiB: 32 pages of 2 MiB.
+        assert_eq!(huge_pages_needed(64 << 20), 32);
+        assert_eq!(huge_pages_needed((64 << 20) + 1), 33);
+        let auto = large_chunks(HugePages::Auto);
+        let plan = |config: &UringConfig, facts| plan_area_backing(config, &facts);
+        assert_eq!(
+            plan(&auto, facts(Some(32), ThpMode::Never)).unwrap(),
+            AreaBacking::HugeTlb
+        );
+        assert_eq!(
+            plan(&auto, facts(Some(31), ThpMode::Madvise)).unwrap(),
+            AreaBacking::Transparent
+        );
+        assert_eq!(
+            plan(&auto, facts(None, ThpMode::Always)).unwrap(),
+            AreaBacking::Transparent
+        );
+        let transparent = large_chunks(HugePages::Transparent);
+        assert_eq!(
+            plan(&transparent, facts(Some(100), ThpMode::Madvise)).unwrap(),
+            AreaBacking::Transparent
+        );
+        let reserved = large_chunks(HugePages::Reserved);
+        assert_eq!(
+            plan(&reserved, facts(Some(32), ThpMode::Madvise)).unwrap(),
+            AreaBacking::HugeTlb
+        );
+    }
+
+    #[test]
+    fn too_few_huge_pages_say_how_many_what_is_free_and_the_command() {
+        let auto = large_chunks(HugePages::Auto);
+        // 10 available (11 free, 1 promised), 14 reserved in all: 22 more make 36.
+        let err = plan_area_backing(&auto, &facts(Some(10), ThpMode::Never)).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::HugePagesUnavailable, "{text}");
+        assert!(text.contains("65536-byte chunks"), "{text}");
+        assert!(text.contains("needs 32 of them"), "{text}");
+        assert!(text.contains("10 are free now"), "{text}");
+        assert!(text.contains("HugePages_Free 11"), "{text}");
+        assert!(
+            text.contains("`echo 36 > /proc/sys/vm/nr_hugepages`"),
+            "{text}"
+        );
+        assert!(text.contains("hugepages-2048kB/nr_hugepages"), "{text}");
+        assert!(
+            text.contains("transparent_hugepage/enabled is never"),
+            "{text}"
+        );
+        assert!(text.contains(".chunk_size(4096)"), "{text}");
+
+        let reserved = large_chunks(HugePages::Reserved);
+        let err = plan_area_backing(&reserved, &facts(Some(0), ThpMode::Madvise)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::HugePagesUnavailable);
+        assert!(err.to_string().contains("`echo 36 >"), "{err}");
+        assert!(
+            err.to_string().contains("HugePages::Auto tries them"),
+            "{err}"
+        );
+
+        let transparent = large_chunks(HugePages::Transparent);
+        let err = plan_area_backing(&transparent, &facts(None, ThpMode::Missing)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::HugePagesUnavailable);
+        let text = err.to_string();
+        assert!(text.contains("no 2 MiB hugetlb pool"), "{text}");
+        assert!(text.contains("not built into this kernel"), "{text}");
+    }
+
+    #[test]
+    fn a_partly_backed_transparent_area_is_explained() {
+        let auto = large_chunks(HugePages::Auto);
+        let text = huge_page_shortage(&auto, &facts(Some(0), ThpMode::Madvise), Some(6 << 20));
+        assert!(
+            text.contains("backed only 6291456 of the 67108864 bytes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("`echo 36 > /proc/sys/vm/nr_hugepages`"),
+            "{text}"
+        );
     }
 
     #[test]

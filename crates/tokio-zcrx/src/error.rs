@@ -29,6 +29,15 @@ pub enum ErrorKind {
     InterfaceUnsupported,
     /// The interface could, but is not configured for it (header split, hds-thresh).
     InterfaceNotConfigured,
+    /// The interface's driver does zero-copy receive, but not in chunks larger than a page
+    /// (it lacks rx page size support, `QCFG_RX_PAGE_SIZE`): use one-page chunks (omit
+    /// [`Builder::chunk_size`](crate::Builder::chunk_size)) or a NIC whose driver has it.
+    ChunkSizeUnsupported,
+    /// Chunks larger than a page need a receive area of 2 MiB huge pages, and none could be
+    /// had: too few reserved pages (`vm.nr_hugepages`) and transparent huge pages disabled or
+    /// not granted. The message says how many pages the area needs, how many are free, and
+    /// the command that reserves them.
+    HugePagesUnavailable,
     /// The receive queue index is out of range for the interface.
     QueueOutOfRange,
     /// The queue is already bound (another zcrx instance, XDP, AF_XDP).
@@ -137,8 +146,9 @@ impl From<Error> for io::Error {
             ErrorKind::InterfaceNotFound => io::ErrorKind::NotFound,
             ErrorKind::IoUringUnavailable
             | ErrorKind::KernelTooOld
-            | ErrorKind::InterfaceUnsupported => io::ErrorKind::Unsupported,
-            ErrorKind::OutOfMemory => io::ErrorKind::OutOfMemory,
+            | ErrorKind::InterfaceUnsupported
+            | ErrorKind::ChunkSizeUnsupported => io::ErrorKind::Unsupported,
+            ErrorKind::OutOfMemory | ErrorKind::HugePagesUnavailable => io::ErrorKind::OutOfMemory,
             ErrorKind::QueueBusy => io::ErrorKind::ResourceBusy,
             ErrorKind::RuntimeGone => io::ErrorKind::BrokenPipe,
             ErrorKind::InterfaceNotConfigured

@@ -7,7 +7,9 @@
 use std::io;
 
 use crate::sys::page_size;
-use crate::sys::registration::{QueueBinding, RegisterError, ZcrxInstance, ZcrxRequest, ZcrxRing};
+use crate::sys::registration::{
+    AreaBacking, QueueBinding, RegisterError, ZcrxInstance, ZcrxRequest, ZcrxRing,
+};
 
 /// Pages in the trial area: enough for the kernel to accept it, small enough to pin anywhere.
 const TRIAL_AREA_PAGES: usize = 16;
@@ -38,7 +40,7 @@ pub(crate) fn register_once(binding: QueueBinding) -> Result<(), TrialError> {
     let request = ZcrxRequest {
         binding,
         area_size: TRIAL_AREA_PAGES * page_size(),
-        huge_pages: false,
+        backing: AreaBacking::Pages,
         refill_entries: TRIAL_RQ_ENTRIES,
         rx_buf_len: 0,
         event_user_data: None,
@@ -53,5 +55,10 @@ pub(crate) fn register_once(binding: QueueBinding) -> Result<(), TrialError> {
             error,
         }),
         Err(RegisterError::Refused(error)) => Err(TrialError::Refused(error)),
+        // Only transparent huge page areas are checked; the trial's area is of small pages.
+        Err(RegisterError::NotHugeBacked { .. }) => Err(TrialError::Setup {
+            step: "back the area with huge pages",
+            error: io::Error::from_raw_os_error(libc::ENOMEM),
+        }),
     }
 }

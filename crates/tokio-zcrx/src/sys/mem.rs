@@ -53,6 +53,60 @@ impl Mapping {
         Ok(Mapping { addr, len })
     }
 
+    /// Maps `len` bytes (rounded up to 2 MiB) at a 2 MiB-aligned address, asks for
+    /// transparent huge pages (`MADV_HUGEPAGE`) and writes to every page, so the kernel backs
+    /// it with huge pages where it can. Whether it did is for the caller to check
+    /// ([`anon_huge_bytes`](super::hugepages::anon_huge_bytes)): a fragmented machine falls
+    /// back to small pages silently.
+    pub(crate) fn new_transparent_huge(len: usize) -> io::Result<Mapping> {
+        let huge = super::hugepages::HUGE_PAGE_SIZE;
+        let len = len.div_ceil(huge) * huge;
+        // One huge page more than needed, so that an aligned start lies inside.
+        let span = len + huge;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
+        // no existing memory; the result is checked for MAP_FAILED before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = addr as usize;
+        let aligned = start.next_multiple_of(huge);
+        let head = aligned - start;
+        let tail = span - head - len;
+        // SAFETY: both ranges lie inside the mapping made above, which nothing else knows of;
+        // only the aligned middle is kept.
+        unsafe {
+            if head > 0 {
+                syscall!(munmap(addr, head))?;
+            }
+            if tail > 0 {
+                syscall!(munmap((aligned + len) as *mut c_void, tail))?;
+            }
+        }
+        let addr = NonNull::new(aligned as *mut c_void)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // Owned from here: an error below unmaps it.
+        let mapping = Mapping { addr, len };
+        // SAFETY: advice on exactly the mapping this value owns.
+        unsafe { syscall!(madvise(mapping.addr.as_ptr(), len, libc::MADV_HUGEPAGE))? };
+        let page = page_size();
+        for offset in (0..len).step_by(page) {
+            // SAFETY: `offset` is inside the mapping, which is writable and not yet shared
+            // with the kernel or any other thread; a volatile write so the fault happens now.
+            unsafe { mapping.as_ptr().add(offset).write_volatile(0) };
+        }
+        Ok(mapping)
+    }
+
     pub(crate) fn as_ptr(&self) -> *mut u8 {
         self.addr.as_ptr().cast()
     }

@@ -11,6 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 
 pub(crate) mod claim;
 pub(crate) mod fork;
+pub(crate) mod hugepages;
 pub(crate) mod mem;
 pub(crate) mod netlink;
 pub(crate) mod privilege;

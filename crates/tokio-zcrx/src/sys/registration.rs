@@ -24,6 +24,7 @@ use zcrx_sys::zcrx::{
 };
 
 use super::fork::{self, RingForkGuard};
+use super::hugepages;
 use super::mem::Mapping;
 use super::page_size;
 
@@ -75,14 +76,26 @@ pub(crate) enum QueueBinding {
     NoDevice,
 }
 
+/// What memory backs the receive area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AreaBacking {
+    /// Ordinary pages (one-page chunks).
+    Pages,
+    /// Reserved 2 MiB hugetlb pages (`MAP_HUGETLB`), from `vm.nr_hugepages`.
+    HugeTlb,
+    /// Transparent huge pages (`MADV_HUGEPAGE` on a 2 MiB-aligned mapping), checked to be
+    /// backed by huge pages before registering.
+    Transparent,
+}
+
 /// What to register.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ZcrxRequest {
     pub(crate) binding: QueueBinding,
     /// Bytes of receive area (rounded up to whole pages of the mapping).
     pub(crate) area_size: usize,
-    /// Back the area with 2 MiB pages (chunks larger than a page need them).
-    pub(crate) huge_pages: bool,
+    /// What memory backs the area (chunks larger than a page need 2 MiB pages).
+    pub(crate) backing: AreaBacking,
     /// Refill ring entries to ask for (the kernel rounds up to a power of two).
     pub(crate) refill_entries: u32,
     /// Chunk size to ask for; 0 leaves the kernel's default (one page).
@@ -118,6 +131,9 @@ pub(crate) enum RegisterError {
     Setup { step: SetupStep, error: io::Error },
     /// The kernel refused `IORING_REGISTER_ZCRX_IFQ`.
     Refused(io::Error),
+    /// A transparent huge page area the kernel backed with huge pages only in part
+    /// (`backed` bytes of the area): its chunks would not be physically contiguous.
+    NotHugeBacked { backed: u64 },
 }
 
 /// A live zcrx instance with everything it uses.
@@ -153,8 +169,19 @@ impl ZcrxInstance {
         request: &ZcrxRequest,
     ) -> Result<ZcrxInstance, RegisterError> {
         let setup = |step| move |error| RegisterError::Setup { step, error };
-        let area = Mapping::new(request.area_size, request.huge_pages)
-            .map_err(setup(SetupStep::MapArea))?;
+        let area = match request.backing {
+            AreaBacking::Pages => Mapping::new(request.area_size, false),
+            AreaBacking::HugeTlb => Mapping::new(request.area_size, true),
+            AreaBacking::Transparent => Mapping::new_transparent_huge(request.area_size),
+        }
+        .map_err(setup(SetupStep::MapArea))?;
+        if request.backing == AreaBacking::Transparent {
+            let backed = hugepages::anon_huge_bytes(area.as_ptr() as usize)
+                .map_err(setup(SetupStep::MapArea))?;
+            if backed < area.len() as u64 {
+                return Err(RegisterError::NotHugeBacked { backed });
+            }
+        }
         let region_layout = RegionLayout::new(
             request.refill_entries,
             page_size(),

@@ -12,15 +12,16 @@ use zcrx_sys::query::query_zcrx;
 use zcrx_sys::ring::IORING_OP_RECV_ZC;
 
 use super::ring::Capabilities;
-use crate::config::{EventsPolicy, Target, UringConfig};
+use crate::config::{self, EventsPolicy, Target, UringConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 use crate::sys::fork::RingForkGuard;
+use crate::sys::hugepages::HugePageFacts;
 use crate::sys::mem::Mapping;
 use crate::sys::page_size;
 use crate::sys::privilege::{self, CAP_NET_ADMIN_FIX};
 use crate::sys::registration::{
-    QueueBinding, RegisterError, Ring, SetupStep, ZcrxInstance, ZcrxRequest, ZcrxRing,
+    AreaBacking, QueueBinding, RegisterError, Ring, SetupStep, ZcrxInstance, ZcrxRequest, ZcrxRing,
 };
 
 /// A registered queue: the ring, and the memory the kernel shares with us.
@@ -187,6 +188,36 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
             "7.0",
         ));
     }
+    if config.custom_chunk && binding == QueueBinding::NoDevice {
+        // The kernel refuses rx_buf_len without a device (EOPNOTSUPP); say so before
+        // asking for huge pages the mode could never use.
+        return Err(Error::new(
+            ErrorKind::ChunkSizeUnsupported,
+            format!(
+                "the device-less mode (NODEV) takes only one-page chunks, not {} bytes (the \
+                 kernel copies into the area, so larger chunks would save nothing): omit \
+                 .chunk_size, or use .chunk_size({}), or a NIC queue whose driver supports \
+                 rx page sizes",
+                config.chunk_size,
+                page_size()
+            ),
+        ));
+    }
+    // Chunks larger than a page need huge pages: decided (and explained if there are too few)
+    // before anything is mapped.
+    let facts = HugePageFacts::read();
+    let backing = config::plan_area_backing(config, &facts)?;
+    if config.custom_chunk {
+        tracing::info!(
+            chunk_size = config.chunk_size,
+            area_size = config.area_size,
+            huge_pages = config::huge_pages_needed(config.area_size),
+            ?backing,
+            free = ?facts.pool.map(|pool| pool.available()),
+            thp = facts.thp.name(),
+            "backing the receive area with 2 MiB huge pages"
+        );
+    }
 
     let segment_payload = match binding {
         QueueBinding::NoDevice => None,
@@ -198,7 +229,7 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
     let request = ZcrxRequest {
         binding,
         area_size: config.area_size,
-        huge_pages: config.custom_chunk,
+        backing,
         refill_entries: config.refill_entries,
         rx_buf_len: if config.custom_chunk {
             config.chunk_size
@@ -211,22 +242,31 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
         RegisterError::Setup {
             step: SetupStep::MapArea,
             error,
-        } => {
-            let hint = if config.custom_chunk {
-                "chunks larger than a page need a huge-page area: reserve 2 MiB pages with \
-                 `echo N > /proc/sys/vm/nr_hugepages` (N = area size / 2 MiB)"
-            } else {
-                "reduce the area size"
-            };
-            Error::new(
-                ErrorKind::OutOfMemory,
-                format!(
-                    "cannot map a {} byte receive area: {hint}",
-                    config.area_size
-                ),
-            )
-            .with_source(error)
-        }
+        } if backing != AreaBacking::Pages => Error::new(
+            ErrorKind::HugePagesUnavailable,
+            format!(
+                "cannot map the {} byte receive area with huge pages ({backing:?}): {}",
+                config.area_size,
+                // What is free now, after the attempt (another process may have taken them).
+                config::huge_page_shortage(config, &HugePageFacts::read(), None)
+            ),
+        )
+        .with_source(error),
+        RegisterError::Setup {
+            step: SetupStep::MapArea,
+            error,
+        } => Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "cannot map a {} byte receive area: reduce the area size",
+                config.area_size
+            ),
+        )
+        .with_source(error),
+        RegisterError::NotHugeBacked { backed, .. } => Error::new(
+            ErrorKind::HugePagesUnavailable,
+            config::huge_page_shortage(config, &facts, Some(backed)),
+        ),
         RegisterError::Setup {
             step: SetupStep::MapRegion,
             error,
@@ -434,7 +474,21 @@ fn refusal_error(
             config.chunk_size,
             page_size()
         ));
-        return Error::new(ErrorKind::InterfaceUnsupported, message).with_source(error);
+        return Error::new(ErrorKind::ChunkSizeUnsupported, message).with_source(error);
+    }
+    // With rx_buf_len the kernel answers ERANGE when the pinned area is not physically
+    // contiguous in chunk-size pieces, before it looks at the queue index.
+    let queue_in_range = diagnosis
+        .and_then(|d| d.rx_queues)
+        .is_some_and(|queues| queue < queues);
+    if errno == libc::ERANGE && config.custom_chunk && queue_in_range {
+        message.push_str(&format!(
+            ": the kernel found the receive area not physically contiguous in {}-byte \
+             pieces (it must be backed by 2 MiB huge pages); {}",
+            config.chunk_size,
+            config::huge_page_shortage(config, &HugePageFacts::read(), None)
+        ));
+        return Error::new(ErrorKind::HugePagesUnavailable, message).with_source(error);
     }
     let kind = match errno {
         libc::ENODEV => ErrorKind::InterfaceNotFound,
@@ -545,7 +599,7 @@ mod tests {
             Some(&diagnosis),
         );
         let text = err.to_string();
-        assert_eq!(err.kind(), ErrorKind::InterfaceUnsupported, "{text}");
+        assert_eq!(err.kind(), ErrorKind::ChunkSizeUnsupported, "{text}");
         assert_eq!(err.raw_os_error(), Some(libc::EOPNOTSUPP));
         assert!(!text.contains("preconditions met"), "{text}");
         assert!(
