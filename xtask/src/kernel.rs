@@ -131,7 +131,7 @@ pub(crate) fn choose_matrix(available: &[String], patches: &[PatchedSeries]) -> 
 /// The command that pins the guest tier to the kernels the patches were made for.
 fn pin_command(patches: &[PatchedSeries]) -> String {
     let mut made_for: Vec<&PatchedSeries> = patches.iter().collect();
-    made_for.sort_by(|a, b| b.series_numbers().cmp(&a.series_numbers()));
+    made_for.sort_by_key(|p| std::cmp::Reverse(p.series_numbers()));
     let abis: Vec<String> = made_for
         .iter()
         .filter_map(|p| p.made_for.as_ref())
@@ -236,7 +236,7 @@ pub(crate) fn parse_pins(value: &str) -> Result<Vec<KernelVersion>> {
     if kernels.is_empty() {
         bail!("{PIN_ENV} is set but names no kernel; unset it or give e.g. 7.3.4+deb13-amd64");
     }
-    kernels.sort_by(|a, b| b.numbers.cmp(&a.numbers));
+    kernels.sort_by_key(|k| std::cmp::Reverse(k.numbers));
     Ok(kernels)
 }
 
