@@ -364,7 +364,8 @@ impl GenerationStep {
                  EXPORT (an instance shared with another ring)"
             }
             GenerationStep::Query => {
-                "feature detection without trial registrations (the runtime's auto modes)"
+                "feature detection (without the query the runtime assumes none of the later \
+                 steps)"
             }
             GenerationStep::RxBufLen => {
                 "chunks larger than a page (fewer completions per byte, huge-page areas)"
