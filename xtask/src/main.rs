@@ -165,6 +165,28 @@ impl Counts {
         Ok(())
     }
 
+    /// What [`Counts::finish`] prints, the total last.
+    fn summary_lines(&self, what: &str) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .problems
+            .iter()
+            .map(|problem| format!("xtask: FAILED: {problem}"))
+            .collect();
+        let ok = self.failed == 0 && self.problems.is_empty();
+        lines.push(format!(
+            "xtask: {what}: {}",
+            if ok { "all green" } else { "FAILURES above" }
+        ));
+        for part in &self.parts {
+            lines.push(format!(
+                "xtask: {}: {} passed, {} failed",
+                part.label, part.passed, part.failed
+            ));
+        }
+        lines.push(format!("{} passed, {} failed", self.passed, self.failed));
+        lines
+    }
+
     /// Adds another part's results (its own parts, or itself as one part named `label`).
     fn absorb(&mut self, label: &str, other: Counts) {
         self.passed += other.passed;
@@ -184,22 +206,10 @@ impl Counts {
     /// Prints the problems, the verdict, the counts per part and, as the very last line,
     /// the total `N passed, N failed` (CI and the issue tracker read that line).
     fn finish(&self, what: &str) -> ExitCode {
-        for problem in &self.problems {
-            println!("xtask: FAILED: {problem}");
+        for line in self.summary_lines(what) {
+            println!("{line}");
         }
-        let ok = self.failed == 0 && self.problems.is_empty();
-        println!(
-            "xtask: {what}: {}",
-            if ok { "all green" } else { "FAILURES above" }
-        );
-        for part in &self.parts {
-            println!(
-                "xtask: {}: {} passed, {} failed",
-                part.label, part.passed, part.failed
-            );
-        }
-        println!("{} passed, {} failed", self.passed, self.failed);
-        if ok {
+        if self.failed == 0 && self.problems.is_empty() {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -644,6 +654,49 @@ mod tests {
                    junk\n\
                    test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured\n";
         assert_eq!(super::libtest_totals(out), (5, 1));
+    }
+
+    #[test]
+    fn counts_per_part_then_the_total_last() {
+        let mut total = super::Counts {
+            passed: 300,
+            ..Default::default()
+        };
+        let host = std::mem::take(&mut total);
+        total.absorb("host tier", host);
+        let mut vm = super::Counts::default();
+        for (abi, passed, failed) in [("7.3.4+deb13-amd64", 70, 0), ("7.2.12+deb13-amd64", 69, 1)] {
+            vm.absorb(
+                &format!("real-kernel tier on {abi}"),
+                super::Counts {
+                    passed,
+                    failed,
+                    problems: vec![format!("[{abi}] x")]
+                        .into_iter()
+                        .filter(|_| failed > 0)
+                        .collect(),
+                    parts: Vec::new(),
+                },
+            );
+        }
+        total.absorb("real-kernel tier", vm);
+        let lines = total.summary_lines("everything");
+        assert_eq!(
+            lines,
+            [
+                "xtask: FAILED: [7.2.12+deb13-amd64] x",
+                "xtask: everything: FAILURES above",
+                "xtask: host tier: 300 passed, 0 failed",
+                "xtask: real-kernel tier on 7.3.4+deb13-amd64: 70 passed, 0 failed",
+                "xtask: real-kernel tier on 7.2.12+deb13-amd64: 69 passed, 1 failed",
+                "439 passed, 1 failed",
+            ]
+        );
+        assert_eq!(
+            super::libtest_totals(lines.last().unwrap()),
+            (0, 0),
+            "not a libtest line"
+        );
     }
 
     #[test]
