@@ -3,7 +3,8 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use tokio_zcrx_kernel_tests::GuestKernel;
 
 /// Runs the guest's `probe` binary (the examples are on the guest's PATH) with `args`.
 fn probe_json(args: &[&str]) -> Value {
@@ -42,6 +43,66 @@ fn probe_reports_a_zcrx_kernel_and_a_capable_nic() {
         );
     }
     assert_eq!(report["nodev_trial"]["outcome"], "registered");
+
+    // The zcrx generation: everything up to events on 7.2, ADD_AREA too on 7.3.
+    let kernel = GuestKernel::running();
+    let generation = &report["generation"];
+    let (level, missing) = if kernel.has_add_area() {
+        ("7.3", json!([]))
+    } else {
+        ("7.2", json!(["add_area"]))
+    };
+    assert_eq!(generation["kernel"], level, "{generation:#}");
+    assert_eq!(generation["missing"], missing, "{generation:#}");
+    let steps: Vec<(&str, &str, &str)> = generation["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap(),
+                s["min_kernel"].as_str().unwrap(),
+                s["support"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let add_area = if kernel.has_add_area() {
+        "supported"
+    } else {
+        "unsupported"
+    };
+    assert_eq!(
+        steps,
+        [
+            ("nic", "6.15", "supported"),
+            ("ctrl_ops", "6.19", "supported"),
+            ("query", "6.19", "supported"),
+            ("rx_buf_len", "7.0", "supported"),
+            ("nodev", "7.1", "supported"),
+            ("events", "7.2", "supported"),
+            ("add_area", "7.3", add_area),
+        ]
+    );
+    assert_eq!(
+        report["zcrx_query"]["result"]["ctrl_add_area"],
+        kernel.has_add_area()
+    );
+    // The human summary says what a 7.2 kernel misses, with the release that has it.
+    let human = Command::new("probe").output().unwrap();
+    let text = String::from_utf8(human.stdout).unwrap();
+    let summary = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("generation"))
+        .unwrap_or_else(|| panic!("no generation line in:\n{text}"));
+    assert!(
+        summary.contains(&format!("Linux {level} level")),
+        "{summary}"
+    );
+    assert_eq!(
+        text.contains("missing         ADD_AREA (Linux 7.3+): growing the receive memory"),
+        !kernel.has_add_area(),
+        "{text}"
+    );
     assert_eq!(report["cap_net_admin"]["effective"], true);
 
     let lo = interface(&report, "lo");

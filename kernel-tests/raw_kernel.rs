@@ -8,12 +8,15 @@
 //! library's registration is checked against, and an oracle must not share the code it checks.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use tokio_zcrx_kernel_tests::{
-    ethtool, ifindex, listen, receive_all, spawn_sender, Config, GuestNet, RawZcrx, Target,
+    ethtool, ifindex, listen, receive_all, spawn_sender, Config, GuestKernel, GuestNet, RawZcrx,
+    Target,
 };
+use zcrx_sys::ctrl::zcrx_add_area;
 use zcrx_sys::query::query_zcrx;
+use zcrx_sys::zcrx::io_uring_zcrx_area_reg;
 use zcrx_sys::zcrx::{ZCRX_FEATURE_EVENT, ZCRX_FEATURE_RX_PAGE_SIZE, ZCRX_REG_NODEV};
 
 fn nic_config(ifindex: u32, area_bytes: usize) -> Config {
@@ -52,6 +55,70 @@ fn query_reports_nodev_and_events() {
     assert_ne!(zcrx.features & ZCRX_FEATURE_EVENT, 0, "{zcrx:?}");
     assert_ne!(zcrx.features & ZCRX_FEATURE_RX_PAGE_SIZE, 0, "{zcrx:?}");
     assert!(zcrx.nr_ctrl_opcodes >= 3, "ARM_EVENT must exist: {zcrx:?}");
+}
+
+/// What differs between the tier's kernels, asserted on each: the query's control-op count
+/// and refill header size, the refill ring's offsets, and ADD_AREA (7.3 grows the area;
+/// 7.2 answers EOPNOTSUPP). Events exist on both (the test above).
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn kernel_generation_differences_are_as_expected() {
+    let kernel = GuestKernel::running();
+    let header = kernel.refill_header();
+    let zcrx = query_zcrx().expect("the 7.2+ guest kernel answers the zcrx query");
+    println!("kernel {:?}: query {zcrx:?}", kernel.series);
+    assert_eq!(zcrx.nr_ctrl_opcodes, kernel.nr_ctrl_opcodes(), "{zcrx:?}");
+    assert_eq!(zcrx.rq_hdr_size, header.rq_hdr_size, "{zcrx:?}");
+    assert_eq!(zcrx.rq_hdr_alignment, 64, "{zcrx:?}");
+
+    let mut raw = RawZcrx::register(Config {
+        target: Target::Nodev,
+        area_bytes: 1 << 20,
+        rq_entries: 64,
+        cq_entries: 256,
+        events: true,
+    })
+    .expect("NODEV registration");
+    let offsets = raw.offsets;
+    assert_eq!(
+        (offsets.head, offsets.tail, offsets.rqes),
+        (header.head, header.tail, header.rqes),
+        "refill ring offsets on {:?}",
+        kernel.series
+    );
+
+    let extra = tokio_zcrx_kernel_tests::Mmap::new(1 << 20).unwrap();
+    let mut area = io_uring_zcrx_area_reg {
+        addr: extra.as_ptr() as u64,
+        len: extra.len() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `extra` is a fresh mapping nothing else refers to, unmapped only after the
+    // ring (the explicit drops below).
+    let added = unsafe { zcrx_add_area(raw.ring.as_fd(), raw.zcrx_id, &mut area) };
+    if kernel.has_add_area() {
+        added.expect("ZCRX_CTRL_ADD_AREA on 7.3");
+        assert_eq!(
+            area.rq_area_token,
+            1 << 48,
+            "the second area's token is area id 1"
+        );
+    } else {
+        let errno = added
+            .expect_err("7.2 has no ZCRX_CTRL_ADD_AREA")
+            .raw_os_error();
+        assert_eq!(
+            errno,
+            Some(libc::EOPNOTSUPP),
+            "ADD_AREA on {:?}",
+            kernel.series
+        );
+        assert_eq!(area.rq_area_token, 0, "a refused area gets no token");
+    }
+    // The instance still works after either answer: flush returns nothing and succeeds.
+    raw.flush().expect("FLUSH_RQ after ADD_AREA");
+    drop(raw);
+    drop(extra);
 }
 
 /// NODEV over loopback: every byte goes through the kernel's copy path, the COPY event

@@ -169,6 +169,15 @@ fn receive_queues(port: u16) -> (usize, u64, u64) {
     found
 }
 
+/// The zcrx NIC's `rx_dropped` (netdevsim counts a packet the zcrx page pool had no buffer
+/// for there), for the log.
+fn nic_rx_dropped() -> String {
+    let nic = GuestNet::from_env().nic;
+    std::fs::read_to_string(format!("/sys/class/net/{nic}/statistics/rx_dropped"))
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_else(|error| format!("unreadable ({error})"))
+}
+
 /// Peers that read again get every byte they sent back, in order: their paused streams
 /// resumed (in NIC mode with the receive buffer a stall took given back) and lost nothing.
 fn resume_and_verify(peers: Vec<Peer>, netns: Option<String>) {
@@ -262,10 +271,25 @@ fn stalled_peers_do_not_stop_a_fresh_client(zcrx: Zcrx, listen_ip: &str, netns: 
         let resumed: Vec<Peer> = peers.drain(..RESUMED).collect();
         let total: u64 = resumed.iter().map(|p| p.sent).sum();
         drop(peers);
+        let nic_mode = netns_for_resume.is_some();
         let netns_again = netns_for_resume;
-        tokio::task::spawn_blocking(move || resume_and_verify(resumed, netns_again))
-            .await
-            .unwrap();
+        let resume = tokio::task::spawn_blocking(move || resume_and_verify(resumed, netns_again));
+        tokio::pin!(resume);
+        // While the peers read, the runtime's stats and the NIC's drops every two seconds:
+        // if a resumed peer stalls, the log shows where the bytes stopped.
+        let mut ticks = tokio::time::interval(Duration::from_secs(2));
+        ticks.tick().await;
+        let resumed_result = loop {
+            tokio::select! {
+                joined = &mut resume => break joined,
+                _ = ticks.tick() => eprintln!(
+                    "resuming: {:?}; NIC rx_dropped {}",
+                    zcrx.stats(),
+                    if nic_mode { nic_rx_dropped() } else { "n/a".to_owned() }
+                ),
+            }
+        };
+        resumed_result.unwrap();
         eprintln!("{RESUMED} resumed peers got all {total} bytes they sent back");
         // Every buffer comes back once the streams end.
         let deadline = Instant::now() + FRESH_BOUND;

@@ -29,14 +29,94 @@ use zcrx_sys::event::{zcrx_event_desc, zcrx_stats, ZCRX_EVENT_DESC_FLAG_STATS};
 use zcrx_sys::region::{io_uring_region_desc, IORING_MEM_REGION_TYPE_USER};
 use zcrx_sys::ring::IORING_CQE_F_MORE;
 use zcrx_sys::zcrx::{
-    io_uring_zcrx_area_reg, io_uring_zcrx_cqe, io_uring_zcrx_ifq_reg, io_uring_zcrx_rqe,
-    register_zcrx_ifq, IORING_ZCRX_AREA_MASK, ZCRX_REG_NODEV,
+    io_uring_zcrx_area_reg, io_uring_zcrx_cqe, io_uring_zcrx_ifq_reg, io_uring_zcrx_offsets,
+    io_uring_zcrx_rqe, register_zcrx_ifq, IORING_ZCRX_AREA_MASK, ZCRX_REG_NODEV,
 };
 
 /// user_data of zcrx event CQEs; no request uses it.
 pub const EVENT_USER_DATA: u64 = u64::MAX - 1;
 
 const PAGE: usize = 4096;
+
+/// The guest kernel and what differs between the kernels the real-kernel tier runs on
+/// (Debian's 7.2.x and 7.3.x; see docs/testing.md, "Kernel matrix"). Tests assert the
+/// kernel's answer for each, they do not skip: a 7.2 kernel must refuse what only 7.3 has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestKernel {
+    /// `(major, minor)` of `uname -r`, e.g. `(7, 3)`.
+    pub series: (u32, u32),
+}
+
+impl GuestKernel {
+    /// The running kernel, from `/proc/sys/kernel/osrelease` (`uname -r`).
+    pub fn running() -> GuestKernel {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .expect("/proc/sys/kernel/osrelease (the guest mounts /proc)");
+        GuestKernel::parse(release.trim())
+            .unwrap_or_else(|| panic!("kernel release `{release}` is not X.Y.Z..."))
+    }
+
+    /// `"7.3.4+deb13-amd64"` -> `(7, 3)`.
+    pub fn parse(release: &str) -> Option<GuestKernel> {
+        let mut parts = release.split(|c: char| !c.is_ascii_digit());
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(GuestKernel {
+            series: (major, minor),
+        })
+    }
+
+    /// Events and shared-memory stats (`ZCRX_FEATURE_EVENT`, `ZCRX_CTRL_ARM_EVENT`): 7.2+.
+    pub fn has_events(self) -> bool {
+        self.series >= (7, 2)
+    }
+
+    /// `ZCRX_CTRL_ADD_AREA`: 7.3+. On 7.2 the control op answers EOPNOTSUPP.
+    pub fn has_add_area(self) -> bool {
+        self.series >= (7, 3)
+    }
+
+    /// The number of `ZCRX_CTRL` opcodes the zcrx query reports: 3 on 7.2 (FLUSH_RQ,
+    /// EXPORT, ARM_EVENT), 4 on 7.3 (ADD_AREA).
+    pub fn nr_ctrl_opcodes(self) -> u32 {
+        if self.has_add_area() {
+            4
+        } else {
+            3
+        }
+    }
+
+    /// The refill ring's header, as `(head, tail, rqes)` offsets and the query's
+    /// `rq_hdr_size`: 7.3's `struct zcrx_rq_hdr` puts head and tail on their own cache
+    /// lines (0, 64; entries at 128, header 128 bytes); before, `struct io_uring` packed them
+    /// (0, 4; entries at 64, header 8 bytes).
+    pub fn refill_header(self) -> RefillHeader {
+        if self.series >= (7, 3) {
+            RefillHeader {
+                head: 0,
+                tail: 64,
+                rqes: 128,
+                rq_hdr_size: 128,
+            }
+        } else {
+            RefillHeader {
+                head: 0,
+                tail: 4,
+                rqes: 64,
+                rq_hdr_size: 8,
+            }
+        }
+    }
+}
+
+/// Where a kernel puts the refill ring's head, tail and entries (x86-64, 64-byte lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefillHeader {
+    pub head: u32,
+    pub tail: u32,
+    pub rqes: u32,
+    pub rq_hdr_size: u32,
+}
 
 /// The guest's test network. Panics with a clear message outside the guest.
 #[derive(Debug, Clone)]
@@ -220,6 +300,8 @@ pub struct RawZcrx {
     area: Mmap,
     region: Mmap,
     pub zcrx_id: u32,
+    /// The refill ring's offsets as the kernel reported them at registration.
+    pub offsets: io_uring_zcrx_offsets,
     area_token: u64,
     rq_head: *const AtomicU32,
     rq_tail: *const AtomicU32,
@@ -334,6 +416,7 @@ impl RawZcrx {
         Ok(RawZcrx {
             ring,
             zcrx_id: reg.zcrx_id,
+            offsets,
             area_token: area_reg.rq_area_token,
             rq_head,
             rq_tail,

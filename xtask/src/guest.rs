@@ -27,11 +27,34 @@ pub(crate) struct GuestImage {
     pub base_initramfs: PathBuf,
 }
 
-/// Prepares host packages, the chroot, the kernel, netdevsim and the base initramfs.
-pub(crate) fn prepare(start: Instant) -> Result<GuestImage> {
+/// Prepares host packages, the chroot, and for each guest kernel of the run (see
+/// [`kernel::select`]: the newest of each patched series, or the pinned ones) the kernel,
+/// its netdevsim and its base initramfs, each cached per kernel. Newest kernel first.
+pub(crate) fn prepare_all(start: Instant) -> Result<Vec<GuestImage>> {
     crate::host::ensure_packages(start)?;
     let chroot = Chroot::ensure(start)?;
-    let kernel = kernel::prepare(&chroot, start)?;
+    let mut images = Vec::new();
+    for version in kernel::select(&chroot, start)? {
+        let kernel = kernel::prepare(&chroot, &version, start)?;
+        let base_initramfs = base_initramfs(&chroot, &kernel, start)?;
+        images.push(GuestImage {
+            kernel,
+            base_initramfs,
+        });
+    }
+    Ok(images)
+}
+
+/// The newest guest kernel of the run, for the commands that boot one guest (vm-run,
+/// vm-bench, soak). Only that kernel is prepared.
+pub(crate) fn prepare_newest(start: Instant) -> Result<GuestImage> {
+    crate::host::ensure_packages(start)?;
+    let chroot = Chroot::ensure(start)?;
+    let newest = kernel::select(&chroot, start)?
+        .into_iter()
+        .next()
+        .context("no guest kernel selected")?;
+    let kernel = kernel::prepare(&chroot, &newest, start)?;
     let base_initramfs = base_initramfs(&chroot, &kernel, start)?;
     Ok(GuestImage {
         kernel,
@@ -80,6 +103,7 @@ fn base_initramfs(chroot: &Chroot, kernel: &GuestKernel, start: Instant) -> Resu
 }
 
 /// A statically linked program built for the guest.
+#[derive(Clone)]
 pub(crate) struct GuestBinary {
     pub name: String,
     pub path: PathBuf,

@@ -49,56 +49,195 @@ impl KernelVersion {
     }
 }
 
-/// Picks the newest kernel >= 7.2 for which we have a netdevsim patch.
-pub(crate) fn choose(available: &[String], patched_series: &[String]) -> Result<KernelVersion> {
+/// The guest kernels of one run: the newest kernel of each series that has a netdevsim
+/// patch, newest series first, and what the archive offered, in words.
+#[derive(Debug)]
+pub(crate) struct Selection {
+    pub kernels: Vec<KernelVersion>,
+    /// One line per series found (kernels, whether it has a patch, which one runs), for the
+    /// run's log: when the archive moves on, this says what changed.
+    pub found: Vec<String>,
+}
+
+/// Picks the newest kernel of each series >= 7.2 that has a netdevsim patch.
+///
+/// `patches` are the patched series with the kernel each patch was made for
+/// (`("7.3", "7.3.4")`), used in the error that says how to pin when no series qualifies.
+pub(crate) fn choose_matrix(available: &[String], patches: &[PatchedSeries]) -> Result<Selection> {
     let mut candidates: Vec<KernelVersion> = available
         .iter()
         .filter_map(|abi| KernelVersion::parse_abi(abi))
         .filter(|k| (k.numbers.0, k.numbers.1) >= MIN_VERSION)
         .collect();
     candidates.sort_by(|a, b| b.numbers.cmp(&a.numbers).then(Ordering::Equal));
+    candidates.dedup_by(|a, b| a.abi == b.abi);
+    let patched = |series: &str| patches.iter().any(|p| p.series == series);
+    let mut series: Vec<String> = candidates.iter().map(KernelVersion::series).collect();
+    series.dedup();
+    let mut found = Vec::new();
+    let mut kernels = Vec::new();
+    for name in &series {
+        let of_series: Vec<&KernelVersion> =
+            candidates.iter().filter(|k| &k.series() == name).collect();
+        let list = of_series
+            .iter()
+            .map(|k| k.abi.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if patched(name) {
+            found.push(format!(
+                "{name}: {list} (patched: runs {})",
+                of_series[0].abi
+            ));
+            kernels.push(of_series[0].clone());
+        } else {
+            found.push(format!(
+                "{name}: {list} (no vm/netdevsim/{name}/netdevsim-zcrx.patch: not tested)"
+            ));
+        }
+    }
+    for patch in patches {
+        if !series.contains(&patch.series) {
+            found.push(format!(
+                "{}: no kernel of this series in the archive any more (its patch is unused)",
+                patch.series
+            ));
+        }
+    }
     if candidates.is_empty() {
         bail!(
             "no Debian kernel >= {}.{} found in trixie-backports (saw {} kernel packages). \
-             The real-kernel tier needs one; check the mirror, or pin one with {PIN_ENV}=ABI \
-             (e.g. 7.3.4+deb13-amd64) if it is still in the archive.",
+             The real-kernel tier needs one; check the mirror, or pin kernels that are still \
+             in the archive: {}",
             MIN_VERSION.0,
             MIN_VERSION.1,
-            available.len()
+            available.len(),
+            pin_command(patches)
         );
     }
-    candidates
-        .iter()
-        .find(|k| patched_series.contains(&k.series()))
-        .cloned()
-        .with_context(|| {
-            format!(
-                "the newest guest kernels ({}) have no netdevsim patch in vm/netdevsim/ \
-                 (patched series: {}). Port the patch to the new series, or pin an older \
-                 kernel with {PIN_ENV}=ABI.",
-                candidates
-                    .iter()
-                    .take(3)
-                    .map(|k| k.abi.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                patched_series.join(", ")
-            )
-        })
+    if kernels.is_empty() {
+        bail!(
+            "none of the guest kernels in trixie-backports has a netdevsim patch in \
+             vm/netdevsim/:\n  {}\nPort the newest patch to the new series (see \
+             vm/netdevsim/README.md), or pin the kernels the patches were made for, if the \
+             archive still has them:\n  {}",
+            found.join("\n  "),
+            pin_command(patches)
+        );
+    }
+    Ok(Selection { kernels, found })
 }
 
-/// The kernel series for which `vm/netdevsim/<series>/` holds a patch.
-pub(crate) fn patched_series() -> Result<Vec<String>> {
+/// The command that pins the guest tier to the kernels the patches were made for.
+fn pin_command(patches: &[PatchedSeries]) -> String {
+    let mut made_for: Vec<&PatchedSeries> = patches.iter().collect();
+    made_for.sort_by_key(|p| std::cmp::Reverse(p.series_numbers()));
+    let abis: Vec<String> = made_for
+        .iter()
+        .filter_map(|p| p.made_for.as_ref())
+        .map(|release| format!("{release}+deb13-amd64"))
+        .collect();
+    if abis.is_empty() {
+        format!("{PIN_ENV}=7.3.4+deb13-amd64 cargo xtask test")
+    } else {
+        format!("{PIN_ENV}={} cargo xtask test", abis.join(","))
+    }
+}
+
+/// A series with a netdevsim patch: `vm/netdevsim/<series>/netdevsim-zcrx.patch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PatchedSeries {
+    pub series: String,
+    /// The kernel release the patch was made for, from its `# Made for: Linux X.Y.Z` line.
+    pub made_for: Option<String>,
+}
+
+impl PatchedSeries {
+    fn series_numbers(&self) -> (u32, u32) {
+        let mut parts = self.series.split('.').map(|p| p.parse().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    }
+}
+
+/// The series for which `vm/netdevsim/<series>/` holds a patch.
+pub(crate) fn patched_series() -> Result<Vec<PatchedSeries>> {
     let dir = util::workspace_root().join("vm/netdevsim");
     let mut series = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
-        if entry.path().join("netdevsim-zcrx.patch").exists() {
-            series.push(entry.file_name().to_string_lossy().into_owned());
+        let patch = entry.path().join("netdevsim-zcrx.patch");
+        if let Ok(text) = std::fs::read_to_string(&patch) {
+            series.push(PatchedSeries {
+                series: entry.file_name().to_string_lossy().into_owned(),
+                made_for: made_for(&text),
+            });
         }
     }
-    series.sort();
+    series.sort_by(|a, b| a.series.cmp(&b.series));
     Ok(series)
+}
+
+/// The release in a patch header's `# Made for: Linux 7.3.4 (...)` line.
+fn made_for(patch: &str) -> Option<String> {
+    patch
+        .lines()
+        .find_map(|l| l.strip_prefix("# Made for: Linux "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+}
+
+/// The guest kernels to run: those pinned with `TZX_GUEST_KERNEL` (a comma-separated list
+/// of Debian ABI names), or else the newest of each patched series in trixie-backports.
+/// Newest first.
+pub(crate) fn select(chroot: &Chroot, start: Instant) -> Result<Vec<KernelVersion>> {
+    if let Ok(pinned) = std::env::var(PIN_ENV) {
+        let kernels = parse_pins(&pinned)?;
+        step(
+            start,
+            format_args!(
+                "guest kernels pinned by {PIN_ENV}: {}",
+                kernels
+                    .iter()
+                    .map(|k| k.abi.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        return Ok(kernels);
+    }
+    let names = util::output(&mut chroot.command(&["apt-cache", "pkgnames", "linux-"]))?;
+    let available: Vec<String> = names
+        .lines()
+        .filter_map(|n| n.strip_prefix("linux-binary-"))
+        .map(str::to_string)
+        .collect();
+    let selection = choose_matrix(&available, &patched_series()?)?;
+    step(start, "guest kernels in trixie-backports (>= 7.2, amd64):");
+    for line in &selection.found {
+        println!("    {line}");
+    }
+    Ok(selection.kernels)
+}
+
+/// `TZX_GUEST_KERNEL`'s value: ABI names separated by commas, newest first after parsing.
+pub(crate) fn parse_pins(value: &str) -> Result<Vec<KernelVersion>> {
+    let mut kernels = Vec::new();
+    for abi in value.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let kernel = KernelVersion::parse_abi(abi).with_context(|| {
+            format!(
+                "{PIN_ENV}: `{abi}` is not a Debian amd64 kernel ABI like 7.3.4+deb13-amd64 \
+                 (several: comma-separated)"
+            )
+        })?;
+        if !kernels.contains(&kernel) {
+            kernels.push(kernel);
+        }
+    }
+    if kernels.is_empty() {
+        bail!("{PIN_ENV} is set but names no kernel; unset it or give e.g. 7.3.4+deb13-amd64");
+    }
+    kernels.sort_by_key(|k| std::cmp::Reverse(k.numbers));
+    Ok(kernels)
 }
 
 /// Everything the guest needs from the kernel side.
@@ -109,31 +248,22 @@ pub(crate) struct GuestKernel {
     pub modules: Vec<PathBuf>,
 }
 
-/// Chooses, downloads and unpacks the guest kernel, and builds netdevsim for it.
-pub(crate) fn prepare(chroot: &Chroot, start: Instant) -> Result<GuestKernel> {
-    let version = match std::env::var(PIN_ENV) {
-        Ok(abi) => KernelVersion::parse_abi(&abi).with_context(|| {
-            format!("{PIN_ENV}={abi} is not a Debian amd64 kernel ABI like 7.3.4+deb13-amd64")
-        })?,
-        Err(_) => {
-            let names = util::output(&mut chroot.command(&["apt-cache", "pkgnames", "linux-"]))?;
-            let available: Vec<String> = names
-                .lines()
-                .filter_map(|n| n.strip_prefix("linux-binary-"))
-                .map(str::to_string)
-                .collect();
-            choose(&available, &patched_series()?)?
-        }
-    };
+/// Downloads and unpacks the guest kernel `version`, and builds netdevsim for it (each
+/// cached per kernel).
+pub(crate) fn prepare(
+    chroot: &Chroot,
+    version: &KernelVersion,
+    start: Instant,
+) -> Result<GuestKernel> {
     step(start, format_args!("guest kernel: {}", version.abi));
-    let package_version = package_version(chroot, &version)?;
-    let unpacked = unpack_kernel(chroot, &version, &package_version, start)?;
-    let netdevsim = build_netdevsim(chroot, &version, &package_version, start)?;
+    let package_version = package_version(chroot, version)?;
+    let unpacked = unpack_kernel(chroot, version, &package_version, start)?;
+    let netdevsim = build_netdevsim(chroot, version, &package_version, start)?;
     let vmlinuz = find_file(&unpacked, |p| file_name(p).starts_with("vmlinuz"))?
         .context("the kernel package holds no vmlinuz")?;
     let modules = module_load_order(chroot, &unpacked, &netdevsim)?;
     Ok(GuestKernel {
-        version,
+        version: version.clone(),
         vmlinuz,
         modules,
     })
@@ -215,6 +345,14 @@ fn build_netdevsim(
         .join(version.series());
     let build_script = util::workspace_root().join("vm/netdevsim/build.sh");
     let patch = patch_dir.join("netdevsim-zcrx.patch");
+    if !patch.exists() {
+        bail!(
+            "kernel {} has no netdevsim patch ({} is missing): pin a kernel of a patched \
+             series with {PIN_ENV}, or port the patch (vm/netdevsim/README.md)",
+            version.abi,
+            patch.display()
+        );
+    }
     let mut key = CacheKey::new("netdevsim-v1");
     key.add_str(&version.abi)
         .add_str(package_version)
@@ -386,25 +524,100 @@ mod tests {
         assert!(KernelVersion::parse_abi("unsigned-7.3.4+deb13-amd64").is_none());
     }
 
+    fn patches(list: &[(&str, &str)]) -> Vec<PatchedSeries> {
+        list.iter()
+            .map(|(series, made_for)| PatchedSeries {
+                series: series.to_string(),
+                made_for: Some(made_for.to_string()),
+            })
+            .collect()
+    }
+
     #[test]
-    fn newest_patched_kernel_wins() {
+    fn newest_kernel_of_each_patched_series_runs() {
         let available = names(&[
             "7.1.13+deb13-amd64",
+            "7.2.9+deb13-amd64",
             "7.2.12+deb13-amd64",
             "7.3.4+deb13-amd64",
             "7.3.10+deb13-amd64",
             "7.4.1+deb13-amd64",
             "7.3.11+deb13-cloud-amd64",
         ]);
-        let k = choose(&available, &names(&["7.3"])).unwrap();
-        assert_eq!(k.abi, "7.3.10+deb13-amd64");
+        let selection =
+            choose_matrix(&available, &patches(&[("7.2", "7.2.12"), ("7.3", "7.3.4")])).unwrap();
+        let abis: Vec<&str> = selection.kernels.iter().map(|k| k.abi.as_str()).collect();
+        assert_eq!(abis, ["7.3.10+deb13-amd64", "7.2.12+deb13-amd64"]);
+        assert_eq!(
+            selection.found,
+            [
+                "7.4: 7.4.1+deb13-amd64 (no vm/netdevsim/7.4/netdevsim-zcrx.patch: not tested)",
+                "7.3: 7.3.10+deb13-amd64, 7.3.4+deb13-amd64 (patched: runs 7.3.10+deb13-amd64)",
+                "7.2: 7.2.12+deb13-amd64, 7.2.9+deb13-amd64 (patched: runs 7.2.12+deb13-amd64)",
+            ]
+        );
     }
 
     #[test]
-    fn too_old_or_unpatched_is_a_clear_error() {
-        let err = choose(&names(&["7.1.13+deb13-amd64"]), &names(&["7.3"])).unwrap_err();
+    fn a_series_gone_from_the_archive_is_reported_not_fatal() {
+        let selection = choose_matrix(
+            &names(&["7.3.4+deb13-amd64"]),
+            &patches(&[("7.2", "7.2.12"), ("7.3", "7.3.4")]),
+        )
+        .unwrap();
+        assert_eq!(selection.kernels.len(), 1);
+        assert!(
+            selection.found[1].starts_with("7.2: no kernel of this series"),
+            "{:?}",
+            selection.found
+        );
+    }
+
+    #[test]
+    fn too_old_or_unpatched_is_a_clear_error_with_the_pin_command() {
+        let both = patches(&[("7.2", "7.2.12"), ("7.3", "7.3.4")]);
+        let err = choose_matrix(&names(&["7.1.13+deb13-amd64"]), &both).unwrap_err();
         assert!(err.to_string().contains("no Debian kernel >= 7.2"), "{err}");
-        let err = choose(&names(&["7.4.1+deb13-amd64"]), &names(&["7.3"])).unwrap_err();
-        assert!(err.to_string().contains("no netdevsim patch"), "{err}");
+        let err = choose_matrix(&names(&["7.4.1+deb13-amd64"]), &both).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("has a netdevsim patch"), "{text}");
+        assert!(
+            text.contains("7.4: 7.4.1+deb13-amd64 (no vm/netdevsim/7.4/"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "TZX_GUEST_KERNEL=7.3.4+deb13-amd64,7.2.12+deb13-amd64 cargo xtask test"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pins_are_a_comma_separated_list() {
+        let kernels =
+            parse_pins("7.2.12+deb13-amd64, 7.3.4+deb13-amd64,7.2.12+deb13-amd64").unwrap();
+        let abis: Vec<&str> = kernels.iter().map(|k| k.abi.as_str()).collect();
+        assert_eq!(abis, ["7.3.4+deb13-amd64", "7.2.12+deb13-amd64"]);
+        assert!(parse_pins("7.3.4").is_err());
+        assert!(parse_pins(" , ").is_err());
+    }
+
+    #[test]
+    fn patch_headers_name_their_kernel() {
+        assert_eq!(
+            made_for("# x\n# Made for: Linux 7.2.12 (Debian linux-source-7.2).\n").as_deref(),
+            Some("7.2.12")
+        );
+        assert_eq!(made_for("no header"), None);
+    }
+
+    #[test]
+    fn the_patches_in_the_tree_are_found_with_their_kernels() {
+        let found = patched_series().unwrap();
+        for (series, release) in [("7.2", "7.2.12"), ("7.3", "7.3.4")] {
+            let patch = found.iter().find(|p| p.series == series).unwrap();
+            assert_eq!(patch.made_for.as_deref(), Some(release));
+        }
     }
 }

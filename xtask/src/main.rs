@@ -23,15 +23,18 @@ cargo xtask <command>
 Commands:
   test        The project's whole test command (what CI runs): host tests, the loom
               model checks, clippy, rustdoc and rustfmt checks, the proxy with real
-              software (below), then the real-kernel tier in a QEMU guest.
+              software (below), then the real-kernel tier in a QEMU guest on each guest
+              kernel (Debian's newest 7.2.x and 7.3.x), then the short soak run (newest
+              kernel). Prints `N passed, N failed` per part and kernel, and the total as
+              its last line.
   real-software
               Only the proxy example with real software on the host, in copy mode:
               installs redis-server, redis-tools, nginx and curl from Debian if missing
               (no service is started), then runs examples/tests/real_software.rs
               (redis-benchmark and redis-cli to redis-server, curl uploads and downloads
               to nginx, all through the proxy).
-  vm-test     Only the real-kernel tier: builds the guest (cached under ~/.cache/tokio-zcrx)
-              and runs the real-kernel tests inside it.
+  vm-test     Only the real-kernel tier: builds the guests (cached per kernel under
+              ~/.cache/tokio-zcrx) and runs the real-kernel tests in each, one boot per kernel.
   vm-run [--include PATH]... -- COMMAND...
               Boots the guest and runs a shell command in it, with the examples and the
               test binaries (tzx-test-NAME) on PATH and each --include'd file or directory
@@ -51,8 +54,8 @@ Commands:
               after warm-up (10000 for the issue's churn). SOAK-ARGS go to the guest's
               `soak` (--concurrency C, --seed S, --only echo_nic|echo_nodev|sink_nic|sink_nodev,
               --drop-privileges: the servers serve without any capability).
-  vm-prepare  Only installs and builds what the guest needs (host packages, chroot, kernel,
-              netdevsim, initramfs).
+  vm-prepare  Only installs and builds what the guests need (host packages, chroot, and per
+              guest kernel: kernel, netdevsim, initramfs).
   bench [ARGS]
               The receive benchmark, in release mode: `cargo run --release -p
               tokio-zcrx-bench -- ARGS`; `cargo xtask bench --help` lists ARGS
@@ -67,7 +70,10 @@ Commands:
   help        This text.
 
 Environment:
-  TZX_GUEST_KERNEL  pin the guest kernel by Debian ABI name, e.g. 7.3.4+deb13-amd64
+  TZX_GUEST_KERNEL  pin the guest kernels by Debian ABI name, comma-separated, e.g.
+                    7.3.4+deb13-amd64,7.2.12+deb13-amd64 (default: the newest kernel of
+                    each series with a vm/netdevsim/<series>/ patch). vm-run, vm-bench and
+                    soak boot the newest of them.
   TZX_VM_TIMEOUT    seconds before a guest run is killed (default 1800)
   TZX_TEST_TIMEOUT  seconds one guest test binary may run (default 600)
   TZX_VM_MEMORY     guest memory in MiB (default 4096)
@@ -105,7 +111,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         }
         Some("vm-bench") => vm_bench(&args[1..], start),
         Some("vm-prepare") => {
-            guest::prepare(start)?;
+            guest::prepare_all(start)?;
             step(start, "guest ready");
             Ok(ExitCode::SUCCESS)
         }
@@ -142,6 +148,16 @@ struct Counts {
     passed: usize,
     failed: usize,
     problems: Vec<String>,
+    /// The counts per part (host tier, each guest kernel, the soak run), printed before
+    /// the total.
+    parts: Vec<Part>,
+}
+
+/// One part's counts, e.g. the real-kernel tier on one kernel.
+struct Part {
+    label: String,
+    passed: usize,
+    failed: usize,
 }
 
 impl Counts {
@@ -161,17 +177,51 @@ impl Counts {
         Ok(())
     }
 
-    fn finish(&self, what: &str) -> ExitCode {
-        for problem in &self.problems {
-            println!("xtask: FAILED: {problem}");
-        }
+    /// What [`Counts::finish`] prints, the total last.
+    fn summary_lines(&self, what: &str) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .problems
+            .iter()
+            .map(|problem| format!("xtask: FAILED: {problem}"))
+            .collect();
         let ok = self.failed == 0 && self.problems.is_empty();
-        println!(
+        lines.push(format!(
             "xtask: {what}: {}",
             if ok { "all green" } else { "FAILURES above" }
-        );
-        println!("{} passed, {} failed", self.passed, self.failed);
-        if ok {
+        ));
+        for part in &self.parts {
+            lines.push(format!(
+                "xtask: {}: {} passed, {} failed",
+                part.label, part.passed, part.failed
+            ));
+        }
+        lines.push(format!("{} passed, {} failed", self.passed, self.failed));
+        lines
+    }
+
+    /// Adds another part's results (its own parts, or itself as one part named `label`).
+    fn absorb(&mut self, label: &str, other: Counts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.problems.extend(other.problems);
+        if other.parts.is_empty() {
+            self.parts.push(Part {
+                label: label.to_string(),
+                passed: other.passed,
+                failed: other.failed,
+            });
+        } else {
+            self.parts.extend(other.parts);
+        }
+    }
+
+    /// Prints the problems, the verdict, the counts per part and, as the very last line,
+    /// the total `N passed, N failed` (CI and the issue tracker read that line).
+    fn finish(&self, what: &str) -> ExitCode {
+        for line in self.summary_lines(what) {
+            println!("{line}");
+        }
+        if self.failed == 0 && self.problems.is_empty() {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
@@ -291,23 +341,17 @@ fn test_all(start: Instant) -> Result<ExitCode> {
             .push("code is not formatted (run `cargo fmt --all`)".into());
     }
 
+    let host = std::mem::take(&mut counts);
+    counts.absorb("host tier (tests, doc tests, loom)", host);
     match vm_test(start) {
-        Ok(vm) => {
-            counts.passed += vm.passed;
-            counts.failed += vm.failed;
-            counts.problems.extend(vm.problems);
-        }
+        Ok(vm) => counts.absorb("real-kernel tier", vm),
         Err(err) => counts
             .problems
             .push(format!("the real-kernel tier could not run: {err:#}")),
     }
-    // The short soak: about a minute, guest boot included.
+    // The short soak, on the newest guest kernel only: about a minute, guest boot included.
     match vm_soak(&SoakOptions::default(), start) {
-        Ok(soak) => {
-            counts.passed += soak.passed;
-            counts.failed += soak.failed;
-            counts.problems.extend(soak.problems);
-        }
+        Ok(soak) => counts.absorb("soak run", soak),
         Err(err) => counts
             .problems
             .push(format!("the soak run could not run: {err:#}")),
@@ -390,46 +434,65 @@ fn run_options(
     })
 }
 
+/// The real-kernel tier: every guest test on each guest kernel of the run (the newest of
+/// each patched series, or the pinned ones), one boot per kernel, counted per kernel.
 fn vm_test(start: Instant) -> Result<Counts> {
-    step(start, "real-kernel tier: preparing the guest");
-    let image = guest::prepare(start)?;
+    step(start, "real-kernel tier: preparing the guests");
+    let images = guest::prepare_all(start)?;
     let binaries = guest::build_binaries(true, true, start)?;
-    let outcome = guest::run(
-        &image,
-        &run_options(binaries, Vec::new(), Payload::Tests)?,
-        start,
-    )?;
-    println!(
-        "xtask: real-kernel tier on {}:",
-        outcome
-            .kernel_release
-            .as_deref()
-            .unwrap_or("an unknown kernel")
-    );
-    for name in &outcome.passed {
-        println!("  ok      {name}");
+    let mut counts = Counts::default();
+    for image in &images {
+        let abi = &image.kernel.version.abi;
+        let kernel_start = Instant::now();
+        let outcome = guest::run(
+            image,
+            &run_options(binaries.clone(), Vec::new(), Payload::Tests)?,
+            start,
+        )?;
+        println!(
+            "xtask: real-kernel tier on {abi} ({:.0} s):",
+            kernel_start.elapsed().as_secs_f64()
+        );
+        for name in &outcome.passed {
+            println!("  ok      [{abi}] {name}");
+        }
+        for name in &outcome.ignored {
+            println!("  ignored [{abi}] {name}");
+        }
+        for name in &outcome.failed {
+            println!("  FAILED  [{abi}] {name}");
+        }
+        let mut problems: Vec<String> = outcome
+            .problems
+            .iter()
+            .map(|p| format!("[{abi}] {p}"))
+            .collect();
+        if outcome.kernel_release.as_deref() != Some(abi.as_str()) {
+            problems.push(format!(
+                "[{abi}] the guest reported kernel {:?}, not the one it was booted with",
+                outcome.kernel_release
+            ));
+        }
+        if outcome.passed.is_empty() && outcome.failed.is_empty() {
+            problems.push(format!("[{abi}] the guest ran no test at all"));
+        }
+        if !outcome.success() && outcome.failed.is_empty() && problems.is_empty() {
+            problems.push(format!(
+                "[{abi}] the guest's test script exited with {:?}",
+                outcome.exit_code
+            ));
+        }
+        counts.absorb(
+            &format!("real-kernel tier on {abi}"),
+            Counts {
+                passed: outcome.passed.len(),
+                failed: outcome.failed.len(),
+                problems,
+                parts: Vec::new(),
+            },
+        );
     }
-    for name in &outcome.ignored {
-        println!("  ignored {name}");
-    }
-    for name in &outcome.failed {
-        println!("  FAILED  {name}");
-    }
-    let mut problems = outcome.problems.clone();
-    if outcome.passed.is_empty() && outcome.failed.is_empty() {
-        problems.push("the guest ran no test at all".into());
-    }
-    if !outcome.success() && outcome.failed.is_empty() && problems.is_empty() {
-        problems.push(format!(
-            "the guest's test script exited with {:?}",
-            outcome.exit_code
-        ));
-    }
-    Ok(Counts {
-        passed: outcome.passed.len(),
-        failed: outcome.failed.len(),
-        problems,
-    })
+    Ok(counts)
 }
 
 /// `cargo xtask soak`'s options.
@@ -510,7 +573,7 @@ fn vm_soak(options: &SoakOptions, start: Instant) -> Result<Counts> {
             }
         ),
     );
-    let image = guest::prepare(start)?;
+    let image = guest::prepare_newest(start)?;
     let binaries = guest::build_soak(start)?;
     let mut command = format!("soak --seconds {:.0}", options.churn_seconds());
     if let Some(n) = options.connections {
@@ -533,7 +596,7 @@ fn vm_soak(options: &SoakOptions, start: Instant) -> Result<Counts> {
     let mut run = run_options(binaries, Vec::new(), Payload::Command(script))?;
     run.timeout = run.timeout.max(Duration::from_secs(limit + 300));
     let outcome = guest::run(&image, &run, start)?;
-    println!("xtask: soak run:");
+    println!("xtask: soak run on {}:", image.kernel.version.abi);
     for name in &outcome.passed {
         println!("  ok      {name}");
     }
@@ -551,6 +614,11 @@ fn vm_soak(options: &SoakOptions, start: Instant) -> Result<Counts> {
         passed: outcome.passed.len(),
         failed: outcome.failed.len(),
         problems,
+        parts: vec![Part {
+            label: format!("soak run on {}", image.kernel.version.abi),
+            passed: outcome.passed.len(),
+            failed: outcome.failed.len(),
+        }],
     })
 }
 
@@ -560,7 +628,7 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
         .map(String::as_str)
         .filter(|a| *a != "--")
         .collect();
-    let image = guest::prepare(start)?;
+    let image = guest::prepare_newest(start)?;
     let binaries = guest::build_benchmark(start)?;
     let command = format!("guest-ratio {}", args.join(" "));
     let outcome = guest::run(
@@ -601,7 +669,7 @@ fn vm_run(args: &[String], start: Instant) -> Result<ExitCode> {
     if command.is_empty() {
         bail!("vm-run needs a command after `--`, e.g. cargo xtask vm-run -- 'probe --json'");
     }
-    let image = guest::prepare(start)?;
+    let image = guest::prepare_newest(start)?;
     // Test binaries come along (as tzx-test-NAME) so a single test can be run by hand.
     let binaries = guest::build_binaries(true, true, start)?;
     let outcome = guest::run(
@@ -629,6 +697,49 @@ mod tests {
                    junk\n\
                    test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured\n";
         assert_eq!(super::libtest_totals(out), (5, 1));
+    }
+
+    #[test]
+    fn counts_per_part_then_the_total_last() {
+        let mut total = super::Counts {
+            passed: 300,
+            ..Default::default()
+        };
+        let host = std::mem::take(&mut total);
+        total.absorb("host tier", host);
+        let mut vm = super::Counts::default();
+        for (abi, passed, failed) in [("7.3.4+deb13-amd64", 70, 0), ("7.2.12+deb13-amd64", 69, 1)] {
+            vm.absorb(
+                &format!("real-kernel tier on {abi}"),
+                super::Counts {
+                    passed,
+                    failed,
+                    problems: vec![format!("[{abi}] x")]
+                        .into_iter()
+                        .filter(|_| failed > 0)
+                        .collect(),
+                    parts: Vec::new(),
+                },
+            );
+        }
+        total.absorb("real-kernel tier", vm);
+        let lines = total.summary_lines("everything");
+        assert_eq!(
+            lines,
+            [
+                "xtask: FAILED: [7.2.12+deb13-amd64] x",
+                "xtask: everything: FAILURES above",
+                "xtask: host tier: 300 passed, 0 failed",
+                "xtask: real-kernel tier on 7.3.4+deb13-amd64: 70 passed, 0 failed",
+                "xtask: real-kernel tier on 7.2.12+deb13-amd64: 69 passed, 1 failed",
+                "439 passed, 1 failed",
+            ]
+        );
+        assert_eq!(
+            super::libtest_totals(lines.last().unwrap()),
+            (0, 0),
+            "not a libtest line"
+        );
     }
 
     #[test]

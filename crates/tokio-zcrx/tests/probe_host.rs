@@ -5,7 +5,8 @@
 //! guest (7.3: NODEV and events, netdevsim with tcp-data-split on).
 
 use tokio_zcrx::probe::{
-    self, Errno, ProbeOptions, ProbeReport, QueryStatus, Support, TrialOutcome, Verdict,
+    self, Errno, GenerationStep, ProbeOptions, ProbeReport, QueryStatus, Support, TrialOutcome,
+    Verdict,
 };
 
 fn probe_interface(name: &str) -> ProbeReport {
@@ -153,5 +154,51 @@ fn default_probe_explains_every_interface_and_disturbs_none() {
             interface.name
         );
         assert_ne!(interface.verdict, Verdict::Ready, "{}", interface.name);
+    }
+}
+
+#[test]
+fn generation_follows_recv_zc_and_the_query() {
+    let report = probe_interface("lo");
+    let generation = &report.generation;
+    let steps: Vec<GenerationStep> = generation.steps.iter().map(|e| e.step).collect();
+    assert_eq!(steps, GenerationStep::ALL);
+    match (report.recv_zc.support, report.zcrx_query.status) {
+        // 6.15-6.18 (the development machines): RECV_ZC and nothing newer.
+        (Support::Supported, QueryStatus::PredatesQuery) => {
+            assert_eq!(generation.kernel, Some("6.15"), "{}", generation.summary);
+            assert_eq!(generation.missing, &GenerationStep::ALL[1..]);
+        }
+        (Support::Supported, QueryStatus::Answered) => {
+            assert!(
+                !generation.missing.contains(&GenerationStep::Query),
+                "{}",
+                generation.summary
+            );
+            assert_ne!(generation.kernel, Some("6.15"), "{}", generation.summary);
+        }
+        (Support::Unsupported, _) => {
+            assert_eq!(generation.kernel, None);
+            assert!(generation
+                .summary
+                .starts_with("no zcrx (needs Linux 6.15+)"));
+        }
+        _ => assert!(
+            generation.steps[0].support != Support::Supported || generation.kernel.is_some()
+        ),
+    }
+    let text = report.to_string();
+    assert!(
+        text.contains(&format!("  generation      {}", generation.summary)),
+        "{text}"
+    );
+    for step in &generation.missing {
+        let line = format!(
+            "  missing         {} (Linux {}+): {}",
+            step.name(),
+            step.min_kernel(),
+            step.gives()
+        );
+        assert!(text.contains(&line), "{line} not in:\n{text}");
     }
 }

@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 
 use io_uring::IoUring;
 use zcrx_core::query::QueryFeatures;
+use zcrx_sys::ctrl::{ZCRX_CTRL_ADD_AREA, ZCRX_CTRL_EXPORT};
 use zcrx_sys::opcode_probe::probe_opcode_supported;
 use zcrx_sys::query::{io_uring_query_zcrx, query_zcrx};
 use zcrx_sys::ring::IORING_OP_RECV_ZC;
@@ -17,8 +18,9 @@ use zcrx_sys::zcrx::{
 use super::system;
 use super::trial::{self, TrialError};
 use super::{
-    CapNetAdminReport, Errno, FeatureReport, IoUringReport, OpcodeReport, QueryStatus, Support,
-    TrialOutcome, ZcrxFeatures, ZcrxQueryReport, ZcrxQueryResult,
+    CapNetAdminReport, Errno, FeatureReport, GenerationEntry, GenerationStep, IoUringReport,
+    OpcodeReport, QueryStatus, Support, TrialOutcome, ZcrxFeatures, ZcrxGeneration,
+    ZcrxQueryReport, ZcrxQueryResult,
 };
 use crate::sys::registration::QueueBinding;
 
@@ -33,6 +35,7 @@ pub(crate) struct HostFacts {
     pub(crate) recv_zc: OpcodeReport,
     pub(crate) zcrx_query: ZcrxQueryReport,
     pub(crate) features: ZcrxFeatures,
+    pub(crate) generation: ZcrxGeneration,
     pub(crate) nodev_trial: TrialOutcome,
     pub(crate) cap_net_admin: CapNetAdminReport,
 }
@@ -55,6 +58,7 @@ pub(crate) fn probe_host() -> HostFacts {
     drop(ring);
     let zcrx_query = zcrx_query_report(&release, query_zcrx());
     let features = derive_features(&release, &zcrx_query);
+    let generation = derive_generation(recv_zc.support, &zcrx_query, &features);
     let nodev_trial = nodev_trial(&features);
     let cap_net_admin = cap_net_admin_report(CapFacts::of_this_thread(), recv_zc.support);
     HostFacts {
@@ -63,6 +67,7 @@ pub(crate) fn probe_host() -> HostFacts {
         recv_zc,
         zcrx_query,
         features,
+        generation,
         nodev_trial,
         cap_net_admin,
     }
@@ -226,6 +231,7 @@ fn decode_query(raw: &io_uring_query_zcrx) -> ZcrxQueryResult {
         register_nodev: decoded.register_nodev,
         area_dmabuf: decoded.area_dmabuf,
         ctrl_arm_event: decoded.ctrl_arm_event,
+        ctrl_add_area: raw.nr_ctrl_opcodes > ZCRX_CTRL_ADD_AREA,
         feature_rx_page_size: decoded.rx_page_size,
         feature_event: decoded.event,
     }
@@ -274,6 +280,81 @@ pub(crate) fn derive_features(release: &str, query: &ZcrxQueryReport) -> ZcrxFea
             "events and stats (ZCRX_FEATURE_EVENT, ZCRX_CTRL_ARM_EVENT)",
             |r| r.feature_event && r.ctrl_arm_event,
         ),
+    }
+}
+
+/// The kernel's zcrx generation, from what the probe already found: RECV_ZC for the first
+/// step, the query for the rest (each later step is newer than the query, so a kernel that
+/// predates it has none of them; a failed query leaves them unknown).
+pub(crate) fn derive_generation(
+    recv_zc: Support,
+    query: &ZcrxQueryReport,
+    features: &ZcrxFeatures,
+) -> ZcrxGeneration {
+    let from_query = |present: fn(&ZcrxQueryResult) -> bool| match (&query.result, query.status) {
+        (Some(result), _) if present(result) => Support::Supported,
+        (Some(_), _) | (None, QueryStatus::PredatesQuery) => Support::Unsupported,
+        (None, _) => Support::Unknown,
+    };
+    let support = |step: GenerationStep| match step {
+        GenerationStep::Nic => recv_zc,
+        GenerationStep::CtrlOps => from_query(|r| r.nr_ctrl_opcodes > ZCRX_CTRL_EXPORT),
+        GenerationStep::Query => match query.status {
+            QueryStatus::Answered => Support::Supported,
+            QueryStatus::PredatesQuery => Support::Unsupported,
+            _ => Support::Unknown,
+        },
+        GenerationStep::RxBufLen => features.rx_buf_len.support,
+        GenerationStep::Nodev => features.nodev.support,
+        GenerationStep::Events => features.events.support,
+        GenerationStep::AddArea => from_query(|r| r.ctrl_add_area),
+    };
+    let steps: Vec<GenerationEntry> = GenerationStep::ALL
+        .iter()
+        .map(|&step| GenerationEntry {
+            step,
+            name: step.name(),
+            min_kernel: step.min_kernel(),
+            support: support(step),
+            gives: step.gives(),
+        })
+        .collect();
+    let kernel = steps
+        .iter()
+        .take_while(|entry| entry.support == Support::Supported)
+        .last()
+        .map(|entry| entry.min_kernel);
+    let missing: Vec<GenerationStep> = steps
+        .iter()
+        .filter(|entry| entry.support == Support::Unsupported)
+        .map(|entry| entry.step)
+        .collect();
+    let has: Vec<String> = steps
+        .iter()
+        .map(|entry| {
+            let word = match entry.support {
+                Support::Supported => "yes",
+                Support::Unsupported => "no",
+                Support::Unknown => "unknown",
+            };
+            format!("{} ({}) {word}", entry.name, entry.min_kernel)
+        })
+        .collect();
+    let level = match kernel {
+        Some(release)
+            if missing.is_empty() && steps.iter().all(|e| e.support == Support::Supported) =>
+        {
+            format!("Linux {release} level, every zcrx step this probe knows")
+        }
+        Some(release) => format!("Linux {release} level"),
+        None if recv_zc == Support::Unsupported => "no zcrx (needs Linux 6.15+)".to_owned(),
+        None => "unknown".to_owned(),
+    };
+    ZcrxGeneration {
+        kernel,
+        summary: format!("{level}: {}", has.join(", ")),
+        steps,
+        missing,
     }
 }
 
@@ -496,6 +577,110 @@ mod tests {
             nodev_trial(&features),
             TrialOutcome::NotAttempted { .. }
         ));
+    }
+
+    /// The generation the probe reports for each synthetic kernel personality, fed the query
+    /// answer that personality gives (the same answers the runtime's host tests run on).
+    #[test]
+    fn generation_of_each_kernel_personality() {
+        use crate::backend::uring::synthetic::personality::Personality;
+        use GenerationStep::{AddArea, CtrlOps, Events, Nodev, Query, RxBufLen};
+
+        let expected = [
+            (
+                Personality::Linux6_18,
+                Some("6.15"),
+                vec![CtrlOps, Query, RxBufLen, Nodev, Events, AddArea],
+            ),
+            (Personality::Linux7_1, Some("7.1"), vec![Events, AddArea]),
+            (Personality::Linux7_2, Some("7.2"), vec![AddArea]),
+            (Personality::Linux7_3, Some("7.3"), vec![]),
+        ];
+        for (personality, kernel, missing) in expected {
+            let answer = match personality.query() {
+                Some(q) => Ok(io_uring_query_zcrx {
+                    register_flags: q.register_flags,
+                    area_flags: u64::from(IORING_ZCRX_AREA_DMABUF),
+                    nr_ctrl_opcodes: q.nr_ctrl_opcodes,
+                    features: q.features,
+                    rq_hdr_size: q.rq_hdr_size,
+                    rq_hdr_alignment: 64,
+                    ..Default::default()
+                }),
+                None => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+            };
+            let query = zcrx_query_report(personality.name(), answer);
+            let features = derive_features(personality.name(), &query);
+            let generation = derive_generation(Support::Supported, &query, &features);
+            assert_eq!(
+                generation.kernel, kernel,
+                "{personality}: {}",
+                generation.summary
+            );
+            assert_eq!(generation.missing, missing, "{personality}");
+            // The ADD_AREA step follows the control ops the personality knows.
+            assert_eq!(
+                generation.missing.contains(&AddArea),
+                !personality.ctrl_ops().contains(&"ADD_AREA"),
+                "{personality}"
+            );
+        }
+    }
+
+    #[test]
+    fn generation_summary_names_every_step_with_its_kernel() {
+        let raw = query_with(
+            u64::from(ZCRX_REG_IMPORT | ZCRX_REG_NODEV),
+            3,
+            ZCRX_FEATURE_RX_PAGE_SIZE | ZCRX_FEATURE_EVENT,
+        );
+        let query = zcrx_query_report("7.2.12", Ok(raw));
+        let features = derive_features("7.2.12", &query);
+        let generation = derive_generation(Support::Supported, &query, &features);
+        assert_eq!(
+            generation.summary,
+            "Linux 7.2 level: NIC only (6.15) yes, ctrl ops (6.19) yes, query (6.19) yes, \
+             rx_buf_len (7.0) yes, NODEV (7.1) yes, events (7.2) yes, ADD_AREA (7.3) no"
+        );
+        let with_add_area = query_with(
+            u64::from(ZCRX_REG_IMPORT | ZCRX_REG_NODEV),
+            4,
+            ZCRX_FEATURE_RX_PAGE_SIZE | ZCRX_FEATURE_EVENT,
+        );
+        let query = zcrx_query_report("7.3.4", Ok(with_add_area));
+        assert!(query.result.unwrap().ctrl_add_area);
+        let generation = derive_generation(
+            Support::Supported,
+            &query,
+            &derive_features("7.3.4", &query),
+        );
+        assert_eq!(generation.kernel, Some("7.3"));
+        assert!(generation
+            .summary
+            .starts_with("Linux 7.3 level, every zcrx step"));
+
+        // No RECV_ZC: nothing at all; a failed query: only the first step is known.
+        let old = zcrx_query_report("6.12", Err(io::Error::from_raw_os_error(libc::EINVAL)));
+        let generation =
+            derive_generation(Support::Unsupported, &old, &derive_features("6.12", &old));
+        assert_eq!(generation.kernel, None);
+        assert!(generation
+            .summary
+            .starts_with("no zcrx (needs Linux 6.15+)"));
+        assert_eq!(generation.missing.len(), 7);
+        let blocked = zcrx_query_report("7.2", Err(io::Error::from_raw_os_error(libc::EPERM)));
+        let generation = derive_generation(
+            Support::Supported,
+            &blocked,
+            &derive_features("7.2", &blocked),
+        );
+        assert_eq!(generation.kernel, Some("6.15"));
+        assert!(generation.missing.is_empty(), "{:?}", generation.missing);
+        assert!(
+            generation.summary.contains("query (6.19) unknown"),
+            "{}",
+            generation.summary
+        );
     }
 
     #[test]

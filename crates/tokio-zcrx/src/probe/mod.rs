@@ -47,9 +47,15 @@
 //!   `summary`, `result` (null unless answered): `register_flags`, `area_flags`,
 //!   `nr_ctrl_opcodes`, `features`, `rq_hdr_size`, `rq_hdr_alignment` (raw kernel values) and
 //!   the decoded booleans `register_import`, `register_nodev`, `area_dmabuf`, `ctrl_arm_event`,
-//!   `feature_rx_page_size`, `feature_event`.
+//!   `ctrl_add_area`, `feature_rx_page_size`, `feature_event`.
 //! - `features`: `import`, `rx_buf_len`, `nodev`, `events`, each `{support, min_kernel,
 //!   summary}`.
+//! - `generation`: the kernel's zcrx generation. `kernel` (string or null): the release of
+//!   the newest step this kernel has together with every older one (`"7.2"`); `steps`: array,
+//!   oldest first, of `{step, name, min_kernel, support, gives}` where `step` is one of
+//!   `"nic"` (6.15), `"ctrl_ops"` (6.19), `"query"` (6.19), `"rx_buf_len"` (7.0), `"nodev"`
+//!   (7.1), `"events"` (7.2), `"add_area"` (7.3); `missing`: the `step`s this kernel lacks;
+//!   `summary`.
 //! - `nodev_trial`: a trial outcome (below).
 //! - `cap_net_admin`: `effective`, `permitted`, `bounding` (each bool or null), `dropped`
 //!   (string or null: when this process gave it up), `needed_for`, `summary`.
@@ -160,6 +166,9 @@ pub struct ProbeReport {
     pub zcrx_query: ZcrxQueryReport,
     /// zcrx features derived from the query, with the kernel release each needs.
     pub features: ZcrxFeatures,
+    /// The kernel's zcrx generation: which steps of zcrx's growth (6.15 to 7.3) it has, and
+    /// what the missing ones would give.
+    pub generation: ZcrxGeneration,
     /// A registration without a device (`ZCRX_REG_NODEV`), which touches no NIC.
     pub nodev_trial: TrialOutcome,
     /// Whether this process has CAP_NET_ADMIN, which zcrx registration needs.
@@ -250,6 +259,8 @@ pub struct ZcrxQueryResult {
     pub area_dmabuf: bool,
     /// `ZCRX_CTRL_ARM_EVENT` exists.
     pub ctrl_arm_event: bool,
+    /// `ZCRX_CTRL_ADD_AREA` exists: areas can be added at run time (Linux 7.3).
+    pub ctrl_add_area: bool,
     /// `ZCRX_FEATURE_RX_PAGE_SIZE`: chunks larger than a page (`rx_buf_len`).
     pub feature_rx_page_size: bool,
     /// `ZCRX_FEATURE_EVENT`: events and shared-memory stats.
@@ -283,6 +294,138 @@ pub struct ZcrxFeatures {
     /// Events and shared-memory stats, `ZCRX_FEATURE_EVENT` with `ZCRX_CTRL_ARM_EVENT`
     /// (Linux 7.2).
     pub events: FeatureReport,
+}
+
+/// One step of zcrx's growth, in the order the kernel gained them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum GenerationStep {
+    /// `IORING_OP_RECV_ZC` on a NIC queue, one area, the refill ring (Linux 6.15).
+    Nic,
+    /// `IORING_REGISTER_ZCRX_CTRL` with `ZCRX_CTRL_FLUSH_RQ` and `ZCRX_CTRL_EXPORT` (6.19).
+    CtrlOps,
+    /// The zcrx query, `IORING_REGISTER_QUERY` / `IO_URING_QUERY_ZCRX` (6.19).
+    Query,
+    /// Chunks larger than a page, `rx_buf_len` (7.0).
+    RxBufLen,
+    /// Registration without a device, `ZCRX_REG_NODEV` (7.1).
+    Nodev,
+    /// Events and shared-memory stats, `ZCRX_FEATURE_EVENT` with `ZCRX_CTRL_ARM_EVENT` (7.2).
+    Events,
+    /// Areas added at run time, `ZCRX_CTRL_ADD_AREA`, with the cache-line refill header (7.3).
+    AddArea,
+}
+
+impl GenerationStep {
+    /// Every step, oldest first.
+    pub const ALL: [GenerationStep; 7] = [
+        GenerationStep::Nic,
+        GenerationStep::CtrlOps,
+        GenerationStep::Query,
+        GenerationStep::RxBufLen,
+        GenerationStep::Nodev,
+        GenerationStep::Events,
+        GenerationStep::AddArea,
+    ];
+
+    /// Its short name, as the human summary prints it (`"ctrl ops"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GenerationStep::Nic => "NIC only",
+            GenerationStep::CtrlOps => "ctrl ops",
+            GenerationStep::Query => "query",
+            GenerationStep::RxBufLen => "rx_buf_len",
+            GenerationStep::Nodev => "NODEV",
+            GenerationStep::Events => "events",
+            GenerationStep::AddArea => "ADD_AREA",
+        }
+    }
+
+    /// The first Linux release that has it.
+    pub fn min_kernel(self) -> &'static str {
+        match self {
+            GenerationStep::Nic => "6.15",
+            GenerationStep::CtrlOps | GenerationStep::Query => "6.19",
+            GenerationStep::RxBufLen => "7.0",
+            GenerationStep::Nodev => "7.1",
+            GenerationStep::Events => "7.2",
+            GenerationStep::AddArea => "7.3",
+        }
+    }
+
+    /// What it gives a tokio-zcrx program, in words (what a kernel without it misses).
+    pub fn gives(self) -> &'static str {
+        match self {
+            GenerationStep::Nic => "zero-copy receive on a NIC queue with header/data split",
+            GenerationStep::CtrlOps => {
+                "FLUSH_RQ (returned buffers reach the kernel at once, needed by NODEV) and \
+                 EXPORT (an instance shared with another ring)"
+            }
+            GenerationStep::Query => {
+                "feature detection (without the query the runtime assumes none of the later \
+                 steps)"
+            }
+            GenerationStep::RxBufLen => {
+                "chunks larger than a page (fewer completions per byte, huge-page areas)"
+            }
+            GenerationStep::Nodev => {
+                "copy mode without a capable NIC (any TCP socket, loopback included)"
+            }
+            GenerationStep::Events => {
+                "copy-fallback and allocation-failure events and the kernel's copy counters \
+                 (Zcrx::subscribe, stats)"
+            }
+            GenerationStep::AddArea => {
+                "growing the receive memory at run time instead of dropping packets \
+                 (ZCRX_CTRL_ADD_AREA)"
+            }
+        }
+    }
+}
+
+/// Whether the kernel has one [`GenerationStep`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct GenerationEntry {
+    /// The step.
+    pub step: GenerationStep,
+    /// [`GenerationStep::name`].
+    pub name: &'static str,
+    /// [`GenerationStep::min_kernel`].
+    pub min_kernel: &'static str,
+    /// Whether this kernel has it.
+    pub support: Support,
+    /// [`GenerationStep::gives`].
+    pub gives: &'static str,
+}
+
+/// The kernel's zcrx generation: the steps of zcrx's growth it has.
+///
+/// ```no_run
+/// use tokio_zcrx::probe::{self, GenerationStep, ProbeOptions};
+///
+/// let report = probe::run(&ProbeOptions::new().interface("lo"));
+/// println!("zcrx generation: {}", report.generation.summary);
+/// if report.generation.missing.contains(&GenerationStep::AddArea) {
+///     println!("this kernel cannot grow a receive area at run time (Linux 7.3+)");
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct ZcrxGeneration {
+    /// The first release of the newest step this kernel has together with every older one
+    /// (`"7.2"`); `None` when it has no zcrx, or the first step is unknown.
+    pub kernel: Option<&'static str>,
+    /// Every step, oldest first.
+    pub steps: Vec<GenerationEntry>,
+    /// The steps this kernel lacks (unknown ones are not listed).
+    pub missing: Vec<GenerationStep>,
+    /// Plain-words summary.
+    pub summary: String,
 }
 
 /// CAP_NET_ADMIN in this thread's capability sets, and what needs it on this kernel.
@@ -433,6 +576,7 @@ pub fn run(options: &ProbeOptions) -> ProbeReport {
         recv_zc: host.recv_zc,
         zcrx_query: host.zcrx_query,
         features: host.features,
+        generation: host.generation,
         nodev_trial: host.nodev_trial,
         cap_net_admin: host.cap_net_admin,
         interfaces,

@@ -80,6 +80,19 @@ impl fmt::Display for ProbeReport {
             feature_word("events", &self.features.events),
         ];
         line(f, "features", features.join(", "))?;
+        line(f, "generation", &self.generation.summary)?;
+        for entry in &self.generation.steps {
+            if self.generation.missing.contains(&entry.step) {
+                line(
+                    f,
+                    "missing",
+                    format!(
+                        "{} (Linux {}+): {}",
+                        entry.name, entry.min_kernel, entry.gives
+                    ),
+                )?;
+            }
+        }
         line(f, "NODEV trial", describe_nodev_trial(&self.nodev_trial))?;
         line(f, "CAP_NET_ADMIN", &self.cap_net_admin.summary)?;
         line(f, "needed for", &self.cap_net_admin.needed_for)?;
