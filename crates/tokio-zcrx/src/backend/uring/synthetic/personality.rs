@@ -88,7 +88,13 @@ impl Personality {
             register_flags: 1 | 2,
             nr_ctrl_opcodes,
             features,
-            rq_hdr_size: self.rqes_offset() as u32,
+            // Before 7.3 the query reports the bare header (`sizeof(struct io_uring)`, 8),
+            // not where the entries start (64): the 7.2.12 guest answers 8. 7.3 reports its
+            // padded header, 128, which is also the entries' offset.
+            rq_hdr_size: match self {
+                Personality::Linux7_3 => 128,
+                _ => 8,
+            },
         })
     }
 
