@@ -70,6 +70,7 @@ mod listener;
 mod mode;
 mod privilege;
 pub mod probe;
+mod send;
 mod stream;
 mod sys;
 mod writer;

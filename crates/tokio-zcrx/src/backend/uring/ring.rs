@@ -15,6 +15,7 @@ use io_uring::{opcode, squeue, types};
 use zcrx_core::completion::RawCompletion;
 use zcrx_core::query::QueryFeatures;
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
+use zcrx_sys::ring::IORING_SEND_ZC_REPORT_USAGE;
 
 use crate::sys::fork::RingForkGuard;
 use crate::sys::registration::Ring;
@@ -49,7 +50,34 @@ impl Capabilities {
     }
 }
 
+/// How a send request reads its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendKind {
+    /// `IORING_OP_SEND_ZC` from the registered buffer of this index.
+    ZeroCopyFixed(u16),
+    /// `IORING_OP_SEND_ZC` from unregistered memory (pinned per send).
+    ZeroCopy,
+    /// `IORING_OP_SEND`: the kernel copies at once.
+    Plain,
+}
+
+/// One send request (see `driver/sends.rs`).
+#[derive(Debug)]
+pub(crate) struct SendSqe {
+    pub(crate) fd: RawFd,
+    /// `ptr..ptr + len` stays readable and unchanged until the request's last CQE.
+    pub(crate) ptr: *const u8,
+    pub(crate) len: u32,
+    pub(crate) kind: SendKind,
+    /// `IOSQE_IO_LINK`: the next request runs after this one, and is cancelled if this one
+    /// fails or comes short.
+    pub(crate) link: bool,
+    pub(crate) user_data: u64,
+}
+
 pub(crate) trait CompletionRing: Send + 'static {
+    /// Queues a send (`MSG_WAITALL`; zero-copy ones with `IORING_SEND_ZC_REPORT_USAGE`).
+    fn send(&mut self, sqe: &SendSqe) -> io::Result<()>;
     /// Queues a multishot zero-copy receive on `fd` (`len` 0: no limit).
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()>;
     /// Queues the cancellation of the request tagged `target`.
@@ -93,7 +121,8 @@ impl UringRing {
     fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
         if self.backlog.is_empty() {
             // SAFETY: every SQE the driver builds refers to fds it keeps open until the
-            // request's final CQE (stream sockets, the eventfd) and to no user memory.
+            // request's final CQE (stream sockets, the eventfd), and sends to memory held
+            // unchanged until then (`driver/sends.rs`: each request holds its piece).
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }
@@ -116,6 +145,32 @@ impl UringRing {
 }
 
 impl CompletionRing for UringRing {
+    fn send(&mut self, sqe: &SendSqe) -> io::Result<()> {
+        let fd = types::Fd(sqe.fd);
+        let entry = match sqe.kind {
+            SendKind::Plain => opcode::Send::new(fd, sqe.ptr, sqe.len)
+                .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
+                .build(),
+            SendKind::ZeroCopy | SendKind::ZeroCopyFixed(_) => {
+                let buf_index = match sqe.kind {
+                    SendKind::ZeroCopyFixed(index) => Some(index),
+                    _ => None,
+                };
+                opcode::SendZc::new(fd, sqe.ptr, sqe.len)
+                    .buf_index(buf_index)
+                    .flags(libc::MSG_WAITALL)
+                    .zc_flags(IORING_SEND_ZC_REPORT_USAGE)
+                    .build()
+            }
+        };
+        let entry = if sqe.link {
+            entry.flags(squeue::Flags::IO_LINK)
+        } else {
+            entry
+        };
+        self.push(&entry.user_data(sqe.user_data))
+    }
+
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {
         let sqe = opcode::RecvZc::new(types::Fd(fd), len)
             .ifq(self.zcrx_id)
