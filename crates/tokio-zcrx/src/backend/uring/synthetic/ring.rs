@@ -139,6 +139,9 @@ pub(crate) struct KernelReport {
 pub(crate) struct Control {
     plans: Mutex<HashMap<RawFd, StreamPlan>>,
     report: Mutex<KernelReport>,
+    /// While set, zero-copy sends get their results but no notifications (the "NIC" is
+    /// still reading them): their buffers stay held.
+    pub(crate) hold_notifications: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -416,7 +419,7 @@ impl SyntheticRing {
     /// chunks are consumed and, like any free chunk, overwritten by new packets first: a
     /// send whose chunk went back before its notification sends those bytes.
     fn post_notifications(&mut self, out: &mut Vec<RawCompletion>) {
-        if self.notifs_due.is_empty() {
+        if self.notifs_due.is_empty() || self.notifs_held() {
             return;
         }
         if self.setup.write_pattern {
@@ -452,6 +455,10 @@ impl SyntheticRing {
             });
         }
         self.flush_wire();
+    }
+
+    fn notifs_held(&self) -> bool {
+        self.control.hold_notifications.load(Ordering::Relaxed)
     }
 
     /// Writes the wire's bytes to their sockets, in order, as far as they have been read.
@@ -529,8 +536,8 @@ impl SyntheticRing {
     fn can_deliver(&self) -> bool {
         !self.pending.is_empty()
             || !self.sends.is_empty()
-            || !self.notifs_due.is_empty()
-            || !self.notifs_next.is_empty()
+            || (!self.notifs_held()
+                && (!self.notifs_due.is_empty() || !self.notifs_next.is_empty()))
             || self.eventfd_ready
             // A free chunk serves any receive: the per-receive look only when there is none.
             || (!self.receives.is_empty()
