@@ -97,7 +97,9 @@ fn sender(addr: SocketAddr, total: u64, ending: Ending) -> (u64, String) {
         }
         Ending::Close | Ending::HalfClose => {
             stream.shutdown(std::net::Shutdown::Write).unwrap();
-            stream.read_to_string(&mut reply).expect("sender: read reply");
+            stream
+                .read_to_string(&mut reply)
+                .expect("sender: read reply");
         }
     }
     (sent, reply)
@@ -256,8 +258,16 @@ fn forwarding(zcrx: Zcrx, listen_ip: &str, upstream_ip: &str, netns: Option<Stri
             assert_eq!(f.error, Some(std::io::ErrorKind::ConnectionReset));
             assert!(f.bytes <= BEFORE_RESET);
         }
-        let complete: u64 = forwarded.iter().filter(|f| f.error.is_none()).map(|f| f.bytes).sum();
-        assert_eq!(complete, (connections - 1) * BYTES, "every complete byte forwarded");
+        let complete: u64 = forwarded
+            .iter()
+            .filter(|f| f.error.is_none())
+            .map(|f| f.bytes)
+            .sum();
+        assert_eq!(
+            complete,
+            (connections - 1) * BYTES,
+            "every complete byte forwarded"
+        );
         for (ending, (bytes, reply)) in &sent {
             match ending {
                 Ending::HalfClose => assert_eq!(reply, &format!("{bytes}\n")),
@@ -312,7 +322,11 @@ fn nic_forwarding_sends_received_buffers_without_copying() {
         Some(net.peer_netns.clone()),
     );
     // The receive side: every byte zero-copy into the area.
-    assert_eq!(stats.copy_bytes, Some(0), "zero-copy receive expected: {stats}");
+    assert_eq!(
+        stats.copy_bytes,
+        Some(0),
+        "zero-copy receive expected: {stats}"
+    );
     // The send side, from the registered area, with no fallback.
     assert_eq!(stats.send_fallbacks, 0, "{stats:?}");
     assert_eq!(stats.send_plain_bytes, 0, "{stats:?}");

@@ -52,10 +52,12 @@ impl<R: CompletionRing> Driver<R> {
                     payload,
                     res,
                     flags,
-                }) => match sends::decode_send(payload) {
-                    Some((slot, seq)) => self.on_send_completion(slot, seq, res, flags)?,
-                    None => {}
-                },
+                }) => {
+                    // Sends are the only Internal requests; anything else is ignored.
+                    if let Some((slot, seq)) = sends::decode_send(payload) {
+                        self.on_send_completion(slot, seq, res, flags)?;
+                    }
+                }
                 Err(invalid) => self.on_invalid(&invalid)?,
             }
         }

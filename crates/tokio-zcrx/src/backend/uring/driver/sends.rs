@@ -374,7 +374,12 @@ impl<R: CompletionRing> Driver<R> {
             .get_mut(slot as usize)
             .and_then(Option::as_mut)
         else {
-            tracing::warn!(slot, seq, res, "tokio-zcrx: a send CQE for no connection; ignored");
+            tracing::warn!(
+                slot,
+                seq,
+                res,
+                "tokio-zcrx: a send CQE for no connection; ignored"
+            );
             return Ok(());
         };
         if flags & IORING_CQE_F_NOTIF != 0 {
@@ -396,11 +401,20 @@ impl<R: CompletionRing> Driver<R> {
             return Ok(());
         }
         let Some(at) = conn.chain.iter().position(|op| op.seq == seq) else {
-            tracing::warn!(slot, seq, res, "tokio-zcrx: a send result for no request; ignored");
+            tracing::warn!(
+                slot,
+                seq,
+                res,
+                "tokio-zcrx: a send result for no request; ignored"
+            );
             return Ok(());
         };
         if at != 0 {
-            tracing::warn!(slot, seq, "tokio-zcrx: send results out of submission order");
+            tracing::warn!(
+                slot,
+                seq,
+                "tokio-zcrx: send results out of submission order"
+            );
         }
         let mut op = conn.chain.remove(at).expect("found above");
         let more = flags & IORING_CQE_F_MORE != 0;
@@ -441,9 +455,7 @@ impl<R: CompletionRing> Driver<R> {
                     conn.chain_broken = true;
                 }
                 // The fixed buffer was refused (unregistered, or an index it does not know).
-                libc::EFAULT | libc::EINVAL
-                    if matches!(op.kind, SendKind::ZeroCopyFixed(_)) =>
-                {
+                libc::EFAULT | libc::EINVAL if matches!(op.kind, SendKind::ZeroCopyFixed(_)) => {
                     fallback = Some(Fallback::Unregistered);
                     conn.chain_broken = true;
                 }

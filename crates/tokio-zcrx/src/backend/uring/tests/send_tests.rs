@@ -102,7 +102,12 @@ async fn assert_all_back(stats_of: impl Fn() -> Stats) {
     }
 }
 
-fn synthetic(personality_registration: (super::super::synthetic::personality::Personality, Registration)) -> SyntheticConfig {
+fn synthetic(
+    personality_registration: (
+        super::super::synthetic::personality::Personality,
+        Registration,
+    ),
+) -> SyntheticConfig {
     let (personality, registration) = personality_registration;
     SyntheticConfig {
         area_chunks: 128,
@@ -341,7 +346,10 @@ fn shutdown_waits_for_sends_in_flight() {
             let started = Instant::now();
             harness.zcrx.shutdown().await;
             let took = started.elapsed();
-            assert!(took >= HOLD / 2 && took < Duration::from_secs(6), "{kernel:?}: {took:?}");
+            assert!(
+                took >= HOLD / 2 && took < Duration::from_secs(6),
+                "{kernel:?}: {took:?}"
+            );
             let stats = harness.zcrx.stats();
             assert_eq!(stats.sends_in_flight, 0, "{kernel:?}");
             assert_eq!(stats.buffers_outstanding, 0, "{kernel:?}");
