@@ -191,8 +191,8 @@ impl ConnSends {
         lock(&self.state).unsent -= 1;
     }
 
-    /// Waits until every send is sent, then reports a failure if there was one. With
-    /// `released`, until every send's buffers are back too (flush).
+    /// Waits until every send is sent, then reports a failure if there was one (at once if
+    /// one failed). With `released`, until every send's buffers are back too (flush).
     pub(crate) fn poll_idle(&self, cx: &mut Context<'_>, released: bool) -> Poll<io::Result<()>> {
         let mut state = lock(&self.state);
         let busy = if released {
@@ -200,7 +200,9 @@ impl ConnSends {
         } else {
             state.unsent
         };
-        if busy > 0 {
+        // A failure is reported at once: the sends still in the kernel after it finish on
+        // their own (their buffers come back at their notifications).
+        if busy > 0 && state.broken.is_none() {
             state.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }

@@ -236,7 +236,10 @@ impl Sends {
     pub(crate) fn abandon(&mut self, reason: &str) {
         let mut leaked = 0usize;
         for conn in self.conns.iter_mut().flatten() {
-            if !conn.queue.is_empty() {
+            let in_kernel = conn.chain.len() + conn.notifying.len();
+            if !conn.queue.is_empty() || in_kernel > 0 {
+                // Also for sends only waiting for notifications: their write half's flush
+                // would wait for buffers that never come back.
                 conn.fail(io::Error::other(reason.to_string()));
             }
             for op in conn.chain.drain(..).chain(conn.notifying.drain(..)) {
