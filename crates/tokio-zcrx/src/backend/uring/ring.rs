@@ -76,8 +76,10 @@ pub(crate) struct SendSqe {
 }
 
 pub(crate) trait CompletionRing: Send + 'static {
-    /// Queues a send (`MSG_WAITALL`; zero-copy ones with `IORING_SEND_ZC_REPORT_USAGE`).
-    fn send(&mut self, sqe: &SendSqe) -> io::Result<()>;
+    /// Queues sends, in order (`MSG_WAITALL`; zero-copy ones with
+    /// `IORING_SEND_ZC_REPORT_USAGE`); a chain linked with [`SendSqe::link`] is submitted
+    /// whole.
+    fn send_chain(&mut self, sqes: &[SendSqe]) -> io::Result<()>;
     /// Queues a multishot zero-copy receive on `fd` (`len` 0: no limit).
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()>;
     /// Queues the cancellation of the request tagged `target`.
@@ -96,6 +98,33 @@ pub(crate) trait CompletionRing: Send + 'static {
     fn reap(&mut self, out: &mut Vec<RawCompletion>);
 }
 
+/// The SQE of one send.
+fn send_entry(sqe: &SendSqe) -> squeue::Entry {
+    let fd = types::Fd(sqe.fd);
+    let entry = match sqe.kind {
+        SendKind::Plain => opcode::Send::new(fd, sqe.ptr, sqe.len)
+            .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
+            .build(),
+        SendKind::ZeroCopy | SendKind::ZeroCopyFixed(_) => {
+            let buf_index = match sqe.kind {
+                SendKind::ZeroCopyFixed(index) => Some(index),
+                _ => None,
+            };
+            opcode::SendZc::new(fd, sqe.ptr, sqe.len)
+                .buf_index(buf_index)
+                .flags(libc::MSG_WAITALL)
+                .zc_flags(IORING_SEND_ZC_REPORT_USAGE)
+                .build()
+        }
+    };
+    let entry = if sqe.link {
+        entry.flags(squeue::Flags::IO_LINK)
+    } else {
+        entry
+    };
+    entry.user_data(sqe.user_data)
+}
+
 /// The io_uring with the registered zcrx queue.
 pub(crate) struct UringRing {
     /// Before `ring`: leaves the fork handler's table before the descriptor is closed.
@@ -104,8 +133,10 @@ pub(crate) struct UringRing {
     pub(crate) zcrx_id: u32,
     /// SQEs that found the submission queue full, queued in order for the next enter: the
     /// driver never blocks or fails because it made more requests in one turn than the SQ
-    /// holds (hundreds of streams attached at once).
-    backlog: VecDeque<squeue::Entry>,
+    /// holds (hundreds of streams attached at once). Each with whether it links to the next
+    /// (`IOSQE_IO_LINK`): a linked chain goes into the SQ whole, never split across two
+    /// submissions (the kernel would run the two parts independently).
+    backlog: VecDeque<(squeue::Entry, bool)>,
 }
 
 impl UringRing {
@@ -127,48 +158,49 @@ impl UringRing {
                 return Ok(());
             }
         }
-        self.backlog.push_back(sqe.clone());
+        self.backlog.push_back((sqe.clone(), false));
         Ok(())
     }
 
-    /// Moves backlogged SQEs into the submission queue as far as it has room.
+    /// Moves backlogged SQEs into the submission queue as far as it has room, whole chains
+    /// at a time.
     fn drain_backlog(&mut self) {
         let mut sq = self.ring.submission();
-        while let Some(sqe) = self.backlog.front() {
-            // SAFETY: as in `push`.
-            if unsafe { sq.push(sqe) }.is_err() {
+        while !self.backlog.is_empty() {
+            let chain = self
+                .backlog
+                .iter()
+                .position(|(_, links)| !links)
+                .map_or(self.backlog.len(), |last| last + 1);
+            if sq.capacity() - sq.len() < chain {
                 break;
             }
-            self.backlog.pop_front();
+            for (sqe, _) in self.backlog.drain(..chain) {
+                // SAFETY: as in `push`; the room was checked above.
+                let pushed = unsafe { sq.push(&sqe) };
+                debug_assert!(pushed.is_ok());
+            }
         }
     }
 }
 
 impl CompletionRing for UringRing {
-    fn send(&mut self, sqe: &SendSqe) -> io::Result<()> {
-        let fd = types::Fd(sqe.fd);
-        let entry = match sqe.kind {
-            SendKind::Plain => opcode::Send::new(fd, sqe.ptr, sqe.len)
-                .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
-                .build(),
-            SendKind::ZeroCopy | SendKind::ZeroCopyFixed(_) => {
-                let buf_index = match sqe.kind {
-                    SendKind::ZeroCopyFixed(index) => Some(index),
-                    _ => None,
-                };
-                opcode::SendZc::new(fd, sqe.ptr, sqe.len)
-                    .buf_index(buf_index)
-                    .flags(libc::MSG_WAITALL)
-                    .zc_flags(IORING_SEND_ZC_REPORT_USAGE)
-                    .build()
+    fn send_chain(&mut self, sqes: &[SendSqe]) -> io::Result<()> {
+        let entries: Vec<(squeue::Entry, bool)> =
+            sqes.iter().map(|sqe| (send_entry(sqe), sqe.link)).collect();
+        if self.backlog.is_empty() {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= entries.len() {
+                for (entry, _) in &entries {
+                    // SAFETY: as in `push`; the room was checked above.
+                    let pushed = unsafe { sq.push(entry) };
+                    debug_assert!(pushed.is_ok());
+                }
+                return Ok(());
             }
-        };
-        let entry = if sqe.link {
-            entry.flags(squeue::Flags::IO_LINK)
-        } else {
-            entry
-        };
-        self.push(&entry.user_data(sqe.user_data))
+        }
+        self.backlog.extend(entries);
+        Ok(())
     }
 
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {

@@ -353,13 +353,13 @@ impl<R: CompletionRing> Driver<R> {
             last.link = false;
         }
         conn.chain_broken = false;
-        for sqe in &sqes {
-            // SAFETY (of the request, checked by construction): `ptr..ptr + len` lies in a
-            // piece held by its `Op` until the request's last CQE (the result without
-            // F_MORE, or the notification), and nobody writes a piece's bytes.
-            self.ring.send(sqe)?;
+        // Sound by construction: `ptr..ptr + len` of each lies in a piece held by its `Op`
+        // until the request's last CQE (the result without F_MORE, or the notification),
+        // and nobody writes a piece's bytes.
+        if sqes.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.ring.send_chain(&sqes)
     }
 
     /// A send request's CQE (`Completion::Internal` with the send tag).

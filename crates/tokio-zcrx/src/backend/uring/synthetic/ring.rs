@@ -818,8 +818,8 @@ fn final_cqe(user_data: u64, res: i32) -> RawCompletion {
 }
 
 impl CompletionRing for SyntheticRing {
-    fn send(&mut self, sqe: &SendSqe) -> io::Result<()> {
-        self.sends.push_back(SendSqe { ..*sqe });
+    fn send_chain(&mut self, sqes: &[SendSqe]) -> io::Result<()> {
+        self.sends.extend(sqes.iter().map(|sqe| SendSqe { ..*sqe }));
         Ok(())
     }
 
