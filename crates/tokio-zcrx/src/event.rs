@@ -159,6 +159,18 @@ impl fmt::Display for Stats {
                 self.resubmits_cq_overflow, self.resubmits_area_exhausted
             )?;
         }
+        if self.sends > 0 {
+            write!(
+                f,
+                ", sends: {} ({} bytes zero-copy, {} copied by the kernel, {} plain; {} in \
+                 flight)",
+                self.sends,
+                self.send_zero_copy_bytes,
+                self.send_kernel_copied_bytes,
+                self.send_plain_bytes,
+                self.sends_in_flight
+            )?;
+        }
         Ok(())
     }
 }
