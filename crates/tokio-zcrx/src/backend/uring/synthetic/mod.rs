@@ -71,6 +71,8 @@ pub(crate) struct SyntheticConfig {
     pub(crate) segment_payload: Option<u32>,
     /// The area is registered as fixed buffer 0 for sends (else sends go unregistered).
     pub(crate) fixed_buffer: bool,
+    /// The sockets lack `SOCK_SUPPORT_ZC`: `SEND_ZC` fails with `-EOPNOTSUPP`.
+    pub(crate) refuse_send_zc: bool,
 }
 
 impl SyntheticConfig {
@@ -91,6 +93,7 @@ impl SyntheticConfig {
             stream_budget: None,
             segment_payload: None,
             fixed_buffer: true,
+            refuse_send_zc: false,
         }
     }
 }
@@ -184,6 +187,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
             default_path: config.default_path,
             write_pattern: config.write_pattern,
             full_speed_nic: config.full_speed_nic,
+            refuse_send_zc: config.refuse_send_zc,
             faults: config.faults.map(FaultInjector::new),
         },
         shared_memory,

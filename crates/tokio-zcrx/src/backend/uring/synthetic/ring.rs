@@ -209,6 +209,9 @@ pub(crate) struct KernelSetup {
     /// spins while the consumers hold every chunk, as the old synthetic kernel did; the
     /// tests never use it.
     pub(crate) full_speed_nic: bool,
+    /// `SEND_ZC` fails with `-EOPNOTSUPP` (a socket without `SOCK_SUPPORT_ZC`), after its
+    /// notification was allocated: `F_MORE` and a notification, as `io_sendrecv_fail` does.
+    pub(crate) refuse_send_zc: bool,
     pub(crate) faults: Option<FaultInjector>,
 }
 
@@ -403,6 +406,9 @@ impl SyntheticRing {
 
     /// Why the kernel refuses `sqe` before sending anything, if it does.
     fn send_refusal(&self, sqe: &SendSqe) -> Option<i32> {
+        if self.setup.refuse_send_zc && sqe.kind != SendKind::Plain {
+            return Some(libc::EOPNOTSUPP);
+        }
         if let SendKind::ZeroCopyFixed(index) = sqe.kind {
             let start = sqe.ptr as usize;
             let area = self.memory.area as usize;

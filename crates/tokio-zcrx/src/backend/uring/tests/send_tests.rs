@@ -399,3 +399,39 @@ fn unregistered_sends_and_writes_keep_order() {
         harness.zcrx.shutdown().await;
     });
 }
+
+/// Sockets that refuse zero-copy sends (`-EOPNOTSUPP`, with `F_MORE` and a notification):
+/// the driver falls back to plain sends once (logged, counted), resends what the refused
+/// requests did not send, and every byte arrives once, in order.
+#[test]
+fn refused_zero_copy_sends_fall_back_to_plain_sends() {
+    let runtime = runtime();
+    for kernel in [KERNELS[0], KERNELS[6]] {
+        runtime.block_on(async {
+            let config = SyntheticConfig {
+                refuse_send_zc: true,
+                ..synthetic(kernel)
+            };
+            let harness = Harness::start(config).await;
+            let plan = StreamPlan {
+                lengths: Lengths::Varied,
+                ..StreamPlan::new(29, 1 << 20)
+            };
+            let received = forward_one(&harness, plan, Forward::Batches).await.unwrap();
+            assert_eq!(received, 1 << 20, "{kernel:?}");
+            let zcrx = &harness.zcrx;
+            assert_all_back(|| zcrx.stats()).await;
+            let stats = zcrx.stats();
+            assert_eq!(stats.send_fallbacks, 1, "{stats:?}");
+            assert_eq!(stats.send_plain_bytes, 1 << 20, "{stats:?}");
+            assert_eq!(stats.send_zero_copy_bytes, 0, "{stats:?}");
+            let report = harness.control.report();
+            assert!(
+                report.sends_plain > 0 && report.sends_fixed > 0,
+                "{kernel:?}"
+            );
+            assert_eq!(report.send_bytes, 1 << 20);
+            harness.zcrx.shutdown().await;
+        });
+    }
+}
