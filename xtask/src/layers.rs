@@ -38,6 +38,8 @@ pub(crate) const LAYERS: &[&[&str]] = &[
     &["sys"],
     &["config"],
     &["buf"],
+    // Queued sends' shared state (the write half and the driver meet here).
+    &["send"],
     &["writer"],
     &["probe"],
     &["backend::wake"],

@@ -350,6 +350,14 @@ impl ZcBatch {
         self.remaining = 0;
     }
 
+    /// Moves the buffers not used up to the end of `out` and empties the batch (used-up
+    /// buffers are returned now), keeping its allocation for the next
+    /// [`recv_many`](crate::ZcStream::recv_many).
+    pub(crate) fn take_into(&mut self, out: &mut Vec<ZcBuf>) {
+        out.extend(self.buffers.drain(self.first..));
+        self.clear();
+    }
+
     /// The buffers not used up, to be returned one by one as each is dropped. (Used-up
     /// buffers are returned now.)
     pub fn into_vec(mut self) -> Vec<ZcBuf> {

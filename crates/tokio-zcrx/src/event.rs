@@ -114,6 +114,24 @@ pub struct Stats {
     pub streams_paused: u64,
     /// Times a stream was stopped by its budget, in all.
     pub stream_pauses: u64,
+    /// Sends queued with `ZcWriteHalf::send_buf`, `send_batch` or `send_bytes`.
+    pub sends: u64,
+    /// Bytes of those sends the kernel sent without copying (zero-copy sends whose
+    /// notification did not report a copy).
+    pub send_zero_copy_bytes: u64,
+    /// Bytes of zero-copy sends the kernel copied after all (its notification said so:
+    /// `IORING_NOTIF_USAGE_ZC_COPIED`; loopback and devices without scatter-gather always
+    /// copy).
+    pub send_kernel_copied_bytes: u64,
+    /// Bytes of those sends written with plain writes: copy mode, or a fallback where the
+    /// kernel refused zero-copy sends.
+    pub send_plain_bytes: u64,
+    /// Sends queued or waiting for their notifications now (their buffers are held).
+    pub sends_in_flight: u64,
+    /// Times the driver fell back to a lesser way of sending (unregistered `SEND_ZC`
+    /// instead of the fixed buffer, or plain sends instead of `SEND_ZC`); each is logged
+    /// once.
+    pub send_fallbacks: u64,
 }
 
 impl fmt::Display for Stats {
@@ -139,6 +157,18 @@ impl fmt::Display for Stats {
                 f,
                 ", resubmits: {} CQ overflow, {} area exhausted",
                 self.resubmits_cq_overflow, self.resubmits_area_exhausted
+            )?;
+        }
+        if self.sends > 0 {
+            write!(
+                f,
+                ", sends: {} ({} bytes zero-copy, {} copied by the kernel, {} plain; {} in \
+                 flight)",
+                self.sends,
+                self.send_zero_copy_bytes,
+                self.send_kernel_copied_bytes,
+                self.send_plain_bytes,
+                self.sends_in_flight
             )?;
         }
         Ok(())

@@ -1,9 +1,9 @@
 // Module layers, lowest first. A module imports only modules of earlier layers, and the
 // modules of one layer do not import each other; tests may import anything. `cargo xtask
 // layers` checks it against the order in xtask/src/layers.rs, which must match this one:
-// error, mode, event, privilege -> sys -> config -> buf -> writer -> probe -> backend::wake ->
-// backend::uring, backend::copy -> backend -> backend::select -> stream -> connection ->
-// zcrx -> listener -> lib
+// error, mode, event, privilege -> sys -> config -> buf -> send -> writer -> probe ->
+// backend::wake -> backend::uring, backend::copy -> backend -> backend::select -> stream ->
+// connection -> zcrx -> listener -> lib
 //! io_uring zero-copy receive (zcrx) for Tokio.
 //!
 //! TCP payloads land straight from the NIC in the zcrx receive area; your tasks read them
@@ -45,6 +45,10 @@
 //! - [`ZcBuf`] and [`ZcBatch`] are [`bytes::Buf`]s; [`ZcBuf::into_bytes`] makes a
 //!   `bytes::Bytes` without a copy; [`ZcWriteHalf::write_all_buffers`] sends buffers back
 //!   with vectored writes.
+//! - Forwarding: [`ZcWriteHalf::send_buf`] and [`ZcWriteHalf::send_batch`] send received
+//!   buffers on, to any connection of the runtime, without a copy (`IORING_OP_SEND_ZC` from
+//!   the registered area; each buffer goes back to the kernel after the send's
+//!   notification), pipelined; in copy mode they write normally.
 //! - For `tokio::io` code: [`ZcStream::into_async_read`] gives a [`ZcReader`] (`AsyncRead`,
 //!   and `AsyncBufRead` that hands out the bytes in place); [`ZcConnection`] is a whole
 //!   connection as one `AsyncRead + AsyncBufRead + AsyncWrite` value, for hyper, TLS,
@@ -70,6 +74,7 @@ mod listener;
 mod mode;
 mod privilege;
 pub mod probe;
+mod send;
 mod stream;
 mod sys;
 mod writer;

@@ -78,6 +78,8 @@ fn futures_are_send(
     send(stream.next_batch(64));
     send(stream.recv_many(batch, 64));
     send(writer.write_all_buffers(buffers));
+    send(writer.send_batch(batch));
+    send(writer.send_bytes(bytes::Bytes::new()));
     send(connection.read_u8());
     send(zcrx.shutdown());
 }
@@ -610,6 +612,61 @@ async fn streams_work_with_futures_combinators() {
         .fold(0, |sum, n| async move { sum + n })
         .await;
     assert_eq!(total, 20_000);
+    until("every buffer is back", || {
+        zcrx.stats().buffers_outstanding == 0
+    })
+    .await;
+}
+
+/// Copy mode: `send_buf` and `send_batch` write the bytes before they return, in order with
+/// plain writes, and the statistics say they were plain writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_mode_sends_write_plainly_and_say_so() {
+    const TOTAL: u64 = 4 << 20;
+    let zcrx = copy_runtime(16, 16 << 10);
+    let (mut from, _replies, mut client) = attached(&zcrx, StreamOptions::new()).await;
+    let (_upstream_replies, mut to, mut upstream) = attached(&zcrx, StreamOptions::new()).await;
+    let sender = tokio::spawn(async move {
+        client.write_all(&bytes_of(5, 0, TOTAL)).await.unwrap();
+        client.shutdown().await.unwrap();
+        client
+    });
+    let receiver = tokio::spawn(async move {
+        let mut all = Vec::new();
+        upstream.read_to_end(&mut all).await.unwrap();
+        all
+    });
+    to.write_all(b"header").await.unwrap();
+    let mut batch = ZcBatch::with_capacity(8);
+    let mut turn = 0;
+    while from.recv_many(&mut batch, 8).await.unwrap() > 0 {
+        turn += 1;
+        if turn % 2 == 0 {
+            to.send_batch(&mut batch).await.unwrap();
+            assert!(batch.is_empty());
+        } else {
+            for buf in std::mem::take(&mut batch).into_vec() {
+                to.send_buf(buf).await.unwrap();
+            }
+        }
+    }
+    to.shutdown().await.unwrap();
+    drop(to);
+    let received = receiver.await.unwrap();
+    let _client = sender.await.unwrap();
+    assert_eq!(&received[..6], b"header");
+    assert!(
+        received[6..] == bytes_of(5, 0, TOTAL)[..],
+        "bytes lost or out of order"
+    );
+    let stats = zcrx.stats();
+    assert_eq!(stats.send_plain_bytes, TOTAL, "{stats:?}");
+    assert_eq!(
+        stats.send_zero_copy_bytes + stats.send_kernel_copied_bytes,
+        0
+    );
+    assert!(stats.sends > 0);
+    assert_eq!(stats.sends_in_flight, 0);
     until("every buffer is back", || {
         zcrx.stats().buffers_outstanding == 0
     })

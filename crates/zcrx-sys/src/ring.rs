@@ -95,3 +95,36 @@ pub const IORING_REGISTER_QUERY: u32 = 35;
 ///
 /// Available since Linux 6.19. Earlier kernels reject the opcode itself with `EINVAL`.
 pub const IORING_REGISTER_ZCRX_CTRL: u32 = 36;
+
+/// SQE opcode of a zero-copy send (`IORING_OP_SEND_ZC`): like `send(2)`, but the kernel
+/// may read the buffer until it posts a notification CQE ([`IORING_CQE_F_NOTIF`]), so the
+/// memory must stay unchanged until then.
+///
+/// Available since Linux 6.0.
+pub const IORING_OP_SEND_ZC: u8 = 47;
+
+/// Send flag for `sqe.ioprio` of [`IORING_OP_SEND_ZC`]: `sqe.buf_index` names a buffer
+/// registered with `IORING_REGISTER_BUFFERS`, and `sqe.addr..sqe.addr + sqe.len` must lie
+/// inside it (no per-send page pinning).
+///
+/// Available since Linux 6.0 (for `SEND_ZC`).
+pub const IORING_RECVSEND_FIXED_BUF: u16 = 1 << 2;
+
+/// Send flag for `sqe.ioprio` of [`IORING_OP_SEND_ZC`]: the notification's `res` carries
+/// [`IORING_NOTIF_USAGE_ZC_COPIED`] if the kernel copied the bytes after all (loopback, a
+/// device without scatter-gather), or sent none.
+///
+/// Available since Linux 6.2.
+pub const IORING_SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+
+/// In the `res` of a [`IORING_CQE_F_NOTIF`] CQE of a send with
+/// [`IORING_SEND_ZC_REPORT_USAGE`]: the kernel copied the data (or sent nothing).
+///
+/// Available since Linux 6.2.
+pub const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+
+/// CQE flag: this CQE is the notification of a zero-copy send (same `user_data` as its
+/// result CQE, which had [`IORING_CQE_F_MORE`] set): the kernel no longer reads the buffer.
+///
+/// Available since Linux 6.0.
+pub const IORING_CQE_F_NOTIF: u32 = 1 << 3;

@@ -44,6 +44,7 @@ use tokio::sync::broadcast;
 use crate::config::{CopyConfig, StreamOptions};
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, Stats};
+use crate::send::SendCounters;
 use crate::sys::{lock, syscall};
 use crate::writer::ZcWriteHalf;
 use pool::{wake_all, Pool};
@@ -57,6 +58,8 @@ mod stream;
 pub(crate) struct CopyRuntime {
     pool: Arc<Pool>,
     pub(crate) events: broadcast::Sender<Event>,
+    /// Sends are plain writes here, counted all the same.
+    send_counters: Arc<SendCounters>,
 }
 
 impl CopyRuntime {
@@ -66,11 +69,14 @@ impl CopyRuntime {
         Ok(CopyRuntime {
             pool: Arc::new(pool),
             events,
+            send_counters: Arc::default(),
         })
     }
 
     pub(crate) fn stats(&self) -> Stats {
-        self.pool.stats()
+        let mut stats = self.pool.stats();
+        self.send_counters.fill(&mut stats);
+        stats
     }
 
     /// Splits a connected socket: reads through the pool, writes straight to Tokio.
@@ -86,7 +92,10 @@ impl CopyRuntime {
             options.read_limit,
             options.budget,
         );
-        (stream, ZcWriteHalf::tokio(write_half))
+        (
+            stream,
+            ZcWriteHalf::tokio(write_half, Arc::clone(&self.send_counters)),
+        )
     }
 
     pub(crate) fn description(&self) -> String {

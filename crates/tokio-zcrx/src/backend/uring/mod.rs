@@ -30,6 +30,7 @@ use zcrx_core::user_data::{StreamId, StreamSlots};
 use crate::config::{StreamOptions, UringConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{Event, Stats};
+use crate::send::{ConnSends, Piece, SendCounters, SendPath};
 /// The crate's poison-free lock, under the name this backend's files import it by.
 pub(crate) use crate::sys::lock;
 use crate::sys::syscall;
@@ -54,6 +55,12 @@ pub(crate) enum Command {
     ReadMore(StreamKey),
     /// The stream was dropped: cancel its receive and release its slot.
     Close(StreamKey),
+    /// Send `pieces`, in order, on `socket`, for `conn` (see `driver/sends.rs`).
+    Send {
+        socket: Arc<std::net::TcpStream>,
+        conn: Arc<ConnSends>,
+        pieces: Vec<Arc<Piece>>,
+    },
     /// Stop receiving, end every stream, close the ring.
     Shutdown(Option<oneshot::Sender<()>>),
     /// Make the driver thread panic (tests of the failure path).
@@ -90,6 +97,8 @@ pub(crate) struct DriverShared {
     /// NIC mode with budgets: the TCP window that listeners bound their connections to
     /// until they are attached (`Zcrx::prepare_listener`); 0: none.
     listener_window: AtomicU32,
+    /// Send statistics, shared with every write half.
+    pub(crate) send_counters: Arc<SendCounters>,
 }
 
 impl DriverShared {
@@ -110,10 +119,17 @@ impl DriverShared {
             final_stats: Mutex::new(None),
             description: Mutex::new(String::new()),
             listener_window: AtomicU32::new(0),
+            send_counters: Arc::default(),
         })
     }
 
     fn stats(&self) -> Stats {
+        let mut stats = self.area_stats();
+        self.send_counters.fill(&mut stats);
+        stats
+    }
+
+    fn area_stats(&self) -> Stats {
         loop {
             // The guard goes before `area` may be dropped: that can free the area, whose drop
             // takes `final_stats`.
@@ -184,6 +200,23 @@ impl DriverShared {
                 ),
             )),
         }
+    }
+}
+
+/// Write halves queue their sends with the driver.
+impl SendPath for DriverShared {
+    fn queue(
+        &self,
+        socket: &Arc<std::net::TcpStream>,
+        conn: &Arc<ConnSends>,
+        pieces: Vec<Arc<Piece>>,
+    ) -> std::io::Result<()> {
+        self.send(Command::Send {
+            socket: Arc::clone(socket),
+            conn: Arc::clone(conn),
+            pieces,
+        })
+        .map_err(std::io::Error::from)
     }
 }
 
@@ -280,7 +313,12 @@ impl UringHandle {
         options: StreamOptions,
     ) -> std::io::Result<(UringStream, ZcWriteHalf)> {
         let socket = Arc::new(socket.into_std()?);
-        let write_half = ZcWriteHalf::write_only(Arc::clone(&socket))?;
+        let path: Arc<dyn SendPath> = Arc::clone(&self.shared) as Arc<dyn SendPath>;
+        let write_half = ZcWriteHalf::write_only(
+            Arc::clone(&socket),
+            path,
+            Arc::clone(&self.shared.send_counters),
+        )?;
         let key = lock(&self.shared.slots).allocate();
         let shared = Arc::new(StreamShared::default());
         self.shared.send(Command::Attach {

@@ -15,6 +15,7 @@ use io_uring::{opcode, squeue, types};
 use zcrx_core::completion::RawCompletion;
 use zcrx_core::query::QueryFeatures;
 use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
+use zcrx_sys::ring::IORING_SEND_ZC_REPORT_USAGE;
 
 use crate::sys::fork::RingForkGuard;
 use crate::sys::registration::Ring;
@@ -49,7 +50,36 @@ impl Capabilities {
     }
 }
 
+/// How a send request reads its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendKind {
+    /// `IORING_OP_SEND_ZC` from the registered buffer of this index.
+    ZeroCopyFixed(u16),
+    /// `IORING_OP_SEND_ZC` from unregistered memory (pinned per send).
+    ZeroCopy,
+    /// `IORING_OP_SEND`: the kernel copies at once.
+    Plain,
+}
+
+/// One send request (see `driver/sends.rs`).
+#[derive(Debug)]
+pub(crate) struct SendSqe {
+    pub(crate) fd: RawFd,
+    /// `ptr..ptr + len` stays readable and unchanged until the request's last CQE.
+    pub(crate) ptr: *const u8,
+    pub(crate) len: u32,
+    pub(crate) kind: SendKind,
+    /// `IOSQE_IO_LINK`: the next request runs after this one, and is cancelled if this one
+    /// fails or comes short.
+    pub(crate) link: bool,
+    pub(crate) user_data: u64,
+}
+
 pub(crate) trait CompletionRing: Send + 'static {
+    /// Queues sends, in order (`MSG_WAITALL`; zero-copy ones with
+    /// `IORING_SEND_ZC_REPORT_USAGE`); a chain linked with [`SendSqe::link`] is submitted
+    /// whole.
+    fn send_chain(&mut self, sqes: &[SendSqe]) -> io::Result<()>;
     /// Queues a multishot zero-copy receive on `fd` (`len` 0: no limit).
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()>;
     /// Queues the cancellation of the request tagged `target`.
@@ -68,6 +98,33 @@ pub(crate) trait CompletionRing: Send + 'static {
     fn reap(&mut self, out: &mut Vec<RawCompletion>);
 }
 
+/// The SQE of one send.
+fn send_entry(sqe: &SendSqe) -> squeue::Entry {
+    let fd = types::Fd(sqe.fd);
+    let entry = match sqe.kind {
+        SendKind::Plain => opcode::Send::new(fd, sqe.ptr, sqe.len)
+            .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
+            .build(),
+        SendKind::ZeroCopy | SendKind::ZeroCopyFixed(_) => {
+            let buf_index = match sqe.kind {
+                SendKind::ZeroCopyFixed(index) => Some(index),
+                _ => None,
+            };
+            opcode::SendZc::new(fd, sqe.ptr, sqe.len)
+                .buf_index(buf_index)
+                .flags(libc::MSG_WAITALL)
+                .zc_flags(IORING_SEND_ZC_REPORT_USAGE)
+                .build()
+        }
+    };
+    let entry = if sqe.link {
+        entry.flags(squeue::Flags::IO_LINK)
+    } else {
+        entry
+    };
+    entry.user_data(sqe.user_data)
+}
+
 /// The io_uring with the registered zcrx queue.
 pub(crate) struct UringRing {
     /// Before `ring`: leaves the fork handler's table before the descriptor is closed.
@@ -76,8 +133,10 @@ pub(crate) struct UringRing {
     pub(crate) zcrx_id: u32,
     /// SQEs that found the submission queue full, queued in order for the next enter: the
     /// driver never blocks or fails because it made more requests in one turn than the SQ
-    /// holds (hundreds of streams attached at once).
-    backlog: VecDeque<squeue::Entry>,
+    /// holds (hundreds of streams attached at once). Each with whether it links to the next
+    /// (`IOSQE_IO_LINK`): a linked chain goes into the SQ whole, never split across two
+    /// submissions (the kernel would run the two parts independently).
+    backlog: VecDeque<(squeue::Entry, bool)>,
 }
 
 impl UringRing {
@@ -93,29 +152,57 @@ impl UringRing {
     fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
         if self.backlog.is_empty() {
             // SAFETY: every SQE the driver builds refers to fds it keeps open until the
-            // request's final CQE (stream sockets, the eventfd) and to no user memory.
+            // request's final CQE (stream sockets, the eventfd), and sends to memory held
+            // unchanged until then (`driver/sends.rs`: each request holds its piece).
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }
         }
-        self.backlog.push_back(sqe.clone());
+        self.backlog.push_back((sqe.clone(), false));
         Ok(())
     }
 
-    /// Moves backlogged SQEs into the submission queue as far as it has room.
+    /// Moves backlogged SQEs into the submission queue as far as it has room, whole chains
+    /// at a time.
     fn drain_backlog(&mut self) {
         let mut sq = self.ring.submission();
-        while let Some(sqe) = self.backlog.front() {
-            // SAFETY: as in `push`.
-            if unsafe { sq.push(sqe) }.is_err() {
+        while !self.backlog.is_empty() {
+            let chain = self
+                .backlog
+                .iter()
+                .position(|(_, links)| !links)
+                .map_or(self.backlog.len(), |last| last + 1);
+            if sq.capacity() - sq.len() < chain {
                 break;
             }
-            self.backlog.pop_front();
+            for (sqe, _) in self.backlog.drain(..chain) {
+                // SAFETY: as in `push`; the room was checked above.
+                let pushed = unsafe { sq.push(&sqe) };
+                debug_assert!(pushed.is_ok());
+            }
         }
     }
 }
 
 impl CompletionRing for UringRing {
+    fn send_chain(&mut self, sqes: &[SendSqe]) -> io::Result<()> {
+        let entries: Vec<(squeue::Entry, bool)> =
+            sqes.iter().map(|sqe| (send_entry(sqe), sqe.link)).collect();
+        if self.backlog.is_empty() {
+            let mut sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= entries.len() {
+                for (entry, _) in &entries {
+                    // SAFETY: as in `push`; the room was checked above.
+                    let pushed = unsafe { sq.push(entry) };
+                    debug_assert!(pushed.is_ok());
+                }
+                return Ok(());
+            }
+        }
+        self.backlog.extend(entries);
+        Ok(())
+    }
+
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {
         let sqe = opcode::RecvZc::new(types::Fd(fd), len)
             .ifq(self.zcrx_id)

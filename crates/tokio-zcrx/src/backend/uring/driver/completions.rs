@@ -11,7 +11,7 @@ use zcrx_core::user_data::StreamId;
 
 use super::super::ring::CompletionRing;
 use super::super::StreamEnd;
-use super::Driver;
+use super::{sends, Driver};
 use crate::event::EventKind;
 
 impl<R: CompletionRing> Driver<R> {
@@ -48,7 +48,16 @@ impl<R: CompletionRing> Driver<R> {
                 Ok(Completion::Event { kind }) => self.on_kernel_event(kind),
                 Ok(Completion::Wake { .. }) => self.on_wake(raw)?,
                 Ok(Completion::CancelDone { stream, res }) => self.on_cancel_done(stream, res)?,
-                Ok(Completion::Internal { .. }) => {}
+                Ok(Completion::Internal {
+                    payload,
+                    res,
+                    flags,
+                }) => {
+                    // Sends are the only Internal requests; anything else is ignored.
+                    if let Some((slot, seq)) = sends::decode_send(payload) {
+                        self.on_send_completion(slot, seq, res, flags)?;
+                    }
+                }
                 Err(invalid) => self.on_invalid(&invalid)?,
             }
         }

@@ -63,9 +63,8 @@ impl<R: CompletionRing> Driver<R> {
     pub(super) fn emit(&self, kind: EventKind) {
         tracing::debug!(event = %kind, "tokio-zcrx: event");
         // No subscriber is fine: events are wake-ups, the statistics are the record.
-        let _ = self.events_tx.send(Event {
-            kind,
-            stats: self.area.stats(),
-        });
+        let mut stats = self.area.stats();
+        self.shared.send_counters.fill(&mut stats);
+        let _ = self.events_tx.send(Event { kind, stats });
     }
 }

@@ -14,7 +14,11 @@ mod budgets;
 mod completions;
 mod events;
 mod returns;
+mod sends;
 mod streams;
+
+pub(crate) use sends::FixedBuffer;
+use sends::Sends;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -102,11 +106,18 @@ pub(crate) fn drive<R: CompletionRing>(mut driver: Driver<R>, shared: Arc<Driver
         None => STOPPING,
     };
     driver.end_all_streams(failure.as_deref());
+    driver.sends.abandon(match &failure {
+        Some(_) => "the tokio-zcrx driver thread failed",
+        None => "the tokio-zcrx runtime was shut down",
+    });
     // Fail commands that raced with the end, and free whatever they carried.
     for command in shared.close_queue(final_state) {
         match command {
             Command::Attach { shared: stream, .. } => {
                 stream.finish(StreamEnd::runtime("the tokio-zcrx runtime has stopped"))
+            }
+            Command::Send { conn, .. } => {
+                conn.fail(io::Error::other("the tokio-zcrx runtime has stopped"), 1);
             }
             Command::Shutdown(Some(waiter)) => driver.shutdown_waiters.push(waiter),
             _ => {}
@@ -170,6 +181,8 @@ pub(crate) struct Driver<R: CompletionRing> {
     rcvbuf_total: u64,
     /// Rate limits and hysteresis of the pressure events.
     pressure: budgets::PressureEvents,
+    /// Write halves' queued sends (`sends.rs`).
+    sends: Sends,
 }
 
 impl Driver<UringRing> {
@@ -196,6 +209,7 @@ impl Driver<UringRing> {
         let layout = AreaLayout::new(area.len() as u64, area.chunk_size, shared_layout.area_token)
             .map_err(|e| Error::new(ErrorKind::Kernel, format!("unusable area layout: {e}")))?;
         *lock(&shared.description) = description;
+        let fixed = register_area_buffer(&ring, &area, &shared);
         Driver::with_ring(
             UringRing::new(ring, fork_guard, zcrx_id),
             Arc::new(area),
@@ -203,6 +217,7 @@ impl Driver<UringRing> {
             nodev,
             caps,
             segment_payload,
+            fixed,
             config,
             shared,
         )
@@ -213,6 +228,7 @@ impl<R: CompletionRing> Driver<R> {
     /// A driver over any completion source (the real ring, or a synthetic one).
     /// `segment_payload`: the most payload a segment of the bound interface carries (see
     /// [`Instance`]), if known.
+    /// `fixed`: the area as registered for zero-copy sends, if it is.
     #[allow(clippy::too_many_arguments)] // each is a separate fact about the instance
     pub(crate) fn with_ring(
         ring: R,
@@ -221,6 +237,7 @@ impl<R: CompletionRing> Driver<R> {
         nodev: bool,
         caps: Capabilities,
         segment_payload: Option<u32>,
+        fixed: Option<FixedBuffer>,
         config: &UringConfig,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<R>> {
@@ -244,6 +261,7 @@ impl<R: CompletionRing> Driver<R> {
             let window = LISTENER_WINDOW_CHUNKS * payload;
             shared.listener_window.store(window, Ordering::Relaxed);
         }
+        let sends = Sends::new(fixed, true, Arc::clone(&shared.send_counters));
         let mut driver = Driver {
             ring,
             buffer_refs: BufferRefs::new(&area),
@@ -272,6 +290,7 @@ impl<R: CompletionRing> Driver<R> {
             rcvbuf_growth: Vec::new(),
             rcvbuf_total: 0,
             pressure: budgets::PressureEvents::default(),
+            sends,
         };
         driver.arm_eventfd().map_err(|e| {
             Error::new(ErrorKind::Kernel, "cannot poll the driver's eventfd").with_source(e)
@@ -285,7 +304,11 @@ impl<R: CompletionRing> Driver<R> {
             if let Some(since) = self.stopping {
                 // Returns seen so far: the wait below sleeps until the next one.
                 self.returns_at_exhaustion = self.returns_seen();
-                let settled = self.live_requests() == 0 && !self.teardown_would_expose_buffers();
+                // Sends in the kernel finish first (their notifications give the buffers
+                // back); bounded by the same grace.
+                let settled = self.live_requests() == 0
+                    && !self.sends.requests_in_kernel()
+                    && !self.teardown_would_expose_buffers();
                 if settled || since.elapsed() > SHUTDOWN_GRACE {
                     return Ok(());
                 }
@@ -363,6 +386,11 @@ impl<R: CompletionRing> Driver<R> {
                     }
                 }
                 Command::Close(key) => self.close(key)?,
+                Command::Send {
+                    socket,
+                    conn,
+                    pieces,
+                } => self.queue_send(socket, conn, pieces)?,
                 #[cfg(feature = "fault-injection")]
                 Command::InjectPanic => panic!("injected driver panic (fault-injection)"),
                 Command::Shutdown(waiter) => {
@@ -605,6 +633,44 @@ impl<R: CompletionRing> Driver<R> {
                 self.transient_errors = 0;
                 other
             }
+        }
+    }
+}
+
+/// Registers the area as fixed buffer 0 for zero-copy sends from it
+/// (`IORING_REGISTER_BUFFERS`): the kernel then pins it once instead of per send. Where it
+/// refuses (the locked-memory limit, `RLIMIT_MEMLOCK`, without `CAP_IPC_LOCK`), sends go
+/// unregistered: logged once and counted.
+fn register_area_buffer(
+    ring: &crate::sys::registration::Ring,
+    area: &Area,
+    shared: &DriverShared,
+) -> Option<FixedBuffer> {
+    let base = area.data_ptr(0);
+    let iovec = libc::iovec {
+        iov_base: base as *mut libc::c_void,
+        iov_len: area.len(),
+    };
+    // SAFETY: the area stays mapped while the ring lives (the driver closes the ring before
+    // it drops its area reference, and buffers keep the area beyond); the kernel only reads
+    // it for sends.
+    match unsafe { ring.submitter().register_buffers(&[iovec]) } {
+        Ok(()) => Some(FixedBuffer {
+            base: base as usize,
+            len: area.len(),
+            index: 0,
+        }),
+        Err(e) => {
+            shared
+                .send_counters
+                .fallbacks
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                error = %e,
+                "tokio-zcrx: cannot register the area as a fixed buffer for zero-copy \
+                 sends (RLIMIT_MEMLOCK too low?); sending from it unregistered"
+            );
+            None
         }
     }
 }

@@ -39,6 +39,17 @@ impl Rng {
     }
 }
 
+/// Errors a send can fail with that end the connection's byte stream.
+pub(crate) const SEND_ERRORS: [i32; 3] = [libc::ECONNRESET, libc::EPIPE, libc::ETIMEDOUT];
+
+/// How the synthetic kernel fails a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendFault {
+    Short,
+    NoMemory,
+    Error(i32),
+}
+
 /// Errors `io_uring_enter` can return that say "not now".
 pub(crate) const ENTER_ERRORS: [i32; 3] = [libc::EINTR, libc::EAGAIN, libc::EBUSY];
 /// Errors of the zcrx control calls (FLUSH_RQ, ARM_EVENT).
@@ -105,6 +116,13 @@ pub(crate) struct FaultConfig {
     pub(crate) ctrl_errno: Option<i32>,
     /// At most this many control-call faults.
     pub(crate) ctrl_limit: u64,
+    /// A send comes short (half its bytes; `MSG_WAITALL` then fails the link).
+    pub(crate) send_short: u32,
+    /// A send fails before its notification is allocated (`-ENOMEM`, no `F_MORE`).
+    pub(crate) send_enomem: u32,
+    /// A send fails with [`SEND_ERRORS`] (with `F_MORE` and a notification), which ends
+    /// its connection's sends.
+    pub(crate) send_error: u32,
 }
 
 impl FaultConfig {
@@ -119,6 +137,9 @@ impl FaultConfig {
             malformed_kinds: Malformed::ALL.to_vec(),
             ctrl_errno: None,
             ctrl_limit: u64::MAX,
+            send_short: 50,
+            send_enomem: 10,
+            send_error: 0,
         }
     }
 
@@ -133,6 +154,9 @@ impl FaultConfig {
             malformed_kinds: Vec::new(),
             ctrl_errno: None,
             ctrl_limit: u64::MAX,
+            send_short: 0,
+            send_enomem: 0,
+            send_error: 0,
         }
     }
 }
@@ -148,6 +172,9 @@ pub(crate) struct Injected {
     pub(crate) malformed_unreturnable: u64,
     /// Of the malformed: data without F_MORE (valid data, then the request's end).
     pub(crate) without_more: u64,
+    pub(crate) send_short: u64,
+    pub(crate) send_enomem: u64,
+    pub(crate) send_errors: u64,
 }
 
 impl fmt::Display for Injected {
@@ -229,6 +256,23 @@ impl FaultInjector {
             self.injected.without_more += 1;
         }
         Some(kind)
+    }
+
+    /// A fault for the send about to run.
+    pub(crate) fn send(&mut self) -> Option<SendFault> {
+        if self.rng.chance(self.config.send_short) {
+            self.injected.send_short += 1;
+            return Some(SendFault::Short);
+        }
+        if self.rng.chance(self.config.send_enomem) {
+            self.injected.send_enomem += 1;
+            return Some(SendFault::NoMemory);
+        }
+        if self.rng.chance(self.config.send_error) {
+            self.injected.send_errors += 1;
+            return Some(SendFault::Error(self.rng.pick(&SEND_ERRORS)));
+        }
+        None
     }
 
     /// The PRNG, for choices that are not faults (lengths).

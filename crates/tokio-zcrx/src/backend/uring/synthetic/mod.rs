@@ -28,7 +28,7 @@ use zcrx_sys::event::zcrx_stats;
 use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 
 use super::area::Area;
-use super::driver::{drive, Driver};
+use super::driver::{drive, Driver, FixedBuffer};
 use super::instance::SharedLayout;
 use super::{DriverShared, Stopper, UringHandle};
 use crate::config::{EventsPolicy, Target};
@@ -69,6 +69,10 @@ pub(crate) struct SyntheticConfig {
     pub(crate) stream_budget: Option<u64>,
     /// What a real runtime reads from the bound interface's MTU (`None`: unknown, or NODEV).
     pub(crate) segment_payload: Option<u32>,
+    /// The area is registered as fixed buffer 0 for sends (else sends go unregistered).
+    pub(crate) fixed_buffer: bool,
+    /// The sockets lack `SOCK_SUPPORT_ZC`: `SEND_ZC` fails with `-EOPNOTSUPP`.
+    pub(crate) refuse_send_zc: bool,
 }
 
 impl SyntheticConfig {
@@ -88,6 +92,8 @@ impl SyntheticConfig {
             thread_name: "tokio-zcrx-synthetic".into(),
             stream_budget: None,
             segment_payload: None,
+            fixed_buffer: true,
+            refuse_send_zc: false,
         }
     }
 }
@@ -167,6 +173,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
             stats: stats_offset.map(|s| base.add(s).cast::<zcrx_stats>()),
         }
     };
+    let (shared_memory_area, shared_memory_len) = (shared_memory.area, shared_memory.area_len);
     let area = Area::new(memory, region, &layout, Arc::clone(&shared)).map_err(internal)?;
     let area_layout = AreaLayout::new(area.len() as u64, CHUNK_SIZE, 0)
         .map_err(|e| Error::new(ErrorKind::Kernel, format!("synthetic area: {e}")))?;
@@ -180,6 +187,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
             default_path: config.default_path,
             write_pattern: config.write_pattern,
             full_speed_nic: config.full_speed_nic,
+            refuse_send_zc: config.refuse_send_zc,
             faults: config.faults.map(FaultInjector::new),
         },
         shared_memory,
@@ -188,6 +196,11 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     );
     *super::lock(&shared.description) =
         format!("synthetic kernel {personality} ({:?})", config.registration);
+    let fixed = FixedBuffer {
+        base: shared_memory_area as usize,
+        len: shared_memory_len,
+        index: 0,
+    };
     let driver = Driver::with_ring(
         ring,
         Arc::new(area),
@@ -195,6 +208,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         config.registration == Registration::NoDevice,
         caps,
         config.segment_payload,
+        config.fixed_buffer.then_some(fixed),
         &uring_config,
         Arc::clone(&shared),
     )?;

@@ -9,7 +9,7 @@
 //! sleeps on the driver's eventfd like `io_uring_enter` would; while zero-copy receives wait
 //! for chunks it looks again with a back-off, as a NIC does when the next packet arrives.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use zcrx_core::completion::RawCompletion;
 use zcrx_core::user_data::{StreamId, UserData};
 use zcrx_sys::event::zcrx_stats;
-use zcrx_sys::ring::IORING_CQE_F_MORE;
+use zcrx_sys::ring::{IORING_CQE_F_MORE, IORING_CQE_F_NOTIF, IORING_NOTIF_USAGE_ZC_COPIED};
 use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK, IORING_ZCRX_AREA_SHIFT};
 
-use super::super::ring::CompletionRing;
-use super::faults::{FaultInjector, Injected, Malformed, Rng};
+use super::super::ring::{CompletionRing, SendKind, SendSqe};
+use super::faults::{FaultInjector, Injected, Malformed, Rng, SendFault};
 use super::pattern;
 use super::personality::{Personality, Registration};
 
@@ -119,6 +119,16 @@ pub(crate) struct KernelReport {
     /// live page pool first (6.15-6.18 NIC): the NIC may write into them, and does here.
     pub(crate) scribbled_at_teardown: u32,
     pub(crate) injected: Injected,
+    /// Send requests answered, by how: zero-copy from the fixed buffer, zero-copy
+    /// unregistered, plain.
+    pub(crate) sends_fixed: u64,
+    pub(crate) sends_unregistered: u64,
+    pub(crate) sends_plain: u64,
+    /// Bytes written to sockets by sends.
+    pub(crate) send_bytes: u64,
+    /// Free chunks the "NIC" overwrote with 0xEE before reading a zero-copy send's bytes
+    /// (returned chunks are free once consumed: a send reading one would read these).
+    pub(crate) scribbled_for_sends: u64,
     /// The ring is gone (the kernel was dropped): this is the final report.
     pub(crate) torn_down: bool,
 }
@@ -129,6 +139,9 @@ pub(crate) struct KernelReport {
 pub(crate) struct Control {
     plans: Mutex<HashMap<RawFd, StreamPlan>>,
     report: Mutex<KernelReport>,
+    /// While set, zero-copy sends get their results but no notifications (the "NIC" is
+    /// still reading them): their buffers stay held.
+    pub(crate) hold_notifications: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -196,6 +209,9 @@ pub(crate) struct KernelSetup {
     /// spins while the consumers hold every chunk, as the old synthetic kernel did; the
     /// tests never use it.
     pub(crate) full_speed_nic: bool,
+    /// `SEND_ZC` fails with `-EOPNOTSUPP` (a socket without `SOCK_SUPPORT_ZC`), after its
+    /// notification was allocated: `F_MORE` and a notification, as `io_sendrecv_fail` does.
+    pub(crate) refuse_send_zc: bool,
     pub(crate) faults: Option<FaultInjector>,
 }
 
@@ -222,6 +238,34 @@ pub(crate) struct SyntheticRing {
     lengths: Rng,
     control: Arc<Control>,
     report: KernelReport,
+    /// Send SQEs not answered yet, in submission order.
+    sends: VecDeque<SendSqe>,
+    /// A linked send failed or came short: the rest of its chain is cancelled.
+    cancelling_chain: bool,
+    /// Zero-copy sends answered in an earlier reap, waiting for their notification (this
+    /// reap), and those answered in this one (the next).
+    notifs_due: Vec<PendingNotif>,
+    notifs_next: Vec<PendingNotif>,
+    /// What sends put on the wire, in order: a zero-copy send's bytes are read from user
+    /// memory only at its notification, when the "NIC" is done (as a real one reads them
+    /// until then).
+    wire: VecDeque<WireEntry>,
+}
+
+struct PendingNotif {
+    user_data: u64,
+    /// `WireEntry::id` of its bytes (none if it sent nothing).
+    wire: Option<u64>,
+    copied: bool,
+}
+
+struct WireEntry {
+    id: u64,
+    fd: RawFd,
+    ptr: *const u8,
+    len: usize,
+    /// The bytes, once read (plain sends at once, zero-copy ones at their notification).
+    bytes: Option<Vec<u8>>,
 }
 
 // SAFETY: the raw pointers point into the area and the refill region, which the Area (kept
@@ -274,6 +318,161 @@ impl SyntheticRing {
                 ..KernelReport::default()
             },
             setup,
+            sends: VecDeque::new(),
+            cancelling_chain: false,
+            notifs_due: Vec::new(),
+            notifs_next: Vec::new(),
+            wire: VecDeque::new(),
+        }
+    }
+
+    /// Answers every queued send, as `io_send_zc` / `io_send` do: a result with `F_MORE`
+    /// for zero-copy sends (errors included, once the notification exists), the
+    /// notification in the next reap; `-ECANCELED` for the rest of a chain after a failed
+    /// or short link.
+    fn answer_sends(&mut self, out: &mut Vec<RawCompletion>) {
+        while let Some(sqe) = self.sends.pop_front() {
+            let zero_copy = sqe.kind != SendKind::Plain;
+            let link = sqe.link;
+            let mut cqe = RawCompletion {
+                user_data: sqe.user_data,
+                res: 0,
+                flags: if zero_copy { IORING_CQE_F_MORE } else { 0 },
+                big_cqe: [0; 2],
+            };
+            let mut sent = 0usize;
+            if self.cancelling_chain {
+                cqe.res = -libc::ECANCELED;
+            } else if let Some(errno) = self.send_refusal(&sqe) {
+                cqe.res = -errno;
+            } else {
+                let fault = self.setup.faults.as_mut().and_then(|f| f.send());
+                match fault {
+                    // io_alloc_notif failed in prep: no notification, no F_MORE.
+                    Some(SendFault::NoMemory) => {
+                        cqe.res = -libc::ENOMEM;
+                        cqe.flags = 0;
+                    }
+                    Some(SendFault::Error(errno)) => cqe.res = -errno,
+                    Some(SendFault::Short) if sqe.len > 1 => sent = sqe.len as usize / 2,
+                    _ => sent = sqe.len as usize,
+                }
+                if cqe.res == 0 {
+                    cqe.res = sent as i32;
+                }
+            }
+            match sqe.kind {
+                SendKind::ZeroCopyFixed(_) => self.report.sends_fixed += 1,
+                SendKind::ZeroCopy => self.report.sends_unregistered += 1,
+                SendKind::Plain => self.report.sends_plain += 1,
+            }
+            let wire = (sent > 0).then(|| {
+                let id = self.report.sends_fixed
+                    + self.report.sends_unregistered
+                    + self.report.sends_plain;
+                let mut entry = WireEntry {
+                    id,
+                    fd: sqe.fd,
+                    ptr: sqe.ptr,
+                    len: sent,
+                    bytes: None,
+                };
+                if !zero_copy {
+                    // A plain send copies into the socket buffer before it completes.
+                    entry.bytes = Some(read_user(entry.ptr, entry.len));
+                }
+                self.wire.push_back(entry);
+                id
+            });
+            // A link that failed or came short (MSG_WAITALL) fails the rest of the chain.
+            let failed = cqe.res < 0 || sent < sqe.len as usize;
+            if link {
+                self.cancelling_chain |= failed;
+            } else {
+                self.cancelling_chain = false;
+            }
+            if cqe.flags & IORING_CQE_F_MORE != 0 {
+                self.notifs_next.push(PendingNotif {
+                    user_data: sqe.user_data,
+                    wire,
+                    // REPORT_USAGE: nothing sent counts as copied (zc_used stays false).
+                    copied: sent == 0,
+                });
+            }
+            out.push(cqe);
+        }
+        self.flush_wire();
+    }
+
+    /// Why the kernel refuses `sqe` before sending anything, if it does.
+    fn send_refusal(&self, sqe: &SendSqe) -> Option<i32> {
+        if self.setup.refuse_send_zc && sqe.kind != SendKind::Plain {
+            return Some(libc::EOPNOTSUPP);
+        }
+        if let SendKind::ZeroCopyFixed(index) = sqe.kind {
+            let start = sqe.ptr as usize;
+            let area = self.memory.area as usize;
+            let inside = start >= area && start + sqe.len as usize <= area + self.memory.area_len;
+            if index != 0 || !inside {
+                // io_import_reg_buf: not in the registered buffer.
+                return Some(libc::EFAULT);
+            }
+        }
+        socket_error(sqe.fd)
+    }
+
+    /// Posts the notifications due: first the "NIC" reads each send's bytes. Returned
+    /// chunks are consumed and, like any free chunk, overwritten by new packets first: a
+    /// send whose chunk went back before its notification sends those bytes.
+    fn post_notifications(&mut self, out: &mut Vec<RawCompletion>) {
+        if self.notifs_due.is_empty() || self.notifs_held() {
+            return;
+        }
+        if self.setup.write_pattern {
+            self.consume_refills();
+            for &offset in &self.free {
+                // SAFETY: a free chunk has no user reference: nobody may read it; it lies
+                // inside the area, which outlives the kernel.
+                unsafe {
+                    std::ptr::write_bytes(
+                        self.memory.area.add(offset as usize),
+                        0xEE,
+                        self.setup.chunk_size as usize,
+                    )
+                };
+                self.report.scribbled_for_sends += 1;
+            }
+        }
+        for notif in std::mem::take(&mut self.notifs_due) {
+            if let Some(id) = notif.wire {
+                if let Some(entry) = self.wire.iter_mut().find(|e| e.id == id) {
+                    entry.bytes = Some(read_user(entry.ptr, entry.len));
+                }
+            }
+            out.push(RawCompletion {
+                user_data: notif.user_data,
+                res: if notif.copied {
+                    IORING_NOTIF_USAGE_ZC_COPIED as i32
+                } else {
+                    0
+                },
+                flags: IORING_CQE_F_NOTIF,
+                big_cqe: [0; 2],
+            });
+        }
+        self.flush_wire();
+    }
+
+    fn notifs_held(&self) -> bool {
+        self.control.hold_notifications.load(Ordering::Relaxed)
+    }
+
+    /// Writes the wire's bytes to their sockets, in order, as far as they have been read.
+    fn flush_wire(&mut self) {
+        while self.wire.front().is_some_and(|e| e.bytes.is_some()) {
+            let entry = self.wire.pop_front().expect("checked");
+            let bytes = entry.bytes.expect("checked");
+            self.report.send_bytes += write_fully(entry.fd, &bytes) as u64;
         }
     }
 
@@ -342,6 +541,9 @@ impl SyntheticRing {
 
     fn can_deliver(&self) -> bool {
         !self.pending.is_empty()
+            || !self.sends.is_empty()
+            || (!self.notifs_held()
+                && (!self.notifs_due.is_empty() || !self.notifs_next.is_empty()))
             || self.eventfd_ready
             // A free chunk serves any receive: the per-receive look only when there is none.
             || (!self.receives.is_empty()
@@ -541,6 +743,78 @@ impl SyntheticRing {
     }
 }
 
+/// Copies `len` bytes at `ptr`.
+fn read_user(ptr: *const u8, len: usize) -> Vec<u8> {
+    // SAFETY: the driver holds the memory of a send unchanged until the send's last CQE
+    // (`driver/sends.rs`), which this kernel posts only after reading it.
+    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+}
+
+/// A pending error on socket `fd` (the peer reset it, or it was shut down for writing),
+/// as a send would find it.
+fn socket_error(fd: RawFd) -> Option<i32> {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; zero timeout.
+    let ready = unsafe { crate::sys::syscall!(poll(&mut pollfd, 1, 0)) };
+    if ready.is_err() || pollfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) == 0 {
+        return None;
+    }
+    let mut error: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_ERROR writes one c_int into the live `error`, whose size is in `len`.
+    let _ = unsafe {
+        crate::sys::syscall!(getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut error as *mut libc::c_int).cast(),
+            &mut len,
+        ))
+    };
+    Some(if error != 0 { error } else { libc::EPIPE })
+}
+
+/// Writes all of `bytes` to `fd` (waiting for room, up to 10 s per wait), or stops at an
+/// error (the peer is gone: what a real kernel would drop too). Returns the bytes written.
+fn write_fully(fd: RawFd, bytes: &[u8]) -> usize {
+    let mut written = 0;
+    while written < bytes.len() {
+        let rest = &bytes[written..];
+        // SAFETY: sends from a live slice; MSG_NOSIGNAL: no SIGPIPE on a closed peer.
+        let sent = unsafe {
+            crate::sys::syscall!(send(
+                fd,
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            ))
+        };
+        match sent {
+            Ok(n) => written += n as usize,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut pollfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let ready = unsafe { crate::sys::syscall!(poll(&mut pollfd, 1, 10_000)) };
+                if matches!(ready, Ok(0)) {
+                    tracing::warn!(fd, "synthetic kernel: a socket took nothing for 10 s");
+                    return written;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return written,
+        }
+    }
+    written
+}
+
 fn final_cqe(user_data: u64, res: i32) -> RawCompletion {
     RawCompletion {
         user_data,
@@ -550,6 +824,11 @@ fn final_cqe(user_data: u64, res: i32) -> RawCompletion {
 }
 
 impl CompletionRing for SyntheticRing {
+    fn send_chain(&mut self, sqes: &[SendSqe]) -> io::Result<()> {
+        self.sends.extend(sqes.iter().map(|sqe| SendSqe { ..*sqe }));
+        Ok(())
+    }
+
     fn recv(&mut self, fd: RawFd, len: u32, user_data: u64) -> io::Result<()> {
         let stream = UserData::from_raw(user_data).stream();
         let known = self
@@ -701,6 +980,10 @@ impl CompletionRing for SyntheticRing {
             }
         }
         out.append(&mut self.pending);
+        // Notifications of sends answered in an earlier reap, then this reap's sends.
+        self.post_notifications(out);
+        self.answer_sends(out);
+        self.notifs_due.append(&mut self.notifs_next);
         let mut budget = COMPLETIONS_PER_REAP;
         let mut idle_visits = 0;
         while budget > 0 && !self.receives.is_empty() && idle_visits < self.receives.len() {

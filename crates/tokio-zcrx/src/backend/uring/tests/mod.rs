@@ -7,6 +7,7 @@ mod fault_tests;
 mod idle_tests;
 mod lifecycle_tests;
 mod scenarios;
+mod send_tests;
 
 use std::io;
 use std::sync::Arc;
