@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 pub(crate) mod claim;
 pub(crate) mod fork;
 pub(crate) mod mem;
+pub(crate) mod netdev;
 pub(crate) mod netlink;
 pub(crate) mod privilege;
 pub(crate) mod registration;
