@@ -235,7 +235,7 @@ pub(crate) enum ReleaseWait {
     /// A provider was still bound when the time was up.
     StillBound { waited: Duration, polls: u32 },
     /// The kernel could not be asked (no `netdev` family, the queue vanished).
-    Unknown { waited: Duration, error: io::Error },
+    Unknown { error: io::Error },
 }
 
 /// Polls `providers` every `interval` until no io_uring provider is bound to `queue` of
@@ -260,12 +260,7 @@ pub(crate) fn wait_for_release(
                 }
             }
             Ok(true) => {}
-            Err(error) => {
-                return ReleaseWait::Unknown {
-                    waited: start.elapsed(),
-                    error,
-                }
-            }
+            Err(error) => return ReleaseWait::Unknown { error },
         }
         let waited = start.elapsed();
         if waited >= bound {
@@ -342,7 +337,10 @@ mod tests {
         let napi = encode_napi_get(0x15, 2, 8193);
         assert_eq!(u16_at(&napi, 6), NLM_F_REQUEST);
         assert_eq!(&napi[16..20], &[NETDEV_CMD_NAPI_GET, 1, 0, 0]);
-        assert_eq!((u16_at(&napi, 22), u32_at(&napi, 24)), (NETDEV_A_NAPI_ID, 8193));
+        assert_eq!(
+            (u16_at(&napi, 22), u32_at(&napi, 24)),
+            (NETDEV_A_NAPI_ID, 8193)
+        );
     }
 
     #[test]
@@ -484,7 +482,10 @@ mod tests {
 
     #[test]
     fn an_unanswerable_query_ends_the_wait() {
-        let mut providers = Scripted::new(vec![Ok(true), Err(io::Error::from_raw_os_error(libc::ENOENT))]);
+        let mut providers = Scripted::new(vec![
+            Ok(true),
+            Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        ]);
         let outcome = wait_for_release(
             &mut providers,
             1,

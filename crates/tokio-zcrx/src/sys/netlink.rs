@@ -427,7 +427,6 @@ pub(crate) fn resolve_family(socket: &mut NetlinkSocket, name: &str) -> io::Resu
     parse_family_id(&answer).ok_or_else(|| io::Error::from_raw_os_error(libc::EPROTO))
 }
 
-
 /// An ethtool generic netlink session: the family id is resolved once.
 #[derive(Debug)]
 pub(crate) struct EthtoolNetlink {
