@@ -10,11 +10,12 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_zcrx::probe::{self, QueueReport};
 use tokio_zcrx::Zcrx;
 use tokio_zcrx_kernel_tests::support::{build, nic, read_verified, runtime, SpreadFlows};
-use tokio_zcrx_kernel_tests::{spawn_sender, GuestNet};
+use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
 
 const QUEUES: u32 = 4;
 const CHILD: &str = "TZX_MULTIQUEUE_CHILD";
@@ -51,10 +52,19 @@ fn queue_get_reports_every_queue_its_napi_id_and_the_bound_provider() {
     assert_eq!(ids, [0, 1, 2, 3]);
     let napis: BTreeSet<u32> = before
         .iter()
-        .map(|q| q.napi_id.expect("netdevsim links each rx queue to its own NAPI"))
+        .map(|q| {
+            q.napi_id
+                .expect("netdevsim links each rx queue to its own NAPI")
+        })
         .collect();
-    assert_eq!(napis.len(), QUEUES as usize, "distinct NAPI ids: {before:?}");
-    assert!(before.iter().all(|q| !q.io_uring_provider && !q.xsk && !q.dmabuf));
+    assert_eq!(
+        napis.len(),
+        QUEUES as usize,
+        "distinct NAPI ids: {before:?}"
+    );
+    assert!(before
+        .iter()
+        .all(|q| !q.io_uring_provider && !q.xsk && !q.dmabuf));
 
     let zcrx = build(
         Zcrx::builder()
@@ -99,10 +109,17 @@ fn by_default_every_flow_lands_on_queue_0() {
         let addr = listener.local_addr().unwrap();
         for _ in 0..8 {
             let sender = spawn_sender(addr, 4096, Some(net.peer_netns.clone()));
-            let (socket, napi) = accept_with_napi(&listener).await;
-            assert_eq!(napi, napi_of_0, "the guest's XPS sends every flow to rx queue 0");
-            drop(socket);
-            sender.join().unwrap();
+            let (mut socket, napi) = accept_with_napi(&listener).await;
+            assert_eq!(
+                napi, napi_of_0,
+                "the guest's XPS sends every flow to rx queue 0"
+            );
+            // Read it all: closing with unread data would reset the sender's connection.
+            let mut received = Vec::new();
+            socket.read_to_end(&mut received).await.unwrap();
+            assert_eq!(received.len(), 4096);
+            assert_eq!(first_mismatch(0, &received), None);
+            assert_eq!(sender.join().unwrap(), 4096);
         }
     });
 }
@@ -120,11 +137,7 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
     const PER_CONNECTION: u64 = 256 << 10;
     let net = GuestNet::from_env();
     let spread = SpreadFlows::new(&net);
-    let zcrx = build(
-        nic(&net)
-            .interface(&net.nic, BOUND)
-            .area_size(8 << 20),
-    );
+    let zcrx = build(nic(&net).interface(&net.nic, BOUND).area_size(8 << 20));
     let queue_of_napi: BTreeMap<u32, u32> = queues(&net)
         .iter()
         .map(|q| (q.napi_id.expect("NAPI id"), q.id))
@@ -148,7 +161,10 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
             assert_eq!(sender.join().unwrap(), PER_CONNECTION);
             let copied = zcrx.stats().copy_bytes.unwrap() - copied_before;
             if queue == BOUND {
-                assert_eq!(copied, 0, "connection {connections} on the bound queue {queue}");
+                assert_eq!(
+                    copied, 0,
+                    "connection {connections} on the bound queue {queue}"
+                );
             } else {
                 assert_eq!(
                     copied, PER_CONNECTION,

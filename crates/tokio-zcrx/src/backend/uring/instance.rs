@@ -810,4 +810,83 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::OutOfMemory);
         assert!(err.to_string().contains(".cq_entries"), "{err}");
     }
+    fn netdevsim_queue(queue: u32) -> Target {
+        Target::Interface {
+            name: "nsim0".into(),
+            queue,
+        }
+    }
+
+    #[test]
+    fn a_queue_still_held_names_the_provider_and_the_commands() {
+        let held = RxQueueInfo {
+            id: 2,
+            napi_id: Some(8195),
+            io_uring: true,
+            dmabuf: None,
+            xsk: false,
+        };
+        let error = queue_held_error(
+            &netdevsim_queue(2),
+            Duration::from_millis(5020),
+            QueueHeld::Bound(held),
+        );
+        assert_eq!(error.kind(), ErrorKind::QueueBusy);
+        let message = error.to_string();
+        for expected in [
+            "cannot register nsim0 rx queue 2",
+            "EEXIST",
+            "after 5.0 s it is still held by an io_uring memory provider",
+            "the kernel does not say which process",
+            ".queue_release_wait()",
+            "ynl --family netdev --dump queue-get",
+            "grep io_uring",
+        ] {
+            assert!(message.contains(expected), "{expected:?} not in {message}");
+        }
+        // An AF_XDP socket and a dma-buf are named too.
+        let other = RxQueueInfo {
+            io_uring: false,
+            dmabuf: Some(1),
+            xsk: true,
+            ..held
+        };
+        let message =
+            queue_held_error(&netdevsim_queue(2), Duration::ZERO, QueueHeld::Bound(other))
+                .to_string();
+        assert!(
+            message.contains("held by a devmem dma-buf binding and an AF_XDP socket"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_queue_the_kernel_cannot_describe_says_so() {
+        let error = queue_held_error(
+            &netdevsim_queue(0),
+            Duration::from_secs(1),
+            QueueHeld::Unknown(errno(libc::ENOENT)),
+        );
+        assert_eq!(error.kind(), ErrorKind::QueueBusy);
+        assert!(
+            error.to_string().contains("netdev netlink unavailable"),
+            "{error}"
+        );
+        assert!(std::error::Error::source(&error).is_some());
+    }
+
+    #[test]
+    fn the_release_wait_is_checked_and_carried() {
+        let uring = config(Builder::new());
+        assert_eq!(uring.queue_release_wait, Duration::from_secs(5));
+        let uring = config(Builder::new().queue_release_wait(Duration::ZERO));
+        assert_eq!(uring.queue_release_wait, Duration::ZERO);
+        let error = Builder::new()
+            .interface("nsim0", 1)
+            .queue_release_wait(Duration::from_secs(601))
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidConfig);
+        assert!(error.to_string().contains("queue release wait"), "{error}");
+    }
 }
