@@ -275,3 +275,37 @@ fn a_live_holder_is_named_when_the_wait_runs_out() {
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
     runtime().block_on(holder.shutdown());
 }
+
+/// The wait-and-retry path itself, deterministically: the queue is held by a live runtime
+/// when `build` starts (the kernel answers EEXIST), the holder shuts down 300 ms later, and
+/// the same `build` then registers; no retry loop of the caller's.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn a_queue_released_during_the_wait_is_bound() {
+    const QUEUE: u32 = 2;
+    let net = GuestNet::from_env();
+    let holder = build(nic(&net).interface(&net.nic, QUEUE));
+    assert!(queues(&net)[QUEUE as usize].io_uring_provider);
+    let start = Instant::now();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        runtime().block_on(holder.shutdown());
+        drop(holder);
+        start.elapsed()
+    });
+    let zcrx = nic(&net)
+        .interface(&net.nic, QUEUE)
+        .queue_release_wait(Duration::from_secs(10))
+        .build()
+        .expect("build waits until the holder is gone, then registers");
+    let bound_after = start.elapsed();
+    let released_after = releaser.join().unwrap();
+    println!("holder shut down after {released_after:?}, bound again after {bound_after:?}");
+    assert!(
+        bound_after >= Duration::from_millis(300),
+        "registered while the holder was alive? {bound_after:?}"
+    );
+    assert!(bound_after < Duration::from_secs(10), "{bound_after:?}");
+    assert!(queues(&net)[QUEUE as usize].io_uring_provider);
+    runtime().block_on(zcrx.shutdown());
+}
