@@ -115,6 +115,34 @@ fn probe_reports_a_zcrx_kernel_and_a_capable_nic() {
     assert_eq!(nsim["verdict"], "preconditions_met", "{nsim:#}");
     assert_eq!(nsim["registration"]["outcome"], "not_attempted");
 
+    // The 4-queue pair: every rx queue with a NAPI id of its own, nothing bound; steering by
+    // rules or RSS contexts is not something netdevsim has.
+    let queues = nsim["queues"].as_array().expect("queues");
+    let ids: Vec<u64> = queues.iter().map(|q| q["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [0, 1, 2, 3], "{nsim:#}");
+    let mut napis: Vec<u64> = queues
+        .iter()
+        .map(|q| {
+            q["napi_id"]
+                .as_u64()
+                .expect("netdevsim queues have NAPI ids")
+        })
+        .collect();
+    napis.sort_unstable();
+    napis.dedup();
+    assert_eq!(napis.len(), 4, "distinct NAPI ids: {nsim:#}");
+    assert!(queues.iter().all(|q| q["io_uring_provider"] == false));
+    assert_eq!(
+        nsim["steering"]["first_queue"], 3,
+        "the probed (last) queue"
+    );
+    assert_eq!(nsim["steering"]["ntuple"], "unsupported");
+    let commands = nsim["steering"]["commands"].as_array().unwrap();
+    assert_eq!(
+        commands.last().unwrap(),
+        &format!("ethtool -N {nic} flow-type tcp4 dst-port PORT action 3")
+    );
+
     let confirmed = probe_json(&["--interface", &nic, "--queue", "0", "--try-register"]);
     let nsim = interface(&confirmed, &nic);
     assert_eq!(nsim["registration"]["outcome"], "registered", "{nsim:#}");

@@ -133,6 +133,7 @@ pub struct Builder {
     pub(crate) copy_buffer_size: usize,
     pub(crate) copy_memory_limit: Option<u64>,
     pub(crate) stream_budget: Option<u64>,
+    pub(crate) queue_release_wait: Duration,
 }
 
 /// The largest refill ring the kernel accepts without clamping (`IO_RQ_MAX_ENTRIES`).
@@ -152,6 +153,11 @@ pub(crate) const MAX_COPY_POOL_BYTES: usize = 1 << 30;
 pub(crate) const MAX_COPY_BUFFERS: u32 = 1 << 20;
 /// The longest event re-arm interval: events are wake-ups, and a later one helps nobody.
 pub(crate) const MAX_EVENT_REARM_INTERVAL: Duration = Duration::from_secs(3600);
+/// The longest wait for a queue's previous zcrx instance to go: teardown takes milliseconds to
+/// seconds; a queue still held after minutes is held by a live process.
+pub(crate) const MAX_QUEUE_RELEASE_WAIT: Duration = Duration::from_secs(600);
+/// The default wait, what the kernel's own zcrx selftest allows.
+pub(crate) const DEFAULT_QUEUE_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 impl Default for Builder {
     fn default() -> Builder {
@@ -171,6 +177,7 @@ impl Default for Builder {
             copy_buffer_size: 64 << 10,
             copy_memory_limit: None,
             stream_budget: None,
+            queue_release_wait: DEFAULT_QUEUE_RELEASE_WAIT,
         }
     }
 }
@@ -352,6 +359,31 @@ impl Builder {
         self
     }
 
+    /// How long registration waits for the queue's previous zcrx instance to go. Right after
+    /// a process that had the queue bound exits (or closes its ring), the kernel tears the
+    /// instance down asynchronously, and a new registration of the same queue is refused
+    /// with EEXIST until it is gone. The runtime then polls the kernel (`netdev` netlink,
+    /// `QUEUE_GET`) until no io_uring memory provider is reported on the queue and registers
+    /// again; past this bound, [`build`](Builder::build) fails with
+    /// [`ErrorKind::QueueBusy`](crate::ErrorKind::QueueBusy), saying what holds the queue.
+    /// Default 5 s (what the kernel's own selftest allows); zero fails at once; at most
+    /// 10 minutes.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tokio_zcrx::Zcrx;
+    ///
+    /// // A supervisor restarts the server at once: give the old instance up to 10 s to go.
+    /// let builder = Zcrx::builder()
+    ///     .interface("eth0", 3)
+    ///     .queue_release_wait(Duration::from_secs(10));
+    /// # drop(builder);
+    /// ```
+    pub fn queue_release_wait(mut self, wait: Duration) -> Builder {
+        self.queue_release_wait = wait;
+        self
+    }
+
     /// Name of the driver thread. Default `tokio-zcrx-driver`. It must not contain a NUL
     /// byte; Linux shows only its first 15 bytes.
     pub fn thread_name(mut self, name: impl Into<String>) -> Builder {
@@ -449,6 +481,7 @@ impl Builder {
             event_rearm_interval: self.event_rearm_interval,
             thread_name: self.thread_name.clone(),
             stream_budget: self.stream_budget,
+            queue_release_wait: self.queue_release_wait,
         })
     }
 
@@ -513,6 +546,14 @@ impl Builder {
                 "event re-arm interval {:?} is longer than the limit of {:?}: to receive no \
                  events, use .events(EventsPolicy::Disabled) instead",
                 self.event_rearm_interval, MAX_EVENT_REARM_INTERVAL
+            ));
+        }
+        if self.queue_release_wait > MAX_QUEUE_RELEASE_WAIT {
+            return invalid(format!(
+                "a queue release wait of {:?} is longer than the limit of {:?}: a queue still \
+                 bound after minutes is held by a live process, which waiting does not fix; \
+                 use the default (5 s) or less",
+                self.queue_release_wait, MAX_QUEUE_RELEASE_WAIT
             ));
         }
         if self.stream_budget == Some(0) {
@@ -742,6 +783,8 @@ pub(crate) struct UringConfig {
     /// Every stream's budget in bytes, when fixed (`Builder::stream_budget`); derived from
     /// the area and the number of streams otherwise.
     pub(crate) stream_budget: Option<u64>,
+    /// How long to wait out a previous instance's teardown on the queue (EEXIST).
+    pub(crate) queue_release_wait: Duration,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).

@@ -40,7 +40,10 @@ pub enum ErrorKind {
     HugePagesUnavailable,
     /// The receive queue index is out of range for the interface.
     QueueOutOfRange,
-    /// The queue is already bound (another zcrx instance, XDP, AF_XDP).
+    /// The queue is already bound (another zcrx instance, XDP, AF_XDP). A previous zcrx
+    /// instance still being torn down is waited out first, for up to
+    /// [`Builder::queue_release_wait`](crate::Builder::queue_release_wait); the message says
+    /// what still holds the queue.
     QueueBusy,
     /// Memory could not be mapped, pinned or registered (RLIMIT_MEMLOCK, huge pages).
     OutOfMemory,

@@ -65,7 +65,12 @@
 //!   `registration` (trial outcome), `verdict` (`"ready"`, `"preconditions_met"`,
 //!   `"needs_configuration"`, `"unsupported"`, `"not_found"`, `"unknown"`), `reason`, `fix`
 //!   (string or null), `hints` (strings), `exposure` (strings: what else RSS and n-tuple
-//!   rules steer to the queue), `notes` (strings).
+//!   rules steer to the queue), `queues` (array of `id`, `napi_id` (null if none),
+//!   `io_uring_provider`, `dmabuf`, `xsk` (bools: what is bound to the queue), `irq` (null if
+//!   unknown); empty for a device that is down or a kernel without the `netdev` family),
+//!   `steering` (null for virtual devices and unknown queue counts; else `first_queue`,
+//!   `queues`, `ntuple` and `rss` (support words), `commands` (strings, with `PORT` and
+//!   `CONTEXT` to fill in)), `notes` (strings).
 //!
 //! A trial outcome is an object whose `outcome` is `"not_attempted"` (with `reason`),
 //! `"registered"`, `"refused"` (with `errno`: the kernel said no) or `"failed"` (with `step`
@@ -75,11 +80,13 @@
 mod errno;
 mod host;
 mod interface;
+mod queues;
 mod render;
 mod system;
 mod trial;
 
 pub use errno::Errno;
+pub use queues::{incoming_napi_id, rx_queues};
 
 /// What to probe and how far to go. Built with [`ProbeOptions::new`] (everything, no
 /// registration) and the setters, so that options added later do not break callers.
@@ -553,8 +560,59 @@ pub struct InterfaceReport {
     /// steered there is written into the zcrx process's memory, whatever socket it is for.
     /// Empty for virtual devices.
     pub exposure: Vec<String>,
+    /// Every receive queue as the kernel's `netdev` family reports it: NAPI id and what is
+    /// bound. Empty while the interface is down, or where the kernel cannot say (see notes).
+    pub queues: Vec<QueueReport>,
+    /// How to steer a service's port to the queue group from the probed queue to the last
+    /// one, and whether the driver supports it. `None` for virtual devices.
+    pub steering: Option<SteeringReport>,
     /// Side observations, such as a check that could not be made.
     pub notes: Vec<String>,
+}
+
+/// One receive queue, as the kernel's `netdev` generic netlink family reports it
+/// (`NETDEV_CMD_QUEUE_GET`; what `ynl --family netdev --dump queue-get` prints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct QueueReport {
+    /// The queue's index.
+    pub id: u32,
+    /// The NAPI instance polling it: a socket whose
+    /// [`incoming_napi_id`] equals it receives through this queue. `None` when the driver
+    /// does not link queues to NAPI instances.
+    pub napi_id: Option<u32>,
+    /// An io_uring memory provider (a zcrx instance, maybe one still being torn down) is
+    /// bound to the queue.
+    pub io_uring_provider: bool,
+    /// A devmem dma-buf is bound to the queue.
+    pub dmabuf: bool,
+    /// An AF_XDP socket is bound to the queue.
+    pub xsk: bool,
+    /// The interrupt its NAPI instance is scheduled from, if the driver says: the CPU that
+    /// serves it is where the queue's zcrx driver thread belongs.
+    pub irq: Option<u32>,
+}
+
+/// Steering one port's traffic to a group of receive queues: the ethtool commands, and
+/// whether the driver has what they need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct SteeringReport {
+    /// The group's first queue (the probed queue); default RSS keeps the queues before it.
+    pub first_queue: u32,
+    /// Queues in the group, up to the last queue.
+    pub queues: u32,
+    /// Whether the driver has n-tuple rules (`ethtool -n` answers rather than EOPNOTSUPP).
+    pub ntuple: Support,
+    /// Whether the driver has an RSS indirection table (`ethtool -x` answers). A group of more
+    /// than one queue also needs additional RSS contexts, which only creating one shows
+    /// (mlx5, bnxt, fbnic, ice and gve have them in recent kernels).
+    pub rss: Support,
+    /// The commands, in order: `PORT` is the service's TCP port, `CONTEXT` the number
+    /// `ethtool -X ... context new` prints.
+    pub commands: Vec<String>,
 }
 
 /// Runs the probe. Never panics, never fails: whatever cannot be checked is reported as such.

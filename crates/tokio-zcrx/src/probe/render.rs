@@ -4,7 +4,8 @@ use std::fmt;
 
 use super::host::describe_nodev_trial;
 use super::{
-    FeatureReport, InterfaceReport, ProbeReport, Support, TcpDataSplit, TrialOutcome, Verdict,
+    FeatureReport, InterfaceReport, ProbeReport, QueueReport, Support, TcpDataSplit, TrialOutcome,
+    Verdict,
 };
 
 impl fmt::Display for Support {
@@ -50,6 +51,32 @@ impl fmt::Display for TrialOutcome {
             TrialOutcome::Failed { step, errno } => write!(f, "could not {step}: {errno}"),
         }
     }
+}
+
+/// A queue's NAPI id and what is bound to it, in words.
+fn describe_queue(queue: &QueueReport) -> String {
+    let napi = queue
+        .napi_id
+        .map_or_else(|| "no NAPI id".to_owned(), |id| format!("NAPI id {id}"));
+    let irq = queue
+        .irq
+        .map_or_else(String::new, |irq| format!(", irq {irq}"));
+    let mut bound = Vec::new();
+    if queue.io_uring_provider {
+        bound.push("io_uring (zcrx) provider bound");
+    }
+    if queue.dmabuf {
+        bound.push("devmem dma-buf bound");
+    }
+    if queue.xsk {
+        bound.push("AF_XDP socket bound");
+    }
+    let bound = if bound.is_empty() {
+        "nothing bound".to_owned()
+    } else {
+        bound.join(", ")
+    };
+    format!("{napi}{irq}, {bound}")
 }
 
 /// Width of the label column, so values line up.
@@ -147,6 +174,30 @@ fn render_interface(f: &mut fmt::Formatter<'_>, interface: &InterfaceReport) -> 
     }
     for exposure in &interface.exposure {
         line(f, "exposure", exposure)?;
+    }
+    for queue in &interface.queues {
+        line(f, &format!("rx queue {}", queue.id), describe_queue(queue))?;
+    }
+    if let Some(steering) = &interface.steering {
+        let group = match steering.queues {
+            1 => format!("queue {}", steering.first_queue),
+            count => format!(
+                "queues {}-{}",
+                steering.first_queue,
+                steering.first_queue + count - 1
+            ),
+        };
+        line(
+            f,
+            "steering",
+            format!(
+                "to steer port PORT to {group}: n-tuple rules {}, RSS {}",
+                steering.ntuple, steering.rss
+            ),
+        )?;
+        for command in &steering.commands {
+            line(f, "", command)?;
+        }
     }
     for note in &interface.notes {
         line(f, "note", note)?;

@@ -13,6 +13,7 @@ pub(crate) mod claim;
 pub(crate) mod fork;
 pub(crate) mod hugepages;
 pub(crate) mod mem;
+pub(crate) mod netdev;
 pub(crate) mod netlink;
 pub(crate) mod privilege;
 pub(crate) mod registration;

@@ -1,6 +1,7 @@
 //! Just enough netlink to read what the probe needs from the kernel: the ethtool ring
 //! parameters (tcp-data-split, hds-thresh) over generic netlink, and whether an XDP program
-//! is attached over rtnetlink.
+//! is attached over rtnetlink. The framing (messages, attributes, requests and dumps) is
+//! shared with the `netdev` family's queries in [`super::netdev`].
 //!
 //! Hand-rolled on a raw `AF_NETLINK` socket: the messages are few and fixed, and a netlink
 //! library would be a large dependency for two requests. Encoding and parsing are pure
@@ -12,17 +13,19 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use super::syscall;
 
 // Netlink framing (include/uapi/linux/netlink.h).
-const NLMSG_HDRLEN: usize = 16;
-const NLA_HDRLEN: usize = 4;
+pub(crate) const NLMSG_HDRLEN: usize = 16;
+pub(crate) const NLA_HDRLEN: usize = 4;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLA_F_NESTED: u16 = 1 << 15;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+/// `NLM_F_ROOT | NLM_F_MATCH`: answer with every object the request's attributes select.
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLA_F_NESTED: u16 = 1 << 15;
 const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
 const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
 
 // Generic netlink controller (include/uapi/linux/genetlink.h).
-const GENL_HDRLEN: usize = 4;
+pub(crate) const GENL_HDRLEN: usize = 4;
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
@@ -62,12 +65,12 @@ fn align4(len: usize) -> usize {
 
 /// Builds one netlink message: header, optional fixed family header, then attributes.
 #[derive(Debug)]
-struct MessageBuilder {
-    buf: Vec<u8>,
+pub(crate) struct MessageBuilder {
+    pub(crate) buf: Vec<u8>,
 }
 
 impl MessageBuilder {
-    fn new(message_type: u16, flags: u16, seq: u32) -> Self {
+    pub(crate) fn new(message_type: u16, flags: u16, seq: u32) -> Self {
         let mut buf = Vec::with_capacity(128);
         buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, filled in by finish()
         buf.extend_from_slice(&message_type.to_ne_bytes());
@@ -77,28 +80,28 @@ impl MessageBuilder {
         Self { buf }
     }
 
-    fn put_bytes(&mut self, bytes: &[u8]) {
+    pub(crate) fn put_bytes(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
         self.buf.resize(align4(self.buf.len()), 0);
     }
 
-    fn put_genl_header(&mut self, cmd: u8, version: u8) {
+    pub(crate) fn put_genl_header(&mut self, cmd: u8, version: u8) {
         self.put_bytes(&[cmd, version, 0, 0]);
     }
 
-    fn put_attr(&mut self, attr_type: u16, payload: &[u8]) {
+    pub(crate) fn put_attr(&mut self, attr_type: u16, payload: &[u8]) {
         let len = u16::try_from(NLA_HDRLEN + payload.len()).expect("netlink attribute too long");
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&attr_type.to_ne_bytes());
         self.put_bytes(payload);
     }
 
-    fn put_u32(&mut self, attr_type: u16, value: u32) {
+    pub(crate) fn put_u32(&mut self, attr_type: u16, value: u32) {
         self.put_attr(attr_type, &value.to_ne_bytes());
     }
 
     /// Strings travel NUL-terminated (`NLA_NUL_STRING` / `NLA_STRING` both accept that).
-    fn put_str(&mut self, attr_type: u16, value: &str) {
+    pub(crate) fn put_str(&mut self, attr_type: u16, value: &str) {
         let mut bytes = Vec::with_capacity(value.len() + 1);
         bytes.extend_from_slice(value.as_bytes());
         bytes.push(0);
@@ -106,7 +109,7 @@ impl MessageBuilder {
     }
 
     /// Starts a nested attribute; returns its offset for [`Self::end_nested`].
-    fn begin_nested(&mut self, attr_type: u16) -> usize {
+    pub(crate) fn begin_nested(&mut self, attr_type: u16) -> usize {
         let start = self.buf.len();
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
         self.buf
@@ -114,12 +117,12 @@ impl MessageBuilder {
         start
     }
 
-    fn end_nested(&mut self, start: usize) {
+    pub(crate) fn end_nested(&mut self, start: usize) {
         let len = u16::try_from(self.buf.len() - start).expect("nested attribute too long");
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         let len = u32::try_from(self.buf.len()).expect("netlink message too long");
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf
@@ -207,19 +210,19 @@ pub(crate) fn attributes(payload: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-fn find_attribute(payload: &[u8], wanted: u16) -> Option<&[u8]> {
+pub(crate) fn find_attribute(payload: &[u8], wanted: u16) -> Option<&[u8]> {
     attributes(payload).find_map(|(attr_type, value)| (attr_type == wanted).then_some(value))
 }
 
-fn read_u8(value: &[u8]) -> Option<u8> {
+pub(crate) fn read_u8(value: &[u8]) -> Option<u8> {
     value.first().copied()
 }
 
-fn read_u16(value: &[u8]) -> Option<u16> {
+pub(crate) fn read_u16(value: &[u8]) -> Option<u16> {
     Some(u16::from_ne_bytes(value.get(..2)?.try_into().ok()?))
 }
 
-fn read_u32(value: &[u8]) -> Option<u32> {
+pub(crate) fn read_u32(value: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(value.get(..4)?.try_into().ok()?))
 }
 
@@ -324,7 +327,7 @@ impl NetlinkSocket {
 
     /// Sends one request and returns the payload of the answer carrying its sequence number,
     /// or the errno of an `NLMSG_ERROR` answer.
-    fn request(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> io::Result<Vec<u8>> {
+    pub(crate) fn request(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> io::Result<Vec<u8>> {
         let seq = self.take_seq();
         let request = build(seq);
         // SAFETY: the pointer and length describe `request`, which outlives the call.
@@ -367,6 +370,61 @@ impl NetlinkSocket {
             }
         }
     }
+
+    /// Sends one dump request and returns the payload of every answer until `NLMSG_DONE`
+    /// (a dump can take several receives: the kernel fills one buffer at a time). An
+    /// `NLMSG_ERROR` answer ends the dump with its errno.
+    pub(crate) fn dump(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> io::Result<Vec<Vec<u8>>> {
+        let seq = self.take_seq();
+        let request = build(seq);
+        // SAFETY: the pointer and length describe `request`, which outlives the call.
+        unsafe {
+            syscall!(send(
+                self.fd.as_raw_fd(),
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+            ))
+        }?;
+        let mut buf = vec![0u8; RECV_BUFFER_LEN];
+        let mut answers = Vec::new();
+        loop {
+            // SAFETY: the pointer and length describe `buf`, which outlives the call.
+            // MSG_TRUNC makes recv report the full length of an oversized message.
+            let received = unsafe {
+                syscall!(recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_TRUNC,
+                ))
+            }?;
+            let received = received as usize;
+            if received > buf.len() {
+                return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+            }
+            for message in messages(&buf[..received]) {
+                if message.seq != seq {
+                    continue; // a late answer to an earlier request that timed out
+                }
+                match message.message_type {
+                    // NLMSG_DONE carries the dump's own result (0, or -errno if it stopped).
+                    NLMSG_DONE | NLMSG_ERROR => match parse_error(message.payload) {
+                        Some(0) | None => return Ok(answers),
+                        Some(errno) => return Err(io::Error::from_raw_os_error(errno)),
+                    },
+                    _ => answers.push(message.payload.to_vec()),
+                }
+            }
+        }
+    }
+}
+
+/// Resolves the id of the generic netlink family `name` on `socket` (ENOENT when the kernel
+/// does not have it).
+pub(crate) fn resolve_family(socket: &mut NetlinkSocket, name: &str) -> io::Result<u16> {
+    let answer = socket.request(|seq| encode_get_family(seq, name))?;
+    parse_family_id(&answer).ok_or_else(|| io::Error::from_raw_os_error(libc::EPROTO))
 }
 
 /// An ethtool generic netlink session: the family id is resolved once.
@@ -381,9 +439,7 @@ impl EthtoolNetlink {
     /// kernel has no ethtool netlink, i.e. `CONFIG_ETHTOOL_NETLINK=n`).
     pub(crate) fn open() -> io::Result<Self> {
         let mut socket = NetlinkSocket::open(libc::NETLINK_GENERIC)?;
-        let answer = socket.request(|seq| encode_get_family(seq, ETHTOOL_GENL_NAME))?;
-        let family_id =
-            parse_family_id(&answer).ok_or_else(|| io::Error::from_raw_os_error(libc::EPROTO))?;
+        let family_id = resolve_family(&mut socket, ETHTOOL_GENL_NAME)?;
         Ok(Self { socket, family_id })
     }
 

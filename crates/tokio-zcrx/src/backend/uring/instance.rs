@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
 
 use zcrx_core::query::QueryFeatures;
 use zcrx_core::user_data::UserData;
@@ -18,6 +19,7 @@ use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 use crate::sys::fork::RingForkGuard;
 use crate::sys::hugepages::HugePageFacts;
 use crate::sys::mem::Mapping;
+use crate::sys::netdev::{wait_for_release, NetdevNetlink, ReleaseWait, RxQueueInfo};
 use crate::sys::page_size;
 use crate::sys::privilege::{self, CAP_NET_ADMIN_FIX};
 use crate::sys::registration::{
@@ -238,7 +240,7 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
         },
         event_user_data: events.then(|| UserData::EVENT.as_u64()),
     };
-    let instance = ZcrxInstance::register(ring, &request).map_err(|e| match e {
+    let instance = register_waiting_out_teardown(ring, &request, config)?.map_err(|e| match e {
         RegisterError::Setup {
             step: SetupStep::MapArea,
             error,
@@ -337,6 +339,170 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
         description,
         segment_payload,
     })
+}
+
+/// How often to ask the kernel whether a queue's previous instance is gone.
+const QUEUE_RELEASE_POLL: Duration = Duration::from_millis(20);
+
+/// Registers `request` on `ring`; if the kernel answers EEXIST for an interface queue (a
+/// previous zcrx instance on it is still being torn down, e.g. right after the process that
+/// had it exited), waits up to `config.queue_release_wait` until the kernel reports no io_uring
+/// memory provider on the queue, and registers again on a fresh ring. The outer error is a
+/// queue still held when the time is up; the inner result is the last registration's.
+fn register_waiting_out_teardown(
+    ring: ZcrxRing,
+    request: &ZcrxRequest,
+    config: &UringConfig,
+) -> Result<std::result::Result<ZcrxInstance, RegisterError>> {
+    let start = Instant::now();
+    let deadline = start + config.queue_release_wait;
+    let mut ring = Some(ring);
+    let mut netdev: Option<NetdevNetlink> = None;
+    let mut retries = 0u32;
+    loop {
+        let this_ring = match ring.take() {
+            Some(ring) => ring,
+            None => ZcrxRing::new(config.cq_entries)
+                .map_err(|e| ring_creation_error(config.cq_entries, e))?,
+        };
+        let (ifindex, queue) = match (ZcrxInstance::register(this_ring, request), request.binding) {
+            (Err(RegisterError::Refused(error)), QueueBinding::Interface { ifindex, rx_queue })
+                if error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                // Past the deadline after a retry: the queue was reported free but is refused
+                // again; let the probe explain the refusal.
+                if retries > 0 && Instant::now() >= deadline {
+                    return Ok(Err(RegisterError::Refused(error)));
+                }
+                (ifindex, rx_queue)
+            }
+            (Ok(instance), _) => {
+                if retries > 0 {
+                    tracing::info!(
+                        target = %describe_target(&config.target),
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        retries,
+                        "registered after the queue's previous zcrx instance was torn down"
+                    );
+                }
+                return Ok(Ok(instance));
+            }
+            (Err(error), _) => return Ok(Err(error)),
+        };
+        let session = match &mut netdev {
+            Some(session) => session,
+            None => match NetdevNetlink::open() {
+                Ok(session) => netdev.insert(session),
+                Err(error) => {
+                    return Err(queue_held_error(
+                        &config.target,
+                        start.elapsed(),
+                        QueueHeld::Unknown(error),
+                    ))
+                }
+            },
+        };
+        tracing::debug!(
+            target = %describe_target(&config.target),
+            "EEXIST: waiting for the queue's previous zcrx instance to be torn down"
+        );
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match wait_for_release(session, ifindex, queue, remaining, QUEUE_RELEASE_POLL) {
+            ReleaseWait::Released { waited, polls } => {
+                tracing::debug!(
+                    waited_ms = waited.as_millis() as u64,
+                    polls,
+                    "the kernel reports no io_uring provider on the queue any more; registering again"
+                );
+                retries += 1;
+            }
+            ReleaseWait::StillBound { waited, polls } => {
+                tracing::warn!(
+                    target = %describe_target(&config.target),
+                    waited_ms = waited.as_millis() as u64,
+                    polls,
+                    "the queue's io_uring provider is still bound; giving up"
+                );
+                let held = match session.rx_queue(ifindex, queue) {
+                    Ok(info) => QueueHeld::Bound(info),
+                    Err(error) => QueueHeld::Unknown(error),
+                };
+                return Err(queue_held_error(&config.target, start.elapsed(), held));
+            }
+            ReleaseWait::Unknown { error, .. } => {
+                return Err(queue_held_error(
+                    &config.target,
+                    start.elapsed(),
+                    QueueHeld::Unknown(error),
+                ))
+            }
+        }
+    }
+}
+
+/// What the kernel said about a queue that stayed refused.
+#[derive(Debug)]
+enum QueueHeld {
+    /// Its state when the time was up.
+    Bound(RxQueueInfo),
+    /// The `netdev` family could not be asked.
+    Unknown(io::Error),
+}
+
+/// The error for a queue whose previous binding did not go within the configured wait: what
+/// holds it, and the commands that show it.
+fn queue_held_error(target: &Target, waited: Duration, held: QueueHeld) -> Error {
+    let what = describe_target(target);
+    let ifindex = match target {
+        Target::Interface { name, .. } => crate::sys::ifindex(name).ok(),
+        Target::InterfaceIndex { index, .. } => Some(*index),
+        Target::NoDevice => None,
+    };
+    let show = format!(
+        "`ynl --family netdev --dump queue-get --json '{{\"ifindex\": {}}}'` (from the kernel's \
+         tools/net/ynl) shows io-uring on a queue while a provider is bound; `ls -l \
+         /proc/*/fd 2>/dev/null | grep io_uring` lists the processes with io_uring instances",
+        ifindex.map_or_else(|| "N".to_owned(), |i| i.to_string())
+    );
+    let waited = format!("{:.1} s", waited.as_secs_f64());
+    let (holder, source) = match held {
+        QueueHeld::Bound(info) => {
+            let mut holders = Vec::new();
+            if info.io_uring {
+                holders.push("an io_uring memory provider (a zcrx instance of a live process, or one still being torn down; the kernel does not say which process)");
+            }
+            if info.dmabuf.is_some() {
+                holders.push("a devmem dma-buf binding");
+            }
+            if info.xsk {
+                holders.push("an AF_XDP socket");
+            }
+            let holder = if holders.is_empty() {
+                "nothing the kernel reports now (it was released just as the wait ended): try again"
+                    .to_owned()
+            } else {
+                holders.join(" and ")
+            };
+            (holder, None)
+        }
+        QueueHeld::Unknown(error) => (
+            "something the kernel could not be asked about (netdev netlink unavailable)".to_owned(),
+            Some(error),
+        ),
+    };
+    let error = Error::new(
+        ErrorKind::QueueBusy,
+        format!(
+            "cannot register {what}: the kernel answers EEXIST (the queue already has a \
+             memory provider) and after {waited} it is still held by {holder}. Stop the \
+             process that holds it, or raise .queue_release_wait() if a previous instance \
+             takes longer to go; {show}"
+        ),
+    );
+    match source {
+        Some(source) => error.with_source(source),
+        None => error,
+    }
 }
 
 /// What a registration binds, in words: `eth0 rx queue 3`, `a device-less (NODEV) zcrx
@@ -579,6 +745,8 @@ mod tests {
             fix: None,
             hints: Vec::new(),
             exposure: Vec::new(),
+            queues: Vec::new(),
+            steering: None,
             notes: Vec::new(),
         }
     }
@@ -695,5 +863,84 @@ mod tests {
         let err = ring_creation_error(8192, errno(libc::ENOMEM));
         assert_eq!(err.kind(), ErrorKind::OutOfMemory);
         assert!(err.to_string().contains(".cq_entries"), "{err}");
+    }
+    fn netdevsim_queue(queue: u32) -> Target {
+        Target::Interface {
+            name: "nsim0".into(),
+            queue,
+        }
+    }
+
+    #[test]
+    fn a_queue_still_held_names_the_provider_and_the_commands() {
+        let held = RxQueueInfo {
+            id: 2,
+            napi_id: Some(8195),
+            io_uring: true,
+            dmabuf: None,
+            xsk: false,
+        };
+        let error = queue_held_error(
+            &netdevsim_queue(2),
+            Duration::from_millis(5020),
+            QueueHeld::Bound(held),
+        );
+        assert_eq!(error.kind(), ErrorKind::QueueBusy);
+        let message = error.to_string();
+        for expected in [
+            "cannot register nsim0 rx queue 2",
+            "EEXIST",
+            "after 5.0 s it is still held by an io_uring memory provider",
+            "the kernel does not say which process",
+            ".queue_release_wait()",
+            "ynl --family netdev --dump queue-get",
+            "grep io_uring",
+        ] {
+            assert!(message.contains(expected), "{expected:?} not in {message}");
+        }
+        // An AF_XDP socket and a dma-buf are named too.
+        let other = RxQueueInfo {
+            io_uring: false,
+            dmabuf: Some(1),
+            xsk: true,
+            ..held
+        };
+        let message =
+            queue_held_error(&netdevsim_queue(2), Duration::ZERO, QueueHeld::Bound(other))
+                .to_string();
+        assert!(
+            message.contains("held by a devmem dma-buf binding and an AF_XDP socket"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_queue_the_kernel_cannot_describe_says_so() {
+        let error = queue_held_error(
+            &netdevsim_queue(0),
+            Duration::from_secs(1),
+            QueueHeld::Unknown(errno(libc::ENOENT)),
+        );
+        assert_eq!(error.kind(), ErrorKind::QueueBusy);
+        assert!(
+            error.to_string().contains("netdev netlink unavailable"),
+            "{error}"
+        );
+        assert!(std::error::Error::source(&error).is_some());
+    }
+
+    #[test]
+    fn the_release_wait_is_checked_and_carried() {
+        let uring = config(Builder::new());
+        assert_eq!(uring.queue_release_wait, Duration::from_secs(5));
+        let uring = config(Builder::new().queue_release_wait(Duration::ZERO));
+        assert_eq!(uring.queue_release_wait, Duration::ZERO);
+        let error = Builder::new()
+            .interface("nsim0", 1)
+            .queue_release_wait(Duration::from_secs(601))
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::InvalidConfig);
+        assert!(error.to_string().contains("queue release wait"), "{error}");
     }
 }

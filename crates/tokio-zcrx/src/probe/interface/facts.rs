@@ -5,7 +5,8 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use super::super::{Errno, InterfaceReport, TcpDataSplit, TrialOutcome, Verdict};
+use super::super::queues::steering_report;
+use super::super::{Errno, InterfaceReport, Support, TcpDataSplit, TrialOutcome, Verdict};
 use crate::sys::netlink::{
     EthtoolNetlink, RingsInfo, RouteNetlink, TCP_DATA_SPLIT_DISABLED, TCP_DATA_SPLIT_ENABLED,
     TCP_DATA_SPLIT_UNKNOWN,
@@ -67,6 +68,8 @@ pub(super) fn unknown_interface(name: &str, queue: Option<u32>) -> InterfaceRepo
         fix: None,
         hints: Vec::new(),
         exposure: Vec::new(),
+        queues: Vec::new(),
+        steering: None,
         notes: Vec::new(),
     }
 }
@@ -114,14 +117,32 @@ pub(super) fn gather(
 
     if !report.virtual_device {
         if let Some(queue) = report.queue {
-            report.exposure = describe_exposure(
-                name,
-                queue,
-                report.rx_queues,
-                steering::rss_indirection(name),
-                steering::ntuple_rules(name),
-            );
+            let indirection = steering::rss_indirection(name);
+            let rules = steering::ntuple_rules(name);
+            let support = |answer: Result<(), &io::Error>| match answer {
+                Ok(()) => Support::Supported,
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Support::Unsupported,
+                Err(_) => Support::Unknown,
+            };
+            if let Some(rx_queues) = report.rx_queues {
+                report.steering = Some(steering_report(
+                    name,
+                    queue,
+                    rx_queues,
+                    support(rules.as_ref().map(|_| ())),
+                    support(indirection.as_ref().map(|_| ())),
+                ));
+            }
+            report.exposure = describe_exposure(name, queue, report.rx_queues, indirection, rules);
         }
+    }
+
+    match crate::probe::rx_queues(name) {
+        Ok(queues) => report.queues = queues,
+        Err(error) => report.notes.push(format!(
+            "could not read the queues' NAPI ids and providers through netdev netlink: {}",
+            Errno::from_io_error(&error)
+        )),
     }
 
     if let (Some(route), Some(index)) = (route, report.ifindex) {

@@ -1,0 +1,311 @@
+//! Multi-queue foundations on the guest's 4-queue netdevsim pair: what the kernel's `netdev`
+//! family says about each queue (NAPI id, io_uring provider), which queue a connection lands on
+//! (`SO_INCOMING_NAPI_ID`), proven against zcrx itself (a connection on the bound queue is
+//! received with no copy, one on another queue is copied), and restart safety (a killed
+//! process's binding is waited out by the next `build`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio_zcrx::probe::{self, QueueReport};
+use tokio_zcrx::Zcrx;
+use tokio_zcrx_kernel_tests::support::{build, nic, read_verified, runtime, SpreadFlows};
+use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
+
+const QUEUES: u32 = 4;
+const CHILD: &str = "TZX_MULTIQUEUE_CHILD";
+
+fn queues(net: &GuestNet) -> Vec<QueueReport> {
+    probe::rx_queues(&net.nic).expect("QUEUE_GET on the guest's NIC")
+}
+
+/// Polls QUEUE_GET until `queue` reports `bound` as its io_uring provider state, for at most
+/// `limit`; returns how long it took.
+fn wait_provider(net: &GuestNet, queue: u32, bound: bool, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let state = queues(net)[queue as usize].io_uring_provider;
+        if state == bound {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "queue {queue}: io_uring provider still {state} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn queue_get_reports_every_queue_its_napi_id_and_the_bound_provider() {
+    let net = GuestNet::from_env();
+    let before = queues(&net);
+    println!("{before:?}");
+    assert_eq!(before.len(), QUEUES as usize, "{before:?}");
+    let ids: Vec<u32> = before.iter().map(|q| q.id).collect();
+    assert_eq!(ids, [0, 1, 2, 3]);
+    let napis: BTreeSet<u32> = before
+        .iter()
+        .map(|q| {
+            q.napi_id
+                .expect("netdevsim links each rx queue to its own NAPI")
+        })
+        .collect();
+    assert_eq!(
+        napis.len(),
+        QUEUES as usize,
+        "distinct NAPI ids: {before:?}"
+    );
+    assert!(before
+        .iter()
+        .all(|q| !q.io_uring_provider && !q.xsk && !q.dmabuf));
+
+    let zcrx = build(
+        Zcrx::builder()
+            .mode(tokio_zcrx::Mode::Nic)
+            .interface(&net.nic, 2),
+    );
+    let bound = queues(&net);
+    let providers: Vec<bool> = bound.iter().map(|q| q.io_uring_provider).collect();
+    assert_eq!(providers, [false, false, true, false], "{bound:?}");
+    // Binding does not renumber NAPI instances... or if the queue restart does, the probe
+    // still reports one per queue.
+    assert!(bound.iter().all(|q| q.napi_id.is_some()));
+
+    // The probe shows the same.
+    let report = probe::run(&probe::ProbeOptions::new().interface(&net.nic).queue(2));
+    let interface = &report.interfaces[0];
+    assert_eq!(interface.queues, bound);
+    println!("{report}");
+
+    runtime().block_on(zcrx.shutdown());
+    drop(zcrx);
+    let gone = wait_provider(&net, 2, false, Duration::from_secs(10));
+    println!("provider gone {gone:?} after the runtime was dropped");
+}
+
+/// Accepts one connection, waits for its first data, and returns the socket with the NAPI
+/// id its packets arrived through.
+async fn accept_with_napi(listener: &TcpListener) -> (tokio::net::TcpStream, Option<u32>) {
+    let (socket, _) = listener.accept().await.unwrap();
+    socket.readable().await.unwrap();
+    let napi = probe::incoming_napi_id(&socket).unwrap();
+    (socket, napi)
+}
+
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn by_default_every_flow_lands_on_queue_0() {
+    let net = GuestNet::from_env();
+    let napi_of_0 = queues(&net)[0].napi_id;
+    runtime().block_on(async {
+        let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for _ in 0..8 {
+            let sender = spawn_sender(addr, 4096, Some(net.peer_netns.clone()));
+            let (mut socket, napi) = accept_with_napi(&listener).await;
+            assert_eq!(
+                napi, napi_of_0,
+                "the guest's XPS sends every flow to rx queue 0"
+            );
+            // Read it all: closing with unread data would reset the sender's connection.
+            let mut received = Vec::new();
+            socket.read_to_end(&mut received).await.unwrap();
+            assert_eq!(received.len(), 4096);
+            assert_eq!(first_mismatch(0, &received), None);
+            assert_eq!(sender.join().unwrap(), 4096);
+        }
+    });
+}
+
+/// Connections spread over the four queues by flow hash; each socket's
+/// `SO_INCOMING_NAPI_ID` names the queue its flow lands on, and zcrx proves it: with queue
+/// `BOUND` bound, a connection whose NAPI id is that queue's is received with no copy, every
+/// other one is copied by the kernel in full. The flow hash is random, so connections are made
+/// until every queue has been seen (at least 16, at most 64: the chance that 64 random flows
+/// miss one of four queues is below 1e-7).
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn spread_flows_land_on_the_queue_their_napi_id_names() {
+    const BOUND: u32 = 1;
+    const PER_CONNECTION: u64 = 256 << 10;
+    let net = GuestNet::from_env();
+    let spread = SpreadFlows::new(&net);
+    let zcrx = build(nic(&net).interface(&net.nic, BOUND).area_size(8 << 20));
+    let queue_of_napi: BTreeMap<u32, u32> = queues(&net)
+        .iter()
+        .map(|q| (q.napi_id.expect("NAPI id"), q.id))
+        .collect();
+    assert_eq!(queue_of_napi.len(), QUEUES as usize);
+    let mut per_queue: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut connections = 0;
+    runtime().block_on(async {
+        let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        while connections < 16 || (per_queue.len() < QUEUES as usize && connections < 64) {
+            let sender = spawn_sender(addr, PER_CONNECTION, Some(net.peer_netns.clone()));
+            let (socket, napi) = accept_with_napi(&listener).await;
+            let napi = napi.expect("a socket that received through netdevsim has a NAPI id");
+            let queue = *queue_of_napi
+                .get(&napi)
+                .unwrap_or_else(|| panic!("NAPI id {napi} is no queue's: {queue_of_napi:?}"));
+            let copied_before = zcrx.stats().copy_bytes.unwrap();
+            let (stream, _) = zcrx.attach(socket).unwrap();
+            assert_eq!(read_verified(stream).await, PER_CONNECTION);
+            assert_eq!(sender.join().unwrap(), PER_CONNECTION);
+            let copied = zcrx.stats().copy_bytes.unwrap() - copied_before;
+            if queue == BOUND {
+                assert_eq!(
+                    copied, 0,
+                    "connection {connections} on the bound queue {queue}"
+                );
+            } else {
+                assert_eq!(
+                    copied, PER_CONNECTION,
+                    "connection {connections} on queue {queue} is not the bound queue's: \
+                     every byte is copied"
+                );
+            }
+            *per_queue.entry(queue).or_default() += 1;
+            connections += 1;
+        }
+        zcrx.shutdown().await;
+    });
+    drop(spread);
+    println!("{connections} connections per queue: {per_queue:?}");
+    assert_eq!(
+        per_queue.len(),
+        QUEUES as usize,
+        "all four queues used: {per_queue:?}"
+    );
+}
+
+/// A process holding a binding is killed (SIGKILL, no cleanup of its own); the next `build`
+/// of the same queue, at once and with no retry loop of the caller's, succeeds: it waits out
+/// the kernel's asynchronous teardown (EEXIST) by polling QUEUE_GET.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn a_killed_holders_queue_is_bound_again_at_once() {
+    const QUEUE: u32 = 0;
+    let net = GuestNet::from_env();
+    if std::env::var_os(CHILD).is_some() {
+        let zcrx = build(nic(&net).interface(&net.nic, QUEUE));
+        println!("bound {}", zcrx.description());
+        std::thread::sleep(Duration::from_secs(120));
+        unreachable!("the parent kills this process");
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_killed_holders_queue_is_bound_again_at_once",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run this test binary again");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let bound = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains("bound "))
+        .expect("the child binds the queue and says so");
+    println!("child: {bound}");
+    assert!(queues(&net)[QUEUE as usize].io_uring_provider);
+
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed = Instant::now();
+    let held_after_kill = queues(&net)[QUEUE as usize].io_uring_provider;
+    let zcrx = nic(&net)
+        .interface(&net.nic, QUEUE)
+        .queue_release_wait(Duration::from_secs(10))
+        .build()
+        .expect("build waits out the killed process's binding");
+    println!(
+        "bound again {:?} after the kill (provider still reported right after it: \
+         {held_after_kill})",
+        killed.elapsed()
+    );
+    // And it receives: a transfer on queue 0, every byte in place.
+    runtime().block_on(async {
+        let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sender = spawn_sender(addr, 4 << 20, Some(net.peer_netns.clone()));
+        let (socket, _) = listener.accept().await.unwrap();
+        let (stream, _) = zcrx.attach(socket).unwrap();
+        assert_eq!(read_verified(stream).await, 4 << 20);
+        sender.join().unwrap();
+        assert_eq!(zcrx.stats().copy_bytes, Some(0));
+        zcrx.shutdown().await;
+    });
+}
+
+/// With no wait allowed and the queue held by a live runtime, `build` fails at once with
+/// QueueBusy and says what holds the queue and how to see it.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn a_live_holder_is_named_when_the_wait_runs_out() {
+    let net = GuestNet::from_env();
+    let holder = build(nic(&net).interface(&net.nic, 3));
+    let start = Instant::now();
+    let error = nic(&net)
+        .interface(&net.nic, 3)
+        .queue_release_wait(Duration::from_millis(300))
+        .build()
+        .map(drop)
+        .expect_err("the queue is held by a live runtime");
+    let waited = start.elapsed();
+    println!("{error} ({waited:?})");
+    assert_eq!(error.kind(), tokio_zcrx::ErrorKind::QueueBusy);
+    let message = error.to_string();
+    assert!(
+        message.contains("still held by an io_uring memory provider"),
+        "{message}"
+    );
+    assert!(message.contains("queue-get"), "{message}");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    runtime().block_on(holder.shutdown());
+}
+
+/// The wait-and-retry path itself, deterministically: the queue is held by a live runtime
+/// when `build` starts (the kernel answers EEXIST), the holder shuts down 300 ms later, and
+/// the same `build` then registers; no retry loop of the caller's.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn a_queue_released_during_the_wait_is_bound() {
+    const QUEUE: u32 = 2;
+    let net = GuestNet::from_env();
+    let holder = build(nic(&net).interface(&net.nic, QUEUE));
+    assert!(queues(&net)[QUEUE as usize].io_uring_provider);
+    let start = Instant::now();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        runtime().block_on(holder.shutdown());
+        drop(holder);
+        start.elapsed()
+    });
+    let zcrx = nic(&net)
+        .interface(&net.nic, QUEUE)
+        .queue_release_wait(Duration::from_secs(10))
+        .build()
+        .expect("build waits until the holder is gone, then registers");
+    let bound_after = start.elapsed();
+    let released_after = releaser.join().unwrap();
+    println!("holder shut down after {released_after:?}, bound again after {bound_after:?}");
+    assert!(
+        bound_after >= Duration::from_millis(300),
+        "registered while the holder was alive? {bound_after:?}"
+    );
+    assert!(bound_after < Duration::from_secs(10), "{bound_after:?}");
+    assert!(queues(&net)[QUEUE as usize].io_uring_provider);
+    runtime().block_on(zcrx.shutdown());
+}
