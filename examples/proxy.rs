@@ -147,10 +147,6 @@ struct Totals {
     to_upstream: AtomicU64,
     /// Bytes forwarded from the upstream server to clients.
     to_client: AtomicU64,
-    /// Sends the kernel made from the received buffers themselves (SEND_ZC, no copy).
-    zero_copy_sends: AtomicU64,
-    /// Sends that copied the bytes into the kernel (`writev`).
-    copied_sends: AtomicU64,
 }
 
 /// One direction's progress: the bytes it forwarded.
@@ -177,23 +173,6 @@ struct ConnReport {
     end: End,
 }
 
-/// Sends one batch of received buffers to `writer`, in order, and lets the buffers go.
-///
-/// Today it writes with `writev` (`write_all_buffers`): the bytes are copied into the
-/// kernel, one copied send per batch. The lead switches this one call to the runtime's
-/// zero-copy `ZcWriteHalf::send_batch` when the send API merges (the batch moves into the
-/// send and its buffers return after the kernel's notification); the counts then come from
-/// the runtime's send statistics instead of from here. Then the read-ahead in [`pump`] (a
-/// second batch received while this one is written) can go too, since a queued send returns
-/// before the bytes are out; nothing else in the proxy changes.
-async fn forward(batch: &mut ZcBatch, writer: &mut ZcWriteHalf, totals: &Totals) -> io::Result<()> {
-    writer.write_all_buffers(batch).await?;
-    totals.copied_sends.fetch_add(1, Ordering::Relaxed);
-    // Every byte is in the kernel: the chunks go back together.
-    batch.clear();
-    Ok(())
-}
-
 /// Forwards one direction until its end of stream, then shuts down the writer's sending
 /// side (the peer sees the end of stream too) and returns.
 async fn pump(
@@ -201,39 +180,20 @@ async fn pump(
     writer: &mut ZcWriteHalf,
     flow: &mut Flow,
     counter: &AtomicU64,
-    totals: &Totals,
 ) -> io::Result<()> {
-    // Two batches for the direction's life: while one is being written, the next one is
-    // received (as `copy_bidirectional` reads while its write waits), so the socket's receive
-    // side keeps draining when the peer is slower to take bytes than this side is to get them.
-    let (mut sending, mut next) = (ZcBatch::with_capacity(BATCH), ZcBatch::with_capacity(BATCH));
-    let mut end_of_stream = stream.recv_many(&mut sending, BATCH).await? == 0;
-    while !sending.is_empty() {
-        let bytes = sending.len_bytes() as u64;
-        {
-            let write = forward(&mut sending, writer, totals);
-            tokio::pin!(write);
-            loop {
-                tokio::select! {
-                    biased;
-                    written = &mut write => {
-                        written?;
-                        break;
-                    }
-                    received = stream.recv_many(&mut next, BATCH),
-                        if next.is_empty() && !end_of_stream => {
-                        end_of_stream = received? == 0;
-                    }
-                }
-            }
-        }
+    // One batch for the direction's life: `send_batch` moves its buffers into zero-copy
+    // sends (SEND_ZC from the receive area; plain writes in copy mode) and returns once they
+    // are queued, so the next batch is received while the kernel sends this one; it waits
+    // only when the connection has its most sends in flight. Each buffer goes back to the
+    // kernel after its send's notification.
+    let mut batch = ZcBatch::with_capacity(BATCH);
+    while stream.recv_many(&mut batch, BATCH).await? > 0 {
+        let bytes = batch.len_bytes() as u64;
+        writer.send_batch(&mut batch).await?;
         flow.bytes += bytes;
         counter.fetch_add(bytes, Ordering::Relaxed);
-        std::mem::swap(&mut sending, &mut next);
-        if sending.is_empty() && !end_of_stream {
-            end_of_stream = stream.recv_many(&mut sending, BATCH).await? == 0;
-        }
     }
+    // After every queued send (the peer sees the end of stream after the last byte).
     writer.shutdown().await?;
     Ok(())
 }
@@ -287,8 +247,8 @@ async fn relay_zcrx(
         let result = tokio::select! {
             result = async {
                 tokio::try_join!(
-                    pump(&mut client, &mut server_writer, &mut up, &totals.to_upstream, &totals),
-                    pump(&mut server, &mut client_writer, &mut down, &totals.to_client, &totals),
+                    pump(&mut client, &mut server_writer, &mut up, &totals.to_upstream),
+                    pump(&mut server, &mut client_writer, &mut down, &totals.to_client),
                 )
             } => result.map(|_| End::Closed),
             () = stop.cancelled() => Ok(End::Shutdown),
@@ -712,8 +672,15 @@ impl Reporter {
             "failed": self.failed,
             "to_upstream_bytes": up,
             "to_client_bytes": down,
-            "zero_copy_sends": totals.zero_copy_sends.load(Ordering::Relaxed),
-            "copied_sends": totals.copied_sends.load(Ordering::Relaxed),
+            // The send side's statistics (`null` with --copy): sends queued, and their
+            // bytes by how they went: from the area without a copy, copied by the kernel
+            // after all (loopback, a device without scatter-gather), or written plainly
+            // (copy mode, or a kernel that refused zero-copy sends).
+            "sends": stats.map(|s| s.sends),
+            "send_zero_copy_bytes": stats.map(|s| s.send_zero_copy_bytes),
+            "send_kernel_copied_bytes": stats.map(|s| s.send_kernel_copied_bytes),
+            "send_plain_bytes": stats.map(|s| s.send_plain_bytes),
+            "send_fallbacks": stats.map(|s| s.send_fallbacks),
             "fds_listening": fds_listening,
             "fds_at_exit": fds_at_exit,
             // The receive side's statistics (`null` with --copy, which has no runtime).
