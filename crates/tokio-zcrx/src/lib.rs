@@ -76,7 +76,7 @@ mod writer;
 mod zcrx;
 
 pub use buf::{ZcBatch, ZcBuf};
-pub use config::{Builder, EventsPolicy, StreamOptions};
+pub use config::{AreaGrowth, Builder, EventsPolicy, StreamOptions};
 pub use connection::{IntoTcpStreamError, ReuniteError, ZcConnection};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};

@@ -90,6 +90,9 @@ pub(crate) struct DriverShared {
     /// NIC mode with budgets: the TCP window that listeners bound their connections to
     /// until they are attached (`Zcrx::prepare_listener`); 0: none.
     listener_window: AtomicU32,
+    /// What was asked for and this kernel lacks (`ModeSelection::unavailable`), set by the
+    /// driver thread before it reports ready.
+    unavailable: Mutex<Vec<String>>,
 }
 
 impl DriverShared {
@@ -110,6 +113,7 @@ impl DriverShared {
             final_stats: Mutex::new(None),
             description: Mutex::new(String::new()),
             listener_window: AtomicU32::new(0),
+            unavailable: Mutex::new(Vec::new()),
         })
     }
 
@@ -316,6 +320,11 @@ impl UringHandle {
 
     pub(crate) fn description(&self) -> String {
         lock(&self.shared.description).clone()
+    }
+
+    /// What was asked for and this kernel lacks (for `ModeSelection::unavailable`).
+    pub(crate) fn unavailable(&self) -> Vec<String> {
+        lock(&self.shared.unavailable).clone()
     }
 
     #[cfg(feature = "fault-injection")]

@@ -18,6 +18,7 @@ use zcrx_core::budget::Budget;
 use zcrx_core::receive::{Holding, StreamReceive};
 
 use super::super::ring::CompletionRing;
+use super::growth::GrowthTrigger;
 use super::Driver;
 use crate::event::EventKind;
 
@@ -271,8 +272,12 @@ impl<R: CompletionRing> Driver<R> {
     /// after it fell below half, at most once per [`HIGH_WATER_EVENT_INTERVAL`]. Once per
     /// reap (memory only grows by deliveries).
     pub(super) fn check_memory_high_water(&mut self) {
-        let capacity = self.area.len() as u64;
+        let mut capacity = self.area.len() as u64;
         let held = self.area.memory_held();
+        // Under a growth policy, pressure adds an area before anything fails (growth.rs).
+        if held >= capacity / 4 * 3 && self.grow(GrowthTrigger::Pressure) {
+            capacity = self.area.len() as u64;
+        }
         if !self.pressure.high_water_armed {
             if held < capacity / 2 {
                 self.pressure.high_water_armed = true;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use zcrx_core::receive::{Request, StreamReceive};
 
 use super::super::ring::CompletionRing;
+use super::growth::GrowthTrigger;
 use super::{Driver, EXHAUSTION_RETRY};
 use crate::event::EventKind;
 
@@ -118,6 +119,10 @@ impl<R: CompletionRing> Driver<R> {
         if due {
             self.last_exhausted_event = Some(now);
             self.emit(EventKind::AreaExhausted);
+        }
+        if self.grow(GrowthTrigger::ReceiveOutOfMemory) {
+            // More chunks now: resubmit on this turn rather than wait for returns.
+            self.exhausted_at = Some(now.checked_sub(EXHAUSTION_RETRY).unwrap_or(now));
         }
     }
 

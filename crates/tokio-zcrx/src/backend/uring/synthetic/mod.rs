@@ -69,6 +69,11 @@ pub(crate) struct SyntheticConfig {
     pub(crate) stream_budget: Option<u64>,
     /// What a real runtime reads from the bound interface's MTU (`None`: unknown, or NODEV).
     pub(crate) segment_payload: Option<u32>,
+    /// `Builder::area_growth` (the first area is then `initial`, not `area_chunks`).
+    pub(crate) growth: Option<crate::AreaGrowth>,
+    /// `Builder::mode`: `Auto` (the default) only reports a refused growth policy, the
+    /// registration's own mode refuses to start without it.
+    pub(crate) mode: crate::Mode,
 }
 
 impl SyntheticConfig {
@@ -88,6 +93,8 @@ impl SyntheticConfig {
             thread_name: "tokio-zcrx-synthetic".into(),
             stream_budget: None,
             segment_payload: None,
+            growth: None,
+            mode: crate::Mode::Auto,
         }
     }
 }
@@ -133,8 +140,13 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     if let Some(budget) = config.stream_budget {
         builder = builder.stream_budget(budget);
     }
+    if let Some(growth) = config.growth {
+        builder = builder.area_growth(growth);
+    }
+    builder = builder.mode(config.mode);
     let uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
     let caps = personality.capabilities(config.events);
+    let (growth, growth_refused) = super::instance::growth_on(&uring_config, caps.add_area)?;
     let internal = |e: io::Error| Error::new(ErrorKind::Kernel, "synthetic runtime").with_source(e);
     let shared = Arc::new(DriverShared::new().map_err(internal)?);
     let memory = Mapping::new(uring_config.area_size, false).map_err(internal)?;
@@ -167,7 +179,14 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
             stats: stats_offset.map(|s| base.add(s).cast::<zcrx_stats>()),
         }
     };
-    let area = Area::new(memory, region, &layout, Arc::clone(&shared)).map_err(internal)?;
+    let area = Area::new(
+        memory,
+        region,
+        &layout,
+        Arc::clone(&shared),
+        growth.map(|plan| (plan.max_areas, plan.step as u64)),
+    )
+    .map_err(internal)?;
     let area_layout = AreaLayout::new(area.len() as u64, CHUNK_SIZE, 0)
         .map_err(|e| Error::new(ErrorKind::Kernel, format!("synthetic area: {e}")))?;
     let control = Arc::new(Control::default());
@@ -195,6 +214,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         config.registration == Registration::NoDevice,
         caps,
         config.segment_payload,
+        growth,
         &uring_config,
         Arc::clone(&shared),
     )?;
@@ -214,6 +234,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
                 Registration::NoDevice => ActiveMode::NoDevice,
             },
             refused: Vec::new(),
+            unavailable: growth_refused.into_iter().collect(),
         },
     );
     Ok((zcrx, control))
