@@ -71,3 +71,29 @@ pub async fn accept(zcrx: &Zcrx, listener: &TcpListener) -> ZcStream {
     let (socket, _) = listener.accept().await.unwrap();
     zcrx.attach(socket).unwrap().0
 }
+
+/// The guest kernel's version (major, minor), from /proc/sys/kernel/osrelease: what a test
+/// asserts per kernel (a feature present, or refused), never a reason to skip.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("read /proc/sys/kernel/osrelease");
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>());
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+        _ => panic!("cannot read a version from kernel release {release:?}"),
+    }
+}
+
+/// Packets the interface `name` dropped on receive (`rx_dropped`; the test netdevsim counts
+/// a packet it found no free chunk for there, as a NIC with an empty fill ring drops it).
+pub fn rx_dropped(name: &str) -> u64 {
+    let path = format!("/sys/class/net/{name}/statistics/rx_dropped");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}

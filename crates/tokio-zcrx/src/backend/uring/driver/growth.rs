@@ -6,9 +6,12 @@
 //! - an `ALLOC_FAIL` event (NIC mode, 7.2+): the page pool found no chunk, so the NIC is
 //!   dropping packets now; the kernel's refill path takes chunks from every area, so a new
 //!   one ends the drops at once;
-//! - a receive ending with `ENOMEM`: the copy path (all of NODEV mode, and loopback or
-//!   other-queue traffic on a NIC) found no free chunk in any area; it would otherwise wait
-//!   for the application to return buffers;
+//! - a receive ending with `ENOMEM` while the application holds half the memory or more:
+//!   the copy path (all of NODEV mode, and loopback or other-queue traffic on a NIC) found no
+//!   free chunk in any area, and it would otherwise wait for the application to return
+//!   buffers. With less held, the chunks are on their way back (returned, not yet taken by
+//!   the kernel, which in NODEV mode takes them only on a flush): the receive waits for the
+//!   flush instead, as without the policy;
 //! - memory pressure: the application holds three quarters of the memory (as
 //!   `MemoryHighWater`). Growing here comes before either failure, so that, while the
 //!   maximum is not reached, a NIC does not drop at all: the other two are late signals
