@@ -151,6 +151,10 @@ fn check_grown(outcome: &Outcome) {
         outcome.areas - 1,
         "{outcome:?}"
     );
+    assert_eq!(
+        outcome.areas, outcome.areas_after_release,
+        "grew after the reader let go (it keeps up): {outcome:?}"
+    );
 }
 
 /// Before 7.3: an explicit mode refuses the policy, naming the kernel it needs.

@@ -648,7 +648,7 @@ impl std::error::Error for AddAreaError {}
 ///     user_data: UserData::recv(stream).as_u64(),
 ///     res: 100,
 ///     flags: IORING_CQE_F_MORE,
-///     big_cqe: [token | 5 * 4096, 0],
+///     big_cqe: [token | (5 * 4096), 0],
 /// };
 /// match decode(&cqe, &areas, &streams) {
 ///     Ok(Completion::Data { area, chunk, .. }) => assert_eq!((area, chunk), (1, 5)),

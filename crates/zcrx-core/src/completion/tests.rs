@@ -556,7 +556,7 @@ fn an_area_set_finds_each_area_by_its_token() {
         "{decoded:?}"
     );
     let decoded = decode(
-        &recv(live, 10, IORING_CQE_F_MORE, second | 3 * 4096),
+        &recv(live, 10, IORING_CQE_F_MORE, second | (3 * 4096)),
         &areas,
         &slots,
     );
@@ -572,7 +572,7 @@ fn an_area_set_finds_each_area_by_its_token() {
         "{decoded:?}"
     );
     let err = decode(
-        &recv(live, 10, IORING_CQE_F_MORE, second | 4 * 4096),
+        &recv(live, 10, IORING_CQE_F_MORE, second | (4 * 4096)),
         &areas,
         &slots,
     )

@@ -85,7 +85,7 @@ impl SlotTags {
     pub(crate) fn encode(&self, area: u16, offset: u64, tag: u64) -> u64 {
         debug_assert!(offset >> self.area_shift == 0);
         debug_assert!(u64::from(area) >> (self.shift - self.area_shift) == 0);
-        offset | u64::from(area) << self.area_shift | tag.checked_shl(self.shift).unwrap_or(0)
+        offset | (u64::from(area) << self.area_shift) | tag.checked_shl(self.shift).unwrap_or(0)
     }
 
     /// The area, offset and tag of an encoded offset.
@@ -399,7 +399,7 @@ mod tests {
                 tag: 9
             }
         );
-        assert_eq!(three.encode(2, 5, 9), 5 | 2 << 20 | 9 << 22);
+        assert_eq!(three.encode(2, 5, 9), 5 | (2 << 20) | (9 << 22));
     }
 
     #[test]

@@ -327,7 +327,7 @@ impl SyntheticRing {
             .rposition(|area| area.first_chunk as usize <= index)
             .expect("area 0 starts at chunk 0");
         let within = (index - self.areas[id].first_chunk as usize) as u64;
-        (id as u64) << IORING_ZCRX_AREA_SHIFT | within * u64::from(self.setup.chunk_size)
+        ((id as u64) << IORING_ZCRX_AREA_SHIFT) | (within * u64::from(self.setup.chunk_size))
     }
 
     /// Parses and takes every published refill entry, as `io_zcrx_ring_refill` does.
@@ -745,7 +745,7 @@ impl CompletionRing for SyntheticRing {
         self.free.extend(
             (0..u64::from(chunks))
                 .rev()
-                .map(|c| area.rq_area_token | c * chunk),
+                .map(|c| area.rq_area_token | (c * chunk)),
         );
         self.report.chunks += chunks;
         self.report.areas += 1;
