@@ -84,6 +84,14 @@ fn areas_grow_where_the_kernel_can_add_them() {
                     .await;
                 let mut position = 0;
                 let held = hold(&mut stream, 31, &mut position, 40).await;
+                if grows {
+                    // The kernel publishes its report at the driver's next enter, which may
+                    // come after the last addition.
+                    h.until("the kernel reports every area", |h| {
+                        h.control.report().areas == h.zcrx.stats().areas
+                    })
+                    .await;
+                }
                 let stats = h.zcrx.stats();
                 let report = h.control.report();
                 if grows {
@@ -219,6 +227,11 @@ fn a_refused_addition_leaves_the_area_and_a_later_one_grows_it() {
         let mut position = 0;
         let held = hold(&mut stream, 9, &mut position, 16).await;
         assert_eq!(held.len(), 16);
+        // The kernel publishes its report at the driver's next enter.
+        h.until("the kernel refused an area", |h| {
+            h.control.report().add_area_refused > 0
+        })
+        .await;
         let report = h.control.report();
         assert_eq!(report.add_area_refused, 1, "{report:?}");
         assert_eq!(h.zcrx.stats().areas, 1);
