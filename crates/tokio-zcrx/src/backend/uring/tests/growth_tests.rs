@@ -252,3 +252,39 @@ fn a_refused_addition_leaves_the_area_and_a_later_one_grows_it() {
         h.zcrx.shutdown().await;
     });
 }
+
+/// Buffers of every area outlive the runtime: held across shutdown, the bytes of all three
+/// areas still read as delivered, and the memory goes with the last buffer.
+#[test]
+fn buffers_of_every_area_outlive_the_runtime() {
+    let runtime = super::runtime();
+    runtime.block_on(async {
+        let h = Harness::start(config(Personality::Linux7_3, Registration::NoDevice)).await;
+        let (mut stream, writer, client) = h
+            .connect(StreamPlan {
+                path: Path::Copy,
+                ..StreamPlan::new(12, 100 * CHUNK as u64)
+            })
+            .await;
+        let mut position = 0;
+        let held = hold(&mut stream, 12, &mut position, 40).await;
+        assert_eq!(held.len(), 40);
+        assert!(h.zcrx.stats().areas >= 3);
+        let area = std::sync::Arc::downgrade(&h.area());
+        drop((stream, writer, client));
+        h.zcrx.shutdown().await;
+        let mut again = 0;
+        for buf in &held {
+            check(12, &mut again, buf);
+        }
+        assert_eq!(again, position, "every held byte still reads as delivered");
+        assert!(area.upgrade().is_some(), "the buffers keep the areas");
+        drop(held);
+        assert!(area.upgrade().is_none(), "the last buffer frees them");
+        assert_eq!(h.zcrx.stats().buffers_outstanding, 0);
+        assert!(
+            h.zcrx.stats().areas >= 3,
+            "the final statistics keep the areas"
+        );
+    });
+}
