@@ -765,6 +765,54 @@ mod tests {
     }
 
     #[test]
+    fn area_growth_is_checked_and_planned_in_whole_chunks() {
+        let growth = |initial, step, maximum| AreaGrowth {
+            initial,
+            step,
+            maximum,
+        };
+        // 10,000 bytes round up to 3 pages; the last step may be smaller: 1 + ceil(87,712 /
+        // 12,288) = 9 areas.
+        let v = validate(Builder::new().area_growth(growth(10_000, 12_000, 100_000))).unwrap();
+        assert_eq!(v.area_size, 12_288, "the initial area replaces area_size");
+        let plan = v.area_growth.unwrap();
+        assert_eq!(
+            (plan.step, plan.maximum, plan.max_areas),
+            (12_288, 100_000, 9)
+        );
+        assert!(
+            !plan.required,
+            "auto only reports a kernel without ADD_AREA"
+        );
+        let nodev =
+            Builder::new()
+                .mode(Mode::NoDevice)
+                .area_growth(growth(1 << 20, 1 << 20, 4 << 20));
+        assert!(validate(nodev).unwrap().area_growth.unwrap().required);
+        // No room for one step, a step below two chunks, more than 1024 areas.
+        for (bad, needle) in [
+            (
+                growth(1 << 20, 1 << 20, (3 << 19) - 1),
+                "leaves no room to grow",
+            ),
+            (
+                growth(1 << 20, 4096, 4 << 20),
+                "area growth step 4096 is too small",
+            ),
+            (growth(8192, 8192, 1025 * 8192), "makes 1025 areas"),
+        ] {
+            let err = validate(Builder::new().area_growth(bad)).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        // 1024 areas is the kernel's limit, and fits.
+        let v = validate(Builder::new().area_growth(growth(8192, 8192, 1024 * 8192))).unwrap();
+        assert_eq!(v.area_growth.unwrap().max_areas, 1024);
+        assert_eq!(growth(8192, 8192, 1024 * 8192).areas(), 1024);
+        assert_eq!(growth(8192, 0, 1 << 20).areas(), 0);
+    }
+
+    #[test]
     fn defaults_are_sane() {
         let v = validate(Builder::new()).unwrap();
         assert_eq!(v.area_size, 32 << 20);
