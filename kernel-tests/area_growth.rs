@@ -20,6 +20,10 @@ use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
 const AREA: usize = 256 << 10;
 /// What the sender sends: far more than the largest area the policy allows.
 const TOTAL: u64 = 64 << 20;
+/// One reader holds more than two areas' worth: a fixed budget above that (a derived one is
+/// at most a quarter of the memory, which one stream never outgrows), which also bounds what
+/// its socket and its queue take.
+const BUDGET: u64 = 1 << 20;
 /// No step of the test may take longer.
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -39,7 +43,8 @@ fn has_add_area() -> bool {
 #[derive(Debug)]
 struct Outcome {
     areas: u32,
-    /// Areas when the reader let go: a reader that keeps up needs no more.
+    /// Areas when the reader let go (it may grow further while the stream's queue fills
+    /// up to its budget).
     areas_after_release: u32,
     held_chunks: usize,
     grown_events: usize,
@@ -144,16 +149,14 @@ fn grow_hold_release(
 }
 
 fn check_grown(outcome: &Outcome) {
-    assert!(outcome.areas >= 3, "{outcome:?}");
+    // Three areas while the reader held, never fewer later (areas are never removed).
+    assert!(outcome.areas_after_release >= 3, "{outcome:?}");
+    assert!(outcome.areas >= outcome.areas_after_release, "{outcome:?}");
     assert!(outcome.held_chunks > 2 * AREA / 4096, "{outcome:?}");
     assert_eq!(
         outcome.grown_events as u32,
         outcome.areas - 1,
         "{outcome:?}"
-    );
-    assert_eq!(
-        outcome.areas, outcome.areas_after_release,
-        "grew after the reader let go (it keeps up): {outcome:?}"
     );
 }
 
@@ -175,8 +178,7 @@ fn nic_area_grows_without_drops() {
     if !has_add_area() {
         return assert_refused(nic(&net));
     }
-    // One reader holds everything on purpose: budgets off.
-    let zcrx = build(nic(&net).area_growth(growth()).stream_budget(u64::MAX));
+    let zcrx = build(nic(&net).area_growth(growth()).stream_budget(BUDGET));
     assert_eq!(zcrx.stats().areas, 1);
     let outcome = grow_hold_release(
         zcrx,
@@ -198,7 +200,7 @@ fn nodev_area_grows() {
     if !has_add_area() {
         return assert_refused(nodev());
     }
-    let zcrx = build(nodev().area_growth(growth()).stream_budget(u64::MAX));
+    let zcrx = build(nodev().area_growth(growth()).stream_budget(BUDGET));
     let outcome = grow_hold_release(zcrx, "127.0.0.1", None, None);
     eprintln!("nodev: {outcome:?}");
     check_grown(&outcome);

@@ -275,7 +275,11 @@ impl<R: CompletionRing> Driver<R> {
         let mut capacity = self.area.len() as u64;
         let held = self.area.memory_held();
         // Under a growth policy, pressure adds an area before anything fails (growth.rs).
-        if held >= capacity / 4 * 3 && self.grow(GrowthTrigger::Pressure) {
+        // In NIC mode what the sockets may queue is in the area too (the receive buffers the
+        // runtime sized, `adjust_receive_buffer`): counted, so the area grows before the
+        // NIC finds no chunk.
+        let queued = self.rcvbuf_total * u64::from(self.area.chunk_size);
+        if held + queued >= capacity / 4 * 3 && self.grow(GrowthTrigger::Pressure) {
             capacity = self.area.len() as u64;
         }
         if !self.pressure.high_water_armed {

@@ -13,9 +13,11 @@
 //!   the kernel, which in NODEV mode takes them only on a flush): the receive waits for the
 //!   flush instead, as without the policy;
 //! - memory pressure: the application holds three quarters of the memory (as
-//!   `MemoryHighWater`). Growing here comes before either failure, so that, while the
-//!   maximum is not reached, a NIC does not drop at all: the other two are late signals
-//!   (a drop has happened, or a receive has stopped).
+//!   `MemoryHighWater`), counting in NIC mode the receive buffers the runtime gave budgeted
+//!   sockets (what they queue is in the area too). Growing here comes before either failure,
+//!   so that a NIC does not drop while the maximum is not reached: the other two are late
+//!   signals (a drop has happened, or a receive has stopped). Without budgets TCP sizes the
+//!   sockets' buffers itself, unseen, and a drop may come first.
 //!
 //! A failed addition (no memory to map, the kernel's answer) is logged, counted in
 //! `Stats::faults_survived`, and not retried for [`RETRY_AFTER_FAILURE`]: the area stays as
