@@ -195,3 +195,14 @@ impl Drop for SpreadFlows {
         }
     }
 }
+
+/// Packets the interface `name` dropped on receive (`rx_dropped`; the test netdevsim counts
+/// a packet it found no free chunk for there, as a NIC with an empty fill ring drops it).
+pub fn rx_dropped(name: &str) -> u64 {
+    let path = format!("/sys/class/net/{name}/statistics/rx_dropped");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}

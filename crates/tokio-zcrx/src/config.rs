@@ -134,6 +134,54 @@ pub struct Builder {
     pub(crate) copy_memory_limit: Option<u64>,
     pub(crate) stream_budget: Option<u64>,
     pub(crate) queue_release_wait: Duration,
+    pub(crate) area_growth: Option<AreaGrowth>,
+}
+
+/// How the receive area grows under load ([`Builder::area_growth`], Linux 7.3+): it starts
+/// with `initial` bytes, and the driver adds a kernel area of `step` bytes
+/// (`ZCRX_CTRL_ADD_AREA`) whenever receives run short of chunks, until the areas hold
+/// `maximum` bytes (the last step may be smaller). Each size is rounded up to whole chunks.
+///
+/// ```
+/// use tokio_zcrx::AreaGrowth;
+///
+/// // 256 KiB at first, then 256 KiB more at a time, up to 4 MiB (16 areas).
+/// let growth = AreaGrowth { initial: 256 << 10, step: 256 << 10, maximum: 4 << 20 };
+/// assert_eq!(growth.areas(), 16);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AreaGrowth {
+    /// Bytes registered with the queue (the first area); replaces [`Builder::area_size`].
+    pub initial: usize,
+    /// Bytes in each area added.
+    pub step: usize,
+    /// The most bytes in all areas together.
+    pub maximum: usize,
+}
+
+impl AreaGrowth {
+    /// How many areas the policy makes at most, the first included (before rounding to
+    /// chunks); 0 if `maximum` is below `initial` or `step` is 0.
+    pub fn areas(&self) -> usize {
+        if self.maximum < self.initial || self.step == 0 {
+            return 0;
+        }
+        1 + (self.maximum - self.initial).div_ceil(self.step)
+    }
+}
+
+/// The checked growth policy: sizes in whole chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GrowthPlan {
+    /// Bytes per added area.
+    pub(crate) step: usize,
+    /// The most bytes in all areas.
+    pub(crate) maximum: usize,
+    /// The most areas, the first included (at most `zcrx_core::completion::MAX_AREAS`).
+    pub(crate) max_areas: u32,
+    /// Whether a kernel without `ZCRX_CTRL_ADD_AREA` is an error (modes nic and nodev), or
+    /// only reported in the mode selection (auto).
+    pub(crate) required: bool,
 }
 
 /// The largest refill ring the kernel accepts without clamping (`IO_RQ_MAX_ENTRIES`).
@@ -178,6 +226,7 @@ impl Default for Builder {
             copy_memory_limit: None,
             stream_budget: None,
             queue_release_wait: DEFAULT_QUEUE_RELEASE_WAIT,
+            area_growth: None,
         }
     }
 }
@@ -277,6 +326,43 @@ impl Builder {
     /// before mid-2026 also refuse more than 1 GiB at registration).
     pub fn area_size(mut self, bytes: usize) -> Builder {
         self.area_size = bytes;
+        self
+    }
+
+    /// Lets the receive area grow under load (Linux 7.3+): it starts with
+    /// `growth.initial` bytes (instead of [`Self::area_size`]), and whenever receives run
+    /// short of chunks the driver adds an area of `growth.step` bytes with
+    /// `ZCRX_CTRL_ADD_AREA`, up to `growth.maximum` bytes in all. Derived stream budgets follow
+    /// the memory as it grows; [`Stats::areas`](crate::Stats::areas) and
+    /// [`Stats::memory_capacity`](crate::Stats::memory_capacity) report it, and an
+    /// [`EventKind::AreaGrown`](crate::EventKind::AreaGrown) event tells each step. Areas are
+    /// never given back while the runtime runs (the kernel cannot remove one); like the first
+    /// area, each stays mapped until the last buffer in it is dropped.
+    ///
+    /// The driver adds an area when the kernel reports an allocation failure (a NIC queue's
+    /// page pool found no chunk: the NIC drops), when a receive ends with `ENOMEM` (the copy
+    /// path, and so every NODEV receive, found no chunk), and, before either happens, when
+    /// the application holds three quarters of the memory. See docs/holding-buffers.md.
+    ///
+    /// Before Linux 7.3 modes `Nic` and `NoDevice` refuse to build
+    /// ([`ErrorKind::KernelTooOld`](crate::ErrorKind::KernelTooOld)); `Auto` keeps a fixed
+    /// area of `growth.initial` bytes and says so in
+    /// [`ModeSelection::unavailable`](crate::ModeSelection::unavailable). Copy mode ignores it.
+    ///
+    /// ```no_run
+    /// use tokio_zcrx::{AreaGrowth, Mode, Zcrx};
+    ///
+    /// # fn main() -> Result<(), tokio_zcrx::Error> {
+    /// let zcrx = Zcrx::builder()
+    ///     .mode(Mode::NoDevice)
+    ///     .area_growth(AreaGrowth { initial: 1 << 20, step: 1 << 20, maximum: 64 << 20 })
+    ///     .build()?;
+    /// println!("{} areas, {} bytes", zcrx.stats().areas, zcrx.stats().memory_capacity);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn area_growth(mut self, growth: AreaGrowth) -> Builder {
+        self.area_growth = Some(growth);
         self
     }
 
@@ -408,27 +494,13 @@ impl Builder {
                  .chunk_size({MAX_CHUNK_SIZE}) or less"
             ));
         }
-        if self.area_size < 2 * chunk as usize {
-            return invalid(format!(
-                "area size {} is too small: it must hold at least two chunks of {chunk} bytes \
-                 (use .area_size({}) or more)",
-                self.area_size,
-                2 * chunk as usize
-            ));
-        }
-        // The kernel pins at most i32::MAX pages per area (io_pin_pages); checked before the
-        // rounding below, which could overflow otherwise.
-        let max_area = max_area_size(page as usize, chunk as usize);
-        if self.area_size > max_area {
-            return invalid(format!(
-                "area size {} is too large: the kernel pins at most 2^31 - 1 pages per area, \
-                 so at most {max_area} bytes with {chunk}-byte chunks (a few MiB to 1 GiB is \
-                 typical; see .area_size)",
-                self.area_size
-            ));
-        }
-        let chunks = self.area_size.div_ceil(chunk as usize);
-        let area_size = chunks * chunk as usize;
+        let requested_area = self.area_growth.map_or(self.area_size, |g| g.initial);
+        let area_size = checked_area(requested_area, chunk, page, "area size")?;
+        let chunks = area_size / chunk as usize;
+        let area_growth = match self.area_growth {
+            Some(growth) => Some(self.growth_plan(growth, area_size, chunk, page)?),
+            None => None,
+        };
         let refill_entries = match self.refill_entries {
             Some(0) => {
                 return invalid(format!(
@@ -482,6 +554,49 @@ impl Builder {
             thread_name: self.thread_name.clone(),
             stream_budget: self.stream_budget,
             queue_release_wait: self.queue_release_wait,
+            area_growth,
+        })
+    }
+
+    /// Checks a growth policy whose first area is `initial` bytes (whole chunks).
+    fn growth_plan(
+        &self,
+        growth: AreaGrowth,
+        initial: usize,
+        chunk: u32,
+        page: u32,
+    ) -> Result<GrowthPlan> {
+        let step = checked_area(growth.step, chunk, page, "area growth step")?;
+        let example = "AreaGrowth { initial: 1 << 20, step: 1 << 20, maximum: 64 << 20 }";
+        if growth.maximum < initial.saturating_add(step) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "area growth maximum {} leaves no room to grow: it must be at least the \
+                     initial area ({initial} bytes) plus one step ({step} bytes), e.g. {example}",
+                    growth.maximum
+                ),
+            ));
+        }
+        let max_areas = 1 + (growth.maximum - initial).div_ceil(step);
+        let limit = zcrx_core::completion::MAX_AREAS as usize;
+        if max_areas > limit {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "area growth from {initial} to {} bytes in steps of {step} bytes makes \
+                     {max_areas} areas; the kernel takes at most {limit} per queue: use a \
+                     step of at least {} bytes",
+                    growth.maximum,
+                    (growth.maximum - initial).div_ceil(limit - 1)
+                ),
+            ));
+        }
+        Ok(GrowthPlan {
+            step,
+            maximum: growth.maximum,
+            max_areas: max_areas as u32,
+            required: self.mode != Mode::Auto,
         })
     }
 
@@ -693,6 +808,30 @@ pub(crate) fn huge_page_shortage(
 }
 
 /// The largest area the kernel pins with `page`-byte pages, whole `chunk`s.
+/// `bytes` rounded up to whole chunks, if an area of that size can be registered (at least
+/// two chunks, at most what the kernel pins); `what` names the setting in the error.
+fn checked_area(bytes: usize, chunk: u32, page: u32, what: &str) -> Result<usize> {
+    let invalid = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
+    if bytes < 2 * chunk as usize {
+        return invalid(format!(
+            "{what} {bytes} is too small: it must hold at least two chunks of {chunk} bytes \
+             (use .area_size({}) or more)",
+            2 * chunk as usize
+        ));
+    }
+    // The kernel pins at most i32::MAX pages per area (io_pin_pages); checked before the
+    // rounding below, which could overflow otherwise.
+    let max_area = max_area_size(page as usize, chunk as usize);
+    if bytes > max_area {
+        return invalid(format!(
+            "{what} {bytes} is too large: the kernel pins at most 2^31 - 1 pages per area, \
+             so at most {max_area} bytes with {chunk}-byte chunks (a few MiB to 1 GiB is \
+             typical; see .area_size)"
+        ));
+    }
+    Ok(bytes.div_ceil(chunk as usize) * chunk as usize)
+}
+
 fn max_area_size(page: usize, chunk: usize) -> usize {
     (i32::MAX as usize).saturating_mul(page) / chunk * chunk
 }
@@ -785,6 +924,8 @@ pub(crate) struct UringConfig {
     pub(crate) stream_budget: Option<u64>,
     /// How long to wait out a previous instance's teardown on the queue (EEXIST).
     pub(crate) queue_release_wait: Duration,
+    /// `Builder::area_growth`, checked.
+    pub(crate) area_growth: Option<GrowthPlan>,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).
@@ -851,6 +992,54 @@ mod tests {
             Err(e) => e.kind(),
             Ok(_) => validate(b).unwrap_err().kind(),
         }
+    }
+
+    #[test]
+    fn area_growth_is_checked_and_planned_in_whole_chunks() {
+        let growth = |initial, step, maximum| AreaGrowth {
+            initial,
+            step,
+            maximum,
+        };
+        // 10,000 bytes round up to 3 pages; the last step may be smaller: 1 + ceil(87,712 /
+        // 12,288) = 9 areas.
+        let v = validate(Builder::new().area_growth(growth(10_000, 12_000, 100_000))).unwrap();
+        assert_eq!(v.area_size, 12_288, "the initial area replaces area_size");
+        let plan = v.area_growth.unwrap();
+        assert_eq!(
+            (plan.step, plan.maximum, plan.max_areas),
+            (12_288, 100_000, 9)
+        );
+        assert!(
+            !plan.required,
+            "auto only reports a kernel without ADD_AREA"
+        );
+        let nodev =
+            Builder::new()
+                .mode(Mode::NoDevice)
+                .area_growth(growth(1 << 20, 1 << 20, 4 << 20));
+        assert!(validate(nodev).unwrap().area_growth.unwrap().required);
+        // No room for one step, a step below two chunks, more than 1024 areas.
+        for (bad, needle) in [
+            (
+                growth(1 << 20, 1 << 20, (3 << 19) - 1),
+                "leaves no room to grow",
+            ),
+            (
+                growth(1 << 20, 4096, 4 << 20),
+                "area growth step 4096 is too small",
+            ),
+            (growth(8192, 8192, 1025 * 8192), "makes 1025 areas"),
+        ] {
+            let err = validate(Builder::new().area_growth(bad)).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        // 1024 areas is the kernel's limit, and fits.
+        let v = validate(Builder::new().area_growth(growth(8192, 8192, 1024 * 8192))).unwrap();
+        assert_eq!(v.area_growth.unwrap().max_areas, 1024);
+        assert_eq!(growth(8192, 8192, 1024 * 8192).areas(), 1024);
+        assert_eq!(growth(8192, 0, 1 << 20).areas(), 0);
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub enum EventKind {
     /// copy pool's limit): streams may soon wait for memory. Reported again only after the
     /// holding fell below half, and at most once per second.
     MemoryHighWater,
+    /// The receive memory grew by one kernel area
+    /// ([`Builder::area_growth`](crate::Builder::area_growth), Linux 7.3+): receives that ran
+    /// short of chunks have more. [`Stats::areas`] and [`Stats::memory_capacity`] tell the
+    /// new size.
+    AreaGrown,
 }
 
 impl fmt::Display for EventKind {
@@ -45,6 +50,7 @@ impl fmt::Display for EventKind {
             EventKind::CqOverflowRecovered => "CQ overflow recovered",
             EventKind::StreamPaused => "stream paused by its budget",
             EventKind::MemoryHighWater => "memory high water",
+            EventKind::AreaGrown => "area grown",
         })
     }
 }
@@ -100,11 +106,16 @@ pub struct Stats {
     /// a buffer still reads); they come back when the ring closes.
     pub chunks_leaked: u64,
     /// Optional kernel calls that failed and were carried on from (refill flushes, event
-    /// re-arms), plus `io_uring_enter` calls retried after EINTR, EAGAIN or EBUSY.
+    /// re-arms, area additions under [`Builder::area_growth`](crate::Builder::area_growth)),
+    /// plus `io_uring_enter` calls retried after EINTR, EAGAIN or EBUSY.
     pub faults_survived: u64,
-    /// Bytes of the shared memory buffers are received into: the area, or the copy pool's
-    /// memory limit.
+    /// Bytes of the shared memory buffers are received into: the area (all its kernel areas,
+    /// which grow under [`Builder::area_growth`](crate::Builder::area_growth)), or the copy
+    /// pool's memory limit.
     pub memory_capacity: u64,
+    /// Kernel areas the receive memory is made of: 1, more once it grew
+    /// ([`Builder::area_growth`](crate::Builder::area_growth), Linux 7.3+); 0 in copy mode.
+    pub areas: u32,
     /// Bytes of it the application holds: buffers delivered and not yet dropped (whole chunks
     /// in the area).
     pub memory_held: u64,

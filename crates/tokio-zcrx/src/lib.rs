@@ -81,7 +81,7 @@ mod writer;
 mod zcrx;
 
 pub use buf::{ZcBatch, ZcBuf};
-pub use config::{Builder, EventsPolicy, HugePages, StreamOptions};
+pub use config::{AreaGrowth, Builder, EventsPolicy, HugePages, StreamOptions};
 pub use connection::{IntoTcpStreamError, ReuniteError, ZcConnection};
 pub use error::{Error, ErrorKind, Result};
 pub use event::{Event, EventKind, Stats};

@@ -131,6 +131,10 @@ pub struct ModeSelection {
     pub chosen: ActiveMode,
     /// Modes tried (or skipped) before it, each with the reason in plain words.
     pub refused: Vec<(Mode, String)>,
+    /// What was asked for and the chosen mode does without on this kernel, in plain words
+    /// (with [`Mode::Auto`]: e.g. [`Builder::area_growth`](crate::Builder::area_growth)
+    /// before Linux 7.3, where the area stays at its initial size).
+    pub unavailable: Vec<String>,
 }
 
 impl fmt::Display for ModeSelection {
@@ -145,6 +149,9 @@ impl fmt::Display for ModeSelection {
                 write!(f, "{mode}: {reason}")?;
             }
             f.write_str(")")?;
+        }
+        for missing in &self.unavailable {
+            write!(f, "; without {missing}")?;
         }
         Ok(())
     }

@@ -234,8 +234,8 @@ pub struct Eof;
 /// A decoded, validated completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
-    /// `len` bytes for `stream` at `area_offset`, inside chunk `chunk`. The runtime owes one
-    /// refill entry ([`AreaLayout::refill_entry`]) for it.
+    /// `len` bytes for `stream` at `area_offset` of area `area`, inside chunk `chunk`. The
+    /// runtime owes one refill entry ([`AreaLayout::refill_entry`] of that area) for it.
     Data {
         /// The receiving stream.
         stream: StreamId,
@@ -243,8 +243,11 @@ pub enum Completion {
         area_offset: u64,
         /// Number of bytes (at least 1).
         len: u32,
-        /// Index of the chunk holding the data.
+        /// Index of the chunk holding the data, within its area.
         chunk: u32,
+        /// The area holding the data: its id, the kernel's index (0 for the area registered
+        /// with the queue, then one more per `ZCRX_CTRL_ADD_AREA`, Linux 7.3+).
+        area: u16,
         /// Whether the request stays active. Always `true` from kernels up to 7.3; `false`
         /// would mean the request ended after this data, without a reason.
         more: bool,
@@ -300,12 +303,13 @@ pub enum InvalidReason {
         /// The slot's current generation, `None` if it is free.
         current_generation: Option<u32>,
     },
-    /// The offset's area token is not this area's.
+    /// The offset's area token names no registered area.
     ForeignAreaToken {
         /// The token found (the offset's top 16 bits, in place).
         found: u64,
-        /// This area's token.
-        expected: u64,
+        /// How many areas are registered (their tokens are `0..areas` shifted by
+        /// [`IORING_ZCRX_AREA_SHIFT`]).
+        areas: u32,
     },
     /// The data does not lie inside the area.
     OutOfArea {
@@ -414,8 +418,11 @@ impl fmt::Display for InvalidCompletion {
             InvalidReason::StaleStream {
                 current_generation: Some(generation),
             } => write!(f, "stale stream generation (slot is at {generation})"),
-            InvalidReason::ForeignAreaToken { found, expected } => {
-                write!(f, "area token {found:#x}, expected {expected:#x}")
+            InvalidReason::ForeignAreaToken { found, areas } => {
+                write!(
+                    f,
+                    "area token {found:#x} names none of the {areas} registered areas"
+                )
             }
             InvalidReason::OutOfArea { area_offset, len } => {
                 write!(f, "{len} bytes at {area_offset:#x} are outside the area")
@@ -454,15 +461,15 @@ impl std::error::Error for InvalidCompletion {}
 ///     big_cqe: [3 * 4096 + 96, 0],
 /// };
 /// match decode(&cqe, &area, &streams) {
-///     Ok(Completion::Data { stream: s, area_offset, len, chunk, more }) => {
-///         assert_eq!((s, area_offset, len, chunk, more), (stream, 3 * 4096 + 96, 1000, 3, true));
+///     Ok(Completion::Data { stream: s, area_offset, len, chunk, area, more }) => {
+///         assert_eq!((s, area_offset, len, chunk, area, more), (stream, 3 * 4096 + 96, 1000, 3, 0, true));
 ///     }
 ///     other => panic!("{other:?}"),
 /// }
 /// ```
 pub fn decode(
     raw: &RawCompletion,
-    area: &AreaLayout,
+    area: &(impl Areas + ?Sized),
     streams: &(impl StreamGenerations + ?Sized),
 ) -> Result<Completion, InvalidCompletion> {
     let invalid = |reason| InvalidCompletion { raw: *raw, reason };
@@ -497,19 +504,20 @@ pub fn decode(
 /// reported as such even for a stale stream.
 fn decode_recv(
     raw: &RawCompletion,
-    area: &AreaLayout,
+    area: &(impl Areas + ?Sized),
     streams: &(impl StreamGenerations + ?Sized),
     stream: StreamId,
 ) -> Result<Completion, InvalidReason> {
     let more = raw.has_more();
     let completion = match raw.res {
         res if res > 0 => {
-            let (area_offset, chunk) = validate_data(raw.zcrx_off(), res as u32, area)?;
+            let (area, area_offset, chunk) = validate_data(raw.zcrx_off(), res as u32, area)?;
             Completion::Data {
                 stream,
                 area_offset,
                 len: res as u32,
                 chunk,
+                area,
                 more,
             }
         }
@@ -531,16 +539,20 @@ fn decode_recv(
     }
 }
 
-/// Checks that `len` bytes at receive offset `off` are inside one chunk of `area`; returns
-/// the offset in the area and the chunk index.
-fn validate_data(off: u64, len: u32, area: &AreaLayout) -> Result<(u64, u32), InvalidReason> {
+/// Checks that `len` bytes at receive offset `off` are inside one chunk of the area its token
+/// names; returns the area's id, the offset in the area and the chunk index.
+fn validate_data(
+    off: u64,
+    len: u32,
+    areas: &(impl Areas + ?Sized),
+) -> Result<(u16, u64, u32), InvalidReason> {
     let found = off & IORING_ZCRX_AREA_MASK;
-    if found != area.token {
+    let Some(area) = areas.by_token(found) else {
         return Err(InvalidReason::ForeignAreaToken {
             found,
-            expected: area.token,
+            areas: areas.count(),
         });
-    }
+    };
     let area_offset = off & !IORING_ZCRX_AREA_MASK;
     // No overflow: `area_offset < 2^48`.
     if area_offset + u64::from(len) > area.size {
@@ -550,7 +562,161 @@ fn validate_data(off: u64, len: u32, area: &AreaLayout) -> Result<(u64, u32), In
     if (area_offset & chunk_mask) + u64::from(len) > chunk_mask + 1 {
         return Err(InvalidReason::StraddlesChunk { area_offset, len });
     }
-    Ok((area_offset, (area_offset >> area.chunk_shift) as u32))
+    let id = (found >> IORING_ZCRX_AREA_SHIFT) as u16;
+    Ok((id, area_offset, (area_offset >> area.chunk_shift) as u32))
+}
+
+/// The registered areas a completion's offset may name, found by the token in its top 16
+/// bits: one [`AreaLayout`], or an [`AreaSet`] that grows (`ZCRX_CTRL_ADD_AREA`, Linux 7.3+).
+pub trait Areas {
+    /// The area whose `rq_area_token` is `token` (the offset's top 16 bits, in place).
+    fn by_token(&self, token: u64) -> Option<&AreaLayout>;
+    /// How many areas there are.
+    fn count(&self) -> u32;
+}
+
+impl Areas for AreaLayout {
+    fn by_token(&self, token: u64) -> Option<&AreaLayout> {
+        (token == self.token).then_some(self)
+    }
+
+    fn count(&self) -> u32 {
+        1
+    }
+}
+
+/// The most areas one zcrx instance takes (`ZCRX_MAX_AREAS` in io_uring/zcrx.c, Linux 7.3):
+/// one more `ZCRX_CTRL_ADD_AREA` answers `EINVAL`.
+pub const MAX_AREAS: u32 = 1024;
+
+/// Why an area cannot join an [`AreaSet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddAreaError {
+    /// The kernel's token is not the next id in place: the kernel numbers areas 0, 1, 2...
+    /// (`zcrx_next_area_id`), so anything else means the set and the kernel disagree.
+    UnexpectedToken {
+        /// The token the kernel wrote back.
+        token: u64,
+        /// The token the next area must have.
+        expected: u64,
+    },
+    /// The chunk size differs from the first area's (the kernel keeps one per instance).
+    ChunkSize {
+        /// The new area's chunk size.
+        found: u32,
+        /// The instance's.
+        expected: u32,
+    },
+    /// [`MAX_AREAS`] areas are registered already.
+    Full,
+}
+
+impl fmt::Display for AddAreaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::UnexpectedToken { token, expected } => write!(
+                f,
+                "the kernel gave the new area token {token:#x}, expected {expected:#x}"
+            ),
+            Self::ChunkSize { found, expected } => write!(
+                f,
+                "the new area has {found}-byte chunks, the instance {expected}-byte ones"
+            ),
+            Self::Full => write!(f, "{MAX_AREAS} areas are registered, the kernel's limit"),
+        }
+    }
+}
+
+impl std::error::Error for AddAreaError {}
+
+/// Every area of one zcrx instance, indexed by id (the token's top 16 bits): the first one
+/// registered with the queue, then each added with `ZCRX_CTRL_ADD_AREA` (Linux 7.3+).
+///
+/// ```
+/// use zcrx_core::completion::{decode, AreaLayout, AreaSet, Completion, RawCompletion};
+/// use zcrx_core::user_data::{StreamSlots, UserData};
+/// use zcrx_sys::ring::IORING_CQE_F_MORE;
+/// use zcrx_sys::zcrx::IORING_ZCRX_AREA_SHIFT;
+///
+/// let mut areas = AreaSet::new(AreaLayout::new(16 * 4096, 4096, 0).unwrap());
+/// // The kernel wrote back `1 << IORING_ZCRX_AREA_SHIFT` for the second area.
+/// let token = 1 << IORING_ZCRX_AREA_SHIFT;
+/// areas.push(AreaLayout::new(8 * 4096, 4096, token).unwrap()).unwrap();
+/// let mut streams = StreamSlots::new();
+/// let stream = streams.allocate();
+/// let cqe = RawCompletion {
+///     user_data: UserData::recv(stream).as_u64(),
+///     res: 100,
+///     flags: IORING_CQE_F_MORE,
+///     big_cqe: [token | (5 * 4096), 0],
+/// };
+/// match decode(&cqe, &areas, &streams) {
+///     Ok(Completion::Data { area, chunk, .. }) => assert_eq!((area, chunk), (1, 5)),
+///     other => panic!("{other:?}"),
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AreaSet {
+    areas: Vec<AreaLayout>,
+}
+
+impl AreaSet {
+    /// A set of one area, the one registered with the queue.
+    #[must_use]
+    pub fn new(first: AreaLayout) -> Self {
+        Self { areas: vec![first] }
+    }
+
+    /// Adds the area the kernel just added (with the token it wrote back).
+    ///
+    /// # Errors
+    ///
+    /// [`AddAreaError`] unless `area`'s token is the next id in place, its chunk size the
+    /// first area's, and fewer than [`MAX_AREAS`] areas are registered.
+    pub fn push(&mut self, area: AreaLayout) -> Result<u16, AddAreaError> {
+        let next = self.areas.len() as u64;
+        if next >= u64::from(MAX_AREAS) {
+            return Err(AddAreaError::Full);
+        }
+        let expected = next << IORING_ZCRX_AREA_SHIFT;
+        if area.token != expected {
+            return Err(AddAreaError::UnexpectedToken {
+                token: area.token,
+                expected,
+            });
+        }
+        if area.chunk_shift != self.areas[0].chunk_shift {
+            return Err(AddAreaError::ChunkSize {
+                found: area.chunk_size(),
+                expected: self.areas[0].chunk_size(),
+            });
+        }
+        self.areas.push(area);
+        Ok(next as u16)
+    }
+
+    /// The area with id `id`.
+    #[must_use]
+    pub fn get(&self, id: u16) -> Option<&AreaLayout> {
+        self.areas.get(usize::from(id))
+    }
+
+    /// Bytes in all areas.
+    #[must_use]
+    pub fn total_size(&self) -> u64 {
+        self.areas.iter().map(AreaLayout::size).sum()
+    }
+}
+
+impl Areas for AreaSet {
+    fn by_token(&self, token: u64) -> Option<&AreaLayout> {
+        let id = token >> IORING_ZCRX_AREA_SHIFT;
+        self.areas.get(usize::try_from(id).ok()?)
+    }
+
+    fn count(&self) -> u32 {
+        self.areas.len() as u32
+    }
 }
 
 #[cfg(all(test, not(loom)))]

@@ -2,7 +2,7 @@
 //! 6.19) says it can do, decoded once for everyone who asks: the runtime before it
 //! registers, and `tokio-zcrx`'s capability probe for its report.
 
-use zcrx_sys::ctrl::{ZCRX_CTRL_ARM_EVENT, ZCRX_CTRL_FLUSH_RQ};
+use zcrx_sys::ctrl::{ZCRX_CTRL_ADD_AREA, ZCRX_CTRL_ARM_EVENT, ZCRX_CTRL_FLUSH_RQ};
 use zcrx_sys::query::io_uring_query_zcrx;
 use zcrx_sys::zcrx::{
     IORING_ZCRX_AREA_DMABUF, ZCRX_FEATURE_EVENT, ZCRX_FEATURE_RX_PAGE_SIZE, ZCRX_REG_IMPORT,
@@ -42,6 +42,8 @@ pub struct QueryFeatures {
     pub ctrl_flush_rq: bool,
     /// `ZCRX_CTRL_ARM_EVENT` exists (7.2).
     pub ctrl_arm_event: bool,
+    /// `ZCRX_CTRL_ADD_AREA` exists: areas can be added to a registered instance (7.3).
+    pub ctrl_add_area: bool,
     /// `ZCRX_FEATURE_RX_PAGE_SIZE`: chunks larger than a page, `rx_buf_len` (7.0).
     pub rx_page_size: bool,
     /// `ZCRX_FEATURE_EVENT`: events and shared-memory statistics (7.2).
@@ -58,6 +60,7 @@ impl QueryFeatures {
             area_dmabuf: answer.area_flags & u64::from(IORING_ZCRX_AREA_DMABUF) != 0,
             ctrl_flush_rq: answer.nr_ctrl_opcodes > ZCRX_CTRL_FLUSH_RQ,
             ctrl_arm_event: answer.nr_ctrl_opcodes > ZCRX_CTRL_ARM_EVENT,
+            ctrl_add_area: answer.nr_ctrl_opcodes > ZCRX_CTRL_ADD_AREA,
             rx_page_size: answer.features & ZCRX_FEATURE_RX_PAGE_SIZE != 0,
             event: answer.features & ZCRX_FEATURE_EVENT != 0,
         }
@@ -85,7 +88,7 @@ mod tests {
     }
 
     #[test]
-    fn linux_7_2_has_everything() {
+    fn linux_7_2_has_everything_but_add_area() {
         let features = QueryFeatures::decode(&answer(
             ZCRX_REG_IMPORT | ZCRX_REG_NODEV,
             3,
@@ -99,11 +102,15 @@ mod tests {
                 area_dmabuf: true,
                 ctrl_flush_rq: true,
                 ctrl_arm_event: true,
+                ctrl_add_area: false,
                 rx_page_size: true,
                 event: true,
             }
         );
         assert!(features.events());
+        // 7.3 answers 4 control operations: ADD_AREA is the fourth.
+        let features = QueryFeatures::decode(&answer(ZCRX_REG_NODEV, 4, ZCRX_FEATURE_EVENT));
+        assert!(features.ctrl_add_area && features.ctrl_arm_event);
     }
 
     #[test]

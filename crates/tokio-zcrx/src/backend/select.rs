@@ -32,12 +32,19 @@ pub(crate) fn select_and_start(config: Config) -> Result<(Backend, ModeSelection
         let selection = ModeSelection {
             chosen: ActiveMode::Copy,
             refused,
+            unavailable: Vec::new(),
         };
         Ok((Backend::Copy(Arc::new(runtime)), selection))
     };
     let uring = |target: Target, chosen: ActiveMode, refused: Vec<(Mode, String)>| {
         let handle = start(config.uring_for(target))?;
-        Ok::<_, Error>((Backend::Uring(handle), ModeSelection { chosen, refused }))
+        let unavailable = handle.unavailable();
+        let selection = ModeSelection {
+            chosen,
+            refused,
+            unavailable,
+        };
+        Ok::<_, Error>((Backend::Uring(handle), selection))
     };
     let (backend, selection) = match config.mode {
         Mode::Copy => copy(Vec::new())?,

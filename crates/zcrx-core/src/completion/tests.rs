@@ -93,6 +93,7 @@ fn data_completion_decodes() {
             area_offset: 3 * 4096 + 100,
             len: 200,
             chunk: 3,
+            area: (TOKEN >> IORING_ZCRX_AREA_SHIFT) as u16,
             more: true,
         }
     );
@@ -286,7 +287,7 @@ fn foreign_area_token_is_rejected_and_leaked_not_returned() {
             err.reason,
             InvalidReason::ForeignAreaToken {
                 found: foreign,
-                expected: TOKEN
+                areas: 1
             }
         );
         // Not one of this area's chunks: returning it could free a chunk a live buffer
@@ -528,4 +529,106 @@ fn random_completions_never_panic_and_accepted_data_is_in_bounds() {
         accepted > 1000,
         "the generator should hit valid data: {accepted}"
     );
+}
+
+#[test]
+fn an_area_set_finds_each_area_by_its_token() {
+    let (slots, live, _) = streams();
+    let mut areas = AreaSet::new(AreaLayout::new(16 * 4096, 4096, 0).unwrap());
+    let second = 1 << IORING_ZCRX_AREA_SHIFT;
+    assert_eq!(
+        areas.push(AreaLayout::new(4 * 4096, 4096, second).unwrap()),
+        Ok(1)
+    );
+    assert_eq!(areas.total_size(), 20 * 4096);
+    // The second area's chunk 3 is inside it; its chunk 4 is not (it has 4), although the
+    // first area's offset 4 * 4096 would be.
+    let decoded = decode(&recv(live, 10, IORING_CQE_F_MORE, 0), &areas, &slots);
+    assert!(
+        matches!(
+            decoded,
+            Ok(Completion::Data {
+                area: 0,
+                chunk: 0,
+                ..
+            })
+        ),
+        "{decoded:?}"
+    );
+    let decoded = decode(
+        &recv(live, 10, IORING_CQE_F_MORE, second | (3 * 4096)),
+        &areas,
+        &slots,
+    );
+    assert!(
+        matches!(
+            decoded,
+            Ok(Completion::Data {
+                area: 1,
+                chunk: 3,
+                ..
+            })
+        ),
+        "{decoded:?}"
+    );
+    let err = decode(
+        &recv(live, 10, IORING_CQE_F_MORE, second | (4 * 4096)),
+        &areas,
+        &slots,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err.reason, InvalidReason::OutOfArea { .. }),
+        "{err}"
+    );
+    // A third area's token before it is added.
+    let third = 2 << IORING_ZCRX_AREA_SHIFT;
+    let err = decode(&recv(live, 10, IORING_CQE_F_MORE, third), &areas, &slots).unwrap_err();
+    assert_eq!(
+        err.reason,
+        InvalidReason::ForeignAreaToken {
+            found: third,
+            areas: 2
+        }
+    );
+    assert!(
+        err.to_string().contains("none of the 2 registered areas"),
+        "{err}"
+    );
+    assert_eq!(err.owed_refill(), None);
+}
+
+#[test]
+fn an_area_set_takes_only_the_kernels_next_area() {
+    let mut areas = AreaSet::new(AreaLayout::new(16 * 4096, 4096, 0).unwrap());
+    let skipped = 2 << IORING_ZCRX_AREA_SHIFT;
+    assert_eq!(
+        areas.push(AreaLayout::new(4096 * 2, 4096, skipped).unwrap()),
+        Err(AddAreaError::UnexpectedToken {
+            token: skipped,
+            expected: 1 << IORING_ZCRX_AREA_SHIFT
+        })
+    );
+    let next = 1 << IORING_ZCRX_AREA_SHIFT;
+    assert_eq!(
+        areas.push(AreaLayout::new(8192 * 2, 8192, next).unwrap()),
+        Err(AddAreaError::ChunkSize {
+            found: 8192,
+            expected: 4096
+        })
+    );
+    for id in 1..MAX_AREAS {
+        let token = u64::from(id) << IORING_ZCRX_AREA_SHIFT;
+        assert_eq!(
+            areas.push(AreaLayout::new(8192, 4096, token).unwrap()),
+            Ok(id as u16)
+        );
+    }
+    let token = u64::from(MAX_AREAS) << IORING_ZCRX_AREA_SHIFT;
+    assert_eq!(
+        areas.push(AreaLayout::new(8192, 4096, token).unwrap()),
+        Err(AddAreaError::Full)
+    );
+    assert_eq!(areas.count(), MAX_AREAS);
+    assert!(areas.get(1023).is_some() && areas.get(1024).is_none());
 }

@@ -5,6 +5,14 @@
 //! zcrx instance) has been closed. Returns after that point are written into memory nobody
 //! reads any more, which is harmless.
 //!
+//! The `Area` is the queue's receive memory as a whole: the refill ring and every *kernel
+//! area* of the instance, one [`KernelArea`] each: the memory registered with the queue (id
+//! 0) and each one the driver added with `ZCRX_CTRL_ADD_AREA` (Linux 7.3+,
+//! `Builder::area_growth`), with its own token. Kernel areas are only ever added, never
+//! removed (the kernel has no way to), and all stay mapped until the `Area` goes, i.e. until
+//! the last buffer of any of them is dropped. A buffer names its kernel area by id in its
+//! slot's offset (`holdings::SlotTags`).
+//!
 //! The area knows two things above it only through narrow seams: buffers through
 //! [`BufferOwnerVtable`] (this file implements it, `buf.rs` names no backend), and the driver
 //! through [`DriverLink`] (a wake-up and a place for the final statistics), so this file
@@ -12,7 +20,7 @@
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 #[cfg(debug_assertions)]
 use zcrx_core::accounting::ChunkRefs;
@@ -21,7 +29,7 @@ use zcrx_core::refill::{PushOutcome, RefillRing};
 use zcrx_sys::event::zcrx_stats;
 use zcrx_sys::zcrx::io_uring_zcrx_rqe;
 
-use super::holdings::{Holdings, SlotTags};
+use super::holdings::{Holdings, SlotTags, TaggedOffset};
 use super::instance::SharedLayout;
 use crate::buf::{BufferOwnerVtable, BufferSlot, ZcBuf};
 use crate::event::Stats;
@@ -60,6 +68,9 @@ pub(crate) struct DriverCounters {
     pub(crate) failed_rearms: AtomicU64,
     /// `ZCRX_CTRL_FLUSH_RQ` calls the kernel refused (logged; never fatal).
     pub(crate) failed_flushes: AtomicU64,
+    /// `ZCRX_CTRL_ADD_AREA` calls (or the mappings for them) that failed (logged; the area
+    /// stays as it is).
+    pub(crate) failed_area_additions: AtomicU64,
     /// `io_uring_enter` calls that failed with EINTR, EAGAIN or EBUSY (retried).
     pub(crate) transient_enter_errors: AtomicU64,
     /// Streams paused by their budget now.
@@ -68,22 +79,52 @@ pub(crate) struct DriverCounters {
     pub(crate) stream_pauses: AtomicU64,
 }
 
-pub(crate) struct Area {
-    /// Points into `_region`, so it is declared (and dropped) before it.
-    pub(crate) refill: RefillRing,
+/// One area of the kernel's zcrx instance: its memory and the token the kernel gave it.
+/// Kept apart per kernel area (rather than as one growing mapping) because each is a
+/// registration of its own: its token, and whatever else the kernel may come to attach to an
+/// area (a fixed-buffer index for sending from it, for example).
+pub(crate) struct KernelArea {
     memory: Mapping,
-    // Kept mapped for `refill` and `stats`, which point into it.
-    _region: Mapping,
-    area_token: u64,
-    pub(crate) chunk_size: u32,
-    stats: Option<*const zcrx_stats>,
-    pub(crate) counters: DriverCounters,
+    /// `rq_area_token`: the id at bit 48, as the kernel wrote it back.
+    token: u64,
     /// References the kernel gave us per chunk, checked on every return in debug builds
     /// (and so in every test). Release builds rely on the types instead: a `ZcBuf` is not
     /// `Clone` and returns its chunk exactly once, in `Drop`; the per-chunk counters cost
     /// 10-30 ns per chunk in cross-core traffic (measured with the per-chunk benchmark).
     #[cfg(debug_assertions)]
     refs: ChunkRefs,
+}
+
+impl KernelArea {
+    fn new(memory: Mapping, token: u64, chunk_size: u32) -> KernelArea {
+        #[cfg(debug_assertions)]
+        let chunks = (memory.len() / chunk_size as usize) as u32;
+        let _ = chunk_size;
+        KernelArea {
+            #[cfg(debug_assertions)]
+            refs: ChunkRefs::new(chunks),
+            memory,
+            token,
+        }
+    }
+}
+
+pub(crate) struct Area {
+    /// Points into `_region`, so it is declared (and dropped) before it.
+    pub(crate) refill: RefillRing,
+    /// Every kernel area by id, set once each, in order (the driver adds them); as many
+    /// places as the growth policy may fill (one without growth). Never moves, so a buffer
+    /// drop finds its area without a lock.
+    areas: Box<[OnceLock<KernelArea>]>,
+    /// Kernel areas set so far.
+    area_count: AtomicU32,
+    /// Bytes in all of them.
+    capacity: AtomicU64,
+    // Kept mapped for `refill` and `stats`, which point into it.
+    _region: Mapping,
+    pub(crate) chunk_size: u32,
+    stats: Option<*const zcrx_stats>,
+    pub(crate) counters: DriverCounters,
     /// Set by the driver while a receive waits for chunks to come back; buffer drops then
     /// wake it. Otherwise drops never wake the driver.
     pub(crate) driver_waits_for_buffers: AtomicBool,
@@ -110,19 +151,23 @@ unsafe impl Sync for Area {}
 impl std::fmt::Debug for Area {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Area")
-            .field("len", &self.memory.len())
+            .field("len", &self.len())
+            .field("areas", &self.area_count())
             .field("chunk_size", &self.chunk_size)
             .finish_non_exhaustive()
     }
 }
 
 impl Area {
-    /// Takes the memory out of a fresh instance (the ring stays with the driver).
+    /// Takes the memory out of a fresh instance (the ring stays with the driver). `growth`:
+    /// how many kernel areas there may be in all, and the largest of them in bytes (for
+    /// the buffer offsets' layout, `holdings::SlotTags`); `None` without growth.
     pub(crate) fn new(
         memory: Mapping,
         region: Mapping,
         layout: &SharedLayout,
         driver: Arc<impl DriverLink + 'static>,
+        growth: Option<(u32, u64)>,
     ) -> std::io::Result<Area> {
         let base = region.as_ptr();
         // SAFETY: the kernel reported these offsets inside the region it validated, and
@@ -141,19 +186,24 @@ impl Area {
         let stats = layout
             .stats_offset
             .map(|offset| unsafe { base.add(offset).cast::<zcrx_stats>() as *const zcrx_stats });
-        #[cfg(debug_assertions)]
-        let chunks = (memory.len() / layout.chunk_size as usize) as u32;
-        let tags = SlotTags::new(memory.len() as u64);
+        let (max_areas, largest) = growth.unwrap_or((1, 0));
+        let max_areas = max_areas.max(1);
+        let tags = SlotTags::new(largest.max(memory.len() as u64), max_areas);
+        let areas: Box<[OnceLock<KernelArea>]> = (0..max_areas).map(|_| OnceLock::new()).collect();
+        let capacity = AtomicU64::new(memory.len() as u64);
+        let first = KernelArea::new(memory, layout.area_token, layout.chunk_size);
+        if areas[0].set(first).is_err() {
+            unreachable!("a fresh OnceLock");
+        }
         Ok(Area {
             refill,
-            memory,
+            areas,
+            area_count: AtomicU32::new(1),
+            capacity,
             _region: region,
-            area_token: layout.area_token,
             chunk_size: layout.chunk_size,
             stats,
             counters: DriverCounters::default(),
-            #[cfg(debug_assertions)]
-            refs: ChunkRefs::new(chunks),
             driver_waits_for_buffers: AtomicBool::new(false),
             driver,
             holdings: Holdings::new(),
@@ -163,21 +213,68 @@ impl Area {
         })
     }
 
+    /// Bytes in all kernel areas.
     pub(crate) fn len(&self) -> usize {
-        self.memory.len()
+        self.capacity.load(Ordering::Relaxed) as usize
     }
 
-    /// Pointer to `area_offset` (validated by the completion decoder to lie inside).
-    pub(crate) fn data_ptr(&self, area_offset: u64) -> *const u8 {
-        debug_assert!((area_offset as usize) < self.memory.len());
-        // SAFETY: the decoder checked offset + len against the area length.
-        unsafe { self.memory.as_ptr().add(area_offset as usize) }
+    /// Kernel areas registered so far.
+    pub(crate) fn area_count(&self) -> u32 {
+        self.area_count.load(Ordering::Acquire)
     }
 
-    /// The refill entry that returns a chunk delivered at `area_offset` with `len` bytes.
-    pub(crate) fn refill_entry(&self, area_offset: u64, len: u32) -> io_uring_zcrx_rqe {
+    /// How many kernel areas there may be (the places in the table).
+    pub(crate) fn max_areas(&self) -> u32 {
+        self.areas.len() as u32
+    }
+
+    /// Kernel area `id`, if it has been added.
+    pub(crate) fn kernel_area(&self, id: u16) -> Option<&KernelArea> {
+        self.areas.get(usize::from(id))?.get()
+    }
+
+    /// Kernel area `id` of a buffer or a decoded completion: it exists (the decoder
+    /// checked the id against the areas the driver added, which are never removed).
+    fn area_of(&self, id: u16) -> &KernelArea {
+        self.kernel_area(id)
+            .expect("tokio-zcrx: a buffer names a kernel area that was never added")
+    }
+
+    /// Adds the kernel area the kernel just registered with `token` (driver thread), and
+    /// returns its id; `Err` gives the memory back if its id has no place in the table.
+    pub(crate) fn add_kernel_area(&self, memory: Mapping, token: u64) -> Result<u16, Mapping> {
+        let id = token >> zcrx_sys::zcrx::IORING_ZCRX_AREA_SHIFT;
+        let Some(place) = self.areas.get(id as usize) else {
+            return Err(memory);
+        };
+        let len = memory.len() as u64;
+        place
+            .set(KernelArea::new(memory, token, self.chunk_size))
+            .map_err(|area| area.memory)?;
+        self.capacity.fetch_add(len, Ordering::Relaxed);
+        self.area_count.fetch_max(id as u32 + 1, Ordering::Release);
+        Ok(id as u16)
+    }
+
+    /// Bytes in kernel area `id` (0 if it has not been added).
+    pub(crate) fn kernel_area_len(&self, id: u16) -> usize {
+        self.kernel_area(id).map_or(0, |area| area.memory.len())
+    }
+
+    /// Pointer to `area_offset` of kernel area `area` (validated by the completion decoder
+    /// to lie inside).
+    pub(crate) fn data_ptr(&self, area: u16, area_offset: u64) -> *const u8 {
+        let kernel_area = self.area_of(area);
+        debug_assert!((area_offset as usize) < kernel_area.memory.len());
+        // SAFETY: the decoder checked offset + len against the area's length.
+        unsafe { kernel_area.memory.as_ptr().add(area_offset as usize) }
+    }
+
+    /// The refill entry that returns a chunk delivered at `area_offset` of kernel area
+    /// `area` with `len` bytes: the offset with that area's token at bit 48.
+    pub(crate) fn refill_entry(&self, area: u16, area_offset: u64, len: u32) -> io_uring_zcrx_rqe {
         io_uring_zcrx_rqe {
-            off: area_offset | self.area_token,
+            off: area_offset | self.area_of(area).token,
             len,
             __pad: 0,
         }
@@ -190,28 +287,38 @@ impl Area {
     }
 
     /// Counts one chunk reference the kernel handed us (driver thread).
-    pub(crate) fn on_delivered(&self, chunk: u32) {
+    pub(crate) fn on_delivered(&self, area: u16, chunk: u32) {
         // The decoder checked the chunk index against the area.
         #[cfg(debug_assertions)]
         {
-            let counted = self.refs.on_delivered(chunk);
+            let counted = self.area_of(area).refs.on_delivered(chunk);
             assert!(counted.is_ok(), "tokio-zcrx: {counted:?}");
         }
-        let _ = chunk;
+        let _ = (area, chunk);
+    }
+
+    /// Checks (debug builds) that the kernel lent the chunk a buffer returns.
+    fn check_return(&self, at: &TaggedOffset) {
+        #[cfg(debug_assertions)]
+        if let Err(e) = self
+            .area_of(at.area)
+            .refs
+            .on_returned(self.chunk_of(at.offset))
+        {
+            // A second return would let the kernel reuse a chunk someone still reads: never
+            // pass it on. Reaching this is a bug in this crate.
+            panic!("tokio-zcrx: {e:?}");
+        }
+        let _ = at;
     }
 
     /// Returns one chunk reference to the kernel, and credits the stream it was delivered
     /// to. Called on any thread, once per buffer, with the buffer's tagged offset.
     pub(crate) fn return_chunk(&self, offset: u64, len: u32) {
-        let (area_offset, tag) = self.tags.decode(offset);
-        #[cfg(debug_assertions)]
-        if let Err(e) = self.refs.on_returned(self.chunk_of(area_offset)) {
-            // A second return would let the kernel reuse a chunk someone still reads: never
-            // pass it on. Reaching this is a bug in this crate.
-            panic!("tokio-zcrx: {e:?}");
-        }
-        let outcome = self.refill.push(self.refill_entry(area_offset, len));
-        let resumable = self.holdings.credit(tag, 1);
+        let at = self.tags.decode(offset);
+        self.check_return(&at);
+        let outcome = self.refill.push(self.refill_entry(at.area, at.offset, len));
+        let resumable = self.holdings.credit(at.tag, 1);
         // Read after the push returned: the push ended with the RMW the driver's last look
         // before sleeping synchronizes with (`RefillRing::synchronize_with_producers`), so
         // either the driver sees this return or we see its flags. Relaxed loads suffice.
@@ -230,10 +337,7 @@ impl Area {
     pub(crate) fn return_chunks(&self, slots: &[BufferSlot]) {
         #[cfg(debug_assertions)]
         for slot in slots {
-            let (area_offset, _) = self.tags.decode(slot.offset);
-            if let Err(e) = self.refs.on_returned(self.chunk_of(area_offset)) {
-                panic!("tokio-zcrx: {e:?}");
-            }
+            self.check_return(&self.tags.decode(slot.offset));
         }
         let mut entries = [io_uring_zcrx_rqe::default(); Self::RETURN_RUN];
         for run in slots.chunks(Self::RETURN_RUN) {
@@ -242,8 +346,8 @@ impl Area {
             let mut resumable = false;
             let mut credit = (0u64, 0u64);
             for (entry, slot) in entries.iter_mut().zip(run) {
-                let (area_offset, tag) = self.tags.decode(slot.offset);
-                *entry = self.refill_entry(area_offset, slot.len);
+                let TaggedOffset { area, offset, tag } = self.tags.decode(slot.offset);
+                *entry = self.refill_entry(area, offset, slot.len);
                 if tag != credit.0 {
                     resumable |= self.holdings.credit(credit.0, credit.1);
                     credit = (tag, 0);
@@ -317,8 +421,10 @@ impl Area {
             chunks_leaked: self.counters.chunks_leaked.load(Ordering::Relaxed),
             faults_survived: self.counters.failed_flushes.load(Ordering::Relaxed)
                 + self.counters.failed_rearms.load(Ordering::Relaxed)
+                + self.counters.failed_area_additions.load(Ordering::Relaxed)
                 + self.counters.transient_enter_errors.load(Ordering::Relaxed),
-            memory_capacity: self.memory.len() as u64,
+            memory_capacity: self.len() as u64,
+            areas: self.area_count(),
             memory_held: outstanding * u64::from(self.chunk_size),
             largest_stream_held: self.holdings.largest() * u64::from(self.chunk_size),
             streams_paused: self.counters.streams_paused.load(Ordering::Relaxed),
@@ -381,19 +487,27 @@ impl BufferRefs {
     }
 
     /// Wraps one delivered chunk (validated by the completion decoder: `area_offset + len`
-    /// lies inside the area, `chunk` is its index) in a buffer for the stream tagged `tag`
-    /// (`SlotTags::tag`; 0 for none), whose holding the buffer's drop credits. The caller
-    /// (the driver) owes exactly one refill entry for it, which the buffer's drop pays.
-    pub(crate) fn buffer(&mut self, area_offset: u64, len: u32, chunk: u32, tag: u64) -> ZcBuf {
+    /// lies inside kernel area `kernel_area`, `chunk` is its index there) in a buffer for
+    /// the stream tagged `tag` (`SlotTags::tag`; 0 for none), whose holding the buffer's
+    /// drop credits. The caller (the driver) owes exactly one refill entry for it, which the
+    /// buffer's drop pays.
+    pub(crate) fn buffer(
+        &mut self,
+        kernel_area: u16,
+        area_offset: u64,
+        len: u32,
+        chunk: u32,
+        tag: u64,
+    ) -> ZcBuf {
         let area = self.take();
         // SAFETY: the reference just taken keeps the area alive.
         let area_ref = unsafe { area.as_ref() };
-        let ptr = area_ref.data_ptr(area_offset);
-        area_ref.on_delivered(chunk);
+        let ptr = area_ref.data_ptr(kernel_area, area_offset);
+        area_ref.on_delivered(kernel_area, chunk);
         debug_assert_eq!(area_ref.chunk_of(area_offset), chunk);
         area_ref.holdings.delivered(tag);
         let slot = BufferSlot {
-            offset: area_ref.tags.encode(area_offset, tag),
+            offset: area_ref.tags.encode(kernel_area, area_offset, tag),
             len,
         };
         // SAFETY: `ptr..ptr + len` lies inside the area (the decoder checked it), which stays
@@ -412,8 +526,8 @@ static AREA_BUFFERS: BufferOwnerVtable = BufferOwnerVtable {
     release_one: release_area_buffer,
     release_run: release_area_buffers,
     debug_fields: |debug, slot| {
-        // The tag is above the area's offsets (`holdings::SlotTags`), whose size this
-        // function does not know: the raw value, named as such.
+        // The area id and the tag are above the area's offsets (`holdings::SlotTags`), whose
+        // size this function does not know: the raw value, named as such.
         debug.field("tagged_offset", &slot.offset);
     },
 };

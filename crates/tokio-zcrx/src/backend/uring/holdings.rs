@@ -23,22 +23,54 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use crate::sys::CachePadded;
 
-/// Where the stream tag sits in an area buffer's `BufferSlot::offset`.
+/// How an area buffer's `BufferSlot::offset` holds three things, from the low bits up:
+///
+/// ```text
+///  63 ........................ shift | shift-1 ..... area_shift | area_shift-1 ..... 0
+///  stream tag (slot + 1; 0: none)    | area id (0 with one area) | offset in that area
+/// ```
+///
+/// `area_shift` is the bits of the largest area's offsets, and the area id takes the bits
+/// of the most areas the runtime may add (`Builder::area_growth`; none without growth), so
+/// the tag keeps as many bits as the memory allows. This is the runtime's own packing, not
+/// the kernel's: the kernel puts the area id at bit 48 ([`IORING_ZCRX_AREA_SHIFT`]) of its
+/// completion offsets and refill entries, which the area builds from the id and offset
+/// (`Area::refill_entry`); with the kernel's layout no bit would be left for the tag.
+///
+/// [`IORING_ZCRX_AREA_SHIFT`]: zcrx_sys::zcrx::IORING_ZCRX_AREA_SHIFT
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SlotTags {
-    /// Offsets in the area are below `1 << shift`.
+    /// Offsets in an area are below `1 << area_shift`.
+    area_shift: u32,
+    /// Area ids are below `1 << (shift - area_shift)`; the tag starts here.
     shift: u32,
 }
 
+/// An area buffer's `BufferSlot::offset`, unpacked (see [`SlotTags`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TaggedOffset {
+    /// The area's id (the kernel's index).
+    pub(crate) area: u16,
+    /// The byte offset in that area.
+    pub(crate) offset: u64,
+    /// The stream's tag (0: none).
+    pub(crate) tag: u64,
+}
+
 impl SlotTags {
-    /// Tags for an area of `len` bytes (offsets up to 48 bits, checked by the decoder).
-    pub(crate) fn new(len: u64) -> SlotTags {
-        let shift = (u64::BITS - len.saturating_sub(1).leading_zeros()).max(1);
-        SlotTags { shift }
+    /// Tags for areas of at most `largest_area` bytes, at most `max_areas` of them (offsets
+    /// up to 48 bits, checked by the decoder; at most 1024 areas, the kernel's limit).
+    pub(crate) fn new(largest_area: u64, max_areas: u32) -> SlotTags {
+        let bits = |n: u64| u64::BITS - n.saturating_sub(1).leading_zeros();
+        let area_shift = bits(largest_area).max(1);
+        SlotTags {
+            area_shift,
+            shift: area_shift + bits(u64::from(max_areas.max(1))),
+        }
     }
 
-    /// The tag of `slot`, or 0 (untracked) if it does not fit beside the area's offsets or
-    /// in the table.
+    /// The tag of `slot`, or 0 (untracked) if it does not fit above the area ids or in the
+    /// table.
     pub(crate) fn tag(&self, slot: u32) -> u64 {
         let tag = u64::from(slot) + 1;
         let bits = u64::BITS - self.shift;
@@ -49,15 +81,21 @@ impl SlotTags {
         }
     }
 
-    /// `area_offset` with `tag` above it.
-    pub(crate) fn encode(&self, area_offset: u64, tag: u64) -> u64 {
-        area_offset | tag.checked_shl(self.shift).unwrap_or(0)
+    /// `offset` in area `area`, with `tag` above both.
+    pub(crate) fn encode(&self, area: u16, offset: u64, tag: u64) -> u64 {
+        debug_assert!(offset >> self.area_shift == 0);
+        debug_assert!(u64::from(area) >> (self.shift - self.area_shift) == 0);
+        offset | (u64::from(area) << self.area_shift) | tag.checked_shl(self.shift).unwrap_or(0)
     }
 
-    /// The area offset and the tag of an encoded offset.
-    pub(crate) fn decode(&self, offset: u64) -> (u64, u64) {
-        let mask = (1u64 << self.shift) - 1;
-        (offset & mask, offset >> self.shift)
+    /// The area, offset and tag of an encoded offset.
+    pub(crate) fn decode(&self, encoded: u64) -> TaggedOffset {
+        let below = |bits: u32| encoded & ((1u64 << bits) - 1);
+        TaggedOffset {
+            area: (below(self.shift) >> self.area_shift) as u16,
+            offset: below(self.area_shift),
+            tag: encoded.checked_shr(self.shift).unwrap_or(0),
+        }
     }
 }
 
@@ -315,16 +353,53 @@ mod tests {
 
     #[test]
     fn tags_round_trip_above_the_area_offsets() {
-        let tags = SlotTags::new(1 << 20);
+        let tags = SlotTags::new(1 << 20, 1);
         let tag = tags.tag(5);
         assert_eq!(tag, 6);
-        let encoded = tags.encode((1 << 20) - 1, tag);
-        assert_eq!(tags.decode(encoded), ((1 << 20) - 1, 6));
-        assert_eq!(tags.decode(4096), (4096, 0));
+        let encoded = tags.encode(0, (1 << 20) - 1, tag);
+        let decoded = tags.decode(encoded);
+        assert_eq!(
+            (decoded.area, decoded.offset, decoded.tag),
+            (0, (1 << 20) - 1, 6)
+        );
+        assert_eq!(tags.decode(4096).tag, 0);
         // A 2^48-byte area leaves 16 bits: slot 65534 is the last that fits.
-        let tags = SlotTags::new(1 << 48);
+        let tags = SlotTags::new(1 << 48, 1);
         assert_eq!(tags.tag(65534), 65535);
         assert_eq!(tags.tag(65535), 0);
+    }
+
+    #[test]
+    fn area_ids_sit_between_the_offsets_and_the_tag() {
+        // 256 KiB areas, up to 1024 of them (the kernel's limit): 18 + 10 bits, 36 for tags.
+        let tags = SlotTags::new(256 << 10, 1024);
+        for (area, offset, slot) in [(0, 0, 0), (1, 4096, 7), (1023, (256 << 10) - 1, 1 << 20)] {
+            let tag = tags.tag(slot);
+            assert_eq!(tag, u64::from(slot) + 1);
+            let decoded = tags.decode(tags.encode(area, offset, tag));
+            assert_eq!(
+                decoded,
+                TaggedOffset { area, offset, tag },
+                "{area} {offset} {slot}"
+            );
+        }
+        // Three areas take two bits; growth with a large area and many areas leaves fewer
+        // bits for tags: 2^40-byte areas, 1024 of them, leave 14 bits.
+        let tags = SlotTags::new(1 << 40, 1024);
+        assert_eq!(tags.tag((1 << 14) - 2), (1 << 14) - 1);
+        assert_eq!(tags.tag((1 << 14) - 1), 0, "no room: untracked");
+        let decoded = tags.decode(tags.encode(1023, (1 << 40) - 1, (1 << 14) - 1));
+        assert_eq!((decoded.area, decoded.offset), (1023, (1 << 40) - 1));
+        let three = SlotTags::new(1 << 20, 3);
+        assert_eq!(
+            three.decode(three.encode(2, 5, 9)),
+            TaggedOffset {
+                area: 2,
+                offset: 5,
+                tag: 9
+            }
+        );
+        assert_eq!(three.encode(2, 5, 9), 5 | (2 << 20) | (9 << 22));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use zcrx_sys::query::query_zcrx;
 use zcrx_sys::ring::IORING_OP_RECV_ZC;
 
 use super::ring::Capabilities;
-use crate::config::{self, EventsPolicy, Target, UringConfig};
+use crate::config::{self, EventsPolicy, GrowthPlan, Target, UringConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::probe::{self, InterfaceReport, ProbeOptions, Verdict};
 use crate::sys::fork::RingForkGuard;
@@ -42,6 +42,11 @@ pub(crate) struct Instance {
     /// offloads that merge segments (its MTU less 40 bytes of IPv4 and TCP headers): each
     /// segment lands in a chunk of its own. `None` in NODEV mode, or if the MTU is unknown.
     pub(crate) segment_payload: Option<u32>,
+    /// The growth policy, if asked for and this kernel can add areas.
+    pub(crate) growth: Option<GrowthPlan>,
+    /// The policy was asked for in auto mode and this kernel cannot add areas: why, for
+    /// `ModeSelection::unavailable`.
+    pub(crate) growth_refused: Option<String>,
 }
 
 /// Where things are in the area and the refill region, as the kernel reported.
@@ -184,6 +189,7 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
         }
         EventsPolicy::Required => true,
     };
+    let (growth, growth_refused) = growth_on(config, features.ctrl_add_area)?;
     if config.custom_chunk && !features.rx_page_size {
         return Err(too_old(
             &format!("a chunk size of {} bytes (rx_buf_len)", config.chunk_size),
@@ -338,6 +344,8 @@ pub(crate) fn register(config: &UringConfig) -> Result<Instance> {
         caps: Capabilities::detected(queried.as_ref(), events),
         description,
         segment_payload,
+        growth,
+        growth_refused,
     })
 }
 
@@ -502,6 +510,30 @@ fn queue_held_error(target: &Target, waited: Duration, held: QueueHeld) -> Error
     match source {
         Some(source) => error.with_source(source),
         None => error,
+    }
+}
+
+/// The growth policy to run with on a kernel that can (`can_add_area`: the zcrx query
+/// reports `ZCRX_CTRL_ADD_AREA`, 7.3+) or cannot add areas: the policy, or, without
+/// `ZCRX_CTRL_ADD_AREA`, the error where the policy is required (modes nic and nodev) and
+/// the reason to report where it is not (auto). The one rule for the real kernel and the
+/// synthetic ones.
+pub(crate) fn growth_on(
+    config: &UringConfig,
+    can_add_area: bool,
+) -> Result<(Option<GrowthPlan>, Option<String>)> {
+    match config.area_growth {
+        Some(plan) if !can_add_area => {
+            let refusal = too_old(
+                "growing the receive area (Builder::area_growth, ZCRX_CTRL_ADD_AREA)",
+                "7.3",
+            );
+            if plan.required {
+                return Err(refusal);
+            }
+            Ok((None, Some(refusal.to_string())))
+        }
+        plan => Ok((plan, None)),
     }
 }
 

@@ -99,6 +99,9 @@ pub(crate) struct DriverShared {
     listener_window: AtomicU32,
     /// Send statistics, shared with every write half.
     pub(crate) send_counters: Arc<SendCounters>,
+    /// What was asked for and this kernel lacks (`ModeSelection::unavailable`), set by the
+    /// driver thread before it reports ready.
+    unavailable: Mutex<Vec<String>>,
 }
 
 impl DriverShared {
@@ -120,6 +123,7 @@ impl DriverShared {
             description: Mutex::new(String::new()),
             listener_window: AtomicU32::new(0),
             send_counters: Arc::default(),
+            unavailable: Mutex::new(Vec::new()),
         })
     }
 
@@ -354,6 +358,11 @@ impl UringHandle {
 
     pub(crate) fn description(&self) -> String {
         lock(&self.shared.description).clone()
+    }
+
+    /// What was asked for and this kernel lacks (for `ModeSelection::unavailable`).
+    pub(crate) fn unavailable(&self) -> Vec<String> {
+        lock(&self.shared.unavailable).clone()
     }
 
     #[cfg(feature = "fault-injection")]

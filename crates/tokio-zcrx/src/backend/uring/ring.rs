@@ -14,8 +14,9 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types};
 use zcrx_core::completion::RawCompletion;
 use zcrx_core::query::QueryFeatures;
-use zcrx_sys::ctrl::{zcrx_arm_event, zcrx_flush_rq};
+use zcrx_sys::ctrl::{zcrx_add_area, zcrx_arm_event, zcrx_flush_rq};
 use zcrx_sys::ring::IORING_SEND_ZC_REPORT_USAGE;
+use zcrx_sys::zcrx::io_uring_zcrx_area_reg;
 
 use crate::sys::fork::RingForkGuard;
 use crate::sys::registration::Ring;
@@ -34,6 +35,8 @@ pub(crate) struct Capabilities {
     /// On 6.15-6.18 NIC queues the chunks go back to the live page pool first, where the NIC
     /// may write into memory a `ZcBuf` still reads: such a ring must outlive every buffer.
     pub(crate) teardown_stops_queue_first: bool,
+    /// `ZCRX_CTRL_ADD_AREA` exists (7.3+): areas can be added to the instance.
+    pub(crate) add_area: bool,
 }
 
 impl Capabilities {
@@ -46,6 +49,7 @@ impl Capabilities {
             events,
             // 6.19 changed the teardown order; the query arrived in the same release.
             teardown_stops_queue_first: queried.is_some(),
+            add_area: queried.is_some_and(|features| features.ctrl_add_area),
         }
     }
 }
@@ -90,6 +94,15 @@ pub(crate) trait CompletionRing: Send + 'static {
     fn flush_refill(&mut self) -> io::Result<()>;
     /// Re-arms zcrx event type `event_type`.
     fn arm_event(&mut self, event_type: u32) -> io::Result<()>;
+    /// Adds the area `area` describes to the instance (`ZCRX_CTRL_ADD_AREA`); the kernel
+    /// writes its token into `area.rq_area_token`.
+    ///
+    /// # Safety
+    ///
+    /// `area.addr..area.addr + area.len` is memory that stays mapped until the kernel is
+    /// done with it (the ring is closed) and that nothing reads as unchanging: the kernel
+    /// writes into it from now on.
+    unsafe fn add_area(&mut self, area: &mut io_uring_zcrx_area_reg) -> io::Result<()>;
     /// Submits what is queued and runs the kernel's deferred work (GETEVENTS: under
     /// DEFER_TASKRUN nothing completes without it), then waits for at least one completion
     /// or until `timeout`; `Some(Duration::ZERO)` does not wait.
@@ -232,6 +245,11 @@ impl CompletionRing for UringRing {
 
     fn arm_event(&mut self, event_type: u32) -> io::Result<()> {
         zcrx_arm_event(self.ring.as_fd(), self.zcrx_id, event_type)
+    }
+
+    unsafe fn add_area(&mut self, area: &mut io_uring_zcrx_area_reg) -> io::Result<()> {
+        // SAFETY: as this function's contract.
+        unsafe { zcrx_add_area(self.ring.as_fd(), self.zcrx_id, area) }
     }
 
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {

@@ -18,6 +18,7 @@ use zcrx_core::budget::Budget;
 use zcrx_core::receive::{Holding, StreamReceive};
 
 use super::super::ring::CompletionRing;
+use super::growth::GrowthTrigger;
 use super::Driver;
 use crate::event::EventKind;
 
@@ -271,8 +272,16 @@ impl<R: CompletionRing> Driver<R> {
     /// after it fell below half, at most once per [`HIGH_WATER_EVENT_INTERVAL`]. Once per
     /// reap (memory only grows by deliveries).
     pub(super) fn check_memory_high_water(&mut self) {
-        let capacity = self.area.len() as u64;
+        let mut capacity = self.area.len() as u64;
         let held = self.area.memory_held();
+        // Under a growth policy, pressure adds an area before anything fails (growth.rs).
+        // In NIC mode what the sockets may queue is in the area too (the receive buffers the
+        // runtime sized, `adjust_receive_buffer`): counted, so the area grows before the
+        // NIC finds no chunk.
+        let queued = self.rcvbuf_total * u64::from(self.area.chunk_size);
+        if held + queued >= capacity / 4 * 3 && self.grow(GrowthTrigger::Pressure) {
+            capacity = self.area.len() as u64;
+        }
         if !self.pressure.high_water_armed {
             if held < capacity / 2 {
                 self.pressure.high_water_armed = true;

@@ -29,9 +29,10 @@ impl<R: CompletionRing> Driver<R> {
                     area_offset,
                     len,
                     chunk,
+                    area,
                     more,
                 }) => {
-                    self.on_data(stream, area_offset, len, chunk);
+                    self.on_data(stream, area, area_offset, len, chunk);
                     if !more {
                         // The request ended with this data and gave no reason (kernels up to
                         // 7.3 never do this): as after a final CQE, go on or finish.
@@ -88,10 +89,10 @@ impl<R: CompletionRing> Driver<R> {
         Ok(())
     }
 
-    fn on_data(&mut self, stream: StreamId, area_offset: u64, len: u32, chunk: u32) {
+    fn on_data(&mut self, stream: StreamId, area: u16, area_offset: u64, len: u32, chunk: u32) {
         let slot = stream.slot();
         let tag = self.streams.get(slot).expect("decode checked the slot").tag;
-        let buf = self.buffer_refs.buffer(area_offset, len, chunk, tag);
+        let buf = self.buffer_refs.buffer(area, area_offset, len, chunk, tag);
         // Only this thread writes the counters: a plain load and store publishes them
         // without a locked read-modify-write per chunk.
         let counters = &self.area.counters;

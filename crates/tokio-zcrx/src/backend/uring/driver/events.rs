@@ -7,6 +7,7 @@ use std::time::Instant;
 use zcrx_core::events::ZcrxEventType;
 
 use super::super::ring::CompletionRing;
+use super::growth::GrowthTrigger;
 use super::Driver;
 use crate::event::{Event, EventKind};
 
@@ -48,7 +49,10 @@ impl<R: CompletionRing> Driver<R> {
         self.events.on_event(kind, Instant::now());
         match kind {
             ZcrxEventType::Copy => self.emit(EventKind::CopyFallback),
-            ZcrxEventType::AllocFail => self.emit(EventKind::AllocationFailure),
+            ZcrxEventType::AllocFail => {
+                self.emit(EventKind::AllocationFailure);
+                self.grow(GrowthTrigger::AllocationFailure);
+            }
             // A kernel newer than this library: counted above, nothing more to do with it.
             ZcrxEventType::Unknown(code) => {
                 tracing::debug!(

@@ -8,11 +8,13 @@
 //! - [`completions`]: reaping the CQ and handling each completion;
 //! - [`returns`]: buffer returns, refill flushes, and receives waiting for the area;
 //! - [`budgets`]: per-stream budgets (pausing and resuming streams) and memory pressure;
-//! - [`events`]: zcrx kernel events in, their re-arming, and the public events out.
+//! - [`events`]: zcrx kernel events in, their re-arming, and the public events out;
+//! - [`growth`]: adding kernel areas under `Builder::area_growth` (Linux 7.3+).
 
 mod budgets;
 mod completions;
 mod events;
+mod growth;
 mod returns;
 mod sends;
 mod streams;
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use zcrx_core::budget::BudgetPolicy;
-use zcrx_core::completion::{AreaLayout, RawCompletion};
+use zcrx_core::completion::{AreaLayout, AreaSet, RawCompletion};
 use zcrx_core::events::EventRearm;
 use zcrx_core::receive::{Action, Finish, StreamReceive};
 use zcrx_core::user_data::{StreamId, UserData, UserDataKind};
@@ -41,9 +43,10 @@ use super::ring::{Capabilities, CompletionRing, UringRing};
 use super::{lock, Command, DriverShared, FAILED, STOPPING};
 use super::{StreamEnd, StreamShared};
 use crate::config::StreamOptions;
-use crate::config::UringConfig;
+use crate::config::{GrowthPlan, UringConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
+pub(crate) use growth::Growth;
 use streams::{StreamEntry, Streams};
 
 /// The eventfd poll's `user_data` payload.
@@ -71,6 +74,10 @@ pub(super) fn run(config: UringConfig, shared: Arc<DriverShared>, ready: mpsc::S
             return;
         }
     };
+    if let Some(refused) = &instance.growth_refused {
+        tracing::warn!("tokio-zcrx: {refused}; the area stays at its initial size");
+        lock(&shared.unavailable).push(refused.clone());
+    }
     let driver = match Driver::new(instance, &config, Arc::clone(&shared)) {
         Ok(driver) => driver,
         Err(e) => {
@@ -140,7 +147,10 @@ pub(crate) struct Driver<R: CompletionRing> {
     ring: R,
     area: Arc<Area>,
     buffer_refs: BufferRefs,
-    layout: AreaLayout,
+    /// Every kernel area's layout, for the completion decoder.
+    layout: AreaSet,
+    /// `Builder::area_growth`, where the kernel can add areas.
+    growth: Option<Growth>,
     shared: Arc<DriverShared>,
     nodev: bool,
     caps: Capabilities,
@@ -202,8 +212,17 @@ impl Driver<UringRing> {
             caps,
             description,
             segment_payload,
+            growth,
+            growth_refused: _,
         } = instance;
-        let area = Area::new(area, region, &shared_layout, Arc::clone(&shared)).map_err(|e| {
+        let area = Area::new(
+            area,
+            region,
+            &shared_layout,
+            Arc::clone(&shared),
+            growth.map(|plan| (plan.max_areas, plan.step as u64)),
+        )
+        .map_err(|e| {
             Error::new(ErrorKind::Kernel, "the kernel's refill ring is unusable").with_source(e)
         })?;
         let layout = AreaLayout::new(area.len() as u64, area.chunk_size, shared_layout.area_token)
@@ -218,6 +237,7 @@ impl Driver<UringRing> {
             caps,
             segment_payload,
             fixed,
+            growth,
             config,
             shared,
         )
@@ -238,9 +258,15 @@ impl<R: CompletionRing> Driver<R> {
         caps: Capabilities,
         segment_payload: Option<u32>,
         fixed: Option<FixedBuffer>,
+        growth: Option<GrowthPlan>,
         config: &UringConfig,
         shared: Arc<DriverShared>,
     ) -> Result<Driver<R>> {
+        debug_assert!(
+            growth.is_none() || caps.add_area,
+            "growth needs ZCRX_CTRL_ADD_AREA"
+        );
+        debug_assert!(growth.is_none_or(|plan| plan.max_areas <= area.max_areas()));
         *lock(&shared.area) = Some(Arc::downgrade(&area));
         let events_tx = lock(&shared.events)
             .clone()
@@ -266,7 +292,8 @@ impl<R: CompletionRing> Driver<R> {
             ring,
             buffer_refs: BufferRefs::new(&area),
             area,
-            layout,
+            layout: AreaSet::new(layout),
+            growth: growth.map(|plan| Growth::new(plan, config.custom_chunk)),
             shared,
             nodev,
             caps,
@@ -637,7 +664,7 @@ impl<R: CompletionRing> Driver<R> {
     }
 }
 
-/// Registers the area as fixed buffer 0 for zero-copy sends from it
+/// Registers the first kernel area as fixed buffer 0 for zero-copy sends from it
 /// (`IORING_REGISTER_BUFFERS`): the kernel then pins it once instead of per send. Where it
 /// refuses (the locked-memory limit, `RLIMIT_MEMLOCK`, without `CAP_IPC_LOCK`), sends go
 /// unregistered: logged once and counted.
@@ -646,10 +673,12 @@ fn register_area_buffer(
     area: &Area,
     shared: &DriverShared,
 ) -> Option<FixedBuffer> {
-    let base = area.data_ptr(0);
+    // The first kernel area only: areas added later (Builder::area_growth) are separate
+    // mappings, and sends from them go unregistered (`FixedBuffer::contains` is false).
+    let (base, len) = (area.data_ptr(0, 0), area.kernel_area_len(0));
     let iovec = libc::iovec {
         iov_base: base as *mut libc::c_void,
-        iov_len: area.len(),
+        iov_len: len,
     };
     // SAFETY: the area stays mapped while the ring lives (the driver closes the ring before
     // it drops its area reference, and buffers keep the area beyond); the kernel only reads
@@ -657,7 +686,7 @@ fn register_area_buffer(
     match unsafe { ring.submitter().register_buffers(&[iovec]) } {
         Ok(()) => Some(FixedBuffer {
             base: base as usize,
-            len: area.len(),
+            len,
             index: 0,
         }),
         Err(e) => {

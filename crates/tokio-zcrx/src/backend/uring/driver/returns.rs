@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use zcrx_core::receive::{Request, StreamReceive};
 
 use super::super::ring::CompletionRing;
+use super::growth::GrowthTrigger;
 use super::{Driver, EXHAUSTION_RETRY};
 use crate::event::EventKind;
 
@@ -118,6 +119,15 @@ impl<R: CompletionRing> Driver<R> {
         if due {
             self.last_exhausted_event = Some(now);
             self.emit(EventKind::AreaExhausted);
+        }
+        // Only if the application holds half the memory or more: otherwise the chunks are on
+        // their way back (returned, not yet taken by the kernel: in NODEV mode only a flush
+        // takes them), and growing would add memory nobody needs (measured in the guest:
+        // NODEV grew to its maximum while the reader held nothing).
+        let capacity = self.area.len() as u64;
+        if self.area.memory_held() >= capacity / 2 && self.grow(GrowthTrigger::ReceiveOutOfMemory) {
+            // More chunks now: resubmit on this turn rather than wait for returns.
+            self.exhausted_at = Some(now.checked_sub(EXHAUSTION_RETRY).unwrap_or(now));
         }
     }
 

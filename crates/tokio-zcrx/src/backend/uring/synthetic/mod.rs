@@ -73,6 +73,11 @@ pub(crate) struct SyntheticConfig {
     pub(crate) fixed_buffer: bool,
     /// The sockets lack `SOCK_SUPPORT_ZC`: `SEND_ZC` fails with `-EOPNOTSUPP`.
     pub(crate) refuse_send_zc: bool,
+    /// `Builder::area_growth` (the first area is then `initial`, not `area_chunks`).
+    pub(crate) growth: Option<crate::AreaGrowth>,
+    /// `Builder::mode`: `Auto` (the default) only reports a refused growth policy, the
+    /// registration's own mode refuses to start without it.
+    pub(crate) mode: crate::Mode,
 }
 
 impl SyntheticConfig {
@@ -94,6 +99,8 @@ impl SyntheticConfig {
             segment_payload: None,
             fixed_buffer: true,
             refuse_send_zc: false,
+            growth: None,
+            mode: crate::Mode::Auto,
         }
     }
 }
@@ -139,8 +146,13 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
     if let Some(budget) = config.stream_budget {
         builder = builder.stream_budget(budget);
     }
+    if let Some(growth) = config.growth {
+        builder = builder.area_growth(growth);
+    }
+    builder = builder.mode(config.mode);
     let uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
     let caps = personality.capabilities(config.events);
+    let (growth, growth_refused) = super::instance::growth_on(&uring_config, caps.add_area)?;
     let internal = |e: io::Error| Error::new(ErrorKind::Kernel, "synthetic runtime").with_source(e);
     let shared = Arc::new(DriverShared::new().map_err(internal)?);
     let memory = Mapping::new(uring_config.area_size, false).map_err(internal)?;
@@ -174,7 +186,14 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         }
     };
     let (shared_memory_area, shared_memory_len) = (shared_memory.area, shared_memory.area_len);
-    let area = Area::new(memory, region, &layout, Arc::clone(&shared)).map_err(internal)?;
+    let area = Area::new(
+        memory,
+        region,
+        &layout,
+        Arc::clone(&shared),
+        growth.map(|plan| (plan.max_areas, plan.step as u64)),
+    )
+    .map_err(internal)?;
     let area_layout = AreaLayout::new(area.len() as u64, CHUNK_SIZE, 0)
         .map_err(|e| Error::new(ErrorKind::Kernel, format!("synthetic area: {e}")))?;
     let control = Arc::new(Control::default());
@@ -209,6 +228,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         caps,
         config.segment_payload,
         config.fixed_buffer.then_some(fixed),
+        growth,
         &uring_config,
         Arc::clone(&shared),
     )?;
@@ -228,6 +248,7 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
                 Registration::NoDevice => ActiveMode::NoDevice,
             },
             refused: Vec::new(),
+            unavailable: growth_refused.into_iter().collect(),
         },
     );
     Ok((zcrx, control))

@@ -20,7 +20,9 @@ use zcrx_core::completion::RawCompletion;
 use zcrx_core::user_data::{StreamId, UserData};
 use zcrx_sys::event::zcrx_stats;
 use zcrx_sys::ring::{IORING_CQE_F_MORE, IORING_CQE_F_NOTIF, IORING_NOTIF_USAGE_ZC_COPIED};
-use zcrx_sys::zcrx::{io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK, IORING_ZCRX_AREA_SHIFT};
+use zcrx_sys::zcrx::{
+    io_uring_zcrx_area_reg, io_uring_zcrx_rqe, IORING_ZCRX_AREA_MASK, IORING_ZCRX_AREA_SHIFT,
+};
 
 use super::super::ring::{CompletionRing, SendKind, SendSqe};
 use super::faults::{FaultInjector, Injected, Malformed, Rng, SendFault};
@@ -94,7 +96,12 @@ impl StreamPlan {
 /// What the kernel reports about itself, published after every enter and at teardown.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct KernelReport {
+    /// Chunks in all areas.
     pub(crate) chunks: u32,
+    /// Areas: the first, and each `ZCRX_CTRL_ADD_AREA` added (7.3).
+    pub(crate) areas: u32,
+    /// `ZCRX_CTRL_ADD_AREA` calls refused.
+    pub(crate) add_area_refused: u64,
     pub(crate) free: u32,
     /// `submit_and_wait` calls: an idle driver makes few.
     pub(crate) enters: u64,
@@ -190,6 +197,17 @@ pub(crate) struct SharedMemory {
     pub(crate) stats: Option<*mut zcrx_stats>,
 }
 
+/// One area of the instance, as the kernel sees it.
+struct KernelArea {
+    base: *mut u8,
+    len: usize,
+    /// The index of its first chunk in `SyntheticRing::user_refs` (areas' chunks in order).
+    first_chunk: u32,
+}
+
+/// `ZCRX_MAX_AREAS` in io_uring/zcrx.c (7.3).
+const MAX_AREAS: usize = 1024;
+
 /// How a synthetic kernel behaves, beyond its personality.
 pub(crate) struct KernelSetup {
     pub(crate) personality: Personality,
@@ -219,8 +237,11 @@ pub(crate) struct SyntheticRing {
     setup: KernelSetup,
     memory: SharedMemory,
     refill: RefillView,
-    chunks: u32,
+    /// Every area, by id (the first one: the registered area in `memory`).
+    areas: Vec<KernelArea>,
+    /// Free chunks, as the offsets a CQE carries (area token | offset in the area).
     free: Vec<u64>,
+    /// User references per chunk, all areas' chunks in order (`KernelArea::first_chunk`).
     user_refs: Vec<u32>,
     receives: Vec<Receive>,
     /// Round-robin position over `receives`.
@@ -300,7 +321,11 @@ impl SyntheticRing {
                 .map(|c| c * u64::from(setup.chunk_size))
                 .collect(),
             user_refs: vec![0; chunks as usize],
-            chunks,
+            areas: vec![KernelArea {
+                base: memory.area,
+                len: memory.area_len,
+                first_chunk: 0,
+            }],
             refill,
             memory,
             receives: Vec::new(),
@@ -315,6 +340,7 @@ impl SyntheticRing {
             control,
             report: KernelReport {
                 chunks,
+                areas: 1,
                 ..KernelReport::default()
             },
             setup,
@@ -431,15 +457,13 @@ impl SyntheticRing {
         if self.setup.write_pattern {
             self.consume_refills();
             for &offset in &self.free {
+                // The offset carries its area's id (token): the chunk may be in any area.
+                let (_, chunk) = self
+                    .chunk_at(offset)
+                    .expect("free chunks are inside their area");
                 // SAFETY: a free chunk has no user reference: nobody may read it; it lies
-                // inside the area, which outlives the kernel.
-                unsafe {
-                    std::ptr::write_bytes(
-                        self.memory.area.add(offset as usize),
-                        0xEE,
-                        self.setup.chunk_size as usize,
-                    )
-                };
+                // inside its area, which outlives the kernel.
+                unsafe { std::ptr::write_bytes(chunk, 0xEE, self.setup.chunk_size as usize) };
                 self.report.scribbled_for_sends += 1;
             }
         }
@@ -476,6 +500,33 @@ impl SyntheticRing {
         }
     }
 
+    /// The chunk a CQE offset (token | offset in the area) names: its index in `user_refs`
+    /// and its address, if it is one.
+    fn chunk_at(&self, off: u64) -> Option<(usize, *mut u8)> {
+        let area = self.areas.get((off >> IORING_ZCRX_AREA_SHIFT) as usize)?;
+        let offset = (off & !IORING_ZCRX_AREA_MASK) as usize;
+        if offset >= area.len {
+            return None;
+        }
+        let chunk = offset / self.setup.chunk_size as usize;
+        // SAFETY (of the pointer's later use): inside the area, which outlives the kernel.
+        Some((
+            area.first_chunk as usize + chunk,
+            area.base.wrapping_add(offset),
+        ))
+    }
+
+    /// The CQE offset of chunk `index` of `user_refs` (the inverse of [`Self::chunk_at`]).
+    fn offset_of(&self, index: usize) -> u64 {
+        let id = self
+            .areas
+            .iter()
+            .rposition(|area| area.first_chunk as usize <= index)
+            .expect("area 0 starts at chunk 0");
+        let within = (index - self.areas[id].first_chunk as usize) as u64;
+        ((id as u64) << IORING_ZCRX_AREA_SHIFT) | (within * u64::from(self.setup.chunk_size))
+    }
+
     /// Parses and takes every published refill entry, as `io_zcrx_ring_refill` does.
     fn consume_refills(&mut self) {
         // SAFETY: head and tail point into the live region; we are the only consumer.
@@ -495,14 +546,12 @@ impl SyntheticRing {
                     .read()
             };
             position = position.wrapping_add(1);
-            let area_index = rqe.off >> IORING_ZCRX_AREA_SHIFT;
-            let offset = rqe.off & !IORING_ZCRX_AREA_MASK;
-            let chunk = offset / u64::from(self.setup.chunk_size);
-            if area_index != 0 || chunk >= u64::from(self.chunks) || rqe.__pad != 0 {
+            // The area by the token's index, then the chunk within it (io_parse_rqe).
+            let Some((chunk, _)) = self.chunk_at(rqe.off).filter(|_| rqe.__pad == 0) else {
                 self.report.skipped_returns += 1;
                 continue;
-            }
-            let refs = &mut self.user_refs[chunk as usize];
+            };
+            let refs = &mut self.user_refs[chunk];
             if *refs == 0 {
                 self.report.double_returns += 1;
                 continue;
@@ -510,7 +559,8 @@ impl SyntheticRing {
             *refs -= 1;
             if *refs == 0 {
                 self.report.lent -= 1;
-                self.free.push(chunk * u64::from(self.setup.chunk_size));
+                // The chunk's start, whatever offset within it the entry named.
+                self.free.push(self.offset_of(chunk));
             }
         }
         // SAFETY: as above; release hands the slots back to the producers.
@@ -681,19 +731,20 @@ impl SyntheticRing {
         if limit > 0 {
             len = len.min((u64::from(limit) - received) as u32);
         }
-        let chunk = offset / u64::from(chunk_size);
+        let (chunk, data) = self
+            .chunk_at(offset)
+            .expect("free chunks are inside their area");
+        let area_len = self.areas[(offset >> IORING_ZCRX_AREA_SHIFT) as usize].len;
         if self.setup.write_pattern {
             // SAFETY: the chunk is free (no user reference): nobody reads it; it lies inside
-            // the area, which outlives the kernel.
-            let data = unsafe {
-                std::slice::from_raw_parts_mut(self.memory.area.add(offset as usize), len as usize)
-            };
+            // its area, which outlives the kernel.
+            let data = unsafe { std::slice::from_raw_parts_mut(data, len as usize) };
             pattern::fill(seed, position, data);
         }
-        if self.user_refs[chunk as usize] == 0 {
+        if self.user_refs[chunk] == 0 {
             self.report.lent += 1;
         }
-        self.user_refs[chunk as usize] += 1;
+        self.user_refs[chunk] += 1;
         self.report.data_cqes += 1;
         if copy {
             self.count_copy(len);
@@ -709,7 +760,7 @@ impl SyntheticRing {
         match self.setup.faults.as_mut().and_then(|f| f.malformed()) {
             None => {}
             Some(Malformed::BadToken) => cqe.big_cqe[0] |= 0x5a5a << IORING_ZCRX_AREA_SHIFT,
-            Some(Malformed::OutsideArea) => cqe.big_cqe[0] += self.memory.area_len as u64,
+            Some(Malformed::OutsideArea) => cqe.big_cqe[0] += area_len as u64,
             Some(Malformed::CrossesChunk) => {
                 cqe.big_cqe[0] += u64::from(chunk_size / 2);
                 cqe.res = chunk_size as i32;
@@ -924,6 +975,60 @@ impl CompletionRing for SyntheticRing {
         }
     }
 
+    /// `ZCRX_CTRL_ADD_AREA` as 7.3's `zcrx_ctrl_add_area` answers it: EINVAL without
+    /// `IORING_REGISTER_ZCRX_CTRL` (before 6.19), EOPNOTSUPP for an op the kernel does not
+    /// know (before 7.3); EINVAL for a token that is not 0 on input, flags this area kind
+    /// does not share with the first (a dma-buf), a length that is not whole chunks, or a
+    /// 1025th area; EOPNOTSUPP for chunks larger than a page without a device (NODEV).
+    /// Otherwise the token (`id << 48`) is written back and the area's chunks are free.
+    unsafe fn add_area(&mut self, area: &mut io_uring_zcrx_area_reg) -> io::Result<()> {
+        let refuse = |report: &mut KernelReport, errno| {
+            report.add_area_refused += 1;
+            Err(io::Error::from_raw_os_error(errno))
+        };
+        if !self.setup.personality.has_ctrl() {
+            return refuse(&mut self.report, libc::EINVAL);
+        }
+        if !self.setup.personality.ctrl_ops().contains(&"ADD_AREA") {
+            return refuse(&mut self.report, libc::EOPNOTSUPP);
+        }
+        if let Some(errno) = self.setup.faults.as_mut().and_then(|f| f.ctrl()) {
+            return refuse(&mut self.report, errno);
+        }
+        let chunk = self.setup.chunk_size as u64;
+        let page = crate::sys::page_size() as u64;
+        if area.rq_area_token != 0
+            || area.flags != 0
+            || area.len == 0
+            || area.len % chunk != 0
+            || area.addr % page != 0
+            || self.areas.len() >= MAX_AREAS
+        {
+            return refuse(&mut self.report, libc::EINVAL);
+        }
+        if self.setup.registration == Registration::NoDevice && chunk != page {
+            return refuse(&mut self.report, libc::EOPNOTSUPP);
+        }
+        let id = self.areas.len() as u64;
+        let chunks = (area.len / chunk) as u32;
+        area.rq_area_token = id << IORING_ZCRX_AREA_SHIFT;
+        self.areas.push(KernelArea {
+            base: area.addr as *mut u8,
+            len: area.len as usize,
+            first_chunk: self.user_refs.len() as u32,
+        });
+        self.user_refs
+            .resize(self.user_refs.len() + chunks as usize, 0);
+        self.free.extend(
+            (0..u64::from(chunks))
+                .rev()
+                .map(|c| area.rq_area_token | (c * chunk)),
+        );
+        self.report.chunks += chunks;
+        self.report.areas += 1;
+        Ok(())
+    }
+
     fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.report.enters += 1;
         if let Some(errno) = self.setup.faults.as_mut().and_then(|f| f.enter()) {
@@ -1026,18 +1131,12 @@ impl Drop for SyntheticRing {
         if hazard && self.report.lent > 0 {
             // 6.15-6.18: held chunks go back to the page pool of the still running queue,
             // and the NIC may DMA new packets into them before the queue stops. Do it.
-            for (chunk, refs) in self.user_refs.iter().enumerate() {
-                if *refs > 0 {
-                    let offset = chunk * self.setup.chunk_size as usize;
-                    // SAFETY: inside the area, which outlives the kernel. This write is the
+            for chunk in 0..self.user_refs.len() {
+                if self.user_refs[chunk] > 0 {
+                    let (_, at) = self.chunk_at(self.offset_of(chunk)).expect("a chunk");
+                    // SAFETY: inside its area, which outlives the kernel. This write is the
                     // hazard being modelled; tests only read held buffers after shutdown.
-                    unsafe {
-                        std::ptr::write_bytes(
-                            self.memory.area.add(offset),
-                            0xEE,
-                            self.setup.chunk_size as usize,
-                        )
-                    };
+                    unsafe { std::ptr::write_bytes(at, 0xEE, self.setup.chunk_size as usize) };
                     self.report.scribbled_at_teardown += 1;
                 }
             }

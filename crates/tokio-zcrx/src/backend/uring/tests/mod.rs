@@ -4,6 +4,7 @@
 
 mod budget_tests;
 mod fault_tests;
+mod growth_tests;
 mod idle_tests;
 mod lifecycle_tests;
 mod scenarios;

@@ -435,3 +435,61 @@ fn refused_zero_copy_sends_fall_back_to_plain_sends() {
         });
     }
 }
+
+/// Forwarding from an area that grew (7.3, `Builder::area_growth`), in both registrations:
+/// buffers of the first kernel area go out from the fixed buffer, those of added areas
+/// (other mappings, not registered for sends) unregistered, with no fallback; every byte
+/// arrives once, and every buffer of every area comes back only after its notification.
+#[test]
+fn buffers_of_added_areas_are_sent_unregistered() {
+    use super::super::synthetic::personality::Personality;
+    use super::super::synthetic::CHUNK_SIZE;
+    use crate::AreaGrowth;
+
+    let chunk = CHUNK_SIZE as usize;
+    let runtime = runtime();
+    for registration in [Registration::Nic, Registration::NoDevice] {
+        runtime.block_on(async {
+            let config = SyntheticConfig {
+                growth: Some(AreaGrowth {
+                    initial: 16 * chunk,
+                    step: 16 * chunk,
+                    maximum: 64 * chunk,
+                }),
+                // The forwarder holds 40 chunks on purpose before it sends any.
+                stream_budget: Some(u64::MAX),
+                ..SyntheticConfig::new(Personality::Linux7_3, registration)
+            };
+            let harness = Harness::start(config).await;
+            let (mut source, _source_writer, _client) =
+                harness.connect(StreamPlan::new(5, FORWARDED)).await;
+            let (_replies, mut sink, upstream) = harness.connect(StreamPlan::new(0, 0)).await;
+            let verifier = tokio::spawn(verify_upstream(upstream, 5));
+            // 40 buffers held at once need three areas of 16 chunks.
+            let mut batch = ZcBatch::with_capacity(40);
+            while batch.len() < 40 {
+                let want = 40 - batch.len();
+                assert!(source.recv_many(&mut batch, want).await.unwrap() > 0);
+            }
+            let areas = harness.zcrx.stats().areas;
+            assert!(areas >= 3, "{registration:?}: the area did not grow ({areas} areas)");
+            sink.send_batch(&mut batch).await.unwrap();
+            forward(source, sink, Forward::Batches).await.unwrap();
+            assert_eq!(verifier.await.unwrap().unwrap(), FORWARDED);
+            let zcrx = &harness.zcrx;
+            assert_all_back(|| zcrx.stats()).await;
+            let stats = zcrx.stats();
+            let report = harness.control.report();
+            assert_eq!(stats.send_zero_copy_bytes, FORWARDED, "{stats:?}");
+            assert_eq!(stats.send_fallbacks, 0, "{stats:?}");
+            assert!(
+                report.sends_fixed > 0 && report.sends_unregistered > 0,
+                "{registration:?}: {} fixed, {} unregistered",
+                report.sends_fixed,
+                report.sends_unregistered
+            );
+            assert!(report.scribbled_for_sends > 0, "the check must have teeth");
+            harness.zcrx.shutdown().await;
+        });
+    }
+}
