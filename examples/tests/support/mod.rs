@@ -65,23 +65,33 @@ pub(crate) fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-/// The `proxy` example, built next to this test (`cargo build --example proxy`).
+/// The `proxy` example, next to this test: `cargo test` builds examples only as test
+/// harnesses, so the first test to need the real program builds it (`cargo build --example
+/// proxy`, same profile and target directory; cargo's build lock is free while tests run).
 pub(crate) fn proxy_binary() -> PathBuf {
-    // target/PROFILE/deps/real_software-HASH -> target/PROFILE/examples/proxy
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/proxy");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p tokio-zcrx-examples --example proxy` \
-         (cargo xtask does)",
-        path.display()
-    );
-    path
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/PROFILE/deps/proxy-HASH -> target/PROFILE/examples/proxy
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap();
+            let target_dir = profile_dir.parent().unwrap();
+            let mut build = Command::new(env!("CARGO"));
+            build
+                .args(["build", "-p", "tokio-zcrx-examples", "--example", "proxy"])
+                .arg("--target-dir")
+                .arg(target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            if profile_dir.file_name().is_some_and(|name| name == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo to build the proxy example");
+            assert!(status.success(), "building the proxy example failed: {status}");
+            let path = profile_dir.join("examples/proxy");
+            assert!(path.exists(), "{} is missing after the build", path.display());
+            path
+        })
+        .clone()
 }
 
 /// The proxy in copy mode, with its JSON lines read on a thread.
