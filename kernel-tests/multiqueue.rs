@@ -127,7 +127,7 @@ fn by_default_every_flow_lands_on_queue_0() {
 /// Connections spread over the four queues by flow hash; each socket's
 /// `SO_INCOMING_NAPI_ID` names the queue its flow lands on, and zcrx proves it: with queue
 /// `BOUND` bound, a connection whose NAPI id is that queue's is received with no copy, every
-/// other one is copied by the kernel in full. The flow hash is random, so connections are made
+/// other one is copied by the kernel (counted, though not always every byte: see below). The flow hash is random, so connections are made
 /// until every queue has been seen (at least 16, at most 64: the chance that 64 random flows
 /// miss one of four queues is below 1e-7).
 #[test]
@@ -166,10 +166,13 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
                     "connection {connections} on the bound queue {queue}"
                 );
             } else {
-                assert_eq!(
-                    copied, PER_CONNECTION,
+                // Every byte is copied, but the kernel counts only fragment copies: payload
+                // in an skb's linear part is copied uncounted (io_zcrx_recv_skb), so the
+                // count may fall short of the bytes (one run: 238,976 of 262,144 counted).
+                assert!(
+                    copied > 0 && copied <= PER_CONNECTION,
                     "connection {connections} on queue {queue} is not the bound queue's: \
-                     every byte is copied"
+                     the kernel copies it ({copied} of {PER_CONNECTION} bytes counted)"
                 );
             }
             *per_queue.entry(queue).or_default() += 1;
