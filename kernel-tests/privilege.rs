@@ -18,12 +18,15 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use futures::StreamExt;
 use io_uring::{cqueue, squeue, IoUring};
 use tokio::net::TcpListener;
-use tokio_zcrx::{ActiveMode, DropPrivileges, ErrorKind, EventKind, Zcrx};
-use tokio_zcrx_kernel_tests::support::{accept, build, nic, nodev, read_verified, runtime};
+use tokio_zcrx::{ActiveMode, AreaGrowth, DropPrivileges, ErrorKind, EventKind, Zcrx};
+use tokio_zcrx_kernel_tests::support::{
+    accept, build, nic, nodev, read_verified, read_verified_from, runtime,
+};
 use tokio_zcrx_kernel_tests::{
-    enter_netns, spawn_sender, Config, GuestKernel, GuestNet, Mmap, RawZcrx, Target,
+    enter_netns, first_mismatch, spawn_sender, Config, GuestKernel, GuestNet, Mmap, RawZcrx, Target,
 };
 use zcrx_sys::ctrl::{zcrx_add_area, zcrx_export};
 use zcrx_sys::zcrx::{
@@ -185,9 +188,24 @@ fn registered_queues_keep_receiving_after_the_drop() {
                 .area_size(1 << 20)
                 .event_rearm_interval(Duration::ZERO),
         );
+        // 7.3: an instance whose area grows (ZCRX_CTRL_ADD_AREA) after the drop. 7.2 has no
+        // such op and refuses the policy at build (area_growth.rs asserts that).
+        let growing = GuestKernel::running().has_add_area().then(|| {
+            build(
+                nodev()
+                    .area_growth(AreaGrowth {
+                        initial: 256 << 10,
+                        step: 256 << 10,
+                        maximum: 2 << 20,
+                    })
+                    .stream_budget(u64::MAX)
+                    .event_rearm_interval(Duration::ZERO),
+            )
+        });
         let (nic_listener, nic_addr) = listen(&net.nic_addr).await;
         let (copied_listener, copied_addr) = listen("127.0.0.1").await;
         let (nodev_listener, nodev_addr) = listen("127.0.0.1").await;
+        let (growing_listener, growing_addr) = listen("127.0.0.1").await;
 
         Zcrx::drop_privileges(DropPrivileges::all()).expect("drop in every thread");
         let (holding, threads) = threads_holding_capabilities();
@@ -251,6 +269,32 @@ fn registered_queues_keep_receiving_after_the_drop() {
             "a control call was refused after the drop"
         );
 
+        // The area grows without the capability: a reader holds every buffer until the
+        // driver has added two areas, then reads the rest; every byte checked.
+        if let Some(growing) = &growing {
+            const GROWING_TOTAL: u64 = 4 << 20;
+            let sender = spawn_sender(growing_addr, GROWING_TOTAL, None);
+            let mut stream = accept(growing, &growing_listener).await;
+            let (mut held, mut position) = (Vec::new(), 0u64);
+            while growing.stats().areas < 3 {
+                let buf = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("no growth after the drop: {}", growing.stats()))
+                    .expect("the stream ended before the area grew")
+                    .expect("stream error");
+                assert_eq!(first_mismatch(position, &buf), None);
+                position += buf.len() as u64;
+                held.push(buf);
+            }
+            let grown = growing.stats();
+            println!("grown after the drop: {grown}");
+            assert!(grown.memory_capacity >= 3 * (256 << 10), "{grown}");
+            drop(held);
+            assert_eq!(read_verified_from(stream, position).await, GROWING_TOTAL);
+            sender.join().unwrap();
+            assert_eq!(growing.stats().faults_survived, 0, "{}", growing.stats());
+        }
+
         // Anything that would register again says the process dropped the capability.
         for builder in [nic(&net), nodev()] {
             let err = builder.build().unwrap_err();
@@ -260,6 +304,9 @@ fn registered_queues_keep_receiving_after_the_drop() {
         // Shutting down works; restarting a binding is a registration.
         nic_zcrx.shutdown().await;
         nodev_zcrx.shutdown().await;
+        if let Some(growing) = growing {
+            growing.shutdown().await;
+        }
         let err = nic(&net).build().unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PrivilegesDropped, "{err}");
         println!("restart after the drop: {err}");
