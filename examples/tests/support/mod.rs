@@ -82,13 +82,25 @@ pub(crate) fn proxy_binary() -> PathBuf {
                 .arg("--target-dir")
                 .arg(target_dir)
                 .current_dir(env!("CARGO_MANIFEST_DIR"));
-            if profile_dir.file_name().is_some_and(|name| name == "release") {
+            if profile_dir
+                .file_name()
+                .is_some_and(|name| name == "release")
+            {
                 build.arg("--release");
             }
-            let status = build.status().expect("run cargo to build the proxy example");
-            assert!(status.success(), "building the proxy example failed: {status}");
+            let status = build
+                .status()
+                .expect("run cargo to build the proxy example");
+            assert!(
+                status.success(),
+                "building the proxy example failed: {status}"
+            );
             let path = profile_dir.join("examples/proxy");
-            assert!(path.exists(), "{} is missing after the build", path.display());
+            assert!(
+                path.exists(),
+                "{} is missing after the build",
+                path.display()
+            );
             path
         })
         .clone()
