@@ -3,7 +3,11 @@
 //! area and holds its buffers until the area has grown to three kernel areas and it holds
 //! more than two areas' worth, then lets them go; the stream completes intact (every byte
 //! checked), the statistics show the areas, NIC mode drops nothing once the area grew, and
-//! every buffer is back at the end.
+//! every buffer is back at the end. (In NIC mode the area grows as soon as the stream
+//! receives: its budget, larger than the first area, is what the kernel may take before the
+//! driver looks, and the NIC's page pool needs its reserve on top; growing on holdings alone
+//! let one reap take more than was free, and the NIC dropped, between growths and after the
+//! release.)
 //!
 //! What differs by kernel is asserted, never skipped: on 7.3+ the area grows; before 7.3
 //! (ZCRX_CTRL_ADD_AREA does not exist) modes nic and nodev refuse the policy at build with

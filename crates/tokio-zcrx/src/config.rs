@@ -367,7 +367,8 @@ impl Builder {
     }
 
     /// Entries in the refill ring, 1 to 32768 (the kernel's limit), rounded up to a power of
-    /// two. Default: one per area chunk, capped at 32768.
+    /// two. Default: one per area chunk (of the `maximum` under [`Builder::area_growth`]),
+    /// capped at 32768.
     pub fn refill_entries(mut self, entries: u32) -> Builder {
         self.refill_entries = Some(entries);
         self
@@ -515,7 +516,19 @@ impl Builder {
                 ))
             }
             Some(n) => n.next_power_of_two(),
-            None => (chunks as u32).next_power_of_two().min(MAX_REFILL_ENTRIES),
+            // One entry per chunk of the largest the area may become: the ring is sized once,
+            // at registration, and returns that do not fit wait in the overflow list, unseen
+            // by the kernel (a NIC's page pool finds no chunk while they wait).
+            None => {
+                let most = area_growth
+                    .as_ref()
+                    .map_or(chunks, |plan| plan.maximum / chunk as usize);
+                u32::try_from(most)
+                    .unwrap_or(u32::MAX)
+                    .min(MAX_REFILL_ENTRIES)
+                    .next_power_of_two()
+                    .min(MAX_REFILL_ENTRIES)
+            }
         };
         if !self.cq_entries.is_power_of_two()
             || !(MIN_CQ_ENTRIES..=MAX_CQ_ENTRIES).contains(&self.cq_entries)
@@ -1014,6 +1027,9 @@ mod tests {
             !plan.required,
             "auto only reports a kernel without ADD_AREA"
         );
+        // The refill ring has an entry for every chunk of the largest area (24 chunks), not
+        // of the first (3).
+        assert_eq!(v.refill_entries, 32);
         let nodev =
             Builder::new()
                 .mode(Mode::NoDevice)

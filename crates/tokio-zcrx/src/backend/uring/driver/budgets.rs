@@ -282,6 +282,10 @@ impl<R: CompletionRing> Driver<R> {
         if held + queued >= capacity / 4 * 3 && self.grow(GrowthTrigger::Pressure) {
             capacity = self.area.len() as u64;
         }
+        // NIC mode: what the kernel may take before the next look, with the page pool's
+        // reserve (growth.rs).
+        self.grow_ahead_of_the_nic();
+        capacity = capacity.max(self.area.len() as u64);
         if !self.pressure.high_water_armed {
             if held < capacity / 2 {
                 self.pressure.high_water_armed = true;

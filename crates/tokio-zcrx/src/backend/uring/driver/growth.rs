@@ -14,10 +14,16 @@
 //!   flush instead, as without the policy;
 //! - memory pressure: the application holds three quarters of the memory (as
 //!   `MemoryHighWater`), counting in NIC mode the receive buffers the runtime gave budgeted
-//!   sockets (what they queue is in the area too). Growing here comes before either failure,
-//!   so that a NIC does not drop while the maximum is not reached: the other two are late
-//!   signals (a drop has happened, or a receive has stopped). Without budgets TCP sizes the
-//!   sockets' buffers itself, unseen, and a drop may come first.
+//!   sockets (what they queue is in the area too). Growing here comes before either failure:
+//!   the other two are late signals (a drop has happened, or a receive has stopped). Without
+//!   budgets TCP sizes the sockets' buffers itself, unseen, and a drop may come first;
+//! - NIC mode, what the kernel may take before the driver looks again
+//!   ([`Driver::grow_ahead_of_the_nic`]): what the application holds, the room of every
+//!   running budgeted receive, the sockets' receive buffers, and the page pool's reserve
+//!   ([`PAGE_POOL_RESERVE_CHUNKS`]) must fit in the memory. Holdings are only seen once a
+//!   reap has delivered them, and one reap can deliver a stream's whole room (seen in the
+//!   guest: 0 to 228 chunks held in one reap, on a 256-chunk area): looking at holdings
+//!   alone, the area grew after the NIC had found no chunk.
 //!
 //! A failed addition (no memory to map, the kernel's answer) is logged, counted in
 //! `Stats::faults_survived`, and not retried for [`RETRY_AFTER_FAILURE`]: the area stays as
@@ -40,6 +46,15 @@ use crate::sys::mem::Mapping;
 
 /// After an addition failed, the next try waits this long.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// NIC mode: chunks the NIC's page pool may hold that neither the application nor a socket
+/// does. When its cache runs empty the kernel refills it with up to `PP_ALLOC_CACHE_REFILL`
+/// (64 on 4 KiB pages) chunks at once, from the refill ring or else the areas' free lists
+/// (`io_pp_zc_alloc_netmems`, io_uring/zcrx.c; include/net/page_pool/types.h), and the
+/// driver takes them from that cache one per buffer of a packet (a packet needs up to
+/// `MAX_SKB_FRAGS`, 17). A NIC whose pool finds no chunk drops the packet. One refill
+/// batch stays free beyond what the application and the sockets may take.
+pub(crate) const PAGE_POOL_RESERVE_CHUNKS: u64 = 64;
 
 /// The growth policy in force (`None` in the driver without one, or on a kernel without
 /// `ZCRX_CTRL_ADD_AREA`).
@@ -71,9 +86,61 @@ pub(super) enum GrowthTrigger {
     ReceiveOutOfMemory,
     /// The application holds three quarters of the memory.
     Pressure,
+    /// NIC mode: what the kernel may take before the driver looks again does not leave the
+    /// page pool its reserve.
+    NicReserve,
 }
 
 impl<R: CompletionRing> Driver<R> {
+    /// NIC mode, under a growth policy with room left: adds areas until what the kernel may
+    /// take before the driver looks again leaves the NIC's page pool its reserve, or the
+    /// maximum is reached.
+    ///
+    /// What the kernel may take: the chunks the application holds; for every budgeted stream
+    /// with a running receive, the rest of its budget (the kernel delivers up to the
+    /// request's limit without the driver seeing it, and the stream's socket refills as it
+    /// does); the receive buffers the runtime gave the sockets (`Driver::rcvbuf_total`). And
+    /// [`PAGE_POOL_RESERVE_CHUNKS`] on top for the page pool. An unbudgeted stream's window
+    /// is TCP's, unseen: only what it holds counts.
+    ///
+    /// Called before each submission (a request's room counts from then on) and after each
+    /// reap; O(streams), and only while the policy may still add an area.
+    pub(super) fn grow_ahead_of_the_nic(&mut self) {
+        if self.nodev || self.stopping.is_some() || !self.may_grow() {
+            return;
+        }
+        let chunk = u64::from(self.area.chunk_size);
+        let mut committed = self.area.memory_held() / chunk + self.rcvbuf_total;
+        for slot in self.streams.slots() {
+            let Some(entry) = self.streams.get(slot) else {
+                continue;
+            };
+            if !entry.receive.request_is_live() {
+                continue;
+            }
+            if let Some(budget) = self.budget(slot) {
+                let held = self.area.holdings.held(entry.tag);
+                committed += (budget.high.div_ceil(chunk)).saturating_sub(held);
+            }
+        }
+        let needed = committed + PAGE_POOL_RESERVE_CHUNKS;
+        while needed > self.area.len() as u64 / chunk {
+            if !self.grow(GrowthTrigger::NicReserve) {
+                return;
+            }
+        }
+    }
+
+    /// Whether the policy may still add an area (now: no failure too recent).
+    fn may_grow(&self) -> bool {
+        let Some(growth) = &self.growth else {
+            return false;
+        };
+        growth.retry_at.is_none_or(|at| Instant::now() >= at)
+            && self.area.len() + self.area.chunk_size as usize <= growth.plan.maximum
+            && self.area.area_count() < self.area.max_areas()
+    }
+
     /// Adds one kernel area if the policy has room for it and no failure is too recent;
     /// returns whether it did.
     pub(super) fn grow(&mut self, trigger: GrowthTrigger) -> bool {

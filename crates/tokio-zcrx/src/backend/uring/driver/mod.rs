@@ -47,6 +47,8 @@ use crate::config::{GrowthPlan, UringConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::Event;
 pub(crate) use growth::Growth;
+#[cfg(test)]
+pub(crate) use growth::PAGE_POOL_RESERVE_CHUNKS;
 use streams::{StreamEntry, Streams};
 
 /// The eventfd poll's `user_data` payload.
@@ -344,6 +346,8 @@ impl<R: CompletionRing> Driver<R> {
             self.resume_waiting_streams()?;
             self.resume_paused_streams()?;
             self.rearm_events();
+            // Requests submitted now may take their room before the next reap.
+            self.grow_ahead_of_the_nic();
             self.submit_and_wait()?;
             self.reap()?;
         }

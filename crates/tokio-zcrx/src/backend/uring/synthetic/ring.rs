@@ -705,6 +705,12 @@ impl SyntheticRing {
             return Step::Ended;
         }
         let copy = self.is_copy(path);
+        if !copy && self.free.is_empty() {
+            // The page pool takes returns from the refill ring before it finds no chunk
+            // (io_pp_zc_alloc_netmems: the ring, then the free lists); the copy path takes
+            // free chunks only.
+            self.page_pool_refill();
+        }
         let Some(offset) = self.free.pop() else {
             if copy {
                 self.report.enomem_answers += 1;
