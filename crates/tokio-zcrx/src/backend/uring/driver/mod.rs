@@ -65,6 +65,19 @@ const EXHAUSTION_RETRY: Duration = Duration::from_millis(5);
 
 /// Entry point of the driver thread.
 pub(super) fn run(config: UringConfig, shared: Arc<DriverShared>, ready: mpsc::Sender<Result<()>>) {
+    if let Some(cpus) = &config.cpus {
+        // Before registering: the ring and the kernel's structures for it are allocated
+        // from this CPU's node.
+        match crate::sys::pin_current_thread(cpus) {
+            Ok(()) => tracing::debug!(?cpus, "tokio-zcrx: driver thread placed"),
+            Err(error) => tracing::warn!(
+                ?cpus,
+                %error,
+                "tokio-zcrx: cannot place the driver thread on its CPUs; it runs where the \
+                 scheduler puts it"
+            ),
+        }
+    }
     let instance = match instance::register(&config) {
         Ok(instance) => instance,
         Err(e) => {
