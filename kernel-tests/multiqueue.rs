@@ -149,6 +149,7 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
     assert_eq!(queue_of_napi.len(), QUEUES as usize);
     let mut per_queue: BTreeMap<u32, u32> = BTreeMap::new();
     let mut connections = 0;
+    let mut events = zcrx.subscribe();
     runtime().block_on(async {
         let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -183,6 +184,17 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
     });
     drop(spread);
     println!("{connections} connections per queue: {per_queue:?}");
+    // The kernel's copy events come from the one driver, and name its queue.
+    let mut copy_events = 0;
+    while let Ok(event) = events.try_recv() {
+        assert_eq!(event.queue, Some(BOUND), "{event:?}");
+        copy_events += u32::from(event.kind == tokio_zcrx::EventKind::CopyFallback);
+    }
+    println!("{copy_events} copy fallback events, each naming queue {BOUND}");
+    assert!(
+        copy_events > 0,
+        "other queues' connections were copied: an event at least"
+    );
     assert_eq!(
         per_queue.len(),
         QUEUES as usize,

@@ -287,9 +287,46 @@ fn connections_go_to_their_queues_driver() {
         }
         let napi_ids: Vec<_> = group.zcrx.queue_stats().iter().map(|q| q.napi_id).collect();
         assert_eq!(napi_ids, (0..4).map(|q| Some(napi(q))).collect::<Vec<_>>());
+        // A connection the kernel copies on queue 2 (headers, say): the driver's copy event
+        // names its queue.
+        let mut events = group.zcrx.subscribe();
+        let (server, fd, client) = group.connect(Some(2), false).await;
+        group.controls[&2].plan(
+            fd,
+            StreamPlan {
+                path: super::uring::synthetic::ring::Path::Copy,
+                ..StreamPlan::new(fd as u64, 8 * 4096)
+            },
+        );
+        let (stream, _writer) = group.zcrx.attach(server).unwrap();
+        assert_eq!(read_synthetic(stream, fd).await.unwrap(), 8 * 4096);
+        let event = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let event = events.recv().await.unwrap();
+                if event.kind == EventKind::CopyFallback {
+                    break event;
+                }
+            }
+        })
+        .await
+        .expect("a copy event");
+        assert_eq!(event.queue, Some(2));
+        // A snapshot of queue 2's own statistics as the event went out.
+        let copied = event.stats.copy_bytes;
+        assert!(copied.is_some_and(|b| b > 0 && b <= 8 * 4096), "{event:?}");
+        for queue in group.zcrx.queue_stats() {
+            let copied = if queue.queue == 2 { 8 * 4096 } else { 0 };
+            assert_eq!(
+                queue.stats.copy_bytes,
+                Some(copied),
+                "queue {}",
+                queue.queue
+            );
+        }
+        drop(client);
         let total = group.zcrx.stats();
         assert_eq!(total.unmatched_connections, 0);
-        assert_eq!(total.bytes, 10 * CHUNKS * 4096);
+        assert_eq!(total.bytes, 10 * CHUNKS * 4096 + 8 * 4096);
         assert_eq!(total.buffers_outstanding, 0);
         group.zcrx.shutdown().await;
     });
