@@ -645,6 +645,7 @@ impl Builder {
             queue_release_wait: self.queue_release_wait,
             area_growth,
             cpus: None,
+            hand_over_moved: false,
         })
     }
 
@@ -1053,6 +1054,10 @@ pub(crate) struct UringConfig {
     /// The CPUs the driver thread runs on (`Builder::driver_cpus`, resolved for its queue);
     /// `None`: wherever the scheduler puts it.
     pub(crate) cpus: Option<Vec<usize>>,
+    /// One driver of several queues: a receive that fails with `EFAULT` (net_iovs of another
+    /// queue: the flow moved) ends its stream as moved, for the group to hand the socket to
+    /// the driver that owns them, instead of with the error.
+    pub(crate) hand_over_moved: bool,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).

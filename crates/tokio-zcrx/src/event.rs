@@ -164,6 +164,10 @@ pub struct Stats {
     /// ([`EventKind::UnmatchedConnection`]); their bytes count in `bytes` and `copy_bytes`
     /// of the runtime's total, not of any queue.
     pub unmatched_connections: u64,
+    /// Streams handed to another queue's driver because their flow moved to that queue
+    /// mid-connection (an RSS table changed; the old queue's ring cannot receive the new
+    /// queue's buffers: its receive failed with `EFAULT`). No byte is lost or repeated.
+    pub streams_moved: u64,
 }
 
 impl Stats {
@@ -199,6 +203,7 @@ impl Stats {
         self.sends_in_flight += other.sends_in_flight;
         self.send_fallbacks += other.send_fallbacks;
         self.unmatched_connections += other.unmatched_connections;
+        self.streams_moved += other.streams_moved;
     }
 }
 

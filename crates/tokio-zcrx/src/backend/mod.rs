@@ -87,7 +87,7 @@ impl Backend {
         match self {
             Backend::Uring(handle) => {
                 let (stream, writer) = handle.attach(socket, options)?;
-                Ok((StreamSource::Uring(stream), writer))
+                Ok((StreamSource::Uring(stream, None), writer))
             }
             Backend::Copy(copy) => {
                 let (stream, writer) = copy.attach(socket, options);
@@ -174,14 +174,37 @@ impl Backend {
 /// Where a stream's buffers come from.
 #[derive(Debug)]
 pub(crate) enum StreamSource {
-    Uring(UringStream),
+    /// An io_uring driver's stream; with several queues, what it takes to hand the stream
+    /// to another queue's driver if its flow moves ([`queues::HandOver`]).
+    Uring(UringStream, Option<Box<queues::HandOver>>),
     Copy(CopyStream),
 }
 
 impl StreamSource {
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ZcBuf>>> {
         match self {
-            StreamSource::Uring(stream) => stream.poll_next(cx),
+            StreamSource::Uring(stream, None) => stream.poll_next(cx),
+            StreamSource::Uring(stream, Some(hand_over)) => loop {
+                let next = stream.poll_next(cx);
+                match &next {
+                    Poll::Ready(Some(Ok(_))) => hand_over.received(),
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(socket) = stream.take_moved() {
+                            // Its flow moved to another queue: the data so far has been
+                            // delivered; that queue's driver goes on from there.
+                            match hand_over.hand_over(socket) {
+                                Ok(next_stream) => {
+                                    *stream = next_stream;
+                                    continue;
+                                }
+                                Err(error) => return Poll::Ready(Some(Err(error))),
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                return next;
+            },
             StreamSource::Copy(stream) => stream.poll_next(cx),
         }
     }
@@ -196,7 +219,7 @@ impl StreamSource {
     pub(crate) fn into_copy_read_half(self) -> Result<OwnedReadHalf, StreamSource> {
         match self {
             StreamSource::Copy(stream) => Ok(stream.into_read_half()),
-            uring @ StreamSource::Uring(_) => Err(uring),
+            uring @ StreamSource::Uring(..) => Err(uring),
         }
     }
 
@@ -204,7 +227,7 @@ impl StreamSource {
     /// waiting. (Copy mode has none waiting: it reads one buffer per poll.)
     pub(crate) fn take_ready(&mut self, out: &mut Vec<ZcBuf>, max: usize) {
         match self {
-            StreamSource::Uring(stream) => stream.take_ready(out, max),
+            StreamSource::Uring(stream, _) => stream.take_ready(out, max),
             StreamSource::Copy(_) => {}
         }
     }

@@ -50,8 +50,13 @@ impl NapiSource for SharedNapi {
         Ok(lock(&self.0.queues).clone())
     }
 
-    fn incoming(&self, socket: &TcpStream) -> Incoming {
-        let port = socket.peer_addr().unwrap().port();
+    fn incoming(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        _local: Option<std::net::SocketAddr>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Incoming {
+        let port = peer.unwrap().port();
         match lock(&self.0.sockets).get(&port) {
             None => Incoming::Never,
             Some(&(id, true)) if !readable(socket.as_raw_fd()) => {
@@ -136,6 +141,7 @@ async fn start_group(setup: Setup) -> Result<Group, Error> {
             chunks_per_stream: CHUNKS,
             queue: Some(queue),
             events_channel: Some(events),
+            hand_over_moved: true,
             thread_name: format!("tzx-syn-q{queue}"),
             ..SyntheticConfig::new(Personality::Linux7_3, Registration::Nic)
         })?;
@@ -673,5 +679,79 @@ fn shutdown_stops_every_queue() {
         let error = group.zcrx.attach(server).err().unwrap();
         assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
         assert!(error.to_string().contains("shut down"), "{error}");
+    });
+}
+
+/// Plans that a connection on `fd` gets `bytes` more of its stream on `queue`'s ring from
+/// `start`, then `end` (`-EFAULT`: the ring meets buffers of another queue).
+fn plan_part(group: &Group, queue: u32, fd: RawFd, start: u64, bytes: u64, end: i32) {
+    group.controls[&queue].plan(
+        fd,
+        StreamPlan {
+            start,
+            end,
+            ..StreamPlan::new(fd as u64, start + bytes)
+        },
+    );
+}
+
+/// A flow that moves to another queue mid-connection: its ring answers `EFAULT` (the
+/// socket holds the other queue's buffers); the stream is handed to the driver of the queue
+/// its last packet came through, which goes on from the same byte. With the NAPI id not
+/// telling (still the old queue), the other queues' drivers are tried in turn. The reader
+/// sees one unbroken stream; each queue counts its part; `streams_moved` counts the moves.
+#[test]
+fn a_stream_whose_flow_moves_is_handed_to_the_new_queues_driver() {
+    runtime().block_on(async {
+        let group = start_group(Setup::new(4, &[0, 1, 2, 3])).await.unwrap();
+        const PART: u64 = 16 * 4096;
+        // Moved from queue 0 to queue 2, and the NAPI id says so.
+        let (server, fd, client) = group.connect(Some(0), false).await;
+        plan_part(&group, 0, fd, 0, PART, -libc::EFAULT);
+        plan_part(&group, 2, fd, PART, 2 * PART, 0);
+        let (stream, _writer) = group.zcrx.attach(server).unwrap();
+        lock(&group.napi.sockets).insert(client.local_addr().unwrap().port(), (napi(2), false));
+        assert_eq!(read_synthetic(stream, fd).await.unwrap(), 3 * PART);
+        assert_eq!(group.zcrx.stats().streams_moved, 1);
+        assert_eq!(group.queue_bytes()[&0], PART);
+        assert_eq!(group.queue_bytes()[&2], 2 * PART);
+        drop(client);
+
+        // Moved from queue 1, but the id still names queue 1: queue 2 refuses too, queue 3
+        // takes it.
+        let (server, fd, client) = group.connect(Some(1), false).await;
+        plan_part(&group, 1, fd, 0, PART, -libc::EFAULT);
+        plan_part(&group, 2, fd, PART, 0, -libc::EFAULT);
+        plan_part(&group, 3, fd, PART, PART, 0);
+        let (stream, _writer) = group.zcrx.attach(server).unwrap();
+        assert_eq!(read_synthetic(stream, fd).await.unwrap(), 2 * PART);
+        assert_eq!(group.zcrx.stats().streams_moved, 3);
+        assert_eq!(group.queue_bytes()[&3], PART);
+        drop(client);
+
+        // Every ring refuses: the stream ends with EFAULT after the data it had.
+        let (server, fd, client) = group.connect(Some(3), false).await;
+        plan_part(&group, 3, fd, 0, PART, -libc::EFAULT);
+        for queue in [0, 1, 2] {
+            plan_part(&group, queue, fd, PART, 0, -libc::EFAULT);
+        }
+        let (mut stream, _writer) = group.zcrx.attach(server).unwrap();
+        let mut position = 0u64;
+        let error = loop {
+            match stream.next().await.expect("an error before the end") {
+                Ok(buf) => {
+                    pattern::verify(fd as u64, position, &buf).unwrap();
+                    position += buf.len() as u64;
+                }
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(position, PART);
+        assert_eq!(error.raw_os_error(), Some(libc::EFAULT));
+        assert!(stream.next().await.is_none());
+        assert_eq!(group.zcrx.stats().streams_moved, 6);
+        drop((stream, client));
+        assert_eq!(group.zcrx.stats().buffers_outstanding, 0);
+        group.zcrx.shutdown().await;
     });
 }

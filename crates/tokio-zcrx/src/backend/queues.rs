@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,7 +42,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::copy::CopyRuntime;
-use super::uring::UringHandle;
+use super::uring::{UringHandle, UringStream};
 use super::StreamSource;
 use crate::config::{CopyConfig, DriverCpus, StreamOptions};
 use crate::error::{Error, ErrorKind, Result};
@@ -73,8 +74,14 @@ pub(crate) enum Incoming {
 pub(crate) trait NapiSource: Send + Sync + std::fmt::Debug {
     /// Every receive queue of the interface, with its NAPI id where it has one.
     fn queues(&self) -> io::Result<Vec<(u32, Option<u32>)>>;
-    /// The NAPI instance `socket`'s packets came through.
-    fn incoming(&self, socket: &TcpStream) -> Incoming;
+    /// The NAPI instance the packets of `socket` (its local and peer addresses given)
+    /// came through.
+    fn incoming(
+        &self,
+        socket: BorrowedFd<'_>,
+        local: Option<SocketAddr>,
+        peer: Option<SocketAddr>,
+    ) -> Incoming;
 }
 
 /// The kernel's answers for interface `ifindex`.
@@ -89,11 +96,16 @@ impl NapiSource for KernelNapi {
         Ok(queues.iter().map(|q| (q.id, q.napi_id)).collect())
     }
 
-    fn incoming(&self, socket: &TcpStream) -> Incoming {
-        match incoming_napi_id(socket.as_fd()) {
+    fn incoming(
+        &self,
+        socket: BorrowedFd<'_>,
+        local: Option<SocketAddr>,
+        _peer: Option<SocketAddr>,
+    ) -> Incoming {
+        match incoming_napi_id(socket) {
             Ok(Some(id)) => Incoming::Napi(id),
             // Loopback delivers from the sender's context: no NAPI id, ever.
-            Ok(None) if socket.local_addr().is_ok_and(|a| a.ip().is_loopback()) => Incoming::Never,
+            Ok(None) if local.is_some_and(|a| a.ip().is_loopback()) => Incoming::Never,
             Ok(None) => Incoming::NotYet,
             Err(_) => Incoming::Never,
         }
@@ -182,6 +194,8 @@ pub(crate) struct QueueGroup {
     map: Mutex<NapiMap>,
     napi_wait: Duration,
     unmatched: AtomicU64,
+    /// Streams handed to another queue's driver (`Stats::streams_moved`).
+    moved: AtomicU64,
     /// The group's sender (unmatched-connection events); taken at shutdown.
     events: Mutex<Option<broadcast::Sender<Event>>>,
     stopped: CancellationToken,
@@ -299,6 +313,7 @@ impl QueueGroup {
             }),
             napi_wait: spec.napi_wait,
             unmatched: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
             events: Mutex::new(Some(events)),
             stopped: CancellationToken::new(),
             closed: AtomicBool::new(false),
@@ -315,7 +330,20 @@ impl QueueGroup {
 
     /// What the kernel says of `socket`, and so where it goes.
     fn decide(&self, socket: &TcpStream) -> Decision {
-        let id = match self.napi.incoming(socket) {
+        self.decide_fd(
+            socket.as_fd(),
+            socket.local_addr().ok(),
+            socket.peer_addr().ok(),
+        )
+    }
+
+    fn decide_fd(
+        &self,
+        socket: BorrowedFd<'_>,
+        local: Option<SocketAddr>,
+        peer: Option<SocketAddr>,
+    ) -> Decision {
+        let id = match self.napi.incoming(socket, local, peer) {
             Incoming::Napi(id) => id,
             Incoming::NotYet => return Decision::NotYet,
             Incoming::Never => return Decision::Unmatched(Unmatched::NoNapi),
@@ -367,7 +395,7 @@ impl QueueGroup {
     /// Attaches `socket` where the kernel says now; a socket without a NAPI id yet is
     /// unmatched (this cannot wait: see [`QueueGroup::attach_async`]).
     pub(crate) fn attach(
-        &self,
+        self: &Arc<Self>,
         socket: TcpStream,
         options: StreamOptions,
     ) -> io::Result<(StreamSource, ZcWriteHalf)> {
@@ -381,7 +409,7 @@ impl QueueGroup {
     /// Attaches `socket`, first waiting up to the NAPI wait for its first packet if the
     /// kernel has not recorded its NAPI id yet.
     pub(crate) async fn attach_async(
-        &self,
+        self: &Arc<Self>,
         socket: TcpStream,
         options: StreamOptions,
     ) -> io::Result<(StreamSource, ZcWriteHalf)> {
@@ -409,7 +437,7 @@ impl QueueGroup {
     }
 
     fn attach_to(
-        &self,
+        self: &Arc<Self>,
         decision: Decision,
         socket: TcpStream,
         options: StreamOptions,
@@ -417,7 +445,16 @@ impl QueueGroup {
         match decision {
             Decision::Bound(index) => {
                 let (stream, writer) = self.queues[index].handle.attach(socket, options)?;
-                Ok((StreamSource::Uring(stream), writer))
+                let hand_over = HandOver {
+                    group: Arc::downgrade(self),
+                    queue: index,
+                    options,
+                    tried: Vec::new(),
+                };
+                Ok((
+                    StreamSource::Uring(stream, Some(Box::new(hand_over))),
+                    writer,
+                ))
             }
             Decision::Unmatched(why) => self.attach_unmatched(why, socket, options),
             Decision::NotYet => self.attach_unmatched(Unmatched::NoNapiYet, socket, options),
@@ -491,7 +528,38 @@ impl QueueGroup {
     pub(crate) fn unmatched_stats(&self) -> Stats {
         let mut stats = self.copy.stats();
         stats.unmatched_connections = self.unmatched.load(Ordering::Relaxed);
+        stats.streams_moved = self.moved.load(Ordering::Relaxed);
         stats
+    }
+
+    /// The driver to hand a stream to whose receive on `queues[from]` failed with `EFAULT`
+    /// (net_iovs of another queue: its flow moved), having failed on `tried` already since
+    /// it last received: the queue of the NAPI instance its last packet came through, else
+    /// each other bound queue in turn (the buffers at the head of its socket are one bound
+    /// queue's, and only that queue's ring can receive them).
+    fn next_driver(
+        &self,
+        from: usize,
+        socket: &std::net::TcpStream,
+        tried: &[usize],
+    ) -> Option<usize> {
+        let usable = |index: usize| {
+            !tried.contains(&index) && self.queues[index].handle.check_running().is_ok()
+        };
+        let decision = self.decide_fd(
+            socket.as_fd(),
+            socket.local_addr().ok(),
+            socket.peer_addr().ok(),
+        );
+        if let Decision::Bound(index) = decision {
+            if usable(index) {
+                return Some(index);
+            }
+        }
+        let count = self.queues.len();
+        (1..count)
+            .map(|step| (from + step) % count)
+            .find(|&index| usable(index))
     }
 
     /// The total: every queue's, and the copy path's.
@@ -659,6 +727,64 @@ mod deadline {
             assert!(took >= std::time::Duration::from_millis(60), "{took:?}");
             assert!(took < std::time::Duration::from_secs(2), "{took:?}");
         }
+    }
+}
+
+/// What a stream of a bound queue needs to be handed to another queue's driver when its flow
+/// moves ([`StreamSource::Uring`]).
+#[derive(Debug)]
+pub(crate) struct HandOver {
+    group: std::sync::Weak<QueueGroup>,
+    /// The index (in the group) of the driver receiving it now.
+    queue: usize,
+    options: StreamOptions,
+    /// Drivers whose ring refused it since it last received a buffer.
+    tried: Vec<usize>,
+}
+
+impl HandOver {
+    /// The stream received a buffer: the drivers refused before are worth trying again at
+    /// its next move.
+    #[inline]
+    pub(crate) fn received(&mut self) {
+        if !self.tried.is_empty() {
+            self.tried.clear();
+        }
+    }
+
+    /// Hands `socket`, whose receive failed with `EFAULT` on the current driver, to the
+    /// driver that owns its buffers now; `EFAULT` if none is left to try (or the runtime is
+    /// gone).
+    pub(crate) fn hand_over(
+        &mut self,
+        socket: Arc<std::net::TcpStream>,
+    ) -> io::Result<UringStream> {
+        let efault = || io::Error::from_raw_os_error(libc::EFAULT);
+        let Some(group) = self.group.upgrade() else {
+            return Err(efault());
+        };
+        group.check_running()?;
+        self.tried.push(self.queue);
+        let Some(next) = group.next_driver(self.queue, &socket, &self.tried) else {
+            let tried: Vec<u32> = self.tried.iter().map(|&i| group.queues[i].queue).collect();
+            tracing::warn!(
+                ?tried,
+                "tokio-zcrx: no bound queue's ring can receive a stream whose flow moved \
+                 (EFAULT): it ends"
+            );
+            return Err(efault());
+        };
+        tracing::info!(
+            from = group.queues[self.queue].queue,
+            to = group.queues[next].queue,
+            "tokio-zcrx: a stream's flow moved to another rx queue; its driver takes it over"
+        );
+        let stream = group.queues[next]
+            .handle
+            .attach_socket(socket, self.options)?;
+        group.moved.fetch_add(1, Ordering::Relaxed);
+        self.queue = next;
+        Ok(stream)
     }
 }
 

@@ -116,6 +116,7 @@ pub(crate) fn select_and_start(config: Config) -> Result<(Backend, ModeSelection
                 };
             }
             uring_config.cpus = cpus;
+            uring_config.hand_over_moved = true;
             uring_config.thread_name = queue_thread_name(&uring_config.thread_name, queue);
             start(uring_config, Some(events))
         };

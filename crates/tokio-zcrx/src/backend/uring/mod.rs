@@ -344,6 +344,17 @@ impl UringHandle {
             path,
             Arc::clone(&self.shared.send_counters),
         )?;
+        let stream = self.attach_socket(socket, options)?;
+        Ok((stream, write_half))
+    }
+
+    /// Receives `socket` (already out of Tokio's reactor for reads) from here on: a stream
+    /// handed over from another queue's driver keeps its write half.
+    pub(crate) fn attach_socket(
+        &self,
+        socket: Arc<std::net::TcpStream>,
+        options: StreamOptions,
+    ) -> std::io::Result<UringStream> {
         let key = lock(&self.shared.slots).allocate();
         let shared = Arc::new(StreamShared::default());
         self.shared.send(Command::Attach {
@@ -352,8 +363,12 @@ impl UringHandle {
             shared: Arc::clone(&shared),
             options,
         })?;
-        let stream = UringStream::new(shared, key, self.clone(), options.read_limit.is_some());
-        Ok((stream, write_half))
+        Ok(UringStream::new(
+            shared,
+            key,
+            self.clone(),
+            options.read_limit.is_some(),
+        ))
     }
 
     /// Bounds the TCP window of `listener`'s connections until they are attached (NIC mode

@@ -82,6 +82,8 @@ pub(crate) struct SyntheticConfig {
     pub(crate) queue: Option<u32>,
     /// The event channel to report on (a group of queues shares one); `None`: its own.
     pub(crate) events_channel: Option<tokio::sync::broadcast::Sender<crate::Event>>,
+    /// A member of a group: `EFAULT` ends a stream as moved (`UringConfig::hand_over_moved`).
+    pub(crate) hand_over_moved: bool,
 }
 
 impl SyntheticConfig {
@@ -107,6 +109,7 @@ impl SyntheticConfig {
             mode: crate::Mode::Auto,
             queue: None,
             events_channel: None,
+            hand_over_moved: false,
         }
     }
 }
@@ -179,7 +182,8 @@ pub(crate) fn start_driver(
         builder = builder.area_growth(growth);
     }
     builder = builder.mode(config.mode);
-    let uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
+    let mut uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
+    uring_config.hand_over_moved = config.hand_over_moved;
     let caps = personality.capabilities(config.events);
     let (growth, growth_refused) = super::instance::growth_on(&uring_config, caps.add_area)?;
     let internal = |e: io::Error| Error::new(ErrorKind::Kernel, "synthetic runtime").with_source(e);
