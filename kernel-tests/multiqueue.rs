@@ -544,3 +544,102 @@ fn two_of_four_queues_bound_the_others_are_copied_and_counted() {
     assert_eq!(unmatched_events, total.unmatched_connections);
     runtime().block_on(zcrx.shutdown());
 }
+
+/// Flows that move to another queue mid-connection, as on a NIC whose RSS table is changed
+/// under live connections: with all four queues bound and flows spread, each connection
+/// sends half its bytes, pauses, and the peer's XPS map is put back so that every flow's
+/// next packet leaves through tx queue 0 (so lands on rx queue 0); then the rest. The rings
+/// of queues 1-3 meet queue 0's buffers (`EFAULT`) and hand their streams to queue 0's
+/// driver, which goes on from the same byte: every byte arrives once, in order, no stream
+/// fails, and `streams_moved` counts at least every connection that did not start on
+/// queue 0.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn streams_follow_their_flow_to_another_queue() {
+    const CONNECTIONS: usize = 12;
+    const HALF: u64 = 512 << 10;
+    let net = GuestNet::from_env();
+    let spread = SpreadFlows::new(&net);
+    let zcrx = build(
+        nic(&net)
+            .interface_queues(&net.nic, QueueSet::All)
+            .area_size(8 << 20),
+    );
+    let queue_of_napi = queue_of_napi(&net);
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let wait = std::sync::Arc::new(std::sync::Mutex::new(wait));
+    let mut first_queues = BTreeMap::<u32, u32>::new();
+    let mut spread = Some(spread);
+    runtime().block_on(async {
+        let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
+        zcrx.prepare_listener(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (halfway, halves) = std::sync::mpsc::channel::<()>();
+        let senders: Vec<_> = (0..CONNECTIONS)
+            .map(|_| {
+                let (netns, wait, halfway) =
+                    (net.peer_netns.clone(), wait.clone(), halfway.clone());
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    tokio_zcrx_kernel_tests::enter_netns(&netns);
+                    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+                    let data: Vec<u8> = (0..2 * HALF)
+                        .map(tokio_zcrx_kernel_tests::pattern_byte)
+                        .collect();
+                    stream.write_all(&data[..HALF as usize]).unwrap();
+                    halfway.send(()).unwrap();
+                    // Every sender waits for the one signal: the first takes it, and
+                    // dropping the sender ends every later wait.
+                    let _ = wait.lock().unwrap().recv();
+                    stream.write_all(&data[HALF as usize..]).unwrap();
+                    stream.shutdown(std::net::Shutdown::Write).unwrap();
+                })
+            })
+            .collect();
+        drop(halfway);
+        let mut readers = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let (stream, queue) = accept_on_queue(&zcrx, &listener, &queue_of_napi).await;
+            *first_queues.entry(queue).or_default() += 1;
+            readers.push(tokio::spawn(read_verified(stream)));
+        }
+        for _ in 0..CONNECTIONS {
+            halves.recv().unwrap();
+        }
+        // Let the first halves be received and acknowledged, so that each flow is idle
+        // (nothing in flight) when it sends again: the sender then picks its tx queue anew.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(spread.take()); // every CPU sends through tx-0 again
+        drop(go);
+        for reader in readers {
+            assert_eq!(reader.await.unwrap(), 2 * HALF, "a stream ended early");
+        }
+        for sender in senders {
+            sender.join().unwrap();
+        }
+    });
+    let total = zcrx.stats();
+    let away_from_0 = first_queues
+        .iter()
+        .filter(|(queue, _)| **queue != 0)
+        .map(|(_, n)| *n as u64)
+        .sum::<u64>();
+    println!(
+        "first queues {first_queues:?}; {} streams moved; per queue: {:?}",
+        total.streams_moved,
+        zcrx.queue_stats()
+            .iter()
+            .map(|q| (q.queue, q.stats.bytes, q.stats.copy_bytes))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        total.streams_moved >= away_from_0,
+        "{} moved, {away_from_0} started away from queue 0",
+        total.streams_moved
+    );
+    assert_eq!(total.bytes, CONNECTIONS as u64 * 2 * HALF);
+    for queue in zcrx.queue_stats() {
+        assert_eq!(queue.stats.copy_bytes, Some(0), "queue {}", queue.queue);
+    }
+    runtime().block_on(zcrx.shutdown());
+}
