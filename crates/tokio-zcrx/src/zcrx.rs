@@ -119,6 +119,12 @@ impl Zcrx {
     /// buffers and the write half (for replies). Must be called within a Tokio runtime, in
     /// every mode (the write half and the stream use its reactor).
     ///
+    /// With several queues ([`Builder::interface_queues`](crate::Builder::interface_queues))
+    /// the connection goes to the driver of the queue the kernel says its packets arrive on;
+    /// one whose NAPI id is not known yet (no packet since the handshake) is received in copy
+    /// mode, as this call cannot wait for it: [`attach_async`](Zcrx::attach_async) (which
+    /// [`ZcListener`](crate::ZcListener) uses) waits for its first packet.
+    ///
     /// Fails, closing the socket, with [`ErrorKind::InvalidConfig`](crate::ErrorKind) outside
     /// a Tokio runtime, [`ErrorKind::InvalidSocket`](crate::ErrorKind) for a socket that is
     /// listening, not connected or already attached (also through a `try_clone`d or `dup`ed
