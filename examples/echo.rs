@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example echo -- --listen ADDR [--mode auto|nic|nodev|copy]
-//!     [--interface IF --queue N]
+//!     [--interface IF (--queue N | --queues all|A-B|A,B,...)]
 //! ```
 //!
 //! Received bytes arrive as `ZcBuf`s (zero copy in `nic` mode) and are written back straight
@@ -24,11 +24,14 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
-use tokio_zcrx::{DropPrivileges, Mode, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
+use tokio_zcrx::{
+    DropPrivileges, Mode, QueueSet, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx,
+};
 use tokio_zcrx_examples::{human_bytes, parse_command_line, say, ShutdownSignals};
 
 const USAGE_LINE: &str = "usage: echo --listen ADDR [--mode auto|nic|nodev|copy] \
-                          [--interface IF --queue N] [--stats] [--drop-privileges]";
+                          [--interface IF --queue N|--queues SET] [--stats] \
+                          [--drop-privileges]";
 
 const HELP: &str = "\
 options:
@@ -37,8 +40,10 @@ options:
                       nic: zero copy on --interface's rx --queue (Linux 6.15+, capable NIC)
                       nodev: the kernel's device-less zcrx mode (Linux 7.1+), copies
                       copy: plain Tokio reads into a buffer pool, works everywhere
-  --interface IF      the NIC for nic mode (needs --queue)
+  --interface IF      the NIC for nic mode (needs --queue or --queues)
   --queue N           its rx queue, steered to this server (docs/nic-setup.md)
+  --queues SET        several rx queues, a driver each: all, A-B or A,B,...; connections
+                      go to their queue's driver (others are copied: `unmatched`)
   --stats             print `stats: {JSON}` once a second: served, open, failed and the
                       runtime's statistics (bytes, chunks, buffers_outstanding, ...)
   --drop-privileges   once registered and listening, give up every capability for the
@@ -48,7 +53,7 @@ options:
 struct Args {
     listen: String,
     mode: Mode,
-    interface: Option<(String, u32)>,
+    interface: Option<(String, QueueSet)>,
     stats: bool,
     drop_privileges: bool,
 }
@@ -58,6 +63,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
     use lexopt::prelude::*;
 
     let (mut listen, mut mode, mut interface, mut queue) = (None, Mode::Auto, None, None);
+    let mut queues = None;
     let (mut stats, mut drop_privileges) = (false, false);
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
@@ -65,17 +71,20 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
             Long("listen") | Short('l') => listen = Some(parser.value()?.string()?),
             Long("mode") | Short('m') => mode = parser.value()?.parse()?,
             Long("interface") | Short('i') => interface = Some(parser.value()?.string()?),
-            Long("queue") | Short('q') => queue = Some(parser.value()?.parse()?),
+            Long("queue") | Short('q') => queue = Some(parser.value()?.parse::<u32>()?),
+            Long("queues") => queues = Some(parser.value()?.parse::<QueueSet>()?),
             Long("stats") => stats = true,
             Long("drop-privileges") => drop_privileges = true,
             Long("help") | Short('h') => return Ok(None),
             _ => return Err(arg.unexpected()),
         }
     }
-    let interface = match (interface, queue) {
-        (Some(name), Some(queue)) => Some((name, queue)),
-        (None, None) => None,
-        _ => return Err("--interface and --queue go together".into()),
+    let interface = match (interface, queue, queues) {
+        (Some(name), Some(queue), None) => Some((name, QueueSet::from(queue))),
+        (Some(name), None, Some(queues)) => Some((name, queues)),
+        (None, None, None) => None,
+        (_, Some(_), Some(_)) => return Err("--queue and --queues exclude each other".into()),
+        _ => return Err("--interface goes with --queue N or --queues SET".into()),
     };
     let listen = listen.ok_or("--listen ADDR is required")?;
     Ok(Some(Args {
@@ -90,8 +99,8 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
 /// Starts the zcrx runtime in the mode asked for.
 fn build_runtime(args: &Args) -> tokio_zcrx::Result<Zcrx> {
     let mut builder = Zcrx::builder().mode(args.mode);
-    if let Some((name, queue)) = &args.interface {
-        builder = builder.interface(name, *queue);
+    if let Some((name, queues)) = &args.interface {
+        builder = builder.interface_queues(name, queues.clone());
     }
     builder.build()
 }
@@ -187,6 +196,14 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     "chunks": stats.chunks,
                     "buffers_outstanding": stats.buffers_outstanding,
                     "copy_bytes": stats.copy_bytes,
+                    "unmatched_connections": stats.unmatched_connections,
+                    "queues": zcrx.queue_stats().iter().map(|queue| serde_json::json!({
+                        "queue": queue.queue,
+                        "napi_id": queue.napi_id,
+                        "runtime_bytes": queue.stats.bytes,
+                        "copy_bytes": queue.stats.copy_bytes,
+                        "buffers_outstanding": queue.stats.buffers_outstanding,
+                    })).collect::<Vec<_>>(),
                 });
                 say!("stats: {line}");
             }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example sink -- --listen ADDR [--mode auto|nic|nodev|copy]
-//!     [--interface IF --queue N] [--json]
+//!     [--interface IF (--queue N | --queues all|A-B|A,B,...)] [--json]
 //! cargo run --release --example sink -- --demo SECONDS [--mode MODE] [--json]
 //! ```
 //!
@@ -40,14 +40,14 @@ use tokio::task::JoinSet;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_zcrx::{
-    DropPrivileges, Event, EventKind, Mode, ModeSelection, Stats, ZcBatch, ZcListener, ZcStream,
-    ZcWriteHalf, Zcrx,
+    DropPrivileges, Event, EventKind, Mode, ModeSelection, QueueSet, QueueStats, Stats, ZcBatch,
+    ZcListener, ZcStream, ZcWriteHalf, Zcrx,
 };
 use tokio_zcrx_examples::load::{self, Budget, LoadConfig, LoadReport};
 use tokio_zcrx_examples::{gbps, human_bytes, parse_command_line, say, ShutdownSignals};
 
 const USAGE_LINE: &str = "usage: sink --listen ADDR [--mode auto|nic|nodev|copy] \
-                          [--interface IF --queue N] [--json] [--demo SECONDS] \
+                          [--interface IF --queue N|--queues SET] [--json] [--demo SECONDS] \
                           [--hold MS] [--drop-every N] [--lagging-subscriber] \
                           [--event-rearm MS] [--drop-privileges]";
 
@@ -58,8 +58,11 @@ options:
                       nic: zero copy on --interface's rx --queue (Linux 6.15+, capable NIC)
                       nodev: the kernel's device-less zcrx mode (Linux 7.1+), copies
                       copy: plain Tokio reads into a buffer pool, works everywhere
-  --interface IF      the NIC for nic mode (needs --queue)
+  --interface IF      the NIC for nic mode (needs --queue or --queues)
   --queue N           its rx queue, steered to this sink (docs/nic-setup.md)
+  --queues SET        several rx queues, a driver each: all, A-B or A,B,...; connections
+                      go to their queue's driver (others are copied: `unmatched`); the
+                      ticks and the summary show each queue
   --json              one JSON object per line instead of text (see docs/cli.md)
   --demo SECONDS      send to itself over loopback for SECONDS seconds (4 connections),
                       check every byte's CRC-32, print the summary and exit
@@ -81,7 +84,7 @@ const DEMO_CONNS: usize = 4;
 struct Args {
     listen: Option<String>,
     mode: Mode,
-    interface: Option<(String, u32)>,
+    interface: Option<(String, QueueSet)>,
     json: bool,
     demo: Option<Duration>,
     /// How long a holder task keeps each batch (`--hold`).
@@ -109,14 +112,15 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
         event_rearm: None,
         drop_privileges: false,
     };
-    let (mut interface, mut queue) = (None, None);
+    let (mut interface, mut queue, mut queues) = (None, None, None);
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
             Long("listen") | Short('l') => args.listen = Some(parser.value()?.string()?),
             Long("mode") | Short('m') => args.mode = parser.value()?.parse()?,
             Long("interface") | Short('i') => interface = Some(parser.value()?.string()?),
-            Long("queue") | Short('q') => queue = Some(parser.value()?.parse()?),
+            Long("queue") | Short('q') => queue = Some(parser.value()?.parse::<u32>()?),
+            Long("queues") => queues = Some(parser.value()?.parse::<QueueSet>()?),
             Long("json") => args.json = true,
             Long("demo") => {
                 let seconds: f64 = parser.value()?.parse()?;
@@ -141,10 +145,12 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
             _ => return Err(arg.unexpected()),
         }
     }
-    args.interface = match (interface, queue) {
-        (Some(name), Some(queue)) => Some((name, queue)),
-        (None, None) => None,
-        _ => return Err("--interface and --queue go together".into()),
+    args.interface = match (interface, queue, queues) {
+        (Some(name), Some(queue), None) => Some((name, QueueSet::from(queue))),
+        (Some(name), None, Some(queues)) => Some((name, queues)),
+        (None, None, None) => None,
+        (_, Some(_), Some(_)) => return Err("--queue and --queues exclude each other".into()),
+        _ => return Err("--interface goes with --queue N or --queues SET".into()),
     };
     if args.listen.is_none() && args.demo.is_none() {
         return Err("--listen ADDR is required (or try --demo 3)".into());
@@ -155,8 +161,8 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
 /// Starts the zcrx runtime in the mode asked for.
 fn build_runtime(args: &Args) -> tokio_zcrx::Result<Zcrx> {
     let mut builder = Zcrx::builder().mode(args.mode);
-    if let Some((name, queue)) = &args.interface {
-        builder = builder.interface(name, *queue);
+    if let Some((name, queues)) = &args.interface {
+        builder = builder.interface_queues(name, queues.clone());
     }
     if let Some(interval) = args.event_rearm {
         builder = builder.event_rearm_interval(interval);
@@ -343,7 +349,11 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                 }
             },
             Some(finished) = connections.join_next() => out.conn(finished?),
-            _ = ticker.tick() => out.tick(received.load(Ordering::Relaxed), &zcrx.stats()),
+            _ = ticker.tick() => out.tick(
+                received.load(Ordering::Relaxed),
+                &zcrx.stats(),
+                &zcrx.queue_stats(),
+            ),
             event = events.recv(), if events_open => match event {
                 Ok(event) => out.event(&event),
                 Err(RecvError::Lagged(missed)) => out.note(&format!("missed {missed} events")),
@@ -364,7 +374,7 @@ async fn run(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     if let Some(task) = lagging {
         out.events_missed = Some(task.await?);
     }
-    out.summary(zcrx.mode_selection(), &zcrx.stats());
+    out.summary(zcrx.mode_selection(), &zcrx.stats(), &zcrx.queue_stats());
     zcrx.shutdown().await;
     Ok(match demo_report {
         Some(report) => out.demo_end(&report),
@@ -464,6 +474,8 @@ struct Reporter {
     tally: Tally,
     /// Events the `--lagging-subscriber` missed, when there is one.
     events_missed: Option<u64>,
+    /// Each queue's bytes at the last tick.
+    last_queue_bytes: HashMap<u32, u64>,
 }
 
 impl Reporter {
@@ -479,6 +491,7 @@ impl Reporter {
                 ..Tally::default()
             },
             events_missed: None,
+            last_queue_bytes: HashMap::new(),
         }
     }
 
@@ -499,6 +512,12 @@ impl Reporter {
                 "mode": selection.chosen.to_string(),
                 "zero_copy": selection.chosen.is_zero_copy(),
                 "refused": refused,
+                "queues_bound": selection.queues_bound,
+                "queues_refused": selection
+                    .queues_refused
+                    .iter()
+                    .map(|(queue, reason)| json!({"queue": queue, "reason": reason}))
+                    .collect::<Vec<_>>(),
             });
             say!("{line}");
             return;
@@ -512,6 +531,13 @@ impl Reporter {
         say!("mode: {} ({how})", selection.chosen);
         for (mode, reason) in &selection.refused {
             say!("  not {mode}: {reason}");
+        }
+        if selection.queues_bound.len() > 1 || !selection.queues_refused.is_empty() {
+            let bound: Vec<String> = selection.queues_bound.iter().map(u32::to_string).collect();
+            say!("  queues bound: {}", bound.join(", "));
+        }
+        for (queue, reason) in &selection.queues_refused {
+            say!("  queue {queue} not bound: {reason}");
         }
     }
 
@@ -536,12 +562,22 @@ impl Reporter {
         }
     }
 
-    fn tick(&mut self, received: u64, stats: &Stats) {
+    fn tick(&mut self, received: u64, stats: &Stats, queues: &[QueueStats]) {
         let (last, at) = self.last_tick;
         let now = Instant::now();
         self.last_tick = (received, now);
         let bytes = received - last;
-        let rate = gbps(bytes, (now - at).as_secs_f64());
+        let seconds = (now - at).as_secs_f64();
+        let rate = gbps(bytes, seconds);
+        // Each queue's bytes since the last tick (the runtime's count: what its driver
+        // delivered).
+        let per_queue: Vec<(&QueueStats, u64)> = queues
+            .iter()
+            .map(|queue| {
+                let last = self.last_queue_bytes.insert(queue.queue, queue.stats.bytes);
+                (queue, queue.stats.bytes - last.unwrap_or(0))
+            })
+            .collect();
         if self.json {
             let line = json!({
                 "type": "tick",
@@ -550,6 +586,15 @@ impl Reporter {
                 "gbps": rate,
                 "total_bytes": received,
                 "open": self.tally.open,
+                "queues": per_queue
+                    .iter()
+                    .map(|(queue, bytes)| {
+                        let mut line = queue_json(queue);
+                        line["bytes"] = json!(bytes);
+                        line["gbps"] = json!(gbps(*bytes, seconds));
+                        line
+                    })
+                    .collect::<Vec<_>>(),
             });
             say!("{}", with_stats(line, stats));
         } else if bytes > 0 || self.tally.open > 0 {
@@ -561,6 +606,27 @@ impl Reporter {
                 human_bytes(received),
                 stats.buffers_outstanding
             );
+            if queues.len() > 1 {
+                let line: Vec<String> = per_queue
+                    .iter()
+                    .map(|(queue, bytes)| {
+                        format!(
+                            "q{} {:.2} Gbit/s copied {}",
+                            queue.queue,
+                            gbps(*bytes, seconds),
+                            queue
+                                .stats
+                                .copy_bytes
+                                .map_or_else(|| "?".to_string(), human_bytes)
+                        )
+                    })
+                    .collect();
+                say!(
+                    "         {}  unmatched {}",
+                    line.join("  "),
+                    stats.unmatched_connections
+                );
+            }
         }
     }
 
@@ -642,7 +708,7 @@ impl Reporter {
         );
     }
 
-    fn summary(&mut self, selection: &ModeSelection, stats: &Stats) {
+    fn summary(&mut self, selection: &ModeSelection, stats: &Stats, queues: &[QueueStats]) {
         let tally = &self.tally;
         let seconds = tally.seconds();
         let rate = gbps(tally.bytes, seconds);
@@ -661,6 +727,7 @@ impl Reporter {
                 "gbps": rate,
                 "events": events,
                 "events_missed": self.events_missed,
+                "queues": queues.iter().map(queue_json).collect::<Vec<_>>(),
             });
             say!("{}", with_stats(line, stats));
             return;
@@ -680,6 +747,22 @@ impl Reporter {
             _ => say!("  copied: unknown (this kernel has no zcrx copy statistics)"),
         }
         say!("  runtime: {stats}");
+        if queues.len() > 1 {
+            for queue in queues {
+                say!(
+                    "  queue {} (NAPI id {}): {}",
+                    queue.queue,
+                    queue
+                        .napi_id
+                        .map_or_else(|| "?".to_string(), |id| id.to_string()),
+                    queue.stats
+                );
+            }
+            say!(
+                "  unmatched connections (copy mode): {}",
+                stats.unmatched_connections
+            );
+        }
         let mut events: Vec<_> = tally.events.iter().collect();
         events.sort_by_key(|(kind, _)| kind.to_string());
         for (kind, count) in events {
@@ -731,6 +814,19 @@ impl Reporter {
     }
 }
 
+/// One queue's statistics as JSON.
+fn queue_json(queue: &QueueStats) -> Value {
+    json!({
+        "queue": queue.queue,
+        "napi_id": queue.napi_id,
+        "runtime_bytes": queue.stats.bytes,
+        "chunks": queue.stats.chunks,
+        "copy_count": queue.stats.copy_count,
+        "copy_bytes": queue.stats.copy_bytes,
+        "buffers_outstanding": queue.stats.buffers_outstanding,
+    })
+}
+
 /// Adds the runtime's statistics to a JSON object, as top-level fields.
 fn with_stats(mut line: Value, stats: &Stats) -> Value {
     let fields = json!({
@@ -742,6 +838,7 @@ fn with_stats(mut line: Value, stats: &Stats) -> Value {
         "resubmits_cq_overflow": stats.resubmits_cq_overflow,
         "resubmits_area_exhausted": stats.resubmits_area_exhausted,
         "kernel_events": stats.kernel_events,
+        "unmatched_connections": stats.unmatched_connections,
     });
     if let (Value::Object(line), Value::Object(fields)) = (&mut line, fields) {
         line.extend(fields);

@@ -229,3 +229,42 @@ fn sink_demo_runs_on_a_zcrx_kernel() {
     let summary = lines.iter().find(|l| l["type"] == "summary").unwrap();
     assert!(summary["bytes"].as_u64().unwrap() > 0, "{summary}");
 }
+
+/// `sink --queues all` on the 4-queue pair with flows spread: a driver per queue, the
+/// JSON says which queues are bound and what each received; every connection's CRC-32
+/// matches, no queue copies, nothing is unmatched.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn sink_with_every_queue_bound_reports_each_queue() {
+    let net = tokio_zcrx_kernel_tests::GuestNet::from_env();
+    let spread = tokio_zcrx_kernel_tests::support::SpreadFlows::new(&net);
+    let args = ["--mode", "nic", "--interface", &net.nic, "--queues", "all"];
+    let summary = sink_round_trip(&args, &format!("{}:0", net.nic_addr), Some(&net.peer_netns));
+    drop(spread);
+    let queues = summary["queues"].as_array().expect("per-queue statistics");
+    let ids: Vec<u64> = queues
+        .iter()
+        .map(|q| q["queue"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [0, 1, 2, 3], "{summary}");
+    let mut per_queue = 0;
+    for queue in queues {
+        assert_eq!(queue["copy_bytes"], 0, "{queue}");
+        assert!(queue["napi_id"].as_u64().is_some(), "{queue}");
+        per_queue += queue["runtime_bytes"].as_u64().unwrap();
+    }
+    assert_eq!(summary["runtime_bytes"], per_queue, "{summary}");
+    assert_eq!(summary["unmatched_connections"], 0, "{summary}");
+    assert_eq!(summary["copy_bytes"], 0, "{summary}");
+}
+
+/// `echo --queues 0-3` on the spread pair: every byte comes back.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn echo_with_every_queue_bound_returns_every_byte() {
+    let net = tokio_zcrx_kernel_tests::GuestNet::from_env();
+    let spread = tokio_zcrx_kernel_tests::support::SpreadFlows::new(&net);
+    let args = ["--mode", "nic", "--interface", &net.nic, "--queues", "0-3"];
+    echo_round_trip(&args, &format!("{}:0", net.nic_addr), Some(&net.peer_netns));
+    drop(spread);
+}

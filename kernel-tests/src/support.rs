@@ -156,17 +156,27 @@ fn in_peer_namespace(net: &crate::GuestNet, script: &str) -> Result<String, Stri
 /// While alive, the peer chooses each connection's tx queue by its flow hash, so flows
 /// spread over all of nsim0's receive queues (netdevsim delivers to the rx queue numbered like
 /// the sender's tx queue). The guest's default (vm/guest/init) sends every flow through tx
-/// queue 0, so onto rx queue 0; dropping this restores it. A flow keeps its hash, and so its
-/// queue, for its life (TCP rehashes only after timeouts).
+/// queue 0, so onto rx queue 0; dropping this restores it.
+///
+/// A flow keeps its hash, and so its queue, for its life: the guard also turns off the
+/// peer's rehashing (`net.core.txrehash = 0`), which TCP otherwise does at every
+/// retransmission timeout (`sk_rethink_txhash`) and which, through netdevsim, would move a
+/// flow to another receive queue mid-connection. A NIC's RSS hashes the 4-tuple, which no
+/// timeout changes; a flow moved to another queue's zcrx binding cannot be received by its
+/// ring (`EFAULT`), as on a NIC whose RSS table is changed under live connections.
 #[derive(Debug)]
 #[must_use = "flows spread only while the guard lives"]
 pub struct SpreadFlows {
     net: crate::GuestNet,
     saved_mask: String,
+    saved_txrehash: Option<String>,
 }
 
+/// The peer namespace's TCP rehash switch (Linux 5.18+).
+const TXREHASH: &str = "/proc/sys/net/core/txrehash";
+
 impl SpreadFlows {
-    /// Clears the peer's XPS map (`xps_cpus` of every tx queue to 0).
+    /// Clears the peer's XPS map (`xps_cpus` of every tx queue to 0) and its rehashing.
     pub fn new(net: &crate::GuestNet) -> SpreadFlows {
         let queues = format!("/sys/class/net/{PEER_NIC}/queues");
         let saved_mask = in_peer_namespace(net, &format!("cat {queues}/tx-0/xps_cpus")).unwrap();
@@ -175,11 +185,30 @@ impl SpreadFlows {
             &format!("for q in {queues}/tx-*; do echo 0 > $q/xps_cpus || exit 1; done"),
         )
         .unwrap();
+        let saved_txrehash = in_peer_namespace(net, &format!("cat {TXREHASH}")).ok();
+        if saved_txrehash.is_some() {
+            in_peer_namespace(net, &format!("echo 0 > {TXREHASH}")).unwrap();
+        }
         SpreadFlows {
             net: net.clone(),
             saved_mask,
+            saved_txrehash,
         }
     }
+}
+
+/// The peer's TCP retransmission timeouts so far (`TcpExt: TCPTimeouts` in its
+/// `/proc/net/netstat`): each would have moved its flow to another queue with rehashing on.
+pub fn peer_tcp_timeouts(net: &crate::GuestNet) -> u64 {
+    let netstat = in_peer_namespace(net, "cat /proc/net/netstat").unwrap();
+    let mut lines = netstat.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "TCPTimeouts")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for SpreadFlows {
@@ -189,6 +218,10 @@ impl Drop for SpreadFlows {
             &self.net,
             &format!("echo {} > {queues}/tx-0/xps_cpus", self.saved_mask),
         );
+        let restored = restored.and_then(|_| match &self.saved_txrehash {
+            Some(old) => in_peer_namespace(&self.net, &format!("echo {old} > {TXREHASH}")),
+            None => Ok(String::new()),
+        });
         // A panic here, while a failed test unwinds, would abort the whole binary.
         if let Err(e) = restored {
             eprintln!("could not restore the peer's XPS map (later tests may see flows on other queues): {e}");

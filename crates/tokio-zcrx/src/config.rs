@@ -11,6 +11,9 @@ use crate::mode::Mode;
 use crate::sys::hugepages::{HugePageFacts, HUGE_PAGE_SIZE};
 use crate::sys::registration::AreaBacking;
 
+mod queues;
+pub use queues::{DriverCpus, ParseQueueSetError, QueueSet};
+
 /// Which receive queue the io_uring backend registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Target {
@@ -135,6 +138,10 @@ pub struct Builder {
     pub(crate) stream_budget: Option<u64>,
     pub(crate) queue_release_wait: Duration,
     pub(crate) area_growth: Option<AreaGrowth>,
+    /// `interface_queues`: the queues of `interface` (whose own queue index is then unused).
+    pub(crate) queues: Option<QueueSet>,
+    pub(crate) napi_wait: Duration,
+    pub(crate) driver_cpus: DriverCpus,
 }
 
 /// How the receive area grows under load ([`Builder::area_growth`], Linux 7.3+): it starts
@@ -206,6 +213,12 @@ pub(crate) const MAX_EVENT_REARM_INTERVAL: Duration = Duration::from_secs(3600);
 pub(crate) const MAX_QUEUE_RELEASE_WAIT: Duration = Duration::from_secs(600);
 /// The default wait, what the kernel's own zcrx selftest allows.
 pub(crate) const DEFAULT_QUEUE_RELEASE_WAIT: Duration = Duration::from_secs(5);
+/// How long a connection whose NAPI id is not known yet waits for its first packet, by
+/// default (`Builder::napi_wait`).
+pub(crate) const DEFAULT_NAPI_WAIT: Duration = Duration::from_millis(200);
+/// The longest such wait: a connection that sent nothing in seconds is not worth holding
+/// back the accept loop for.
+pub(crate) const MAX_NAPI_WAIT: Duration = Duration::from_secs(10);
 
 impl Default for Builder {
     fn default() -> Builder {
@@ -227,6 +240,9 @@ impl Default for Builder {
             stream_budget: None,
             queue_release_wait: DEFAULT_QUEUE_RELEASE_WAIT,
             area_growth: None,
+            queues: None,
+            napi_wait: DEFAULT_NAPI_WAIT,
+            driver_cpus: DriverCpus::default(),
         }
     }
 }
@@ -254,12 +270,85 @@ impl Builder {
             name: name.into(),
             queue,
         });
+        self.queues = None;
         self
     }
 
     /// Like [`interface`](Builder::interface), by interface index.
     pub fn interface_index(mut self, index: u32, queue: u32) -> Builder {
         self.interface = Some(Target::InterfaceIndex { index, queue });
+        self.queues = None;
+        self
+    }
+
+    /// Several receive queues of interface `name` ([`Mode::Nic`], and the first choice of
+    /// [`Mode::Auto`]): all of them, a range or a list ([`QueueSet`]). Each queue gets a zcrx
+    /// binding, an area of [`area_size`](Builder::area_size) bytes and a driver thread of
+    /// its own, registered as [`interface`](Builder::interface) registers one queue, and
+    /// every setting of this builder applies to each. A set of one queue is exactly
+    /// `interface(name, queue)`.
+    ///
+    /// With several queues the runtime hands each connection (from
+    /// [`ZcListener`](crate::ZcListener) or [`Zcrx::attach`](crate::Zcrx::attach)) to the
+    /// driver of the queue its packets arrive on, by the NAPI id the kernel recorded for the
+    /// socket (`SO_INCOMING_NAPI_ID`); a connection that arrives on a queue not bound here is
+    /// received in copy mode on Tokio's reactor, counted in
+    /// [`Stats::unmatched_connections`](crate::Stats::unmatched_connections) and reported as
+    /// [`EventKind::UnmatchedConnection`](crate::EventKind::UnmatchedConnection): giving it
+    /// to another queue's binding could fail with `EFAULT`. See docs/architecture.md,
+    /// "Several queues".
+    ///
+    /// A queue that cannot be bound fails [`build`](Builder::build) in [`Mode::Nic`],
+    /// naming the queue and why; in [`Mode::Auto`] the queues that can be bound are, and the
+    /// others are listed with their reasons in
+    /// [`ModeSelection::queues_refused`](crate::ModeSelection::queues_refused) (nic mode is
+    /// refused only if none can be).
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), tokio_zcrx::Error> {
+    /// use tokio_zcrx::{Mode, QueueSet, Zcrx};
+    ///
+    /// // Queues 4 to 7 of eth0, where an RSS context steers the service's port.
+    /// let zcrx = Zcrx::builder().mode(Mode::Nic).interface_queues("eth0", 4..=7).build()?;
+    /// for queue in zcrx.queue_stats() {
+    ///     println!("queue {}: {} bytes", queue.queue, queue.stats.bytes);
+    /// }
+    /// // Every receive queue eth0 has.
+    /// let all = Zcrx::builder().interface_queues("eth0", QueueSet::All).build()?;
+    /// # drop((zcrx, all));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn interface_queues(
+        mut self,
+        name: impl Into<String>,
+        queues: impl Into<QueueSet>,
+    ) -> Builder {
+        let queues = queues.into();
+        self.interface = Some(Target::Interface {
+            name: name.into(),
+            queue: queues.single().unwrap_or(0),
+        });
+        self.queues = queues.single().is_none().then_some(queues);
+        self
+    }
+
+    /// How long a connection whose NAPI id the kernel has not recorded yet (it has received
+    /// no packet through a NAPI instance since the handshake) waits for its first packet
+    /// before it is placed, with [`interface_queues`](Builder::interface_queues) of several
+    /// queues. [`ZcListener::accept`](crate::ZcListener::accept) and
+    /// [`Zcrx::attach_async`](crate::Zcrx::attach_async) wait, then read the id again; a
+    /// connection still without one is received in copy mode (unmatched). Default 200 ms;
+    /// at most 10 s. Loopback connections never get an id and are placed at once.
+    pub fn napi_wait(mut self, wait: Duration) -> Builder {
+        self.napi_wait = wait;
+        self
+    }
+
+    /// Where the driver threads of NIC queues run: by default on the CPUs of each queue's
+    /// interrupt, where the system says ([`DriverCpus::NearInterrupt`]).
+    pub fn driver_cpus(mut self, cpus: DriverCpus) -> Builder {
+        self.driver_cpus = cpus;
         self
     }
 
@@ -568,6 +657,8 @@ impl Builder {
             stream_budget: self.stream_budget,
             queue_release_wait: self.queue_release_wait,
             area_growth,
+            cpus: None,
+            hand_over_moved: false,
         })
     }
 
@@ -684,6 +775,31 @@ impl Builder {
                 self.queue_release_wait, MAX_QUEUE_RELEASE_WAIT
             ));
         }
+        if self.napi_wait > MAX_NAPI_WAIT {
+            return invalid(format!(
+                "a NAPI wait of {:?} is longer than the limit of {:?}: a connection that sent \
+                 nothing for that long holds back the accept loop; use the default (200 ms) \
+                 or less",
+                self.napi_wait, MAX_NAPI_WAIT
+            ));
+        }
+        if let Some(queues) = &self.queues {
+            if queues.queues(1).is_empty() && *queues != QueueSet::All {
+                return invalid(format!(
+                    "the queue set {queues:?} names no queue: pass at least one, e.g. \
+                     .interface_queues(NAME, 0..4) or QueueSet::All"
+                ));
+            }
+            if let DriverCpus::Cpus(cpus) = &self.driver_cpus {
+                if cpus.is_empty() {
+                    return invalid(
+                        "DriverCpus::Cpus needs at least one CPU: list one per queue, or use \
+                         DriverCpus::Anywhere"
+                            .into(),
+                    );
+                }
+            }
+        }
         if self.stream_budget == Some(0) {
             return invalid(
                 "a stream budget of 0 bytes would never receive: pass at least one chunk's \
@@ -712,6 +828,9 @@ impl Builder {
         Ok(Config {
             mode: self.mode,
             interface: self.interface.clone(),
+            queues: self.queues.clone(),
+            napi_wait: self.napi_wait,
+            driver_cpus: self.driver_cpus.clone(),
             uring,
             copy: CopyConfig {
                 buffers: self.copy_buffers,
@@ -878,6 +997,12 @@ pub(crate) struct Config {
     pub(crate) mode: Mode,
     /// The NIC queue to try (mode nic, and auto's first choice); its name or index is checked.
     pub(crate) interface: Option<Target>,
+    /// Several queues of `interface` (`Builder::interface_queues`); `None`: its one queue.
+    pub(crate) queues: Option<QueueSet>,
+    /// `Builder::napi_wait`.
+    pub(crate) napi_wait: Duration,
+    /// `Builder::driver_cpus`.
+    pub(crate) driver_cpus: DriverCpus,
     /// The io_uring backend's settings, for `interface` (the device-less mode without one);
     /// `None` in copy mode, which neither checks nor uses them. See [`Config::uring_for`].
     uring: Option<UringConfig>,
@@ -939,6 +1064,13 @@ pub(crate) struct UringConfig {
     pub(crate) queue_release_wait: Duration,
     /// `Builder::area_growth`, checked.
     pub(crate) area_growth: Option<GrowthPlan>,
+    /// The CPUs the driver thread runs on (`Builder::driver_cpus`, resolved for its queue);
+    /// `None`: wherever the scheduler puts it.
+    pub(crate) cpus: Option<Vec<usize>>,
+    /// One driver of several queues: a receive that fails with `EFAULT` (net_iovs of another
+    /// queue: the flow moved) ends its stream as moved, for the group to hand the socket to
+    /// the driver that owns them, instead of with the error.
+    pub(crate) hand_over_moved: bool,
 }
 
 /// How a stream reads, for [`Zcrx::attach_with`](crate::Zcrx::attach_with).

@@ -39,6 +39,14 @@ pub enum EventKind {
     /// short of chunks have more. [`Stats::areas`] and [`Stats::memory_capacity`] tell the
     /// new size.
     AreaGrown,
+    /// A connection arrived on a receive queue this runtime has not bound (or one whose
+    /// queue could not be told: no NAPI id within
+    /// [`Builder::napi_wait`](crate::Builder::napi_wait), or loopback), on a runtime of
+    /// several queues ([`Builder::interface_queues`](crate::Builder::interface_queues)): it
+    /// is received in copy mode on Tokio's reactor, never by another queue's binding (whose
+    /// receives would fail with `EFAULT`). [`Event::queue`] names its queue where known;
+    /// [`Stats::unmatched_connections`] counts them all. One event per connection.
+    UnmatchedConnection,
 }
 
 impl fmt::Display for EventKind {
@@ -51,6 +59,9 @@ impl fmt::Display for EventKind {
             EventKind::StreamPaused => "stream paused by its budget",
             EventKind::MemoryHighWater => "memory high water",
             EventKind::AreaGrown => "area grown",
+            EventKind::UnmatchedConnection => {
+                "connection on an unbound queue, received in copy mode"
+            }
         })
     }
 }
@@ -65,8 +76,13 @@ impl fmt::Display for EventKind {
 pub struct Event {
     /// What happened.
     pub kind: EventKind,
-    /// A snapshot taken when the event was delivered.
+    /// A snapshot taken when the event was delivered: of the queue's statistics when the
+    /// event concerns one bound queue, else of the runtime's.
     pub stats: Stats,
+    /// The receive queue the event concerns: the queue of the driver that reported it, or
+    /// the queue an unmatched connection arrived on; `None` where there is none (the
+    /// device-less mode, copy mode) or it is not known.
+    pub queue: Option<u32>,
 }
 
 /// Counters of one runtime. Kernel copy counters are `None` when the kernel has no zcrx
@@ -143,6 +159,66 @@ pub struct Stats {
     /// instead of the fixed buffer, or plain sends instead of `SEND_ZC`); each is logged
     /// once.
     pub send_fallbacks: u64,
+    /// Connections received in copy mode because they arrived on a receive queue this
+    /// runtime has not bound, or their queue could not be told
+    /// ([`EventKind::UnmatchedConnection`]); their bytes count in `bytes` and `copy_bytes`
+    /// of the runtime's total, not of any queue.
+    pub unmatched_connections: u64,
+    /// Streams handed to another queue's driver because their flow moved to that queue
+    /// mid-connection (an RSS table changed; the old queue's ring cannot receive the new
+    /// queue's buffers: its receive failed with `EFAULT`). No byte is lost or repeated.
+    pub streams_moved: u64,
+}
+
+impl Stats {
+    /// Adds `other`'s counters to these (the total of several queues): sums, except
+    /// `largest_stream_held` (the largest). A kernel counter is `None` only if it is `None`
+    /// in both.
+    pub(crate) fn merge(&mut self, other: &Stats) {
+        let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        self.copy_count = add(self.copy_count, other.copy_count);
+        self.copy_bytes = add(self.copy_bytes, other.copy_bytes);
+        self.bytes += other.bytes;
+        self.chunks += other.chunks;
+        self.buffers_outstanding += other.buffers_outstanding;
+        self.resubmits_cq_overflow += other.resubmits_cq_overflow;
+        self.resubmits_area_exhausted += other.resubmits_area_exhausted;
+        self.kernel_events += other.kernel_events;
+        self.invalid_completions += other.invalid_completions;
+        self.chunks_leaked += other.chunks_leaked;
+        self.faults_survived += other.faults_survived;
+        self.memory_capacity += other.memory_capacity;
+        self.areas += other.areas;
+        self.memory_held += other.memory_held;
+        self.largest_stream_held = self.largest_stream_held.max(other.largest_stream_held);
+        self.streams_paused += other.streams_paused;
+        self.stream_pauses += other.stream_pauses;
+        self.sends += other.sends;
+        self.send_zero_copy_bytes += other.send_zero_copy_bytes;
+        self.send_kernel_copied_bytes += other.send_kernel_copied_bytes;
+        self.send_plain_bytes += other.send_plain_bytes;
+        self.sends_in_flight += other.sends_in_flight;
+        self.send_fallbacks += other.send_fallbacks;
+        self.unmatched_connections += other.unmatched_connections;
+        self.streams_moved += other.streams_moved;
+    }
+}
+
+/// One bound receive queue's statistics ([`Zcrx::queue_stats`](crate::Zcrx::queue_stats)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// The receive queue's index.
+    pub queue: u32,
+    /// Its NAPI instance, as the kernel reported it (`netdev` netlink) when the runtime
+    /// started or last looked; `None` if the kernel did not say.
+    pub napi_id: Option<u32>,
+    /// Its binding's counters.
+    pub stats: Stats,
 }
 
 impl fmt::Display for Stats {
@@ -170,6 +246,13 @@ impl fmt::Display for Stats {
                 self.resubmits_cq_overflow, self.resubmits_area_exhausted
             )?;
         }
+        if self.unmatched_connections > 0 {
+            write!(
+                f,
+                ", {} connections on unbound queues (copy mode)",
+                self.unmatched_connections
+            )?;
+        }
         if self.sends > 0 {
             write!(
                 f,
@@ -193,6 +276,7 @@ mod tests {
     #[test]
     fn events_serialize_with_stable_names() {
         let event = Event {
+            queue: Some(2),
             kind: EventKind::CopyFallback,
             stats: Stats {
                 copy_bytes: Some(4096),
@@ -201,6 +285,7 @@ mod tests {
         };
         let json = serde_json::to_value(event).unwrap();
         assert_eq!(json["kind"], "copy_fallback");
+        assert_eq!(json["queue"], 2);
         assert_eq!(json["stats"]["copy_bytes"], 4096);
         assert_eq!(json["stats"]["copy_count"], serde_json::Value::Null);
         let mode = serde_json::to_value(crate::ActiveMode::NoDevice).unwrap();

@@ -81,10 +81,13 @@ mod writer;
 mod zcrx;
 
 pub use buf::{ZcBatch, ZcBuf};
-pub use config::{AreaGrowth, Builder, EventsPolicy, HugePages, StreamOptions};
+pub use config::{
+    AreaGrowth, Builder, DriverCpus, EventsPolicy, HugePages, ParseQueueSetError, QueueSet,
+    StreamOptions,
+};
 pub use connection::{IntoTcpStreamError, ReuniteError, ZcConnection};
 pub use error::{Error, ErrorKind, Result};
-pub use event::{Event, EventKind, Stats};
+pub use event::{Event, EventKind, QueueStats, Stats};
 pub use listener::{Incoming, ZcListener};
 pub use mode::{ActiveMode, Mode, ModeSelection, ParseModeError};
 pub use privilege::{Capability, DropPrivileges};

@@ -50,7 +50,9 @@ impl ZcListener {
     }
 
     /// Accepts a connection: its receive stream, the write half for replies, and the peer.
-    /// After [`Zcrx::shutdown`] it fails with
+    /// It is attached with [`Zcrx::attach_async`]: with several queues, a connection whose
+    /// NAPI id is not known yet is held up to [`Builder::napi_wait`](crate::Builder::napi_wait)
+    /// before this returns. After [`Zcrx::shutdown`] it fails with
     /// [`ErrorKind::RuntimeGone`](crate::ErrorKind::RuntimeGone) without waiting.
     pub async fn accept(&self) -> io::Result<(ZcStream, ZcWriteHalf, SocketAddr)> {
         self.zcrx.check_running()?;
@@ -63,7 +65,9 @@ impl ZcListener {
             }
             accepted = self.listener.accept() => accepted?,
         };
-        let (stream, writer) = self.zcrx.attach(socket)?;
+        // With several queues, a connection whose queue is not known yet waits (bounded)
+        // for its first packet.
+        let (stream, writer) = self.zcrx.attach_async(socket).await?;
         Ok((stream, writer, peer))
     }
 

@@ -135,6 +135,26 @@ pub struct ModeSelection {
     /// (with [`Mode::Auto`]: e.g. [`Builder::area_growth`](crate::Builder::area_growth)
     /// before Linux 7.3, where the area stays at its initial size).
     pub unavailable: Vec<String>,
+    /// In nic mode, the receive queues bound, ascending (one for
+    /// [`Builder::interface`](crate::Builder::interface); those of the set for
+    /// [`Builder::interface_queues`](crate::Builder::interface_queues) that could be).
+    /// Empty in the other modes.
+    pub queues_bound: Vec<u32>,
+    /// In nic mode with [`Mode::Auto`], the queues of the set that could not be bound, each
+    /// with the reason (their connections are received in copy mode).
+    pub queues_refused: Vec<(u32, String)>,
+}
+
+impl ModeSelection {
+    pub(crate) fn new(chosen: ActiveMode, refused: Vec<(Mode, String)>) -> ModeSelection {
+        ModeSelection {
+            chosen,
+            refused,
+            unavailable: Vec::new(),
+            queues_bound: Vec::new(),
+            queues_refused: Vec::new(),
+        }
+    }
 }
 
 impl fmt::Display for ModeSelection {
@@ -149,6 +169,16 @@ impl fmt::Display for ModeSelection {
                 write!(f, "{mode}: {reason}")?;
             }
             f.write_str(")")?;
+        }
+        match self.queues_bound.as_slice() {
+            [] | [_] if self.queues_refused.is_empty() => {}
+            bound => {
+                let list: Vec<String> = bound.iter().map(u32::to_string).collect();
+                write!(f, "; queues {} bound", list.join(", "))?;
+            }
+        }
+        for (queue, reason) in &self.queues_refused {
+            write!(f, "; queue {queue} refused: {reason}")?;
         }
         for missing in &self.unavailable {
             write!(f, "; without {missing}")?;

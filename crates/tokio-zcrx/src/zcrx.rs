@@ -11,14 +11,15 @@ use crate::backend::{select, Backend};
 use crate::config::Builder;
 use crate::config::StreamOptions;
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{Event, Stats};
+use crate::event::{Event, QueueStats, Stats};
 use crate::mode::{ActiveMode, ModeSelection};
 use crate::privilege::DropPrivileges;
 use crate::stream::{Addresses, ZcStream};
 use crate::sys::{claim, privilege};
 use crate::writer::ZcWriteHalf;
 
-/// A running zcrx runtime: one registered receive queue and its driver thread.
+/// A running zcrx runtime: one registered receive queue and its driver thread, or several
+/// ([`Builder::interface_queues`](crate::Builder::interface_queues)), or copy mode.
 ///
 /// Cheap to clone; every clone refers to the same runtime. The runtime stops when
 /// [`shutdown`](Zcrx::shutdown) is called or the last `Zcrx` (including those held by
@@ -118,6 +119,12 @@ impl Zcrx {
     /// buffers and the write half (for replies). Must be called within a Tokio runtime, in
     /// every mode (the write half and the stream use its reactor).
     ///
+    /// With several queues ([`Builder::interface_queues`](crate::Builder::interface_queues))
+    /// the connection goes to the driver of the queue the kernel says its packets arrive on;
+    /// one whose NAPI id is not known yet (no packet since the handshake) is received in copy
+    /// mode, as this call cannot wait for it: [`attach_async`](Zcrx::attach_async) (which
+    /// [`ZcListener`](crate::ZcListener) uses) waits for its first packet.
+    ///
     /// Fails, closing the socket, with [`ErrorKind::InvalidConfig`](crate::ErrorKind) outside
     /// a Tokio runtime, [`ErrorKind::InvalidSocket`](crate::ErrorKind) for a socket that is
     /// listening, not connected or already attached (also through a `try_clone`d or `dup`ed
@@ -133,6 +140,54 @@ impl Zcrx {
         socket: TcpStream,
         options: StreamOptions,
     ) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
+        let (claim, addresses) = self.claim_for_attach(&socket, options)?;
+        let (source, write_half) = self.backend.attach(socket, options)?;
+        Ok((ZcStream::new(source, claim, addresses), write_half))
+    }
+
+    /// Like [`attach`](Zcrx::attach), but on a runtime of several queues
+    /// ([`Builder::interface_queues`](crate::Builder::interface_queues)) a socket whose NAPI
+    /// id the kernel has not recorded yet (no packet through a NAPI instance since the
+    /// handshake) first waits for its first packet, up to
+    /// [`Builder::napi_wait`](crate::Builder::napi_wait), so that it goes to its queue's
+    /// driver; [`attach`](Zcrx::attach), which cannot wait, receives such a socket in copy
+    /// mode (counted as unmatched). Elsewhere it is `attach`. [`ZcListener`](crate::ZcListener)
+    /// uses this.
+    ///
+    /// ```no_run
+    /// # async fn demo(zcrx: tokio_zcrx::Zcrx, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    /// let (socket, _) = listener.accept().await?;
+    /// let (stream, writer) = zcrx.attach_async(socket).await?;
+    /// # let _ = (stream, writer);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn attach_async(
+        &self,
+        socket: TcpStream,
+    ) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
+        self.attach_async_with(socket, StreamOptions::default())
+            .await
+    }
+
+    /// Like [`attach_async`](Zcrx::attach_async), with options.
+    pub async fn attach_async_with(
+        &self,
+        socket: TcpStream,
+        options: StreamOptions,
+    ) -> std::io::Result<(ZcStream, ZcWriteHalf)> {
+        let (claim, addresses) = self.claim_for_attach(&socket, options)?;
+        let (source, write_half) = self.backend.attach_async(socket, options).await?;
+        Ok((ZcStream::new(source, claim, addresses), write_half))
+    }
+
+    /// The checks of every attach, and the socket's claim (released when the stream is
+    /// dropped, or with the socket on any error).
+    fn claim_for_attach(
+        &self,
+        socket: &TcpStream,
+        options: StreamOptions,
+    ) -> std::io::Result<(claim::SocketClaim, Addresses)> {
         if options.budget == Some(0) {
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
@@ -154,9 +209,8 @@ impl Zcrx {
         require_tokio("attach")?;
         // Released when the stream is dropped (or now, with the socket, on any error below).
         let claim = claim::claim_connected_tcp(socket.as_fd())?;
-        let addresses = Addresses::of(&socket);
-        let (source, write_half) = self.backend.attach(socket, options)?;
-        Ok((ZcStream::new(source, claim, addresses), write_half))
+        let addresses = Addresses::of(socket);
+        Ok((claim, addresses))
     }
 
     /// Prepares a listening socket whose connections will be [`attach`](Zcrx::attach)ed:
@@ -207,9 +261,32 @@ impl Zcrx {
         self.backend.subscribe()
     }
 
-    /// The current statistics.
+    /// The current statistics: with several queues
+    /// ([`Builder::interface_queues`](crate::Builder::interface_queues)), the total of every
+    /// queue's and of the connections received in copy mode because they arrived on no
+    /// bound queue ([`Stats::unmatched_connections`]).
     pub fn stats(&self) -> Stats {
         self.backend.stats()
+    }
+
+    /// Each bound NIC queue's statistics, in queue order, with its NAPI id: one entry for
+    /// [`Builder::interface`](crate::Builder::interface), one per bound queue for
+    /// [`Builder::interface_queues`](crate::Builder::interface_queues), none in the
+    /// device-less and copy modes. [`stats`](Zcrx::stats) is their total plus the copy path
+    /// of unmatched connections.
+    ///
+    /// ```no_run
+    /// # fn demo(zcrx: tokio_zcrx::Zcrx) {
+    /// for queue in zcrx.queue_stats() {
+    ///     println!(
+    ///         "queue {} (NAPI {:?}): {} bytes, {:?} copied",
+    ///         queue.queue, queue.napi_id, queue.stats.bytes, queue.stats.copy_bytes
+    ///     );
+    /// }
+    /// # }
+    /// ```
+    pub fn queue_stats(&self) -> Vec<QueueStats> {
+        self.backend.queue_stats()
     }
 
     /// What this runtime receives through, e.g. `eth0 rx queue 3`, `no device (NODEV

@@ -19,8 +19,10 @@
 //!   [`Stats`] and [`Event`]s in every backend, with the fields a backend has no use for at 0.
 //!
 //! Backends: [`uring`] (nic and nodev modes: a driver thread owns an io_uring with a zcrx
-//! queue) and [`copy`] (copy mode: Tokio's reactor and a buffer pool). [`select`] starts one
-//! for a builder's mode.
+//! queue) and [`copy`] (copy mode: Tokio's reactor and a buffer pool). [`queues`] joins
+//! several [`uring`] drivers (one per NIC queue) and a [`copy`] runtime for connections on
+//! queues not bound, dispatching each connection by its NAPI id. [`select`] starts one for a
+//! builder's mode.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -35,12 +37,17 @@ use tokio_util::sync::CancellationToken;
 use crate::buf::ZcBuf;
 use crate::config::StreamOptions;
 use crate::error::Result;
+use crate::event::QueueStats;
 use crate::event::{Event, Stats};
 use crate::writer::ZcWriteHalf;
 use copy::{CopyRuntime, CopyStream};
+use queues::QueueGroup;
 use uring::{UringHandle, UringStream};
 
 pub(crate) mod copy;
+#[cfg(test)]
+mod queue_tests;
+pub(crate) mod queues;
 pub(crate) mod select;
 pub(crate) mod uring;
 pub(crate) mod wake;
@@ -49,6 +56,7 @@ pub(crate) mod wake;
 pub(crate) enum Backend {
     Uring(UringHandle),
     Copy(Arc<CopyRuntime>),
+    Queues(Arc<QueueGroup>),
 }
 
 impl Backend {
@@ -57,6 +65,7 @@ impl Backend {
         match self {
             Backend::Uring(handle) => handle.stopped_token(),
             Backend::Copy(_) => CancellationToken::new(),
+            Backend::Queues(group) => group.stopped_token(),
         }
     }
 
@@ -65,6 +74,7 @@ impl Backend {
         match self {
             Backend::Uring(handle) => handle.check_running(),
             Backend::Copy(copy) => copy.check_running(),
+            Backend::Queues(group) => group.check_running(),
         }
     }
 
@@ -77,12 +87,26 @@ impl Backend {
         match self {
             Backend::Uring(handle) => {
                 let (stream, writer) = handle.attach(socket, options)?;
-                Ok((StreamSource::Uring(stream), writer))
+                Ok((StreamSource::Uring(stream, None), writer))
             }
             Backend::Copy(copy) => {
                 let (stream, writer) = copy.attach(socket, options);
                 Ok((StreamSource::Copy(stream), writer))
             }
+            Backend::Queues(group) => group.attach(socket, options),
+        }
+    }
+
+    /// [`Backend::attach`], waiting (bounded) where the backend needs to know more of the
+    /// socket first (several queues: its NAPI id).
+    pub(crate) async fn attach_async(
+        &self,
+        socket: TcpStream,
+        options: StreamOptions,
+    ) -> io::Result<(StreamSource, ZcWriteHalf)> {
+        match self {
+            Backend::Queues(group) => group.attach_async(socket, options).await,
+            other => other.attach(socket, options),
         }
     }
 
@@ -92,13 +116,15 @@ impl Backend {
         match self {
             Backend::Uring(handle) => handle.prepare_listener(listener),
             Backend::Copy(_) => Ok(()),
+            Backend::Queues(group) => group.prepare_listener(listener),
         }
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
         match self {
             Backend::Uring(handle) => handle.subscribe(),
-            Backend::Copy(copy) => copy.events.subscribe(),
+            Backend::Copy(copy) => copy.subscribe(),
+            Backend::Queues(group) => group.subscribe(),
         }
     }
 
@@ -106,6 +132,16 @@ impl Backend {
         match self {
             Backend::Uring(handle) => handle.stats(),
             Backend::Copy(copy) => copy.stats(),
+            Backend::Queues(group) => group.stats(),
+        }
+    }
+
+    /// Each bound NIC queue's statistics (none in nodev and copy modes).
+    pub(crate) fn queue_stats(&self) -> Vec<QueueStats> {
+        match self {
+            Backend::Uring(handle) => handle.queue_stats().into_iter().collect(),
+            Backend::Copy(_) => Vec::new(),
+            Backend::Queues(group) => group.queue_stats(),
         }
     }
 
@@ -113,13 +149,16 @@ impl Backend {
         match self {
             Backend::Uring(handle) => handle.description(),
             Backend::Copy(copy) => copy.description(),
+            Backend::Queues(group) => group.description(),
         }
     }
 
     #[cfg(feature = "fault-injection")]
     pub(crate) fn inject_driver_panic(&self) {
-        if let Backend::Uring(handle) = self {
-            handle.inject_panic();
+        match self {
+            Backend::Uring(handle) => handle.inject_panic(),
+            Backend::Queues(group) => group.inject_driver_panic(),
+            Backend::Copy(_) => {}
         }
     }
 
@@ -127,6 +166,7 @@ impl Backend {
         match self {
             Backend::Uring(handle) => handle.shutdown().await,
             Backend::Copy(copy) => copy.shut_down(),
+            Backend::Queues(group) => group.shutdown().await,
         }
     }
 }
@@ -134,14 +174,37 @@ impl Backend {
 /// Where a stream's buffers come from.
 #[derive(Debug)]
 pub(crate) enum StreamSource {
-    Uring(UringStream),
+    /// An io_uring driver's stream; with several queues, what it takes to hand the stream
+    /// to another queue's driver if its flow moves ([`queues::HandOver`]).
+    Uring(UringStream, Option<Box<queues::HandOver>>),
     Copy(CopyStream),
 }
 
 impl StreamSource {
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ZcBuf>>> {
         match self {
-            StreamSource::Uring(stream) => stream.poll_next(cx),
+            StreamSource::Uring(stream, None) => stream.poll_next(cx),
+            StreamSource::Uring(stream, Some(hand_over)) => loop {
+                let next = stream.poll_next(cx);
+                match &next {
+                    Poll::Ready(Some(Ok(_))) => hand_over.received(),
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(socket) = stream.take_moved() {
+                            // Its flow moved to another queue: the data so far has been
+                            // delivered; that queue's driver goes on from there.
+                            match hand_over.hand_over(socket) {
+                                Ok(next_stream) => {
+                                    *stream = next_stream;
+                                    continue;
+                                }
+                                Err(error) => return Poll::Ready(Some(Err(error))),
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                return next;
+            },
             StreamSource::Copy(stream) => stream.poll_next(cx),
         }
     }
@@ -156,7 +219,7 @@ impl StreamSource {
     pub(crate) fn into_copy_read_half(self) -> Result<OwnedReadHalf, StreamSource> {
         match self {
             StreamSource::Copy(stream) => Ok(stream.into_read_half()),
-            uring @ StreamSource::Uring(_) => Err(uring),
+            uring @ StreamSource::Uring(..) => Err(uring),
         }
     }
 
@@ -164,7 +227,7 @@ impl StreamSource {
     /// waiting. (Copy mode has none waiting: it reads one buffer per poll.)
     pub(crate) fn take_ready(&mut self, out: &mut Vec<ZcBuf>, max: usize) {
         match self {
-            StreamSource::Uring(stream) => stream.take_ready(out, max),
+            StreamSource::Uring(stream, _) => stream.take_ready(out, max),
             StreamSource::Copy(_) => {}
         }
     }

@@ -214,6 +214,68 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Runs the calling thread on `cpus` only (`sched_setaffinity`). CPUs past the kernel's
+/// `cpu_set_t` are ignored; none left is EINVAL.
+pub(crate) fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut any = false;
+    for &cpu in cpus {
+        if cpu < 8 * size_of::<libc::cpu_set_t>() {
+            // SAFETY: `cpu` is within the set's bits (checked above).
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+            any = true;
+        }
+    }
+    if !any {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
+    unsafe { syscall!(sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)) }?;
+    Ok(())
+}
+
+/// A CPU list as the kernel writes it (`0-3,8,10-11`): the CPUs, ascending.
+pub(crate) fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|part| !part.is_empty()) {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last): (usize, usize) = (first.parse().ok()?, last.parse().ok()?);
+                if first > last || last - first > 1 << 16 {
+                    return None;
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// The CPUs interrupt `irq` is delivered to: `/proc/irq/N/effective_affinity_list` where the
+/// kernel has it (where it really fires), else `smp_affinity_list` (where it may).
+pub(crate) fn irq_cpus(irq: u32) -> Option<Vec<usize>> {
+    ["effective_affinity_list", "smp_affinity_list"]
+        .iter()
+        .find_map(|file| {
+            let text = std::fs::read_to_string(format!("/proc/irq/{irq}/{file}")).ok()?;
+            parse_cpu_list(&text)
+        })
+}
+
+/// How many receive queues interface `name` has (`/sys/class/net/NAME/queues/rx-*`).
+pub(crate) fn rx_queue_count(name: &str) -> io::Result<u32> {
+    let entries = std::fs::read_dir(format!("/sys/class/net/{name}/queues"))?;
+    let count = entries
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    Ok(u32::try_from(count).unwrap_or(u32::MAX))
+}
+
 /// Keeps `T` on cache lines of its own: zcrx-core's padding (128 bytes, see there why not
 /// 64), so the crate has one idea of how far apart contended data must be.
 pub(crate) use zcrx_core::pad::CachePadded;
@@ -262,6 +324,38 @@ mod tests {
             )
         };
         assert_eq!((rc, clamp), (0, 16_384));
+    }
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them() {
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11\n"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn a_thread_can_be_pinned_and_unpinned() {
+        std::thread::spawn(|| {
+            // SAFETY: sched_getcpu takes nothing.
+            let here = unsafe { libc::sched_getcpu() } as usize;
+            pin_current_thread(&[here]).unwrap();
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::sched_getcpu() } as usize, here);
+            assert_eq!(
+                pin_current_thread(&[usize::MAX])
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EINVAL)
+            );
+        })
+        .join()
+        .unwrap();
+        assert_eq!(rx_queue_count("lo").unwrap(), 1);
     }
 
     #[test]

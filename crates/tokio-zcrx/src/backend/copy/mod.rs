@@ -57,20 +57,30 @@ mod stream;
 #[derive(Debug)]
 pub(crate) struct CopyRuntime {
     pool: Arc<Pool>,
-    pub(crate) events: broadcast::Sender<Event>,
     /// Sends are plain writes here, counted all the same.
     send_counters: Arc<SendCounters>,
 }
 
 impl CopyRuntime {
     pub(crate) fn new(config: &CopyConfig) -> io::Result<CopyRuntime> {
-        let events = broadcast::channel(1024).0;
-        let pool = Pool::new(config, events.clone())?;
+        CopyRuntime::with_events(config, broadcast::channel(1024).0)
+    }
+
+    /// A runtime that reports on `events` (a channel shared with a group's drivers).
+    pub(crate) fn with_events(
+        config: &CopyConfig,
+        events: broadcast::Sender<Event>,
+    ) -> io::Result<CopyRuntime> {
+        let pool = Pool::new(config, events)?;
         Ok(CopyRuntime {
             pool: Arc::new(pool),
-            events,
             send_counters: Arc::default(),
         })
+    }
+
+    /// A receiver of this runtime's events; a closed one after shutdown.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.pool.subscribe()
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -141,5 +151,6 @@ impl CopyRuntime {
         }
         drop(sockets);
         wake_all(waiters);
+        self.pool.close_events();
     }
 }

@@ -64,7 +64,8 @@ pub(crate) struct Pool {
     /// Buffers dropped; `chunks - released` are outstanding (one counter per buffer each way
     /// instead of two on the way out).
     released: AtomicU64,
-    events: broadcast::Sender<Event>,
+    /// Taken at shutdown, so that subscribers see the channel close.
+    events: Mutex<Option<broadcast::Sender<Event>>>,
     /// When the last copy event went out (`CLOCK_MONOTONIC` nanoseconds; `u64::MAX`: never).
     last_event: AtomicU64,
     event_interval: Duration,
@@ -420,7 +421,7 @@ impl Pool {
             bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             released: AtomicU64::new(0),
-            events,
+            events: Mutex::new(Some(events)),
             last_event: AtomicU64::new(u64::MAX),
             event_interval: config.event_interval,
             coarse_resolution: clock_resolution_ns(libc::CLOCK_MONOTONIC_COARSE)
@@ -618,10 +619,28 @@ impl Pool {
     }
 
     fn send(&self, kind: EventKind) {
-        let _ = self.events.send(Event {
-            kind,
-            stats: self.stats(),
-        });
+        let stats = self.stats();
+        if let Some(events) = &*lock(&self.events) {
+            let _ = events.send(Event {
+                queue: None,
+                kind,
+                stats,
+            });
+        }
+    }
+
+    /// A receiver of this pool's events; a closed one after [`Pool::close_events`].
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<Event> {
+        match &*lock(&self.events) {
+            Some(events) => events.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    /// No event goes out any more (shutdown): subscribers see the channel close once every
+    /// other sender (a group's drivers) is gone too.
+    pub(super) fn close_events(&self) {
+        lock(&self.events).take();
     }
 
     /// After the holding rose to `held`: the high-water event, if due. Not under the state

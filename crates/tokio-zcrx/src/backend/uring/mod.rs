@@ -102,10 +102,18 @@ pub(crate) struct DriverShared {
     /// What was asked for and this kernel lacks (`ModeSelection::unavailable`), set by the
     /// driver thread before it reports ready.
     unavailable: Mutex<Vec<String>>,
+    /// The NIC receive queue this driver binds (named in its events); `None` in NODEV mode.
+    pub(crate) queue: Option<u32>,
+    /// That queue's NAPI id, as `netdev` netlink reported it at start (0: not known).
+    pub(crate) napi_id: AtomicU32,
 }
 
 impl DriverShared {
-    fn new() -> std::io::Result<DriverShared> {
+    /// `events`: the channel to report on (several queues share one); `None`: a new one.
+    fn new(
+        events: Option<broadcast::Sender<Event>>,
+        queue: Option<u32>,
+    ) -> std::io::Result<DriverShared> {
         // SAFETY: eventfd takes plain flags; the result is checked before use.
         let fd = unsafe { syscall!(eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)) }?;
         Ok(DriverShared {
@@ -116,7 +124,9 @@ impl DriverShared {
             state: AtomicU8::new(RUNNING),
             failure: Mutex::new(None),
             slots: Mutex::new(StreamSlots::new()),
-            events: Mutex::new(Some(broadcast::channel(EVENT_CHANNEL_CAPACITY).0)),
+            events: Mutex::new(Some(
+                events.unwrap_or_else(|| broadcast::channel(EVENT_CHANNEL_CAPACITY).0),
+            )),
             stopped: CancellationToken::new(),
             area: Mutex::new(None),
             final_stats: Mutex::new(None),
@@ -124,6 +134,8 @@ impl DriverShared {
             listener_window: AtomicU32::new(0),
             send_counters: Arc::default(),
             unavailable: Mutex::new(Vec::new()),
+            queue,
+            napi_id: AtomicU32::new(0),
         })
     }
 
@@ -260,8 +272,17 @@ impl std::fmt::Debug for UringHandle {
 }
 
 /// Starts the driver thread and waits until it registered the queue (or failed to).
-pub(crate) fn start(config: UringConfig) -> Result<UringHandle> {
-    let shared = Arc::new(DriverShared::new().map_err(|e| {
+/// `events`: the channel to report on, shared with other queues' drivers; `None`: its own.
+pub(crate) fn start(
+    config: UringConfig,
+    events: Option<broadcast::Sender<Event>>,
+) -> Result<UringHandle> {
+    let queue = match &config.target {
+        crate::config::Target::Interface { queue, .. }
+        | crate::config::Target::InterfaceIndex { queue, .. } => Some(*queue),
+        crate::config::Target::NoDevice => None,
+    };
+    let shared = Arc::new(DriverShared::new(events, queue).map_err(|e| {
         let error = instance::out_of_descriptors("the driver's eventfd", &e).unwrap_or_else(|| {
             if e.raw_os_error() == Some(libc::ENOMEM) {
                 Error::new(
@@ -323,6 +344,17 @@ impl UringHandle {
             path,
             Arc::clone(&self.shared.send_counters),
         )?;
+        let stream = self.attach_socket(socket, options)?;
+        Ok((stream, write_half))
+    }
+
+    /// Receives `socket` (already out of Tokio's reactor for reads) from here on: a stream
+    /// handed over from another queue's driver keeps its write half.
+    pub(crate) fn attach_socket(
+        &self,
+        socket: Arc<std::net::TcpStream>,
+        options: StreamOptions,
+    ) -> std::io::Result<UringStream> {
         let key = lock(&self.shared.slots).allocate();
         let shared = Arc::new(StreamShared::default());
         self.shared.send(Command::Attach {
@@ -331,8 +363,12 @@ impl UringHandle {
             shared: Arc::clone(&shared),
             options,
         })?;
-        let stream = UringStream::new(shared, key, self.clone(), options.read_limit.is_some());
-        Ok((stream, write_half))
+        Ok(UringStream::new(
+            shared,
+            key,
+            self.clone(),
+            options.read_limit.is_some(),
+        ))
     }
 
     /// Bounds the TCP window of `listener`'s connections until they are attached (NIC mode
@@ -356,6 +392,17 @@ impl UringHandle {
         self.shared.stats()
     }
 
+    /// The bound NIC queue's statistics (none in NODEV mode).
+    pub(crate) fn queue_stats(&self) -> Option<crate::event::QueueStats> {
+        let queue = self.shared.queue?;
+        let napi_id = self.shared.napi_id.load(Ordering::Relaxed);
+        Some(crate::event::QueueStats {
+            queue,
+            napi_id: (napi_id != 0).then_some(napi_id),
+            stats: self.stats(),
+        })
+    }
+
     pub(crate) fn description(&self) -> String {
         lock(&self.shared.description).clone()
     }
@@ -372,9 +419,16 @@ impl UringHandle {
 
     /// Stops the driver and waits until its thread has finished.
     pub(crate) async fn shutdown(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.shared.send(Command::Shutdown(Some(done))).is_ok() {
+        if let Some(wait) = self.begin_shutdown() {
             let _ = wait.await;
         }
+    }
+
+    /// Tells the driver to stop, now; the receiver completes when its thread has finished
+    /// (`None`: it had already stopped). Several drivers stop together this way.
+    pub(crate) fn begin_shutdown(&self) -> Option<oneshot::Receiver<()>> {
+        let (done, wait) = oneshot::channel();
+        self.shared.send(Command::Shutdown(Some(done))).ok()?;
+        Some(wait)
     }
 }

@@ -16,6 +16,10 @@ use crate::buf::ZcBuf;
 pub(crate) enum StreamEnd {
     Eof,
     Error(io::Error),
+    /// The receive failed with `EFAULT` because the socket holds net_iovs of another queue
+    /// (its flow moved there): the socket, for the group to hand to that queue's driver
+    /// (`hand_over_moved`; the stream's data so far has been delivered).
+    Moved(Arc<std::net::TcpStream>),
 }
 
 impl StreamEnd {
@@ -96,6 +100,9 @@ pub(crate) struct UringStream {
     handle: UringHandle,
     limited: bool,
     done: bool,
+    /// The socket of a stream whose flow moved to another queue (see [`StreamEnd::Moved`]),
+    /// until [`UringStream::take_moved`] takes it.
+    moved: Option<Arc<std::net::TcpStream>>,
 }
 
 impl UringStream {
@@ -112,7 +119,14 @@ impl UringStream {
             handle,
             limited,
             done: false,
+            moved: None,
         }
+    }
+
+    /// The socket, if this stream ended because its flow moved to another queue: the
+    /// `EFAULT` error it yielded last is then not its end, for whoever hands it over.
+    pub(crate) fn take_moved(&mut self) -> Option<Arc<std::net::TcpStream>> {
+        self.moved.take()
     }
 }
 
@@ -136,6 +150,10 @@ impl UringStream {
             return Poll::Ready(match end {
                 StreamEnd::Eof => None,
                 StreamEnd::Error(error) => Some(Err(error)),
+                StreamEnd::Moved(socket) => {
+                    this.moved = Some(socket);
+                    Some(Err(io::Error::from_raw_os_error(libc::EFAULT)))
+                }
             });
         }
         let ask_for_more = this.limited && !state.request_pending;

@@ -69,6 +69,10 @@ impl<R: CompletionRing> Driver<R> {
         // No subscriber is fine: events are wake-ups, the statistics are the record.
         let mut stats = self.area.stats();
         self.shared.send_counters.fill(&mut stats);
-        let _ = self.events_tx.send(Event { kind, stats });
+        let _ = self.events_tx.send(Event {
+            kind,
+            stats,
+            queue: self.shared.queue,
+        });
     }
 }

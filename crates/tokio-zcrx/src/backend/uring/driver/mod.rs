@@ -67,6 +67,19 @@ const EXHAUSTION_RETRY: Duration = Duration::from_millis(5);
 
 /// Entry point of the driver thread.
 pub(super) fn run(config: UringConfig, shared: Arc<DriverShared>, ready: mpsc::Sender<Result<()>>) {
+    if let Some(cpus) = &config.cpus {
+        // Before registering: the ring and the kernel's structures for it are allocated
+        // from this CPU's node.
+        match crate::sys::pin_current_thread(cpus) {
+            Ok(()) => tracing::debug!(?cpus, "tokio-zcrx: driver thread placed"),
+            Err(error) => tracing::warn!(
+                ?cpus,
+                %error,
+                "tokio-zcrx: cannot place the driver thread on its CPUs; it runs where the \
+                 scheduler puts it"
+            ),
+        }
+    }
     let instance = match instance::register(&config) {
         Ok(instance) => instance,
         Err(e) => {
@@ -195,6 +208,8 @@ pub(crate) struct Driver<R: CompletionRing> {
     pressure: budgets::PressureEvents,
     /// Write halves' queued sends (`sends.rs`).
     sends: Sends,
+    /// `UringConfig::hand_over_moved`.
+    hand_over_moved: bool,
 }
 
 impl Driver<UringRing> {
@@ -320,6 +335,7 @@ impl<R: CompletionRing> Driver<R> {
             rcvbuf_total: 0,
             pressure: budgets::PressureEvents::default(),
             sends,
+            hand_over_moved: config.hand_over_moved,
         };
         driver.arm_eventfd().map_err(|e| {
             Error::new(ErrorKind::Kernel, "cannot poll the driver's eventfd").with_source(e)
@@ -535,12 +551,21 @@ impl<R: CompletionRing> Driver<R> {
                 Ok(())
             }
             Action::Finish(finish) => {
+                let entry = self.streams.get(slot).expect(DECIDED);
                 let end = match finish {
                     Finish::Eof => StreamEnd::Eof,
+                    // Net_iovs of another queue's instance: the flow moved. The group hands
+                    // the socket to that queue's driver; the data so far is delivered.
+                    Finish::Error(errno) if errno.raw() == libc::EFAULT && self.hand_over_moved => {
+                        tracing::debug!(
+                            "tokio-zcrx: EFAULT: the stream's flow moved to another queue"
+                        );
+                        StreamEnd::Moved(entry.socket_arc())
+                    }
                     // The kernel's error as it gave it: raw_os_error() stays ECONNRESET etc.
                     Finish::Error(errno) => StreamEnd::Error(io::Error::from(errno)),
                 };
-                self.streams.get(slot).expect(DECIDED).shared.finish(end);
+                entry.shared.finish(end);
                 Ok(())
             }
             Action::Remove {

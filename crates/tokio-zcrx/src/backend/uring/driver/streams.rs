@@ -59,6 +59,11 @@ impl StreamEntry {
         std::os::fd::AsFd::as_fd(&*self.socket)
     }
 
+    /// The socket itself (a stream handed over to another queue's driver takes it along).
+    pub(super) fn socket_arc(&self) -> Arc<std::net::TcpStream> {
+        Arc::clone(&self.socket)
+    }
+
     pub(super) fn fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }

@@ -78,6 +78,12 @@ pub(crate) struct SyntheticConfig {
     /// `Builder::mode`: `Auto` (the default) only reports a refused growth policy, the
     /// registration's own mode refuses to start without it.
     pub(crate) mode: crate::Mode,
+    /// The NIC queue it plays (named in events and `queue_stats`); `None`: none.
+    pub(crate) queue: Option<u32>,
+    /// The event channel to report on (a group of queues shares one); `None`: its own.
+    pub(crate) events_channel: Option<tokio::sync::broadcast::Sender<crate::Event>>,
+    /// A member of a group: `EFAULT` ends a stream as moved (`UringConfig::hand_over_moved`).
+    pub(crate) hand_over_moved: bool,
 }
 
 impl SyntheticConfig {
@@ -101,6 +107,9 @@ impl SyntheticConfig {
             refuse_send_zc: false,
             growth: None,
             mode: crate::Mode::Auto,
+            queue: None,
+            events_channel: None,
+            hand_over_moved: false,
         }
     }
 }
@@ -123,6 +132,29 @@ pub(crate) fn start(area_chunks: u32, chunks_per_stream: u64) -> Result<Zcrx, Er
 /// Starts a runtime over a synthetic kernel as configured; the [`Control`] sets plans for
 /// connections and reads the kernel's report.
 pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>), Error> {
+    let registration = config.registration;
+    let (handle, control, growth_refused) = start_driver(config)?;
+    let zcrx = Zcrx::from_parts(
+        crate::backend::Backend::Uring(handle),
+        ModeSelection {
+            unavailable: growth_refused.into_iter().collect(),
+            ..ModeSelection::new(
+                match registration {
+                    Registration::Nic => ActiveMode::Nic,
+                    Registration::NoDevice => ActiveMode::NoDevice,
+                },
+                Vec::new(),
+            )
+        },
+    );
+    Ok((zcrx, control))
+}
+
+/// Starts one synthetic driver: its handle, the kernel's [`Control`], and why a growth
+/// policy was refused (auto mode on a kernel without `ZCRX_CTRL_ADD_AREA`).
+pub(crate) fn start_driver(
+    config: SyntheticConfig,
+) -> Result<(UringHandle, Arc<Control>, Option<String>), Error> {
     let personality = config.personality;
     if !personality.supports(config.registration) {
         return Err(Error::new(
@@ -150,11 +182,13 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         builder = builder.area_growth(growth);
     }
     builder = builder.mode(config.mode);
-    let uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
+    let mut uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;
+    uring_config.hand_over_moved = config.hand_over_moved;
     let caps = personality.capabilities(config.events);
     let (growth, growth_refused) = super::instance::growth_on(&uring_config, caps.add_area)?;
     let internal = |e: io::Error| Error::new(ErrorKind::Kernel, "synthetic runtime").with_source(e);
-    let shared = Arc::new(DriverShared::new().map_err(internal)?);
+    let shared =
+        Arc::new(DriverShared::new(config.events_channel.clone(), config.queue).map_err(internal)?);
     let memory = Mapping::new(uring_config.area_size, false).map_err(internal)?;
     let rq_entries = uring_config.refill_entries;
     let rqes_offset = personality.rqes_offset();
@@ -237,19 +271,9 @@ pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>)
         .name(config.thread_name)
         .spawn(move || drive(driver, driver_shared))
         .map_err(internal)?;
-    let zcrx = Zcrx::from_parts(
-        crate::backend::Backend::Uring(UringHandle {
-            _stopper: Arc::new(Stopper(Arc::clone(&shared))),
-            shared,
-        }),
-        ModeSelection {
-            chosen: match config.registration {
-                Registration::Nic => ActiveMode::Nic,
-                Registration::NoDevice => ActiveMode::NoDevice,
-            },
-            refused: Vec::new(),
-            unavailable: growth_refused.into_iter().collect(),
-        },
-    );
-    Ok((zcrx, control))
+    let handle = UringHandle {
+        _stopper: Arc::new(Stopper(Arc::clone(&shared))),
+        shared,
+    };
+    Ok((handle, control, growth_refused))
 }

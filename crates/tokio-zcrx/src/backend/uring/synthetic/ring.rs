@@ -69,8 +69,11 @@ pub(crate) enum Lengths {
 pub(crate) struct StreamPlan {
     /// The pattern's seed: the bytes are `pattern::fill(seed, position, ..)`.
     pub(crate) seed: u64,
-    /// Bytes before the end.
+    /// The stream position of the end (bytes before it, counting from 0).
     pub(crate) bytes: u64,
+    /// Where in the stream this ring starts (a connection handed over from another queue's
+    /// ring continues there); 0 for a new one.
+    pub(crate) start: u64,
     pub(crate) path: Path,
     pub(crate) lengths: Lengths,
     /// The final CQE after the data: 0 (EOF) or a negative errno (e.g. `-ECONNRESET`).
@@ -85,6 +88,7 @@ impl StreamPlan {
         StreamPlan {
             seed,
             bytes,
+            start: 0,
             path: Path::ZeroCopy,
             lengths: Lengths::Full,
             end: 0,
@@ -908,8 +912,8 @@ impl CompletionRing for SyntheticRing {
                     });
                 self.states.push(StreamState {
                     stream,
+                    position: plan.start,
                     plan,
-                    position: 0,
                     cq_overflowed: false,
                 });
                 self.by_fd.insert(fd, self.states.len() - 1);

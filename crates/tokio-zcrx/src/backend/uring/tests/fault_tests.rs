@@ -69,6 +69,7 @@ async fn fault_run(seed: u64, malformed_kinds: &[Malformed]) -> Result<RunSummar
         let plan = StreamPlan {
             seed: seed * 100 + i,
             bytes: 1 + rng.below(40 * u64::from(CHUNK_SIZE)),
+            start: 0,
             path: rng.pick(&[Path::ZeroCopy, Path::Copy]),
             lengths: rng.pick(&[Lengths::Full, Lengths::Varied]),
             end: rng.pick(&[0, 0, -libc::ECONNRESET]),

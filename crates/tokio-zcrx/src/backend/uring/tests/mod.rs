@@ -100,7 +100,9 @@ pub(super) fn runtime() -> tokio::runtime::Runtime {
 pub(super) fn driver_shared(zcrx: &Zcrx) -> Arc<DriverShared> {
     match zcrx.backend() {
         crate::backend::Backend::Uring(handle) => Arc::clone(&handle.shared),
-        crate::backend::Backend::Copy(_) => unreachable!("a synthetic runtime"),
+        crate::backend::Backend::Copy(_) | crate::backend::Backend::Queues(_) => {
+            unreachable!("a synthetic runtime of one queue")
+        }
     }
 }
 
