@@ -472,7 +472,10 @@ fn buffers_of_added_areas_are_sent_unregistered() {
                 assert!(source.recv_many(&mut batch, want).await.unwrap() > 0);
             }
             let areas = harness.zcrx.stats().areas;
-            assert!(areas >= 3, "{registration:?}: the area did not grow ({areas} areas)");
+            assert!(
+                areas >= 3,
+                "{registration:?}: the area did not grow ({areas} areas)"
+            );
             sink.send_batch(&mut batch).await.unwrap();
             forward(source, sink, Forward::Batches).await.unwrap();
             assert_eq!(verifier.await.unwrap().unwrap(), FORWARDED);
