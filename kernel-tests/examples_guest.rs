@@ -682,7 +682,17 @@ fn proxy_in_nic_mode_forwards_both_ways_zero_copy() {
 fn proxy_in_nodev_mode_forwards_both_ways() {
     let summary = proxy_round_trip(&["--mode", "nodev"], "127.0.0.1", "127.0.0.1", None);
     assert_eq!(summary["mode"], "nodev", "{summary}");
-    // NODEV copies every received byte, and says so.
-    assert_eq!(summary["copy_bytes"], summary["runtime_bytes"], "{summary}");
+    // NODEV copies every received byte, and the kernel's counters say so, nearly: it
+    // updates them non-atomically from the receive paths of both CPUs and does not count
+    // copies of a packet's linear part (../shared/zcrx-kernel.md, "Events and stats"), so a
+    // few bytes can go uncounted (53 of 81,788,992 in one run) but never more than arrived.
+    let (copied, received) = (
+        summary["copy_bytes"].as_u64().expect("copy_bytes"),
+        summary["runtime_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        copied <= received && copied >= received - received / 100,
+        "{summary}"
+    );
     assert_sends_copied_by_the_receiving_kernel(&summary);
 }
