@@ -1,5 +1,5 @@
 //! `proxy-throughput`: the `proxy` example's bulk throughput and CPU per GiB, tokio-zcrx
-//! against `tokio::io::copy_bidirectional` (`proxy --copy`), on the host.
+//! against `tokio::io::copy_bidirectional` (`proxy --copy`), on the host or in the QEMU guest.
 //!
 //! ```text
 //! cargo build --release -p tokio-zcrx-examples --example proxy
