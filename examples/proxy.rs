@@ -475,6 +475,18 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     while let Some(finished) = connections.join_next().await {
         out.conn(finished?);
     }
+    if let (Accepting::Zcrx(zcrx, _), Some(listening)) = (&accepting, fds_listening) {
+        // In the io_uring modes the sockets of an ended connection close asynchronously:
+        // the driver closes each once it has cancelled its receive and its last send's
+        // notification has come. Give that a moment (bounded), so the summary's descriptor
+        // count shows what is really left, not what is still being torn down.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && (open_fds() != Some(listening) || zcrx.stats().sends_in_flight > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     let stats = match &accepting {
         Accepting::Zcrx(zcrx, _) => Some(zcrx.stats()),
         Accepting::Copy(_) => None,

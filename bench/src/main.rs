@@ -51,6 +51,10 @@ Scaling:
   --busy-bytes SIZE    bytes the busy connections send in all (default 2G)
   --hello SIZE         bytes each idle connection sends once before going idle (default 64K)
 
+Proxy benchmark plot:
+  --plot-proxy FILE    draw FILE (the JSON of `proxy-throughput --results`, e.g.
+                       docs/bench/proxy.json) as a PNG beside it (docs/bench/proxy.png)
+
 Output and debugging:
   --out DIR            where receive.{txt,json,png} and scaling.{txt,json,png} go
                        (default docs/bench, or target/zcrx-bench with --quick)
@@ -234,6 +238,22 @@ fn main() -> ExitCode {
         };
         return child::main(spec);
     }
+    if args.first().map(String::as_str) == Some("--plot-proxy") {
+        let Some(file) = args.get(1) else {
+            eprintln!("zcrx-bench --plot-proxy: missing FILE");
+            return ExitCode::from(2);
+        };
+        return match plot_proxy(std::path::Path::new(file)) {
+            Ok(png) => {
+                println!("drew {}", png.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("zcrx-bench --plot-proxy: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let options = match parse_args(args) {
         Ok(Some(options)) => options,
         Ok(None) => {
@@ -252,6 +272,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Draws the proxy benchmark's results file as a PNG beside it; returns the PNG's path.
+fn plot_proxy(file: &std::path::Path) -> Result<PathBuf> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let results: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let png = file.with_extension("png");
+    plot::proxy(&png, &results)?;
+    Ok(png)
 }
 
 fn run(options: &Options) -> Result<()> {

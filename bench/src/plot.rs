@@ -314,3 +314,98 @@ pub(crate) fn scaling(
     root.present()?;
     Ok(())
 }
+
+/// The proxy benchmark (`proxy-throughput --results`): throughput and the proxy's CPU per
+/// GiB, tokio-zcrx against `copy_bidirectional`, one column per connection count.
+pub(crate) fn proxy(path: &Path, results: &serde_json::Value) -> Result<()> {
+    register_fonts()?;
+    let rows = results["results"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no `results` in the proxy benchmark's file"))?;
+    let width = 180 + 520 * rows.len() as u32;
+    let root = BitMapBackend::new(path, (width, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mode = results["mode"].as_str().unwrap_or("?");
+    let how = match mode {
+        "copy" => "copy mode: plain reads and writes".to_string(),
+        _ => format!("{mode} mode: zcrx receive, SEND_ZC sends"),
+    };
+    let mut lines = vec![
+        format!("proxy: tokio-zcrx ({how}) vs tokio copy_bidirectional"),
+        results["machine"].as_str().unwrap_or("").to_string(),
+    ];
+    lines.push(format!(
+        "{} alternating rounds of {} s per proxy; median and min-max; one direction, {} KiB \
+         client writes{}",
+        results["rounds"],
+        results["secs"],
+        results["io_size"].as_u64().unwrap_or(0) >> 10,
+        match results["netns"].as_str() {
+            Some(_) => "; clients and upstream in the peer namespace, across netdevsim",
+            None => "; loopback",
+        }
+    ));
+    let (head, body) = root.split_vertically(header_height(lines.len()));
+    title_block(&head, &lines)?;
+    let panels = body.split_evenly((2, rows.len()));
+    let spread = |v: &serde_json::Value| -> Option<Spread> {
+        Some(Spread {
+            median: v["median"].as_f64()?,
+            min: v["min"].as_f64()?,
+            max: v["max"].as_f64()?,
+        })
+    };
+    for (col, row) in rows.iter().enumerate() {
+        let conns = row["conns"].as_u64().unwrap_or(0);
+        let proxies = row["proxies"].as_array().cloned().unwrap_or_default();
+        let bars = |field: &str| -> Vec<Bar> {
+            proxies
+                .iter()
+                .map(|p| {
+                    let zcrx = p["proxy"] == "tokio-zcrx";
+                    Bar {
+                        label: if zcrx {
+                            format!("tokio-zcrx ({mode})")
+                        } else {
+                            "copy_bidirectional".into()
+                        },
+                        color: color(if zcrx {
+                            Receiver::TokioZcrx
+                        } else {
+                            Receiver::TokioRead
+                        }),
+                        spread: spread(&p[field]),
+                    }
+                })
+                .collect()
+        };
+        let conn_word = if conns == 1 {
+            "connection"
+        } else {
+            "connections"
+        };
+        let ratio = |field: &str| row[field]["median"].as_f64().unwrap_or(f64::NAN);
+        bar_panel(
+            &panels[col],
+            &format!(
+                "{conns} {conn_word}: throughput ({:.2}x)",
+                ratio("throughput_ratio_per_round")
+            ),
+            "Gbit/s",
+            &bars("gbps_spread"),
+            |v| format!("{v:.2}"),
+        )?;
+        bar_panel(
+            &panels[rows.len() + col],
+            &format!(
+                "{conns} {conn_word}: proxy CPU per GiB ({:.2}x)",
+                ratio("cpu_ratio_per_round")
+            ),
+            "CPU s/GiB (user+sys)",
+            &bars("cpu_spread"),
+            |v| format!("{v:.2}"),
+        )?;
+    }
+    root.present()?;
+    Ok(())
+}

@@ -1,5 +1,5 @@
 //! `proxy-throughput`: the `proxy` example's bulk throughput and CPU per GiB, tokio-zcrx
-//! against `tokio::io::copy_bidirectional` (`proxy --copy`), on the host.
+//! against `tokio::io::copy_bidirectional` (`proxy --copy`), on the host or in the QEMU guest.
 //!
 //! ```text
 //! cargo build --release -p tokio-zcrx-examples --example proxy
@@ -20,20 +20,23 @@
 //! One direction only (clients to upstream): the proxy's two directions are the same code,
 //! and one direction keeps the sink's count a clean measure of what was forwarded.
 //!
-//! The hook for the guest's nic-mode forwarding benchmark (issue 13, once the zero-copy send
-//! API is in): `--mode` is passed to the proxy as it is, and the proxy's `forward` is the one
-//! call that switches to zero-copy sends. What the guest run still needs: the clients in the
-//! peer namespace (`/run/netns/nsb`), the proxy listening on the netdevsim address with
-//! `--interface nsim0 --queue 0`, and an `xtask vm-bench` entry to run it; see
-//! docs/benchmarks.md.
+//! In the QEMU guest (`cargo xtask vm-bench --proxy`, nic mode): the clients and the sink
+//! live in the peer's namespace (`--netns /run/netns/nsb`, `--upstream-ip 192.0.2.2`), the
+//! proxy listens on the netdevsim address (`--listen-ip 192.0.2.1`) and receives zero-copy on
+//! `--interface nsim0 --queue 0`, so every byte crosses the netdevsim pair twice. `--results
+//! FILE` writes every sample and the proxies' own summaries as JSON (the guest prints it as
+//! one `@@proxy-bench` line instead: `--results -`); `zcrx-bench --plot-proxy FILE` draws it.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,6 +57,14 @@ impl Proxy {
             Proxy::CopyBidirectional => "copy_bidirectional proxy",
         }
     }
+
+    /// The name in the results file (and the plot's colours).
+    fn id(self) -> &'static str {
+        match self {
+            Proxy::Zcrx => "tokio-zcrx",
+            Proxy::CopyBidirectional => "copy_bidirectional",
+        }
+    }
 }
 
 struct Settings {
@@ -62,18 +73,51 @@ struct Settings {
     conns: Vec<usize>,
     mode: String,
     proxy: PathBuf,
+    /// The proxy's address, and where the clients and the sink live.
+    listen_ip: String,
+    upstream_ip: String,
+    netns: Option<String>,
+    /// nic mode's queue, passed to the proxy.
+    interface: Option<(String, u32)>,
+    /// Where the results go as JSON (`-`: one `@@proxy-bench` line on stdout).
+    results: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     gbps: f64,
     cpu_s_per_gib: f64,
+    /// The proxy's JSON summary at exit (its send and receive statistics).
+    summary: Option<Value>,
+}
+
+/// Runs `f` on a thread in the network namespace `netns` (if any): sockets it creates
+/// stay in that namespace.
+fn in_netns<T: Send + 'static>(
+    netns: &Option<String>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let netns = netns.clone();
+    std::thread::spawn(move || {
+        if let Some(path) = netns {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns with a descriptor kept open by `file`; it changes only this
+            // thread's network namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .unwrap()
 }
 
 /// The proxy process, killed if still running when dropped.
 struct ProxyProcess {
     child: Child,
     addr: SocketAddr,
+    /// The last JSON line it printed (its summary, once it has exited).
+    last_line: mpsc::Receiver<Value>,
 }
 
 impl Drop for ProxyProcess {
@@ -87,14 +131,22 @@ impl ProxyProcess {
     fn start(settings: &Settings, proxy: Proxy, upstream: SocketAddr) -> ProxyProcess {
         let mut command = Command::new(&settings.proxy);
         command
-            .args(["--listen", "127.0.0.1:0", "--json", "--upstream"])
+            .args(["--listen", &format!("{}:0", settings.listen_ip), "--json"])
+            .arg("--upstream")
             .arg(upstream.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         match proxy {
-            Proxy::Zcrx => command.args(["--mode", &settings.mode]),
-            Proxy::CopyBidirectional => command.arg("--copy"),
-        };
+            Proxy::Zcrx => {
+                command.args(["--mode", &settings.mode]);
+                if let Some((name, queue)) = &settings.interface {
+                    command.args(["--interface", name, "--queue", &queue.to_string()]);
+                }
+            }
+            Proxy::CopyBidirectional => {
+                command.arg("--copy");
+            }
+        }
         let mut child = command.spawn().unwrap_or_else(|e| {
             panic!(
                 "cannot start {}: {e}; build it with `cargo build --release -p \
@@ -104,14 +156,35 @@ impl ProxyProcess {
         });
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = lines.next().expect("no line from the proxy").unwrap();
-        let listening: serde_json::Value = serde_json::from_str(&first).unwrap();
+        let listening: Value = serde_json::from_str(&first).unwrap();
         let addr = listening["addr"].as_str().unwrap().parse().unwrap();
         if proxy == Proxy::Zcrx {
             assert_eq!(listening["mode"], settings.mode.as_str(), "{first}");
         }
-        // The rest of its output (ticks, connections) is read and dropped so it never blocks.
-        std::thread::spawn(move || lines.for_each(drop));
-        ProxyProcess { child, addr }
+        // The rest of its output (ticks, connections) is read so it never blocks; the
+        // summary comes last.
+        let (tx, last_line) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    if value["type"] == "summary" {
+                        let _ = tx.send(value);
+                    }
+                }
+            }
+        });
+        ProxyProcess {
+            child,
+            addr,
+            last_line,
+        }
+    }
+
+    /// SIGTERM, then its summary (`None` if it printed none within 20 s).
+    fn stop(self) -> Option<Value> {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.last_line.recv_timeout(Duration::from_secs(20)).ok()
     }
 
     /// User + system CPU time of the whole process so far, in seconds.
@@ -127,8 +200,14 @@ impl ProxyProcess {
 }
 
 /// The upstream server: reads every connection to its end and counts the bytes.
-async fn start_sink(received: Arc<AtomicU64>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+async fn start_sink(settings: &Settings, received: Arc<AtomicU64>) -> SocketAddr {
+    let ip = settings.upstream_ip.clone();
+    let listener = in_netns(&settings.netns, move || {
+        let listener = std::net::TcpListener::bind((ip.as_str(), 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        listener
+    });
+    let listener = TcpListener::from_std(listener).unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -156,7 +235,13 @@ async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for index in 0..conns {
-        let mut socket = TcpStream::connect(process.addr).await.unwrap();
+        let addr = process.addr;
+        let socket = in_netns(&settings.netns, move || {
+            let socket = std::net::TcpStream::connect(addr).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            socket
+        });
+        let mut socket = TcpStream::from_std(socket).unwrap();
         socket.set_nodelay(true).unwrap();
         let stop = Arc::clone(&stop);
         clients.push(tokio::spawn(async move {
@@ -184,11 +269,14 @@ async fn run(
     for client in clients {
         client.await.unwrap();
     }
-    drop(process);
+    let summary = tokio::task::spawn_blocking(move || process.stop())
+        .await
+        .unwrap();
     assert!(bytes > 0, "{} forwarded nothing", proxy.name());
     Sample {
         gbps: bytes as f64 * 8.0 / seconds / 1e9,
         cpu_s_per_gib: cpu / (bytes as f64 / (1u64 << 30) as f64),
+        summary,
     }
 }
 
@@ -212,7 +300,13 @@ fn parse_args() -> Result<Settings, lexopt::Error> {
         conns: vec![1, 16],
         mode: "copy".into(),
         proxy: exe.parent().unwrap().join("examples/proxy"),
+        listen_ip: "127.0.0.1".into(),
+        upstream_ip: "127.0.0.1".into(),
+        netns: None,
+        interface: None,
+        results: None,
     };
+    let (mut interface, mut queue) = (None, None);
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
@@ -228,17 +322,52 @@ fn parse_args() -> Result<Settings, lexopt::Error> {
             }
             Long("mode") => settings.mode = parser.value()?.string()?,
             Long("proxy") => settings.proxy = parser.value()?.into(),
+            Long("listen-ip") => settings.listen_ip = parser.value()?.string()?,
+            Long("upstream-ip") => settings.upstream_ip = parser.value()?.string()?,
+            Long("netns") => settings.netns = Some(parser.value()?.string()?),
+            Long("interface") => interface = Some(parser.value()?.string()?),
+            Long("queue") => queue = Some(parser.value()?.parse()?),
+            Long("results") => settings.results = Some(parser.value()?.string()?),
             Long("help") | Short('h') => {
                 println!(
                     "usage: proxy-throughput [--rounds N] [--secs S] [--conns 1,16] \
-                     [--mode copy|nodev|nic] [--proxy PATH]"
+                     [--mode copy|nodev|nic] [--proxy PATH] [--listen-ip IP] \
+                     [--upstream-ip IP] [--netns PATH] [--interface IF --queue N] \
+                     [--results FILE|-]"
                 );
                 std::process::exit(0);
             }
             _ => return Err(arg.unexpected()),
         }
     }
+    settings.interface = match (interface, queue) {
+        (Some(name), Some(queue)) => Some((name, queue)),
+        (None, None) => None,
+        _ => return Err("--interface and --queue go together".into()),
+    };
     Ok(settings)
+}
+
+/// The machine in one line: CPU model, CPU count, kernel.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key.trim() == "model name").then(|| value.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model}, {cpus} CPUs, Linux {}", kernel.trim())
+}
+
+/// Median, min and max.
+fn spread(values: &[f64]) -> Value {
+    let mut sorted = values.to_vec();
+    let mid = median(&mut sorted);
+    json!({"median": mid, "min": sorted[0], "max": sorted[sorted.len() - 1]})
 }
 
 fn main() {
@@ -259,9 +388,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let mut results = Vec::new();
     runtime.block_on(async {
         let received = Arc::new(AtomicU64::new(0));
-        let upstream = start_sink(Arc::clone(&received)).await;
+        let upstream = start_sink(&settings, Arc::clone(&received)).await;
         let proxies = [Proxy::Zcrx, Proxy::CopyBidirectional];
         for &conns in &settings.conns {
             let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
@@ -289,27 +419,89 @@ fn main() {
                 medians.push((rate, cost));
             }
             let paired = |value: fn(&Sample) -> f64| {
-                let mut ratios: Vec<f64> = samples[0]
+                let ratios: Vec<f64> = samples[0]
                     .iter()
                     .zip(&samples[1])
                     .map(|(z, t)| value(z) / value(t))
                     .collect();
-                let mid = median(&mut ratios);
-                (mid, ratios[0], ratios[ratios.len() - 1])
+                ratios
             };
-            let (rate_ratio, cost_ratio) = (paired(|s| s.gbps), paired(|s| s.cpu_s_per_gib));
+            let (rate_ratios, cost_ratios) = (paired(|s| s.gbps), paired(|s| s.cpu_s_per_gib));
+            let (mut r, mut c) = (rate_ratios.clone(), cost_ratios.clone());
+            let (rate_ratio, cost_ratio) = (median(&mut r), median(&mut c));
             println!(
                 "  tokio-zcrx / copy_bidirectional: {:.3}x throughput, {:.3}x CPU per GiB; per \
                  round: {:.3}x [{:.3}-{:.3}], {:.3}x [{:.3}-{:.3}]",
                 medians[0].0 / medians[1].0,
                 medians[0].1 / medians[1].1,
-                rate_ratio.0,
-                rate_ratio.1,
-                rate_ratio.2,
-                cost_ratio.0,
-                cost_ratio.1,
-                cost_ratio.2
+                rate_ratio,
+                r[0],
+                r[r.len() - 1],
+                cost_ratio,
+                c[0],
+                c[c.len() - 1]
             );
+            // What the tokio-zcrx proxy itself reported (receive copies, sends).
+            for sample in &samples[0] {
+                if let Some(summary) = &sample.summary {
+                    println!(
+                        "    tokio-zcrx summary: mode {}, copy_bytes {}, sends {}, zero-copy {} \
+                         B, kernel-copied {} B, plain {} B, fallbacks {}, buffers outstanding {}",
+                        summary["mode"],
+                        summary["copy_bytes"],
+                        summary["sends"],
+                        summary["send_zero_copy_bytes"],
+                        summary["send_kernel_copied_bytes"],
+                        summary["send_plain_bytes"],
+                        summary["send_fallbacks"],
+                        summary["buffers_outstanding"]
+                    );
+                }
+            }
+            let proxies_json: Vec<Value> = proxies
+                .iter()
+                .zip(&samples)
+                .map(|(proxy, samples)| {
+                    let gbps: Vec<f64> = samples.iter().map(|s| s.gbps).collect();
+                    let cpu: Vec<f64> = samples.iter().map(|s| s.cpu_s_per_gib).collect();
+                    json!({
+                        "proxy": proxy.id(),
+                        "gbps": gbps,
+                        "cpu_s_per_gib": cpu,
+                        "gbps_spread": spread(&gbps),
+                        "cpu_spread": spread(&cpu),
+                        "summaries": samples.iter().map(|s| s.summary.clone()).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            results.push(json!({
+                "conns": conns,
+                "proxies": proxies_json,
+                "throughput_ratio_of_medians": medians[0].0 / medians[1].0,
+                "cpu_ratio_of_medians": medians[0].1 / medians[1].1,
+                "throughput_ratio_per_round": spread(&rate_ratios),
+                "cpu_ratio_per_round": spread(&cost_ratios),
+            }));
         }
     });
+    let Some(target) = &settings.results else {
+        return;
+    };
+    let document = json!({
+        "machine": machine(),
+        "mode": settings.mode,
+        "interface": settings.interface.as_ref().map(|(name, queue)| format!("{name} queue {queue}")),
+        "netns": settings.netns,
+        "rounds": settings.rounds,
+        "secs": settings.secs,
+        "io_size": IO_SIZE,
+        "results": results,
+    });
+    if target == "-" {
+        println!("@@proxy-bench {document}");
+    } else {
+        let text = serde_json::to_string_pretty(&document).unwrap();
+        std::fs::write(target, text + "\n").unwrap_or_else(|e| panic!("writing {target}: {e}"));
+        println!("results in {target}");
+    }
 }

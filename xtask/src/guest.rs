@@ -195,6 +195,38 @@ pub(crate) fn build_benchmark(start: Instant) -> Result<Vec<GuestBinary>> {
     Ok(binaries)
 }
 
+/// Builds the guest's proxy benchmark (`proxy-throughput`) and the `proxy` example with the
+/// release profile.
+pub(crate) fn build_proxy_benchmark(start: Instant) -> Result<Vec<GuestBinary>> {
+    step(
+        start,
+        "building the static proxy benchmark and proxy (cargo, profile `release`)",
+    );
+    let mut binaries = Vec::new();
+    cargo_build_for_guest_with(
+        &["build", "-p", "tokio-zcrx-examples", "--example", "proxy"],
+        "release",
+        &mut binaries,
+    )?;
+    cargo_build_for_guest_with(
+        &[
+            "build",
+            "-p",
+            "tokio-zcrx-bench",
+            "--bin",
+            "proxy-throughput",
+        ],
+        "release",
+        &mut binaries,
+    )?;
+    for name in ["proxy", "proxy-throughput"] {
+        if !binaries.iter().any(|b| b.name == name) {
+            bail!("cargo built no {name} binary for the guest");
+        }
+    }
+    Ok(binaries)
+}
+
 /// Where the guest binaries are built: beside the caller's own `CARGO_TARGET_DIR` if it
 /// set one, else in the cache. Cargo names a workspace member's build by its path inside
 /// the workspace, not by the checkout, so two checkouts sharing one target directory take
@@ -280,6 +312,8 @@ pub(crate) struct GuestOutcome {
     pub problems: Vec<String>,
     pub exit_code: Option<i32>,
     pub kernel_release: Option<String>,
+    /// Result lines a guest benchmark printed for the host (`@@proxy-bench JSON`).
+    pub results: Vec<String>,
 }
 
 impl GuestOutcome {
@@ -395,6 +429,9 @@ pub(crate) fn run(
         let line = text.trim_end_matches(['\n', '\r']);
         let _ = writeln!(log, "{line}");
         println!("  guest| {line}");
+        if line.starts_with("@@proxy-bench ") {
+            outcome.results.push(line.to_string());
+        }
         parse_line(
             line,
             &mut outcome,

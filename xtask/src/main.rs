@@ -44,6 +44,11 @@ Commands:
               (nic and nodev modes; only the ratio counts under emulation). ARGS go to
               guest-ratio: --mib N (256), --reps R (7), --batches (the runtime's consumer
               uses next_batch(64)), --detail (CPU time and context switches per thread).
+  vm-bench --proxy [-- ARGS]
+              The proxy example in nic mode (zero-copy receive on netdevsim, SEND_ZC)
+              against `proxy --copy` (copy_bidirectional) in the guest, clients and upstream
+              in the peer namespace; writes docs/bench/proxy.json and .png. ARGS go to
+              proxy-throughput: --rounds N (7), --secs S (3), --conns 1,16.
   soak [--minutes M] [--connections N] [-- SOAK-ARGS]
               The soak run in the guest: the echo and sink examples in nic and nodev
               modes churn connections (random sizes, resets, half-closes, held buffers,
@@ -628,6 +633,9 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
         .map(String::as_str)
         .filter(|a| *a != "--")
         .collect();
+    if args.first() == Some(&"--proxy") {
+        return vm_bench_proxy(&args[1..], start);
+    }
     let image = guest::prepare_newest(start)?;
     let binaries = guest::build_benchmark(start)?;
     let command = format!("guest-ratio {}", args.join(" "));
@@ -646,6 +654,61 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
             ExitCode::FAILURE
         },
     )
+}
+
+/// The proxy benchmark in the guest, nic mode: `proxy-throughput` with its clients and sink
+/// in the peer namespace, the proxy on the netdevsim queue; the results go to
+/// docs/bench/proxy.json and are drawn as docs/bench/proxy.png.
+fn vm_bench_proxy(args: &[&str], start: Instant) -> Result<ExitCode> {
+    let image = guest::prepare_newest(start)?;
+    let binaries = guest::build_proxy_benchmark(start)?;
+    let command = format!(
+        "proxy-throughput --proxy /tzx/bin/proxy --mode nic --interface \"$TZX_NIC\" --queue 0 \
+         --listen-ip \"$TZX_NIC_ADDR\" --upstream-ip \"$TZX_PEER_ADDR\" \
+         --netns \"$TZX_PEER_NETNS\" --results - {}",
+        args.join(" ")
+    );
+    let outcome = guest::run(
+        &image,
+        &run_options(binaries, Vec::new(), Payload::Command(command))?,
+        start,
+    )?;
+    for problem in &outcome.problems {
+        println!("xtask: {problem}");
+    }
+    if !outcome.problems.is_empty() || outcome.exit_code != Some(0) {
+        return Ok(ExitCode::FAILURE);
+    }
+    let [line] = &outcome.results[..] else {
+        bail!(
+            "the guest printed {} `@@proxy-bench` result lines, expected one",
+            outcome.results.len()
+        );
+    };
+    let document: serde_json::Value =
+        serde_json::from_str(line.trim_start_matches("@@proxy-bench ").trim())
+            .context("the guest's @@proxy-bench line is not JSON")?;
+    let file = util::workspace_root().join("docs/bench/proxy.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&document)? + "\n")
+        .with_context(|| format!("writing {}", file.display()))?;
+    step(
+        start,
+        format_args!("results in {}; drawing the plot", file.display()),
+    );
+    util::run(
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "tokio-zcrx-bench",
+                "--",
+                "--plot-proxy",
+            ])
+            .arg(&file),
+    )
+    .context("drawing docs/bench/proxy.png")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn vm_run(args: &[String], start: Instant) -> Result<ExitCode> {

@@ -350,11 +350,11 @@ impl ZcBatch {
         self.remaining = 0;
     }
 
-    /// Moves the buffers not used up to the end of `out` and empties the batch (used-up
-    /// buffers are returned now), keeping its allocation for the next
-    /// [`recv_many`](crate::ZcStream::recv_many).
-    pub(crate) fn take_into(&mut self, out: &mut Vec<ZcBuf>) {
-        out.extend(self.buffers.drain(self.first..));
+    /// Moves the buffers not used up to the end of `out`, each wrapped with `wrap`, and
+    /// empties the batch (used-up buffers are returned now), keeping its allocation for the
+    /// next [`recv_many`](crate::ZcStream::recv_many).
+    pub(crate) fn take_into_with<T>(&mut self, out: &mut Vec<T>, wrap: impl FnMut(ZcBuf) -> T) {
+        out.extend(self.buffers.drain(self.first..).map(wrap));
         self.clear();
     }
 
@@ -458,6 +458,11 @@ impl Drop for ZcBatch {
 /// owner; mixed input is handled all the same.)
 fn return_all(buffers: &mut Vec<ZcBuf>) {
     const RUN: usize = 64;
+    if buffers.len() <= 1 {
+        // One buffer is one release either way: skip setting up the run (its 64 slots).
+        buffers.clear();
+        return;
+    }
     type Owner = (NonNull<()>, &'static BufferOwnerVtable);
     let mut slots = [BufferSlot::default(); RUN];
     let mut run_len = 0;

@@ -225,10 +225,35 @@ impl ZcWriteHalf {
     /// # }
     /// ```
     pub async fn send_batch(&mut self, batch: &mut ZcBatch) -> io::Result<()> {
-        let mut buffers = Vec::with_capacity(batch.len());
-        batch.take_into(&mut buffers);
-        self.send_payloads(buffers.into_iter().map(Payload::Buf).collect())
-            .await
+        if self.sends.queued.is_none() {
+            return self.write_batch(batch).await;
+        }
+        let mut payloads = Vec::with_capacity(batch.len());
+        batch.take_into_with(&mut payloads, Payload::Buf);
+        self.send_payloads(payloads).await
+    }
+
+    /// Copy mode's `send_batch`: vectored writes straight from the batch (one `writev` per
+    /// 64 buffers, no allocation), as `write_all_buffers` does; the batch is emptied (its
+    /// buffers returned at once) when the future completes or is dropped, so, as with a
+    /// queued send, the call owns the buffers either way.
+    async fn write_batch(&mut self, batch: &mut ZcBatch) -> io::Result<()> {
+        /// Empties the batch when dropped.
+        struct Emptied<'a>(&'a mut ZcBatch);
+        impl Drop for Emptied<'_> {
+            fn drop(&mut self) {
+                self.0.clear();
+            }
+        }
+        let batch = Emptied(batch);
+        let bytes = batch.0.len_bytes();
+        if bytes == 0 {
+            return Ok(());
+        }
+        SendCounters::add(&self.sends.counters.sends, 1);
+        self.write_all_buffers(batch.0).await?;
+        SendCounters::add(&self.sends.counters.plain_bytes, bytes as u64);
+        Ok(())
     }
 
     /// Sends `bytes` as [`send_buf`](Self::send_buf) does: held, unchanged, until the kernel
@@ -365,17 +390,23 @@ impl ZcWriteHalf {
             if index == buffers.len() {
                 return Ok(());
             }
-            let mut slices = [IoSlice::new(&[]); BUFFERS_PER_WRITE];
-            slices[0] = IoSlice::new(&buffers[index][offset..]);
-            let mut count = 1;
-            for (slot, buf) in slices[1..].iter_mut().zip(&buffers[index + 1..]) {
-                *slot = IoSlice::new(buf);
-                count += 1;
-            }
-            let slices = &slices[..count];
-            let written =
+            let first = IoSlice::new(&buffers[index][offset..]);
+            let written = if index + 1 == buffers.len() {
+                // One buffer left (copy mode's usual batch): no array of slices to set up.
+                std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write_vectored(cx, &[first]))
+                    .await
+            } else {
+                let mut slices = [IoSlice::new(&[]); BUFFERS_PER_WRITE];
+                slices[0] = first;
+                let mut count = 1;
+                for (slot, buf) in slices[1..].iter_mut().zip(&buffers[index + 1..]) {
+                    *slot = IoSlice::new(buf);
+                    count += 1;
+                }
+                let slices = &slices[..count];
                 std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write_vectored(cx, slices))
-                    .await;
+                    .await
+            };
             let mut written = match written {
                 Ok(written) => written,
                 // As `write_all_buf` does: a signal is no reason to give up.
