@@ -44,6 +44,9 @@ pub(super) struct PressureEvents {
     high_water_armed: bool,
     /// The area was under pressure (`BudgetPolicy::under_pressure`) at the last look.
     under_pressure: bool,
+    /// The derived budget (`BudgetPolicy::budget`, `high`) at the last look: it grows when
+    /// streams go away.
+    derived_high: u64,
 }
 
 impl Default for PressureEvents {
@@ -53,6 +56,7 @@ impl Default for PressureEvents {
             last_high_water: None,
             high_water_armed: true,
             under_pressure: false,
+            derived_high: 0,
         }
     }
 }
@@ -228,14 +232,25 @@ impl<R: CompletionRing> Driver<R> {
     /// may be small: when the pressure ends its normal budget may let it go on sooner, so while
     /// streams are paused under pressure every return wakes the driver to look at the
     /// pressure, and its end steps every paused stream once.
+    ///
+    /// Derived budgets also grow when streams go away, and a paused stream's mark is its
+    /// budget's low mark *when it paused*: when the derived budget grew, every paused stream
+    /// is stepped once, resuming those at or below their new low mark and moving the mark
+    /// of the others. A stream must not wait for its reader to drop buffers its budget now
+    /// allows it to hold: the reader may itself be waiting for what only this stream's
+    /// next bytes bring (an echo handler blocked in a write whose peer's window updates
+    /// TCP only takes once the peer's retransmissions get into this stream's socket).
     pub(super) fn resume_paused_streams(&mut self) -> io::Result<()> {
         let pressure = self.budget_policy.under_pressure(self.area.memory_held());
         let paused = self.area.counters.streams_paused.load(Ordering::Relaxed) > 0;
         self.area.holdings.wake_on_every_return(pressure && paused);
         let was_under_pressure = std::mem::replace(&mut self.pressure.under_pressure, pressure);
-        // Derived budgets grew back with the end of the pressure: every paused stream may
-        // go on sooner than its mark.
-        let every_paused_stream = was_under_pressure && !pressure && paused;
+        let derived_high = self.budget_policy.budget(self.streams.len()).high;
+        let budget_grew =
+            derived_high > std::mem::replace(&mut self.pressure.derived_high, derived_high);
+        // Derived budgets grew back with the end of the pressure, or with fewer streams:
+        // every paused stream may go on sooner than its mark.
+        let every_paused_stream = paused && ((was_under_pressure && !pressure) || budget_grew);
         let some_reached = self.area.holdings.take_resumable();
         if self.stopping.is_some() || !(some_reached || every_paused_stream) {
             return Ok(());

@@ -317,3 +317,95 @@ fn fixed_and_disabled_budgets() {
         },
     );
 }
+
+/// A paused stream whose derived budget grew (other streams went away) goes on as soon as
+/// it holds no more than the new budget's low mark, without waiting for its reader to drop
+/// anything. Its reader may be waiting for something only more bytes of this very stream
+/// bring about: an echo handler blocked in a write whose peer's window updates its TCP
+/// only takes once the peer's retransmissions get through, i.e. once this stream reads its
+/// socket again (seen in the guest: a resumed peer got nothing more, for good, while its
+/// stream held 63 chunks under a low mark of 157).
+#[test]
+fn a_paused_stream_resumes_when_its_derived_budget_grows() {
+    on_every_kernel(
+        "a_paused_stream_resumes_when_its_derived_budget_grows",
+        |personality, registration| async move {
+            let h = Harness::start(SyntheticConfig {
+                area_chunks: AREA_CHUNKS,
+                ..SyntheticConfig::new(personality, registration)
+            })
+            .await;
+            // Seven idle streams (each has sent its few bytes, read and dropped), so that the
+            // eighth's budget is an eighth of half the area: 16 chunks, well below the
+            // pressure threshold (a quarter of the area) when it holds them.
+            let mut idle = Vec::new();
+            for i in 0..7 {
+                let seed = 300 + i;
+                let (mut stream, writer, client) = h.connect(StreamPlan::new(seed, CHUNK)).await;
+                let (received, error) = read_checked(&mut stream, seed).await;
+                assert_eq!((received, error.is_none()), (CHUNK, true));
+                idle.push((stream, writer, client));
+            }
+            let seed = 400;
+            let (mut stream, _writer, _client) =
+                h.connect(StreamPlan::new(seed, STALLED_BYTES)).await;
+            let (mut position, mut held) = (0, Vec::new());
+            take_and_hold(
+                &mut stream,
+                seed,
+                &mut position,
+                &mut held,
+                Duration::from_millis(20),
+            )
+            .await;
+            h.until("the stalled stream is paused", |h| {
+                h.zcrx.stats().streams_paused == 1
+            })
+            .await;
+            while let Some(Some(buf)) = stream.next().now_or_never() {
+                let buf = buf.unwrap();
+                check(seed, &mut position, &buf);
+                held.push(buf);
+            }
+            // Paused at its budget among eight (16 chunks), below the low mark it has
+            // alone (32 chunks).
+            let (budget_of_eight, low_alone) =
+                (u64::from(AREA_CHUNKS) / 16, u64::from(AREA_CHUNKS) / 8);
+            let holding = held.len() as u64;
+            assert!(
+                (budget_of_eight..=low_alone).contains(&holding),
+                "{holding} chunks held: {}",
+                h.zcrx.stats()
+            );
+            // The idle streams go: alone, the stream's budget is a quarter of the area
+            // (64 chunks, low mark 32), and the 16 it holds are below that mark.
+            drop(idle);
+            h.until("the idle streams are gone", |h| h.live_slots() == 1)
+                .await;
+            let more = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+            let buf = more
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the stream stayed paused holding {} chunks with a budget of {} \
+                         chunks: {}",
+                        held.len(),
+                        u64::from(AREA_CHUNKS) / 4,
+                        h.zcrx.stats()
+                    )
+                })
+                .expect("more bytes")
+                .unwrap();
+            check(seed, &mut position, &buf);
+            held.push(buf);
+            // Every byte after it too, in order.
+            drop(held);
+            while let Some(buf) = stream.next().await {
+                check(seed, &mut position, &buf.unwrap());
+            }
+            assert_eq!(position, STALLED_BYTES);
+            assert_eq!(h.zcrx.stats().streams_paused, 0);
+            h.every_chunk_back().await;
+            h.zcrx.shutdown().await;
+        },
+    );
+}
