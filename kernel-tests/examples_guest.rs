@@ -357,25 +357,6 @@ fn read_pattern(
     }
 }
 
-fn set_linger_zero(socket: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: SO_LINGER reads one live `linger` of the size given.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-}
-
 /// What the client of connection `id` saw.
 #[derive(Debug)]
 struct ClientEnd {
@@ -418,7 +399,7 @@ fn client(
             "client {id}: {nothing:?} before the reset"
         );
         // Closing this, the only descriptor, with a zero linger time sends the reset.
-        set_linger_zero(&socket);
+        tokio_zcrx_kernel_tests::reset_on_close(&socket);
         drop(socket);
         return ClientEnd {
             id,

@@ -10,27 +10,9 @@ use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_zcrx::{EventsPolicy, Mode, ZcStream, Zcrx};
 use tokio_zcrx_kernel_tests::support::{build, runtime};
-use tokio_zcrx_kernel_tests::{enter_netns, first_mismatch, pattern_byte, GuestNet};
-
-/// Makes the socket's close send a reset (SO_LINGER with a zero timeout).
-fn reset_on_close(socket: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket fd and a live linger struct of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-}
+use tokio_zcrx_kernel_tests::{
+    enter_netns, first_mismatch, pattern_byte, reset_on_close, GuestNet,
+};
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
