@@ -330,31 +330,10 @@ impl NetlinkSocket {
     pub(crate) fn request(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> io::Result<Vec<u8>> {
         let seq = self.take_seq();
         let request = build(seq);
-        // SAFETY: the pointer and length describe `request`, which outlives the call.
-        unsafe {
-            syscall!(send(
-                self.fd.as_raw_fd(),
-                request.as_ptr().cast(),
-                request.len(),
-                0,
-            ))
-        }?;
+        self.send_request(&request)?;
         let mut buf = vec![0u8; RECV_BUFFER_LEN];
         loop {
-            // SAFETY: the pointer and length describe `buf`, which outlives the call.
-            // MSG_TRUNC makes recv report the full length of an oversized message.
-            let received = unsafe {
-                syscall!(recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                ))
-            }?;
-            let received = received as usize;
-            if received > buf.len() {
-                return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
-            }
+            let received = self.receive(&mut buf)?;
             for message in messages(&buf[..received]) {
                 if message.seq != seq {
                     continue; // a late answer to an earlier request that timed out
@@ -371,12 +350,8 @@ impl NetlinkSocket {
         }
     }
 
-    /// Sends one dump request and returns the payload of every answer until `NLMSG_DONE`
-    /// (a dump can take several receives: the kernel fills one buffer at a time). An
-    /// `NLMSG_ERROR` answer ends the dump with its errno.
-    pub(crate) fn dump(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> io::Result<Vec<Vec<u8>>> {
-        let seq = self.take_seq();
-        let request = build(seq);
+    /// Sends one request message.
+    fn send_request(&self, request: &[u8]) -> io::Result<()> {
         // SAFETY: the pointer and length describe `request`, which outlives the call.
         unsafe {
             syscall!(send(
@@ -386,23 +361,38 @@ impl NetlinkSocket {
                 0,
             ))
         }?;
+        Ok(())
+    }
+
+    /// Receives one datagram of answers into `buf`; returns its length. An answer larger than
+    /// `buf` is `EMSGSIZE` (MSG_TRUNC makes recv report its full length).
+    fn receive(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the pointer and length describe `buf`, which outlives the call.
+        let received = unsafe {
+            syscall!(recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_TRUNC,
+            ))
+        }? as usize;
+        if received > buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        Ok(received)
+    }
+
+    /// Sends one dump request and returns the payload of every answer until `NLMSG_DONE`
+    /// (a dump can take several receives: the kernel fills one buffer at a time). An
+    /// `NLMSG_ERROR` answer ends the dump with its errno.
+    pub(crate) fn dump(&mut self, build: impl FnOnce(u32) -> Vec<u8>) -> io::Result<Vec<Vec<u8>>> {
+        let seq = self.take_seq();
+        let request = build(seq);
+        self.send_request(&request)?;
         let mut buf = vec![0u8; RECV_BUFFER_LEN];
         let mut answers = Vec::new();
         loop {
-            // SAFETY: the pointer and length describe `buf`, which outlives the call.
-            // MSG_TRUNC makes recv report the full length of an oversized message.
-            let received = unsafe {
-                syscall!(recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                ))
-            }?;
-            let received = received as usize;
-            if received > buf.len() {
-                return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
-            }
+            let received = self.receive(&mut buf)?;
             for message in messages(&buf[..received]) {
                 if message.seq != seq {
                     continue; // a late answer to an earlier request that timed out
