@@ -23,7 +23,7 @@
 //! seconds per run. The variants of a workload alternate within every round (the order
 //! rotates), for `--rounds` rounds; medians and ranges of requests per second and server
 //! CPU per request are printed (and the clients' CPU per request), and the ratios to each
-//! Tokio variant: of the medians, and the median [range] of the ratios within a round.
+//! Tokio variant: of the medians, and the median \[range\] of the ratios within a round.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -13,8 +13,8 @@
 //! proxy takes it. After a 0.5 s warm-up, for `--secs` seconds, it counts the bytes the sink
 //! receives and the proxy process's CPU time (user + system, all threads, from
 //! `/proc/PID/stat`). The two proxies alternate within each round, which one goes first
-//! switching every round. Printed per connection count: each proxy's median [range] of
-//! Gbit/s and CPU seconds per GiB, the ratio of the medians and the median [range] of the
+//! switching every round. Printed per connection count: each proxy's median \[range\] of
+//! Gbit/s and CPU seconds per GiB, the ratio of the medians and the median \[range\] of the
 //! ratios within each round (runs seconds apart, so load that comes and goes moves them less).
 //!
 //! One direction only (clients to upstream): the proxy's two directions are the same code,
