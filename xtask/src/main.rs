@@ -639,21 +639,33 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
     let image = guest::prepare_newest(start)?;
     let binaries = guest::build_benchmark(start)?;
     let command = format!("guest-ratio {}", args.join(" "));
+    let (_, ok) = run_in_guest(&image, binaries, Vec::new(), command, start)?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Boots `image` and runs `command` with `binaries` (and `includes`), prints the problems the
+/// run reported, and returns the outcome with whether it succeeded (no problem, status 0).
+fn run_in_guest(
+    image: &guest::GuestImage,
+    binaries: Vec<guest::GuestBinary>,
+    includes: Vec<PathBuf>,
+    command: String,
+    start: Instant,
+) -> Result<(guest::GuestOutcome, bool)> {
     let outcome = guest::run(
-        &image,
-        &run_options(binaries, Vec::new(), Payload::Command(command))?,
+        image,
+        &run_options(binaries, includes, Payload::Command(command))?,
         start,
     )?;
     for problem in &outcome.problems {
         println!("xtask: {problem}");
     }
-    Ok(
-        if outcome.problems.is_empty() && outcome.exit_code == Some(0) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+    let ok = outcome.problems.is_empty() && outcome.exit_code == Some(0);
+    Ok((outcome, ok))
 }
 
 /// The proxy benchmark in the guest, nic mode: `proxy-throughput` with its clients and sink
@@ -668,15 +680,8 @@ fn vm_bench_proxy(args: &[&str], start: Instant) -> Result<ExitCode> {
          --netns \"$TZX_PEER_NETNS\" --results - {}",
         args.join(" ")
     );
-    let outcome = guest::run(
-        &image,
-        &run_options(binaries, Vec::new(), Payload::Command(command))?,
-        start,
-    )?;
-    for problem in &outcome.problems {
-        println!("xtask: {problem}");
-    }
-    if !outcome.problems.is_empty() || outcome.exit_code != Some(0) {
+    let (outcome, ok) = run_in_guest(&image, binaries, Vec::new(), command, start)?;
+    if !ok {
         return Ok(ExitCode::FAILURE);
     }
     let [line] = &outcome.results[..] else {
@@ -735,17 +740,10 @@ fn vm_run(args: &[String], start: Instant) -> Result<ExitCode> {
     let image = guest::prepare_newest(start)?;
     // Test binaries come along (as tzx-test-NAME) so a single test can be run by hand.
     let binaries = guest::build_binaries(true, true, start)?;
-    let outcome = guest::run(
-        &image,
-        &run_options(binaries, includes, Payload::Command(command.join(" ")))?,
-        start,
-    )?;
-    for problem in &outcome.problems {
-        println!("xtask: {problem}");
-    }
+    let (outcome, ok) = run_in_guest(&image, binaries, includes, command.join(" "), start)?;
     let code = outcome.exit_code.unwrap_or(1);
     println!("xtask: the command exited with status {code} in the guest");
-    Ok(if outcome.problems.is_empty() && code == 0 {
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
