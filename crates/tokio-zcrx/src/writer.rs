@@ -390,12 +390,14 @@ impl ZcWriteHalf {
             if index == buffers.len() {
                 return Ok(());
             }
-            let first = IoSlice::new(&buffers[index][offset..]);
             let written = if index + 1 == buffers.len() {
-                // One buffer left (copy mode's usual batch): no array of slices to set up.
-                std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write_vectored(cx, &[first]))
-                    .await
+                // One buffer left (copy mode's usual batch): a plain write (`send`, as Tokio's
+                // copies make), no array of slices to set up and no `iovec` for the kernel
+                // to import.
+                let rest = &buffers[index][offset..];
+                std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write(cx, rest)).await
             } else {
+                let first = IoSlice::new(&buffers[index][offset..]);
                 let mut slices = [IoSlice::new(&[]); BUFFERS_PER_WRITE];
                 slices[0] = first;
                 let mut count = 1;
