@@ -308,12 +308,17 @@ impl ZcBatch {
     }
 
     /// Lets `append` add buffers at the end (a stream handing out what has arrived); returns
-    /// how many it added.
-    pub(crate) fn append_with(&mut self, append: impl FnOnce(&mut Vec<ZcBuf>)) -> usize {
+    /// how many it added, and what `append` returned.
+    pub(crate) fn append_with<R>(
+        &mut self,
+        append: impl FnOnce(&mut Vec<ZcBuf>) -> R,
+    ) -> (usize, R) {
         let before = self.buffers.len();
-        append(&mut self.buffers);
-        self.count_appended(before);
-        self.buffers.len() - before
+        let result = append(&mut self.buffers);
+        if self.buffers.len() > before {
+            self.count_appended(before);
+        }
+        (self.buffers.len() - before, result)
     }
 
     /// Accounts for the buffers from `from` on, which were just appended.

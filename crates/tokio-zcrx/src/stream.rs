@@ -146,14 +146,12 @@ impl ZcStream {
         max: usize,
     ) -> Poll<Option<io::Result<ZcBatch>>> {
         let max = max.max(1);
-        let first = match std::task::ready!(Pin::new(&mut *self).poll_next(cx)) {
-            None => return Poll::Ready(None),
-            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-            Some(Ok(buf)) => buf,
-        };
-        let mut buffers = vec![first];
-        self.source.take_ready(&mut buffers, max);
-        Poll::Ready(Some(Ok(ZcBatch::from_vec(buffers))))
+        let mut buffers = Vec::new();
+        match std::task::ready!(self.source.poll_next_into(cx, &mut buffers, max)) {
+            None => Poll::Ready(None),
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            Some(Ok(())) => Poll::Ready(Some(Ok(ZcBatch::from_vec(buffers)))),
+        }
     }
 
     /// Waits for data, then appends up to `limit` buffers that have arrived (at least one) to
@@ -198,17 +196,15 @@ impl ZcStream {
         if limit == 0 {
             return Poll::Ready(Ok(0));
         }
-        let first = match std::task::ready!(Pin::new(&mut *self).poll_next(cx)) {
-            None => return Poll::Ready(Ok(0)),
-            Some(Err(e)) => return Poll::Ready(Err(e)),
-            Some(Ok(buf)) => buf,
-        };
-        let appended = batch.append_with(|buffers| {
+        let (appended, result) = batch.append_with(|buffers| {
             let max = buffers.len() + limit;
-            buffers.push(first);
-            self.source.take_ready(buffers, max);
+            self.source.poll_next_into(cx, buffers, max)
         });
-        Poll::Ready(Ok(appended))
+        match std::task::ready!(result) {
+            None => Poll::Ready(Ok(0)),
+            Some(Err(e)) => Poll::Ready(Err(e)),
+            Some(Ok(())) => Poll::Ready(Ok(appended)),
+        }
     }
 
     /// Converts into an [`AsyncRead`] and zero-copy [`AsyncBufRead`] ([`ZcReader`]), for

@@ -224,6 +224,138 @@ async fn a_paused_stream_resumes_and_loses_nothing() {
     assert_eq!((stats.memory_held, stats.buffers_outstanding), (0, 0));
 }
 
+/// Checks that `buf` holds the payload of `seed` from `position` on; returns its end.
+fn verify(seed: u64, position: u64, buf: &ZcBuf) -> u64 {
+    let end = position + buf.len() as u64;
+    assert!(
+        buf[..] == payload(seed, position, end)[..],
+        "bytes differ in {position}..{end}"
+    );
+    end
+}
+
+/// A bulk stream read with `recv_many` fills several buffers with one system call once its
+/// reads fill the largest buffers (the sender is ahead: the reader checks every byte), at
+/// most four, and delivers every byte in order; every buffer is back at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_stream_fills_several_buffers_per_read_and_keeps_the_order() {
+    const TOTAL: u64 = 16 << 20;
+    let zcrx = copy_mode(Zcrx::builder());
+    let (mut stream, _writer, client) = attached(&zcrx, StreamOptions::new()).await;
+    let sender = tokio::spawn(async move {
+        let mut client = client;
+        for start in (0..TOTAL).step_by(1 << 20) {
+            client
+                .write_all(&payload(21, start, start + (1 << 20)))
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut batch = ZcBatch::with_capacity(64);
+    let (mut position, mut calls, mut largest, mut several) = (0u64, 0u64, 0usize, 0u64);
+    while position < TOTAL {
+        let n = within(30.0, "bulk data", stream.recv_many(&mut batch, 64))
+            .await
+            .unwrap();
+        assert!(n > 0, "EOF at {position}");
+        assert_eq!(n, batch.len());
+        calls += 1;
+        largest = largest.max(n);
+        several += u64::from(n > 1);
+        for buf in batch.iter() {
+            position = verify(21, position, buf);
+        }
+        batch.clear();
+    }
+    assert_eq!(position, TOTAL);
+    drop(within(10.0, "the sender", sender).await.unwrap());
+    assert_eq!(
+        within(5.0, "EOF", stream.recv_many(&mut batch, 64))
+            .await
+            .unwrap(),
+        0
+    );
+    let stats = zcrx.stats();
+    println!("{calls} calls, {several} with several buffers, at most {largest}: {stats:?}");
+    assert!(
+        largest >= 2,
+        "no read filled several buffers ({calls} calls)"
+    );
+    assert!(largest <= 4, "{largest} buffers from one read");
+    assert_eq!(stats.bytes, TOTAL);
+    assert_eq!((stats.memory_held, stats.buffers_outstanding), (0, 0));
+}
+
+/// Reads that fill several buffers stay within the stream's budget: a bulk stream whose
+/// batches are all held pauses with at most one buffer past its high mark (as with one
+/// buffer per read), and resumes without losing a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_stream_reading_several_buffers_keeps_its_budget() {
+    const BUDGET: u64 = 512 << 10;
+    const TOTAL: u64 = 8 << 20;
+    let zcrx = copy_mode(Zcrx::builder().stream_budget(BUDGET));
+    let (mut stream, _writer, client) = attached(&zcrx, StreamOptions::new()).await;
+    let sender = tokio::spawn(async move {
+        let mut client = client;
+        client.write_all(&payload(23, 0, TOTAL)).await.unwrap();
+        client
+    });
+    let mut held: Vec<ZcBatch> = Vec::new();
+    let (mut got, mut largest) = (0u64, 0usize);
+    within(30.0, "the stream pausing at its budget", async {
+        loop {
+            let mut batch = ZcBatch::with_capacity(64);
+            let wait = Duration::from_millis(20);
+            match tokio::time::timeout(wait, stream.recv_many(&mut batch, 64)).await {
+                Ok(n) => {
+                    let n = n.unwrap();
+                    assert!(n > 0, "EOF before the pause");
+                    largest = largest.max(n);
+                    got += batch.len_bytes() as u64;
+                    held.push(batch);
+                    assert!(got < TOTAL, "the budget never stopped the stream");
+                }
+                Err(_) if zcrx.stats().streams_paused == 1 => break,
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    let stats = zcrx.stats();
+    println!("paused holding {got} bytes, at most {largest} buffers per read: {stats:?}");
+    assert!(got >= BUDGET, "paused before its budget: {got}");
+    assert!(got < BUDGET + (64 << 10), "held {got}, budget {BUDGET}");
+    assert_eq!(stats.largest_stream_held, got, "{stats:?}");
+    let mut position = 0u64;
+    for batch in held.drain(..) {
+        for buf in batch.iter() {
+            position = verify(23, position, buf);
+        }
+    }
+    let mut batch = ZcBatch::with_capacity(64);
+    while position < TOTAL {
+        let n = within(10.0, "the resumed stream", stream.recv_many(&mut batch, 64))
+            .await
+            .unwrap();
+        assert!(n > 0, "EOF at {position}");
+        for buf in batch.iter() {
+            position = verify(23, position, buf);
+        }
+        batch.clear();
+    }
+    assert_eq!(position, TOTAL);
+    drop(within(10.0, "the sender", sender).await.unwrap());
+    assert_eq!(
+        within(5.0, "EOF", stream.recv_many(&mut batch, 64))
+            .await
+            .unwrap(),
+        0
+    );
+    let stats = zcrx.stats();
+    assert_eq!((stats.memory_held, stats.buffers_outstanding), (0, 0));
+}
+
 /// `ZcBuf::detach` copies the bytes out and gives the buffer back at once.
 #[tokio::test]
 async fn a_detached_buffer_is_owned_and_returned_at_once() {

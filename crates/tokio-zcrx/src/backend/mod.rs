@@ -223,12 +223,32 @@ impl StreamSource {
         }
     }
 
-    /// Moves buffers that have already arrived into `out`, up to `max` in all, without
-    /// waiting. (Copy mode has none waiting: it reads one buffer per poll.)
-    pub(crate) fn take_ready(&mut self, out: &mut Vec<ZcBuf>, max: usize) {
+    /// Waits for data, then appends what has arrived to `out`, at least one buffer and up to
+    /// `max` in `out` in all (`out.len() < max` on entry): `Some(Ok(()))` with buffers
+    /// appended, `None` at the end of the stream. In the io_uring modes the first buffer
+    /// and those already delivered after it; in copy mode one read, which fills several
+    /// buffers for a bulk stream.
+    pub(crate) fn poll_next_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<ZcBuf>,
+        max: usize,
+    ) -> Poll<Option<io::Result<()>>> {
         match self {
-            StreamSource::Uring(stream, _) => stream.take_ready(out, max),
-            StreamSource::Copy(_) => {}
+            StreamSource::Copy(stream) => {
+                stream.poll_next_into(cx, out, max.saturating_sub(out.len()))
+            }
+            StreamSource::Uring(..) => match std::task::ready!(self.poll_next(cx)) {
+                Some(Ok(first)) => {
+                    out.push(first);
+                    if let StreamSource::Uring(stream, _) = self {
+                        stream.take_ready(out, max);
+                    }
+                    Poll::Ready(Some(Ok(())))
+                }
+                Some(Err(e)) => Poll::Ready(Some(Err(e))),
+                None => Poll::Ready(None),
+            },
         }
     }
 }

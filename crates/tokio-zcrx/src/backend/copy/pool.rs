@@ -101,10 +101,17 @@ pub(super) struct Block {
     pub(super) ptr: *mut u8,
     pub(super) class: u8,
     /// The index in the mapping, or `None` for a heap buffer.
-    mapped: Option<u32>,
+    pub(super) mapped: Option<u32>,
 }
 
 impl Block {
+    /// A placeholder for arrays of blocks to be filled.
+    pub(super) const EMPTY: Block = Block {
+        ptr: std::ptr::null_mut(),
+        class: 0,
+        mapped: None,
+    };
+
     /// The slot offset a `ZcBuf` carries: the mapped index or the heap address, and the class
     /// in the low bits.
     fn encode(self) -> u64 {
@@ -347,7 +354,8 @@ fn default_memory_limit(recycled: u64) -> u64 {
 
 /// What a stream got when it asked for room.
 pub(super) enum Take {
-    Buffer(Block),
+    /// A buffer, and how many extra ones were reserved with it.
+    Buffer(Block, usize),
     /// No room now; the stream's waker is registered (or it yields once).
     Pending,
     Closed,
@@ -485,6 +493,38 @@ impl Pool {
         }
     }
 
+    /// Reserves up to `out.len()` more buffers of the largest class for a read that already
+    /// has one (several buffers filled by one system call), only from the recycled mapped
+    /// set (never allocating), only while no stream waits for room or is owed it, and only
+    /// while the pool holds at most half its cap afterwards: reading ahead this way never
+    /// makes another stream wait. Returns how many it reserved. Under the state lock.
+    pub(super) fn reserve_extra(&self, state: &mut PoolState, out: &mut [Block]) -> usize {
+        if !state.waiters.is_empty() || state.unpolled_count > 0 {
+            return 0;
+        }
+        let class = self.classes.len() - 1;
+        let size = self.buffer_size as u64;
+        let held = self.held();
+        let mut count = 0;
+        for slot in out.iter_mut() {
+            if (held + (count as u64 + 1) * size) * 2 > self.capacity {
+                break;
+            }
+            let Some(index) = state.free.pop() else {
+                break;
+            };
+            *slot = Block {
+                ptr: self.mapped_ptr(index),
+                class: class as u8,
+                mapped: Some(index),
+            };
+            count += 1;
+        }
+        // Raised under the lock, as `reserve` does.
+        self.held.fetch_add(count as u64 * size, Ordering::SeqCst);
+        count
+    }
+
     /// Allocates a heap buffer of `class`, whose room is reserved; gives the room back if
     /// the heap refuses.
     pub(super) fn allocate(&self, class: usize) -> io::Result<Block> {
@@ -512,9 +552,7 @@ impl Pool {
     /// Gives back room for `size` bytes and wakes the streams waiting for it.
     fn unreserve(&self, size: u64) {
         let held = self.held.fetch_sub(size, Ordering::SeqCst) - size;
-        if u128::from(held) * 2 < u128::from(self.capacity) {
-            self.high_water_armed.store(true, Ordering::Relaxed);
-        }
+        self.rearm_high_water(held);
         let waiters = self.lock_state().take_waiters();
         wake_all(waiters);
     }
@@ -540,10 +578,12 @@ impl Pool {
             // Lowered under the lock, where a stream that finds no room registers, so it
             // either sees this room or is among the waiters taken here.
             let held = self.held.fetch_sub(size as u64, Ordering::SeqCst) - size as u64;
-            if u128::from(held) * 2 < u128::from(self.capacity) {
-                self.high_water_armed.store(true, Ordering::Relaxed);
-            }
-            waiters = state.take_waiters();
+            self.rearm_high_water(held);
+            waiters = if state.waiters.is_empty() {
+                Vec::new()
+            } else {
+                state.take_waiters()
+            };
         }
         if free_it {
             // SAFETY: a heap block of this class, allocated by `allocate` with this layout,
@@ -643,11 +683,29 @@ impl Pool {
         lock(&self.events).take();
     }
 
+    /// After the holding fell to `held`: a `MemoryHighWater` event may go out again once it
+    /// is below half the cap. (Stored only when it changes: every return comes here, and a
+    /// store would take the cache line from the other cores each time.)
+    fn rearm_high_water(&self, held: u64) {
+        if u128::from(held) * 2 < u128::from(self.capacity)
+            && !self.high_water_armed.load(Ordering::Relaxed)
+        {
+            self.high_water_armed.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// After the holding rose to `held`: the high-water event, if due. Not under the state
     /// lock (the event's statistics take the sockets lock, which shutdown takes first).
+    #[inline]
     pub(super) fn note_holding(&self, held: u64) {
-        if u128::from(held) * 4 >= u128::from(self.capacity) * 3
-            && self.high_water_armed.load(Ordering::Relaxed)
+        if u128::from(held) * 4 >= u128::from(self.capacity) * 3 {
+            self.note_high_holding();
+        }
+    }
+
+    #[cold]
+    fn note_high_holding(&self) {
+        if self.high_water_armed.load(Ordering::Relaxed)
             && self.due(&self.last_high_water_event, HIGH_WATER_EVENT_INTERVAL)
         {
             self.high_water_armed.store(false, Ordering::Relaxed);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
 use zcrx_core::budget::Budget;
 
@@ -20,6 +20,10 @@ use crate::sys::lock;
 /// Reads below the next smaller size class in a row before a stream's reads shrink (as
 /// hyper's adaptive read strategy: one small read is not a trend).
 const SMALL_READS_TO_SHRINK: u8 = 2;
+
+/// The most buffers one read fills (`readv`), for a caller that takes several at once
+/// (`recv_many`, `next_batch`): 256 KiB per system call with the default 64 KiB buffers.
+const MAX_BLOCKS: usize = 4;
 
 /// One connection read in copy mode.
 #[derive(Debug)]
@@ -47,6 +51,13 @@ pub(crate) struct CopyStream {
     /// [`PoolState`](super::pool::PoolState));
     /// this poll takes it.
     deferred: bool,
+    /// The last read filled all it asked for, so Tokio kept the socket's readiness (it
+    /// clears it only after a short read or `EAGAIN`): the next read skips the readiness
+    /// check, which would find the socket ready anyway.
+    full: bool,
+    /// Buffers the next bulk read may fill with one system call (1 to [`MAX_BLOCKS`]):
+    /// doubled after a read that filled all it asked for, back to 1 after a short one.
+    blocks: usize,
     done: bool,
 }
 
@@ -93,11 +104,13 @@ impl CopyStream {
             paused: false,
             waiting: None,
             deferred: false,
+            full: false,
+            blocks: 1,
             done: false,
         }
     }
 
-    fn shut_down_error(&mut self) -> Poll<Option<io::Result<ZcBuf>>> {
+    fn shut_down_error<T>(&mut self) -> Poll<Option<io::Result<T>>> {
         self.done = true;
         Poll::Ready(Some(Err(io::Error::new(
             io::ErrorKind::BrokenPipe,
@@ -159,8 +172,9 @@ impl CopyStream {
     }
 
     /// Takes room for a buffer (and its memory), or registers to be woken when room is
-    /// returned.
-    fn take_buffer(&mut self, cx: &mut Context<'_>) -> Take {
+    /// returned; with it, up to `extra.len()` more buffers of the largest class where the
+    /// pool has them to spare ([`Pool::reserve_extra`]).
+    fn take_buffer(&mut self, cx: &mut Context<'_>, extra: &mut [Block]) -> Take {
         let mut state = self.pool.lock_state();
         if self.pool.closed.load(Ordering::Relaxed) {
             return Take::Closed;
@@ -205,12 +219,17 @@ impl CopyStream {
         }
         self.deferred = false;
         let (class, block) = (self.class, self.pool.reserve(&mut state, self.class));
+        // Extra buffers only with a first one from the recycled set (none left: no extra).
+        let extras = match (&block, extra.is_empty()) {
+            (Some(_), false) => self.pool.reserve_extra(&mut state, extra),
+            _ => 0,
+        };
         drop(state);
         self.pool.note_holding(self.pool.held());
         match block {
-            Some(block) => Take::Buffer(block),
+            Some(block) => Take::Buffer(block, extras),
             None => match self.pool.allocate(class) {
-                Ok(block) => Take::Buffer(block),
+                Ok(block) => Take::Buffer(block, 0),
                 Err(e) => Take::Failed(e),
             },
         }
@@ -243,6 +262,34 @@ impl CopyStream {
     }
 
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ZcBuf>>> {
+        let mut first = None;
+        match std::task::ready!(self.poll_read(cx, 1, |buf| first = Some(buf))) {
+            Some(Ok(())) => Poll::Ready(first.map(Ok)),
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    /// Reads once and appends what it read to `out`, at most `max` buffers (at least one):
+    /// `Some(Ok(()))` with at least one buffer appended, `None` at the end of the stream.
+    /// A bulk stream (its reads fill the largest buffers) fills several buffers with one
+    /// system call here, where a caller takes several at once (`recv_many`).
+    pub(crate) fn poll_next_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<ZcBuf>,
+        max: usize,
+    ) -> Poll<Option<io::Result<()>>> {
+        self.poll_read(cx, max.clamp(1, MAX_BLOCKS), |buf| out.push(buf))
+    }
+
+    /// One read into up to `max_blocks` buffers, each delivered in order.
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        max_blocks: usize,
+        mut deliver: impl FnMut(ZcBuf),
+    ) -> Poll<Option<io::Result<()>>> {
         if self.done {
             return Poll::Ready(None);
         }
@@ -257,13 +304,39 @@ impl CopyStream {
             }
             return Poll::Pending;
         }
-        // Readiness first: a connection with nothing to read holds no buffer.
-        if let Err(e) = std::task::ready!(self.socket.as_ref().poll_read_ready(cx)) {
-            self.done = true;
-            return Poll::Ready(Some(Err(e)));
+        // Readiness first: a connection with nothing to read holds no buffer (and does not
+        // wait for room under the cap). After a full read the socket is still ready in
+        // Tokio's eyes, and most likely has more to read (a bulk transfer): the read's own
+        // readiness check is enough then, and if the socket turns out drained after all, the
+        // buffers go back at once below.
+        if !self.full {
+            if let Err(e) = std::task::ready!(self.socket.as_ref().poll_read_ready(cx)) {
+                self.done = true;
+                return Poll::Ready(Some(Err(e)));
+            }
         }
-        let block = match self.take_buffer(cx) {
-            Take::Buffer(block) => block,
+        // Several buffers only for a bulk stream (the last read filled the largest class)
+        // without a read limit; extra buffers come only from the recycled set.
+        let extra_wanted = if max_blocks > 1
+            && self.full
+            && self.class == self.pool.classes.len() - 1
+            && self.read_limit.is_none()
+        {
+            self.blocks.min(max_blocks) - 1
+        } else {
+            0
+        };
+        let mut extra = [Block::EMPTY; MAX_BLOCKS - 1];
+        let extra_wanted = self.extra_within_budget(extra_wanted);
+        // That read goes around Tokio's `poll_read` (`try_io`), so it takes its turn in the
+        // task's cooperative budget here, as Tokio's reads do.
+        let coop = if extra_wanted > 0 {
+            Some(std::task::ready!(tokio::task::coop::poll_proceed(cx)))
+        } else {
+            None
+        };
+        let (block, extras) = match self.take_buffer(cx, &mut extra[..extra_wanted]) {
+            Take::Buffer(block, extras) => (block, extras),
             Take::Pending => return Poll::Pending,
             Take::Closed => return self.shut_down_error(),
             Take::Failed(e) => {
@@ -271,6 +344,15 @@ impl CopyStream {
                 return Poll::Ready(Some(Err(e)));
             }
         };
+        if extras > 0 {
+            let read = self.poll_read_blocks(cx, block, &extra[..extras], deliver);
+            if let (Poll::Ready(Some(Ok(()))), Some(coop)) = (&read, coop) {
+                coop.made_progress();
+            }
+            return read;
+        }
+        // (An unused turn is given back when `coop` drops; Tokio's read takes its own.)
+        drop(coop);
         let size = self.pool.classes[block.class as usize];
         let asked = self.read_limit.map_or(size, |l| (l as usize).min(size));
         // SAFETY: the block was reserved for this read, so nothing else reads or writes it
@@ -284,8 +366,10 @@ impl CopyStream {
         // making one more read that fails with EAGAIN.
         match Pin::new(&mut self.socket).poll_read(cx, &mut read_buf) {
             Poll::Pending => {
-                // Spurious readiness: give the buffer back; the waker is registered.
+                // Spurious readiness (or drained after a full read): give the buffer back;
+                // the waker is registered.
                 self.pool.give_back(block);
+                self.full = false;
                 Poll::Pending
             }
             Poll::Ready(Ok(())) => {
@@ -295,9 +379,11 @@ impl CopyStream {
                     self.done = true;
                     return Poll::Ready(None);
                 }
+                self.full = read == asked;
+                self.blocks = if self.full { 2 } else { 1 };
                 self.adapt(&block, read, asked);
-                let buf = self.pool.buffer(&self.share, block, read as u32);
-                Poll::Ready(Some(Ok(buf)))
+                deliver(self.pool.buffer(&self.share, block, read as u32));
+                Poll::Ready(Some(Ok(())))
             }
             Poll::Ready(Err(e)) => {
                 self.pool.give_back(block);
@@ -305,6 +391,116 @@ impl CopyStream {
                 Poll::Ready(Some(Err(e)))
             }
         }
+    }
+
+    /// How many of `wanted` extra buffers of the largest class the stream's budget leaves
+    /// room for, next to the one every read takes (a bulk read stays within the budget
+    /// instead of overshooting it by several buffers).
+    fn extra_within_budget(&self, wanted: usize) -> usize {
+        if wanted == 0 {
+            return 0;
+        }
+        let budget = self.budget();
+        if budget.is_unlimited() {
+            return wanted;
+        }
+        let size = self.pool.buffer_size as u64;
+        let room = budget.room(self.share.held.load(Ordering::SeqCst)) / size;
+        (room.saturating_sub(1)).min(wanted as u64) as usize
+    }
+
+    /// The read of a bulk stream into `first` and `extra` (all of the largest class, from
+    /// the recycled mapped set) with one `readv`; the buffers it did not reach go back.
+    fn poll_read_blocks(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: Block,
+        extra: &[Block],
+        mut deliver: impl FnMut(ZcBuf),
+    ) -> Poll<Option<io::Result<()>>> {
+        let size = self.pool.buffer_size;
+        let mut iovecs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_BLOCKS];
+        let count = 1 + extra.len();
+        for (iovec, block) in iovecs.iter_mut().zip(std::iter::once(&first).chain(extra)) {
+            *iovec = libc::iovec {
+                iov_base: block.ptr.cast(),
+                iov_len: size,
+            };
+        }
+        let asked = size * count;
+        let fd = self.share.fd;
+        // As Tokio's own reads: a read that stops short (the socket is drained) clears the
+        // readiness too, so the next poll waits for the kernel instead of making a read that
+        // fails with EAGAIN. `try_io` clears it (as of the readiness seen before the read, so
+        // data arriving meanwhile is not missed) when the closure says `WouldBlock`; the
+        // bytes read are kept aside for that case.
+        let mut short = None;
+        let result = self.socket.as_ref().try_io(Interest::READABLE, || {
+            // SAFETY: the iovecs cover `count` blocks reserved for this read (nothing else
+            // reads or writes them until they are given back), each `size` bytes inside the
+            // pool's mapping; `fd` is this stream's open socket.
+            let read = unsafe { libc::readv(fd, iovecs.as_ptr(), count as libc::c_int) };
+            if read < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let read = read as usize;
+            if read > 0 && read < asked {
+                short = Some(read);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(read)
+        });
+        let read = match (result, short) {
+            (_, Some(read)) => read,
+            (Ok(read), None) => read,
+            (Err(e), None) => {
+                self.pool.give_back(first);
+                for &block in extra {
+                    self.pool.give_back(block);
+                }
+                self.full = false;
+                self.blocks = 1;
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+                    // Drained after all (`try_io` cleared the readiness), or a signal: wait
+                    // for readiness as any read does (or try again at once if it is back).
+                    if self.socket.as_ref().poll_read_ready(cx).is_ready() {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
+                self.done = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+        };
+        if read == 0 {
+            self.pool.give_back(first);
+            for &block in extra {
+                self.pool.give_back(block);
+            }
+            self.done = true;
+            return Poll::Ready(None);
+        }
+        self.full = read == asked;
+        self.blocks = if self.full {
+            (count * 2).min(MAX_BLOCKS)
+        } else {
+            1
+        };
+        let mut left = read;
+        for &block in std::iter::once(&first).chain(extra) {
+            if left == 0 {
+                self.pool.give_back(block);
+                continue;
+            }
+            let len = left.min(size);
+            left -= len;
+            deliver(self.pool.buffer(&self.share, block, len as u32));
+        }
+        // The size class stays the largest: these reads filled at least one whole buffer.
+        Poll::Ready(Some(Ok(())))
     }
 }
 
