@@ -178,13 +178,27 @@ impl StreamShare {
     /// Takes back one of this stream's buffers, holding `len` bytes: to the pool, and off
     /// the stream's holding.
     fn release(&self, block: Block, len: u32) {
-        let size = u64::from(len);
         // Release: a statistics reader that sees this sees the handout counted in `chunks`.
         self.pool.released.fetch_add(1, Ordering::Release);
         self.pool.give_back(block);
+        self.credit(u64::from(len));
+    }
+
+    /// Takes back several of this stream's buffers at once (a batch returned whole): to
+    /// the pool under one lock, off the stream's holding in one step.
+    fn release_many(&self, slots: &[BufferSlot]) {
+        self.pool
+            .released
+            .fetch_add(slots.len() as u64, Ordering::Release);
+        self.pool.give_back_many(slots);
+        self.credit(slots.iter().map(|slot| u64::from(slot.len)).sum());
+    }
+
+    /// `bytes` off the stream's holding; wakes it if that lets it resume.
+    fn credit(&self, bytes: u64) {
         // SeqCst pairs with `CopyStream::pause`: either the stream sees this credit when it
         // checks its holding after pausing, or this sees `paused` and wakes it.
-        let now = self.held.fetch_sub(size, Ordering::SeqCst) - size;
+        let now = self.held.fetch_sub(bytes, Ordering::SeqCst) - bytes;
         if self.paused.load(Ordering::SeqCst) && now <= self.resume_at.load(Ordering::SeqCst) {
             self.wake();
         }
@@ -214,17 +228,27 @@ unsafe fn release_pool_buffer(owner: NonNull<()>, slot: BufferSlot) {
     share.release(block, slot.len);
 }
 
-/// `release_run` of [`POOL_BUFFERS`]: one by one, as dropping each would.
+/// `release_run` of [`POOL_BUFFERS`]: as dropping each would, with one pool lock and one
+/// credit of the stream's holding for the run.
 ///
 /// # Safety
 ///
 /// As `BufferOwnerVtable::release_run`: every slot is that of a live buffer of the
 /// `StreamShare` at `owner`, made by [`Pool::buffer`], which the caller gives up.
 unsafe fn release_pool_buffers(owner: NonNull<()>, slots: &[BufferSlot]) {
-    for &slot in slots {
-        // SAFETY: as this function's, one buffer at a time.
-        unsafe { release_pool_buffer(owner, slot) };
+    let Some(last) = slots.len().checked_sub(1) else {
+        return;
+    };
+    let share = owner.cast::<StreamShare>().as_ptr();
+    for _ in 0..last {
+        // SAFETY: each buffer holds one strong reference (leaked by `Pool::buffer`) and the
+        // run's buffers are given up, so their references are released here: all but one
+        // now (the one left keeps the share alive for the release below)...
+        unsafe { Arc::decrement_strong_count(share) };
     }
+    // SAFETY: ... and the last one taken back, once, and dropped after the release.
+    let share = unsafe { Arc::from_raw(share) };
+    share.release_many(slots);
 }
 
 /// How room under the cap reaches waiting streams.
@@ -595,11 +619,73 @@ impl Pool {
         }
     }
 
+    /// [`give_back`](Pool::give_back) for the blocks of a run of buffers' slots, under one
+    /// lock.
+    fn give_back_many(&self, slots: &[BufferSlot]) {
+        let mut total = 0u64;
+        let mut heap_frees: [Option<Block>; 8] = [None; 8];
+        let mut frees = 0;
+        let waiters;
+        {
+            let mut state = self.lock_state();
+            for slot in slots {
+                let block = Block::decode(self, slot.offset);
+                let class = block.class as usize;
+                total += self.classes[class] as u64;
+                match block.mapped {
+                    Some(index) => state.free.push(index),
+                    None if class + 1 < self.classes.len()
+                        && state.recycled[class].len() < self.buffers as usize =>
+                    {
+                        state.recycled[class].push(block.ptr as usize);
+                    }
+                    // Freed after unlocking, a few at a time (rare: heap buffers beyond the
+                    // recycled set).
+                    None if frees < heap_frees.len() => {
+                        heap_frees[frees] = Some(block);
+                        frees += 1;
+                    }
+                    None => {
+                        // SAFETY: as in `give_back`: a heap block of this class, given back
+                        // once and no longer referenced.
+                        unsafe { dealloc(block.ptr, self.classes[class]) };
+                    }
+                }
+            }
+            // Lowered under the lock, as in `give_back`.
+            let held = self.held.fetch_sub(total, Ordering::SeqCst) - total;
+            self.rearm_high_water(held);
+            waiters = if state.waiters.is_empty() {
+                Vec::new()
+            } else {
+                state.take_waiters()
+            };
+        }
+        for block in heap_frees.into_iter().flatten() {
+            // SAFETY: a heap block of its class, allocated by `allocate` with this layout,
+            // given back once and no longer referenced.
+            unsafe { dealloc(block.ptr, self.classes[block.class as usize]) };
+        }
+        if !waiters.is_empty() {
+            wake_all(waiters);
+        }
+    }
+
     /// Hands out `block` holding `len` copied bytes, owned by `share` (the reading stream):
     /// it comes back to the pool, and off the stream's holding, when dropped.
     pub(super) fn buffer(&self, share: &Arc<StreamShare>, block: Block, len: u32) -> ZcBuf {
-        share.held.fetch_add(u64::from(len), Ordering::SeqCst);
-        self.on_copied(len as usize);
+        self.on_copied(share, u64::from(len), 1);
+        self.unaccounted_buffer(share, block, len)
+    }
+
+    /// [`buffer`](Pool::buffer) without counting it: for buffers counted together with
+    /// [`on_copied`](Pool::on_copied) (those filled by one read).
+    pub(super) fn unaccounted_buffer(
+        &self,
+        share: &Arc<StreamShare>,
+        block: Block,
+        len: u32,
+    ) -> ZcBuf {
         let slot = BufferSlot {
             offset: block.encode(),
             len,
@@ -621,9 +707,12 @@ impl Pool {
         unsafe { self.memory.as_ptr().add(index as usize * self.buffer_size) }
     }
 
-    fn on_copied(&self, len: usize) {
-        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
-        self.chunks.fetch_add(1, Ordering::Relaxed);
+    /// Counts `buffers` buffers of `bytes` in all handed out to `share`'s stream: its holding
+    /// and the copy statistics.
+    pub(super) fn on_copied(&self, share: &StreamShare, bytes: u64, buffers: u64) {
+        share.held.fetch_add(bytes, Ordering::SeqCst);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.chunks.fetch_add(buffers, Ordering::Relaxed);
         // At most one CopyFallback event per interval, like re-armed kernel events.
         if self.due(&self.last_event, self.event_interval) {
             self.send(EventKind::CopyFallback);
@@ -907,5 +996,51 @@ mod rate_limit_tests {
         // A zero interval lets every event out.
         assert!(pool.due(&last, Duration::ZERO));
         assert!(pool.due(&last, Duration::ZERO));
+    }
+}
+
+#[cfg(test)]
+mod return_tests {
+    use super::*;
+    use crate::buf::ZcBatch;
+
+    /// A batch returned whole goes back as one run (`release_pool_buffers`): mapped buffers
+    /// to the free list, heap ones freed (more than the few freed after unlocking), the cap's
+    /// holding, the stream's holding and the share's references all back to where they were.
+    #[test]
+    fn a_run_of_mapped_and_heap_buffers_goes_back_whole() {
+        let (events, _) = broadcast::channel(16);
+        let config = CopyConfig {
+            buffers: 2,
+            memory_limit: Some(4096 * 40),
+            ..one_buffer_config()
+        };
+        let pool = Arc::new(Pool::new(&config, events).unwrap());
+        let share = Arc::new(StreamShare {
+            pool: Arc::clone(&pool),
+            fd: -1,
+            held: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            resume_at: AtomicU64::new(0),
+            waker: Mutex::new(None),
+        });
+        let mut buffers = Vec::new();
+        let mut bytes = 0;
+        for i in 0..20u32 {
+            let block = pool.reserve(&mut pool.lock_state(), 0);
+            let block = block.unwrap_or_else(|| pool.allocate(0).unwrap());
+            buffers.push(pool.buffer(&share, block, 100 + i));
+            bytes += u64::from(100 + i);
+        }
+        assert_eq!(pool.held(), 20 * 4096);
+        assert_eq!(share.held.load(Ordering::Relaxed), bytes);
+        assert_eq!(Arc::strong_count(&share), 21);
+        assert_eq!(pool.stats().buffers_outstanding, 20);
+        drop(ZcBatch::from_vec(buffers));
+        assert_eq!(pool.held(), 0);
+        assert_eq!(share.held.load(Ordering::Relaxed), 0);
+        assert_eq!(Arc::strong_count(&share), 1);
+        assert_eq!(pool.stats().buffers_outstanding, 0);
+        assert_eq!(pool.lock_state().free.len(), 2);
     }
 }

@@ -489,6 +489,9 @@ impl CopyStream {
         } else {
             1
         };
+        // Counted together, before any is handed out (a buffer's release credits them).
+        let filled = read.div_ceil(size);
+        self.pool.on_copied(&self.share, read as u64, filled as u64);
         let mut left = read;
         for &block in std::iter::once(&first).chain(extra) {
             if left == 0 {
@@ -497,7 +500,7 @@ impl CopyStream {
             }
             let len = left.min(size);
             left -= len;
-            deliver(self.pool.buffer(&self.share, block, len as u32));
+            deliver(self.pool.unaccounted_buffer(&self.share, block, len as u32));
         }
         // The size class stays the largest: these reads filled at least one whole buffer.
         Poll::Ready(Some(Ok(())))
