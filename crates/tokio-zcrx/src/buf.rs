@@ -462,12 +462,18 @@ impl Drop for ZcBatch {
 /// a run's buffers one by one. (Today a batch comes from one stream, so its buffers share one
 /// owner; mixed input is handled all the same.)
 fn return_all(buffers: &mut Vec<ZcBuf>) {
-    const RUN: usize = 64;
-    if buffers.len() <= 1 {
-        // One buffer is one release either way: skip setting up the run (its 64 slots).
-        buffers.clear();
-        return;
+    match buffers.len() {
+        // One buffer is one release either way: skip setting up a run.
+        0 | 1 => buffers.clear(),
+        // A few (copy mode's read of several buffers): a run array that costs little to set
+        // up, instead of 64 slots (1 KiB) to zero for four buffers.
+        2..=8 => return_runs::<8>(buffers),
+        _ => return_runs::<64>(buffers),
     }
+}
+
+/// [`return_all`] in runs of at most `RUN` buffers.
+fn return_runs<const RUN: usize>(buffers: &mut Vec<ZcBuf>) {
     type Owner = (NonNull<()>, &'static BufferOwnerVtable);
     let mut slots = [BufferSlot::default(); RUN];
     let mut run_len = 0;

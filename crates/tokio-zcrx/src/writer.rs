@@ -396,17 +396,12 @@ impl ZcWriteHalf {
                 // to import.
                 let rest = &buffers[index][offset..];
                 std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write(cx, rest)).await
+            } else if buffers.len() - index <= 8 {
+                // A few (copy mode's read of several buffers): a small array to set up.
+                self.write_vectored_from::<8>(&buffers[index..], offset)
+                    .await
             } else {
-                let first = IoSlice::new(&buffers[index][offset..]);
-                let mut slices = [IoSlice::new(&[]); BUFFERS_PER_WRITE];
-                slices[0] = first;
-                let mut count = 1;
-                for (slot, buf) in slices[1..].iter_mut().zip(&buffers[index + 1..]) {
-                    *slot = IoSlice::new(buf);
-                    count += 1;
-                }
-                let slices = &slices[..count];
-                std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write_vectored(cx, slices))
+                self.write_vectored_from::<BUFFERS_PER_WRITE>(&buffers[index..], offset)
                     .await
             };
             let mut written = match written {
@@ -433,6 +428,23 @@ impl ZcWriteHalf {
                 offset = 0;
             }
         }
+    }
+
+    /// One vectored write of up to `N` of `buffers`, the first from `offset` on.
+    async fn write_vectored_from<const N: usize>(
+        &mut self,
+        buffers: &[ZcBuf],
+        offset: usize,
+    ) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); N];
+        slices[0] = IoSlice::new(&buffers[0][offset..]);
+        let mut count = 1;
+        for (slot, buf) in slices[1..].iter_mut().zip(&buffers[1..]) {
+            *slot = IoSlice::new(buf);
+            count += 1;
+        }
+        let slices = &slices[..count];
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_write_vectored(cx, slices)).await
     }
 
     /// Writes with `write` once the socket is writable, retrying on spurious readiness.

@@ -661,7 +661,7 @@ impl Pool {
                 state.take_waiters()
             };
         }
-        for block in heap_frees.into_iter().flatten() {
+        for block in heap_frees[..frees].iter().flatten() {
             // SAFETY: a heap block of its class, allocated by `allocate` with this layout,
             // given back once and no longer referenced.
             unsafe { dealloc(block.ptr, self.classes[block.class as usize]) };
