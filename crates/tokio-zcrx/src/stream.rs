@@ -131,7 +131,8 @@ impl ZcStream {
     ///
     /// Dropping a [`ZcBatch`] returns all its buffers to the kernel with one refill-ring
     /// publication instead of one per buffer, which is the cheaper way for a consumer that
-    /// handles buffers in bursts anyway. In copy mode a batch holds one buffer.
+    /// handles buffers in bursts anyway. In copy mode a batch holds what one read filled: one
+    /// buffer, or up to four (one `readv`) once a bulk stream's reads fill the largest ones.
     ///
     /// Cancel safe: buffers are taken only when the future completes, so it can be a
     /// `tokio::select!` branch.

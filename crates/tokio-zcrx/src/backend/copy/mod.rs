@@ -13,9 +13,13 @@
 //!   [`CopyStream`], the write half goes straight to Tokio.
 //! - **Order and ends**: a [`CopyStream`] reads the socket itself, one `read` per buffer
 //!   (Tokio's `poll_read`, which clears readiness after a short read, so no read is wasted
-//!   on EAGAIN), into a buffer sized to its recent reads; so buffers come in byte-stream
-//!   order; EOF is `None`, a read error (or the runtime's
-//!   shutdown) is the one `Err`, and the stream is done after either.
+//!   on EAGAIN), into a buffer sized to its recent reads; a bulk stream read in batches
+//!   (`recv_many`, `next_batch`) fills up to four buffers of the largest size with one
+//!   `readv` (extra buffers only from the recycled set, within its budget, and only while no
+//!   stream waits for room and the pool holds under half its cap), and clears readiness
+//!   after a short one the same way. So buffers come in byte-stream order; EOF is `None`, a
+//!   read error (or the runtime's shutdown) is the one `Err`, and the stream is done after
+//!   either.
 //! - **Buffers**: each buffer holds a strong reference to its stream's share (which holds
 //!   the [`Pool`]) and goes back through the pool's owner vtable when dropped, however long
 //!   after the stream and runtime are gone: to the recycled set, or freed if it is beyond it.
