@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! cargo run --release --example proxy -- --listen ADDR --upstream ADDR
-//!     [--mode auto|nic|nodev|copy] [--interface IF --queue N] [--copy] [--json]
-//!     [--duration S] [--connections N]
+//!     [--mode auto|nic|nodev|copy] [--interface IF --queue N] [--copy [--copy-buffer B]]
+//!     [--json] [--duration S] [--connections N]
 //! ```
 //!
 //! Each accepted client gets its own connection to the upstream server. The client's socket
@@ -40,11 +40,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_zcrx::{Mode, Stats, ZcBatch, ZcListener, ZcStream, ZcWriteHalf, Zcrx};
-use tokio_zcrx_examples::{gbps, human_bytes, parse_command_line, say, ShutdownSignals};
+use tokio_zcrx_examples::{
+    gbps, human_bytes, parse_bytes, parse_command_line, say, ShutdownSignals,
+};
 
 const USAGE_LINE: &str = "usage: proxy --listen ADDR --upstream ADDR \
                           [--mode auto|nic|nodev|copy] [--interface IF --queue N] [--copy] \
-                          [--json] [--duration S] [--connections N]";
+                          [--copy-buffer B] [--json] [--duration S] [--connections N]";
 
 const HELP: &str = "\
 options:
@@ -59,13 +61,15 @@ options:
   --queue N           its rx queue, steered to this proxy (docs/nic-setup.md)
   --copy              no tokio-zcrx: tokio::io::copy_bidirectional on plain Tokio sockets
                       (64 KiB buffers each way), for comparison
+  --copy-buffer B     with --copy: copy_bidirectional's buffer size each way (K/M suffix)
   --json              one JSON object per line instead of text (see docs/cli.md)
   --duration S        stop after S seconds (fractions allowed), cutting open connections
   --connections N     stop once N connections have ended
   -h, --help          print this help";
 
-/// Bytes `copy_bidirectional` reads at once with `--copy`: the size of the runtime's copy-mode
-/// buffers, so both sides of the comparison move bytes in pieces of the same size.
+/// Bytes `copy_bidirectional` reads at once with `--copy` unless `--copy-buffer` says: the
+/// size of the runtime's copy-mode buffers, so both sides of the comparison move bytes in
+/// buffers of the same size.
 const COPY_BUFFER: usize = 64 << 10;
 
 /// Buffers one direction takes from its stream at once, and forwards with one vectored write.
@@ -77,6 +81,8 @@ struct Args {
     mode: Mode,
     interface: Option<(String, u32)>,
     copy: bool,
+    /// `copy_bidirectional`'s buffer size each way (`--copy`).
+    copy_buffer: usize,
     json: bool,
     duration: Option<Duration>,
     connections: Option<u64>,
@@ -88,7 +94,7 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
 
     let (mut listen, mut upstream, mut mode) = (None, None, Mode::Auto);
     let (mut interface, mut queue, mut copy, mut json) = (None, None, false, false);
-    let (mut duration, mut connections) = (None, None);
+    let (mut duration, mut connections, mut copy_buffer) = (None, None, None);
     let mut parser = lexopt::Parser::from_env();
     while let Some(arg) = parser.next()? {
         match arg {
@@ -98,6 +104,16 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
             Long("interface") | Short('i') => interface = Some(parser.value()?.string()?),
             Long("queue") | Short('q') => queue = Some(parser.value()?.parse()?),
             Long("copy") => copy = true,
+            Long("copy-buffer") => {
+                let text = parser.value()?.string()?;
+                let bytes = parse_bytes(&text).map_err(|e| format!("--copy-buffer: {e}"))?;
+                copy_buffer = Some(
+                    usize::try_from(bytes)
+                        .ok()
+                        .filter(|&b| b > 0)
+                        .ok_or_else(|| format!("--copy-buffer {text}: not a buffer size"))?,
+                );
+            }
             Long("json") => json = true,
             Long("duration") => {
                 let seconds: f64 = parser.value()?.parse()?;
@@ -119,12 +135,16 @@ fn parse_args() -> Result<Option<Args>, lexopt::Error> {
     if copy && (interface.is_some() || mode != Mode::Auto) {
         return Err("--copy uses no tokio-zcrx runtime: drop --mode and --interface".into());
     }
+    if copy_buffer.is_some() && !copy {
+        return Err("--copy-buffer sizes --copy's buffers: add --copy".into());
+    }
     Ok(Some(Args {
         listen: listen.ok_or("--listen ADDR is required")?,
         upstream: upstream.ok_or("--upstream ADDR is required")?,
         mode,
         interface,
         copy,
+        copy_buffer: copy_buffer.unwrap_or(COPY_BUFFER),
         json,
         duration,
         connections,
@@ -316,10 +336,11 @@ impl AsyncWrite for Counted<'_> {
     }
 }
 
-/// One client with `copy_bidirectional` (`--copy`).
+/// One client with `copy_bidirectional` (`--copy`), `buffer` bytes each way.
 async fn relay_copy(
     (mut client, peer): (TcpStream, SocketAddr),
     upstream: SocketAddr,
+    buffer: usize,
     totals: Arc<Totals>,
     stop: CancellationToken,
 ) -> ConnReport {
@@ -342,7 +363,7 @@ async fn relay_copy(
         };
         let result = tokio::select! {
             result = tokio::io::copy_bidirectional_with_sizes(
-                &mut client_side, &mut server_side, COPY_BUFFER, COPY_BUFFER,
+                &mut client_side, &mut server_side, buffer, buffer,
             ) => result.map(|_| End::Closed),
             () = stop.cancelled() => Ok(End::Shutdown),
         };
@@ -452,7 +473,8 @@ async fn serve(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 Ok(Accepted::Copy(conn)) => {
                     out.opened();
                     let (totals, stop) = (Arc::clone(&totals), stop.clone());
-                    connections.spawn(relay_copy(conn, upstream, totals, stop));
+                    let buffer = args.copy_buffer;
+                    connections.spawn(relay_copy(conn, upstream, buffer, totals, stop));
                 }
                 Err(error) => {
                     // E.g. out of file descriptors: wait a little instead of spinning.

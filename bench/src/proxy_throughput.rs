@@ -4,7 +4,7 @@
 //! ```text
 //! cargo build --release -p tokio-zcrx-examples --example proxy
 //! cargo run --release -p tokio-zcrx-bench --bin proxy-throughput -- [--rounds 7 --secs 3
-//!     --conns 1,16 --mode copy --proxy PATH]
+//!     --conns 1,16 --mode copy --proxy PATH --copy-buffer B]
 //! ```
 //!
 //! Each run starts a fresh proxy process (`target/release/examples/proxy` next to this
@@ -81,6 +81,8 @@ struct Settings {
     interface: Option<(String, u32)>,
     /// Where the results go as JSON (`-`: one `@@proxy-bench` line on stdout).
     results: Option<String>,
+    /// `copy_bidirectional`'s buffer size each way, if not the proxy's 64 KiB.
+    copy_buffer: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +147,9 @@ impl ProxyProcess {
             }
             Proxy::CopyBidirectional => {
                 command.arg("--copy");
+                if let Some(bytes) = settings.copy_buffer {
+                    command.args(["--copy-buffer", &bytes.to_string()]);
+                }
             }
         }
         let mut child = command.spawn().unwrap_or_else(|e| {
@@ -305,6 +310,7 @@ fn parse_args() -> Result<Settings, lexopt::Error> {
         netns: None,
         interface: None,
         results: None,
+        copy_buffer: None,
     };
     let (mut interface, mut queue) = (None, None);
     let mut parser = lexopt::Parser::from_env();
@@ -328,12 +334,13 @@ fn parse_args() -> Result<Settings, lexopt::Error> {
             Long("interface") => interface = Some(parser.value()?.string()?),
             Long("queue") => queue = Some(parser.value()?.parse()?),
             Long("results") => settings.results = Some(parser.value()?.string()?),
+            Long("copy-buffer") => settings.copy_buffer = Some(parser.value()?.parse()?),
             Long("help") | Short('h') => {
                 println!(
                     "usage: proxy-throughput [--rounds N] [--secs S] [--conns 1,16] \
                      [--mode copy|nodev|nic] [--proxy PATH] [--listen-ip IP] \
                      [--upstream-ip IP] [--netns PATH] [--interface IF --queue N] \
-                     [--results FILE|-]"
+                     [--results FILE|-] [--copy-buffer BYTES]"
                 );
                 std::process::exit(0);
             }
@@ -380,8 +387,12 @@ fn main() {
     };
     println!(
         "proxy throughput: {} rounds x {} s per proxy, {}-byte writes, tokio-zcrx in {} mode \
-         against copy_bidirectional (64 KiB buffers)",
-        settings.rounds, settings.secs, IO_SIZE, settings.mode
+         against copy_bidirectional ({} KiB buffers)",
+        settings.rounds,
+        settings.secs,
+        IO_SIZE,
+        settings.mode,
+        settings.copy_buffer.unwrap_or(64 << 10) >> 10
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -495,6 +506,7 @@ fn main() {
         "rounds": settings.rounds,
         "secs": settings.secs,
         "io_size": IO_SIZE,
+        "copy_buffer": settings.copy_buffer.unwrap_or(64 << 10),
         "results": results,
     });
     if target == "-" {
