@@ -43,6 +43,7 @@ fn main() -> ExitCode {
     let mut sections = (true, true);
     let mut counts = vec![1u32, 2];
     let mut only = Only::default();
+    let mut queue_budgets = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next();
@@ -53,6 +54,8 @@ fn main() -> ExitCode {
             ("--section", _, Some("budgets")) => sections = (true, false),
             ("--section", _, Some("queues")) => sections = (false, true),
             ("--streams", Some(n), _) => only.streams = Some(n as usize),
+            ("--budgets", _, Some("on")) => queue_budgets = true,
+            ("--budgets", _, Some("off")) => queue_budgets = false,
             ("--consumer", _, Some("next")) => only.consume = Some(Consume::EachBuffer),
             ("--consumer", _, Some("batches")) => only.consume = Some(Consume::Batches(64)),
             ("--queues", _, Some(list)) => {
@@ -74,7 +77,7 @@ fn main() -> ExitCode {
                 eprintln!(
                     "usage: per-chunk [--chunks N (total per run)] [--reps R] \
                      [--section budgets|queues] [--queues 1,2] \
-                     [--streams N] [--consumer next|batches]"
+                     [--streams N] [--consumer next|batches] [--budgets on|off]"
                 );
                 return ExitCode::from(2);
             }
@@ -88,7 +91,7 @@ fn main() -> ExitCode {
         }
     }
     if sections.1 {
-        if let Err(e) = queues_section(chunks, reps, workers, &counts, only) {
+        if let Err(e) = queues_section(chunks, reps, workers, &counts, only, queue_budgets) {
             eprintln!("per-chunk: {e}");
             return ExitCode::FAILURE;
         }
@@ -167,14 +170,16 @@ fn queues_section(
     workers: usize,
     counts: &[u32],
     only: Only,
+    budgets: bool,
 ) -> io::Result<()> {
     let names: Vec<String> = counts.iter().map(u32::to_string).collect();
     println!();
     println!(
         "synthetic NIC queues {} (a driver thread, area and refill ring each, {AREA_CHUNKS} \
          chunks of area in all), {chunks} chunks per run, {reps} runs each alternated, \
-         {workers} Tokio workers, budgets on (the default)",
-        names.join(" against ")
+         {workers} Tokio workers, budgets {}",
+        names.join(" against "),
+        if budgets { "on (the default)" } else { "off" }
     );
     println!(
         "{:>7}  {:<22}  {:<6}  {:>20}  {:>20}  {:>30}  {:>17}",
@@ -193,9 +198,10 @@ fn queues_section(
         (64, Consume::Batches(64)),
     ];
     type Figure = fn(&PerChunkReport) -> f64;
-    let figures: [(&str, Figure); 2] = [
+    let figures: [(&str, Figure); 3] = [
         ("wall", PerChunkReport::ns_per_chunk),
         ("CPU", PerChunkReport::cpu_ns_per_chunk),
+        ("CPU less idle poll", PerChunkReport::busy_cpu_ns_per_chunk),
     ];
     for (streams, consume) in only.filter(&cases) {
         let consumer = consume.to_string();
@@ -209,7 +215,7 @@ fn queues_section(
                     chunks / streams as u64,
                     workers,
                     consume,
-                    true,
+                    budgets,
                 )
                 .map_err(|e| {
                     io::Error::other(format!("{queues} queues, {streams} streams: {e}"))
@@ -218,7 +224,7 @@ fn queues_section(
             }
         }
         for (queues, runs) in counts.iter().zip(&runs) {
-            let [wall, cpu] = figures.map(|(_, figure)| Spread::of(runs.iter().map(figure)));
+            let [wall, cpu, _] = figures.map(|(_, figure)| Spread::of(runs.iter().map(figure)));
             let drivers = Spread::of(runs.iter().map(PerChunkReport::driver_ns_per_chunk));
             let idle = Spread::of(runs.iter().map(PerChunkReport::idle_poll_ns_per_chunk));
             let rest = Spread::of(runs.iter().map(PerChunkReport::rest_ns_per_chunk));
@@ -388,6 +394,11 @@ impl PerChunkReport {
     /// Stream pauses at the budget, per thousand chunks.
     fn pauses_per_k(&self) -> f64 {
         self.pauses as f64 * 1000.0 / self.chunks as f64
+    }
+
+    /// CPU nanoseconds per chunk, less the synthetic kernels' idle polling.
+    fn busy_cpu_ns_per_chunk(&self) -> f64 {
+        self.cpu.saturating_sub(self.idle_poll).as_nanos() as f64 / self.chunks as f64
     }
 
     /// Every other thread's CPU nanoseconds per chunk.
