@@ -20,7 +20,7 @@
 //!
 //! Then the same total work on one synthetic NIC queue and on two (`Builder::interface_queues`'
 //! runtime: a driver thread, area and refill ring per queue, streams dealt over the queues in
-//! turn), alternating run by run: median [range] of each, the ratio two/one of the medians
+//! turn), alternating run by run: median \[range\] of each, the ratio two/one of the medians
 //! and the range of the ratios of each pair of runs, for wall and CPU time per chunk, and the
 //! CPU split between the driver threads and the rest (Tokio workers). Both have the same
 //! total area (each of two queues half of it, so every stream has the same budget) and the
