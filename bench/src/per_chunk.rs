@@ -421,26 +421,55 @@ fn process_cpu() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// The CPU time so far of this process's threads: the benchmark's driver threads
-/// (`tzx-bench-q*`), and all others. Threads that have ended are not counted, so take both
-/// snapshots while the same threads live.
-fn thread_cpu() -> (Duration, Duration) {
-    let (mut drivers, mut rest) = (Duration::ZERO, Duration::ZERO);
+/// Each live thread of this process: whether it is one of the benchmark's driver threads
+/// (`tzx-bench-q*`), and its CPU time so far, by thread id.
+fn thread_cpu() -> std::collections::HashMap<u64, (bool, Duration)> {
+    let mut threads = std::collections::HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return (drivers, rest);
+        return threads;
     };
     for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u64>().ok())
+        else {
+            continue;
+        };
         let path = task.path();
         // The first field of schedstat: nanoseconds on a CPU.
-        let on_cpu = std::fs::read_to_string(path.join("schedstat"))
+        let Some(on_cpu) = std::fs::read_to_string(path.join("schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(Duration::ZERO, Duration::from_nanos);
+        else {
+            continue;
+        };
         let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if name.starts_with("tzx-bench-q") {
-            drivers += on_cpu;
+        threads.insert(
+            tid,
+            (
+                name.starts_with("tzx-bench-q"),
+                Duration::from_nanos(on_cpu),
+            ),
+        );
+    }
+    threads
+}
+
+/// The CPU time the driver threads and all others used between two [`thread_cpu`]
+/// snapshots: each thread's difference, so that a thread that ended meanwhile (a previous
+/// run's driver going away) takes only its own share with it, not what it used before.
+fn thread_cpu_between(
+    before: &std::collections::HashMap<u64, (bool, Duration)>,
+    after: &std::collections::HashMap<u64, (bool, Duration)>,
+) -> (Duration, Duration) {
+    let (mut drivers, mut rest) = (Duration::ZERO, Duration::ZERO);
+    for (tid, &(driver, cpu)) in after {
+        let used = cpu.saturating_sub(before.get(tid).map_or(Duration::ZERO, |b| b.1));
+        if driver {
+            drivers += used;
         } else {
-            rest += on_cpu;
+            rest += used;
         }
     }
     (drivers, rest)
@@ -536,7 +565,7 @@ fn per_chunk(
         }
         let elapsed = started.elapsed();
         let cpu = process_cpu() - cpu_before;
-        let threads_after = thread_cpu();
+        let thread_split = thread_cpu_between(&threads_before, &thread_cpu());
         let idle_after = idle_poll();
         let enters = enters() - enters_before;
         let pauses = zcrx.stats().stream_pauses - pauses_before;
@@ -553,8 +582,8 @@ fn per_chunk(
             chunks,
             elapsed,
             cpu,
-            drivers: threads_after.0.saturating_sub(threads_before.0),
-            rest: threads_after.1.saturating_sub(threads_before.1),
+            drivers: thread_split.0,
+            rest: thread_split.1,
             idle_poll: idle_after.saturating_sub(idle_before),
             enters,
             pauses,
