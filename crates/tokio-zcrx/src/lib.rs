@@ -108,6 +108,40 @@ pub mod __bench {
     pub fn start(area_chunks: u32, chunks_per_stream: u64) -> crate::Result<crate::Zcrx> {
         crate::backend::uring::synthetic::start(area_chunks, chunks_per_stream)
     }
+
+    /// Starts a [`Zcrx`](crate::Zcrx) of `queues` synthetic NIC queues, as
+    /// `Builder::interface_queues` would on a NIC: a driver thread (`tzx-bench-qN`), area of
+    /// `area_chunks` chunks and refill ring per queue, each answering as [`start`]'s. The
+    /// attached sockets are dealt over the queues in turn (the first to queue 0), each
+    /// receiving `chunks_per_stream` chunks on its queue's driver.
+    pub fn start_queues(
+        queues: u32,
+        area_chunks: u32,
+        chunks_per_stream: u64,
+    ) -> crate::Result<(crate::Zcrx, Kernels)> {
+        let (zcrx, kernels) =
+            crate::backend::uring::synthetic::start_queues(queues, area_chunks, chunks_per_stream)?;
+        Ok((zcrx, Kernels(kernels)))
+    }
+
+    /// The synthetic kernels of [`start_queues`]' queues.
+    #[derive(Debug)]
+    pub struct Kernels(Vec<std::sync::Arc<crate::backend::uring::synthetic::ring::Control>>);
+
+    impl Kernels {
+        /// The CPU time the driver threads have spent so far polling for returned chunks
+        /// with nothing to deliver (as of each kernel's last enter): the synthetic NIC's
+        /// idle spinning, which a real NIC's driver would sleep through.
+        pub fn idle_poll_cpu(&self) -> std::time::Duration {
+            self.0.iter().map(|k| k.report().idle_poll_cpu).sum()
+        }
+
+        /// How often the driver threads have entered their kernels so far (as of each
+        /// kernel's last enter): one per turn of a driver's loop that submits or waits.
+        pub fn enters(&self) -> u64 {
+            self.0.iter().map(|k| k.report().enters).sum()
+        }
+    }
 }
 
 /// The user guides' code blocks compile too.

@@ -755,3 +755,68 @@ fn a_stream_whose_flow_moves_is_handed_to_the_new_queues_driver() {
         group.zcrx.shutdown().await;
     });
 }
+
+/// The per-chunk benchmark's runtime of several queues (`__bench::start_queues`) deals the
+/// attached streams over every queue in turn: each queue's driver carries its share of the
+/// bytes, no stream is copied or unmatched, and queue N's thread is `tzx-bench-qN`.
+#[test]
+fn bench_queues_deal_streams_over_every_queue() {
+    runtime().block_on(async {
+        let (zcrx, kernels) = super::uring::synthetic::start_queues(3, 64, 32).unwrap();
+        assert_eq!(zcrx.mode_selection().queues_bound, vec![0, 1, 2]);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut clients = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..7 {
+            clients.push(
+                TcpStream::connect(listener.local_addr().unwrap())
+                    .await
+                    .unwrap(),
+            );
+            let (server, _) = listener.accept().await.unwrap();
+            let (mut stream, _writer) = zcrx.attach(server).unwrap();
+            assert!(!stream.is_copy_mode());
+            readers.push(tokio::spawn(async move {
+                let mut bytes = 0u64;
+                while let Some(buf) = stream.next().await {
+                    bytes += buf.unwrap().len() as u64;
+                }
+                bytes
+            }));
+        }
+        for reader in readers {
+            assert_eq!(reader.await.unwrap(), 32 * 4096);
+        }
+        let bytes: Vec<(u32, u64)> = zcrx
+            .queue_stats()
+            .iter()
+            .map(|q| (q.queue, q.stats.bytes))
+            .collect();
+        // Streams 0, 3, 6 on queue 0; 1, 4 on queue 1; 2, 5 on queue 2.
+        let per_queue = |streams: u64| streams * 32 * 4096;
+        assert_eq!(
+            bytes,
+            vec![(0, per_queue(3)), (1, per_queue(2)), (2, per_queue(2))]
+        );
+        // Each queue's own kernel delivered them (at least a CQE per chunk).
+        let cqes: Vec<u64> = kernels.iter().map(|k| k.report().data_cqes).collect();
+        for (queue, (cqes, streams)) in cqes.iter().zip([3, 2, 2]).enumerate() {
+            assert!(*cqes >= streams * 32, "queue {queue}: {cqes} data CQEs");
+            assert_eq!(kernels[queue].report().copy_bytes, 0);
+        }
+        let stats = zcrx.stats();
+        assert_eq!(stats.unmatched_connections, 0);
+        assert_eq!(stats.copy_bytes.unwrap_or(0), 0);
+        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .map(|name| name.trim().to_string())
+            .collect();
+        for queue in 0..3 {
+            let name = format!("tzx-bench-q{queue}");
+            assert!(threads.contains(&name), "no {name} among {threads:?}");
+        }
+        zcrx.shutdown().await;
+    });
+}

@@ -129,6 +129,100 @@ pub(crate) fn start(area_chunks: u32, chunks_per_stream: u64) -> Result<Zcrx, Er
     start_with(config).map(|(zcrx, _)| zcrx)
 }
 
+/// Starts a runtime of `queues` synthetic NIC queues (a `QueueGroup`, as
+/// `Builder::interface_queues` starts, each queue its own driver thread `tzx-bench-qN`,
+/// area of `area_chunks` chunks, refill ring and kernel answering as [`start`]'s) whose
+/// synthetic device deals the attached sockets over the queues in turn, the first to queue
+/// 0: every stream attached receives `chunks_per_stream` chunks on its queue's driver. With
+/// each queue's synthetic kernel, in queue order.
+pub(crate) fn start_queues(
+    queues: u32,
+    area_chunks: u32,
+    chunks_per_stream: u64,
+) -> Result<(Zcrx, Vec<Arc<Control>>), Error> {
+    use crate::backend::queues::{GroupSpec, QueueGroup};
+
+    let spec = GroupSpec {
+        interface: "synthetic0".into(),
+        queues: (0..queues).collect(),
+        required: true,
+        napi_wait: std::time::Duration::ZERO,
+        driver_cpus: crate::DriverCpus::Anywhere,
+        copy: Builder::new().validate()?.copy,
+    };
+    let mut kernels = Vec::new();
+    let mut start_queue = |queue: u32, _cpus, events| {
+        let config = SyntheticConfig {
+            area_chunks,
+            chunks_per_stream,
+            write_pattern: false,
+            full_speed_nic: true,
+            queue: Some(queue),
+            events_channel: Some(events),
+            hand_over_moved: true,
+            thread_name: format!("tzx-bench-q{queue}"),
+            ..SyntheticConfig::new(Personality::Linux7_3, Registration::Nic)
+        };
+        let (handle, control, _) = start_driver(config)?;
+        kernels.push(control);
+        Ok(handle)
+    };
+    let device = DealtNapi {
+        queues,
+        dealt: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+    };
+    let group = QueueGroup::start(spec, Box::new(device), &mut start_queue)?;
+    let selection = ModeSelection {
+        queues_bound: group.bound(),
+        queues_refused: group.refused().to_vec(),
+        ..ModeSelection::new(ActiveMode::Nic, Vec::new())
+    };
+    let zcrx = Zcrx::from_parts(crate::backend::Backend::Queues(Arc::new(group)), selection);
+    Ok((zcrx, kernels))
+}
+
+/// The NAPI id of synthetic queue `queue` in [`start_queues`].
+fn bench_napi_id(queue: u32) -> u32 {
+    0x2000 + queue
+}
+
+/// [`start_queues`]'s device: queue N has NAPI id `0x2000 + N`, and each new connection (by
+/// its peer address) arrives on the next queue in turn.
+#[derive(Debug)]
+struct DealtNapi {
+    queues: u32,
+    /// How many connections were dealt, and the queue of each.
+    dealt: std::sync::Mutex<(u32, std::collections::HashMap<std::net::SocketAddr, u32>)>,
+}
+
+impl crate::backend::queues::NapiSource for DealtNapi {
+    fn queues(&self) -> io::Result<Vec<(u32, Option<u32>)>> {
+        Ok((0..self.queues)
+            .map(|q| (q, Some(bench_napi_id(q))))
+            .collect())
+    }
+
+    fn incoming(
+        &self,
+        _socket: std::os::fd::BorrowedFd<'_>,
+        _local: Option<std::net::SocketAddr>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> crate::backend::queues::Incoming {
+        use crate::backend::queues::Incoming;
+        let Some(peer) = peer else {
+            return Incoming::Never;
+        };
+        let mut dealt = crate::sys::lock(&self.dealt);
+        let (count, by_peer) = &mut *dealt;
+        let queue = *by_peer.entry(peer).or_insert_with(|| {
+            let queue = *count % self.queues;
+            *count += 1;
+            queue
+        });
+        Incoming::Napi(bench_napi_id(queue))
+    }
+}
+
 /// Starts a runtime over a synthetic kernel as configured; the [`Control`] sets plans for
 /// connections and reads the kernel's report.
 pub(crate) fn start_with(config: SyntheticConfig) -> Result<(Zcrx, Arc<Control>), Error> {
