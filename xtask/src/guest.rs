@@ -102,6 +102,27 @@ fn base_initramfs(chroot: &Chroot, kernel: &GuestKernel, start: Instant) -> Resu
     Ok(image)
 }
 
+/// `perf` from the chroot (Debian's linux-perf of trixie-backports, the newest guest kernel's
+/// series) with its shared libraries, as files for [`RunOptions::tools`]: the guest has no
+/// profiler of its own, and kernel time under emulation is only found by sampling it.
+pub(crate) fn profiler(start: Instant) -> Result<Vec<(String, PathBuf)>> {
+    let chroot = Chroot::ensure(start)?;
+    const PERF: &str = "/usr/bin/perf";
+    if !chroot.host_path(PERF).exists() {
+        step(
+            start,
+            "installing linux-perf (trixie-backports) in the chroot",
+        );
+        chroot.apt_install(&["-t", "trixie-backports", "linux-perf"])?;
+    }
+    let mut files = vec![(PERF.to_string(), chroot.host_path(PERF))];
+    for lib in chroot.shared_libraries(PERF)? {
+        let host = chroot.host_path(&lib);
+        files.push((lib, host));
+    }
+    Ok(files)
+}
+
 /// A statically linked program built for the guest.
 #[derive(Clone)]
 pub(crate) struct GuestBinary {
@@ -295,6 +316,8 @@ pub(crate) enum Payload {
 pub(crate) struct RunOptions {
     pub binaries: Vec<GuestBinary>,
     pub includes: Vec<PathBuf>,
+    /// Files placed at the same path in the guest (a chroot tool and its libraries).
+    pub tools: Vec<(String, PathBuf)>,
     pub payload: Payload,
     pub timeout: Duration,
     /// Limit for one test binary, so a hung test names itself instead of eating the run.
@@ -351,6 +374,9 @@ pub(crate) fn run(
                 ));
             }
         }
+    }
+    for (inside, host) in &options.tools {
+        archive.file(inside, host, 0o755)?;
     }
     for include in &options.includes {
         add_tree(

@@ -432,6 +432,7 @@ fn run_options(
     Ok(RunOptions {
         binaries,
         includes,
+        tools: Vec::new(),
         payload,
         timeout: Duration::from_secs(env_number("TZX_VM_TIMEOUT", 1800)?),
         test_timeout: Duration::from_secs(env_number("TZX_TEST_TIMEOUT", 600)?),
@@ -672,17 +673,56 @@ fn run_in_guest(
 /// in the peer namespace, the proxy on the netdevsim queue; the results go to
 /// docs/bench/proxy.json and are drawn as docs/bench/proxy.png.
 fn vm_bench_proxy(args: &[&str], start: Instant) -> Result<ExitCode> {
+    let profile = args.contains(&"--perf");
+    let args: Vec<&str> = args.iter().copied().filter(|a| *a != "--perf").collect();
     let image = guest::prepare_newest(start)?;
     let binaries = guest::build_proxy_benchmark(start)?;
-    let command = format!(
+    let mut command = format!(
         "proxy-throughput --proxy /tzx/bin/proxy --mode nic --interface \"$TZX_NIC\" --queue 0 \
          --listen-ip \"$TZX_NIC_ADDR\" --upstream-ip \"$TZX_PEER_ADDR\" \
          --netns \"$TZX_PEER_NETNS\" --results - {}",
         args.join(" ")
     );
-    let (outcome, ok) = run_in_guest(&image, binaries, Vec::new(), command, start)?;
-    if !ok {
+    let mut options = run_options(binaries, Vec::new(), Payload::Command(String::new()))?;
+    if profile {
+        // Every CPU sampled with kernel and user stacks; the report per thread, then the
+        // runtime's driver thread (only the tokio-zcrx proxy has one) per symbol and with
+        // call chains, then the Tokio workers (of both proxies and of the clients).
+        options.tools = guest::profiler(start)?;
+        command = format!(
+            "perf record -q -a -g -F 499 -o /tmp/perf.data -- {command} || exit 1\n\
+             echo '@@perf per process'\n\
+             perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none --sort pid \
+               --percent-limit 1 2>/dev/null | grep -v '^$'\n\
+             echo '@@perf the driver thread, per symbol'\n\
+             perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none \
+               --comms tokio-zcrx-driv --sort sym --percent-limit 0.4 2>/dev/null \
+               | grep -v '^$' | head -100\n\
+             echo '@@perf the driver thread, call chains'\n\
+             perf script -i /tmp/perf.data --no-inline -F comm,tid,ip,sym 2>/dev/null \
+               | awk '/^[^ \\t]/ {{ if (k && s != \"\") c[s]++; \
+                                     k = ($1 == \"tokio-zcrx-driv\"); s = \"\"; d = 0; next }} \
+                      NF == 0 {{ next }} \
+                      k && d < 14 {{ s = s \" < \" $2; d++ }} \
+                      END {{ if (k && s != \"\") c[s]++; for (x in c) print c[x], x }}' \
+               | sort -rn | head -50\n\
+             echo '@@perf Tokio workers, per thread and symbol'\n\
+             perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none \
+               --comms tokio-rt-worker --sort pid,sym --percent-limit 0.4 2>/dev/null \
+               | grep -v '^$' | head -100"
+        );
+    }
+    options.payload = Payload::Command(command);
+    let outcome = guest::run(&image, &options, start)?;
+    for problem in &outcome.problems {
+        println!("xtask: {problem}");
+    }
+    if !outcome.problems.is_empty() || outcome.exit_code != Some(0) {
         return Ok(ExitCode::FAILURE);
+    }
+    if profile {
+        // A profiled run's numbers are not the benchmark's: nothing is written.
+        return Ok(ExitCode::SUCCESS);
     }
     let [line] = &outcome.results[..] else {
         bail!(

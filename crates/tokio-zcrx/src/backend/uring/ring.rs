@@ -57,20 +57,84 @@ impl Capabilities {
 /// How a send request reads its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SendKind {
-    /// `IORING_OP_SEND_ZC` from the registered buffer of this index.
+    /// `IORING_OP_SENDMSG_ZC` from the registered buffer of this index (every range inside
+    /// it; vectored registered buffers arrived in 6.15, with zcrx).
     ZeroCopyFixed(u16),
-    /// `IORING_OP_SEND_ZC` from unregistered memory (pinned per send).
+    /// `IORING_OP_SENDMSG_ZC` from unregistered memory (pinned per send).
     ZeroCopy,
-    /// `IORING_OP_SEND`: the kernel copies at once.
+    /// `IORING_OP_SENDMSG`: the kernel copies at once.
     Plain,
+}
+
+/// The ranges one send request sends, as the kernel reads them: a `msghdr` and its
+/// `iovec`s. Boxed by its owner so the addresses the SQE carries stay put until the
+/// request's last CQE, however the owner moves.
+///
+/// Vectored because the kernel takes the socket lock, builds segments and pushes them
+/// once per request: one request per received chunk (4 KiB) cost the proxy a
+/// `lock_sock` per chunk, and in the guest most of its CPU went to spinning on that lock
+/// against the softirq processing the same socket's ACKs.
+pub(crate) struct SendMessage {
+    header: libc::msghdr,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers are the message's own `iov` (heap, owned) and, in the `iovec`s,
+// ranges of pieces that the request's owner holds; nothing in it is tied to a thread.
+unsafe impl Send for SendMessage {}
+
+impl SendMessage {
+    pub(crate) fn new() -> Box<SendMessage> {
+        Box::new(SendMessage {
+            // SAFETY: all-zero is a valid msghdr (no address, no iovecs, no control data);
+            // zeroed rather than a literal because musl's has private padding fields.
+            header: unsafe { std::mem::zeroed() },
+            iov: Vec::new(),
+        })
+    }
+
+    /// Adds `ptr..ptr + len` (which the owner keeps readable and unchanged until the
+    /// request's last CQE).
+    pub(crate) fn push(&mut self, ptr: *const u8, len: usize) {
+        self.iov.push(libc::iovec {
+            iov_base: ptr.cast_mut().cast(),
+            iov_len: len,
+        });
+        self.header.msg_iov = self.iov.as_mut_ptr();
+        self.header.msg_iovlen = self.iov.len() as _;
+    }
+
+    pub(crate) fn ranges(&self) -> usize {
+        self.iov.len()
+    }
+
+    /// The ranges, in order.
+    pub(crate) fn segments(&self) -> impl Iterator<Item = (*const u8, usize)> + '_ {
+        self.iov
+            .iter()
+            .map(|iov| (iov.iov_base.cast_const().cast::<u8>(), iov.iov_len))
+    }
+
+    fn header(&self) -> *const libc::msghdr {
+        &self.header
+    }
+}
+
+impl std::fmt::Debug for SendMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendMessage")
+            .field("ranges", &self.iov.len())
+            .finish()
+    }
 }
 
 /// One send request (see `driver/sends.rs`).
 #[derive(Debug)]
 pub(crate) struct SendSqe {
     pub(crate) fd: RawFd,
-    /// `ptr..ptr + len` stays readable and unchanged until the request's last CQE.
-    pub(crate) ptr: *const u8,
+    /// The request's ranges; the message and the memory it names stay unchanged until the
+    /// request's last CQE.
+    pub(crate) message: *const SendMessage,
     pub(crate) len: u32,
     pub(crate) kind: SendKind,
     /// `IOSQE_IO_LINK`: the next request runs after this one, and is cancelled if this one
@@ -114,19 +178,21 @@ pub(crate) trait CompletionRing: Send + 'static {
 /// The SQE of one send.
 fn send_entry(sqe: &SendSqe) -> squeue::Entry {
     let fd = types::Fd(sqe.fd);
+    // SAFETY: the caller keeps the message alive and unchanged until the request's last CQE
+    // (`SendSqe::message`), so it is alive now.
+    let msg = unsafe { &*sqe.message }.header();
+    let flags = (libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32;
     let entry = match sqe.kind {
-        SendKind::Plain => opcode::Send::new(fd, sqe.ptr, sqe.len)
-            .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
-            .build(),
+        SendKind::Plain => opcode::SendMsg::new(fd, msg).flags(flags).build(),
         SendKind::ZeroCopy | SendKind::ZeroCopyFixed(_) => {
             let buf_index = match sqe.kind {
                 SendKind::ZeroCopyFixed(index) => Some(index),
                 _ => None,
             };
-            opcode::SendZc::new(fd, sqe.ptr, sqe.len)
+            opcode::SendMsgZc::new(fd, msg)
                 .buf_index(buf_index)
-                .flags(libc::MSG_WAITALL)
-                .zc_flags(IORING_SEND_ZC_REPORT_USAGE)
+                .flags(flags)
+                .ioprio(IORING_SEND_ZC_REPORT_USAGE)
                 .build()
         }
     };

@@ -25,6 +25,17 @@ use zcrx_sys::zcrx::{
 };
 
 use super::super::ring::{CompletionRing, SendKind, SendSqe};
+
+/// A send request as this kernel keeps it: its ranges copied out of the `msghdr` at
+/// submission (as `io_sendmsg_zc`'s prep imports the iovecs), read at answer time.
+struct QueuedSend {
+    fd: RawFd,
+    segments: Vec<(*const u8, usize)>,
+    len: u32,
+    kind: SendKind,
+    link: bool,
+    user_data: u64,
+}
 use super::faults::{FaultInjector, Injected, Malformed, Rng, SendFault};
 use super::pattern;
 use super::personality::{Personality, Registration};
@@ -268,7 +279,7 @@ pub(crate) struct SyntheticRing {
     control: Arc<Control>,
     report: KernelReport,
     /// Send SQEs not answered yet, in submission order.
-    sends: VecDeque<SendSqe>,
+    sends: VecDeque<QueuedSend>,
     /// A linked send failed or came short: the rest of its chain is cancelled.
     cancelling_chain: bool,
     /// Zero-copy sends answered in an earlier reap, waiting for their notification (this
@@ -291,7 +302,8 @@ struct PendingNotif {
 struct WireEntry {
     id: u64,
     fd: RawFd,
-    ptr: *const u8,
+    segments: Vec<(*const u8, usize)>,
+    /// Bytes sent: the first `len` of `segments`.
     len: usize,
     /// The bytes, once read (plain sends at once, zero-copy ones at their notification).
     bytes: Option<Vec<u8>>,
@@ -407,13 +419,13 @@ impl SyntheticRing {
                 let mut entry = WireEntry {
                     id,
                     fd: sqe.fd,
-                    ptr: sqe.ptr,
+                    segments: sqe.segments.clone(),
                     len: sent,
                     bytes: None,
                 };
                 if !zero_copy {
                     // A plain send copies into the socket buffer before it completes.
-                    entry.bytes = Some(read_user(entry.ptr, entry.len));
+                    entry.bytes = Some(read_user(&entry.segments, entry.len));
                 }
                 self.wire.push_back(entry);
                 id
@@ -439,14 +451,16 @@ impl SyntheticRing {
     }
 
     /// Why the kernel refuses `sqe` before sending anything, if it does.
-    fn send_refusal(&self, sqe: &SendSqe) -> Option<i32> {
+    fn send_refusal(&self, sqe: &QueuedSend) -> Option<i32> {
         if self.setup.refuse_send_zc && sqe.kind != SendKind::Plain {
             return Some(libc::EOPNOTSUPP);
         }
         if let SendKind::ZeroCopyFixed(index) = sqe.kind {
-            let start = sqe.ptr as usize;
             let area = self.memory.area as usize;
-            let inside = start >= area && start + sqe.len as usize <= area + self.memory.area_len;
+            let inside = sqe.segments.iter().all(|&(ptr, len)| {
+                let start = ptr as usize;
+                start >= area && start + len <= area + self.memory.area_len
+            });
             if index != 0 || !inside {
                 // io_import_reg_buf: not in the registered buffer.
                 return Some(libc::EFAULT);
@@ -478,7 +492,7 @@ impl SyntheticRing {
         for notif in std::mem::take(&mut self.notifs_due) {
             if let Some(id) = notif.wire {
                 if let Some(entry) = self.wire.iter_mut().find(|e| e.id == id) {
-                    entry.bytes = Some(read_user(entry.ptr, entry.len));
+                    entry.bytes = Some(read_user(&entry.segments, entry.len));
                 }
             }
             out.push(RawCompletion {
@@ -820,10 +834,17 @@ fn thread_cpu() -> Duration {
 }
 
 /// Copies `len` bytes at `ptr`.
-fn read_user(ptr: *const u8, len: usize) -> Vec<u8> {
-    // SAFETY: the driver holds the memory of a send unchanged until the send's last CQE
-    // (`driver/sends.rs`), which this kernel posts only after reading it.
-    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+/// The first `len` bytes of a send's ranges.
+fn read_user(segments: &[(*const u8, usize)], mut len: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(len);
+    for &(ptr, range) in segments {
+        let take = range.min(len);
+        // SAFETY: the driver holds the memory of a send unchanged until the send's last CQE
+        // (`driver/sends.rs`), which this kernel posts only after reading it.
+        bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, take) });
+        len -= take;
+    }
+    bytes
 }
 
 /// A pending error on socket `fd` (the peer reset it, or it was shut down for writing),
@@ -901,7 +922,18 @@ fn final_cqe(user_data: u64, res: i32) -> RawCompletion {
 
 impl CompletionRing for SyntheticRing {
     fn send_chain(&mut self, sqes: &[SendSqe]) -> io::Result<()> {
-        self.sends.extend(sqes.iter().map(|sqe| SendSqe { ..*sqe }));
+        self.sends.extend(sqes.iter().map(|sqe| {
+            // SAFETY: the driver keeps the message alive until the request's last CQE.
+            let message = unsafe { &*sqe.message };
+            QueuedSend {
+                fd: sqe.fd,
+                segments: message.segments().collect(),
+                len: sqe.len,
+                kind: sqe.kind,
+                link: sqe.link,
+                user_data: sqe.user_data,
+            }
+        }));
         Ok(())
     }
 

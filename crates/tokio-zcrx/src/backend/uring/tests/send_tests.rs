@@ -26,7 +26,7 @@ use crate::{Stats, ZcBatch, ZcStream, ZcWriteHalf};
 const FORWARDED: u64 = 3 << 20;
 
 /// How the forwarder sends what it receives.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Forward {
     OneByOne,
     Batches,
@@ -143,6 +143,17 @@ fn forwarded_bytes_arrive_intact_on_every_kernel() {
                 assert!(report.scribbled_for_sends > 0, "the check must have teeth");
                 // `Bytes` from a ZcBuf point into the area too: all from the fixed buffer.
                 assert!(report.sends_fixed > 0 && report.sends_unregistered == 0);
+                if how == Forward::Batches {
+                    // Vectored: a request carries the buffers queued together (up to 64),
+                    // not one each. Chunks are at most 4 KiB, so there are at least
+                    // FORWARDED / 4096 buffers.
+                    let buffers_at_least = FORWARDED / 4096;
+                    assert!(
+                        report.sends_fixed * 4 < buffers_at_least,
+                        "{kernel:?}: {} requests for {buffers_at_least}+ buffers",
+                        report.sends_fixed
+                    );
+                }
                 harness.zcrx.shutdown().await;
             });
         }
@@ -159,8 +170,9 @@ fn short_and_refused_sends_resume_without_loss() {
         runtime.block_on(async {
             let config = SyntheticConfig {
                 faults: Some(FaultConfig {
-                    send_short: 150,
-                    send_enomem: 40,
+                    // Per request; a request carries up to 64 buffers.
+                    send_short: 300,
+                    send_enomem: 200,
                     ..FaultConfig::none(11)
                 }),
                 ..synthetic(kernel)
@@ -194,7 +206,8 @@ fn a_failed_send_surfaces_and_returns_every_buffer() {
         runtime.block_on(async {
             let config = SyntheticConfig {
                 faults: Some(FaultConfig {
-                    send_error: 20,
+                    // Per request; a request carries up to 64 buffers.
+                    send_error: 100,
                     ..FaultConfig::none(5)
                 }),
                 ..synthetic(kernel)
