@@ -439,6 +439,21 @@ impl Footprint {
         }
     }
 
+    /// The footprint once the threads of runtimes dropped before have left /proc (a joined
+    /// thread can still be listed for a moment after `join` returns), for at most 5 s.
+    fn baseline() -> Footprint {
+        let start = Instant::now();
+        loop {
+            let now = Footprint::now();
+            let ended =
+                |name: &String| name.starts_with("tokio-rt-") || name.starts_with("tokio-zcrx-d");
+            if !now.threads.iter().any(ended) || start.elapsed() > Duration::from_secs(5) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (at most `limit`) until the fds, pinned memory and threads are those of
     /// `before` (the kernel unpins an area when it tears the instance down, asynchronously),
     /// then asserts that nothing is left: the same fds, pinned memory and threads, and
@@ -504,7 +519,7 @@ fn a_killed_holder_of_four_queues_is_replaced_on_all_at_once() {
     // Tokio's signal driver makes a unix socket pair for the whole process with the first
     // runtime and keeps it: make it before the baseline, it is no runtime's.
     drop(runtime());
-    let before = Footprint::now();
+    let before = Footprint::baseline();
     let mut holder = Holder::spawn(TEST);
     println!("{}", holder.line("child: bound"));
     println!("{}", holder.line("child: holding"));
