@@ -7,17 +7,20 @@
 //! and those on unbound queues received in copy mode.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_zcrx::probe::{self, QueueReport};
-use tokio_zcrx::{QueueSet, Zcrx};
+use tokio_zcrx::{QueueSet, ZcBuf, Zcrx};
+use tokio_zcrx_kernel_tests::procfs::{self, Pid};
 use tokio_zcrx_kernel_tests::support::{
-    build, nic, peer_tcp_timeouts, read_verified, runtime, SpreadFlows,
+    build, nic, peer_tcp_timeouts, read_verified, read_verified_holding_last, runtime, SpreadFlows,
 };
 use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
 
@@ -42,6 +45,47 @@ fn wait_provider(net: &GuestNet, queue: u32, bound: bool, limit: Duration) -> Du
             "queue {queue}: io_uring provider still {state} after {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the kernel reports an io_uring memory provider on each queue, in queue order.
+fn providers(net: &GuestNet) -> Vec<bool> {
+    queues(net).iter().map(|q| q.io_uring_provider).collect()
+}
+
+/// A builder for all four queues of the guest's NIC, an 8 MiB area each.
+fn all_queues(net: &GuestNet) -> tokio_zcrx::Builder {
+    nic(net)
+        .interface_queues(&net.nic, QueueSet::All)
+        .area_size(8 << 20)
+}
+
+/// The guest's network with the peer's flows spread over the four queues (while the guard
+/// lives), and a runtime on all four queues.
+fn spread_on_all_queues() -> (GuestNet, SpreadFlows, Zcrx) {
+    let net = GuestNet::from_env();
+    let spread = SpreadFlows::new(&net);
+    let zcrx = build(all_queues(&net));
+    (net, spread, zcrx)
+}
+
+/// Sends `per_connection` pattern bytes on each of `connections` connections from the peer,
+/// all at once.
+fn spawn_senders(
+    net: &GuestNet,
+    addr: SocketAddr,
+    connections: usize,
+    per_connection: u64,
+) -> Vec<JoinHandle<u64>> {
+    (0..connections)
+        .map(|_| spawn_sender(addr, per_connection, Some(net.peer_netns.clone())))
+        .collect()
+}
+
+/// Waits for every sender; each must have sent all its bytes.
+fn join_senders(senders: Vec<JoinHandle<u64>>, per_connection: u64) {
+    for sender in senders {
+        assert_eq!(sender.join().unwrap(), per_connection);
     }
 }
 
@@ -76,8 +120,7 @@ fn queue_get_reports_every_queue_its_napi_id_and_the_bound_provider() {
             .interface(&net.nic, 2),
     );
     let bound = queues(&net);
-    let providers: Vec<bool> = bound.iter().map(|q| q.io_uring_provider).collect();
-    assert_eq!(providers, [false, false, true, false], "{bound:?}");
+    assert_eq!(providers(&net), [false, false, true, false], "{bound:?}");
     // Binding does not renumber NAPI instances... or if the queue restart does, the probe
     // still reports one per queue.
     assert!(bound.iter().all(|q| q.napi_id.is_some()));
@@ -101,6 +144,42 @@ async fn accept_with_napi(listener: &TcpListener) -> (tokio::net::TcpStream, Opt
     socket.readable().await.unwrap();
     let napi = probe::incoming_napi_id(&socket).unwrap();
     (socket, napi)
+}
+
+/// Which queue each NAPI id belongs to, as the kernel says now (one distinct id per queue).
+fn queue_of_napi(net: &GuestNet) -> BTreeMap<u32, u32> {
+    let map: BTreeMap<u32, u32> = queues(net)
+        .iter()
+        .map(|q| (q.napi_id.expect("netdevsim: a NAPI id per queue"), q.id))
+        .collect();
+    assert_eq!(map.len(), QUEUES as usize, "distinct NAPI ids: {map:?}");
+    map
+}
+
+/// Accepts one connection and finds the queue it arrives on: its NAPI id, after its first
+/// data.
+async fn accept_queue(
+    listener: &TcpListener,
+    queue_of_napi: &BTreeMap<u32, u32>,
+) -> (tokio::net::TcpStream, u32) {
+    let (socket, napi) = accept_with_napi(listener).await;
+    let napi = napi.expect("a socket that received through netdevsim has a NAPI id");
+    let queue = *queue_of_napi
+        .get(&napi)
+        .unwrap_or_else(|| panic!("NAPI id {napi} is no queue's: {queue_of_napi:?}"));
+    (socket, queue)
+}
+
+/// Accepts one connection, finds the queue it arrives on, and attaches it to `zcrx`, which
+/// dispatches it by the same NAPI id.
+async fn accept_on_queue(
+    zcrx: &Zcrx,
+    listener: &TcpListener,
+    queue_of_napi: &BTreeMap<u32, u32>,
+) -> (tokio_zcrx::ZcStream, u32) {
+    let (socket, queue) = accept_queue(listener, queue_of_napi).await;
+    let (stream, _writer) = zcrx.attach(socket).unwrap();
+    (stream, queue)
 }
 
 #[test]
@@ -142,11 +221,7 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
     let net = GuestNet::from_env();
     let spread = SpreadFlows::new(&net);
     let zcrx = build(nic(&net).interface(&net.nic, BOUND).area_size(8 << 20));
-    let queue_of_napi: BTreeMap<u32, u32> = queues(&net)
-        .iter()
-        .map(|q| (q.napi_id.expect("NAPI id"), q.id))
-        .collect();
-    assert_eq!(queue_of_napi.len(), QUEUES as usize);
+    let queue_of_napi = queue_of_napi(&net);
     let mut per_queue: BTreeMap<u32, u32> = BTreeMap::new();
     let mut connections = 0;
     let mut events = zcrx.subscribe();
@@ -155,11 +230,7 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
         let addr: SocketAddr = listener.local_addr().unwrap();
         while connections < 16 || (per_queue.len() < QUEUES as usize && connections < 64) {
             let sender = spawn_sender(addr, PER_CONNECTION, Some(net.peer_netns.clone()));
-            let (socket, napi) = accept_with_napi(&listener).await;
-            let napi = napi.expect("a socket that received through netdevsim has a NAPI id");
-            let queue = *queue_of_napi
-                .get(&napi)
-                .unwrap_or_else(|| panic!("NAPI id {napi} is no queue's: {queue_of_napi:?}"));
+            let (socket, queue) = accept_queue(&listener, &queue_of_napi).await;
             let copied_before = zcrx.stats().copy_bytes.unwrap();
             let (stream, _) = zcrx.attach(socket).unwrap();
             assert_eq!(read_verified(stream).await, PER_CONNECTION);
@@ -205,6 +276,98 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
     );
 }
 
+/// How long a child may take to bind and say so (TCG on a loaded 2-core host is slow).
+const CHILD_LIMIT: Duration = Duration::from_secs(300);
+
+/// A child process holding queues: this test binary again, running test `test` alone with
+/// [`CHILD`] set, so that the test's child branch runs. Its standard output comes line by
+/// line through a channel. Killed with SIGKILL when dropped (a failing test leaves no
+/// process holding queues); it ends by itself, too, if this process dies (see
+/// [`wait_for_parent`]).
+struct Holder {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Holder {
+    fn spawn(test: &str) -> Holder {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                test,
+                "--include-ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run this test binary again");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (send, lines) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Holder {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// The child's first line that contains `marker`, within [`CHILD_LIMIT`].
+    fn line(&self, marker: &str) -> String {
+        let deadline = Instant::now() + CHILD_LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(marker) => return line,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the child did not say `{marker}` within {CHILD_LIMIT:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the child ended before saying `{marker}` (its stderr is above)")
+                }
+            }
+        }
+    }
+
+    /// Sends it SIGKILL (no cleanup of its own) and returns at once, as a supervisor that
+    /// restarts a service does not wait for anything: the process may still be exiting.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+    }
+
+    /// Waits for it to end and reaps it; its pipes and the reader thread are gone when this
+    /// returns.
+    fn reap(mut self) {
+        self.child.wait().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        // After `kill` both are no-ops: the child is reaped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In a [`Holder`] child: blocks until the parent kills this process, or exits if the
+/// parent is gone (its end of standard input closed).
+fn wait_for_parent() -> ! {
+    let _ = std::io::stdin().read(&mut [0u8]);
+    std::process::exit(1)
+}
+
 /// A process holding a binding is killed (SIGKILL, no cleanup of its own); the next `build`
 /// of the same queue, at once and with no retry loop of the caller's, succeeds: it waits out
 /// the kernel's asynchronous teardown (EEXIST) by polling QUEUE_GET.
@@ -215,33 +378,14 @@ fn a_killed_holders_queue_is_bound_again_at_once() {
     let net = GuestNet::from_env();
     if std::env::var_os(CHILD).is_some() {
         let zcrx = build(nic(&net).interface(&net.nic, QUEUE));
-        println!("bound {}", zcrx.description());
-        std::thread::sleep(Duration::from_secs(120));
-        unreachable!("the parent kills this process");
+        println!("child: bound {}", zcrx.description());
+        wait_for_parent();
     }
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_killed_holders_queue_is_bound_again_at_once",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, "1")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("run this test binary again");
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let bound = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find(|line| line.contains("bound "))
-        .expect("the child binds the queue and says so");
-    println!("child: {bound}");
+    let mut holder = Holder::spawn("a_killed_holders_queue_is_bound_again_at_once");
+    println!("{}", holder.line("child: bound"));
     assert!(queues(&net)[QUEUE as usize].io_uring_provider);
 
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    holder.kill();
     let killed = Instant::now();
     let held_after_kill = queues(&net)[QUEUE as usize].io_uring_provider;
     let zcrx = nic(&net)
@@ -249,6 +393,7 @@ fn a_killed_holders_queue_is_bound_again_at_once() {
         .queue_release_wait(Duration::from_secs(10))
         .build()
         .expect("build waits out the killed process's binding");
+    holder.reap();
     println!(
         "bound again {:?} after the kill (provider still reported right after it: \
          {held_after_kill})",
@@ -266,6 +411,155 @@ fn a_killed_holders_queue_is_bound_again_at_once() {
         assert_eq!(zcrx.stats().copy_bytes, Some(0));
         zcrx.shutdown().await;
     });
+}
+
+/// What a runtime's life could leave behind in this process: open fds, memory the kernel
+/// keeps pinned for it (`VmPin`: each zcrx area is charged until the kernel frees it),
+/// threads and resident memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Footprint {
+    /// What each open fd refers to (`socket`, `anon_inode:[io_uring]`, ...).
+    fds: Vec<String>,
+    pinned: u64,
+    /// Thread names, but for the one process-wide timer thread the NAPI wait starts on
+    /// first use and keeps.
+    threads: Vec<String>,
+    rss: u64,
+}
+
+impl Footprint {
+    fn now() -> Footprint {
+        let mut threads = procfs::thread_names(Pid::Current).unwrap();
+        threads.retain(|name| name != "tokio-zcrx-timer");
+        Footprint {
+            fds: procfs::open_fd_kinds(Pid::Current).unwrap(),
+            pinned: procfs::pinned_bytes(Pid::Current).unwrap(),
+            threads,
+            rss: procfs::rss_bytes(Pid::Current).unwrap(),
+        }
+    }
+
+    /// The footprint once the threads of runtimes dropped before have left /proc (a joined
+    /// thread can still be listed for a moment after `join` returns), for at most 5 s.
+    fn baseline() -> Footprint {
+        let start = Instant::now();
+        loop {
+            let now = Footprint::now();
+            let ended =
+                |name: &String| name.starts_with("tokio-rt-") || name.starts_with("tokio-zcrx-d");
+            if !now.threads.iter().any(ended) || start.elapsed() > Duration::from_secs(5) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most `limit`) until the fds, pinned memory and threads are those of
+    /// `before` (the kernel unpins an area when it tears the instance down, asynchronously),
+    /// then asserts that nothing is left: the same fds, pinned memory and threads, and
+    /// resident memory within `rss_slack` (glibc keeps some freed heap; a leaked area,
+    /// touched when pinned, would show in full).
+    fn assert_back_to(before: &Footprint, limit: Duration, rss_slack: u64) -> Footprint {
+        let start = Instant::now();
+        let mut now = Footprint::now();
+        let settled = |now: &Footprint| {
+            now.fds == before.fds && now.pinned == before.pinned && now.threads == before.threads
+        };
+        while !settled(&now) && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+            now = Footprint::now();
+        }
+        println!(
+            "footprint before {before:?}, after {now:?} (settled after {:?})",
+            start.elapsed()
+        );
+        assert_eq!(now.fds, before.fds, "open fds");
+        assert_eq!(now.pinned, before.pinned, "pinned memory (VmPin)");
+        assert_eq!(now.threads, before.threads, "threads");
+        assert!(
+            now.rss <= before.rss + rss_slack,
+            "resident memory grew by {} bytes",
+            now.rss.saturating_sub(before.rss)
+        );
+        now
+    }
+}
+
+/// Test 7c with every queue: a child process binds all four queues, receives on each
+/// (every byte checked, no copy), keeps a buffer of each connection (chunks outstanding,
+/// as a server killed mid-work has) and is killed with SIGKILL. At once, this process binds
+/// the same four queues with one `build` (which waits, bounded, for the kernel to tear the
+/// dead process's bindings down: EEXIST until then), every queue then reports an io_uring
+/// provider, and that provider is this runtime's: each queue receives with no byte copied,
+/// and the providers go when this runtime does. Then nothing is left behind in this
+/// process: fds, pinned memory (VmPin), threads, resident memory.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn a_killed_holder_of_four_queues_is_replaced_on_all_at_once() {
+    const TEST: &str = "a_killed_holder_of_four_queues_is_replaced_on_all_at_once";
+    /// How long `build` may wait for each queue's teardown: far more than the kernel's
+    /// own selftest allows (5 s), for TCG on a loaded host.
+    const RELEASE_WAIT: Duration = Duration::from_secs(20);
+    let net = GuestNet::from_env();
+    if std::env::var_os(CHILD).is_some() {
+        // The parent spreads the flows and keeps them spread.
+        let zcrx = build(all_queues(&net));
+        assert_all_four_bound(&zcrx, &net);
+        println!("child: bound {}", zcrx.description());
+        let (per_queue, held) = receive_on_every_queue_anew(&zcrx, &net, true);
+        assert_each_queue_received(&zcrx, &per_queue, true);
+        println!(
+            "child: holding {} buffers, received per queue {per_queue:?}",
+            held.len()
+        );
+        wait_for_parent();
+    }
+
+    let spread = SpreadFlows::new(&net);
+    // Tokio's signal driver makes a unix socket pair for the whole process with the first
+    // runtime and keeps it: make it before the baseline, it is no runtime's.
+    drop(runtime());
+    let before = Footprint::baseline();
+    let mut holder = Holder::spawn(TEST);
+    println!("{}", holder.line("child: bound"));
+    println!("{}", holder.line("child: holding"));
+    assert_eq!(providers(&net), [true; 4], "the child's bindings");
+    holder.kill();
+    let killed = Instant::now();
+    let held_after_kill = providers(&net);
+    let zcrx = all_queues(&net)
+        .queue_release_wait(RELEASE_WAIT)
+        .build()
+        .unwrap_or_else(|e| panic!("build waits out the killed process's bindings: {e}"));
+    let waited = killed.elapsed();
+    holder.reap();
+    println!(
+        "all four queues bound again {waited:?} after the SIGKILL (right after it the kernel \
+         still reported a provider on queues {:?})",
+        (0..QUEUES)
+            .filter(|&q| held_after_kill[q as usize])
+            .collect::<Vec<_>>()
+    );
+    assert_all_four_bound(&zcrx, &net);
+    // This process's footprint check below sees the runtime: its four areas are pinned.
+    let during = Footprint::now();
+    assert!(
+        during.pinned >= before.pinned + 4 * (8 << 20),
+        "four 8 MiB areas pinned: {during:?}"
+    );
+
+    println!("footprint with the runtime built: {during:?}");
+    let (per_queue, _) = receive_on_every_queue_anew(&zcrx, &net, false);
+    drop(spread);
+    assert_each_queue_received(&zcrx, &per_queue, false);
+
+    runtime().block_on(zcrx.shutdown());
+    drop(zcrx);
+    for queue in 0..QUEUES {
+        let gone = wait_provider(&net, queue, false, RELEASE_WAIT);
+        println!("queue {queue}: provider gone {gone:?} after this runtime was dropped");
+    }
+    Footprint::assert_back_to(&before, RELEASE_WAIT, 6 << 20);
 }
 
 /// With no wait allowed and the queue held by a live runtime, `build` fails at once with
@@ -329,28 +623,135 @@ fn a_queue_released_during_the_wait_is_bound() {
     runtime().block_on(zcrx.shutdown());
 }
 
-/// Which queue each NAPI id belongs to, as the kernel says now.
-fn queue_of_napi(net: &GuestNet) -> BTreeMap<u32, u32> {
-    queues(net)
-        .iter()
-        .map(|q| (q.napi_id.expect("netdevsim: a NAPI id per queue"), q.id))
-        .collect()
+/// Connections from the peer, one at a time, each accepted, attached to `zcrx` (which
+/// dispatches it by its NAPI id) and read to its end with every byte checked: at least
+/// `at_least`, and on until each of the four queues has had one (at most 64 in all: 64
+/// random flows miss one of four queues with a chance below 1e-7). Needs flows spread (a
+/// [`SpreadFlows`] guard). Adds each connection's bytes to its queue in `per_queue`; if
+/// `hold_last`, returns the last buffer of each connection, still held (its chunk
+/// outstanding), else none.
+async fn receive_on_every_queue(
+    zcrx: &Zcrx,
+    net: &GuestNet,
+    listener: &TcpListener,
+    per_connection: u64,
+    at_least: usize,
+    per_queue: &mut BTreeMap<u32, u64>,
+    hold_last: bool,
+) -> Vec<ZcBuf> {
+    let queue_of_napi = queue_of_napi(net);
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    let mut connections = 0;
+    while connections < at_least || (per_queue.len() < QUEUES as usize && connections < 64) {
+        let sender = spawn_sender(addr, per_connection, Some(net.peer_netns.clone()));
+        let (stream, queue) = accept_on_queue(zcrx, listener, &queue_of_napi).await;
+        let (received, last) = if hold_last {
+            read_verified_holding_last(stream).await
+        } else {
+            (read_verified(stream).await, None)
+        };
+        assert_eq!(received, per_connection);
+        join_senders(vec![sender], per_connection);
+        *per_queue.entry(queue).or_default() += per_connection;
+        held.extend(last);
+        connections += 1;
+    }
+    held
 }
 
-/// Accepts one connection, finds the queue it arrives on (its NAPI id, after its first
-/// data), and attaches it to `zcrx`, which dispatches it by the same id.
-async fn accept_on_queue(
+/// Prints one queue's statistics and asserts that it copied nothing.
+fn assert_no_copy(queue: &tokio_zcrx::QueueStats) {
+    println!(
+        "queue {} napi {:?}: {}",
+        queue.queue, queue.napi_id, queue.stats
+    );
+    assert_eq!(
+        queue.stats.copy_bytes,
+        Some(0),
+        "queue {} copied",
+        queue.queue
+    );
+}
+
+/// [`receive_on_every_queue`] on a listener and a Tokio runtime of its own (dropped before
+/// it returns): at least 8 connections of 512 KiB. Returns the bytes per queue and, if
+/// `hold_last`, the last buffer of each connection, still held.
+fn receive_on_every_queue_anew(
     zcrx: &Zcrx,
-    listener: &TcpListener,
-    queue_of_napi: &BTreeMap<u32, u32>,
-) -> (tokio_zcrx::ZcStream, u32) {
-    let (socket, napi) = accept_with_napi(listener).await;
-    let napi = napi.expect("a socket that received through netdevsim has a NAPI id");
-    let queue = *queue_of_napi
-        .get(&napi)
-        .unwrap_or_else(|| panic!("NAPI id {napi} is no queue's: {queue_of_napi:?}"));
-    let (stream, _writer) = zcrx.attach(socket).unwrap();
-    (stream, queue)
+    net: &GuestNet,
+    hold_last: bool,
+) -> (BTreeMap<u32, u64>, Vec<ZcBuf>) {
+    let mut per_queue = BTreeMap::new();
+    let held = runtime().block_on(async {
+        let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
+        zcrx.prepare_listener(&listener).unwrap();
+        receive_on_every_queue(
+            zcrx,
+            net,
+            &listener,
+            512 << 10,
+            8,
+            &mut per_queue,
+            hold_last,
+        )
+        .await
+    });
+    (per_queue, held)
+}
+
+/// Asserts that each of the four queues of `zcrx` received exactly its connections' bytes
+/// (`per_queue`), at least one, copied none (a connection given to another queue's driver
+/// would be copied, or fail with EFAULT) and has chunks outstanding only if `holding`.
+fn assert_each_queue_received(zcrx: &Zcrx, per_queue: &BTreeMap<u32, u64>, holding: bool) {
+    println!("expected per queue {per_queue:?}");
+    for queue in &zcrx.queue_stats() {
+        assert_no_copy(queue);
+        assert_eq!(
+            queue.stats.bytes,
+            per_queue.get(&queue.queue).copied().unwrap_or(0),
+            "queue {}: its driver received other queues' connections, or missed its own",
+            queue.queue
+        );
+        assert_eq!(
+            queue.stats.buffers_outstanding > 0,
+            holding,
+            "queue {}: chunks outstanding",
+            queue.queue
+        );
+    }
+    assert_eq!(
+        per_queue.len(),
+        QUEUES as usize,
+        "all four queues used: {per_queue:?}"
+    );
+    let total = zcrx.stats();
+    assert_eq!(total.unmatched_connections, 0);
+    assert_eq!(total.bytes, per_queue.values().sum::<u64>());
+}
+
+/// Asserts that `zcrx` bound all four queues, that the kernel reports an io_uring provider
+/// on each, and that the runtime's NAPI ids are the kernel's.
+fn assert_all_four_bound(zcrx: &Zcrx, net: &GuestNet) {
+    println!("{} / {}", zcrx.mode_selection(), zcrx.description());
+    assert_eq!(zcrx.mode_selection().queues_bound, [0, 1, 2, 3]);
+    assert!(zcrx.mode_selection().queues_refused.is_empty());
+    let reported: BTreeMap<u32, u32> = zcrx
+        .queue_stats()
+        .iter()
+        .map(|q| {
+            (
+                q.napi_id.expect("the runtime knows each queue's NAPI id"),
+                q.queue,
+            )
+        })
+        .collect();
+    assert_eq!(
+        reported,
+        queue_of_napi(net),
+        "the runtime's NAPI ids are the kernel's"
+    );
+    assert_eq!(providers(net), [true; 4]);
 }
 
 /// All four queues bound with one builder (`interface_queues(IF, all)`): 32 connections
@@ -363,65 +764,38 @@ async fn accept_on_queue(
 fn four_queues_each_connection_on_its_queues_driver() {
     const CONNECTIONS: usize = 32;
     const PER_CONNECTION: u64 = 1 << 20;
-    let net = GuestNet::from_env();
-    let spread = SpreadFlows::new(&net);
-    let zcrx = build(
-        nic(&net)
-            .interface_queues(&net.nic, QueueSet::All)
-            .area_size(8 << 20),
-    );
-    println!("{} / {}", zcrx.mode_selection(), zcrx.description());
-    assert_eq!(zcrx.mode_selection().queues_bound, [0, 1, 2, 3]);
-    assert!(zcrx.mode_selection().queues_refused.is_empty());
+    let (net, spread, zcrx) = spread_on_all_queues();
+    assert_all_four_bound(&zcrx, &net);
     let queue_of_napi = queue_of_napi(&net);
-    let reported: BTreeMap<u32, u32> = zcrx
-        .queue_stats()
-        .iter()
-        .map(|q| {
-            (
-                q.napi_id.expect("the runtime knows each queue's NAPI id"),
-                q.queue,
-            )
-        })
-        .collect();
-    assert_eq!(
-        reported, queue_of_napi,
-        "the runtime's NAPI ids are the kernel's"
-    );
-    let providers: Vec<bool> = queues(&net).iter().map(|q| q.io_uring_provider).collect();
-    assert_eq!(providers, [true; 4]);
     let mut expected: BTreeMap<u32, u64> = BTreeMap::new();
     let timeouts_before = peer_tcp_timeouts(&net);
     runtime().block_on(async {
         let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
         zcrx.prepare_listener(&listener).unwrap();
         let addr = listener.local_addr().unwrap();
-        let senders: Vec<_> = (0..CONNECTIONS)
-            .map(|_| spawn_sender(addr, PER_CONNECTION, Some(net.peer_netns.clone())))
-            .collect();
+        let senders = spawn_senders(&net, addr, CONNECTIONS, PER_CONNECTION);
         let mut readers = Vec::new();
         for _ in 0..CONNECTIONS {
             let (stream, queue) = accept_on_queue(&zcrx, &listener, &queue_of_napi).await;
             *expected.entry(queue).or_default() += PER_CONNECTION;
             readers.push(tokio::spawn(read_verified(stream)));
         }
-        // 32 random flows miss one of four queues with a chance of 4e-4: top up, one at a
-        // time, until every queue has had a connection.
-        let mut extra = 0;
-        while expected.len() < QUEUES as usize && extra < 32 {
-            let sender = spawn_sender(addr, PER_CONNECTION, Some(net.peer_netns.clone()));
-            let (stream, queue) = accept_on_queue(&zcrx, &listener, &queue_of_napi).await;
-            *expected.entry(queue).or_default() += PER_CONNECTION;
-            assert_eq!(read_verified(stream).await, PER_CONNECTION);
-            assert_eq!(sender.join().unwrap(), PER_CONNECTION);
-            extra += 1;
-        }
         for reader in readers {
             assert_eq!(reader.await.unwrap(), PER_CONNECTION);
         }
-        for sender in senders {
-            assert_eq!(sender.join().unwrap(), PER_CONNECTION);
-        }
+        join_senders(senders, PER_CONNECTION);
+        // 32 random flows miss one of four queues with a chance of 4e-4: top up, one at a
+        // time, until every queue has had a connection.
+        receive_on_every_queue(
+            &zcrx,
+            &net,
+            &listener,
+            PER_CONNECTION,
+            0,
+            &mut expected,
+            false,
+        )
+        .await;
     });
     println!(
         "the peer's retransmission timeouts meanwhile: {} (flows stay on their queue: \
@@ -429,35 +803,7 @@ fn four_queues_each_connection_on_its_queues_driver() {
         peer_tcp_timeouts(&net) - timeouts_before
     );
     drop(spread);
-    let per_queue = zcrx.queue_stats();
-    println!("expected per queue {expected:?}");
-    for queue in &per_queue {
-        println!(
-            "queue {} napi {:?}: {}",
-            queue.queue, queue.napi_id, queue.stats
-        );
-        assert_eq!(
-            queue.stats.bytes,
-            expected.get(&queue.queue).copied().unwrap_or(0),
-            "queue {}: its driver received other queues' connections, or missed its own",
-            queue.queue
-        );
-        assert_eq!(
-            queue.stats.copy_bytes,
-            Some(0),
-            "queue {} copied",
-            queue.queue
-        );
-        assert_eq!(queue.stats.buffers_outstanding, 0);
-    }
-    assert_eq!(
-        expected.len(),
-        QUEUES as usize,
-        "all four queues used: {expected:?}"
-    );
-    let total = zcrx.stats();
-    assert_eq!(total.unmatched_connections, 0);
-    assert_eq!(total.bytes, expected.values().sum::<u64>());
+    assert_each_queue_received(&zcrx, &expected, false);
     runtime().block_on(zcrx.shutdown());
 }
 
@@ -486,9 +832,7 @@ fn two_of_four_queues_bound_the_others_are_copied_and_counted() {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let senders: Vec<_> = (0..CONNECTIONS)
-            .map(|_| spawn_sender(addr, PER_CONNECTION, Some(net.peer_netns.clone())))
-            .collect();
+        let senders = spawn_senders(&net, addr, CONNECTIONS as usize, PER_CONNECTION);
         let mut readers = Vec::new();
         for _ in 0..CONNECTIONS {
             let (stream, _writer, _peer) = listener.accept().await.unwrap();
@@ -498,25 +842,14 @@ fn two_of_four_queues_bound_the_others_are_copied_and_counted() {
         for reader in readers {
             assert_eq!(reader.await.unwrap(), PER_CONNECTION);
         }
-        for sender in senders {
-            assert_eq!(sender.join().unwrap(), PER_CONNECTION);
-        }
+        join_senders(senders, PER_CONNECTION);
     });
     drop(spread);
     let total = zcrx.stats();
     let per_queue = zcrx.queue_stats();
     let mut zero_copied = 0;
     for queue in &per_queue {
-        println!(
-            "queue {} napi {:?}: {}",
-            queue.queue, queue.napi_id, queue.stats
-        );
-        assert_eq!(
-            queue.stats.copy_bytes,
-            Some(0),
-            "queue {} copied",
-            queue.queue
-        );
+        assert_no_copy(queue);
         assert_eq!(
             queue.stats.bytes % PER_CONNECTION,
             0,
@@ -561,15 +894,9 @@ fn two_of_four_queues_bound_the_others_are_copied_and_counted() {
 fn streams_follow_their_flow_to_another_queue() {
     const CONNECTIONS: usize = 12;
     const HALF: u64 = 512 << 10;
-    let net = GuestNet::from_env();
-    let spread = SpreadFlows::new(&net);
-    let zcrx = build(
-        nic(&net)
-            .interface_queues(&net.nic, QueueSet::All)
-            .area_size(8 << 20),
-    );
+    let (net, spread, zcrx) = spread_on_all_queues();
     let queue_of_napi = queue_of_napi(&net);
-    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (go, wait) = mpsc::channel::<()>();
     let wait = std::sync::Arc::new(std::sync::Mutex::new(wait));
     let mut first_queues = BTreeMap::<u32, u32>::new();
     let mut spread = Some(spread);
@@ -577,7 +904,7 @@ fn streams_follow_their_flow_to_another_queue() {
         let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
         zcrx.prepare_listener(&listener).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (halfway, halves) = std::sync::mpsc::channel::<()>();
+        let (halfway, halves) = mpsc::channel::<()>();
         let senders: Vec<_> = (0..CONNECTIONS)
             .map(|_| {
                 let (netns, wait, halfway) =
@@ -641,8 +968,8 @@ fn streams_follow_their_flow_to_another_queue() {
         total.streams_moved
     );
     assert_eq!(total.bytes, CONNECTIONS as u64 * 2 * HALF);
-    for queue in zcrx.queue_stats() {
-        assert_eq!(queue.stats.copy_bytes, Some(0), "queue {}", queue.queue);
+    for queue in &zcrx.queue_stats() {
+        assert_no_copy(queue);
     }
     runtime().block_on(zcrx.shutdown());
 }

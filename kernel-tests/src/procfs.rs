@@ -32,15 +32,99 @@ pub fn open_fds(pid: Pid) -> io::Result<usize> {
     Ok(std::fs::read_dir(format!("{}/fd", pid.dir()))?.count())
 }
 
-/// Resident set size of `pid` in bytes (`VmRSS` of /proc/PID/status).
-pub fn rss_bytes(pid: Pid) -> io::Result<u64> {
+/// What the open file descriptors of `pid` refer to, sorted, each as /proc shows its link
+/// without the inode number: `socket`, `pipe`, `anon_inode:[io_uring]`, a path, ...
+pub fn open_fd_kinds(pid: Pid) -> io::Result<Vec<String>> {
+    let mut kinds = Vec::new();
+    for entry in std::fs::read_dir(format!("{}/fd", pid.dir()))? {
+        // The descriptor of this very listing is gone by the time it is read.
+        let Ok(target) = std::fs::read_link(entry?.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let kind = match target.split_once(":[") {
+            Some(("socket", inode)) => describe_socket(pid, inode.trim_end_matches(']')),
+            Some((kind, rest)) if rest.trim_end_matches(']').parse::<u64>().is_ok() => {
+                kind.to_owned()
+            }
+            _ => target,
+        };
+        kinds.push(kind);
+    }
+    kinds.sort();
+    Ok(kinds)
+}
+
+/// The socket with inode number `inode`, as the tables of /proc/PID/net (of the calling
+/// thread's network namespace) name it: `socket tcp 0100007F:2328 state 01`, `socket
+/// netlink protocol 16`, `socket unix`; just `socket` if no table has it.
+fn describe_socket(pid: Pid, inode: &str) -> String {
+    // (table, column of the inode number)
+    for (table, column) in [
+        ("tcp", 9),
+        ("tcp6", 9),
+        ("udp", 9),
+        ("udp6", 9),
+        ("netlink", 9),
+        ("unix", 6),
+    ] {
+        let Ok(text) = std::fs::read_to_string(format!("{}/net/{table}", pid.dir())) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(column) != Some(&inode) {
+                continue;
+            }
+            return match table {
+                "tcp" | "tcp6" => format!(
+                    "socket {table} {} -> {} state {}",
+                    fields[1], fields[2], fields[3]
+                ),
+                "netlink" => format!("socket netlink protocol {}", fields[1]),
+                _ => format!("socket {table}"),
+            };
+        }
+    }
+    "socket".to_owned()
+}
+
+/// A size field (`NAME:   N kB`) of /proc/PID/status, in bytes.
+fn status_bytes(pid: Pid, name: &str) -> io::Result<u64> {
     let status = std::fs::read_to_string(format!("{}/status", pid.dir()))?;
     let kib = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .ok_or_else(|| io::Error::other("no VmRSS line in /proc/PID/status"))?;
+        .ok_or_else(|| io::Error::other(format!("no {name} line in /proc/PID/status")))?;
     Ok(kib * 1024)
+}
+
+/// Resident set size of `pid` in bytes (`VmRSS` of /proc/PID/status).
+pub fn rss_bytes(pid: Pid) -> io::Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// Memory of `pid` pinned by the kernel, in bytes (`VmPin` of /proc/PID/status: the
+/// process's `pinned_vm`). io_uring charges each zcrx area's pages to it at registration
+/// and takes them off when it frees the area (`io_account_mem`/`io_unaccount_mem`,
+/// io_uring/rsrc.c, called from io_uring/zcrx.c), which happens when the kernel tears the
+/// instance down, asynchronously after the ring is closed.
+pub fn pinned_bytes(pid: Pid) -> io::Result<u64> {
+    status_bytes(pid, "VmPin")
+}
+
+/// The names (`comm`) of the threads of `pid`, sorted.
+pub fn thread_names(pid: Pid) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(format!("{}/task", pid.dir()))? {
+        // A thread that ended meanwhile has no comm any more.
+        if let Ok(comm) = std::fs::read_to_string(entry?.path().join("comm")) {
+            names.push(comm.trim_end().to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// The thread ids of `pid` whose name (`comm`) is `name`.
@@ -140,4 +224,21 @@ pub fn thread_switches(pid: Pid, tid: u32) -> io::Result<u64> {
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_is_named_with_its_address_and_state() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let kinds = open_fd_kinds(Pid::Current).unwrap();
+        // /proc/net/tcp: 127.0.0.1 as 0100007F, the port in hex, LISTEN is state 0A.
+        let expected = format!("socket tcp 0100007F:{port:04X} -> 00000000:0000 state 0A");
+        assert!(kinds.contains(&expected), "{expected} not in {kinds:?}");
+        drop(listener);
+        assert!(!open_fd_kinds(Pid::Current).unwrap().contains(&expected));
+    }
 }

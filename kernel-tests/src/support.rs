@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_zcrx::{ZcStream, Zcrx};
+use tokio_zcrx::{ZcBuf, ZcStream, Zcrx};
 
 /// A two-worker Tokio runtime, like a small server's.
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -16,17 +16,39 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Reads a stream to its end, checking every byte against the pattern from `position`;
-/// returns where it ended.
-pub async fn read_verified_from(mut stream: ZcStream, mut position: u64) -> u64 {
+/// returns where it ended, and the last buffer if `hold_last` (else every buffer is dropped,
+/// so returned, as soon as it is checked).
+async fn read_checked(
+    mut stream: ZcStream,
+    mut position: u64,
+    hold_last: bool,
+) -> (u64, Option<ZcBuf>) {
     use futures::StreamExt;
+    let mut last = None;
     while let Some(buf) = stream.next().await {
         let buf = buf.expect("stream error");
         if let Some(i) = crate::first_mismatch(position, &buf) {
             panic!("byte {} of the stream is wrong", position + i as u64);
         }
         position += buf.len() as u64;
+        if hold_last {
+            last = Some(buf);
+        }
     }
-    position
+    (position, last)
+}
+
+/// Reads a stream to its end, checking every byte against the pattern from `position`;
+/// returns where it ended.
+pub async fn read_verified_from(stream: ZcStream, position: u64) -> u64 {
+    read_checked(stream, position, false).await.0
+}
+
+/// Reads a stream to its end, checking every byte; returns the byte count and the last
+/// buffer received, still held: its chunk stays outstanding (not returned to the kernel)
+/// until the buffer is dropped.
+pub async fn read_verified_holding_last(stream: ZcStream) -> (u64, Option<ZcBuf>) {
+    read_checked(stream, 0, true).await
 }
 
 /// Reads a stream to its end, checking every byte; returns the byte count.

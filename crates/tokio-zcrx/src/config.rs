@@ -479,7 +479,8 @@ impl Builder {
     ///   `/sys/devices/system/node/nodeX/hugepages/hugepages-2048kB/nr_hugepages`), or
     ///   transparent huge pages where allowed (see [`HugePages`]); else
     ///   [`ErrorKind::HugePagesUnavailable`], whose message has the numbers and the command;
-    /// - a NIC driver that supports rx page sizes (bnxt, fbnic on 7.0+), and
+    /// - a NIC driver that supports rx page sizes (`QCFG_RX_PAGE_SIZE`: mlx5 and bnxt in
+    ///   7.2 and 7.3), and
     ///   `ethtool -G IF tcp-data-split on` as for any zcrx queue; else
     ///   [`ErrorKind::ChunkSizeUnsupported`].
     ///

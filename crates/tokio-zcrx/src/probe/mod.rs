@@ -608,7 +608,8 @@ pub struct SteeringReport {
     pub ntuple: Support,
     /// Whether the driver has an RSS indirection table (`ethtool -x` answers). A group of more
     /// than one queue also needs additional RSS contexts, which only creating one shows
-    /// (mlx5, bnxt, fbnic, ice and gve have them in recent kernels).
+    /// (of the zcrx-capable drivers, mlx5, bnxt and fbnic have them in 7.2 and 7.3; gve has
+    /// none, only n-tuple rules to single queues).
     pub rss: Support,
     /// The commands, in order: `PORT` is the service's TCP port, `CONTEXT` the number
     /// `ethtool -X ... context new` prints.

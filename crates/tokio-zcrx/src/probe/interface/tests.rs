@@ -137,6 +137,20 @@ fn split_off_needs_configuration() {
     let (report, tried) = finish_with(eth, false, refused(libc::EINVAL));
     assert!(tried);
     assert_eq!(report.verdict, Verdict::NeedsConfiguration);
+    // hds-thresh reads 0 already: not asked for (ethtool 6.14 does not know the option).
+    assert_eq!(
+        report.fix.as_deref(),
+        Some("`ethtool -G eth2 tcp-data-split on`")
+    );
+}
+
+#[test]
+fn split_off_with_a_threshold_needs_both() {
+    let mut eth = nic("eth2");
+    eth.tcp_data_split = TcpDataSplit::Off;
+    eth.hds_thresh = Some(256);
+    let (report, _) = finish_with(eth, false, refused(libc::EINVAL));
+    assert_eq!(report.verdict, Verdict::NeedsConfiguration);
     assert_eq!(
         report.fix.as_deref(),
         Some("`ethtool -G eth2 tcp-data-split on hds-thresh 0`")

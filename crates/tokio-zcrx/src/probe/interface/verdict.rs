@@ -205,8 +205,10 @@ fn evidence_words(evidence: Evidence<'_>, errno: Errno) -> String {
 }
 
 fn split_fix(report: &InterfaceReport) -> String {
-    // hds-thresh only exists where the driver reports it; asking for it elsewhere fails.
-    let threshold = if report.hds_thresh.is_some() {
+    // Only a threshold above 0 needs setting: hds-thresh only exists where the driver reports
+    // it (asking for it elsewhere fails), and ethtool 6.14 and older do not know the option
+    // at all (`unknown parameter 'hds-thresh'`), so it is not asked for when already 0.
+    let threshold = if report.hds_thresh.is_some_and(|threshold| threshold != 0) {
         " hds-thresh 0"
     } else {
         ""
