@@ -138,7 +138,8 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool, batches: bool) 
 }
 
 const USAGE: &str = "usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]
-       guest-ratio --queues 4 [--conns C] [--mib N] [--reps R] [--detail] [--unbudgeted]";
+       guest-ratio --queues 4 [--conns C] [--mib N] [--reps R] [--detail]
+                          [--unbudgeted]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -18,7 +18,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use tokio_zcrx_kernel_tests::{
     enter_netns, first_mismatch, pattern_byte, receive_streams, Config, GuestNet, RawZcrx, Target,
 };
 
-use crate::usage::{rusage_cpu, system_cpu, Spread, Usage};
+use crate::usage::{system_cpu, Spread, Usage};
 
 /// Per queue, for both zero-copy receivers: the single-queue comparison's sizes.
 const AREA: usize = 32 << 20;
@@ -42,6 +42,9 @@ const READ_BUFFER: usize = 64 << 10;
 const WORKERS: usize = 2;
 /// The sender's writes.
 const SEND_BUFFER: usize = 256 << 10;
+/// Longest a run may take before the benchmark gives up (a stalled connection would
+/// otherwise hold the guest until the host's timeout).
+const RUN_LIMIT: Duration = Duration::from_secs(300);
 
 pub(crate) struct Options {
     pub(crate) queues: u32,
@@ -83,6 +86,8 @@ struct Sample {
     sender_cpu: Duration,
     /// The guest's busy CPU time (all CPUs) over `elapsed`.
     guest_busy: f64,
+    /// The guest's softirq time (all CPUs) over `elapsed`, whatever thread it ran on.
+    softirq: f64,
     /// Packets the receiving port took in (data) and sent (acknowledgements) over `elapsed`.
     rx_packets: u64,
     tx_packets: u64,
@@ -142,16 +147,18 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
         // Alternate, and rotate who goes first, so drift in the emulator affects all alike.
         for i in 0..receivers.len() {
             let receiver = receivers[(rep + i) % receivers.len()];
+            let watchdog = watchdog(receiver.name());
             let sample = match receiver {
                 Receiver::Zcrx => zcrx_run(net, options, &pattern, false),
                 Receiver::ZcrxUnbudgeted => zcrx_run(net, options, &pattern, true),
                 Receiver::Raw => raw_run(net, options, &pattern),
                 Receiver::Read => read_run(net, options, &pattern),
             };
+            drop(watchdog);
             println!(
-                "  rep {rep} {:<21} {:7.1} MiB/s  cpu {:5.2} s ({:5.2} s/GiB)  sender cpu \
-                 {:5.2} s  guest busy {:5.2} s of {:5.2} s x2  {}: {} packets in ({:.1} KiB \
-                 each), {} out",
+                "  rep {rep} {:<21} {:6.1} MiB/s  cpu {:5.2} s ({:5.1} s/GiB)  sender {:5.2} s  \
+                 guest busy {:5.2} s of {:5.2} s x2, softirq {:5.2} s  \
+                 {}: {} packets in ({:.1} KiB each), {} out",
                 receiver.name(),
                 total as f64 / f64::from(1 << 20) / sample.elapsed.as_secs_f64(),
                 sample.cpu.as_secs_f64(),
@@ -159,6 +166,7 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
                 sample.sender_cpu.as_secs_f64(),
                 sample.guest_busy,
                 sample.elapsed.as_secs_f64(),
+                sample.softirq,
                 net.nic,
                 sample.rx_packets,
                 total as f64 / 1024.0 / sample.rx_packets.max(1) as f64,
@@ -178,26 +186,24 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
     };
     let rate = |s: &Sample| total as f64 / f64::from(1 << 20) / s.elapsed.as_secs_f64();
     let cpu_per_gib = |s: &Sample| s.cpu.as_secs_f64() / gib;
+    println!("per GiB received, median [min-max] of the reps:");
     println!(
-        "{:<21} {:>22} {:>22} {:>22} {:>22}",
-        "receiver", "MiB/s", "CPU s/GiB", "sender CPU s/GiB", "guest busy s/GiB"
+        "{:<21} {:>20} {:>20} {:>20} {:>20} {:>20}",
+        "receiver", "MiB/s", "receiver CPU s", "sender CPU s", "guest busy s", "softirq s"
     );
     for &receiver in &receivers {
         let runs = of(receiver);
-        let rates: Vec<f64> = runs.iter().map(|s| rate(s)).collect();
-        let cpus: Vec<f64> = runs.iter().map(|s| cpu_per_gib(s)).collect();
-        let sender: Vec<f64> = runs
-            .iter()
-            .map(|s| s.sender_cpu.as_secs_f64() / gib)
-            .collect();
-        let busy: Vec<f64> = runs.iter().map(|s| s.guest_busy / gib).collect();
+        let per_gib = |value: &dyn Fn(&Sample) -> f64| {
+            Spread::of(&runs.iter().map(|s| value(s) / gib).collect::<Vec<_>>()).precision(2)
+        };
         println!(
-            "{:<21} {:>22} {:>22} {:>22} {:>22}",
+            "{:<21} {:>20} {:>20} {:>20} {:>20} {:>20}",
             receiver.name(),
-            Spread::of(&rates),
-            Spread::of(&cpus).precision(2),
-            Spread::of(&sender).precision(2),
-            Spread::of(&busy).precision(2),
+            Spread::of(&runs.iter().map(|s| rate(s)).collect::<Vec<_>>()),
+            per_gib(&|s| s.cpu.as_secs_f64()),
+            per_gib(&|s| s.sender_cpu.as_secs_f64()),
+            per_gib(&|s| s.guest_busy),
+            per_gib(&|s| s.softirq),
         );
     }
     // Ratios of the medians, and each rep's own ratio (its runs ran back to back).
@@ -237,6 +243,19 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
     }
 }
 
+/// Ends the process if the run `name` takes longer than [`RUN_LIMIT`]; dropping the
+/// returned sender disarms it.
+fn watchdog(name: &'static str) -> mpsc::Sender<()> {
+    let (disarm, armed) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = armed.recv_timeout(RUN_LIMIT) {
+            eprintln!("guest-ratio: the {name} run did not finish in {RUN_LIMIT:?}: giving up");
+            std::process::exit(3);
+        }
+    });
+    disarm
+}
+
 /// Checks one chunk of a connection's stream against the pattern.
 fn check(pattern: &[u8], position: u64, data: &[u8]) {
     let start = position as usize;
@@ -263,32 +282,33 @@ impl Sender {
             .args(["--conns", &conns.to_string()])
             .args(["--bytes", &per_conn.to_string()])
             .args(["--netns", &net.peer_netns])
+            .stdout(Stdio::piped())
             .spawn()
             .expect("starting the sender process");
         Sender(child)
     }
 
-    /// Waits for the sender to exit successfully; returns its CPU time.
+    /// Waits for the sender to exit successfully; returns the CPU time it used sending.
     fn wait(self) -> Duration {
-        let pid = self.0.id() as libc::pid_t;
-        let mut status = 0;
-        // SAFETY: wait4 fills the zeroed rusage and the status of our own child.
-        let (reaped, usage) = unsafe {
-            let mut usage: libc::rusage = std::mem::zeroed();
-            let reaped = libc::wait4(pid, &mut status, 0, &mut usage);
-            (reaped, usage)
-        };
-        assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+        let output = self.0.wait_with_output().expect("waiting for the sender");
         assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "the sender failed (wait status {status:#x})"
+            output.status.success(),
+            "the sender failed: {}",
+            output.status
         );
-        rusage_cpu(&usage)
+        let text = String::from_utf8_lossy(&output.stdout);
+        let seconds: f64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("sender-cpu "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the sender did not report its CPU time: {text:?}"));
+        Duration::from_secs_f64(seconds)
     }
 }
 
 /// `--send ADDR --conns N --bytes B --netns PATH`: N connections to ADDR from the namespace,
-/// each sending the first B bytes of the pattern and closing.
+/// each sending the first B bytes of the pattern and closing. Prints `sender-cpu SECONDS`:
+/// its user + system time from the first connect on (making the pattern is not counted).
 pub(crate) fn send_main(args: &[String]) {
     let value = |key: &str| -> &str {
         args.iter()
@@ -302,6 +322,7 @@ pub(crate) fn send_main(args: &[String]) {
     // Threads made from here on are in the namespace too.
     enter_netns(value("--netns"));
     let pattern: Arc<Vec<u8>> = Arc::new((0..bytes).map(pattern_byte).collect());
+    let before = Usage::now().cpu;
     let senders: Vec<_> = (0..conns)
         .map(|_| {
             let pattern = Arc::clone(&pattern);
@@ -320,6 +341,7 @@ pub(crate) fn send_main(args: &[String]) {
     for sender in senders {
         sender.join().expect("a sender thread panicked");
     }
+    println!("sender-cpu {}", (Usage::now().cpu - before).as_secs_f64());
 }
 
 /// When the measured interval began.
@@ -327,6 +349,7 @@ struct Clock {
     started: Instant,
     usage: Usage,
     busy: f64,
+    softirq: f64,
     nic: String,
     rx_packets: u64,
     tx_packets: u64,
@@ -337,7 +360,8 @@ impl Clock {
         Clock {
             started: Instant::now(),
             usage: Usage::now(),
-            busy: system_cpu().0,
+            busy: system_cpu().busy,
+            softirq: system_cpu().softirq,
             rx_packets: port_counter(&net.nic, "rx_packets"),
             tx_packets: port_counter(&net.nic, "tx_packets"),
             nic: net.nic.clone(),
@@ -348,7 +372,7 @@ impl Clock {
     fn stop(self, label: &str, detail: bool) -> Sample {
         let elapsed = self.started.elapsed();
         let usage = Usage::now();
-        let busy = system_cpu().0 - self.busy;
+        let system = system_cpu();
         if detail {
             usage.report(&self.usage, label, elapsed);
         }
@@ -356,7 +380,8 @@ impl Clock {
             elapsed,
             cpu: usage.cpu - self.usage.cpu,
             sender_cpu: Duration::ZERO,
-            guest_busy: busy,
+            guest_busy: system.busy - self.busy,
+            softirq: system.softirq - self.softirq,
             rx_packets: port_counter(&self.nic, "rx_packets") - self.rx_packets,
             tx_packets: port_counter(&self.nic, "tx_packets") - self.tx_packets,
         }

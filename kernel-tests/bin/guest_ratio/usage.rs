@@ -35,6 +35,7 @@ impl Usage {
             libc::getrusage(libc::RUSAGE_SELF, &mut usage);
             usage
         };
+        let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
         let mut threads = BTreeMap::new();
         for task in std::fs::read_dir("/proc/self/task")
             .into_iter()
@@ -67,7 +68,7 @@ impl Usage {
             entry.involuntary += switches("nonvoluntary_ctxt_switches:");
         }
         Usage {
-            cpu: rusage_cpu(&usage),
+            cpu: time(usage.ru_utime) + time(usage.ru_stime),
             voluntary_switches: usage.ru_nvcsw,
             involuntary_switches: usage.ru_nivcsw,
             threads,
@@ -117,20 +118,20 @@ impl Usage {
     }
 }
 
-/// User + system time of an rusage.
-pub(crate) fn rusage_cpu(usage: &libc::rusage) -> Duration {
-    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
-}
-
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
 
-/// The guest's CPU time, all CPUs, from the first line of /proc/stat: busy (user, nice,
-/// system, irq, softirq, steal) and idle (idle, iowait), in seconds.
-pub(crate) fn system_cpu() -> (f64, f64) {
+/// The guest's CPU time, all CPUs, from the first line of /proc/stat, in seconds.
+pub(crate) struct SystemCpu {
+    /// user, nice, system, irq, softirq and steal.
+    pub(crate) busy: f64,
+    /// softirq alone (also counted, by tick accounting, to the thread it interrupted).
+    pub(crate) softirq: f64,
+}
+
+pub(crate) fn system_cpu() -> SystemCpu {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let values: Vec<u64> = stat
         .lines()
@@ -142,9 +143,10 @@ pub(crate) fn system_cpu() -> (f64, f64) {
         .collect();
     let at = |i: usize| values.get(i).copied().unwrap_or(0);
     let hz = ticks_per_second();
-    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
-    let idle = at(3) + at(4);
-    (busy as f64 / hz, idle as f64 / hz)
+    SystemCpu {
+        busy: (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) as f64 / hz,
+        softirq: at(6) as f64 / hz,
+    }
 }
 
 /// Median, minimum and maximum, shown as `median [min-max]`.
