@@ -50,7 +50,8 @@ Commands:
               queue and against tokio TcpStream::read, alternating; receiver process CPU per
               GiB and throughput, sender in its own process. ARGS: --conns C (8), --mib N
               (256 per run, split over the connections), --reps R (5), --detail (CPU per
-              thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)).
+              thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)),
+              --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)).
   vm-bench --proxy [-- ARGS]
               The proxy example in nic mode (zero-copy receive on netdevsim, SEND_ZC)
               against `proxy --copy` (copy_bidirectional) in the guest, clients and upstream

@@ -139,7 +139,7 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool, batches: bool) 
 
 const USAGE: &str = "usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]
        guest-ratio --queues 4 [--conns C] [--mib N] [--reps R] [--detail]
-                          [--unbudgeted]";
+                          [--unbudgeted] [--budget BYTES]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -152,6 +152,7 @@ fn main() {
     let mut detail = false;
     let mut batches = false;
     let mut unbudgeted = false;
+    let mut fixed_budget = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "--detail" {
@@ -172,6 +173,7 @@ fn main() {
             ("--reps", Some(n)) if n > 0 => reps = Some(n as usize),
             ("--queues", Some(n)) if n > 0 => queues = n as u32,
             ("--conns", Some(n)) if n > 0 => conns = n as usize,
+            ("--budget", Some(n)) if n > 0 => fixed_budget = Some(n),
             _ => {
                 eprintln!("{USAGE}");
                 std::process::exit(2);
@@ -179,8 +181,10 @@ fn main() {
         }
     }
     let net = GuestNet::from_env();
-    if queues == 1 && unbudgeted {
-        eprintln!("guest-ratio: --unbudgeted is for the multi-queue comparison\n{USAGE}");
+    if queues == 1 && (unbudgeted || fixed_budget.is_some()) {
+        eprintln!(
+            "guest-ratio: --unbudgeted and --budget are for the multi-queue comparison\n{USAGE}"
+        );
         std::process::exit(2);
     }
     if queues > 1 {
@@ -195,6 +199,7 @@ fn main() {
             conns,
             detail,
             unbudgeted,
+            fixed_budget,
         };
         // Like the single-queue comparison, a missed target is reported, not an error.
         queues::run(&net, &options);

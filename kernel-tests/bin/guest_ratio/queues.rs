@@ -55,6 +55,9 @@ pub(crate) struct Options {
     /// Also run tokio-zcrx with `stream_budget(u64::MAX)`: no per-stream budget, so TCP
     /// tunes each socket's receive buffer as for the other receivers (a diagnosis).
     pub(crate) unbudgeted: bool,
+    /// Also run tokio-zcrx with `stream_budget(BYTES)`: one fixed budget for every stream,
+    /// which still sizes each socket's receive buffer (a diagnosis).
+    pub(crate) fixed_budget: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,7 @@ enum Receiver {
     Raw,
     Read,
     ZcrxUnbudgeted,
+    ZcrxFixedBudget,
 }
 
 impl Receiver {
@@ -70,6 +74,7 @@ impl Receiver {
         match self {
             Receiver::Zcrx => "tokio-zcrx",
             Receiver::ZcrxUnbudgeted => "tokio-zcrx unbudgeted",
+            Receiver::ZcrxFixedBudget => "tokio-zcrx fixed budget",
             Receiver::Raw => "raw loop",
             Receiver::Read => "tokio read",
         }
@@ -141,6 +146,9 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
     if options.unbudgeted {
         receivers.push(Receiver::ZcrxUnbudgeted);
     }
+    if options.fixed_budget.is_some() {
+        receivers.push(Receiver::ZcrxFixedBudget);
+    }
     let spread = SpreadFlows::new(net);
     let mut samples: Vec<(Receiver, Sample)> = Vec::new();
     for rep in 0..options.reps {
@@ -149,8 +157,9 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
             let receiver = receivers[(rep + i) % receivers.len()];
             let watchdog = watchdog(receiver.name());
             let sample = match receiver {
-                Receiver::Zcrx => zcrx_run(net, options, &pattern, false),
-                Receiver::ZcrxUnbudgeted => zcrx_run(net, options, &pattern, true),
+                Receiver::Zcrx => zcrx_run(net, options, &pattern, None),
+                Receiver::ZcrxUnbudgeted => zcrx_run(net, options, &pattern, Some(u64::MAX)),
+                Receiver::ZcrxFixedBudget => zcrx_run(net, options, &pattern, options.fixed_budget),
                 Receiver::Raw => raw_run(net, options, &pattern),
                 Receiver::Read => read_run(net, options, &pattern),
             };
@@ -239,6 +248,12 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
         );
         println!(
             "unbudgeted / raw loop, throughput:         {rate:.2}x (medians); per rep {rate_reps}"
+        );
+    }
+    if options.fixed_budget.is_some() {
+        let (cpu, cpu_reps) = ratio(Receiver::ZcrxFixedBudget, Receiver::Read, &cpu_per_gib);
+        println!(
+            "fixed budget / tokio read, CPU per GiB:    {cpu:.2}x (medians); per rep {cpu_reps}"
         );
     }
 }
@@ -396,7 +411,13 @@ fn tokio_runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn zcrx_run(net: &GuestNet, options: &Options, pattern: &Arc<Vec<u8>>, unbudgeted: bool) -> Sample {
+/// tokio-zcrx on every queue; `budget` is the `stream_budget` set, if any.
+fn zcrx_run(
+    net: &GuestNet,
+    options: &Options,
+    pattern: &Arc<Vec<u8>>,
+    budget: Option<u64>,
+) -> Sample {
     let conns = options.conns;
     let per_conn = pattern.len() as u64;
     let mut builder = nic(net)
@@ -404,14 +425,14 @@ fn zcrx_run(net: &GuestNet, options: &Options, pattern: &Arc<Vec<u8>>, unbudgete
         .area_size(AREA)
         .refill_entries(REFILL_ENTRIES)
         .cq_entries(CQ_ENTRIES);
-    if unbudgeted {
-        builder = builder.stream_budget(u64::MAX);
+    if let Some(bytes) = budget {
+        builder = builder.stream_budget(bytes);
     }
     let zcrx = build(builder);
-    let label = if unbudgeted {
-        "unbudgeted"
-    } else {
-        "tokio-zcrx"
+    let label = match budget {
+        None => "tokio-zcrx",
+        Some(u64::MAX) => "unbudgeted",
+        Some(_) => "fixed budget",
     };
     assert_eq!(
         zcrx.mode_selection().queues_bound.len(),
