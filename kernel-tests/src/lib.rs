@@ -567,10 +567,13 @@ impl RawZcrx {
     }
 }
 
-/// What [`receive_all`] saw.
+/// What [`receive_all`] or [`receive_streams`] saw.
 #[derive(Debug, Default)]
 pub struct ReceiveReport {
+    /// Bytes received, all streams together.
     pub bytes: u64,
+    /// Bytes received per stream, in the order the streams were given.
+    pub stream_bytes: Vec<u64>,
     pub data_cqes: u64,
     pub copy_events: u64,
     pub alloc_fail_events: u64,
@@ -583,28 +586,51 @@ pub struct ReceiveReport {
 /// pattern, returning every buffer, resubmitting on -ENOSPC/-ENOMEM, and re-arming the COPY
 /// event once after it first fires.
 pub fn receive_all(zcrx: &mut RawZcrx, fd: RawFd, expect: u64) -> ReceiveReport {
-    const RECV: u64 = 1;
-    let mut report = ReceiveReport::default();
+    let report = receive_streams(zcrx, &[fd], |_, position, data| {
+        if let Some(i) = first_mismatch(position, data) {
+            panic!("byte {} of the stream is wrong", position + i as u64);
+        }
+    });
+    assert_eq!(report.bytes, expect, "stream length");
+    report
+}
+
+/// Receives several connections on one zcrx queue to EOF, one multishot RECV_ZC each on the
+/// one ring (user_data = the stream's index): `check(stream, position, chunk)` sees every
+/// chunk in order before its buffer is returned. Returns every buffer, resubmits a stream's
+/// request on -ENOSPC/-ENOMEM, and re-arms the COPY event once after it first fires.
+pub fn receive_streams(
+    zcrx: &mut RawZcrx,
+    fds: &[RawFd],
+    mut check: impl FnMut(usize, u64, &[u8]),
+) -> ReceiveReport {
+    let mut report = ReceiveReport {
+        stream_bytes: vec![0; fds.len()],
+        ..ReceiveReport::default()
+    };
     let mut pending: Vec<(u64, u32)> = Vec::new();
     let mut completions = Vec::new();
-    zcrx.submit_recv(fd, 0, RECV).expect("submit RECV_ZC");
-    loop {
+    let mut resubmit = Vec::new();
+    for (index, &fd) in fds.iter().enumerate() {
+        zcrx.submit_recv(fd, 0, index as u64)
+            .expect("submit RECV_ZC");
+    }
+    let mut live = fds.len();
+    while live > 0 {
         completions.clear();
         zcrx.wait(&mut completions).expect("io_uring_enter");
-        let mut ended = None;
         for c in completions.drain(..) {
             match c {
                 Completion::Data {
-                    area_offset, len, ..
+                    user_data,
+                    area_offset,
+                    len,
+                    ..
                 } => {
-                    let data = zcrx.chunk(area_offset, len);
-                    if let Some(i) = first_mismatch(report.bytes, data) {
-                        panic!(
-                            "byte {} of the stream is wrong (chunk at area offset {area_offset}, \
-                             len {len})",
-                            report.bytes + i as u64
-                        );
-                    }
+                    let stream = user_data as usize;
+                    let position = report.stream_bytes[stream];
+                    check(stream, position, zcrx.chunk(area_offset, len));
+                    report.stream_bytes[stream] += u64::from(len);
                     report.bytes += u64::from(len);
                     report.data_cqes += 1;
                     pending.push((area_offset, len));
@@ -620,30 +646,34 @@ pub fn receive_all(zcrx: &mut RawZcrx, fd: RawFd, expect: u64) -> ReceiveReport 
                     zcrx_sys::event::ZCRX_EVENT_ALLOC_FAIL => report.alloc_fail_events += 1,
                     other => panic!("unknown zcrx event type {other}"),
                 },
-                Completion::End { res, .. } => ended = Some(res),
+                Completion::End { user_data, res } => {
+                    let stream = user_data as usize;
+                    match res {
+                        0 => live -= 1,
+                        res if res == -libc::ENOSPC => {
+                            report.resubmits_enospc += 1;
+                            resubmit.push(stream);
+                        }
+                        res if res == -libc::ENOMEM => {
+                            report.resubmits_enomem += 1;
+                            resubmit.push(stream);
+                        }
+                        res => panic!(
+                            "RECV_ZC of stream {stream} ended with {} after {} bytes",
+                            io::Error::from_raw_os_error(-res),
+                            report.stream_bytes[stream]
+                        ),
+                    }
+                }
             }
         }
         // Return every buffer; what does not fit now waits for the kernel to make room.
         pending.retain(|&(off, len)| !zcrx.try_refill(off, len));
         zcrx.flush().expect("publish/flush refills");
-        match ended {
-            None => {}
-            Some(0) => break,
-            Some(res) if res == -libc::ENOSPC => {
-                report.resubmits_enospc += 1;
-                zcrx.submit_recv(fd, 0, RECV)
-                    .expect("resubmit after ENOSPC");
-            }
-            Some(res) if res == -libc::ENOMEM => {
-                report.resubmits_enomem += 1;
-                zcrx.submit_recv(fd, 0, RECV)
-                    .expect("resubmit after ENOMEM");
-            }
-            Some(res) => panic!(
-                "RECV_ZC ended with {} after {} bytes",
-                io::Error::from_raw_os_error(-res),
-                report.bytes
-            ),
+        // Resubmitted after the returns, which give the kernel room again.
+        for stream in resubmit.drain(..) {
+            zcrx.submit_recv(fds[stream], 0, stream as u64)
+                .expect("resubmit after ENOSPC/ENOMEM");
         }
     }
     assert!(
@@ -651,7 +681,6 @@ pub fn receive_all(zcrx: &mut RawZcrx, fd: RawFd, expect: u64) -> ReceiveReport 
         "{} buffer returns never fit",
         pending.len()
     );
-    assert_eq!(report.bytes, expect, "stream length");
     report
 }
 

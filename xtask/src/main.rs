@@ -44,6 +44,14 @@ Commands:
               (nic and nodev modes; only the ratio counts under emulation). ARGS go to
               guest-ratio: --mib N (256), --reps R (7), --batches (the runtime's consumer
               uses next_batch(64)), --detail (CPU time and context switches per thread).
+  vm-bench -- --queues 4 [ARGS]
+              All 4 queues of the guest's netdevsim port, flows spread over them: tokio-zcrx
+              (interface_queues all) against a raw loop with a thread and zcrx binding per
+              queue and against tokio TcpStream::read, alternating; receiver process CPU per
+              GiB and throughput, sender in its own process. ARGS: --conns C (8), --mib N
+              (256 per run, split over the connections), --reps R (5), --detail (CPU per
+              thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)),
+              --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)).
   vm-bench --proxy [-- ARGS]
               The proxy example in nic mode (zero-copy receive on netdevsim, SEND_ZC)
               against `proxy --copy` (copy_bidirectional) in the guest, clients and upstream

@@ -11,8 +11,14 @@
 //! multi-threaded Tokio runtime, checks every chunk the same way and drops it. Both run in nic
 //! mode on the netdevsim queue (peer in its namespace) and in nodev mode over loopback.
 //! Target: the runtime at least 0.9x the raw loop's throughput.
+//!
+//! With `--queues 4` it binds every queue of the netdevsim port instead and compares three
+//! receivers of connections spread over the queues (see `queues.rs`): tokio-zcrx with
+//! `interface_queues`, a raw loop with a thread per queue, and tokio's `TcpStream::read`.
 
-use std::collections::BTreeMap;
+mod queues;
+mod usage;
+
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -21,6 +27,7 @@ use tokio_zcrx::{EventsPolicy, Mode, Zcrx};
 use tokio_zcrx_kernel_tests::{
     first_mismatch, listen, receive_all, spawn_sender, Config, GuestNet, RawZcrx, Target,
 };
+use usage::{Spread, Usage};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -130,126 +137,30 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool, batches: bool) 
     })
 }
 
-/// Process-wide CPU time and context switches, and CPU time per live thread (by name), so a
-/// run can show where its time went (`--detail`).
-#[derive(Clone, Default)]
-struct Usage {
-    cpu: Duration,
-    voluntary_switches: i64,
-    involuntary_switches: i64,
-    /// Per live thread name: CPU ticks, voluntary and involuntary switches.
-    threads: BTreeMap<String, (u64, u64, u64)>,
-}
-
-impl Usage {
-    fn now() -> Usage {
-        // SAFETY: getrusage fills the zeroed struct it is given.
-        let usage = unsafe {
-            let mut usage: libc::rusage = std::mem::zeroed();
-            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-            usage
-        };
-        let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-        let mut threads = BTreeMap::new();
-        for task in std::fs::read_dir("/proc/self/task")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            // pid (comm) state ... utime stime are fields 14 and 15.
-            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-                continue;
-            };
-            let name = stat[open + 1..close].to_string();
-            let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-            let ticks: u64 =
-                fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            let switches = |key: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            let entry = threads.entry(name).or_insert((0, 0, 0));
-            entry.0 += ticks;
-            entry.1 += switches("voluntary_ctxt_switches:");
-            entry.2 += switches("nonvoluntary_ctxt_switches:");
-        }
-        Usage {
-            cpu: time(usage.ru_utime) + time(usage.ru_stime),
-            voluntary_switches: usage.ru_nvcsw,
-            involuntary_switches: usage.ru_nivcsw,
-            threads,
-        }
-    }
-
-    fn report(&self, before: &Usage, label: &str, elapsed: Duration) {
-        // SAFETY: sysconf has no preconditions.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let mut threads = String::new();
-        for (name, (ticks, voluntary, involuntary)) in &self.threads {
-            let (ticks0, voluntary0, involuntary0) =
-                before.threads.get(name).copied().unwrap_or_default();
-            // Threads of one name are summed; one that exited makes a sum shrink.
-            if ticks > &ticks0 {
-                threads += &format!(
-                    " {name}={:.2}s/{}v/{}i",
-                    (ticks - ticks0) as f64 / ticks_per_second,
-                    voluntary.saturating_sub(voluntary0),
-                    involuntary.saturating_sub(involuntary0)
-                );
-            }
-        }
-        println!(
-            "  {label:<8} {:.2}s  cpu {:.2}s  switches {} voluntary {} involuntary  live threads:{threads}",
-            elapsed.as_secs_f64(),
-            (self.cpu - before.cpu).as_secs_f64(),
-            self.voluntary_switches - before.voluntary_switches,
-            self.involuntary_switches - before.involuntary_switches,
-        );
-    }
-}
-
-/// Median, minimum and maximum, shown as `median [min-max]`.
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(values: &[f64]) -> Spread {
-        let mut sorted = values.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        Spread {
-            median: sorted[sorted.len() / 2],
-            min: sorted[0],
-            max: sorted[sorted.len() - 1],
-        }
-    }
-}
-
-impl std::fmt::Display for Spread {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let text = format!("{:.1} [{:.1}-{:.1}]", self.median, self.min, self.max);
-        f.pad(&text)
-    }
-}
+const USAGE: &str = "usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]
+       guest-ratio --queues 4 [--conns C] [--mib N] [--reps R] [--detail]
+                          [--unbudgeted] [--budget BYTES]";
 
 fn main() {
-    let mut mib: u64 = 256;
-    let mut reps = 7;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--send") {
+        // The multi-queue comparison's sender process.
+        queues::send_main(&args);
+        return;
+    }
+    let (mut mib, mut reps, mut queues, mut conns) = (None, None, 1u32, 8usize);
     let mut detail = false;
     let mut batches = false;
-    let mut args = std::env::args().skip(1);
+    let mut unbudgeted = false;
+    let mut fixed_budget = None;
+    let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "--detail" {
             detail = true;
+            continue;
+        }
+        if arg == "--unbudgeted" {
+            unbudgeted = true;
             continue;
         }
         if arg == "--batches" {
@@ -258,15 +169,43 @@ fn main() {
         }
         let value = args.next().and_then(|v| v.parse::<u64>().ok());
         match (arg.as_str(), value) {
-            ("--mib", Some(n)) if n > 0 => mib = n,
-            ("--reps", Some(n)) if n > 0 => reps = n as usize,
+            ("--mib", Some(n)) if n > 0 => mib = Some(n),
+            ("--reps", Some(n)) if n > 0 => reps = Some(n as usize),
+            ("--queues", Some(n)) if n > 0 => queues = n as u32,
+            ("--conns", Some(n)) if n > 0 => conns = n as usize,
+            ("--budget", Some(n)) if n > 0 => fixed_budget = Some(n),
             _ => {
-                eprintln!("usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]");
+                eprintln!("{USAGE}");
                 std::process::exit(2);
             }
         }
     }
     let net = GuestNet::from_env();
+    if queues == 1 && (unbudgeted || fixed_budget.is_some()) {
+        eprintln!(
+            "guest-ratio: --unbudgeted and --budget are for the multi-queue comparison\n{USAGE}"
+        );
+        std::process::exit(2);
+    }
+    if queues > 1 {
+        if batches {
+            eprintln!("guest-ratio: --batches is for the single-queue comparison\n{USAGE}");
+            std::process::exit(2);
+        }
+        let options = queues::Options {
+            queues,
+            mib: mib.unwrap_or(256),
+            reps: reps.unwrap_or(5),
+            conns,
+            detail,
+            unbudgeted,
+            fixed_budget,
+        };
+        // Like the single-queue comparison, a missed target is reported, not an error.
+        queues::run(&net, &options);
+        return;
+    }
+    let (mib, reps) = (mib.unwrap_or(256), reps.unwrap_or(7));
     let total = mib << 20;
     println!(
         "runtime vs raw zcrx receive in the guest (TCG: only ratios count), {mib} MiB per run, \
