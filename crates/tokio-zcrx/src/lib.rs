@@ -46,7 +46,7 @@
 //!   `bytes::Bytes` without a copy; [`ZcWriteHalf::write_all_buffers`] sends buffers back
 //!   with vectored writes.
 //! - Forwarding: [`ZcWriteHalf::send_buf`] and [`ZcWriteHalf::send_batch`] send received
-//!   buffers on, to any connection of the runtime, without a copy (`IORING_OP_SEND_ZC` from
+//!   buffers on, to any connection of the runtime, without a copy (`IORING_OP_SENDMSG_ZC` from
 //!   the registered area; each buffer goes back to the kernel after the send's
 //!   notification), pipelined; in copy mode they write normally.
 //! - For `tokio::io` code: [`ZcStream::into_async_read`] gives a [`ZcReader`] (`AsyncRead`,

@@ -2,7 +2,7 @@
 //!
 //! [`ZcWriteHalf::send_buf`](crate::ZcWriteHalf::send_buf) and its siblings move received
 //! buffers into a send and return once it is queued. The bytes then belong to the send until
-//! the kernel is done reading them: for a zero-copy send (`IORING_OP_SEND_ZC`) that is its
+//! the kernel is done reading them: for a zero-copy send (`IORING_OP_SENDMSG_ZC`) that is its
 //! notification CQE, not its result. This module holds the pieces both sides need, and no
 //! backend:
 //!

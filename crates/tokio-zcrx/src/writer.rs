@@ -46,10 +46,10 @@ const BUFFERS_PER_WRITE: usize = 64;
 ///
 /// [`send_buf`](Self::send_buf), [`send_batch`](Self::send_batch) and
 /// [`send_bytes`](Self::send_bytes) move buffers into a send and return once it is queued.
-/// In the io_uring modes the runtime's driver sends them with `IORING_OP_SEND_ZC`, straight
-/// from the receive area (registered as a fixed buffer where the kernel allows), and gives
-/// each buffer back to the kernel only after the send's notification says the kernel no
-/// longer reads it; in copy mode (and where zero-copy sends are unavailable) the same calls
+/// In the io_uring modes the runtime's driver sends them with `IORING_OP_SENDMSG_ZC`,
+/// straight from the receive area (registered as a fixed buffer where the kernel allows),
+/// and gives each buffer back to the kernel only after the send's notification says the
+/// kernel no longer reads it; in copy mode (and where zero-copy sends are unavailable) the same calls
 /// write normally. See [`send_buf`](Self::send_buf) for the rules.
 pub struct ZcWriteHalf {
     inner: Inner,
@@ -162,10 +162,10 @@ impl ZcWriteHalf {
     /// send is queued; the buffer belongs to the send from now on.
     ///
     /// - **Zero-copy** (nic and nodev modes): the runtime's driver sends with
-    ///   `IORING_OP_SEND_ZC` from the receive area, registered as a fixed buffer where the
-    ///   kernel allows. The kernel may read the buffer until the send's *notification*, so
-    ///   the chunk goes back to the refill ring only then (or after a result that announces
-    ///   no notification). Whether the kernel really sent without copying shows in
+    ///   `IORING_OP_SENDMSG_ZC` (vectored, up to 64 buffers a request) from the receive
+    ///   area, registered as a fixed buffer where the kernel allows. The kernel may read the
+    ///   buffer until the send's *notification*, so the chunk goes back to the refill ring
+    ///   only then (or after a result that announces no notification). Whether the kernel really sent without copying shows in
     ///   [`Stats::send_kernel_copied_bytes`](crate::Stats::send_kernel_copied_bytes)
     ///   (loopback always copies). Where the kernel refuses zero-copy sends, the driver falls
     ///   back to plain sends, logs it once and counts it.
