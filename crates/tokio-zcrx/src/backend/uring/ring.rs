@@ -232,7 +232,8 @@ impl UringRing {
         if self.backlog.is_empty() {
             // SAFETY: every SQE the driver builds refers to fds it keeps open until the
             // request's final CQE (stream sockets, the eventfd), and sends to memory held
-            // unchanged until then (`driver/sends.rs`: each request holds its piece).
+            // unchanged until then (`driver/sends.rs`: each request holds its message and
+            // its pieces).
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }

@@ -8,15 +8,17 @@
 //! `MSG_WAITALL` (the kernel retries a short send itself; one that still comes up short
 //! fails the link, and the rest of the chain ends with `-ECANCELED`). Vectored, because
 //! each request costs the kernel a socket lock and a push of segments: with one request
-//! per 4 KiB chunk, forwarding spent most of its CPU contending for that lock. One chain per connection at a time: the next starts when every result of
-//! the last one is in, at the first byte not reported sent, so no byte is lost or sent twice.
+//! per 4 KiB chunk, forwarding spent most of its CPU contending for that lock. One chain
+//! per connection at a time: the next starts when every result of the last one is in, at
+//! the first byte not reported sent, so no byte is lost or sent twice.
 //!
-//! Zero-copy sends (`IORING_OP_SEND_ZC`) post a result (bytes sent, `IORING_CQE_F_MORE` if a
-//! notification follows) and later a notification (`IORING_CQE_F_NOTIF`): the kernel reads
-//! the buffer until then. Each request holds an `Arc` of the [`Piece`] it reads, so a buffer
+//! Zero-copy sends (`IORING_OP_SENDMSG_ZC`) post a result (bytes sent, `IORING_CQE_F_MORE`
+//! if a notification follows) and later a notification (`IORING_CQE_F_NOTIF`): the kernel
+//! reads the buffers until then. Each request holds its message (boxed: the SQE names it)
+//! and an `Arc` of each [`Piece`] it reads, so a buffer
 //! goes back to its owner (a zcrx chunk to the refill ring) only when the last request
 //! reading it has its notification (or a result without `F_MORE`), and the queue is done
-//! with it. Plain sends (`IORING_OP_SEND`) are done at their result.
+//! with it. Plain sends (`IORING_OP_SENDMSG`) are done at their result.
 //!
 //! How the driver sends, best first, falling back (logged once, counted) when the kernel
 //! refuses: `SENDMSG_ZC` from the area registered as a fixed buffer
@@ -174,7 +176,7 @@ pub(crate) struct Sends {
 
 impl Sends {
     /// `fixed`: the area as registered (`None` if registration failed or was not tried);
-    /// `zero_copy`: whether to try `SEND_ZC` at all.
+    /// `zero_copy`: whether to try zero-copy sends at all.
     pub(crate) fn new(
         fixed: Option<FixedBuffer>,
         zero_copy: bool,
@@ -470,6 +472,10 @@ impl<R: CompletionRing> Driver<R> {
             let zero_copy = op.kind != SendKind::Plain;
             match errno {
                 libc::ECANCELED if conn.chain_broken => {}
+                // Cancelled with nothing before it failing: a later SQE of this chain failed
+                // at prep and the kernel failed the link from its head
+                // (`io_submit_fail_init`). Nothing was sent: the next chain sends it again.
+                libc::ECANCELED => conn.chain_broken = true,
                 // Not now: send the same bytes again with the next chain.
                 libc::EAGAIN | libc::EINTR | libc::ENOMEM | libc::ENOBUFS => {
                     conn.chain_broken = true;
@@ -530,7 +536,7 @@ impl<R: CompletionRing> Driver<R> {
                 ),
                 Fallback::Plain => tracing::warn!(
                     "tokio-zcrx: the kernel or socket refused zero-copy sends \
-                     (IORING_OP_SEND_ZC); sending with plain sends (a copy) from now on"
+                     (IORING_OP_SENDMSG_ZC); sending with plain sends (a copy) from now on"
                 ),
             }
         }

@@ -48,6 +48,10 @@ pub(crate) enum SendFault {
     Short,
     NoMemory,
     Error(i32),
+    /// A later SQE of the chain failed at prep: the kernel (`io_submit_fail_init`) fails
+    /// this one, the head, with `-ECANCELED` before anything was sent, and the rest of the
+    /// link with it.
+    LinkFailedAtPrep,
 }
 
 /// Errors `io_uring_enter` can return that say "not now".
@@ -123,6 +127,9 @@ pub(crate) struct FaultConfig {
     /// A send fails with [`SEND_ERRORS`] (with `F_MORE` and a notification), which ends
     /// its connection's sends.
     pub(crate) send_error: u32,
+    /// A send is cancelled because a later SQE of its chain failed at prep
+    /// ([`SendFault::LinkFailedAtPrep`]).
+    pub(crate) send_link_prep: u32,
 }
 
 impl FaultConfig {
@@ -140,6 +147,7 @@ impl FaultConfig {
             send_short: 50,
             send_enomem: 10,
             send_error: 0,
+            send_link_prep: 10,
         }
     }
 
@@ -157,6 +165,7 @@ impl FaultConfig {
             send_short: 0,
             send_enomem: 0,
             send_error: 0,
+            send_link_prep: 0,
         }
     }
 }
@@ -175,6 +184,7 @@ pub(crate) struct Injected {
     pub(crate) send_short: u64,
     pub(crate) send_enomem: u64,
     pub(crate) send_errors: u64,
+    pub(crate) send_link_prep: u64,
 }
 
 impl fmt::Display for Injected {
@@ -267,6 +277,10 @@ impl FaultInjector {
         if self.rng.chance(self.config.send_enomem) {
             self.injected.send_enomem += 1;
             return Some(SendFault::NoMemory);
+        }
+        if self.rng.chance(self.config.send_link_prep) {
+            self.injected.send_link_prep += 1;
+            return Some(SendFault::LinkFailedAtPrep);
         }
         if self.rng.chance(self.config.send_error) {
             self.injected.send_errors += 1;

@@ -400,6 +400,8 @@ impl SyntheticRing {
                         cqe.flags = 0;
                     }
                     Some(SendFault::Error(errno)) => cqe.res = -errno,
+                    // Nothing sent; the notification (allocated at this SQE's prep) follows.
+                    Some(SendFault::LinkFailedAtPrep) => cqe.res = -libc::ECANCELED,
                     Some(SendFault::Short) if sqe.len > 1 => sent = sqe.len as usize / 2,
                     _ => sent = sqe.len as usize,
                 }
@@ -925,6 +927,11 @@ impl CompletionRing for SyntheticRing {
         self.sends.extend(sqes.iter().map(|sqe| {
             // SAFETY: the driver keeps the message alive until the request's last CQE.
             let message = unsafe { &*sqe.message };
+            debug_assert_eq!(
+                sqe.len as usize,
+                message.segments().map(|(_, len)| len).sum::<usize>(),
+                "a send SQE's length is its ranges' total"
+            );
             QueuedSend {
                 fd: sqe.fd,
                 segments: message.segments().collect(),

@@ -161,8 +161,9 @@ fn forwarded_bytes_arrive_intact_on_every_kernel() {
 }
 
 /// Short sends (the kernel's MSG_WAITALL gives up half-way and cancels the rest of the
-/// chain) and notification-less `-ENOMEM` answers: resumed where they stopped, no byte lost
-/// or sent twice, every buffer back.
+/// chain), notification-less `-ENOMEM` answers, and chains cancelled from their head because
+/// a later SQE failed at prep: resumed where they stopped, no byte lost or sent twice, every
+/// buffer back.
 #[test]
 fn short_and_refused_sends_resume_without_loss() {
     let runtime = runtime();
@@ -173,6 +174,7 @@ fn short_and_refused_sends_resume_without_loss() {
                     // Per request; a request carries up to 64 buffers.
                     send_short: 300,
                     send_enomem: 200,
+                    send_link_prep: 200,
                     ..FaultConfig::none(11)
                 }),
                 ..synthetic(kernel)
@@ -189,6 +191,7 @@ fn short_and_refused_sends_resume_without_loss() {
             let report = harness.control.report();
             assert!(report.injected.send_short > 10, "{:?}", report.injected);
             assert!(report.injected.send_enomem > 2, "{:?}", report.injected);
+            assert!(report.injected.send_link_prep > 2, "{:?}", report.injected);
             assert_eq!(report.send_bytes, FORWARDED);
             assert_eq!(zcrx.stats().send_zero_copy_bytes, FORWARDED);
             harness.zcrx.shutdown().await;
