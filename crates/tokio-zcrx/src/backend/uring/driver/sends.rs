@@ -279,10 +279,15 @@ impl<R: CompletionRing> Driver<R> {
         pieces: Vec<Arc<Piece>>,
     ) -> io::Result<()> {
         if self.stopping.is_some() {
-            conn.fail(
+            let after = conn.fail(
                 io::Error::other("the tokio-zcrx runtime is shutting down"),
                 1,
             );
+            if after == AfterSent::ShutDownWrite {
+                // The write half is gone and this was its last send: shut down as its drop
+                // would have (an error, e.g. a reset, is moot).
+                let _ = socket.shutdown(Shutdown::Write);
+            }
             return Ok(());
         }
         let slot = self.sends.slot_of(&socket, &conn);
@@ -290,14 +295,18 @@ impl<R: CompletionRing> Driver<R> {
             .as_mut()
             .expect("slot_of made it");
         if entry.failed || conn.is_broken() {
-            // The write half saw the failure or will: this send cannot follow a gap.
-            entry.conn.fail(
+            // The write half saw the failure or will: this send cannot follow a gap. If the
+            // write half is gone and this was its last send, the connection is shut down
+            // now: a send queued before the failure but handled after it was the last
+            // thing the deferred shutdown waited for (without this, the peer never saw EOF).
+            let after = entry.conn.fail(
                 io::Error::new(
                     io::ErrorKind::BrokenPipe,
                     "an earlier send on this connection failed",
                 ),
                 1,
             );
+            entry.after_sent(after);
             self.sends.remove_if_done(slot);
             return Ok(());
         }
