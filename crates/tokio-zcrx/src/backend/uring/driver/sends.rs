@@ -112,7 +112,6 @@ struct SendConn {
     chain_broken: bool,
     /// Result seen, notification not yet.
     notifying: Vec<Op>,
-    next_seq: u32,
     /// A send failed: the queue is dropped and new sends fail.
     failed: bool,
 }
@@ -166,6 +165,11 @@ impl SendConn {
 /// The driver's sends (see the module docs).
 pub(crate) struct Sends {
     conns: Vec<Option<SendConn>>,
+    /// The next request's sequence number, for every connection: a slot used again by a
+    /// new connection does not start again at 0, so a CQE the kernel posts late for the
+    /// slot's last user (an extra notification) cannot name a new request and release
+    /// its buffers while the kernel still reads them.
+    next_seq: u32,
     free: Vec<u32>,
     /// Slot by `Arc::as_ptr` of the connection's [`ConnSends`].
     by_conn: HashMap<usize, u32>,
@@ -184,6 +188,7 @@ impl Sends {
     ) -> Sends {
         Sends {
             conns: Vec::new(),
+            next_seq: 0,
             free: Vec::new(),
             by_conn: HashMap::new(),
             fixed,
@@ -212,7 +217,6 @@ impl Sends {
             chain: VecDeque::new(),
             chain_broken: false,
             notifying: Vec::new(),
-            next_seq: 0,
             failed: false,
         };
         let slot = match self.free.pop() {
@@ -353,8 +357,8 @@ impl<R: CompletionRing> Driver<R> {
                         if ops.len() == CHAIN_MAX {
                             break 'queue;
                         }
-                        let seq = conn.next_seq & SEQ_MASK;
-                        conn.next_seq = conn.next_seq.wrapping_add(1);
+                        let seq = sends.next_seq & SEQ_MASK;
+                        sends.next_seq = sends.next_seq.wrapping_add(1);
                         ops.push(Op {
                             seq,
                             _pieces: Vec::new(),
