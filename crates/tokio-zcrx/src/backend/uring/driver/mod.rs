@@ -697,6 +697,11 @@ impl<R: CompletionRing> Driver<R> {
 /// (`IORING_REGISTER_BUFFERS`): the kernel then pins it once instead of per send. Where it
 /// refuses (the locked-memory limit, `RLIMIT_MEMLOCK`, without `CAP_IPC_LOCK`), sends go
 /// unregistered: logged once and counted.
+///
+/// Registered once and never updated while the ring lives: on 6.15-6.17 kernels without
+/// f6041803a831 a vectored fixed-buffer send (`SENDMSG_ZC`) ties the buffer table node to
+/// the request, not to its notification, so replacing the entry while a send is in flight
+/// could free pages the NIC still reads.
 fn register_area_buffer(
     ring: &crate::sys::registration::Ring,
     area: &Area,
