@@ -304,7 +304,14 @@ fn a_destination_reset_mid_send_returns_every_buffer() {
             drop((source, sink));
             let zcrx = &harness.zcrx;
             assert_all_back(|| zcrx.stats()).await;
-            assert_eq!(zcrx.stats().memory_held, 0);
+            // The dropped source's receive may still deliver a chunk or two before its
+            // cancellation completes; the driver gives those back at once. The area ends
+            // entirely free.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while zcrx.stats().memory_held != 0 {
+                assert!(Instant::now() < deadline, "{:?}", zcrx.stats());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             harness.zcrx.shutdown().await;
         });
     }
