@@ -710,7 +710,7 @@ fn vm_bench_proxy(args: &[&str], start: Instant) -> Result<ExitCode> {
         // the sender, that a NIC's DMA would not make. With header split on the peer port
         // too, neither proxy pays it.
         command = format!(
-            "ip netns exec \"$(basename \"$TZX_PEER_NETNS\")\" \
+            "/usr/sbin/ip netns exec \"$(basename \"$TZX_PEER_NETNS\")\" \
                ethtool -G \"$TZX_PEER_NIC\" tcp-data-split on || exit 1\n{command}"
         );
     }
