@@ -12,7 +12,7 @@ mod send_tests;
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
@@ -288,6 +288,16 @@ fn batches_return_every_chunk() {
             let shared = driver_shared(&zcrx);
             let (mut stream, _writer, _client) = attach_one(&zcrx).await;
             let (mut chunks, mut batches, mut largest) = (0usize, 0usize, 0usize);
+            if max > 64 {
+                // Let the driver deliver ahead of the reader, so that the first batch holds
+                // more than one run's 64 buffers: a reader that keeps up may never see one
+                // (seen in CI on a loaded machine).
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while zcrx.stats().buffers_outstanding <= 64 {
+                    assert!(Instant::now() < deadline, "{:?}", zcrx.stats());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
             let reading = async {
                 while let Some(batch) = stream.next_batch(max).await {
                     let batch = batch.unwrap();
