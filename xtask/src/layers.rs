@@ -84,6 +84,13 @@ const ALLOWED: &[Rule] = &[
         why: "bench-internals: the synthetic ring wraps its handle in `Backend::Uring` for \
               that `Zcrx`; goes with the harness as above",
     },
+    Rule {
+        from: "backend::uring::synthetic",
+        to: "backend::queues",
+        why: "bench-internals: the per-chunk benchmark's synthetic queue group \
+              (`start_queues`) starts a `QueueGroup` over synthetic queues; goes with the \
+              harness as above",
+    },
 ];
 
 struct Rule {
