@@ -269,13 +269,7 @@ async fn a_bulk_stream_fills_several_buffers_per_read_and_keeps_the_order() {
         batch.clear();
     }
     assert_eq!(position, TOTAL);
-    drop(within(10.0, "the sender", sender).await.unwrap());
-    assert_eq!(
-        within(5.0, "EOF", stream.recv_many(&mut batch, 64))
-            .await
-            .unwrap(),
-        0
-    );
+    sender_done_then_eof(sender, &mut stream, &mut batch).await;
     let stats = zcrx.stats();
     println!("{calls} calls, {several} with several buffers, at most {largest}: {stats:?}");
     assert!(
@@ -345,13 +339,7 @@ async fn a_bulk_stream_reading_several_buffers_keeps_its_budget() {
         batch.clear();
     }
     assert_eq!(position, TOTAL);
-    drop(within(10.0, "the sender", sender).await.unwrap());
-    assert_eq!(
-        within(5.0, "EOF", stream.recv_many(&mut batch, 64))
-            .await
-            .unwrap(),
-        0
-    );
+    sender_done_then_eof(sender, &mut stream, &mut batch).await;
     let stats = zcrx.stats();
     assert_eq!((stats.memory_held, stats.buffers_outstanding), (0, 0));
 }
@@ -596,4 +584,19 @@ async fn the_memory_cap_holds_under_10000_slow_peers() {
     assert!(stats.memory_held <= CAP);
     drop(clients);
     println!("RSS after: {} KiB; {stats:?}", rss_kib());
+}
+
+/// The sender finishes (its client is dropped) and the stream then ends: `recv_many` says 0.
+async fn sender_done_then_eof<T>(
+    sender: tokio::task::JoinHandle<T>,
+    stream: &mut ZcStream,
+    batch: &mut ZcBatch,
+) {
+    drop(within(10.0, "the sender", sender).await.unwrap());
+    assert_eq!(
+        within(5.0, "EOF", stream.recv_many(batch, 64))
+            .await
+            .unwrap(),
+        0
+    );
 }
