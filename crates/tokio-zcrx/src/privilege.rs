@@ -3,7 +3,9 @@
 //! Only registering a zcrx queue needs `CAP_NET_ADMIN` (the kernel checks it in
 //! `io_register_zcrx` and nowhere else: receives, refills, event re-arming, flushes and sends
 //! do not). A server can therefore build every runtime it needs, then give the capability up
-//! for the rest of its life.
+//! for the rest of its life. One thing changes after the drop: receive buffers of budgeted
+//! NIC streams can no longer be sized past `net.core.rmem_max` (`SO_RCVBUFFORCE`), so raise
+//! that sysctl first where streams need large windows.
 
 use std::fmt;
 

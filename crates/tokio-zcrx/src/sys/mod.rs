@@ -171,7 +171,6 @@ pub(crate) fn set_tcp_window_clamp(socket: BorrowedFd<'_>, bytes: u32) -> io::Re
 
 /// The receive buffer of `socket` (`SO_RCVBUF`: twice what was set, as the kernel keeps
 /// it).
-#[cfg(test)]
 pub(crate) fn receive_buffer(socket: BorrowedFd<'_>) -> io::Result<u32> {
     let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
@@ -191,13 +190,27 @@ pub(crate) fn receive_buffer(socket: BorrowedFd<'_>) -> io::Result<u32> {
 /// Sets the receive buffer of `socket` (`SO_RCVBUF`; the kernel keeps twice `bytes`,
 /// within `net.core.rmem_max`, and stops tuning it by itself).
 pub(crate) fn set_receive_buffer(socket: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    set_receive_buffer_option(socket, libc::SO_RCVBUF, bytes)
+}
+
+/// Sets the receive buffer of `socket` past `net.core.rmem_max` (`SO_RCVBUFFORCE`; needs
+/// `CAP_NET_ADMIN`, else EPERM): otherwise as [`set_receive_buffer`].
+pub(crate) fn force_receive_buffer(socket: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    set_receive_buffer_option(socket, libc::SO_RCVBUFFORCE, bytes)
+}
+
+fn set_receive_buffer_option(
+    socket: BorrowedFd<'_>,
+    option: libc::c_int,
+    bytes: u32,
+) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: `value` lives through the call and its size is passed with it.
     unsafe {
         syscall!(setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
+            option,
             (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t
         ))
@@ -324,6 +337,26 @@ mod tests {
             )
         };
         assert_eq!((rc, clamp), (0, 16_384));
+    }
+
+    #[test]
+    fn a_forced_receive_buffer_passes_rmem_max_and_a_plain_one_stops_there() {
+        let rmem_max: u32 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let socket = std::os::fd::AsFd::as_fd(&client);
+        let wanted = rmem_max.saturating_mul(4).min(i32::MAX as u32 / 2);
+        set_receive_buffer(socket, wanted).unwrap();
+        assert_eq!(receive_buffer(socket).unwrap(), 2 * rmem_max);
+        match force_receive_buffer(socket, wanted) {
+            Ok(()) => assert_eq!(receive_buffer(socket).unwrap(), 2 * wanted),
+            // Without CAP_NET_ADMIN (the test suite runs as root, but may not be).
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM)),
+        }
     }
 
     #[test]

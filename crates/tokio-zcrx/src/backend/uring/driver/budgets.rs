@@ -11,6 +11,7 @@
 //! the low mark wakes the driver, which resumes it here.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,71 @@ const MIN_RECEIVE_BUFFER_CHUNKS: u64 = 4;
 const SKB_OVERHEAD: u64 = 1024;
 /// At most one MemoryHighWater event per this interval.
 const HIGH_WATER_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// NIC mode: how far the runtime can size receive buffers (`Driver::adjust_receive_buffer`).
+#[derive(Debug)]
+pub(super) struct ReceiveBufferLimit {
+    /// `SO_RCVBUFFORCE` was not refused yet (the process has `CAP_NET_ADMIN`).
+    force: bool,
+    /// The most chunks a plain `SO_RCVBUF` gives (`net.core.rmem_max`), once one was cut
+    /// short: no stream asks for more from then on.
+    cap_chunks: Option<u64>,
+}
+
+impl Default for ReceiveBufferLimit {
+    fn default() -> Self {
+        ReceiveBufferLimit {
+            force: true,
+            cap_chunks: None,
+        }
+    }
+}
+
+impl ReceiveBufferLimit {
+    /// Sets the receive buffer of `socket` to `chunks` chunks of `chunk` bytes; answers the
+    /// chunks it got (fewer where `net.core.rmem_max` cut a plain `SO_RCVBUF` short).
+    fn apply(&mut self, socket: BorrowedFd<'_>, chunks: u64, chunk: u64) -> u64 {
+        // The kernel keeps twice the value, and charges each chunk its size and the skb's.
+        let per_chunk = chunk + SKB_OVERHEAD;
+        let bytes = u32::try_from(chunks * per_chunk / 2).unwrap_or(u32::MAX / 2);
+        if self.force {
+            match crate::sys::force_receive_buffer(socket, bytes) {
+                Ok(()) => return chunks,
+                Err(error) if error.raw_os_error() == Some(libc::EPERM) => self.force = false,
+                Err(error) => {
+                    // A socket already closed by its peer, or not TCP (the synthetic
+                    // kernel's).
+                    tracing::debug!("tokio-zcrx: SO_RCVBUFFORCE {bytes}: {error}");
+                    return chunks;
+                }
+            }
+        }
+        if let Err(error) = crate::sys::set_receive_buffer(socket, bytes) {
+            tracing::debug!("tokio-zcrx: SO_RCVBUF {bytes}: {error}");
+            return chunks;
+        }
+        let kept = match crate::sys::receive_buffer(socket) {
+            Ok(kept) => u64::from(kept),
+            Err(_) => return chunks,
+        };
+        if kept >= 2 * u64::from(bytes) {
+            return chunks;
+        }
+        let cap = (kept / per_chunk).max(MIN_RECEIVE_BUFFER_CHUNKS);
+        if self.cap_chunks.is_none() {
+            tracing::warn!(
+                "tokio-zcrx: receive buffers stop at net.core.rmem_max ({} bytes, {cap} \
+                 chunks) without CAP_NET_ADMIN, below what stream budgets allow (a stream \
+                 asked for {chunks} chunks): fast streams get less TCP window and send more \
+                 acknowledgements; raise it with `sysctl -w net.core.rmem_max={}`",
+                kept / 2,
+                u64::from(bytes).next_power_of_two().max(4 << 20),
+            );
+        }
+        self.cap_chunks = Some(cap);
+        cap.min(chunks)
+    }
+}
 
 /// When the pressure events last went out, and whether MemoryHighWater may go out again.
 #[derive(Debug)]
@@ -106,8 +172,15 @@ impl<R: CompletionRing> Driver<R> {
     /// streams' buffers and what the application holds stay within three quarters of the
     /// area: the last quarter is the NIC's to receive into. A buffer never shrinks: TCP would
     /// drop what its window had already let the peer send, and the peer, once read again,
-    /// would wait for its backed-off retransmission timer (seconds). The kernel caps the
-    /// buffer at `net.core.rmem_max`.
+    /// would wait for its backed-off retransmission timer (seconds).
+    ///
+    /// The buffer is set with `SO_RCVBUFFORCE` while the process has `CAP_NET_ADMIN`: the
+    /// bytes a socket queues here are in the area the runtime sized, so the system-wide cap
+    /// for plain `SO_RCVBUF` (`net.core.rmem_max`, 208 KiB on a stock system: about 80
+    /// chunks, a 120 KiB window) would only hold fast streams back (in the 4-queue guest
+    /// benchmark every budgeted stream stopped there and sent 1.5x the acknowledgements of an
+    /// unbudgeted one). Without the capability (after `Zcrx::drop_privileges`) buffers stop
+    /// at that cap: [`ReceiveBufferLimit`].
     pub(super) fn adjust_receive_buffer(&mut self, slot: u32, budget: Budget, may_grow: bool) {
         const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
         let Some(payload) = self.segment_payload else {
@@ -121,7 +194,9 @@ impl<R: CompletionRing> Driver<R> {
             return;
         };
         let stream_held = self.area.holdings.held(entry.tag) * chunk;
-        let ceiling = (budget.high / chunk / 2).max(MIN_RECEIVE_BUFFER_CHUNKS);
+        let ceiling = (budget.high / chunk / 2)
+            .max(MIN_RECEIVE_BUFFER_CHUNKS)
+            .min(self.rcvbuf_limit.cap_chunks.unwrap_or(u64::MAX));
         let current = entry.rcvbuf_chunks;
         let target = if current == 0 {
             ceiling.min(INITIAL_RECEIVE_BUFFER_CHUNKS)
@@ -137,16 +212,13 @@ impl<R: CompletionRing> Driver<R> {
         if target == current {
             return;
         }
+        let target = self
+            .rcvbuf_limit
+            .apply(entry.socket(), target, chunk)
+            .max(current);
         entry.received_since = 0;
         entry.rcvbuf_chunks = target;
         self.rcvbuf_total += target - current;
-        // The kernel keeps twice the value, and charges each chunk its size and the skb's.
-        let bytes = target * (chunk + SKB_OVERHEAD) / 2;
-        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-        if let Err(error) = crate::sys::set_receive_buffer(entry.socket(), bytes) {
-            // A socket already closed by its peer, or not TCP (the synthetic kernel's).
-            tracing::debug!("tokio-zcrx: SO_RCVBUF {bytes}: {error}");
-        }
         if current == 0 {
             // The receive buffer bounds the window from now on: lift a prepared listener's
             // clamp, which the buffer's (now fixed) size would never raise again.
@@ -320,5 +392,69 @@ impl<R: CompletionRing> Driver<R> {
             self.pressure.high_water_armed = false;
             self.emit(EventKind::MemoryHighWater);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    fn rmem_max() -> u64 {
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn tcp_socket() -> (std::net::TcpListener, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (listener, client)
+    }
+
+    #[test]
+    fn receive_buffers_pass_rmem_max_where_they_may_and_stop_there_otherwise() {
+        const CHUNK: u64 = 4096;
+        let per_chunk = CHUNK + SKB_OVERHEAD;
+        // Four times what rmem_max lets a plain SO_RCVBUF keep.
+        let wanted = 8 * rmem_max() / per_chunk;
+        let (_listener, client) = tcp_socket();
+        let socket = client.as_fd();
+
+        // As root (CAP_NET_ADMIN), the runtime's size is the socket's.
+        let mut limit = ReceiveBufferLimit::default();
+        if limit.apply(socket, wanted, CHUNK) == wanted && limit.force {
+            let kept = u64::from(crate::sys::receive_buffer(socket).unwrap());
+            assert_eq!(kept, wanted * per_chunk / 2 * 2);
+            assert_eq!(limit.cap_chunks, None);
+        }
+
+        // Without the capability (as after `Zcrx::drop_privileges`; the first EPERM turns
+        // `force` off): the socket keeps what rmem_max allows and the runtime counts that,
+        // and the cap holds for every later stream.
+        let (_listener, client) = tcp_socket();
+        let socket = client.as_fd();
+        let mut limit = ReceiveBufferLimit {
+            force: false,
+            cap_chunks: None,
+        };
+        let got = limit.apply(socket, wanted, CHUNK);
+        let cap = 2 * rmem_max() / per_chunk;
+        assert_eq!(got, cap);
+        assert_eq!(limit.cap_chunks, Some(cap));
+        assert_eq!(
+            u64::from(crate::sys::receive_buffer(socket).unwrap()),
+            2 * rmem_max()
+        );
+        // A size below the cap is taken as asked.
+        let (_listener, client) = tcp_socket();
+        assert_eq!(limit.apply(client.as_fd(), 8, CHUNK), 8);
+        assert_eq!(
+            u64::from(crate::sys::receive_buffer(client.as_fd()).unwrap()),
+            8 * per_chunk / 2 * 2
+        );
     }
 }

@@ -204,6 +204,8 @@ pub(crate) struct Driver<R: CompletionRing> {
     /// of all streams' receive buffers (`budgets.rs`).
     rcvbuf_growth: Vec<u32>,
     rcvbuf_total: u64,
+    /// NIC mode: whether receive buffers may pass `net.core.rmem_max` (`budgets.rs`).
+    rcvbuf_limit: budgets::ReceiveBufferLimit,
     /// Rate limits and hysteresis of the pressure events.
     pressure: budgets::PressureEvents,
     /// Write halves' queued sends (`sends.rs`).
@@ -333,6 +335,7 @@ impl<R: CompletionRing> Driver<R> {
             segment_payload,
             rcvbuf_growth: Vec::new(),
             rcvbuf_total: 0,
+            rcvbuf_limit: budgets::ReceiveBufferLimit::default(),
             pressure: budgets::PressureEvents::default(),
             sends,
             hand_over_moved: config.hand_over_moved,
