@@ -44,6 +44,7 @@ fn main() -> ExitCode {
     let mut counts = vec![1u32, 2];
     let mut only = Only::default();
     let mut queue_budgets = true;
+    let mut linger = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next();
@@ -56,6 +57,7 @@ fn main() -> ExitCode {
             ("--streams", Some(n), _) => only.streams = Some(n as usize),
             ("--budgets", _, Some("on")) => queue_budgets = true,
             ("--budgets", _, Some("off")) => queue_budgets = false,
+            ("--linger-us", Some(n), _) if n <= 1000 => linger = Some(Duration::from_micros(n)),
             ("--consumer", _, Some("next")) => only.consume = Some(Consume::EachBuffer),
             ("--consumer", _, Some("batches")) => only.consume = Some(Consume::Batches(64)),
             ("--queues", _, Some(list)) => {
@@ -77,7 +79,8 @@ fn main() -> ExitCode {
                 eprintln!(
                     "usage: per-chunk [--chunks N (total per run)] [--reps R] \
                      [--section budgets|queues] [--queues 1,2] \
-                     [--streams N] [--consumer next|batches] [--budgets on|off]"
+                     [--streams N] [--consumer next|batches] [--budgets on|off] \
+                     [--linger-us N (0-1000; the drivers' linger, default the runtime's)]"
                 );
                 return ExitCode::from(2);
             }
@@ -91,7 +94,7 @@ fn main() -> ExitCode {
         }
     }
     if sections.1 {
-        if let Err(e) = queues_section(chunks, reps, workers, &counts, only, queue_budgets) {
+        if let Err(e) = queues_section(chunks, reps, workers, &counts, only, queue_budgets, linger) {
             eprintln!("per-chunk: {e}");
             return ExitCode::FAILURE;
         }
@@ -131,6 +134,7 @@ fn budgets_section(chunks: u64, reps: u64, workers: usize, only: Only) -> io::Re
                     workers,
                     consume,
                     budgets,
+                    None,
                 )
                 .map_err(|e| io::Error::other(format!("{streams} streams: {e}")))?;
                 runs.push(report);
@@ -171,15 +175,17 @@ fn queues_section(
     counts: &[u32],
     only: Only,
     budgets: bool,
+    linger: Option<Duration>,
 ) -> io::Result<()> {
     let names: Vec<String> = counts.iter().map(u32::to_string).collect();
     println!();
     println!(
         "synthetic NIC queues {} (a driver thread, area and refill ring each, {AREA_CHUNKS} \
          chunks of area in all), {chunks} chunks per run, {reps} runs each alternated, \
-         {workers} Tokio workers, budgets {}",
+         {workers} Tokio workers, budgets {}, driver linger {}",
         names.join(" against "),
-        if budgets { "on (the default)" } else { "off" }
+        if budgets { "on (the default)" } else { "off" },
+        linger.map_or("the default (50 µs)".to_string(), |l| format!("{l:?}"))
     );
     println!(
         "{:>7}  {:<22}  {:<6}  {:>20}  {:>20}  {:>30}  {:>17}",
@@ -216,6 +222,7 @@ fn queues_section(
                     workers,
                     consume,
                     budgets,
+                    linger,
                 )
                 .map_err(|e| {
                     io::Error::other(format!("{queues} queues, {streams} streams: {e}"))
@@ -486,6 +493,7 @@ fn per_chunk(
     workers: usize,
     consume: Consume,
     budgets: bool,
+    linger: Option<Duration>,
 ) -> io::Result<PerChunkReport> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -499,7 +507,7 @@ fn per_chunk(
             ),
             Queues::Group(n) => {
                 let (zcrx, kernels) =
-                    tokio_zcrx::__bench::start_queues(n, AREA_CHUNKS / n, chunks_per_stream)?;
+                    tokio_zcrx::__bench::start_queues(n, AREA_CHUNKS / n, chunks_per_stream, linger)?;
                 (zcrx, Some(kernels))
             }
         };
@@ -601,7 +609,7 @@ mod tests {
     fn the_report_counts_every_chunk() {
         for consume in [Consume::EachBuffer, Consume::Batches(64)] {
             for budgets in [true, false] {
-                let report = per_chunk(Queues::Single, 8, 5000, 2, consume, budgets).unwrap();
+                let report = per_chunk(Queues::Single, 8, 5000, 2, consume, budgets, None).unwrap();
                 assert_eq!((report.streams, report.chunks), (8, 40_000));
                 assert!(report.elapsed > Duration::ZERO && report.cpu > Duration::ZERO);
                 assert!(report.ns_per_chunk() > 0.0 && report.cpu_ns_per_chunk() > 0.0);
@@ -617,7 +625,7 @@ mod tests {
     fn the_report_counts_every_chunk_of_every_queue() {
         for queues in [1, 2] {
             for consume in [Consume::EachBuffer, Consume::Batches(64)] {
-                let report = per_chunk(Queues::Group(queues), 8, 5000, 2, consume, true).unwrap();
+                let report = per_chunk(Queues::Group(queues), 8, 5000, 2, consume, true, None).unwrap();
                 assert_eq!((report.streams, report.chunks), (8, 40_000));
                 assert!(report.drivers > Duration::ZERO, "{report:?}");
                 assert!(report.rest > Duration::ZERO, "{report:?}");

@@ -113,14 +113,20 @@ pub mod __bench {
     /// `Builder::interface_queues` would on a NIC: a driver thread (`tzx-bench-qN`), area of
     /// `area_chunks` chunks and refill ring per queue, each answering as [`start`]'s. The
     /// attached sockets are dealt over the queues in turn (the first to queue 0), each
-    /// receiving `chunks_per_stream` chunks on its queue's driver.
+    /// receiving `chunks_per_stream` chunks on its queue's driver. `driver_linger`:
+    /// `Builder::driver_linger` (`None`: the default).
     pub fn start_queues(
         queues: u32,
         area_chunks: u32,
         chunks_per_stream: u64,
+        driver_linger: Option<std::time::Duration>,
     ) -> crate::Result<(crate::Zcrx, Kernels)> {
-        let (zcrx, kernels) =
-            crate::backend::uring::synthetic::start_queues(queues, area_chunks, chunks_per_stream)?;
+        let (zcrx, kernels) = crate::backend::uring::synthetic::start_queues(
+            queues,
+            area_chunks,
+            chunks_per_stream,
+            driver_linger,
+        )?;
         Ok((zcrx, Kernels(kernels)))
     }
 

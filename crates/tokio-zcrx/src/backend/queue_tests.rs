@@ -762,7 +762,7 @@ fn a_stream_whose_flow_moves_is_handed_to_the_new_queues_driver() {
 #[test]
 fn bench_queues_deal_streams_over_every_queue() {
     runtime().block_on(async {
-        let (zcrx, kernels) = super::uring::synthetic::start_queues(3, 64, 32).unwrap();
+        let (zcrx, kernels) = super::uring::synthetic::start_queues(3, 64, 32, None).unwrap();
         assert_eq!(zcrx.mode_selection().queues_bound, vec![0, 1, 2]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut clients = Vec::new();

@@ -284,6 +284,10 @@ mod tests {
                     .napi_wait(Duration::from_secs(11)),
                 "NAPI wait",
             ),
+            (
+                Builder::new().driver_linger(Duration::from_millis(2)),
+                "driver linger",
+            ),
         ] {
             let error = builder.validate().unwrap_err();
             assert_eq!(error.kind(), ErrorKind::InvalidConfig);

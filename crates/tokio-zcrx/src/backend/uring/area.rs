@@ -77,6 +77,8 @@ pub(crate) struct DriverCounters {
     pub(crate) streams_paused: AtomicU64,
     /// Times a stream was paused by its budget.
     pub(crate) stream_pauses: AtomicU64,
+    /// Lingers before a sleep that found a stream to resume (`Driver::linger`).
+    pub(crate) driver_lingers: AtomicU64,
 }
 
 /// One area of the kernel's zcrx instance: its memory and the token the kernel gave it.

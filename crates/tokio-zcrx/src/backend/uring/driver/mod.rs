@@ -206,6 +206,8 @@ pub(crate) struct Driver<R: CompletionRing> {
     rcvbuf_total: u64,
     /// NIC mode: whether receive buffers may pass `net.core.rmem_max` (`budgets.rs`).
     rcvbuf_limit: budgets::ReceiveBufferLimit,
+    /// Waiting for paused streams to resume before sleeping (`Driver::linger`).
+    linger: Linger,
     /// Rate limits and hysteresis of the pressure events.
     pressure: budgets::PressureEvents,
     /// Write halves' queued sends (`sends.rs`).
@@ -336,6 +338,12 @@ impl<R: CompletionRing> Driver<R> {
             rcvbuf_growth: Vec::new(),
             rcvbuf_total: 0,
             rcvbuf_limit: budgets::ReceiveBufferLimit::default(),
+            linger: Linger {
+                limit: config.linger,
+                returns_at_pause: 0,
+                misses: 0,
+                skip: 0,
+            },
             pressure: budgets::PressureEvents::default(),
             sends,
             hand_over_moved: config.hand_over_moved,
@@ -406,6 +414,59 @@ impl<R: CompletionRing> Driver<R> {
         }
         drop(buffer_refs);
         drop(area);
+    }
+
+    /// Before sleeping with every stream paused by its budget while readers are dropping
+    /// buffers: waits up to `Builder::driver_linger`, yielding the CPU, for the next
+    /// stream to reach its resume mark (or a command), so that its resume costs neither a
+    /// sleep nor the reader's eventfd wake-up. With two queues' drivers on two cores, the
+    /// per-chunk benchmark's 64 streams read one buffer at a time woke their drivers 4-5
+    /// times as often as one driver's (each driver with half the streams more often finds
+    /// them all paused), at about 8 µs of CPU per wake-up.
+    ///
+    /// Not when no buffer came back since the last sleep (idle, or readers holding what
+    /// they have: nothing will resume), when a receive runs (its completion wakes the
+    /// driver), or while shutting down; after a linger that found nothing, the next 1, 2,
+    /// 4, ... up to 64 sleeps do not linger, until one finds work again.
+    fn linger(&mut self) {
+        const MOST_SKIPPED: u32 = 64;
+        if self.linger.limit.is_zero()
+            || self.stopping.is_some()
+            || self.live_requests() != 0
+            || self.waiting_for_buffers != 0
+            || self.area.counters.streams_paused.load(Ordering::Relaxed) == 0
+            || self.area.holdings.resumable()
+        {
+            return;
+        }
+        // Buffers came back since the last time every stream was paused like this: its
+        // readers are at work (else the driver sleeps until one is).
+        let returns = self.returns_seen();
+        if std::mem::replace(&mut self.linger.returns_at_pause, returns) == returns {
+            return;
+        }
+        if self.linger.skip > 0 {
+            self.linger.skip -= 1;
+            return;
+        }
+        let deadline = Instant::now() + self.linger.limit;
+        loop {
+            // Lets the readers run where they share this CPU; returns at once where not.
+            std::thread::yield_now();
+            if self.area.holdings.resumable() || !lock(&self.shared.commands).is_empty() {
+                self.linger.misses = 0;
+                self.area
+                    .counters
+                    .driver_lingers
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.linger.misses = (self.linger.misses * 2).clamp(1, MOST_SKIPPED);
+                self.linger.skip = self.linger.misses;
+                return;
+            }
+        }
     }
 
     fn live_requests(&self) -> usize {
@@ -643,6 +704,7 @@ impl<R: CompletionRing> Driver<R> {
     }
 
     fn submit_and_wait(&mut self) -> io::Result<()> {
+        self.linger();
         // Announce sleep before the last look at the command queue: a handle that queues a
         // command after this point sees `sleeping` and writes the eventfd (SeqCst on both).
         self.shared.sleeping.store(true, Ordering::SeqCst);
@@ -694,6 +756,20 @@ impl<R: CompletionRing> Driver<R> {
             }
         }
     }
+}
+
+/// `Driver::linger`'s state.
+#[derive(Debug)]
+struct Linger {
+    /// `Builder::driver_linger`.
+    limit: Duration,
+    /// Returns seen (`Driver::returns_seen`) when the driver last found every stream
+    /// paused and no receive running.
+    returns_at_pause: u64,
+    /// Sleeps to skip after the last linger that found nothing, doubling per miss.
+    misses: u32,
+    /// Sleeps still to skip.
+    skip: u32,
 }
 
 /// Registers the first kernel area as fixed buffer 0 for zero-copy sends from it

@@ -84,6 +84,8 @@ pub(crate) struct SyntheticConfig {
     pub(crate) events_channel: Option<tokio::sync::broadcast::Sender<crate::Event>>,
     /// A member of a group: `EFAULT` ends a stream as moved (`UringConfig::hand_over_moved`).
     pub(crate) hand_over_moved: bool,
+    /// `Builder::driver_linger` (`None`: the default).
+    pub(crate) driver_linger: Option<std::time::Duration>,
 }
 
 impl SyntheticConfig {
@@ -110,6 +112,7 @@ impl SyntheticConfig {
             queue: None,
             events_channel: None,
             hand_over_moved: false,
+            driver_linger: None,
         }
     }
 }
@@ -139,6 +142,7 @@ pub(crate) fn start_queues(
     queues: u32,
     area_chunks: u32,
     chunks_per_stream: u64,
+    driver_linger: Option<std::time::Duration>,
 ) -> Result<(Zcrx, Vec<Arc<Control>>), Error> {
     use crate::backend::queues::{GroupSpec, QueueGroup};
 
@@ -160,6 +164,7 @@ pub(crate) fn start_queues(
             queue: Some(queue),
             events_channel: Some(events),
             hand_over_moved: true,
+            driver_linger,
             thread_name: format!("tzx-bench-q{queue}"),
             ..SyntheticConfig::new(Personality::Linux7_3, Registration::Nic)
         };
@@ -274,6 +279,9 @@ pub(crate) fn start_driver(
     }
     if let Some(growth) = config.growth {
         builder = builder.area_growth(growth);
+    }
+    if let Some(linger) = config.driver_linger {
+        builder = builder.driver_linger(linger);
     }
     builder = builder.mode(config.mode);
     let mut uring_config = builder.validate_for(Target::NoDevice, CHUNK_SIZE)?;

@@ -409,3 +409,87 @@ fn a_paused_stream_resumes_when_its_derived_budget_grows() {
         },
     );
 }
+
+/// A stream paused by its budget while its reader drops what it holds: before it sleeps
+/// the driver lingers (`Builder::driver_linger`) and finds the stream at its resume mark,
+/// without the sleep and the reader's wake-up; with a linger of zero it never does. Either
+/// way every byte arrives in order and every chunk comes back. (One stream: with several,
+/// another's receive is mostly running on the synthetic kernel, and the driver does not
+/// linger then, since that receive's completion wakes it.)
+#[test]
+fn a_driver_lingers_for_readers_that_are_dropping_buffers() {
+    const STREAMS: u64 = 1;
+    const PER_STREAM: u64 = 512 * CHUNK;
+    on_every_kernel(
+        "a_driver_lingers_for_readers_that_are_dropping_buffers",
+        |personality, registration| async move {
+            // A millisecond (the longest allowed) so that a loaded machine's scheduling
+            // cannot make every linger miss; zero turns it off.
+            for linger in [Duration::from_millis(1), Duration::ZERO] {
+                let h = Harness::start(SyntheticConfig {
+                    area_chunks: 64,
+                    stream_budget: Some(4 * CHUNK),
+                    driver_linger: Some(linger),
+                    ..SyntheticConfig::new(personality, registration)
+                })
+                .await;
+                let mut readers = Vec::new();
+                let mut peers = Vec::new();
+                for seed in 0..STREAMS {
+                    let (mut stream, writer, client) =
+                        h.connect(StreamPlan::new(seed, PER_STREAM)).await;
+                    peers.push((writer, client));
+                    readers.push(tokio::spawn(async move {
+                        // Holds its budget, then drops it all: the stream pauses at every
+                        // fourth buffer and may resume at once.
+                        let (mut position, mut held) = (0, Vec::new());
+                        while let Some(buf) = stream.next().await {
+                            let buf = buf.unwrap();
+                            check(seed, &mut position, &buf);
+                            held.push(buf);
+                            if held.len() == 4 {
+                                held.clear();
+                            }
+                        }
+                        position
+                    }));
+                }
+                for reader in readers {
+                    assert_eq!(reader.await.unwrap(), PER_STREAM);
+                }
+                let stats = h.zcrx.stats();
+                assert_eq!(stats.bytes, STREAMS * PER_STREAM);
+                // Up to one per 4 chunks; fewer where the reader drops the last ones
+                // before the driver looks.
+                assert!(
+                    stats.stream_pauses >= 8,
+                    "a reader holding its budget of 4 chunks pauses its stream: {stats}"
+                );
+                let lingers = h
+                    .area()
+                    .counters
+                    .driver_lingers
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if linger.is_zero() {
+                    assert_eq!(lingers, 0, "a linger of zero sleeps at once");
+                } else {
+                    // Every resume but the first (here: 127 of 128 pauses); a quarter
+                    // leaves room for a loaded machine's scheduling.
+                    assert!(
+                        lingers >= stats.stream_pauses / 4,
+                        "{personality}: {} pauses, only {lingers} resumes found by lingering",
+                        stats.stream_pauses
+                    );
+                }
+                eprintln!(
+                    "{personality} {registration:?}, linger {linger:?}: {} pauses, {lingers} \
+                     resumes found by lingering",
+                    stats.stream_pauses
+                );
+                drop(peers);
+                h.every_chunk_back().await;
+                h.zcrx.shutdown().await;
+            }
+        },
+    );
+}
