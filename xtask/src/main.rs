@@ -52,6 +52,11 @@ Commands:
               (256 per run, split over the connections), --reps R (5), --detail (CPU per
               thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)),
               --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)).
+  vm-bench --perf [-- ARGS]
+              Either comparison under Debian's perf in the guest (every CPU, call chains):
+              per-process totals, then the driver threads' (tokio-zcrx-driv,
+              tokio-zcrx-d-qN) and the raw loop's (raw-qN) symbols and call chains, then
+              the Tokio workers'. Use few reps: setup is sampled too.
   vm-bench --proxy [-- ARGS]
               The proxy example in nic mode (zero-copy receive on netdevsim, SEND_ZC)
               against `proxy --copy` (copy_bidirectional) in the guest, clients and upstream
@@ -653,15 +658,75 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
     if args.first() == Some(&"--proxy") {
         return vm_bench_proxy(&args[1..], start);
     }
+    let profile = args.first() == Some(&"--perf");
+    let args = if profile { &args[1..] } else { &args[..] };
     let image = guest::prepare_newest(start)?;
     let binaries = guest::build_benchmark(start)?;
-    let command = format!("guest-ratio {}", args.join(" "));
-    let (_, ok) = run_in_guest(&image, binaries, Vec::new(), command, start)?;
+    let mut command = format!("guest-ratio {}", args.join(" "));
+    let includes = Vec::new();
+    if profile {
+        // The drivers of one queue (`tokio-zcrx-drive`) and of a queue group
+        // (`tokio-zcrx-d-qN`), and the raw loop's threads, for comparison.
+        let comms: Vec<String> = ["tokio-zcrx-driv".to_string()]
+            .into_iter()
+            .chain((0..8).map(|q| format!("tokio-zcrx-d-q{q}")))
+            .chain((0..8).map(|q| format!("raw-q{q}")))
+            .collect();
+        let comms: Vec<&str> = comms.iter().map(String::as_str).collect();
+        command = profiled(&command, &comms);
+        let mut options = run_options(binaries, includes, Payload::Command(command))?;
+        options.tools = guest::profiler(start)?;
+        let outcome = guest::run(&image, &options, start)?;
+        for problem in &outcome.problems {
+            println!("xtask: {problem}");
+        }
+        let ok = outcome.problems.is_empty() && outcome.exit_code == Some(0);
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let (_, ok) = run_in_guest(&image, binaries, includes, command, start)?;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `command` under `perf record` of every CPU with call chains, then the report: per
+/// process, the threads named `driver_comms` per thread and symbol and with their call
+/// chains (aggregated in the guest), and the Tokio workers per thread and symbol.
+fn profiled(command: &str, driver_comms: &[&str]) -> String {
+    let comms = driver_comms.join(",");
+    let matches = driver_comms
+        .iter()
+        .map(|c| format!("$1 == \"{c}\""))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    format!(
+        "perf record -q -a -g -F 499 -o /tmp/perf.data -- {command} || exit 1\n\
+         echo '@@perf per process'\n\
+         perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none --sort pid \
+           --percent-limit 1 2>/dev/null | grep -v '^$'\n\
+         echo '@@perf the driver threads, per thread and symbol'\n\
+         perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none \
+           --comms {comms} --sort comm,sym --percent-limit 0.4 2>/dev/null \
+           | grep -v '^$' | head -150\n\
+         echo '@@perf the driver threads, call chains'\n\
+         perf script -i /tmp/perf.data --no-inline -F comm,tid,ip,sym 2>/dev/null \
+           | awk '/^[^ \\t]/ {{ if (k && s != \"\") c[s]++; \
+                                 k = ({matches}); s = $1; d = 0; next }} \
+                  NF == 0 {{ next }} \
+                  k && d < 14 {{ s = s \" < \" $2; d++ }} \
+                  END {{ if (k && s != \"\") c[s]++; for (x in c) print c[x], x }}' \
+           | sort -rn | head -80\n\
+         echo '@@perf Tokio workers, per thread and symbol'\n\
+         perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none \
+           --comms tokio-rt-worker --sort pid,sym --percent-limit 0.4 2>/dev/null \
+           | grep -v '^$' | head -100"
+    )
 }
 
 /// Boots `image` and runs `command` with `binaries` (and `includes`), prints the problems the
@@ -720,28 +785,7 @@ fn vm_bench_proxy(args: &[&str], start: Instant) -> Result<ExitCode> {
         // runtime's driver thread (only the tokio-zcrx proxy has one) per symbol and with
         // call chains, then the Tokio workers (of both proxies and of the clients).
         options.tools = guest::profiler(start)?;
-        command = format!(
-            "perf record -q -a -g -F 499 -o /tmp/perf.data -- {command} || exit 1\n\
-             echo '@@perf per process'\n\
-             perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none --sort pid \
-               --percent-limit 1 2>/dev/null | grep -v '^$'\n\
-             echo '@@perf the driver thread, per symbol'\n\
-             perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none \
-               --comms tokio-zcrx-driv --sort sym --percent-limit 0.4 2>/dev/null \
-               | grep -v '^$' | head -100\n\
-             echo '@@perf the driver thread, call chains'\n\
-             perf script -i /tmp/perf.data --no-inline -F comm,tid,ip,sym 2>/dev/null \
-               | awk '/^[^ \\t]/ {{ if (k && s != \"\") c[s]++; \
-                                     k = ($1 == \"tokio-zcrx-driv\"); s = \"\"; d = 0; next }} \
-                      NF == 0 {{ next }} \
-                      k && d < 14 {{ s = s \" < \" $2; d++ }} \
-                      END {{ if (k && s != \"\") c[s]++; for (x in c) print c[x], x }}' \
-               | sort -rn | head -50\n\
-             echo '@@perf Tokio workers, per thread and symbol'\n\
-             perf report -i /tmp/perf.data --no-inline --stdio --no-children -g none \
-               --comms tokio-rt-worker --sort pid,sym --percent-limit 0.4 2>/dev/null \
-               | grep -v '^$' | head -100"
-        );
+        command = profiled(&command, &["tokio-zcrx-driv"]);
     }
     options.payload = Payload::Command(command);
     let outcome = guest::run(&image, &options, start)?;
