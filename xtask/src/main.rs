@@ -52,6 +52,10 @@ Commands:
               (256 per run, split over the connections), --reps R (5), --detail (CPU per
               thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)),
               --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)).
+  vm-bench --peer-threaded [-- ARGS]
+              The same with the peer port's NAPI threaded: the peer's TCP and netdevsim's
+              copy into the area (its stand-in for DMA) run in that kernel thread instead
+              of in softirqs on the receiver's threads.
   vm-bench --perf [-- ARGS]
               Either comparison under Debian's perf in the guest (every CPU, call chains):
               per-process totals, then the driver threads' (tokio-zcrx-driv,
@@ -658,11 +662,29 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
     if args.first() == Some(&"--proxy") {
         return vm_bench_proxy(&args[1..], start);
     }
-    let profile = args.first() == Some(&"--perf");
-    let args = if profile { &args[1..] } else { &args[..] };
+    let profile = args.contains(&"--perf");
+    let peer_threaded = args.contains(&"--peer-threaded");
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| *a != "--perf" && *a != "--peer-threaded")
+        .collect();
     let image = guest::prepare_newest(start)?;
     let binaries = guest::build_benchmark(start)?;
     let mut command = format!("guest-ratio {}", args.join(" "));
+    if peer_threaded {
+        // The peer port's NAPI in a kernel thread of its own: its TCP (the sender's ACK
+        // processing and the transmissions they clock) and, through it, nsim0's delivery
+        // with netdevsim's copy into the area (which stands in for a NIC's DMA) run there,
+        // not in a softirq on whichever receiver thread sent the acknowledgement. On real
+        // hardware the peer is another machine and DMA costs no CPU.
+        command = format!(
+            "/usr/sbin/ip netns exec \"$(basename \"$TZX_PEER_NETNS\")\" \
+               sh -c \"echo 1 > /sys/class/net/$TZX_PEER_NIC/threaded\" || exit 1\n\
+             echo \"peer NAPI threaded: $(/usr/sbin/ip netns exec \"$(basename \"$TZX_PEER_NETNS\")\" \
+               cat /sys/class/net/$TZX_PEER_NIC/threaded)\"\n{command}"
+        );
+    }
     let includes = Vec::new();
     if profile {
         // The drivers of one queue (`tokio-zcrx-drive`) and of a queue group
