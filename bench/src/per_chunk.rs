@@ -94,7 +94,8 @@ fn main() -> ExitCode {
         }
     }
     if sections.1 {
-        if let Err(e) = queues_section(chunks, reps, workers, &counts, only, queue_budgets, linger) {
+        if let Err(e) = queues_section(chunks, reps, workers, &counts, only, queue_budgets, linger)
+        {
             eprintln!("per-chunk: {e}");
             return ExitCode::FAILURE;
         }
@@ -506,8 +507,12 @@ fn per_chunk(
                 None,
             ),
             Queues::Group(n) => {
-                let (zcrx, kernels) =
-                    tokio_zcrx::__bench::start_queues(n, AREA_CHUNKS / n, chunks_per_stream, linger)?;
+                let (zcrx, kernels) = tokio_zcrx::__bench::start_queues(
+                    n,
+                    AREA_CHUNKS / n,
+                    chunks_per_stream,
+                    linger,
+                )?;
                 (zcrx, Some(kernels))
             }
         };
@@ -625,7 +630,8 @@ mod tests {
     fn the_report_counts_every_chunk_of_every_queue() {
         for queues in [1, 2] {
             for consume in [Consume::EachBuffer, Consume::Batches(64)] {
-                let report = per_chunk(Queues::Group(queues), 8, 5000, 2, consume, true, None).unwrap();
+                let report =
+                    per_chunk(Queues::Group(queues), 8, 5000, 2, consume, true, None).unwrap();
                 assert_eq!((report.streams, report.chunks), (8, 40_000));
                 assert!(report.drivers > Duration::ZERO, "{report:?}");
                 assert!(report.rest > Duration::ZERO, "{report:?}");
