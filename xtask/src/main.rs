@@ -672,6 +672,19 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
     let image = guest::prepare_newest(start)?;
     let binaries = guest::build_benchmark(start)?;
     let mut command = format!("guest-ratio {}", args.join(" "));
+    let mut options = run_options(binaries, Vec::new(), Payload::Command(String::new()))?;
+    if profile {
+        // The drivers of one queue (`tokio-zcrx-drive`) and of a queue group
+        // (`tokio-zcrx-d-qN`), and the raw loop's threads, for comparison.
+        let comms: Vec<String> = ["tokio-zcrx-driv".to_string()]
+            .into_iter()
+            .chain((0..8).map(|q| format!("tokio-zcrx-d-q{q}")))
+            .chain((0..8).map(|q| format!("raw-q{q}")))
+            .collect();
+        let comms: Vec<&str> = comms.iter().map(String::as_str).collect();
+        command = profiled(&command, &comms);
+        options.tools = guest::profiler(start)?;
+    }
     if peer_threaded {
         // The peer port's NAPI in a kernel thread of its own: its TCP (the sender's ACK
         // processing and the transmissions they clock) and, through it, nsim0's delivery
@@ -685,31 +698,12 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
                cat /sys/class/net/$TZX_PEER_NIC/threaded)\"\n{command}"
         );
     }
-    let includes = Vec::new();
-    if profile {
-        // The drivers of one queue (`tokio-zcrx-drive`) and of a queue group
-        // (`tokio-zcrx-d-qN`), and the raw loop's threads, for comparison.
-        let comms: Vec<String> = ["tokio-zcrx-driv".to_string()]
-            .into_iter()
-            .chain((0..8).map(|q| format!("tokio-zcrx-d-q{q}")))
-            .chain((0..8).map(|q| format!("raw-q{q}")))
-            .collect();
-        let comms: Vec<&str> = comms.iter().map(String::as_str).collect();
-        command = profiled(&command, &comms);
-        let mut options = run_options(binaries, includes, Payload::Command(command))?;
-        options.tools = guest::profiler(start)?;
-        let outcome = guest::run(&image, &options, start)?;
-        for problem in &outcome.problems {
-            println!("xtask: {problem}");
-        }
-        let ok = outcome.problems.is_empty() && outcome.exit_code == Some(0);
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+    options.payload = Payload::Command(command);
+    let outcome = guest::run(&image, &options, start)?;
+    for problem in &outcome.problems {
+        println!("xtask: {problem}");
     }
-    let (_, ok) = run_in_guest(&image, binaries, includes, command, start)?;
+    let ok = outcome.problems.is_empty() && outcome.exit_code == Some(0);
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
