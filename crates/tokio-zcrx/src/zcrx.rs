@@ -214,16 +214,20 @@ impl Zcrx {
     }
 
     /// Prepares a listening socket whose connections will be [`attach`](Zcrx::attach)ed:
-    /// in nic mode with budgets (the default), it bounds the TCP window of its connections
-    /// to a few chunks' worth of segments until they are attached, when the runtime sizes
-    /// their receive buffers by their budgets. Elsewhere it does nothing. [`ZcListener`](crate::ZcListener) does
-    /// this itself.
+    /// in nic mode with budgets (the default), it clamps the TCP window of its connections
+    /// to the largest window the runtime will give an attached stream (its receive buffer
+    /// at the largest budget, rounded up to a power of two), so that the handshake
+    /// negotiates the window scale that window needs and no more. Elsewhere it does
+    /// nothing. [`ZcListener`](crate::ZcListener) does this itself.
     ///
     /// Why: on a NIC queue bound to zcrx, every byte the kernel queues for a socket is
-    /// already in the shared area, whether anyone reads it or not; a connection that
-    /// waits to be accepted (or is accepted and then held by a stalled handler) keeps what
-    /// its window let in. Without this, many connections that send before they are
-    /// attached can fill the area between them.
+    /// already in the shared area, whether anyone reads it or not, so the runtime sizes an
+    /// attached stream's receive buffer by its budget. TCP fixes a connection's window
+    /// scale at the handshake, from the listener's clamp: too small a clamp would cap the
+    /// stream's window for its whole life (a clamp of a few chunks negotiates no scaling:
+    /// 64 KiB), too large a one lets a stream's window outgrow the buffer the runtime
+    /// meant. A connection waiting to be accepted keeps what its initial receive buffer
+    /// (`net.ipv4.tcp_rmem[1]`, 128 KiB by default) let in; accept promptly.
     ///
     /// ```no_run
     /// # async fn demo(zcrx: tokio_zcrx::Zcrx) -> std::io::Result<()> {

@@ -143,7 +143,7 @@ fn socket_option(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> Resu
     Ok(value)
 }
 
-fn tcp_info(fd: libc::c_int) -> Result<libc::tcp_info> {
+pub(crate) fn tcp_info(fd: libc::c_int) -> Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero is valid (and what a kernel that reports
     // fewer fields leaves in the rest).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };

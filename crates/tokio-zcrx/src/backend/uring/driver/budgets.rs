@@ -36,6 +36,33 @@ const SKB_OVERHEAD: u64 = 1024;
 /// At most one MemoryHighWater event per this interval.
 const HIGH_WATER_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The largest TCP window (65,535 bytes scaled by the largest window scale, 14).
+const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
+
+/// NIC mode: the TCP window clamp `Zcrx::prepare_listener` gives a listener: the largest
+/// window the runtime gives an attached stream (`Driver::adjust_receive_buffer`'s ceiling
+/// for a stream whose budget is `largest_budget`, in segments of `payload` bytes), rounded
+/// up to a power of two.
+///
+/// TCP fixes a connection's window scale at the handshake, from the listener's clamp
+/// (`tcp_openreq_init_rwin` and `tcp_select_initial_window`: `ilog2(clamp) - 15`, at least
+/// 0). The clamp used to be four chunks of segments, to bound what connections waiting to
+/// be accepted queue in the area; it negotiated no window scaling at all, so every
+/// budgeted NIC stream was held to a 64 KiB window for its life, whatever receive buffer the
+/// runtime gave it (in the 4-queue guest benchmark: an acknowledgement per packet, twice the
+/// wake-ups, and 1.3-2.6x the receive CPU of an unbudgeted stream). This clamp lets the
+/// handshake negotiate the scale the largest window needs; a connection waiting to be
+/// accepted is bounded by its initial receive buffer instead (`net.ipv4.tcp_rmem[1]`, 128
+/// KiB by default), which TCP grows only as the application reads.
+pub(super) fn listener_window(largest_budget: u64, chunk: u64, payload: u32) -> u32 {
+    let chunk = chunk.max(1);
+    let ceiling = (largest_budget / chunk / 2).max(MIN_RECEIVE_BUFFER_CHUNKS);
+    let window = ceiling
+        .saturating_mul(u64::from(payload))
+        .next_power_of_two();
+    u32::try_from(window).map_or(LARGEST_TCP_WINDOW, |w| w.min(LARGEST_TCP_WINDOW))
+}
+
 /// NIC mode: how far the runtime can size receive buffers (`Driver::adjust_receive_buffer`).
 #[derive(Debug)]
 pub(super) struct ReceiveBufferLimit {
@@ -182,7 +209,6 @@ impl<R: CompletionRing> Driver<R> {
     /// unbudgeted one). Without the capability (after `Zcrx::drop_privileges`) buffers stop
     /// at that cap: [`ReceiveBufferLimit`].
     pub(super) fn adjust_receive_buffer(&mut self, slot: u32, budget: Budget, may_grow: bool) {
-        const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
         let Some(payload) = self.segment_payload else {
             return;
         };
@@ -232,7 +258,6 @@ impl<R: CompletionRing> Driver<R> {
     /// NIC mode: lifts the window clamp a prepared listener gave the socket of the stream in
     /// `slot` (an unbudgeted stream, whose receive buffer TCP tunes as usual).
     pub(super) fn unclamp_window(&mut self, slot: u32) {
-        const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
         if self.segment_payload.is_none() {
             return;
         }

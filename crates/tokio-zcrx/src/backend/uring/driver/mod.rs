@@ -55,9 +55,6 @@ use streams::{StreamEntry, Streams};
 const WAKE_EVENTFD: u64 = 1;
 
 /// How long shutdown waits for cancelled receives to confirm before closing the ring anyway.
-/// The TCP window of connections waiting to be attached, in chunks of segments (NIC mode;
-/// `Zcrx::prepare_listener`).
-const LISTENER_WINDOW_CHUNKS: u32 = 4;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// A receive that ran out of area is retried when buffers come back, or after this long in
@@ -303,9 +300,16 @@ impl<R: CompletionRing> Driver<R> {
             .filter(|_| !nodev)
             .map(|payload| payload.min(area.chunk_size));
         if let (Some(payload), false) = (segment_payload, config.stream_budget == Some(u64::MAX)) {
-            // Connections wait in a listener's queue with what their window let in, all of
-            // it in the area: a few chunks of segments until attach sets their budget's.
-            let window = LISTENER_WINDOW_CHUNKS * payload;
+            // The largest budget a stream gets: the runtime's fixed one, or a stream's
+            // derived budget alone on the largest area the growth policy allows.
+            let capacity = growth.map_or(area.len(), |plan| plan.maximum.max(area.len()));
+            let largest_budget = config.stream_budget.unwrap_or_else(|| {
+                BudgetPolicy::new(capacity as u64, u64::from(area.chunk_size))
+                    .budget(1)
+                    .high
+            });
+            let window =
+                budgets::listener_window(largest_budget, u64::from(area.chunk_size), payload);
             shared.listener_window.store(window, Ordering::Relaxed);
         }
         let sends = Sends::new(fixed, true, Arc::clone(&shared.send_counters));

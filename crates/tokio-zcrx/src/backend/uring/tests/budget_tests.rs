@@ -493,3 +493,41 @@ fn a_driver_lingers_for_readers_that_are_dropping_buffers() {
         },
     );
 }
+
+/// NIC mode, budgets on: a connection accepted from a prepared listener negotiates the
+/// window scale that the largest window the runtime gives a stream needs. TCP fixes the
+/// scale at the handshake from the listener's window clamp; the old clamp of four chunks of
+/// segments negotiated none, and held every budgeted stream to a 64 KiB window for its life.
+#[test]
+fn a_prepared_listener_keeps_window_scaling() {
+    super::runtime().block_on(async {
+        // A 32 MiB area: a stream alone may hold 8 MiB, so its receive buffer grows to
+        // 1,024 chunks, a window of 1,024 segments of 1,448 bytes (1.48 MB): a clamp of
+        // 2 MiB, scale 6 (65,535 << 6 = 4 MiB).
+        let h = Harness::start(SyntheticConfig {
+            area_chunks: 8192,
+            segment_payload: Some(1448),
+            ..SyntheticConfig::new(Personality::Linux7_3, Registration::Nic)
+        })
+        .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        h.zcrx.prepare_listener(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (_client, (socket, _)) = (client.unwrap(), accepted.unwrap());
+        let info = crate::sys::claim::tcp_info(std::os::fd::AsRawFd::as_raw_fd(&socket)).unwrap();
+        // The bitfields tcpi_snd_wscale (low four bits) and tcpi_rcv_wscale (high four).
+        let receive_scale = info.tcpi_snd_rcv_wscale >> 4;
+        assert_eq!(receive_scale, 6, "the accepted connection's window scale");
+        // Attached, its stream receives as any other.
+        h.control.plan(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            StreamPlan::new(7, 64 * CHUNK),
+        );
+        let (mut stream, _writer) = h.zcrx.attach(socket).unwrap();
+        let (received, error) = read_checked(&mut stream, 7).await;
+        assert_eq!((received, error.is_none()), (64 * CHUNK, true));
+        h.zcrx.shutdown().await;
+    });
+}
