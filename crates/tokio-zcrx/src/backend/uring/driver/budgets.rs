@@ -50,7 +50,7 @@ const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
 /// be accepted queue in the area; it negotiated no window scaling at all, so every
 /// budgeted NIC stream was held to a 64 KiB window for its life, whatever receive buffer the
 /// runtime gave it (in the 4-queue guest benchmark: an acknowledgement per packet, twice the
-/// wake-ups, and 1.3-2.6x the receive CPU of an unbudgeted stream). This clamp lets the
+/// wake-ups, and 1.6-3.0x the receive CPU of an unbudgeted stream). This clamp lets the
 /// handshake negotiate the scale the largest window needs; a connection waiting to be
 /// accepted is bounded by its initial receive buffer instead (`net.ipv4.tcp_rmem[1]`, 128
 /// KiB by default), which TCP grows only as the application reads.
