@@ -108,7 +108,8 @@ impl SendMessage {
         self.iov.len()
     }
 
-    /// The ranges, in order.
+    /// The ranges, in order (for the synthetic kernel, which sends them).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub(crate) fn segments(&self) -> impl Iterator<Item = (*const u8, usize)> + '_ {
         self.iov
             .iter()
@@ -135,6 +136,9 @@ pub(crate) struct SendSqe {
     /// The request's ranges; the message and the memory it names stay unchanged until the
     /// request's last CQE.
     pub(crate) message: *const SendMessage,
+    /// The bytes of its ranges, in all. The kernel takes them from the message; the
+    /// synthetic kernel checks the two agree and cuts sends short by it.
+    #[cfg_attr(not(any(test, feature = "bench-internals")), allow(dead_code))]
     pub(crate) len: u32,
     pub(crate) kind: SendKind,
     /// `IOSQE_IO_LINK`: the next request runs after this one, and is cancelled if this one
