@@ -428,17 +428,21 @@ impl<R: CompletionRing> Driver<R> {
     /// times as often as one driver's (each driver with half the streams more often finds
     /// them all paused), at about 8 µs of CPU per wake-up.
     ///
-    /// Not when no buffer came back since the last sleep (idle, or readers holding what
-    /// they have: nothing will resume), when a receive runs (its completion wakes the
-    /// driver), or while shutting down; after a linger that found nothing, the next 1, 2,
-    /// 4, ... up to 64 sleeps do not linger, until one finds work again.
+    /// Only when every stream is paused (a running receive's completion would wake the
+    /// driver anyway), not when no buffer came back since the driver last found them so
+    /// (idle, or readers holding what they have: nothing will resume), nor while shutting
+    /// down; after a linger that found nothing, the next 1, 2, 4, ... up to 64 sleeps do not
+    /// linger, until one finds work again.
     fn linger(&mut self) {
         const MOST_SKIPPED: u32 = 64;
+        // Every stream paused (so no receive runs, whose completion would wake the driver):
+        // counted, so that the check costs nothing per turn whatever the number of streams.
+        let streams = self.streams.len() as u64;
         if self.linger.limit.is_zero()
+            || streams == 0
+            || self.area.counters.streams_paused.load(Ordering::Relaxed) != streams
             || self.stopping.is_some()
-            || self.live_requests() != 0
             || self.waiting_for_buffers != 0
-            || self.area.counters.streams_paused.load(Ordering::Relaxed) == 0
             || self.area.holdings.resumable()
         {
             return;
