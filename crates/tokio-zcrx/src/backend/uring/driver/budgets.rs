@@ -55,12 +55,18 @@ const LARGEST_TCP_WINDOW: u32 = 65535 << 14;
 /// accepted is bounded by its initial receive buffer instead (`net.ipv4.tcp_rmem[1]`, 128
 /// KiB by default), which TCP grows only as the application reads.
 pub(super) fn listener_window(largest_budget: u64, chunk: u64, payload: u32) -> u32 {
-    let chunk = chunk.max(1);
-    let ceiling = (largest_budget / chunk / 2).max(MIN_RECEIVE_BUFFER_CHUNKS);
+    let ceiling = receive_buffer_ceiling(largest_budget, chunk);
     let window = ceiling
         .saturating_mul(u64::from(payload))
         .next_power_of_two();
     u32::try_from(window).map_or(LARGEST_TCP_WINDOW, |w| w.min(LARGEST_TCP_WINDOW))
+}
+
+/// The most chunks a stream's receive buffer grows to under a budget of `high` bytes: half
+/// its chunks, never fewer than [`MIN_RECEIVE_BUFFER_CHUNKS`]. One formula for the buffer
+/// (`Driver::adjust_receive_buffer`) and the listener's window ([`listener_window`]).
+fn receive_buffer_ceiling(high: u64, chunk: u64) -> u64 {
+    (high / chunk.max(1) / 2).max(MIN_RECEIVE_BUFFER_CHUNKS)
 }
 
 /// NIC mode: how far the runtime can size receive buffers (`Driver::adjust_receive_buffer`).
@@ -220,8 +226,7 @@ impl<R: CompletionRing> Driver<R> {
             return;
         };
         let stream_held = self.area.holdings.held(entry.tag) * chunk;
-        let ceiling = (budget.high / chunk / 2)
-            .max(MIN_RECEIVE_BUFFER_CHUNKS)
+        let ceiling = receive_buffer_ceiling(budget.high, chunk)
             .min(self.rcvbuf_limit.cap_chunks.unwrap_or(u64::MAX));
         let current = entry.rcvbuf_chunks;
         let target = if current == 0 {
