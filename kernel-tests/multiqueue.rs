@@ -48,6 +48,39 @@ fn wait_provider(net: &GuestNet, queue: u32, bound: bool, limit: Duration) -> Du
     }
 }
 
+/// How long the kernel may take to release a queue after its runtime is gone: io_uring tears
+/// a ring down in a worker (`io_ring_exit_work`) after its last reference is dropped, so the
+/// memory provider outlives `shutdown` and the drop by milliseconds to seconds under TCG.
+/// Also how long `build` may wait for a killed holder's queues: far more than the kernel's
+/// own selftest allows (5 s), for TCG on a loaded host.
+const RELEASE_WAIT: Duration = Duration::from_secs(20);
+
+/// Waits until the kernel reports no io_uring memory provider on any queue; returns how long
+/// that took. A test that asserts what a free queue looks like starts with this, since the
+/// test before it may have just dropped a runtime whose bindings the kernel is still
+/// releasing.
+fn wait_all_released(net: &GuestNet) -> Duration {
+    let start = Instant::now();
+    for queue in 0..QUEUES {
+        wait_provider(
+            net,
+            queue,
+            false,
+            RELEASE_WAIT.saturating_sub(start.elapsed()),
+        );
+    }
+    start.elapsed()
+}
+
+/// Shuts `zcrx` down, drops it, and asserts that the kernel then releases every queue (within
+/// [`RELEASE_WAIT`]): a runtime's end leaves the NIC as it found it.
+fn shut_down_and_released(net: &GuestNet, zcrx: Zcrx) {
+    runtime().block_on(zcrx.shutdown());
+    drop(zcrx);
+    let released = wait_all_released(net);
+    println!("every queue released {released:?} after the runtime was dropped");
+}
+
 /// Whether the kernel reports an io_uring memory provider on each queue, in queue order.
 fn providers(net: &GuestNet) -> Vec<bool> {
     queues(net).iter().map(|q| q.io_uring_provider).collect()
@@ -93,6 +126,10 @@ fn join_senders(senders: Vec<JoinHandle<u64>>, per_connection: u64) {
 #[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
 fn queue_get_reports_every_queue_its_napi_id_and_the_bound_provider() {
     let net = GuestNet::from_env();
+    let waited = wait_all_released(&net);
+    println!(
+        "queues free {waited:?} after this test started (the test before may have just bound them)"
+    );
     let before = queues(&net);
     println!("{before:?}");
     assert_eq!(before.len(), QUEUES as usize, "{before:?}");
@@ -131,10 +168,7 @@ fn queue_get_reports_every_queue_its_napi_id_and_the_bound_provider() {
     assert_eq!(interface.queues, bound);
     println!("{report}");
 
-    runtime().block_on(zcrx.shutdown());
-    drop(zcrx);
-    let gone = wait_provider(&net, 2, false, Duration::from_secs(10));
-    println!("provider gone {gone:?} after the runtime was dropped");
+    shut_down_and_released(&net, zcrx);
 }
 
 /// Accepts one connection, waits for its first data, and returns the socket with the NAPI
@@ -254,9 +288,9 @@ fn spread_flows_land_on_the_queue_their_napi_id_names() {
             *per_queue.entry(queue).or_default() += 1;
             connections += 1;
         }
-        zcrx.shutdown().await;
     });
     drop(spread);
+    shut_down_and_released(&net, zcrx);
     println!("{connections} connections per queue: {per_queue:?}");
     // The kernel's copy events come from the one driver, and name its queue.
     let mut copy_events = 0;
@@ -409,8 +443,8 @@ fn a_killed_holders_queue_is_bound_again_at_once() {
         assert_eq!(read_verified(stream).await, 4 << 20);
         sender.join().unwrap();
         assert_eq!(zcrx.stats().copy_bytes, Some(0));
-        zcrx.shutdown().await;
     });
+    shut_down_and_released(&net, zcrx);
 }
 
 /// What a runtime's life could leave behind in this process: open fds, memory the kernel
@@ -497,9 +531,6 @@ impl Footprint {
 #[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
 fn a_killed_holder_of_four_queues_is_replaced_on_all_at_once() {
     const TEST: &str = "a_killed_holder_of_four_queues_is_replaced_on_all_at_once";
-    /// How long `build` may wait for each queue's teardown: far more than the kernel's
-    /// own selftest allows (5 s), for TCG on a loaded host.
-    const RELEASE_WAIT: Duration = Duration::from_secs(20);
     let net = GuestNet::from_env();
     if std::env::var_os(CHILD).is_some() {
         // The parent spreads the flows and keeps them spread.
@@ -553,12 +584,7 @@ fn a_killed_holder_of_four_queues_is_replaced_on_all_at_once() {
     drop(spread);
     assert_each_queue_received(&zcrx, &per_queue, false);
 
-    runtime().block_on(zcrx.shutdown());
-    drop(zcrx);
-    for queue in 0..QUEUES {
-        let gone = wait_provider(&net, queue, false, RELEASE_WAIT);
-        println!("queue {queue}: provider gone {gone:?} after this runtime was dropped");
-    }
+    shut_down_and_released(&net, zcrx);
     Footprint::assert_back_to(&before, RELEASE_WAIT, 6 << 20);
 }
 
@@ -586,7 +612,7 @@ fn a_live_holder_is_named_when_the_wait_runs_out() {
     );
     assert!(message.contains("queue-get"), "{message}");
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
-    runtime().block_on(holder.shutdown());
+    shut_down_and_released(&net, holder);
 }
 
 /// The wait-and-retry path itself, deterministically: the queue is held by a live runtime
@@ -620,7 +646,7 @@ fn a_queue_released_during_the_wait_is_bound() {
     );
     assert!(bound_after < Duration::from_secs(10), "{bound_after:?}");
     assert!(queues(&net)[QUEUE as usize].io_uring_provider);
-    runtime().block_on(zcrx.shutdown());
+    shut_down_and_released(&net, zcrx);
 }
 
 /// Connections from the peer, one at a time, each accepted, attached to `zcrx` (which
@@ -804,7 +830,7 @@ fn four_queues_each_connection_on_its_queues_driver() {
     );
     drop(spread);
     assert_each_queue_received(&zcrx, &expected, false);
-    runtime().block_on(zcrx.shutdown());
+    shut_down_and_released(&net, zcrx);
 }
 
 /// Two of four queues bound: connections arriving on the other two are received in copy
@@ -878,7 +904,7 @@ fn two_of_four_queues_bound_the_others_are_copied_and_counted() {
         }
     }
     assert_eq!(unmatched_events, total.unmatched_connections);
-    runtime().block_on(zcrx.shutdown());
+    shut_down_and_released(&net, zcrx);
 }
 
 /// Flows that move to another queue mid-connection, as on a NIC whose RSS table is changed
@@ -971,5 +997,5 @@ fn streams_follow_their_flow_to_another_queue() {
     for queue in &zcrx.queue_stats() {
         assert_no_copy(queue);
     }
-    runtime().block_on(zcrx.shutdown());
+    shut_down_and_released(&net, zcrx);
 }
