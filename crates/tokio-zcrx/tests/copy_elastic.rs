@@ -224,6 +224,83 @@ async fn a_paused_stream_resumes_and_loses_nothing() {
     assert_eq!((stats.memory_held, stats.buffers_outstanding), (0, 0));
 }
 
+/// A stream paused at its budget whose buffers are held by another task, which drops only
+/// some of them (down to 3/4 of the budget: above the low mark of 1/2) and waits for more,
+/// as a decoder holding the start of a message does: the stream resumes, every time. Its
+/// reader always waits when paused (a copy stream reads when asked), so it resumes below
+/// its high mark; at the low mark both would wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_stream_whose_buffers_are_held_below_its_budget_resumes() {
+    const BUDGET: u64 = 256 << 10;
+    const TOTAL: u64 = 8 << 20;
+    let zcrx = copy_mode(Zcrx::builder().stream_budget(BUDGET));
+    let (mut stream, _writer, client) = attached(&zcrx, StreamOptions::new()).await;
+    let sender = tokio::spawn(async move {
+        let mut client = client;
+        client.write_all(&payload(12, 0, TOTAL)).await.unwrap();
+        client
+    });
+    let (to_holder, mut from_reader) = tokio::sync::mpsc::unbounded_channel::<ZcBuf>();
+    let reader = tokio::spawn(async move {
+        while let Some(buf) = stream.next().await {
+            to_holder.send(buf.unwrap()).unwrap();
+        }
+    });
+    let (mut position, mut held, mut held_bytes, mut cycles) = (0u64, Vec::new(), 0u64, 0);
+    within(60.0, "every byte, through pauses below the budget", async {
+        while position < TOTAL {
+            let buf = from_reader.recv().await.expect("data, not EOF");
+            assert!(
+                buf[..] == payload(12, position, position + buf.len() as u64)[..],
+                "bytes differ at {position}"
+            );
+            position += buf.len() as u64;
+            held_bytes += buf.len() as u64;
+            held.push(buf);
+            if held_bytes < BUDGET {
+                continue;
+            }
+            // At its budget: the reader's next poll pauses the stream.
+            until(10.0, "the stream pausing at its budget", || {
+                zcrx.stats().streams_paused == 1
+            })
+            .await;
+            let keep = held.len()
+                - held
+                    .iter()
+                    .rev()
+                    .scan(0, |sum, buf| {
+                        *sum += buf.len() as u64;
+                        Some(*sum)
+                    })
+                    .take_while(|&sum| sum <= BUDGET / 4 * 3)
+                    .count();
+            held_bytes -= held.drain(..keep).map(|buf| buf.len() as u64).sum::<u64>();
+            assert!(
+                held_bytes > BUDGET / 2,
+                "still above the low mark: {held_bytes}"
+            );
+            cycles += 1;
+        }
+    })
+    .await;
+    drop(within(10.0, "the sender", sender).await.unwrap());
+    within(10.0, "EOF", reader).await.unwrap();
+    assert!(
+        from_reader.recv().await.is_none(),
+        "nothing after the last byte"
+    );
+    let stats = zcrx.stats();
+    println!("{cycles} pauses resumed with 3/4 of the budget held: {stats:?}");
+    assert!(cycles >= 8, "{cycles} pauses");
+    assert!(stats.stream_pauses >= cycles, "{stats:?}");
+    drop(held);
+    assert_eq!(
+        (stats.streams_paused, zcrx.stats().buffers_outstanding),
+        (0, 0)
+    );
+}
+
 /// Checks that `buf` holds the payload of `seed` from `position` on; returns its end.
 fn verify(seed: u64, position: u64, buf: &ZcBuf) -> u64 {
     let end = position + buf.len() as u64;

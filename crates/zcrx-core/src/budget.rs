@@ -6,8 +6,9 @@
 //! read its replies while the handler holds a buffer across the write, a leaked buffer, a
 //! slow consumer) would otherwise exhaust it for every connection. With a budget, such a
 //! stream stops receiving once it holds [`Budget::high`] bytes, and resumes when it is back
-//! at [`Budget::low`]: its backlog waits in its own socket buffer, and TCP flow control slows
-//! its peer, instead of the shared memory filling up.
+//! at [`Budget::low`], or below `high` once its reader has taken everything and waits for
+//! more (see [`crate::receive`]): its backlog waits in its own socket buffer, and TCP flow
+//! control slows its peer, instead of the shared memory filling up.
 //!
 //! [`BudgetPolicy`] derives each stream's budget from the shared memory's size and the number
 //! of open streams, unless the application fixed one:
@@ -32,7 +33,8 @@
 pub struct Budget {
     /// A stream that holds this many bytes or more stops receiving.
     pub high: u64,
-    /// A stopped stream receives again once it holds this many bytes or fewer.
+    /// A stopped stream receives again once it holds this many bytes or fewer (or, once its
+    /// reader waits for more, as soon as it holds less than `high`).
     pub low: u64,
 }
 

@@ -14,7 +14,12 @@
 //! what the runtime expects one to carry):
 //! when a request ends at that limit, the next one is submitted for what room is left, or,
 //! once the stream holds its budget's `high`, none: the stream is *paused*
-//! ([`Action::Pause`]) until its reader has dropped enough buffers ([`StreamReceive::resume`]).
+//! ([`Action::Pause`]) until its reader has dropped enough buffers ([`StreamReceive::resume`]):
+//! down to the budget's `low`, so that a reader dropping steadily resumes its stream once
+//! per half budget, not once per buffer. A reader that has taken everything delivered and
+//! waits for more ([`StreamReceive::reader_waiting`]) cannot be relied on to drop that far
+//! (a decoder holding part of a message, waiting for the rest): its stream resumes as soon
+//! as it holds less than `high` ([`StreamReceive::resume_mark`]), or both would wait forever.
 //! The runtime tells it how much the stream holds before each step
 //! ([`StreamReceive::set_holding`]); the smaller of a read limit's grant and the budget's
 //! room wins.
@@ -76,6 +81,15 @@
 //! assert_eq!(stream.resume(), Action::None);
 //! stream.set_holding(holding(8192));
 //! assert_eq!(stream.resume(), Action::Submit { len: 8192 });
+//!
+//! // Paused again at 16 KiB. Its reader drops one chunk and waits for more: it may not
+//! // drop another until it gets more, so the stream goes on below `high`, not at `low`.
+//! assert!(stream.on_data(8192));
+//! stream.set_holding(holding(16384));
+//! assert_eq!(stream.on_end(RequestEnd::Eof), Action::Pause);
+//! assert_eq!(stream.resume_mark(), Some(8192));
+//! stream.set_holding(holding(12288));
+//! assert_eq!(stream.reader_waiting(), Action::Submit { len: 4096 });
 //! ```
 
 use crate::budget::Budget;
@@ -192,6 +206,10 @@ pub struct StreamReceive {
     /// (see [`Holding::fill`] and [`Self::learn_fill`]).
     observed_fill: Option<u64>,
     request: Request,
+    /// A paused stream's reader has taken everything delivered and waits for more
+    /// ([`Self::reader_waiting`]): it resumes below `high`, not only at `low`. Cleared by the
+    /// next request (a new pause starts without it).
+    reader_waiting: bool,
     /// The reader is gone: remove the entry once no request runs.
     closed: bool,
     /// The reader has been told the stream ended.
@@ -213,6 +231,7 @@ impl StreamReceive {
             request_last_len: 0,
             observed_fill: None,
             request: Request::Idle,
+            reader_waiting: false,
             closed: false,
             finished: false,
         }
@@ -235,6 +254,7 @@ impl StreamReceive {
     /// otherwise its request asks for at most its room, or what is left of the grant if
     /// that is less.
     pub fn submit(&mut self) -> Action {
+        self.reader_waiting = false;
         let grant_left = match self.limit {
             None => None,
             Some(limit) => match u64::from(limit).saturating_sub(self.granted_used) {
@@ -309,8 +329,9 @@ impl StreamReceive {
     }
 
     /// A paused stream's reader has dropped buffers: submit again if it is back at its
-    /// budget's low mark (as last told by [`Self::set_holding`]), else nothing. A stream
-    /// that ended meanwhile stops being paused without a request.
+    /// resume mark ([`Self::resume_mark`], with what it holds as last told by
+    /// [`Self::set_holding`]), else nothing. A stream that ended meanwhile stops being paused
+    /// without a request.
     pub fn resume(&mut self) -> Action {
         if self.request != Request::Paused {
             return Action::None;
@@ -319,14 +340,45 @@ impl StreamReceive {
             self.request = Request::Idle;
             return Action::None;
         }
-        let may_resume = self
-            .holding
-            .is_none_or(|holding| holding.budget.may_resume(holding.held));
+        let may_resume = match (self.holding, self.resume_mark()) {
+            (Some(holding), Some(mark)) => holding.held <= mark,
+            _ => true,
+        };
         if !may_resume {
             return Action::None;
         }
         self.request = Request::Idle;
         self.submit()
+    }
+
+    /// The reader of a paused stream has taken every buffer delivered and waits for more.
+    /// It may be unable to drop another until it gets more (a decoder holding the first part
+    /// of a message smaller than the budget), so until the stream receives again its resume
+    /// mark is the budget's `high` less one byte instead of its `low`: resumes now if it
+    /// holds less than `high` ([`Self::resume`]), else at the reader's next drop.
+    ///
+    /// Without this, a stream paused at `high` whose reader drops to between `low` and
+    /// `high` and then waits would wait for a drop that never comes, and its reader for
+    /// bytes that never come.
+    pub fn reader_waiting(&mut self) -> Action {
+        if self.request != Request::Paused {
+            return Action::None;
+        }
+        self.reader_waiting = true;
+        self.resume()
+    }
+
+    /// The most bytes a paused stream may hold and resume: its budget's `low`, or `high` less
+    /// one byte while its reader waits ([`Self::reader_waiting`]). `None` without a budget
+    /// (or when not paused). The runtime arms its wake-up on the reader's drops with it.
+    #[must_use]
+    pub fn resume_mark(&self) -> Option<u64> {
+        let holding = self.holding.filter(|_| self.request == Request::Paused)?;
+        Some(if self.reader_waiting {
+            holding.budget.high.saturating_sub(1)
+        } else {
+            holding.budget.low
+        })
     }
 
     /// Whether the stream is paused by its budget.

@@ -327,6 +327,48 @@ fn a_budgeted_stream_asks_for_its_room_and_pauses_at_high() {
     assert_eq!(s.on_end(RequestEnd::Eof), Action::Finish(Finish::Eof));
 }
 
+/// The defect this guards against: a stream paused at `high`, whose reader drops to between
+/// `low` and `high` and then waits for more (a decoder holding part of a message), waited
+/// for a drop that never came while its reader waited for bytes that never came.
+#[test]
+fn a_waiting_reader_resumes_its_stream_below_high_and_only_until_the_next_pause() {
+    let mut s = StreamReceive::new(None);
+    s.set_holding(holding(8 * 4096, 8 * 4096));
+    assert_eq!(s.start(), Action::Pause);
+    assert_eq!(s.resume_mark(), Some(4 * 4096), "low, half the budget");
+    // Its reader waits while holding the whole budget: nothing yet, but the next drop
+    // resumes it.
+    assert_eq!(s.reader_waiting(), Action::None);
+    assert!(s.is_paused());
+    assert_eq!(s.resume_mark(), Some(8 * 4096 - 1));
+    s.set_holding(holding(8 * 4096, 7 * 4096));
+    assert_eq!(s.resume(), Action::Submit { len: KIB4 });
+    assert!(!s.is_paused());
+    assert_eq!(s.resume_mark(), None, "not paused");
+    // The next pause is a new one: back to the low mark until the reader waits again.
+    assert!(s.on_data(KIB4));
+    s.set_holding(holding(8 * 4096, 8 * 4096));
+    assert_eq!(s.on_end(RequestEnd::Eof), Action::Pause);
+    assert_eq!(s.resume_mark(), Some(4 * 4096));
+    s.set_holding(holding(8 * 4096, 6 * 4096));
+    assert_eq!(
+        s.resume(),
+        Action::None,
+        "above low, and its reader is not waiting"
+    );
+    // The reader waits, holding 6 of 8 chunks: it goes on at once, for its room.
+    assert_eq!(s.reader_waiting(), Action::Submit { len: 2 * KIB4 });
+    // A waiting reader means nothing to a stream that is not paused.
+    assert_eq!(s.reader_waiting(), Action::None);
+    assert!(s.request_is_live());
+    // Nor to one without a budget.
+    let mut s = StreamReceive::new(None);
+    s.set_holding(None);
+    assert_eq!(s.start(), Action::Submit { len: 0 });
+    assert_eq!(s.reader_waiting(), Action::None);
+    assert_eq!(s.resume_mark(), None);
+}
+
 #[test]
 fn a_request_ending_at_its_limit_with_room_left_goes_on() {
     let mut s = StreamReceive::new(None);

@@ -151,7 +151,8 @@ pub(crate) struct StreamShare {
     /// or small messages do not pause a stream that holds little data; the pool's cap bounds
     /// the memory).
     pub(super) held: AtomicU64,
-    /// The stream is paused by its budget, until `held <= resume_at`.
+    /// The stream is paused by its budget, until `held <= resume_at` (below its high mark:
+    /// see `CopyStream::budget_allows`).
     pub(super) paused: AtomicBool,
     pub(super) resume_at: AtomicU64,
     /// The paused stream's waker.

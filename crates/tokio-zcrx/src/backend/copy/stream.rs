@@ -131,7 +131,14 @@ impl CopyStream {
     }
 
     /// Whether the budget lets the stream read now; if not, it is paused and will be woken
-    /// when its buffers' releases bring it down to the low mark (or by shutdown).
+    /// when a release brings it below its high mark (or by shutdown).
+    ///
+    /// A copy stream reads only when its reader asks for the next buffer, so a paused copy
+    /// stream's reader is always waiting for more, and it resumes as soon as it holds less
+    /// than its budget (`zcrx_core::receive::StreamReceive::reader_waiting`, which the
+    /// io_uring driver applies once its reader waits): the low mark would leave a reader
+    /// that holds between the two marks and cannot drop more before it gets more (a decoder
+    /// holding part of a message) waiting for good, with its stream waiting for its drops.
     fn budget_allows(&mut self, cx: &mut Context<'_>) -> bool {
         let held = self.share.held.load(Ordering::SeqCst);
         // A running stream that holds nothing is within every budget (each is at least one
@@ -142,7 +149,7 @@ impl CopyStream {
         }
         let budget = self.budget();
         if self.paused {
-            if budget.may_resume(held) {
+            if !budget.exceeded(held) {
                 self.resume();
                 return true;
             }
@@ -156,9 +163,11 @@ impl CopyStream {
         // lowers `held` and then reads `paused`): either a release sees `paused` and wakes
         // us, or we see its credit here.
         *lock(&self.share.waker) = Some(cx.waker().clone());
-        self.share.resume_at.store(budget.low, Ordering::SeqCst);
+        self.share
+            .resume_at
+            .store(budget.high.saturating_sub(1), Ordering::SeqCst);
         self.share.paused.store(true, Ordering::SeqCst);
-        if budget.may_resume(self.share.held.load(Ordering::SeqCst)) {
+        if !budget.exceeded(self.share.held.load(Ordering::SeqCst)) {
             self.resume();
             return true;
         }

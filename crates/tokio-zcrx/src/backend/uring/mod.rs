@@ -53,6 +53,9 @@ pub(crate) enum Command {
     },
     /// A limited stream wants its next request.
     ReadMore(StreamKey),
+    /// The reader of a paused stream took everything delivered and waits for more
+    /// (`StreamShared::pause` and `UringStream::poll_next`).
+    ReaderWaiting(StreamKey),
     /// The stream was dropped: cancel its receive and release its slot.
     Close(StreamKey),
     /// Send `pieces`, in order, on `socket`, for `conn` (see `driver/sends.rs`).

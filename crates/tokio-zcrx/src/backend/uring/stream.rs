@@ -42,6 +42,13 @@ struct SharedState {
     waker: Option<Waker>,
     /// In limited mode: a request is running or was asked for.
     request_pending: bool,
+    /// The driver paused the stream by its budget (`Driver::pause`) and has not resumed it.
+    paused: bool,
+    /// The reader was found waiting for more while the stream is paused (it said so with
+    /// [`Command::ReaderWaiting`], or was waiting already when the driver paused it): the
+    /// driver resumes it below its budget's high mark, not at its low mark
+    /// (`zcrx_core::receive::StreamReceive::reader_waiting`). Once per pause.
+    reader_waiting: bool,
 }
 
 impl StreamShared {
@@ -75,6 +82,24 @@ impl StreamShared {
         if let Some(waker) = waker {
             wake_contained(waker);
         }
+    }
+
+    /// The driver paused the stream by its budget. Returns whether its reader is waiting for
+    /// more already: it has taken every buffer delivered and registered its waker since the
+    /// last delivery (which takes the waker). Then the driver counts it as waiting at once,
+    /// and the reader, whose next poll may never come, is not expected to say so.
+    pub(crate) fn pause(&self) -> bool {
+        let mut state = self.lock();
+        state.paused = true;
+        state.reader_waiting = state.buffers.is_empty() && state.waker.is_some();
+        state.reader_waiting
+    }
+
+    /// The driver resumed the stream (or it ended while paused).
+    pub(crate) fn resume(&self) {
+        let mut state = self.lock();
+        state.paused = false;
+        state.reader_waiting = false;
     }
 
     /// A limited request ended at its limit: the next one is made on demand.
@@ -160,13 +185,24 @@ impl UringStream {
         if ask_for_more {
             state.request_pending = true;
         }
+        // Everything delivered is taken and the stream is paused: the driver must know that
+        // its reader waits, or a reader holding less than its budget but more than the
+        // budget's low mark would wait for bytes that only its own drops would let in.
+        let say_waiting = state.paused && !state.reader_waiting;
+        if say_waiting {
+            state.reader_waiting = true;
+        }
         match &state.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             _ => state.waker = Some(cx.waker().clone()),
         }
         drop(state);
-        if ask_for_more {
-            if let Err(e) = this.handle.shared.send(Command::ReadMore(this.key)) {
+        let commands = [
+            ask_for_more.then_some(Command::ReadMore(this.key)),
+            say_waiting.then_some(Command::ReaderWaiting(this.key)),
+        ];
+        for command in commands.into_iter().flatten() {
+            if let Err(e) = this.handle.shared.send(command) {
                 this.done = true;
                 return Poll::Ready(Some(Err(e.into())));
             }

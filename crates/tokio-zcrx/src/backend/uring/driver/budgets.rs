@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use zcrx_core::budget::Budget;
-use zcrx_core::receive::{Holding, StreamReceive};
+use zcrx_core::receive::{Action, Holding, StreamReceive};
+use zcrx_core::user_data::StreamId;
 
 use super::super::ring::CompletionRing;
 use super::growth::GrowthTrigger;
@@ -301,16 +302,18 @@ impl<R: CompletionRing> Driver<R> {
     }
 
     /// The stream in `slot` holds its budget and no request runs for it: arm the wake-up
-    /// at its low mark, count it and tell subscribers (rate-limited).
+    /// at its resume mark, count it and tell subscribers (rate-limited).
     pub(super) fn pause(&mut self, slot: u32) {
-        let (Some(entry), Some(budget)) = (self.streams.get(slot), self.budget(slot)) else {
+        let Some(entry) = self.streams.get_mut(slot) else {
             return;
         };
-        let low_chunks = budget.low / u64::from(self.area.chunk_size);
-        if self.area.holdings.pause_until(entry.tag, low_chunks) {
-            // Its reader dropped enough meanwhile: the next round resumes it.
-            self.area.holdings.mark_resumable();
+        if entry.shared.pause() {
+            // Its reader waits already: it resumes below its high mark (at its next drop:
+            // it holds its budget now).
+            let action = entry.receive.reader_waiting();
+            debug_assert_eq!(action, Action::None, "paused for holding its budget");
         }
+        self.arm_resume(slot);
         self.area
             .counters
             .stream_pauses
@@ -326,7 +329,44 @@ impl<R: CompletionRing> Driver<R> {
         }
     }
 
-    /// Resumes the paused streams whose holding fell to their low mark: only those a
+    /// Arms the wake-up of the paused stream in `slot` at its resume mark
+    /// (`StreamReceive::resume_mark`: its budget's low mark, or below its high mark while
+    /// its reader waits): the release that brings it there wakes the driver.
+    fn arm_resume(&mut self, slot: u32) {
+        let Some((tag, mark)) = self
+            .streams
+            .get(slot)
+            .and_then(|e| Some((e.tag, e.receive.resume_mark()?)))
+        else {
+            return;
+        };
+        if self
+            .area
+            .holdings
+            .pause_until(tag, mark / u64::from(self.area.chunk_size))
+        {
+            // Its reader dropped enough meanwhile: the next round resumes it.
+            self.area.holdings.mark_resumable();
+        }
+    }
+
+    /// The reader of stream `key` took everything delivered and waits for more: if the
+    /// stream is paused it resumes below its budget's high mark from now on
+    /// (`StreamReceive::reader_waiting`), now if it holds less, else at its reader's next
+    /// drop.
+    pub(super) fn reader_waiting(&mut self, key: StreamId) -> io::Result<()> {
+        self.step_stream(key, StreamReceive::reader_waiting)?;
+        if self
+            .streams
+            .entry_mut(key)
+            .is_some_and(|e| e.receive.is_paused())
+        {
+            self.arm_resume(key.slot());
+        }
+        Ok(())
+    }
+
+    /// Resumes the paused streams whose holding fell to their resume mark: only those a
     /// release marked (`Holdings::take_reached`), and nothing unless one did.
     ///
     /// Under memory pressure derived budgets share out what is left
@@ -370,17 +410,7 @@ impl<R: CompletionRing> Driver<R> {
             self.step(slot, StreamReceive::resume)?;
             // Still paused (not back at its mark yet, or its derived budget shrank): wait
             // for the mark again.
-            let still_paused = self
-                .streams
-                .get(slot)
-                .filter(|e| e.receive.is_paused())
-                .map(|e| e.tag);
-            if let (Some(tag), Some(budget)) = (still_paused, self.budget(slot)) {
-                let low_chunks = budget.low / u64::from(self.area.chunk_size);
-                if self.area.holdings.pause_until(tag, low_chunks) {
-                    self.area.holdings.mark_resumable();
-                }
-            }
+            self.arm_resume(slot);
         }
         Ok(())
     }

@@ -504,6 +504,11 @@ impl<R: CompletionRing> Driver<R> {
                         self.step_stream(key, StreamReceive::read_more)?;
                     }
                 }
+                Command::ReaderWaiting(key) => {
+                    if self.stopping.is_none() {
+                        self.reader_waiting(key)?;
+                    }
+                }
                 Command::Close(key) => self.close(key)?,
                 Command::Send {
                     socket,
@@ -582,10 +587,11 @@ impl<R: CompletionRing> Driver<R> {
         let was_paused = entry.receive.is_paused();
         let action = step(&mut entry.receive);
         let result = self.act(slot, action);
-        let is_paused = self
-            .streams
-            .get(slot)
-            .is_some_and(|e| e.receive.is_paused());
+        let entry = self.streams.get(slot);
+        let is_paused = entry.is_some_and(|e| e.receive.is_paused());
+        if let Some(entry) = entry.filter(|_| was_paused && !is_paused) {
+            entry.shared.resume();
+        }
         self.count_paused(was_paused, is_paused);
         result
     }
