@@ -10,6 +10,7 @@
 //! restarts that NIC receive queue. `--json` prints one JSON document instead (field names in
 //! the `tokio_zcrx::probe` module docs).
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use tokio_zcrx::probe::{self, ProbeOptions};
@@ -59,16 +60,25 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let report = probe::run(&args.options);
-    if args.json {
+    let text = if args.json {
         match serde_json::to_string_pretty(&report) {
-            Ok(json) => println!("{json}"),
+            Ok(json) => json + "\n",
             Err(error) => {
                 eprintln!("probe: cannot encode the report as JSON: {error}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        print!("{report}");
+        report.to_string()
+    };
+    // A reader that went away (`probe | head`) has what it wanted: not an error. (Rust
+    // ignores SIGPIPE, so the write fails with EPIPE, on which `print!` would panic.)
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("probe: cannot write the report: {error}");
+            ExitCode::FAILURE
+        }
     }
-    ExitCode::SUCCESS
 }

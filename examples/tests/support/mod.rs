@@ -65,45 +65,46 @@ pub(crate) fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-/// The `proxy` example, next to this test: `cargo test` builds examples only as test
-/// harnesses, so the first test to need the real program builds it (`cargo build --example
-/// proxy`, same profile and target directory; cargo's build lock is free while tests run).
+/// The `proxy` example (see [`example_binary`]).
 pub(crate) fn proxy_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            // target/PROFILE/deps/proxy-HASH -> target/PROFILE/examples/proxy
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap();
-            let target_dir = profile_dir.parent().unwrap();
-            let mut build = Command::new(env!("CARGO"));
-            build
-                .args(["build", "-p", "tokio-zcrx-examples", "--example", "proxy"])
-                .arg("--target-dir")
-                .arg(target_dir)
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
-            if profile_dir
-                .file_name()
-                .is_some_and(|name| name == "release")
-            {
-                build.arg("--release");
-            }
-            let status = build
-                .status()
-                .expect("run cargo to build the proxy example");
-            assert!(
-                status.success(),
-                "building the proxy example failed: {status}"
-            );
-            let path = profile_dir.join("examples/proxy");
-            assert!(
-                path.exists(),
-                "{} is missing after the build",
-                path.display()
-            );
-            path
-        })
-        .clone()
+    BUILT.get_or_init(|| example_binary("proxy")).clone()
+}
+
+/// Example `name`, next to this test: `cargo test` builds examples only as test harnesses,
+/// so the first test to need the real program builds it (`cargo build --example NAME`, same
+/// profile and target directory; cargo's build lock is free while tests run).
+pub(crate) fn example_binary(name: &str) -> PathBuf {
+    // target/PROFILE/deps/TEST-HASH -> target/PROFILE/examples/NAME
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let target_dir = profile_dir.parent().unwrap();
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "-p", "tokio-zcrx-examples", "--example", name])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
+        build.arg("--release");
+    }
+    let status = build
+        .status()
+        .unwrap_or_else(|e| panic!("run cargo to build the {name} example: {e}"));
+    assert!(
+        status.success(),
+        "building the {name} example failed: {status}"
+    );
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing after the build",
+        path.display()
+    );
+    path
 }
 
 /// The proxy in copy mode, with its JSON lines read on a thread.
