@@ -615,6 +615,47 @@ fn a_live_holder_is_named_when_the_wait_runs_out() {
     shut_down_and_released(&net, holder);
 }
 
+/// An XDP program on the device: the kernel refuses the queue with the EEXIST a bound queue
+/// gets, and no wait ends it. `build` says so at once (not after its release wait) with a
+/// configuration error naming XDP and the command that detaches it; the probe reports it;
+/// once the program is detached the same queue binds.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn an_xdp_program_is_named_at_once_not_waited_for() {
+    const QUEUE: u32 = 1;
+    let net = GuestNet::from_env();
+    let xdp = tokio_zcrx_kernel_tests::support::PassingXdp::attach(&net.nic)
+        .expect("attach an XDP program (generic mode) to the guest's NIC");
+    let start = Instant::now();
+    let error = nic(&net)
+        .interface(&net.nic, QUEUE)
+        .queue_release_wait(Duration::from_secs(20))
+        .build()
+        .map(drop)
+        .expect_err("an XDP program excludes zcrx");
+    let refused_after = start.elapsed();
+    println!("{error} ({refused_after:?})");
+    assert_eq!(error.kind(), tokio_zcrx::ErrorKind::InterfaceNotConfigured);
+    assert_eq!(error.raw_os_error(), Some(libc::EEXIST));
+    let message = error.to_string();
+    assert!(message.contains("XDP program is attached"), "{message}");
+    assert!(
+        message.contains(&format!("ip link set dev {} xdp off", net.nic)),
+        "{message}"
+    );
+    assert!(message.contains("bpftool net show"), "{message}");
+    // The 20 s wait for a release is not used (under TCG the probe takes about a second).
+    assert!(refused_after < Duration::from_secs(10), "{refused_after:?}");
+    assert!(!queues(&net)[QUEUE as usize].io_uring_provider);
+    let report = probe::run(&probe::ProbeOptions::new().interface(&net.nic).queue(QUEUE));
+    assert_eq!(report.interfaces[0].xdp_attached, Some(true), "{report}");
+
+    drop(xdp);
+    let zcrx = build(nic(&net).interface(&net.nic, QUEUE));
+    assert!(queues(&net)[QUEUE as usize].io_uring_provider);
+    shut_down_and_released(&net, zcrx);
+}
+
 /// The wait-and-retry path itself, deterministically: the queue is held by a live runtime
 /// when `build` starts (the kernel answers EEXIST), the holder shuts down 300 ms later, and
 /// the same `build` then registers; no retry loop of the caller's.

@@ -289,3 +289,91 @@ pub fn assert_all_copied(stats: &tokio_zcrx::Stats, received: u64) {
         "{copied} of {received} bytes counted as copied: {stats}"
     );
 }
+
+/// An XDP program that passes every packet (and takes multi-buffer ones), attached to an
+/// interface in generic (skb) mode through a BPF link; dropping it closes the link, which detaches the program. Made with the
+/// `bpf` system call directly (two instructions: `r0 = XDP_PASS; exit`), so the guest needs
+/// neither a compiler nor an object file.
+pub struct PassingXdp {
+    link: std::os::fd::OwnedFd,
+    _program: std::os::fd::OwnedFd,
+}
+
+impl PassingXdp {
+    /// Loads the program and attaches it to `interface`.
+    pub fn attach(interface: &str) -> std::io::Result<PassingXdp> {
+        use std::os::fd::FromRawFd;
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_LINK_CREATE: libc::c_long = 28;
+        const BPF_PROG_TYPE_XDP: u32 = 6;
+        const BPF_XDP: u32 = 37;
+        const XDP_FLAGS_SKB_MODE: u32 = 2;
+        const XDP_PASS: i32 = 2;
+        // struct bpf_insn: code, dst_reg:4 | src_reg:4, off (i16), imm (i32).
+        let instruction = |code: u8, imm: i32| {
+            let mut bytes = [0u8; 8];
+            bytes[0] = code;
+            bytes[4..].copy_from_slice(&imm.to_ne_bytes());
+            u64::from_ne_bytes(bytes)
+        };
+        // BPF_ALU64 | BPF_MOV | BPF_K into r0; BPF_JMP | BPF_EXIT.
+        let program = [instruction(0xb7, XDP_PASS), instruction(0x95, 0)];
+        let license = c"GPL";
+        let bpf = |command: libc::c_long, attr: &mut [u8; 128]| -> std::io::Result<i32> {
+            // SAFETY: `attr` is a zeroed bpf_attr of 128 bytes (the kernel accepts a shorter
+            // or longer one whose unknown tail is zero) holding pointers that outlive the call.
+            let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr.as_mut_ptr(), 128) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(fd as i32)
+        };
+        let put = |attr: &mut [u8; 128], at: usize, bytes: &[u8]| {
+            attr[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        let mut load = [0u8; 128];
+        put(&mut load, 0, &BPF_PROG_TYPE_XDP.to_ne_bytes());
+        put(&mut load, 4, &(program.len() as u32).to_ne_bytes());
+        put(&mut load, 8, &(program.as_ptr() as u64).to_ne_bytes());
+        put(&mut load, 16, &(license.as_ptr() as u64).to_ne_bytes());
+        // BPF_F_XDP_HAS_FRAGS: a device with tcp-data-split on (as zcrx needs) refuses a
+        // program that cannot take multi-buffer packets with EBUSY (`dev_xdp_install`).
+        put(&mut load, 44, &(1u32 << 5).to_ne_bytes());
+        put(&mut load, 48, b"tzx_pass");
+        put(&mut load, 68, &BPF_XDP.to_ne_bytes()); // expected_attach_type
+        let program_fd = bpf(BPF_PROG_LOAD, &mut load)?;
+        // SAFETY: a new fd the kernel just returned, owned by nothing else.
+        let program_fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(program_fd) };
+        let ifindex = {
+            let name = std::ffi::CString::new(interface).unwrap();
+            // SAFETY: a NUL-terminated name.
+            match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+                0 => return Err(std::io::Error::last_os_error()),
+                index => index,
+            }
+        };
+        let mut create = [0u8; 128];
+        put(
+            &mut create,
+            0,
+            &(std::os::fd::AsRawFd::as_raw_fd(&program_fd) as u32).to_ne_bytes(),
+        );
+        put(&mut create, 4, &ifindex.to_ne_bytes());
+        put(&mut create, 8, &BPF_XDP.to_ne_bytes());
+        put(&mut create, 12, &XDP_FLAGS_SKB_MODE.to_ne_bytes());
+        let link = bpf(BPF_LINK_CREATE, &mut create)?;
+        Ok(PassingXdp {
+            // SAFETY: as above.
+            link: unsafe { std::os::fd::OwnedFd::from_raw_fd(link) },
+            _program: program_fd,
+        })
+    }
+}
+
+impl std::fmt::Debug for PassingXdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassingXdp")
+            .field("link", &self.link)
+            .finish_non_exhaustive()
+    }
+}

@@ -20,6 +20,7 @@ use crate::sys::fork::RingForkGuard;
 use crate::sys::hugepages::HugePageFacts;
 use crate::sys::mem::Mapping;
 use crate::sys::netdev::{wait_for_release, NetdevNetlink, ReleaseWait, RxQueueInfo};
+use crate::sys::netlink::RouteNetlink;
 use crate::sys::page_size;
 use crate::sys::privilege::{self, CAP_NET_ADMIN_FIX};
 use crate::sys::registration::{
@@ -378,8 +379,9 @@ fn register_waiting_out_teardown(
                 if error.raw_os_error() == Some(libc::EEXIST) =>
             {
                 // Past the deadline after a retry: the queue was reported free but is refused
-                // again; let the probe explain the refusal.
-                if retries > 0 && Instant::now() >= deadline {
+                // again; let the probe explain the refusal. An XDP program on the device is
+                // refused with the same EEXIST and no wait ends it: explained at once.
+                if (retries > 0 && Instant::now() >= deadline) || xdp_attached(ifindex) {
                     return Ok(Err(RegisterError::Refused(error)));
                 }
                 (ifindex, rx_queue)
@@ -444,6 +446,20 @@ fn register_waiting_out_teardown(
                     QueueHeld::Unknown(error),
                 ))
             }
+        }
+    }
+}
+
+/// Whether an XDP program is attached to interface `ifindex` (rtnetlink's
+/// `IFLA_XDP_ATTACHED`): the kernel refuses a memory provider on any queue of such a device
+/// with the EEXIST a queue that is still bound gets (`__net_mp_open_rxq`), and no release
+/// will come. `false` where the kernel cannot be asked: then the wait finds out.
+fn xdp_attached(ifindex: u32) -> bool {
+    match RouteNetlink::open().and_then(|mut route| route.xdp_attached(ifindex)) {
+        Ok(mode) => mode != 0,
+        Err(error) => {
+            tracing::debug!("tokio-zcrx: cannot ask rtnetlink about XDP: {error}");
+            false
         }
     }
 }
@@ -691,6 +707,10 @@ fn refusal_error(
     let kind = match errno {
         libc::ENODEV => ErrorKind::InterfaceNotFound,
         libc::ERANGE => ErrorKind::QueueOutOfRange,
+        // Not busy: configured in a way zcrx excludes (the probe's diagnosis says so).
+        libc::EEXIST if diagnosis.is_some_and(|d| d.xdp_attached == Some(true)) => {
+            ErrorKind::InterfaceNotConfigured
+        }
         libc::EEXIST | libc::EBUSY => ErrorKind::QueueBusy,
         libc::EOPNOTSUPP => ErrorKind::InterfaceUnsupported,
         libc::EINVAL => match verdict {
@@ -810,6 +830,39 @@ mod tests {
         assert!(text.contains("rx-page-size"), "{text}");
         assert!(text.contains("default chunk size"), "{text}");
         assert!(text.contains("65536-byte chunks"), "{text}");
+    }
+
+    /// An XDP program makes the kernel answer EEXIST, as a bound queue does: the error says
+    /// XDP and how to detach it, with a configuration kind, not a busy queue's.
+    #[test]
+    fn eexist_with_an_xdp_program_attached_names_the_program() {
+        let config = config(Builder::new());
+        let mut diagnosis = ready_netdevsim();
+        diagnosis.xdp_attached = Some(true);
+        // What the probe's verdict makes of it (verdict.rs).
+        diagnosis.verdict = Verdict::NeedsConfiguration;
+        diagnosis.reason = "an XDP program is attached to nsim0, and zcrx excludes XDP".into();
+        diagnosis.fix = Some("detach it: `ip link set dev nsim0 xdp off`".into());
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EEXIST),
+            Some(&diagnosis),
+        );
+        let text = err.to_string();
+        assert_eq!(err.kind(), ErrorKind::InterfaceNotConfigured, "{text}");
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert!(text.contains("XDP program is attached"), "{text}");
+        assert!(text.contains("ip link set dev nsim0 xdp off"), "{text}");
+        // Without XDP, EEXIST is a busy queue.
+        diagnosis.xdp_attached = Some(false);
+        let err = refusal_error(
+            Some(("nsim0", 1)),
+            &config,
+            errno(libc::EEXIST),
+            Some(&diagnosis),
+        );
+        assert_eq!(err.kind(), ErrorKind::QueueBusy);
     }
 
     #[test]

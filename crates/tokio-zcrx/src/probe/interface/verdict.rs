@@ -262,7 +262,11 @@ fn explain_errno(
         libc::EEXIST if report.xdp_attached == Some(true) => Assessment::new(
             Verdict::NeedsConfiguration,
             format!("an XDP program is attached to {name}, and zcrx excludes XDP ({because})"),
-            Some(format!("detach it: `ip link set dev {name} xdp off`")),
+            Some(format!(
+                "detach it: `ip link set dev {name} xdp off` (`xdpgeneric off` for a generic \
+                 one; one attached through a BPF link, as libxdp does, goes when its owner \
+                 closes it: `bpftool net show dev {name}` names it)"
+            )),
         ),
         libc::EEXIST => Assessment::new(
             Verdict::NeedsConfiguration,
