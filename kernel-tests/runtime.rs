@@ -386,6 +386,113 @@ fn many_streams_with_buffers_dropped_elsewhere_and_one_reset() {
     });
 }
 
+/// Readers that hold part of their budget while they wait for more are never left waiting
+/// (a defect until 2026-12: a paused stream resumed only at half its budget). 32 connections
+/// under a budget of 16 chunks each (resume mark 8): every stream's reader hands each buffer
+/// to its own holder task, which keeps the last 12 (a decoder holding the start of a
+/// message) and drops the older ones, on another task than the reader's. Each time a stream
+/// reaches 16 it pauses, its holder drops to 12, above the low mark, and its reader waits:
+/// the stream must go on. Every byte is checked in order, the senders half-close, one more
+/// connection is reset mid-stream, and every chunk comes back.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn decoders_holding_part_of_their_budget_are_never_left_waiting() {
+    const STREAMS: usize = 32;
+    const EACH: u64 = 1 << 20;
+    const KEEP: usize = 12;
+    const STALL: Duration = Duration::from_secs(30);
+    let net = GuestNet::from_env();
+    runtime().block_on(async {
+        let zcrx = build(nic(&net).area_size(16 << 20).stream_budget(16 * 4096));
+        let (listener, addr) = listen(&net.nic_addr).await;
+        zcrx.prepare_listener(&listener).unwrap();
+        let mut senders = Vec::new();
+        for _ in 0..STREAMS {
+            senders.push(spawn_sender(addr, EACH, Some(net.peer_netns.clone())));
+        }
+        let peer_netns = net.peer_netns.clone();
+        let resetter = std::thread::spawn(move || {
+            tokio_zcrx_kernel_tests::enter_netns(&peer_netns);
+            let socket = std::net::TcpStream::connect(addr).unwrap();
+            // 0xFF marks this stream: every pattern stream starts with pattern_byte(0) == 0.
+            std::io::Write::write_all(&mut &socket, &[0xFF; 256 << 10]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            tokio_zcrx_kernel_tests::reset_on_close(&socket);
+            drop(socket);
+        });
+        let mut readers = Vec::new();
+        for _ in 0..=STREAMS {
+            let (socket, _): (TcpStream, _) = listener.accept().await.unwrap();
+            let (mut stream, writer) = zcrx.attach(socket).unwrap();
+            let (to_holder, mut from_reader) = tokio::sync::mpsc::unbounded_channel::<ZcBuf>();
+            let holder = tokio::spawn(async move {
+                let (mut position, mut held) = (0u64, std::collections::VecDeque::new());
+                let mut from_resetter = false;
+                while let Some(buf) = from_reader.recv().await {
+                    from_resetter |= position == 0 && buf[0] == 0xFF;
+                    if !from_resetter {
+                        assert_eq!(first_mismatch(position, &buf), None, "at {position}");
+                    }
+                    position += buf.len() as u64;
+                    held.push_back(buf);
+                    if held.len() > KEEP {
+                        held.pop_front();
+                    }
+                }
+                (position, from_resetter)
+            });
+            readers.push(tokio::spawn(async move {
+                let _writer = writer;
+                loop {
+                    match tokio::time::timeout(STALL, stream.next()).await {
+                        Err(_) => panic!("no buffer for {STALL:?} while its holder keeps {KEEP}"),
+                        Ok(None) => break,
+                        Ok(Some(Ok(buf))) => to_holder.send(buf).unwrap(),
+                        Ok(Some(Err(error))) => {
+                            drop(to_holder);
+                            return (holder.await.unwrap(), Some(error));
+                        }
+                    }
+                }
+                drop(to_holder);
+                (holder.await.unwrap(), None)
+            }));
+        }
+        let (mut complete, mut resets) = (0, 0);
+        for reader in readers {
+            let ((position, from_resetter), error) = reader.await.unwrap();
+            match error {
+                None => {
+                    assert!(!from_resetter, "the reset stream ended without its reset");
+                    assert_eq!(position, EACH);
+                    complete += 1;
+                }
+                Some(error) => {
+                    assert!(from_resetter, "a pattern stream failed: {error}");
+                    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+                    resets += 1;
+                }
+            }
+        }
+        for sender in senders {
+            assert_eq!(sender.join().unwrap(), EACH);
+        }
+        resetter.join().unwrap();
+        assert_eq!((complete, resets), (STREAMS, 1));
+        let stats = zcrx.stats();
+        println!(
+            "{} pauses over {STREAMS} streams, each resumed with {KEEP} of 16 chunks held",
+            stats.stream_pauses
+        );
+        assert!(
+            stats.stream_pauses >= STREAMS as u64,
+            "every stream paused at least once: {stats}"
+        );
+        assert_eq!(stats.buffers_outstanding, 0);
+        zcrx.shutdown().await;
+    });
+}
+
 /// Whether `address` lies in one of this process's mappings.
 fn is_mapped(address: usize) -> bool {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();

@@ -51,7 +51,8 @@ Commands:
               GiB and throughput, sender in its own process. ARGS: --conns C (8), --mib N
               (256 per run, split over the connections), --reps R (5), --detail (CPU per
               thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)),
-              --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)).
+              --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)), --batches (adds
+              tokio-zcrx whose consumers take next_batch(64)).
   vm-bench --peer-threaded [-- ARGS]
               The same with the peer port's NAPI threaded: the peer's TCP and netdevsim's
               copy into the area (its stand-in for DMA) run in that kernel thread instead

@@ -421,7 +421,10 @@ impl Builder {
     }
 
     /// The bytes each stream may hold (received, handed out and not yet dropped) before it
-    /// stops receiving; it receives again once it holds half as much. The rest of its data
+    /// stops receiving; it receives again once it holds half as much, or, once its reader
+    /// has taken everything delivered and waits for more, as soon as it holds less than the
+    /// budget (a reader that waits while it holds part of a message is never left waiting
+    /// for its own drops). The rest of its data
     /// waits in its socket, and TCP flow control slows its peer, so that one reader that holds
     /// on to its buffers (a peer that does not read its replies, a leaked buffer) cannot take
     /// the memory every other stream receives into.
@@ -1160,10 +1163,16 @@ impl StreamOptions {
     }
 
     /// Sets [`budget`](StreamOptions::budget): this stream stops receiving while it holds
-    /// `bytes` or more, and receives again at half of it (see
-    /// [`Builder::stream_budget`]). `u64::MAX` turns the budget off for
+    /// `bytes` or more, and receives again at half of it, or below it while its reader
+    /// waits (see [`Builder::stream_budget`]). `u64::MAX` turns the budget off for
     /// this stream; 0 would never receive: [`attach_with`](crate::Zcrx::attach_with) refuses
     /// it with [`ErrorKind::InvalidConfig`].
+    ///
+    /// In nic mode a connection's TCP window scale is fixed at its handshake, from the
+    /// listener's window clamp, which [`Zcrx::prepare_listener`](crate::Zcrx::prepare_listener)
+    /// sizes for the runtime's largest budget: a budget here larger than that gets a receive
+    /// window of at most 2 to 4 times the window the runtime's largest budget needs. Set the
+    /// larger budget with [`Builder::stream_budget`] if every stream may have it.
     pub fn budget(mut self, bytes: u64) -> StreamOptions {
         self.budget = Some(bytes);
         self

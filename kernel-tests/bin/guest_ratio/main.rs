@@ -139,7 +139,7 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool, batches: bool) 
 
 const USAGE: &str = "usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]
        guest-ratio --queues 4 [--conns C] [--mib N] [--reps R] [--detail]
-                          [--unbudgeted] [--budget BYTES]";
+                          [--unbudgeted] [--budget BYTES] [--batches]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -188,10 +188,6 @@ fn main() {
         std::process::exit(2);
     }
     if queues > 1 {
-        if batches {
-            eprintln!("guest-ratio: --batches is for the single-queue comparison\n{USAGE}");
-            std::process::exit(2);
-        }
         let options = queues::Options {
             queues,
             mib: mib.unwrap_or(256),
@@ -200,6 +196,7 @@ fn main() {
             detail,
             unbudgeted,
             fixed_budget,
+            batches,
         };
         // Like the single-queue comparison, a missed target is reported, not an error.
         queues::run(&net, &options);

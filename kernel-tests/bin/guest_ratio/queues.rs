@@ -58,6 +58,9 @@ pub(crate) struct Options {
     /// Also run tokio-zcrx with `stream_budget(BYTES)`: one fixed budget for every stream,
     /// which still sizes each socket's receive buffer (a diagnosis).
     pub(crate) fixed_budget: Option<u64>,
+    /// Also run tokio-zcrx with consumers that take `next_batch(64)` instead of `next()`:
+    /// what the consumer API's cost per buffer is (tokio read takes up to 64 KiB per call).
+    pub(crate) batches: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -67,6 +70,7 @@ enum Receiver {
     Read,
     ZcrxUnbudgeted,
     ZcrxFixedBudget,
+    ZcrxBatches,
 }
 
 impl Receiver {
@@ -75,6 +79,7 @@ impl Receiver {
             Receiver::Zcrx => "tokio-zcrx",
             Receiver::ZcrxUnbudgeted => "tokio-zcrx unbudgeted",
             Receiver::ZcrxFixedBudget => "tokio-zcrx fixed budget",
+            Receiver::ZcrxBatches => "tokio-zcrx next_batch",
             Receiver::Raw => "raw loop",
             Receiver::Read => "tokio read",
         }
@@ -149,6 +154,9 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
     if options.fixed_budget.is_some() {
         receivers.push(Receiver::ZcrxFixedBudget);
     }
+    if options.batches {
+        receivers.push(Receiver::ZcrxBatches);
+    }
     let spread = SpreadFlows::new(net);
     let mut samples: Vec<(Receiver, Sample)> = Vec::new();
     for rep in 0..options.reps {
@@ -157,9 +165,18 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
             let receiver = receivers[(rep + i) % receivers.len()];
             let watchdog = watchdog(receiver.name());
             let sample = match receiver {
-                Receiver::Zcrx => zcrx_run(net, options, &pattern, None),
-                Receiver::ZcrxUnbudgeted => zcrx_run(net, options, &pattern, Some(u64::MAX)),
-                Receiver::ZcrxFixedBudget => zcrx_run(net, options, &pattern, options.fixed_budget),
+                Receiver::Zcrx => zcrx_run(net, options, &pattern, None, Consume::EachBuffer),
+                Receiver::ZcrxUnbudgeted => {
+                    zcrx_run(net, options, &pattern, Some(u64::MAX), Consume::EachBuffer)
+                }
+                Receiver::ZcrxFixedBudget => zcrx_run(
+                    net,
+                    options,
+                    &pattern,
+                    options.fixed_budget,
+                    Consume::EachBuffer,
+                ),
+                Receiver::ZcrxBatches => zcrx_run(net, options, &pattern, None, Consume::Batches),
                 Receiver::Raw => raw_run(net, options, &pattern),
                 Receiver::Read => read_run(net, options, &pattern),
             };
@@ -248,6 +265,14 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
         );
         println!(
             "unbudgeted / raw loop, throughput:         {rate:.2}x (medians); per rep {rate_reps}"
+        );
+    }
+    if options.batches {
+        let (cpu, cpu_reps) = ratio(Receiver::ZcrxBatches, Receiver::Read, &cpu_per_gib);
+        println!(
+            "next_batch / tokio read, CPU per GiB:      {cpu:.2}x (medians); per rep {cpu_reps}  \
+             (target <= 0.7x: {})",
+            if cpu <= 0.7 { "met" } else { "MISSED" }
         );
     }
     if options.fixed_budget.is_some() {
@@ -412,11 +437,21 @@ fn tokio_runtime() -> tokio::runtime::Runtime {
 }
 
 /// tokio-zcrx on every queue; `budget` is the `stream_budget` set, if any.
+/// How tokio-zcrx's consumers take their buffers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Consume {
+    /// `ZcStream::next`, each buffer checked and dropped.
+    EachBuffer,
+    /// `ZcStream::next_batch(64)`, each batch checked and dropped whole.
+    Batches,
+}
+
 fn zcrx_run(
     net: &GuestNet,
     options: &Options,
     pattern: &Arc<Vec<u8>>,
     budget: Option<u64>,
+    consume: Consume,
 ) -> Sample {
     let conns = options.conns;
     let per_conn = pattern.len() as u64;
@@ -430,6 +465,7 @@ fn zcrx_run(
     }
     let zcrx = build(builder);
     let label = match budget {
+        None if consume == Consume::Batches => "next_batch",
         None => "tokio-zcrx",
         Some(u64::MAX) => "unbudgeted",
         Some(_) => "fixed budget",
@@ -455,10 +491,22 @@ fn zcrx_run(
             readers.push(tokio::spawn(async move {
                 let _writer = writer;
                 let mut position = 0;
-                while let Some(buf) = stream.next().await {
-                    let buf = buf.expect("stream error");
-                    check(&pattern, position, &buf);
-                    position += buf.len() as u64;
+                match consume {
+                    Consume::EachBuffer => {
+                        while let Some(buf) = stream.next().await {
+                            let buf = buf.expect("stream error");
+                            check(&pattern, position, &buf);
+                            position += buf.len() as u64;
+                        }
+                    }
+                    Consume::Batches => {
+                        while let Some(batch) = stream.next_batch(64).await {
+                            for buf in batch.expect("stream error").iter() {
+                                check(&pattern, position, buf);
+                                position += buf.len() as u64;
+                            }
+                        }
+                    }
                 }
                 position
             }));
