@@ -601,10 +601,24 @@ async fn next_or_stalled(
         .unwrap_or_else(|_| panic!("no buffer for 10 s while the reader holds {held}"))
 }
 
+/// Waits (at most 5 s) until the runtime's one stream is paused by its budget.
+async fn until_paused(zcrx: &crate::Zcrx) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while zcrx.stats().streams_paused != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the stream never paused: {}",
+            zcrx.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// The defect above made certain: a reader that keeps the last 3 buffers it got (a decoder
 /// holding the start of a message) and waits for the next, under a budget of 4 chunks
-/// (resume mark 2). Each fourth buffer pauses the stream; the reader then drops the oldest,
-/// holding 3, above the low mark, and waits: its stream must go on below its high mark.
+/// (resume mark 2). With the fourth buffer it holds its budget: once the stream has paused,
+/// it drops the oldest, holding 3, above the low mark, and waits: its stream must go on
+/// below its high mark.
 /// Checked through a reader on another task that sends each buffer over a channel to a
 /// holder task, which drops the oldest (drops on another task than the reader's, as a
 /// pipeline does), and directly.
@@ -629,14 +643,16 @@ fn a_reader_holding_part_of_its_budget_while_it_waits_is_resumed() {
                 check(5, &mut position, &buf);
                 held.push_back(buf);
                 if held.len() > 3 {
+                    until_paused(&h.zcrx).await;
                     held.pop_front();
                 }
             }
             assert_eq!(position, CHUNKS * CHUNK);
             let stats = h.zcrx.stats();
             assert!(
-                stats.stream_pauses > 0,
-                "a reader holding 3 of 4 pauses its stream at every fourth: {stats}"
+                stats.stream_pauses >= CHUNKS - 3,
+                "a reader holding 3 of 4 pauses its stream at every buffer past its third: \
+                 {stats}"
             );
             drop(held);
             drop(stream);
@@ -645,12 +661,14 @@ fn a_reader_holding_part_of_its_budget_while_it_waits_is_resumed() {
             let (mut stream, _writer2, _client2) =
                 h.connect(StreamPlan::new(6, CHUNKS * CHUNK)).await;
             let (to_holder, mut from_reader) = tokio::sync::mpsc::unbounded_channel::<ZcBuf>();
+            let zcrx = h.zcrx.clone();
             let holder = tokio::spawn(async move {
                 let (mut position, mut held) = (0, std::collections::VecDeque::new());
                 while let Some(buf) = from_reader.recv().await {
                     check(6, &mut position, &buf);
                     held.push_back(buf);
                     if held.len() > 3 {
+                        until_paused(&zcrx).await;
                         held.pop_front();
                     }
                 }
@@ -667,7 +685,10 @@ fn a_reader_holding_part_of_its_budget_while_it_waits_is_resumed() {
             assert!(reader.await.unwrap() >= CHUNKS);
             assert_eq!(holder.await.unwrap(), CHUNKS * CHUNK);
             let pauses = h.zcrx.stats().stream_pauses - stats.stream_pauses;
-            assert!(pauses > 0, "the second stream paused too");
+            assert!(
+                pauses >= CHUNKS - 3,
+                "the second stream paused as often: {pauses}"
+            );
             eprintln!(
                 "{personality} {registration:?}: {} and {pauses} pauses of 256 chunks, every \
                  one resumed below the high mark",
