@@ -59,11 +59,6 @@ impl Budget {
         held >= self.high
     }
 
-    /// Whether a stream stopped by this budget and now holding `held` bytes may receive again.
-    pub fn may_resume(&self, held: u64) -> bool {
-        held <= self.low
-    }
-
     /// How many more bytes a stream holding `held` may receive before it reaches the budget:
     /// what a byte-limited receive request may ask for. Zero when it must stop.
     pub fn room(&self, held: u64) -> u64 {
@@ -190,11 +185,12 @@ mod tests {
 
     #[test]
     fn a_stream_stops_at_high_and_resumes_at_low() {
+        // When a paused stream resumes (at `low`, or below `high` while its reader waits) is
+        // `receive::StreamReceive::resume_mark`'s.
         let budget = Budget::new(64 << 10);
         assert!(!budget.exceeded((64 << 10) - 1));
         assert!(budget.exceeded(64 << 10));
-        assert!(!budget.may_resume((32 << 10) + 1));
-        assert!(budget.may_resume(32 << 10));
+        assert_eq!(budget.low, 32 << 10);
         assert_eq!(budget.room(60 << 10), 4 << 10);
         assert_eq!(budget.room(70 << 10), 0);
     }
