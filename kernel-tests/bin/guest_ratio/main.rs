@@ -139,7 +139,7 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool, batches: bool) 
 
 const USAGE: &str = "usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]
        guest-ratio --queues 4 [--conns C] [--mib N] [--reps R] [--detail]
-                          [--unbudgeted] [--budget BYTES] [--batches]";
+                          [--unbudgeted] [--budget BYTES] [--batches] [--chunk BYTES]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -153,6 +153,7 @@ fn main() {
     let mut batches = false;
     let mut unbudgeted = false;
     let mut fixed_budget = None;
+    let mut chunk = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "--detail" {
@@ -174,6 +175,9 @@ fn main() {
             ("--queues", Some(n)) if n > 0 => queues = n as u32,
             ("--conns", Some(n)) if n > 0 => conns = n as usize,
             ("--budget", Some(n)) if n > 0 => fixed_budget = Some(n),
+            ("--chunk", Some(n)) if n.is_power_of_two() && n > 4096 && n <= 1 << 20 => {
+                chunk = Some(n as u32)
+            }
             _ => {
                 eprintln!("{USAGE}");
                 std::process::exit(2);
@@ -181,9 +185,10 @@ fn main() {
         }
     }
     let net = GuestNet::from_env();
-    if queues == 1 && (unbudgeted || fixed_budget.is_some()) {
+    if queues == 1 && (unbudgeted || fixed_budget.is_some() || chunk.is_some()) {
         eprintln!(
-            "guest-ratio: --unbudgeted and --budget are for the multi-queue comparison\n{USAGE}"
+            "guest-ratio: --unbudgeted, --budget and --chunk are for the multi-queue \
+             comparison\n{USAGE}"
         );
         std::process::exit(2);
     }
@@ -197,6 +202,7 @@ fn main() {
             unbudgeted,
             fixed_budget,
             batches,
+            chunk,
         };
         // Like the single-queue comparison, a missed target is reported, not an error.
         queues::run(&net, &options);

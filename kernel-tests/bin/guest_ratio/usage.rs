@@ -163,7 +163,7 @@ impl Spread {
         let mut sorted = values.to_vec();
         sorted.sort_by(f64::total_cmp);
         Spread {
-            median: sorted[sorted.len() / 2],
+            median: median_of_sorted(&sorted),
             min: sorted[0],
             max: sorted[sorted.len() - 1],
             precision: 1,
@@ -180,5 +180,100 @@ impl std::fmt::Display for Spread {
         let p = self.precision;
         let text = format!("{:.p$} [{:.p$}-{:.p$}]", self.median, self.min, self.max);
         f.pad(&text)
+    }
+}
+
+/// The median of sorted values: the middle one, or the mean of the two middle ones.
+fn median_of_sorted(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    (sorted[(n - 1) / 2] + sorted[n / 2]) / 2.0
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    median_of_sorted(&sorted)
+}
+
+/// Resamples [`ratio_interval`] draws.
+const RESAMPLES: usize = 4000;
+
+/// How far `median(a) / median(b)` can be trusted, where `a[i]` and `b[i]` are one rep's
+/// measurements of two receivers (they ran back to back, so a rep is resampled whole): the
+/// 5th and 95th percentiles of that ratio over [`RESAMPLES`] bootstrap resamples of the reps.
+/// The generator has a fixed seed, so the same measurements give the same interval.
+pub(crate) fn ratio_interval(a: &[f64], b: &[f64]) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "one measurement of each per rep");
+    let n = a.len();
+    // xorshift64*: enough for picking reps.
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut pick = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
+    };
+    let (mut ra, mut rb) = (vec![0.0; n], vec![0.0; n]);
+    let mut ratios: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            for i in 0..n {
+                let rep = pick();
+                (ra[i], rb[i]) = (a[rep], b[rep]);
+            }
+            median(&ra) / median(&rb)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    (
+        ratios[RESAMPLES / 20],
+        ratios[RESAMPLES - 1 - RESAMPLES / 20],
+    )
+}
+
+/// What a sitting says about a ratio that must be at most `target`.
+pub(crate) fn verdict(interval: (f64, f64), target: f64) -> &'static str {
+    if interval.1 <= target {
+        "met"
+    } else if interval.0 > target {
+        "MISSED"
+    } else {
+        "not settled by this sitting"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(Spread::of(&[4.0, 1.0, 3.0, 2.0]).median, 2.5);
+        assert_eq!(Spread::of(&[3.0, 1.0, 2.0]).median, 2.0);
+    }
+
+    #[test]
+    fn a_constant_ratio_has_no_spread() {
+        let b = [4.0, 9.0, 5.0, 7.0, 6.0];
+        let a: Vec<f64> = b.iter().map(|v| v * 0.5).collect();
+        let (lo, hi) = ratio_interval(&a, &b);
+        assert!(
+            (lo - 0.5).abs() < 1e-12 && (hi - 0.5).abs() < 1e-12,
+            "{lo} {hi}"
+        );
+        assert_eq!(verdict((lo, hi), 0.7), "met");
+    }
+
+    #[test]
+    fn noisy_reps_widen_the_interval_around_the_ratio_of_medians() {
+        let a = [5.5, 4.7, 4.3, 4.5, 4.0, 4.2, 7.3, 6.0];
+        let b = [6.7, 6.8, 5.7, 5.3, 5.3, 5.5, 9.1, 10.5];
+        let ratio = median(&a) / median(&b);
+        let (lo, hi) = ratio_interval(&a, &b);
+        assert!(lo < ratio && ratio < hi, "{lo} {ratio} {hi}");
+        assert!(hi - lo > 0.05, "{lo} {hi}");
+        // Deterministic: the same measurements, the same interval.
+        assert_eq!(ratio_interval(&a, &b), (lo, hi));
+        assert_eq!(verdict((0.6, 0.8), 0.7), "not settled by this sitting");
+        assert_eq!(verdict((0.75, 0.8), 0.7), "MISSED");
     }
 }
