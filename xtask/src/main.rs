@@ -52,11 +52,16 @@ Commands:
               (256 per run, split over the connections), --reps R (5), --detail (CPU per
               thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)),
               --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)), --batches (adds
-              tokio-zcrx whose consumers take next_batch(64)).
+              tokio-zcrx whose consumers take next_batch(64)), --chunk BYTES (adds
+              tokio-zcrx with chunk_size(BYTES): chunks larger than a page, Linux 7.0+).
   vm-bench --peer-threaded [-- ARGS]
               The same with the peer port's NAPI threaded: the peer's TCP and netdevsim's
               copy into the area (its stand-in for DMA) run in that kernel thread instead
               of in softirqs on the receiver's threads.
+  vm-bench --napi-threaded [-- ARGS]
+              Both ports' NAPI threaded: also the receiving port's, whose poll does
+              netdevsim's copy into the area (tokio read's traffic takes no such copy), so
+              no receiver is charged for the stand-in for DMA or for the rx protocol work.
   vm-bench --perf [-- ARGS]
               Either comparison under Debian's perf in the guest (every CPU, call chains):
               per-process totals, then the driver threads' (tokio-zcrx-driv,
@@ -664,11 +669,12 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
         return vm_bench_proxy(&args[1..], start);
     }
     let profile = args.contains(&"--perf");
-    let peer_threaded = args.contains(&"--peer-threaded");
+    let napi_threaded = args.contains(&"--napi-threaded");
+    let peer_threaded = napi_threaded || args.contains(&"--peer-threaded");
     let args: Vec<&str> = args
         .iter()
         .copied()
-        .filter(|a| *a != "--perf" && *a != "--peer-threaded")
+        .filter(|a| *a != "--perf" && *a != "--peer-threaded" && *a != "--napi-threaded")
         .collect();
     let image = guest::prepare_newest(start)?;
     let binaries = guest::build_benchmark(start)?;
@@ -697,6 +703,15 @@ fn vm_bench(args: &[String], start: Instant) -> Result<ExitCode> {
                sh -c \"echo 1 > /sys/class/net/$TZX_PEER_NIC/threaded\" || exit 1\n\
              echo \"peer NAPI threaded: $(/usr/sbin/ip netns exec \"$(basename \"$TZX_PEER_NETNS\")\" \
                cat /sys/class/net/$TZX_PEER_NIC/threaded)\"\n{command}"
+        );
+    }
+    if napi_threaded {
+        // The receiving port's NAPI too: netdevsim's copy into the area, which stands in
+        // for a NIC's DMA, runs in nsim0's NAPI poll (`nsim_rcv`); tokio read's traffic
+        // takes no such copy (netdevsim hands the sender's skb over).
+        command = format!(
+            "echo 1 > /sys/class/net/$TZX_NIC/threaded || exit 1\n\
+             echo \"receiving port NAPI threaded: $(cat /sys/class/net/$TZX_NIC/threaded)\"\n{command}"
         );
     }
     options.payload = Payload::Command(command);
