@@ -6,7 +6,7 @@
 //! builder (`interface_queues`), each connection dispatched to its queue's driver by NAPI id
 //! and those on unbound queues received in copy mode.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -14,15 +14,17 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_zcrx::probe::{self, QueueReport};
-use tokio_zcrx::{QueueSet, ZcBuf, Zcrx};
+use tokio_zcrx::{HugePages, QueueSet, ZcBuf, ZcStream, Zcrx};
 use tokio_zcrx_kernel_tests::procfs::{self, Pid};
 use tokio_zcrx_kernel_tests::support::{
-    build, nic, peer_tcp_timeouts, read_verified, read_verified_holding_last, runtime, SpreadFlows,
+    build, nic, peer_tcp_timeouts, read_verified, read_verified_holding_last, reserve_huge_pages,
+    runtime, SpreadFlows,
 };
-use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, GuestNet};
+use tokio_zcrx_kernel_tests::{first_mismatch, spawn_resetter, spawn_sender, GuestNet};
 
 const QUEUES: u32 = 4;
 const CHILD: &str = "TZX_MULTIQUEUE_CHILD";
@@ -210,7 +212,7 @@ async fn accept_on_queue(
     zcrx: &Zcrx,
     listener: &TcpListener,
     queue_of_napi: &BTreeMap<u32, u32>,
-) -> (tokio_zcrx::ZcStream, u32) {
+) -> (ZcStream, u32) {
     let (socket, queue) = accept_queue(listener, queue_of_napi).await;
     let (stream, _writer) = zcrx.attach(socket).unwrap();
     (stream, queue)
@@ -872,6 +874,155 @@ fn four_queues_each_connection_on_its_queues_driver() {
     drop(spread);
     assert_each_queue_received(&zcrx, &expected, false);
     shut_down_and_released(&net, zcrx);
+}
+
+/// How one stream of [`four_queues_receive_large_chunks_with_drops_elsewhere_and_resets`]
+/// ended: its bytes, its largest buffer, and whether it was the peer's reset one (its
+/// bytes are 0xFF, and it ends with `ConnectionReset`).
+struct LargeChunkStream {
+    bytes: u64,
+    largest: usize,
+    reset: bool,
+}
+
+/// Reads a stream to its end, checking every byte; with `drop_elsewhere`, hands each buffer
+/// to a holder task that keeps the last four and drops the older ones, on another task (and
+/// often another worker thread) than the reader's.
+async fn read_large_chunks(mut stream: ZcStream, drop_elsewhere: bool) -> LargeChunkStream {
+    let (to_holder, mut held) = futures::channel::mpsc::unbounded::<ZcBuf>();
+    let holder = tokio::spawn(async move {
+        let mut kept = VecDeque::new();
+        while let Some(buf) = held.next().await {
+            kept.push_back(buf);
+            if kept.len() > 4 {
+                kept.pop_front();
+            }
+        }
+    });
+    let mut end = LargeChunkStream {
+        bytes: 0,
+        largest: 0,
+        reset: false,
+    };
+    while let Some(buf) = stream.next().await {
+        let buf = match buf {
+            Ok(buf) => buf,
+            Err(e) => {
+                assert!(end.reset, "a pattern stream failed: {e}");
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                break;
+            }
+        };
+        end.reset |= end.bytes == 0 && buf[0] == 0xFF;
+        if end.reset {
+            assert!(buf.iter().all(|&b| b == 0xFF), "the reset stream's bytes");
+        } else if let Some(i) = first_mismatch(end.bytes, &buf) {
+            panic!("byte {} of a stream is wrong", end.bytes + i as u64);
+        }
+        end.bytes += buf.len() as u64;
+        end.largest = end.largest.max(buf.len());
+        if drop_elsewhere {
+            to_holder.unbounded_send(buf).unwrap();
+        }
+    }
+    drop(to_holder);
+    holder.await.unwrap();
+    end
+}
+
+/// All four queues with 16 KiB chunks (`chunk_size`, the areas on reserved huge pages), as
+/// a long-lived server gets them: 24 connections at once, every other reader handing its
+/// buffers to a holder task that drops them later on another task, and two more connections
+/// the peer resets mid-stream. Every byte is checked, buffers are larger than a page (the
+/// NIC split payload at 16 KiB), no queue copies a byte, only the reset streams fail (with
+/// `ConnectionReset`), and every buffer comes back.
+#[test]
+#[ignore = "real-kernel tier: run by `cargo xtask vm-test` in the QEMU guest"]
+fn four_queues_receive_large_chunks_with_drops_elsewhere_and_resets() {
+    const CONNECTIONS: usize = 24;
+    const RESETS: usize = 2;
+    const PER_CONNECTION: u64 = 1 << 20;
+    const RESET_BYTES: usize = 256 << 10;
+    const CHUNK: u32 = 16 << 10;
+    let net = GuestNet::from_env();
+    // Four 8 MiB areas (`all_queues`), each of which may grow to three times that.
+    let pages = u64::from(QUEUES) * 3 * (8 << 20) / (2 << 20);
+    assert_eq!(
+        reserve_huge_pages(pages),
+        pages,
+        "the guest could not reserve huge pages"
+    );
+    let spread = SpreadFlows::new(&net);
+    let zcrx = build(
+        all_queues(&net)
+            .chunk_size(CHUNK)
+            .huge_pages(HugePages::Reserved),
+    );
+    assert_all_four_bound(&zcrx, &net);
+    let queue_of_napi = queue_of_napi(&net);
+    let ends = runtime().block_on(async {
+        let listener = TcpListener::bind((net.nic_addr.as_str(), 0)).await.unwrap();
+        zcrx.prepare_listener(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let senders = spawn_senders(&net, addr, CONNECTIONS, PER_CONNECTION);
+        let resetters: Vec<_> = (0..RESETS)
+            .map(|_| {
+                spawn_resetter(
+                    &net.peer_netns,
+                    addr,
+                    RESET_BYTES,
+                    Duration::from_millis(300),
+                )
+            })
+            .collect();
+        let mut readers = Vec::new();
+        for i in 0..CONNECTIONS + RESETS {
+            let (stream, _queue) = accept_on_queue(&zcrx, &listener, &queue_of_napi).await;
+            readers.push(tokio::spawn(read_large_chunks(stream, i % 2 == 1)));
+        }
+        let mut ends = Vec::new();
+        for reader in readers {
+            ends.push(reader.await.unwrap());
+        }
+        join_senders(senders, PER_CONNECTION);
+        for resetter in resetters {
+            resetter.join().unwrap();
+        }
+        ends
+    });
+    drop(spread);
+    let (reset, pattern): (Vec<_>, Vec<_>) = ends.iter().partition(|end| end.reset);
+    assert_eq!(
+        reset.len(),
+        RESETS,
+        "the reset streams, told by their 0xFF bytes"
+    );
+    assert!(pattern.iter().all(|end| end.bytes == PER_CONNECTION));
+    assert!(reset.iter().all(|end| end.bytes <= RESET_BYTES as u64));
+    let largest = ends.iter().map(|end| end.largest).max().unwrap();
+    assert!(
+        largest > 4096 && largest <= CHUNK as usize,
+        "16 KiB chunks delivered buffers of at most {largest} bytes"
+    );
+    let total = zcrx.stats();
+    println!("{total}");
+    for queue in &zcrx.queue_stats() {
+        assert_no_copy(queue);
+    }
+    assert_eq!(
+        total.bytes,
+        ends.iter().map(|end| end.bytes).sum::<u64>(),
+        "every byte received was counted once"
+    );
+    assert_eq!(total.unmatched_connections, 0);
+    // A 64 KiB TSO packet's payload takes four or five 16 KiB buffers instead of sixteen
+    // 4 KiB ones: fewer than half the buffers per MiB of one-page chunks (256).
+    let per_mib = total.chunks as f64 / (total.bytes as f64 / f64::from(1 << 20));
+    assert!(per_mib < 128.0, "{per_mib:.1} buffers per MiB");
+    assert_eq!(total.buffers_outstanding, 0, "{total}");
+    assert_eq!(total.memory_held, 0, "{total}");
+    shut_down_and_released(&net, zcrx);
+    reserve_huge_pages(0);
 }
 
 /// Two of four queues bound: connections arriving on the other two are received in copy

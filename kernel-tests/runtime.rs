@@ -14,26 +14,7 @@ use tokio_zcrx::{EventKind, StreamOptions, ZcBuf, ZcStream};
 use tokio_zcrx_kernel_tests::support::{
     accept, build, nic, nodev, read_verified, read_verified_from, runtime,
 };
-use tokio_zcrx_kernel_tests::{first_mismatch, spawn_sender, support, GuestNet};
-
-/// A connection from the peer to `addr` that sends `bytes` bytes of 0xFF (which marks it:
-/// every pattern stream starts with `pattern_byte(0) == 0`), waits `after` and resets.
-fn spawn_resetter(
-    net: &GuestNet,
-    addr: SocketAddr,
-    bytes: usize,
-    after: Duration,
-) -> std::thread::JoinHandle<()> {
-    let peer_netns = net.peer_netns.clone();
-    std::thread::spawn(move || {
-        tokio_zcrx_kernel_tests::enter_netns(&peer_netns);
-        let socket = std::net::TcpStream::connect(addr).unwrap();
-        std::io::Write::write_all(&mut &socket, &vec![0xFF; bytes]).unwrap();
-        std::thread::sleep(after);
-        tokio_zcrx_kernel_tests::reset_on_close(&socket);
-        drop(socket);
-    })
-}
+use tokio_zcrx_kernel_tests::{first_mismatch, spawn_resetter, spawn_sender, support, GuestNet};
 
 async fn listen(ip: &str) -> (TcpListener, SocketAddr) {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
@@ -331,7 +312,7 @@ fn many_streams_with_buffers_dropped_elsewhere_and_one_reset() {
             senders.push(spawn_sender(addr, EACH, Some(net.peer_netns.clone())));
         }
         // One more connection that the peer resets mid-stream.
-        let resetter = spawn_resetter(&net, addr, 65536, Duration::from_millis(200));
+        let resetter = spawn_resetter(&net.peer_netns, addr, 65536, Duration::from_millis(200));
         let (drop_tx, mut drop_rx) = tokio::sync::mpsc::unbounded_channel::<ZcBuf>();
         // Buffers are dropped on another task (and so, often, another thread).
         let dropper = tokio::spawn(async move { while drop_rx.recv().await.is_some() {} });
@@ -406,7 +387,7 @@ fn decoders_holding_part_of_their_budget_are_never_left_waiting() {
         for _ in 0..STREAMS {
             senders.push(spawn_sender(addr, EACH, Some(net.peer_netns.clone())));
         }
-        let resetter = spawn_resetter(&net, addr, 256 << 10, Duration::from_millis(300));
+        let resetter = spawn_resetter(&net.peer_netns, addr, 256 << 10, Duration::from_millis(300));
         let mut readers = Vec::new();
         for _ in 0..=STREAMS {
             let (socket, _): (TcpStream, _) = listener.accept().await.unwrap();

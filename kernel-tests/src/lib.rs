@@ -184,6 +184,26 @@ pub fn first_mismatch(start: u64, data: &[u8]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+/// A connection from the peer namespace `peer_netns` to `addr` that sends `bytes` bytes of
+/// 0xFF (which marks it: every pattern stream starts with `pattern_byte(0) == 0`), waits
+/// `after` and resets.
+pub fn spawn_resetter(
+    peer_netns: &str,
+    addr: SocketAddr,
+    bytes: usize,
+    after: std::time::Duration,
+) -> JoinHandle<()> {
+    let peer_netns = peer_netns.to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&peer_netns);
+        let socket = TcpStream::connect(addr).unwrap();
+        (&socket).write_all(&vec![0xFF; bytes]).unwrap();
+        std::thread::sleep(after);
+        reset_on_close(&socket);
+        drop(socket);
+    })
+}
+
 /// Sends `total` pattern bytes to `addr` from a thread, optionally from inside a network
 /// namespace (the peer port lives in its own namespace).
 pub fn spawn_sender(addr: SocketAddr, total: u64, netns: Option<String>) -> JoinHandle<u64> {
