@@ -62,7 +62,7 @@ pub(crate) struct Options {
     /// what the consumer API's cost per buffer is (tokio read takes up to 64 KiB per call).
     pub(crate) batches: bool,
     /// Also run tokio-zcrx with chunks of this many bytes (`Builder::chunk_size`, Linux 7.0+,
-    /// the area on huge pages): the runtime's cost is per chunk, so larger chunks divide it.
+    /// the area on huge pages): how much of the runtime's cost is per buffer.
     pub(crate) chunk: Option<u32>,
 }
 
