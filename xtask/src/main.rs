@@ -53,7 +53,9 @@ Commands:
               thread), --unbudgeted (adds tokio-zcrx with stream_budget(u64::MAX)),
               --budget BYTES (adds tokio-zcrx with stream_budget(BYTES)), --batches (adds
               tokio-zcrx whose consumers take next_batch(64)), --chunk BYTES (adds
-              tokio-zcrx with chunk_size(BYTES): chunks larger than a page, Linux 7.0+).
+              tokio-zcrx with chunk_size(BYTES): chunks larger than a page, Linux 7.0+),
+              --read-spread (adds tokio read reading into fresh memory each time, as a
+              zero-copy receiver's chunks are).
   vm-bench --peer-threaded [-- ARGS]
               The same with the peer port's NAPI threaded: the peer's TCP and netdevsim's
               copy into the area (its stand-in for DMA) run in that kernel thread instead

@@ -139,7 +139,8 @@ fn runtime(kind: Kind, net: &GuestNet, total: u64, detail: bool, batches: bool) 
 
 const USAGE: &str = "usage: guest-ratio [--mib N] [--reps R] [--batches] [--detail]
        guest-ratio --queues 4 [--conns C] [--mib N] [--reps R] [--detail]
-                          [--unbudgeted] [--budget BYTES] [--batches] [--chunk BYTES]";
+                          [--unbudgeted] [--budget BYTES] [--batches] [--chunk BYTES]
+                          [--read-spread]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -154,6 +155,7 @@ fn main() {
     let mut unbudgeted = false;
     let mut fixed_budget = None;
     let mut chunk = None;
+    let mut read_spread = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "--detail" {
@@ -166,6 +168,10 @@ fn main() {
         }
         if arg == "--batches" {
             batches = true;
+            continue;
+        }
+        if arg == "--read-spread" {
+            read_spread = true;
             continue;
         }
         let value = args.next().and_then(|v| v.parse::<u64>().ok());
@@ -185,10 +191,10 @@ fn main() {
         }
     }
     let net = GuestNet::from_env();
-    if queues == 1 && (unbudgeted || fixed_budget.is_some() || chunk.is_some()) {
+    if queues == 1 && (unbudgeted || fixed_budget.is_some() || chunk.is_some() || read_spread) {
         eprintln!(
-            "guest-ratio: --unbudgeted, --budget and --chunk are for the multi-queue \
-             comparison\n{USAGE}"
+            "guest-ratio: --unbudgeted, --budget, --chunk and --read-spread are for the \
+             multi-queue comparison\n{USAGE}"
         );
         std::process::exit(2);
     }
@@ -203,6 +209,7 @@ fn main() {
             fixed_budget,
             batches,
             chunk,
+            read_spread,
         };
         // Like the single-queue comparison, a missed target is reported, not an error.
         queues::run(&net, &options);

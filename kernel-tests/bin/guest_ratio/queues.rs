@@ -64,6 +64,11 @@ pub(crate) struct Options {
     /// Also run tokio-zcrx with chunks of this many bytes (`Builder::chunk_size`, Linux 7.0+,
     /// the area on huge pages): how much of the runtime's cost is per buffer.
     pub(crate) chunk: Option<u32>,
+    /// Also run tokio read with each connection reading into successive 64 KiB windows of
+    /// its own share of as much memory as tokio-zcrx's areas, instead of one reused 64 KiB
+    /// buffer: what touching fresh memory for every read costs in this guest, as every
+    /// zero-copy receiver does (its chunks are spread over the area).
+    pub(crate) read_spread: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -75,6 +80,7 @@ enum Receiver {
     ZcrxFixedBudget,
     ZcrxBatches,
     ZcrxLargeChunks,
+    ReadSpread,
 }
 
 impl Receiver {
@@ -87,6 +93,7 @@ impl Receiver {
             Receiver::ZcrxLargeChunks => "tokio-zcrx large chunks",
             Receiver::Raw => "raw loop",
             Receiver::Read => "tokio read",
+            Receiver::ReadSpread => "tokio read spread",
         }
     }
 }
@@ -165,6 +172,9 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
     if options.chunk.is_some() {
         receivers.push(Receiver::ZcrxLargeChunks);
     }
+    if options.read_spread {
+        receivers.push(Receiver::ReadSpread);
+    }
     let spread = SpreadFlows::new(net);
     let mut samples: Vec<(Receiver, Sample)> = Vec::new();
     for rep in 0..options.reps {
@@ -211,7 +221,8 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
                     },
                 ),
                 Receiver::Raw => raw_run(net, options, &pattern),
-                Receiver::Read => read_run(net, options, &pattern),
+                Receiver::Read => read_run(net, options, &pattern, false),
+                Receiver::ReadSpread => read_run(net, options, &pattern, true),
             };
             drop(watchdog);
             println!(
@@ -322,6 +333,16 @@ pub(crate) fn run(net: &GuestNet, options: &Options) {
         let (cpu, cpu_reps) = ratio(Receiver::ZcrxFixedBudget, Receiver::Read, &cpu_per_gib);
         println!(
             "fixed budget / tokio read, CPU per GiB:    {cpu:.2}x (medians); per rep {cpu_reps}"
+        );
+    }
+    if options.read_spread {
+        let (cpu, cpu_reps) = ratio(Receiver::ReadSpread, Receiver::Read, &cpu_per_gib);
+        println!(
+            "read spread / tokio read, CPU per GiB:     {cpu:.2}x (medians); per rep {cpu_reps}"
+        );
+        let (cpu, cpu_reps) = ratio(Receiver::Zcrx, Receiver::ReadSpread, &cpu_per_gib);
+        println!(
+            "tokio-zcrx / read spread, CPU per GiB:     {cpu:.2}x (medians); per rep {cpu_reps}"
         );
     }
     if let Some(chunk) = options.chunk {
@@ -745,9 +766,19 @@ fn raw_run(net: &GuestNet, options: &Options, pattern: &Arc<Vec<u8>>) -> Sample 
     sample
 }
 
-fn read_run(net: &GuestNet, options: &Options, pattern: &Arc<Vec<u8>>) -> Sample {
+/// tokio read; with `spread`, each connection reads into successive 64 KiB windows of its
+/// share of `queues` areas' worth of memory (written once beforehand, so no page is first
+/// touched inside the measurement) instead of one reused buffer.
+fn read_run(net: &GuestNet, options: &Options, pattern: &Arc<Vec<u8>>, spread: bool) -> Sample {
     let conns = options.conns;
     let per_conn = pattern.len() as u64;
+    let share = if spread {
+        (AREA * options.queues as usize / conns).max(READ_BUFFER) / READ_BUFFER * READ_BUFFER
+    } else {
+        READ_BUFFER
+    };
+    let mut buffers: Vec<Vec<u8>> = (0..conns).map(|_| vec![1u8; share]).collect();
+    let label = if spread { "read spread" } else { "tokio read" };
     let tokio = tokio_runtime();
     let (mut sample, sender) = tokio.block_on(async {
         let listener = tokio::net::TcpListener::bind((net.nic_addr.as_str(), 0))
@@ -760,23 +791,26 @@ fn read_run(net: &GuestNet, options: &Options, pattern: &Arc<Vec<u8>>) -> Sample
             let (mut socket, _) = listener.accept().await.unwrap();
             clock.get_or_insert_with(|| Clock::start(net));
             let pattern = Arc::clone(pattern);
+            let mut memory = buffers.pop().expect("a buffer per connection");
             readers.push(tokio::spawn(async move {
-                let mut buf = vec![0u8; READ_BUFFER];
                 let mut position = 0;
+                let mut at = 0;
                 loop {
-                    let n = socket.read(&mut buf).await.expect("read");
+                    let window = &mut memory[at..at + READ_BUFFER];
+                    let n = socket.read(window).await.expect("read");
                     if n == 0 {
                         break position;
                     }
-                    check(&pattern, position, &buf[..n]);
+                    check(&pattern, position, &window[..n]);
                     position += n as u64;
+                    at = (at + READ_BUFFER) % memory.len();
                 }
             }));
         }
         for reader in readers {
             assert_eq!(reader.await.unwrap(), per_conn, "a stream ended early");
         }
-        (clock.unwrap().stop("tokio read", options.detail), sender)
+        (clock.unwrap().stop(label, options.detail), sender)
     });
     drop(tokio);
     sample.sender_cpu = sender.wait();
