@@ -162,7 +162,23 @@ fn sink_in_nic_mode_receives_zero_copy_from_loadgen() {
 fn sink_in_nodev_mode_counts_every_byte_as_copied() {
     let summary = sink_round_trip(&["--mode", "nodev"], "127.0.0.1:0", None);
     assert_eq!(summary["mode"], "nodev");
-    assert_eq!(summary["copy_bytes"], summary["bytes"], "{summary}");
+    assert_nodev_copies_counted(&summary, "bytes");
+}
+
+/// NODEV copies every received byte, and the kernel's counters say so, nearly: it updates
+/// them non-atomically from the receive paths of both CPUs and does not count copies of a
+/// packet's linear part (`io_zcrx_recv_skb`, 7.2 and 7.3; ../shared/zcrx-kernel.md, "Events
+/// and stats"), which TCP makes when it collapses a full receive queue, as it does for a
+/// stream paused by its budget. So a few bytes can go uncounted (53 of 81,788,992 in one
+/// proxy run, 38 of 33,554,432 in one sink run) but never more than arrived. `received` names
+/// the summary's field of bytes received.
+fn assert_nodev_copies_counted(summary: &Value, received: &str) {
+    let copied = summary["copy_bytes"].as_u64().expect("copy_bytes");
+    let received = summary[received].as_u64().expect("bytes received");
+    assert!(
+        copied <= received && copied >= received - received / 100,
+        "{summary}"
+    );
 }
 
 /// An echo server in `mode`; loadgen verifies every echoed byte.
@@ -702,17 +718,6 @@ fn proxy_in_nic_mode_forwards_both_ways_zero_copy() {
 fn proxy_in_nodev_mode_forwards_both_ways() {
     let summary = proxy_round_trip(&["--mode", "nodev"], "127.0.0.1", "127.0.0.1", None);
     assert_eq!(summary["mode"], "nodev", "{summary}");
-    // NODEV copies every received byte, and the kernel's counters say so, nearly: it
-    // updates them non-atomically from the receive paths of both CPUs and does not count
-    // copies of a packet's linear part (../shared/zcrx-kernel.md, "Events and stats"), so a
-    // few bytes can go uncounted (53 of 81,788,992 in one run) but never more than arrived.
-    let (copied, received) = (
-        summary["copy_bytes"].as_u64().expect("copy_bytes"),
-        summary["runtime_bytes"].as_u64().unwrap(),
-    );
-    assert!(
-        copied <= received && copied >= received - received / 100,
-        "{summary}"
-    );
+    assert_nodev_copies_counted(&summary, "runtime_bytes");
     assert_sends_copied_by_the_receiving_kernel(&summary);
 }
