@@ -22,6 +22,19 @@ const STALLED_BYTES: u64 = 100 * CHUNK;
 /// A fresh stream must be served within this while the others hold what they got.
 const FRESH_BOUND: Duration = Duration::from_secs(2);
 
+/// A 64-chunk area whose streams each have a fixed budget of `budget_chunks` chunks.
+fn budgeted(
+    personality: Personality,
+    registration: Registration,
+    budget_chunks: u64,
+) -> SyntheticConfig {
+    SyntheticConfig {
+        area_chunks: 64,
+        stream_budget: Some(budget_chunks * CHUNK),
+        ..SyntheticConfig::new(personality, registration)
+    }
+}
+
 /// Reads `stream` (pattern `seed`) until it has nothing more for `quiet`, keeping every
 /// buffer: a reader that stalls holding what it received.
 async fn take_and_hold(
@@ -184,13 +197,8 @@ fn memory_high_water_is_reported_once_per_episode() {
     on_every_kernel(
         "memory_high_water_is_reported_once_per_episode",
         |personality, registration| async move {
-            let h = Harness::start(SyntheticConfig {
-                area_chunks: 64,
-                // Every stream may hold the whole area: only the events are under test.
-                stream_budget: Some(64 * CHUNK),
-                ..SyntheticConfig::new(personality, registration)
-            })
-            .await;
+            // Every stream may hold the whole area: only the events are under test.
+            let h = Harness::start(budgeted(personality, registration, 64)).await;
             let mut events = h.zcrx.subscribe();
             for episode in 0..2 {
                 let seed = 3 + episode;
@@ -246,12 +254,7 @@ fn fixed_and_disabled_budgets() {
     on_every_kernel(
         "fixed_and_disabled_budgets",
         |personality, registration| async move {
-            let h = Harness::start(SyntheticConfig {
-                area_chunks: 64,
-                stream_budget: Some(8 * CHUNK),
-                ..SyntheticConfig::new(personality, registration)
-            })
-            .await;
+            let h = Harness::start(budgeted(personality, registration, 8)).await;
             // The runtime's fixed budget: 8 chunks, all delivered before the reader looks.
             let (mut stream, _w, _c) = h.connect(StreamPlan::new(1, 48 * CHUNK)).await;
             let (mut position, mut held) = (0, Vec::new());
@@ -445,10 +448,8 @@ fn a_driver_lingers_for_readers_that_are_dropping_buffers() {
             // cannot make every linger miss; zero turns it off.
             for linger in [Duration::from_millis(1), Duration::ZERO] {
                 let h = Harness::start(SyntheticConfig {
-                    area_chunks: 64,
-                    stream_budget: Some(4 * CHUNK),
                     driver_linger: Some(linger),
-                    ..SyntheticConfig::new(personality, registration)
+                    ..budgeted(personality, registration, 4)
                 })
                 .await;
                 let mut readers = Vec::new();
@@ -566,12 +567,7 @@ fn a_reader_below_its_budget_is_never_left_waiting() {
     on_every_kernel(
         "a_reader_below_its_budget_is_never_left_waiting",
         |personality, registration| async move {
-            let h = Harness::start(SyntheticConfig {
-                area_chunks: 64,
-                stream_budget: Some(4 * CHUNK),
-                ..SyntheticConfig::new(personality, registration)
-            })
-            .await;
+            let h = Harness::start(budgeted(personality, registration, 4)).await;
             let (mut stream, _writer, _client) = h.connect(StreamPlan::new(3, 512 * CHUNK)).await;
             let (mut position, mut held) = (0, Vec::new());
             while let Some(buf) = next_or_stalled(&mut stream, held.len()).await {
@@ -628,12 +624,7 @@ fn a_reader_holding_part_of_its_budget_while_it_waits_is_resumed() {
     on_every_kernel(
         "a_reader_holding_part_of_its_budget_while_it_waits_is_resumed",
         |personality, registration| async move {
-            let h = Harness::start(SyntheticConfig {
-                area_chunks: 64,
-                stream_budget: Some(4 * CHUNK),
-                ..SyntheticConfig::new(personality, registration)
-            })
-            .await;
+            let h = Harness::start(budgeted(personality, registration, 4)).await;
             // The reader keeps the last 3 itself.
             let (mut stream, _writer, _client) =
                 h.connect(StreamPlan::new(5, CHUNKS * CHUNK)).await;
