@@ -597,15 +597,12 @@ fn a_killed_holder_of_four_queues_is_replaced_on_all_at_once() {
 fn a_live_holder_is_named_when_the_wait_runs_out() {
     let net = GuestNet::from_env();
     let holder = build(nic(&net).interface(&net.nic, 3));
-    let start = Instant::now();
-    let error = nic(&net)
-        .interface(&net.nic, 3)
-        .queue_release_wait(Duration::from_millis(300))
-        .build()
-        .map(drop)
-        .expect_err("the queue is held by a live runtime");
-    let waited = start.elapsed();
-    println!("{error} ({waited:?})");
+    let (error, waited) = refused(
+        nic(&net)
+            .interface(&net.nic, 3)
+            .queue_release_wait(Duration::from_millis(300)),
+        "the queue is held by a live runtime",
+    );
     assert_eq!(error.kind(), tokio_zcrx::ErrorKind::QueueBusy);
     let message = error.to_string();
     assert!(
@@ -615,6 +612,16 @@ fn a_live_holder_is_named_when_the_wait_runs_out() {
     assert!(message.contains("queue-get"), "{message}");
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
     shut_down_and_released(&net, holder);
+}
+
+/// Builds `builder`, which must fail (`why` it should); returns the error and how long
+/// `build` took to give it.
+fn refused(builder: tokio_zcrx::Builder, why: &str) -> (tokio_zcrx::Error, Duration) {
+    let start = Instant::now();
+    let error = builder.build().map(drop).expect_err(why);
+    let took = start.elapsed();
+    println!("{error} ({took:?})");
+    (error, took)
 }
 
 /// An XDP program on the device: the kernel refuses the queue with the EEXIST a bound queue
@@ -628,15 +635,12 @@ fn an_xdp_program_is_named_at_once_not_waited_for() {
     let net = GuestNet::from_env();
     let xdp = tokio_zcrx_kernel_tests::support::PassingXdp::attach(&net.nic)
         .expect("attach an XDP program (generic mode) to the guest's NIC");
-    let start = Instant::now();
-    let error = nic(&net)
-        .interface(&net.nic, QUEUE)
-        .queue_release_wait(Duration::from_secs(20))
-        .build()
-        .map(drop)
-        .expect_err("an XDP program excludes zcrx");
-    let refused_after = start.elapsed();
-    println!("{error} ({refused_after:?})");
+    let (error, refused_after) = refused(
+        nic(&net)
+            .interface(&net.nic, QUEUE)
+            .queue_release_wait(Duration::from_secs(20)),
+        "an XDP program excludes zcrx",
+    );
     assert_eq!(error.kind(), tokio_zcrx::ErrorKind::InterfaceNotConfigured);
     assert_eq!(error.raw_os_error(), Some(libc::EEXIST));
     let message = error.to_string();
